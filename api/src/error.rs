@@ -1,0 +1,68 @@
+//! The API's errors and their JSON shape, `{"error":{"code","message"}}`.
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+use versus_shared::key::NameError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidBody(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("no such answer")]
+    NotFound,
+    /// The generation ended with an error event.
+    #[error("{message}")]
+    Generation {
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    #[error("the service is unavailable; try again")]
+    Unavailable,
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &str) {
+        match self {
+            ApiError::InvalidName(e) => (StatusCode::BAD_REQUEST, e.code()),
+            ApiError::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            ApiError::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Generation {
+                code, retryable, ..
+            } => {
+                let status = if *retryable {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                (status, code.as_str())
+            }
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let mut body = json!({"error": {"code": code, "message": self.to_string()}});
+        if let ApiError::Generation { retryable, .. } = &self {
+            body["error"]["retryable"] = json!(retryable);
+        }
+        if status.is_client_error() {
+            metrics::counter!("versus_bad_requests_total", "code" => code.to_owned()).increment(1);
+        } else {
+            metrics::counter!("versus_errors_total", "code" => code.to_owned()).increment(1);
+        }
+        (status, Json(body)).into_response()
+    }
+}

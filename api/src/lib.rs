@@ -1,0 +1,105 @@
+//! The Versus edge: validates requests, answers hits from memory and the edge KV bucket, and
+//! on a miss publishes a generation job and streams its events over SSE.
+//!
+//! - [`fights`]: the text routes of the public contract;
+//! - [`cache`]: the bounded in-memory cache in front of the KV bucket;
+//! - [`flights`]: one events reader per key in this process, feeding every local waiter;
+//! - [`sse`]: turning generation events into the SSE events clients see, with resume;
+//! - [`error`]: the API's error type and its JSON shape.
+
+pub mod cache;
+pub mod error;
+pub mod fights;
+pub mod flights;
+pub mod sse;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::Router;
+
+use tokio_util::sync::CancellationToken;
+use versus_shared::{
+    bus::Bus,
+    config::{ModelSettings, NatsSettings},
+    telemetry::{self, PrometheusHandle},
+};
+
+/// API settings, from the environment (see `versus-api --help`).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "versus-api", version, about)]
+pub struct Settings {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "VERSUS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    #[command(flatten)]
+    pub nats: NatsSettings,
+    #[command(flatten)]
+    pub models: ModelSettings,
+    /// Memory for the in-process answer cache, in MiB.
+    #[arg(long, env = "VERSUS_MEMORY_CACHE_MIB", default_value_t = 256)]
+    pub memory_cache_mib: u64,
+    /// How long a client waits for a generation before it gets a retryable error, in seconds.
+    #[arg(long, env = "VERSUS_STREAM_TIMEOUT_SECS", default_value_t = 300)]
+    pub stream_timeout_secs: u64,
+    /// Seconds between SSE heartbeat comments on idle streams.
+    #[arg(long, env = "VERSUS_SSE_HEARTBEAT_SECS", default_value_t = 15)]
+    pub heartbeat_secs: u64,
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub bus: Bus,
+    pub cache: cache::AnswerCache,
+    pub flights: Arc<flights::Flights>,
+    pub settings: Settings,
+    pub metrics: PrometheusHandle,
+}
+
+impl App {
+    /// Connects to NATS and declares what the API uses.
+    pub async fn build(settings: Settings, metrics: PrometheusHandle) -> anyhow::Result<App> {
+        let bus = Bus::connect(&settings.nats, "versus-api").await?;
+        let flights = flights::Flights::new(
+            bus.clone(),
+            Duration::from_secs(settings.stream_timeout_secs.max(1)),
+        );
+        Ok(App {
+            inner: Arc::new(Inner {
+                cache: cache::AnswerCache::new(bus.clone(), settings.memory_cache_mib << 20),
+                bus,
+                flights,
+                settings,
+                metrics,
+            }),
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        fights::routes()
+            .with_state(self.clone())
+            .merge(telemetry::ops_router(
+                self.inner.metrics.clone(),
+                self.inner.bus.clone(),
+            ))
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` fires.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let server = axum::serve(listener, app.router())
+        .with_graceful_shutdown(shutdown.cancelled_owned());
+    telemetry::announce(addr);
+    tracing::info!(%addr, "api ready");
+    server.await?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! What a client sees of a generation: the contract's SSE events, with `Last-Event-ID` resume.
+//!
+//! A chunk's id is `<attempt>:<end offset>`. A client that reconnects with the id of the last
+//! chunk it holds receives exactly the rest of that attempt's text; if the answer now comes
+//! from another attempt, it receives `reset` and the whole text.
+
+use axum::response::sse::Event as SseEvent;
+use serde_json::json;
+use versus_shared::{key::Key, wire::Event};
+
+/// A resume point parsed from `Last-Event-ID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    pub attempt: i32,
+    pub offset: usize,
+}
+
+impl Resume {
+    pub fn parse(id: &str) -> Option<Resume> {
+        let (attempt, offset) = id.split_once(':')?;
+        Some(Resume {
+            attempt: attempt.parse().ok()?,
+            offset: offset.parse().ok()?,
+        })
+    }
+}
+
+pub fn chunk_id(attempt: i32, end: usize) -> String {
+    format!("{attempt}:{end}")
+}
+
+pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> SseEvent {
+    data_event("meta", json!({"key": key, "a": a, "b": b, "cached": cached}))
+}
+
+pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
+    data_event("chunk", json!({ "delta": delta })).id(chunk_id(attempt, end))
+}
+
+pub fn reset() -> SseEvent {
+    data_event("reset", json!({"reason": "the answer is being generated again"}))
+}
+
+pub fn done(key: &Key, model: &str) -> SseEvent {
+    data_event("done", json!({"key": key, "model": model}))
+}
+
+pub fn error(code: &str, message: &str, retryable: bool) -> SseEvent {
+    data_event(
+        "error",
+        json!({"code": code, "message": message, "retryable": retryable}),
+    )
+}
+
+fn data_event(name: &str, data: serde_json::Value) -> SseEvent {
+    SseEvent::default().event(name).data(data.to_string())
+}
+
+/// Translates one client's view of a generation: which chunks it still needs, and when it
+/// must drop what it holds.
+pub struct Translator {
+    key: Key,
+    /// Where the client's text ends, when it holds some.
+    holds: Option<Resume>,
+    attempt: Option<i32>,
+}
+
+impl Translator {
+    pub fn new(key: Key, resume: Option<Resume>) -> Translator {
+        Translator {
+            key,
+            holds: resume,
+            attempt: None,
+        }
+    }
+
+    /// The SSE events for one generation event, appended to `out`; true when the stream ends.
+    pub fn translate(&mut self, event: &Event, out: &mut Vec<SseEvent>) -> bool {
+        match event {
+            Event::Started { attempt } => self.enter(*attempt, out),
+            Event::Chunk {
+                attempt,
+                offset,
+                delta,
+            } => {
+                self.enter(*attempt, out);
+                self.chunk(*attempt, *offset, delta, out);
+            }
+            Event::Done { model, .. } => {
+                out.push(done(&self.key, model));
+                return true;
+            }
+            Event::Error {
+                code,
+                message,
+                retryable,
+                ..
+            } => {
+                out.push(error(code, message, *retryable));
+                return true;
+            }
+            Event::Purged => {
+                out.push(error(
+                    "purged",
+                    "This answer was withdrawn while it was being generated. Please ask again.",
+                    true,
+                ));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The whole finished text of `attempt`, minus what the client already holds.
+    pub fn finished_text(&mut self, attempt: i32, text: &str, out: &mut Vec<SseEvent>) {
+        self.enter(attempt, out);
+        self.chunk(attempt, 0, text, out);
+    }
+
+    fn enter(&mut self, attempt: i32, out: &mut Vec<SseEvent>) {
+        if self.attempt == Some(attempt) {
+            return;
+        }
+        self.attempt = Some(attempt);
+        if let Some(holds) = self.holds
+            && holds.attempt != attempt
+        {
+            out.push(reset());
+            self.holds = None;
+        }
+    }
+
+    fn chunk(&mut self, attempt: i32, offset: usize, delta: &str, out: &mut Vec<SseEvent>) {
+        let end = offset + delta.len();
+        let held = self.holds.map_or(0, |h| h.offset);
+        let rest = if held <= offset {
+            delta
+        } else if held >= end {
+            ""
+        } else {
+            delta.get(held - offset..).unwrap_or(delta)
+        };
+        if !rest.is_empty() {
+            out.push(chunk(attempt, end, rest));
+        }
+        self.holds = Some(Resume {
+            attempt,
+            offset: end.max(held),
+        });
+    }
+}

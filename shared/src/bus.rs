@@ -1,0 +1,103 @@
+//! Connecting to NATS and declaring what Versus needs on it (the jobs and events streams and
+//! the answers KV bucket). Declarations are idempotent, so every process makes them at start-up.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::{config::NatsSettings, wire};
+
+/// A connected client with handles on everything Versus uses. Cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub jobs: stream::Stream,
+    pub events: stream::Stream,
+    pub answers: kv::Store,
+}
+
+impl Bus {
+    /// Connects (retrying until NATS is up) and declares streams and the bucket.
+    pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Bus> {
+        let client = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(settings.url.expose())
+            .await
+            .context("connecting to NATS (NATS_URL)")?;
+        let js = jetstream::new(client.clone());
+        let jobs = declare_stream(&js, jobs_stream()).await?;
+        let events = declare_stream(&js, events_stream(settings.events_max_age())).await?;
+        let answers = js
+            .create_or_update_key_value(kv::Config {
+                bucket: wire::ANSWERS_BUCKET.to_owned(),
+                description: "Finished answers: the edge cache in front of Postgres".to_owned(),
+                history: 1,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .context("declaring the answers KV bucket")?;
+        Ok(Bus {
+            client,
+            js,
+            jobs,
+            events,
+            answers,
+        })
+    }
+
+    /// True when the connection is up and JetStream answers for both streams.
+    pub async fn ready(&self) -> bool {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return false;
+        }
+        self.jobs.get_info().await.is_ok() && self.events.get_info().await.is_ok()
+    }
+}
+
+fn jobs_stream() -> stream::Config {
+    stream::Config {
+        name: wire::JOBS_STREAM.to_owned(),
+        description: Some("Generation jobs, one per unique answer; workers pull them".to_owned()),
+        subjects: vec![wire::JOBS_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // Identical misses published by any API replica within this window become one job.
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(24 * 3600),
+        ..Default::default()
+    }
+}
+
+fn events_stream(max_age: Duration) -> stream::Config {
+    stream::Config {
+        name: wire::EVENTS_STREAM.to_owned(),
+        description: Some("Generation events per answer, replayable for late joiners".to_owned()),
+        subjects: vec![wire::EVENTS_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        // Events are worth minutes: memory is faster, and a lost stream is repaired by the
+        // job's redelivery, which starts a new attempt.
+        storage: stream::StorageType::Memory,
+        max_age,
+        duplicate_window: Duration::from_secs(30),
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+async fn declare_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> anyhow::Result<stream::Stream> {
+    let name = config.name.clone();
+    js.create_or_update_stream(config)
+        .await
+        .with_context(|| format!("declaring stream {name}"))?;
+    js.get_stream(&name)
+        .await
+        .with_context(|| format!("opening stream {name}"))
+}

@@ -1,0 +1,56 @@
+//! Settings both binaries read from the environment (each binary adds its own with clap's
+//! `flatten`, so `--help` lists every variable with its default).
+
+use std::{fmt, str::FromStr, time::Duration};
+
+/// A value that must never reach a log or an error message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Where NATS is and how long generation events stay replayable.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsSettings {
+    /// NATS server URL (may carry credentials, so it is kept secret).
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub url: Secret,
+    /// How long a generation's events stay on the events stream, in seconds.
+    #[arg(long, env = "VERSUS_EVENTS_MAX_AGE_SECS", default_value_t = 600)]
+    pub events_max_age_secs: u64,
+}
+
+impl NatsSettings {
+    pub fn events_max_age(&self) -> Duration {
+        Duration::from_secs(self.events_max_age_secs.max(60))
+    }
+}
+
+/// The models whose answers the system serves; part of every key.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelSettings {
+    /// Chat model for the fight text.
+    #[arg(long, env = "VERSUS_CHAT_MODEL", default_value = "gpt-4o-mini")]
+    pub chat_model: String,
+}

@@ -1,0 +1,19 @@
+//! What the Versus API and workers share, so that the contract between them is one crate:
+//!
+//! - [`key`]: validated opponent names and the canonical matchup key;
+//! - [`wire`]: subjects, streams, job and event payloads, the edge-cache value (the contract);
+//! - [`prompt`]: the prompt templates and their versions, which are part of every key;
+//! - [`bus`]: connecting to NATS and declaring streams and the KV bucket idempotently;
+//! - [`db`]: the Postgres pool and the embedded migrations;
+//! - [`config`]: settings both binaries read from the environment;
+//! - [`telemetry`]: logs, Prometheus metrics, and the ops routes (`/healthz`, `/readyz`, `/metrics`);
+//! - [`shutdown`]: one signal handler that drives a cancellation token.
+
+pub mod bus;
+pub mod config;
+pub mod db;
+pub mod key;
+pub mod prompt;
+pub mod shutdown;
+pub mod telemetry;
+pub mod wire;

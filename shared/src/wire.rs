@@ -1,0 +1,127 @@
+//! The contract between the API and the workers: subjects, streams, the KV bucket, and the
+//! payloads that travel on them. Read this file to know what crosses the bus.
+//!
+//! - `versus.jobs.<kind>` (stream `VERSUS_JOBS`, work queue, file storage): one [`Job`] asks
+//!   for one answer. The API publishes with a `Nats-Msg-Id` from [`job_msg_id`], so identical
+//!   misses from any number of API replicas inside the duplicate window become one job.
+//! - `versus.events.<kind>.<key>` (stream `VERSUS_EVENTS`, limits retention, minutes of age):
+//!   the [`Event`]s of the current generation of one answer. Readers start from the subject's
+//!   first message, so late joiners get everything. A worker that starts a new attempt purges
+//!   the subject first, so the subject only ever holds one attempt.
+//! - KV bucket `versus_answers`, key `<kind>.<key>`: the finished [`Answer`] (the edge cache),
+//!   written only after Postgres holds it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::Key;
+
+pub const JOBS_STREAM: &str = "VERSUS_JOBS";
+pub const JOBS_SUBJECTS: &str = "versus.jobs.>";
+pub const EVENTS_STREAM: &str = "VERSUS_EVENTS";
+pub const EVENTS_SUBJECTS: &str = "versus.events.>";
+pub const ANSWERS_BUCKET: &str = "versus_answers";
+/// The durable pull consumer every worker shares for interactive jobs.
+pub const WORKERS_CONSUMER: &str = "versus-workers";
+
+/// What kind of answer a job asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Text,
+    Image,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Image => "image",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+pub fn job_subject(kind: Kind) -> String {
+    format!("versus.jobs.{kind}")
+}
+
+pub fn events_subject(kind: Kind, key: &Key) -> String {
+    format!("versus.events.{kind}.{key}")
+}
+
+pub fn kv_key(kind: Kind, key: &Key) -> String {
+    format!("{kind}.{key}")
+}
+
+/// The de-duplication id of a job. `after` is the stream sequence of the last terminal event
+/// the publisher saw on the key's events subject (0 for none), so a request that follows a
+/// failure asks for a new job, while identical requests that saw the same history coalesce.
+pub fn job_msg_id(kind: Kind, key: &Key, after: u64) -> String {
+    format!("{kind}.{key}.{after}")
+}
+
+/// A request to generate one answer. It carries what the worker needs, not copies of truth:
+/// the display names of the first request (for the prompt) and the model the key was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub kind: Kind,
+    pub key: Key,
+    pub a: String,
+    pub b: String,
+    pub model: String,
+    pub prompt_version: u32,
+}
+
+/// One step of a generation, published by the worker that owns the current attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// Attempt `attempt` begins; anything a reader holds from an earlier attempt is void.
+    Started { attempt: i32 },
+    /// `delta` is the text at byte `offset` of the answer.
+    Chunk {
+        attempt: i32,
+        offset: usize,
+        delta: String,
+    },
+    /// The answer is complete and stored.
+    Done { attempt: i32, model: String },
+    /// The attempt failed; `retryable` says whether asking again may succeed.
+    Error {
+        attempt: i32,
+        code: String,
+        message: String,
+        retryable: bool,
+    },
+    /// An operator purged the answer; readers waiting on it should ask again.
+    Purged,
+}
+
+impl Event {
+    /// Whether this event ends a generation (nothing of this attempt follows).
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::Done { .. } | Event::Error { .. } | Event::Purged
+        )
+    }
+}
+
+/// A finished text answer: the value of the edge cache, and what `GET /v1/fights/{key}` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub key: Key,
+    pub a: String,
+    pub b: String,
+    pub text: String,
+    pub model: String,
+    /// The attempt that produced the text; SSE ids carry it so resumes never mix attempts.
+    pub attempt: i32,
+}

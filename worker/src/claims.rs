@@ -1,0 +1,184 @@
+//! Postgres decides who generates: one row per (kind, key), claimed with a lease and a fencing
+//! attempt number. Every write after the claim is fenced on that attempt, so a worker that lost
+//! its lease cannot overwrite the winner.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use versus_shared::wire::Job;
+
+/// What a claim found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker owns attempt `attempt`; `a` and `b` are the display names to use.
+    Won { attempt: i32, a: String, b: String },
+    /// The answer is already complete.
+    Done(Stored),
+    /// Another worker holds a live lease for `remaining`.
+    Busy { remaining: Duration },
+}
+
+/// A completed text answer as Postgres holds it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Stored {
+    pub a: String,
+    pub b: String,
+    pub model: String,
+    pub attempt: i32,
+    pub text: Option<String>,
+}
+
+/// Claims the job's row: succeeds when the row is new, failed, or its lease has expired.
+pub async fn claim(db: &PgPool, job: &Job, lease: Duration, worker: &str) -> sqlx::Result<Claim> {
+    let won: Option<(i32, String, String)> = sqlx::query_as(
+        "INSERT INTO generations AS g
+             (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker)
+         VALUES ($1, $2, $3, $4, $5, $6, 'running', 1, now() + make_interval(secs => $7), $8)
+         ON CONFLICT (kind, key) DO UPDATE
+             SET status = 'running', attempt = g.attempt + 1, lease_until = EXCLUDED.lease_until,
+                 worker = EXCLUDED.worker, error = NULL, updated_at = now()
+             WHERE g.status = 'failed' OR (g.status = 'running' AND g.lease_until < now())
+         RETURNING attempt, a, b",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(&job.a)
+    .bind(&job.b)
+    .bind(&job.model)
+    .bind(job.prompt_version as i32)
+    .bind(lease.as_secs_f64())
+    .bind(worker)
+    .fetch_optional(db)
+    .await?;
+    if let Some((attempt, a, b)) = won {
+        return Ok(Claim::Won { attempt, a, b });
+    }
+    // Lost the race: find out to whom. The row exists (the insert conflicted), unless an
+    // operator deleted it in between, in which case the next delivery claims it afresh.
+    let row: Option<(String, Option<f64>)> = sqlx::query_as(
+        "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8
+         FROM generations WHERE kind = $1 AND key = $2",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .fetch_optional(db)
+    .await?;
+    match row {
+        Some((status, _)) if status == "done" => match stored(db, job).await? {
+            Some(s) => Ok(Claim::Done(s)),
+            None => Ok(Claim::Busy {
+                remaining: Duration::ZERO,
+            }),
+        },
+        Some((_, remaining)) => Ok(Claim::Busy {
+            remaining: Duration::from_secs_f64(remaining.unwrap_or(0.0).max(0.0)),
+        }),
+        None => Ok(Claim::Busy {
+            remaining: Duration::ZERO,
+        }),
+    }
+}
+
+/// The stored answer for the job's key, when it is done.
+pub async fn stored(db: &PgPool, job: &Job) -> sqlx::Result<Option<Stored>> {
+    sqlx::query_as(
+        "SELECT a, b, model, attempt, text FROM generations
+         WHERE kind = $1 AND key = $2 AND status = 'done'",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .fetch_optional(db)
+    .await
+}
+
+/// Extends the lease of `attempt`; false when the attempt is no longer ours.
+pub async fn heartbeat(db: &PgPool, job: &Job, attempt: i32, lease: Duration) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE generations SET lease_until = now() + make_interval(secs => $4), updated_at = now()
+         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .bind(lease.as_secs_f64())
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Moves our claim to a new attempt (a restart after a broken upstream stream), so events of
+/// the new try never share ids with the old one. Returns the new attempt, or None if fenced out.
+pub async fn next_attempt(db: &PgPool, job: &Job, attempt: i32) -> sqlx::Result<Option<i32>> {
+    sqlx::query_scalar(
+        "UPDATE generations SET attempt = attempt + 1, updated_at = now()
+         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
+         RETURNING attempt",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .fetch_optional(db)
+    .await
+}
+
+/// Token counts reported by the upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: i32,
+    pub completion_tokens: i32,
+}
+
+/// Stores the finished text, fenced on `attempt`; false when the attempt is no longer ours.
+pub async fn complete_text(
+    db: &PgPool,
+    job: &Job,
+    attempt: i32,
+    text: &str,
+    usage: Usage,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE generations
+         SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
+             lease_until = NULL, error = NULL, completed_at = now(), updated_at = now()
+         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .bind(text)
+    .bind(usage.prompt_tokens)
+    .bind(usage.completion_tokens)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Marks the attempt failed, so that the next request may claim it again.
+pub async fn fail(db: &PgPool, job: &Job, attempt: i32, error: &str) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE generations SET status = 'failed', error = $4, lease_until = NULL, updated_at = now()
+         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .bind(error)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Gives the lease back without failing, so another worker can claim at once (used when this
+/// process is shutting down mid-job).
+pub async fn release(db: &PgPool, job: &Job, attempt: i32) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE generations SET lease_until = now(), updated_at = now()
+         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .execute(db)
+    .await?;
+    Ok(())
+}

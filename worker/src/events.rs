@@ -1,0 +1,91 @@
+//! Publishing one generation's events on `versus.events.<kind>.<key>`. Chunks are published
+//! without waiting for each acknowledgement (the connection keeps them in order); every
+//! acknowledgement is awaited before the completion is recorded, so a stored answer always has
+//! all of its chunks on the stream.
+
+use anyhow::Context;
+use async_nats::jetstream::context::PublishAckFuture;
+use versus_shared::{
+    bus::Bus,
+    wire::{self, Event, Job},
+};
+
+pub struct Publisher<'a> {
+    bus: &'a Bus,
+    subject: String,
+    pending: Vec<PublishAckFuture>,
+}
+
+impl<'a> Publisher<'a> {
+    pub fn new(bus: &'a Bus, job: &Job) -> Publisher<'a> {
+        Publisher {
+            bus,
+            subject: wire::events_subject(job.kind, &job.key),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Starts `attempt`: drops whatever the subject holds from earlier attempts, then
+    /// announces the attempt so readers void what they have.
+    pub async fn start(&mut self, attempt: i32) -> anyhow::Result<()> {
+        self.flush().await?;
+        self.bus
+            .events
+            .purge()
+            .filter(self.subject.clone())
+            .await
+            .context("purging old events")?;
+        self.publish(&Event::Started { attempt }).await?;
+        self.flush().await
+    }
+
+    pub async fn chunk(&mut self, attempt: i32, offset: usize, delta: String) -> anyhow::Result<()> {
+        self.publish(&Event::Chunk {
+            attempt,
+            offset,
+            delta,
+        })
+        .await
+    }
+
+    /// Publishes a terminal event once every earlier event is acknowledged.
+    pub async fn finish(&mut self, event: Event) -> anyhow::Result<()> {
+        self.flush().await?;
+        self.publish(&event).await?;
+        self.flush().await
+    }
+
+    /// Waits for the acknowledgement of everything published so far.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        for ack in self.pending.drain(..) {
+            ack.await.context("the events stream refused an event")?;
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, event: &Event) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(event)?;
+        let ack = self
+            .bus
+            .js
+            .publish(self.subject.clone(), payload.into())
+            .await
+            .context("publishing an event")?;
+        self.pending.push(ack);
+        Ok(())
+    }
+}
+
+/// The last event on the job's subject, if any.
+pub async fn last_event(bus: &Bus, job: &Job) -> anyhow::Result<Option<Event>> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    match bus
+        .events
+        .get_last_raw_message_by_subject(&wire::events_subject(job.kind, &job.key))
+        .await
+    {
+        Ok(msg) => Ok(serde_json::from_slice(&msg.payload).ok()),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e).context("reading the last event"),
+    }
+}

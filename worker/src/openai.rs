@@ -1,0 +1,356 @@
+//! The OpenAI client: streaming chat completions over reqwest, with errors classified into
+//! retryable (connect errors, 408, 409, 429, 5xx, a stream cut or stalled mid-way) and fatal.
+//! It speaks the public API unchanged, so any OpenAI-compatible server works.
+
+use std::{pin::Pin, time::Duration};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use eventsource_stream::Eventsource;
+use futures::{Stream, StreamExt};
+use reqwest::{StatusCode, header::HeaderMap};
+use serde::Deserialize;
+use serde_json::json;
+use versus_shared::config::Secret;
+
+use crate::claims::Usage;
+
+/// Where the upstream is and how hard we try.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Settings {
+    /// API key sent as a bearer token (empty sends none, for servers that need none).
+    #[arg(long, env = "OPENAI_API_KEY", default_value = "")]
+    pub api_key: Secret,
+    /// Base URL of an OpenAI-compatible API.
+    #[arg(long, env = "OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    pub base_url: String,
+    /// Upstream calls per job before giving up (the retry budget).
+    #[arg(long, env = "VERSUS_UPSTREAM_MAX_TRIES", default_value_t = 4)]
+    pub max_tries: usize,
+    /// First back-off delay, in milliseconds; it doubles up to 10 s.
+    #[arg(long, env = "VERSUS_UPSTREAM_BACKOFF_MS", default_value_t = 500)]
+    pub backoff_ms: u64,
+    /// A `Retry-After` longer than this (seconds) spends the whole budget at once.
+    #[arg(long, env = "VERSUS_UPSTREAM_MAX_RETRY_AFTER_SECS", default_value_t = 30)]
+    pub max_retry_after_secs: u64,
+    /// A stream that sends nothing for this long (seconds) is treated as broken.
+    #[arg(long, env = "VERSUS_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub idle_timeout_secs: u64,
+}
+
+/// Why an upstream call failed, and whether another try may help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{message}")]
+    Fatal { message: String },
+}
+
+impl UpstreamError {
+    fn retryable(message: impl Into<String>) -> UpstreamError {
+        UpstreamError::Retryable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// A client for one OpenAI-compatible server.
+pub struct Client {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Secret,
+    settings: Settings,
+}
+
+impl Client {
+    pub fn new(settings: &Settings) -> anyhow::Result<Client> {
+        // reqwest is built without a bundled TLS provider; use ring, as async-nats does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("versus-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Client {
+            http,
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            api_key: settings.api_key.clone(),
+            settings: settings.clone(),
+        })
+    }
+
+    /// The back-off schedule for one job: its length is the retry budget.
+    pub fn backoff(&self) -> ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.settings.backoff_ms))
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(self.settings.max_tries.saturating_sub(1))
+            .with_jitter()
+            .build()
+    }
+
+    /// The delay before the next try after `error`, or None when the budget is spent or the
+    /// error is fatal. A `Retry-After` from the server wins over our schedule: retrying
+    /// earlier would only be refused again.
+    pub fn next_delay(
+        &self,
+        backoff: &mut ExponentialBackoff,
+        error: &UpstreamError,
+    ) -> Option<Duration> {
+        let UpstreamError::Retryable { retry_after, .. } = error else {
+            return None;
+        };
+        let scheduled = backoff.next()?;
+        match retry_after {
+            Some(after) if *after > Duration::from_secs(self.settings.max_retry_after_secs) => None,
+            Some(after) => Some(*after),
+            None => Some(scheduled),
+        }
+    }
+
+    /// Opens a streaming chat completion. Returns once the server has answered 200.
+    pub async fn chat_stream(
+        &self,
+        model: &str,
+        messages: &[(&str, String)],
+    ) -> Result<ChatStream, UpstreamError> {
+        let messages: Vec<_> = messages
+            .iter()
+            .map(|(role, content)| json!({"role": role, "content": content}))
+            .collect();
+        let body = json!({
+            "model": model,
+            "messages": messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        metrics::counter!("versus_upstream_calls_total", "kind" => "chat").increment(1);
+        let mut request = self
+            .http
+            .post(format!("{}/chat/completions", self.base_url))
+            .json(&body);
+        if !self.api_key.expose().is_empty() {
+            request = request.bearer_auth(self.api_key.expose());
+        }
+        let response = request.send().await.map_err(|e| {
+            UpstreamError::retryable(format!("could not reach the upstream: {}", describe(&e)))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = retry_after(response.headers());
+            let detail = error_detail(response).await;
+            let message = format!("upstream answered {status}{detail}");
+            return Err(if is_retryable(status) {
+                UpstreamError::Retryable {
+                    message,
+                    retry_after,
+                }
+            } else {
+                UpstreamError::Fatal { message }
+            });
+        }
+        Ok(ChatStream {
+            events: Box::pin(response.bytes_stream().eventsource()),
+            idle: Duration::from_secs(self.settings.idle_timeout_secs.max(1)),
+            finish_reason: None,
+            usage: Usage::default(),
+        })
+    }
+}
+
+type Events = Pin<
+    Box<
+        dyn Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An open chat completion stream.
+pub struct ChatStream {
+    events: Events,
+    idle: Duration,
+    finish_reason: Option<String>,
+    usage: Usage,
+}
+
+/// What the stream gave next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Piece {
+    Text(String),
+    /// The stream finished normally (`finish_reason` and `[DONE]`).
+    End(Usage),
+}
+
+#[derive(Deserialize)]
+struct ChunkBody {
+    #[serde(default)]
+    choices: Vec<Choice>,
+    usage: Option<UsageBody>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    #[serde(default)]
+    delta: Delta,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UsageBody {
+    prompt_tokens: i32,
+    completion_tokens: i32,
+}
+
+impl ChatStream {
+    /// The next piece of text, or the end. A stream that breaks, stalls, or ends without
+    /// `finish_reason` and `[DONE]` is an error: its text must never be stored.
+    pub async fn next(&mut self) -> Result<Piece, UpstreamError> {
+        loop {
+            let event = tokio::time::timeout(self.idle, self.events.next())
+                .await
+                .map_err(|_| UpstreamError::retryable("the upstream stream stalled"))?;
+            let event = match event {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    return Err(UpstreamError::retryable(format!(
+                        "the upstream stream broke: {}",
+                        describe_stream(&e)
+                    )));
+                }
+                None => {
+                    return Err(UpstreamError::retryable(
+                        "the upstream stream ended before it finished",
+                    ));
+                }
+            };
+            if event.data.trim() == "[DONE]" {
+                return match self.finish_reason.as_deref() {
+                    Some("stop") | Some("length") => Ok(Piece::End(self.usage)),
+                    Some(other) => Err(UpstreamError::Fatal {
+                        message: format!("the upstream stopped early ({other})"),
+                    }),
+                    None => Err(UpstreamError::retryable(
+                        "the upstream stream ended without a finish reason",
+                    )),
+                };
+            }
+            let chunk: ChunkBody = serde_json::from_str(&event.data).map_err(|e| {
+                UpstreamError::retryable(format!("the upstream sent an unreadable chunk: {e}"))
+            })?;
+            if chunk.error.is_some() {
+                return Err(UpstreamError::retryable("the upstream reported an error mid-stream"));
+            }
+            if let Some(u) = chunk.usage {
+                self.usage = Usage {
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                };
+            }
+            let mut text = String::new();
+            for choice in chunk.choices {
+                if let Some(reason) = choice.finish_reason {
+                    self.finish_reason = Some(reason);
+                }
+                if let Some(content) = choice.delta.content {
+                    text.push_str(&content);
+                }
+            }
+            if !text.is_empty() {
+                return Ok(Piece::Text(text));
+            }
+        }
+    }
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
+}
+
+/// `Retry-After` in seconds (OpenAI also sends `retry-after-ms`).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok();
+    if let Some(ms) = value("retry-after-ms").filter(|v| v.is_finite() && *v >= 0.0) {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    value("retry-after")
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// The upstream's own error message, shortened; OpenAI's error bodies hold no secrets.
+async fn error_detail(response: reqwest::Response) -> String {
+    #[derive(Deserialize)]
+    struct Body {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        message: String,
+    }
+    match response.json::<Body>().await {
+        Ok(body) => {
+            let mut m = body.error.message;
+            if m.len() > 200 {
+                let cut = (0..=200).rev().find(|i| m.is_char_boundary(*i)).unwrap_or(0);
+                m.truncate(cut);
+            }
+            format!(": {m}")
+        }
+        Err(_) => String::new(),
+    }
+}
+
+/// A reqwest error without its URL (which is ours, but keeps messages short and stable).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "connection failed".to_owned()
+    } else {
+        "request failed".to_owned()
+    }
+}
+
+fn describe_stream(e: &eventsource_stream::EventStreamError<reqwest::Error>) -> String {
+    match e {
+        eventsource_stream::EventStreamError::Transport(e) => describe(e),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_milliseconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", "1500".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn rate_limits_and_server_errors_are_retryable_but_bad_requests_are_not() {
+        assert!(is_retryable(StatusCode::TOO_MANY_REQUESTS));
+        assert!(is_retryable(StatusCode::BAD_GATEWAY));
+        assert!(!is_retryable(StatusCode::BAD_REQUEST));
+        assert!(!is_retryable(StatusCode::UNAUTHORIZED));
+    }
+}

@@ -74,7 +74,11 @@ pub struct AnswerCache {
 impl AnswerCache {
     pub fn new(bus: Bus, bytes: u64) -> AnswerCache {
         AnswerCache {
-            memory: Cache::with_weighter((bytes / 2048).max(16) as usize, bytes.max(1 << 16), BodyWeight),
+            memory: Cache::with_weighter(
+                (bytes / 2048).max(16) as usize,
+                bytes.max(1 << 16),
+                BodyWeight,
+            ),
             bus,
         }
     }

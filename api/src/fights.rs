@@ -18,7 +18,7 @@ use axum::{
 };
 use futures::{Stream, stream};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use versus_shared::{
     key::{Key, Matchup},
     prompt::TEXT_PROMPT_VERSION,
@@ -47,6 +47,21 @@ pub fn routes() -> Router<App> {
 pub struct FightRequest {
     a: Option<String>,
     b: Option<String>,
+}
+
+impl FightRequest {
+    /// Reads `{"a","b"}` from a JSON object; anything else in a name's place is refused.
+    fn from_json(body: &serde_json::Map<String, Value>) -> Result<FightRequest, ApiError> {
+        let field = |name: &str| match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::InvalidBody(format!("`{name}` must be a string"))),
+        };
+        Ok(FightRequest {
+            a: field("a")?,
+            b: field("b")?,
+        })
+    }
 }
 
 impl App {
@@ -163,9 +178,10 @@ fn sse_response(
 
 async fn create_fight(
     State(app): State<App>,
-    body: Result<Json<FightRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
+    let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
+    let request = FightRequest::from_json(&body)?;
     let (matchup, key) = app.matchup(&request)?;
     if let Some(cached) = app.cached(&key).await {
         return Ok(json_answer(&cached));

@@ -96,10 +96,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let server = axum::serve(listener, app.router())
-        .with_graceful_shutdown(shutdown.cancelled_owned());
+    let server =
+        axum::serve(listener, app.router()).with_graceful_shutdown(shutdown.cancelled_owned());
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");
     server.await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn settings_are_well_formed() {
+        use clap::CommandFactory;
+        super::Settings::command().debug_assert();
+    }
 }

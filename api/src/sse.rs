@@ -30,7 +30,10 @@ pub fn chunk_id(attempt: i32, end: usize) -> String {
 }
 
 pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> SseEvent {
-    data_event("meta", json!({"key": key, "a": a, "b": b, "cached": cached}))
+    data_event(
+        "meta",
+        json!({"key": key, "a": a, "b": b, "cached": cached}),
+    )
 }
 
 pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
@@ -38,7 +41,10 @@ pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
 }
 
 pub fn reset() -> SseEvent {
-    data_event("reset", json!({"reason": "the answer is being generated again"}))
+    data_event(
+        "reset",
+        json!({"reason": "the answer is being generated again"}),
+    )
 }
 
 pub fn done(key: &Key, model: &str) -> SseEvent {

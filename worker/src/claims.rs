@@ -92,7 +92,12 @@ pub async fn stored(db: &PgPool, job: &Job) -> sqlx::Result<Option<Stored>> {
 }
 
 /// Extends the lease of `attempt`; false when the attempt is no longer ours.
-pub async fn heartbeat(db: &PgPool, job: &Job, attempt: i32, lease: Duration) -> sqlx::Result<bool> {
+pub async fn heartbeat(
+    db: &PgPool,
+    job: &Job,
+    attempt: i32,
+    lease: Duration,
+) -> sqlx::Result<bool> {
     let r = sqlx::query(
         "UPDATE generations SET lease_until = now() + make_interval(secs => $4), updated_at = now()
          WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",

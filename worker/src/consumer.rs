@@ -113,7 +113,8 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message) {
         Err(e) => {
             tracing::error!(key = %job.key, error = format!("{e:#}"), "job failed; it will be retried");
             metrics::counter!("versus_job_errors_total").increment(1);
-            msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await
+            msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await
         }
     };
     if let Err(e) = ack {

@@ -39,7 +39,12 @@ impl<'a> Publisher<'a> {
         self.flush().await
     }
 
-    pub async fn chunk(&mut self, attempt: i32, offset: usize, delta: String) -> anyhow::Result<()> {
+    pub async fn chunk(
+        &mut self,
+        attempt: i32,
+        offset: usize,
+        delta: String,
+    ) -> anyhow::Result<()> {
         self.publish(&Event::Chunk {
             attempt,
             offset,

@@ -34,7 +34,7 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Secret,
     #[command(flatten)]
-    pub openai: openai::Settings,
+    pub openai: openai::OpenAiSettings,
     /// Jobs this process runs at once.
     #[arg(long, env = "VERSUS_WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -75,11 +75,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let bus = Bus::connect(&settings.nats, "versus-worker").await?;
-    let db = versus_shared::db::connect(
-        &settings.database_url,
-        settings.concurrency as u32 + 4,
-    )
-    .await?;
+    let db =
+        versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
     versus_shared::db::migrate(&db).await?;
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
@@ -107,4 +104,13 @@ pub async fn run(
     consumer::run(ctx, consumer, settings.concurrency, grace, shutdown).await?;
     ops.await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn settings_are_well_formed() {
+        use clap::CommandFactory;
+        super::Settings::command().debug_assert();
+    }
 }

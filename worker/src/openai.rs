@@ -16,12 +16,16 @@ use crate::claims::Usage;
 
 /// Where the upstream is and how hard we try.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Settings {
+pub struct OpenAiSettings {
     /// API key sent as a bearer token (empty sends none, for servers that need none).
     #[arg(long, env = "OPENAI_API_KEY", default_value = "")]
     pub api_key: Secret,
     /// Base URL of an OpenAI-compatible API.
-    #[arg(long, env = "OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
     pub base_url: String,
     /// Upstream calls per job before giving up (the retry budget).
     #[arg(long, env = "VERSUS_UPSTREAM_MAX_TRIES", default_value_t = 4)]
@@ -30,7 +34,11 @@ pub struct Settings {
     #[arg(long, env = "VERSUS_UPSTREAM_BACKOFF_MS", default_value_t = 500)]
     pub backoff_ms: u64,
     /// A `Retry-After` longer than this (seconds) spends the whole budget at once.
-    #[arg(long, env = "VERSUS_UPSTREAM_MAX_RETRY_AFTER_SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "VERSUS_UPSTREAM_MAX_RETRY_AFTER_SECS",
+        default_value_t = 30
+    )]
     pub max_retry_after_secs: u64,
     /// A stream that sends nothing for this long (seconds) is treated as broken.
     #[arg(long, env = "VERSUS_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 30)]
@@ -63,11 +71,11 @@ pub struct Client {
     http: reqwest::Client,
     base_url: String,
     api_key: Secret,
-    settings: Settings,
+    settings: OpenAiSettings,
 }
 
 impl Client {
-    pub fn new(settings: &Settings) -> anyhow::Result<Client> {
+    pub fn new(settings: &OpenAiSettings) -> anyhow::Result<Client> {
         // reqwest is built without a bundled TLS provider; use ring, as async-nats does.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
@@ -252,7 +260,9 @@ impl ChatStream {
                 UpstreamError::retryable(format!("the upstream sent an unreadable chunk: {e}"))
             })?;
             if chunk.error.is_some() {
-                return Err(UpstreamError::retryable("the upstream reported an error mid-stream"));
+                return Err(UpstreamError::retryable(
+                    "the upstream reported an error mid-stream",
+                ));
             }
             if let Some(u) = chunk.usage {
                 self.usage = Usage {
@@ -305,7 +315,10 @@ async fn error_detail(response: reqwest::Response) -> String {
         Ok(body) => {
             let mut m = body.error.message;
             if m.len() > 200 {
-                let cut = (0..=200).rev().find(|i| m.is_char_boundary(*i)).unwrap_or(0);
+                let cut = (0..=200)
+                    .rev()
+                    .find(|i| m.is_char_boundary(*i))
+                    .unwrap_or(0);
                 m.truncate(cut);
             }
             format!(": {m}")

@@ -43,7 +43,10 @@ pub async fn handle(ctx: &Ctx, msg: &jetstream::Message, job: &Job) -> anyhow::R
 
 /// How a generation ended.
 enum Ended {
-    Finished { text: String, usage: Usage },
+    Finished {
+        text: String,
+        usage: Usage,
+    },
     GaveUp(UpstreamError),
     /// Our claim was taken over (our lease lapsed); the new owner finishes the job.
     Lost,
@@ -235,7 +238,10 @@ async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<()> {
         attempt: stored.attempt,
     };
     put_answer(ctx, job, &answer).await?;
-    if matches!(events::last_event(&ctx.bus, job).await?, Some(Event::Done { .. })) {
+    if matches!(
+        events::last_event(&ctx.bus, job).await?,
+        Some(Event::Done { .. })
+    ) {
         return Ok(());
     }
     let mut publisher = Publisher::new(&ctx.bus, job);

@@ -1,0 +1,137 @@
+//! Faults: a worker killed mid-stream, a rate-limited upstream, a stream cut mid-way, and an
+//! upstream that fails every try.
+
+use futures::future::join_all;
+use serde_json::{Value, json};
+use versus_testkit::sse;
+
+use crate::{fight, quick, rows, shape, stream_url, text_of};
+
+#[tokio::test]
+async fn a_worker_killed_mid_stream_is_replaced_and_every_client_gets_the_whole_answer() {
+    let mut sys = quick()
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "20")
+        .start()
+        .await;
+    let url = stream_url(&sys, "Bruce Lee", "Chuck Norris");
+    let mut watcher = sse::open(&url, None).await;
+    // Wait until the answer is flowing.
+    let mut chunks = 0;
+    while chunks < 5 {
+        let e = watcher.next().await.expect("the stream goes on");
+        if e.event == "chunk" {
+            chunks += 1;
+        }
+    }
+    let key = {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT key, worker FROM generations WHERE status = 'running'")
+                .fetch_all(&sys.db.pool().await)
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), 1);
+        let (key, owner) = rows.into_iter().next().unwrap();
+        let victim = sys
+            .workers
+            .iter_mut()
+            .find(|w| owner.starts_with(&format!("{}-", w.pid())))
+            .expect("the owner is one of our workers");
+        victim.kill().await;
+        key
+    };
+    // Others arrive after the crash, before and after the new attempt begins.
+    let others = join_all((0..3).map(|_| {
+        let url = url.clone();
+        async move { sse::open(&url, None).await.collect_all().await }
+    }));
+    let (rest, others) = tokio::join!(watcher.collect_all(), others);
+    assert!(
+        rest.iter().any(|e| e.event == "reset"),
+        "the first client was told to drop its partial text: {rest:?}"
+    );
+    assert_eq!(rest.last().unwrap().event, "done", "{rest:?}");
+    let text = text_of(&rest);
+    for events in &others {
+        assert_eq!(events.last().unwrap().event, "done");
+        assert_eq!(text_of(events), text);
+    }
+    assert_eq!(rows(&sys, &key).await, [("done".to_owned(), Some(text))]);
+    let calls = sys.sim.chat_calls().await;
+    assert!(calls <= 2, "the upstream saw {calls} calls");
+}
+
+#[tokio::test]
+async fn a_rate_limited_upstream_is_retried_no_earlier_than_it_asked() {
+    let sys = quick().start().await;
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 429, "retry_after_secs": 1}, "times": 1}))
+        .await;
+    let events = fight(&sys, "Tortoise", "Hare").await;
+    assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+    let stats = sys.sim.stats().await;
+    let calls = stats["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "{stats}");
+    assert_eq!(calls[0]["status"], json!(429));
+    let gap = calls[1]["at_ms"].as_u64().unwrap() - calls[0]["at_ms"].as_u64().unwrap();
+    assert!(gap >= 1000, "retried after {gap} ms, before Retry-After");
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_is_never_stored() {
+    let sys = quick()
+        .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "2")
+        .worker_env("VERSUS_UPSTREAM_BACKOFF_MS", "50")
+        .start()
+        .await;
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "cut", "after_tokens": 5}, "times": null}))
+        .await;
+    let events = fight(&sys, "Rock", "Paper").await;
+    let end = events.last().unwrap();
+    assert_eq!(end.event, "error", "{events:?}");
+    assert_eq!(end.json()["retryable"], json!(true));
+    assert!(
+        events.iter().any(|e| e.event == "reset"),
+        "the retry voided the partial text"
+    );
+    let key = events[0].json()["key"].as_str().unwrap().to_owned();
+    let response = crate::http()
+        .get(format!("{}/v1/fights/{key}", sys.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "nothing partial is served");
+    let stored = rows(&sys, &key).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0], ("failed".to_owned(), None));
+    assert_eq!(sys.sim.chat_calls().await, 2);
+}
+
+#[tokio::test]
+async fn an_upstream_failing_every_try_gives_a_retryable_error_and_a_later_request_starts_afresh() {
+    let sys = quick()
+        .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "3")
+        .worker_env("VERSUS_UPSTREAM_BACKOFF_MS", "50")
+        .start()
+        .await;
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}))
+        .await;
+    let both = join_all([fight(&sys, "Fire", "Ice"), fight(&sys, "Ice", "Fire")]).await;
+    for events in &both {
+        assert_eq!(shape(events), ["meta", "error"], "{events:?}");
+        let error: Value = events[1].json();
+        assert_eq!(error["retryable"], json!(true));
+        assert!(error["code"].is_string() && error["message"].is_string());
+    }
+    assert_eq!(sys.sim.chat_calls().await, 3, "one job, three tries");
+
+    sys.sim.clear_faults().await;
+    let again = fight(&sys, "Fire", "Ice").await;
+    assert_eq!(shape(&again), ["meta", "chunk*", "done"], "{again:?}");
+    assert_eq!(again[0].json()["cached"], json!(false));
+    assert_eq!(sys.sim.chat_calls().await, 4);
+    let cached = fight(&sys, "Fire", "Ice").await;
+    assert_eq!(cached[0].json()["cached"], json!(true));
+    assert_eq!(sys.sim.chat_calls().await, 4);
+}

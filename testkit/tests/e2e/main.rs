@@ -1,0 +1,79 @@
+//! End-to-end tests: a real nats-server, a fresh Postgres database, the upstream simulator over
+//! HTTP, and the API and workers as processes. One binary, one module per area.
+
+mod faults;
+mod text;
+
+use versus_testkit::{
+    System, SystemBuilder,
+    sse::{self, SseEvent},
+};
+
+/// A system whose simulator answers quickly: 40 tokens at 400 tokens/s after 50 ms.
+pub fn quick() -> SystemBuilder {
+    System::builder()
+        .workers(2)
+        .sim_env("VERSUS_SIM_TTFT_MS", "50")
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "400")
+        .sim_env("VERSUS_SIM_ANSWER_TOKENS", "40")
+}
+
+/// The SSE URL of a fight.
+pub fn stream_url(sys: &System, a: &str, b: &str) -> String {
+    reqwest::Url::parse_with_params(
+        &format!("{}/v1/fights/stream", sys.api_url()),
+        &[("a", a), ("b", b)],
+    )
+    .expect("a valid URL")
+    .to_string()
+}
+
+/// Every event of one fight, from connect to the end of the stream.
+pub async fn fight(sys: &System, a: &str, b: &str) -> Vec<SseEvent> {
+    sse::open(&stream_url(sys, a, b), None)
+        .await
+        .collect_all()
+        .await
+}
+
+/// The text a client ends up with: chunks appended, dropped on `reset`.
+pub fn text_of(events: &[SseEvent]) -> String {
+    let mut text = String::new();
+    for e in events {
+        match e.event.as_str() {
+            "chunk" => text.push_str(e.json()["delta"].as_str().expect("a delta")),
+            "reset" => text.clear(),
+            _ => {}
+        }
+    }
+    text
+}
+
+/// The names of the events, in order, with consecutive chunks folded into one `chunk*`.
+pub fn shape(events: &[SseEvent]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in events {
+        let name = if e.event == "chunk" {
+            "chunk*"
+        } else {
+            e.event.as_str()
+        };
+        if out.last().map(String::as_str) != Some(name) || name != "chunk*" {
+            out.push(name.to_owned());
+        }
+    }
+    out
+}
+
+/// The stored answers for a key: (status, text).
+pub async fn rows(sys: &System, key: &str) -> Vec<(String, Option<String>)> {
+    sqlx::query_as("SELECT status, text FROM generations WHERE key = $1")
+        .bind(key)
+        .fetch_all(&sys.db.pool().await)
+        .await
+        .expect("query generations")
+}
+
+pub fn http() -> reqwest::Client {
+    versus_testkit::http_client()
+}

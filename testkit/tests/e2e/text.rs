@@ -1,0 +1,311 @@
+//! Text answers end to end: misses, hits, key variants, coalescing, late joiners and resume,
+//! bad input, and hits with the back end gone.
+
+use futures::future::join_all;
+use serde_json::{Value, json};
+use versus_testkit::{Proc, sse};
+
+use crate::{fight, http, quick, rows, shape, stream_url, text_of};
+
+#[tokio::test]
+async fn a_miss_streams_the_answer_and_the_repeat_is_served_from_cache() {
+    let sys = quick().start().await;
+    let events = fight(&sys, "Batman", "Superman").await;
+    assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+    let meta = events[0].json();
+    assert_eq!(meta["cached"], json!(false));
+    assert_eq!(meta["a"], "Batman");
+    let key = meta["key"].as_str().expect("a key").to_owned();
+    assert_eq!(events.last().unwrap().json()["key"], json!(key));
+    assert!(
+        events.len() > 5,
+        "the answer came in several chunks: {events:?}"
+    );
+    let text = text_of(&events);
+    assert_eq!(
+        rows(&sys, &key).await,
+        [("done".to_owned(), Some(text.clone()))]
+    );
+
+    let again = fight(&sys, "Batman", "Superman").await;
+    assert_eq!(again[0].json()["cached"], json!(true));
+    assert_eq!(again[0].json()["key"], json!(key));
+    assert_eq!(shape(&again), ["meta", "chunk*", "done"]);
+    assert_eq!(text_of(&again), text);
+    assert_eq!(sys.sim.chat_calls().await, 1);
+
+    let stored: Value = http()
+        .get(format!("{}/v1/fights/{key}", sys.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored["text"], json!(text));
+    assert_eq!(stored["cached"], json!(true));
+}
+
+#[tokio::test]
+async fn order_case_and_white_space_variants_reach_the_same_key() {
+    let sys = quick().start().await;
+    let first = fight(&sys, "Batman", "Superman").await;
+    let key = first[0].json()["key"].clone();
+    for (a, b) in [
+        ("superman", "  BATMAN "),
+        ("SUPERMAN", "batman"),
+        ("Super\u{3000}man", "batman"),
+        ("Ｂａｔｍａｎ", "superman"),
+    ] {
+        let events = fight(&sys, a, b).await;
+        let meta = events[0].json();
+        if a.contains('\u{3000}') {
+            // Inner white space is collapsed, not removed: "Super man" is another name.
+            assert_ne!(meta["key"], key, "{a} vs {b}");
+            continue;
+        }
+        assert_eq!(meta["key"], key, "{a} vs {b}");
+        assert_eq!(meta["cached"], json!(true), "{a} vs {b}");
+        // The display names of the first request are kept.
+        assert_eq!(meta["a"], "Batman");
+    }
+    let posted: Value = http()
+        .post(format!("{}/v1/fights", sys.api_url()))
+        .json(&json!({"a": " superman", "b": "batman "}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(posted["key"], key);
+    assert_eq!(posted["cached"], json!(true));
+    assert_eq!(posted["text"], json!(text_of(&first)));
+    // Only the one unique matchup reached the upstream, and "Super man" made a second.
+    assert_eq!(sys.sim.chat_calls().await, 2);
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_identical_requests_make_one_upstream_call() {
+    let sys = quick()
+        .sim_env("VERSUS_SIM_TTFT_MS", "300")
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "100")
+        .start()
+        .await;
+    let url = stream_url(&sys, "Godzilla", "King Kong");
+    let clients = (0..200).map(|_| {
+        let url = url.clone();
+        async move { sse::open(&url, None).await.collect_all().await }
+    });
+    let results = join_all(clients).await;
+    let first = text_of(&results[0]);
+    assert!(!first.is_empty());
+    for events in &results {
+        assert_eq!(shape(events), ["meta", "chunk*", "done"]);
+        assert_eq!(text_of(events), first);
+    }
+    assert_eq!(sys.sim.chat_calls().await, 1);
+}
+
+#[tokio::test]
+async fn a_late_joiner_gets_the_whole_text_and_a_resume_gets_exactly_the_rest() {
+    let sys = quick()
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "20")
+        .start()
+        .await;
+    let url = stream_url(&sys, "Ada Lovelace", "Alan Turing");
+    let mut early = sse::open(&url, None).await;
+    let mut held = String::new();
+    let mut last_id = String::new();
+    while held.chars().count() < 30 || last_id.is_empty() {
+        let e = early.next().await.expect("the stream goes on");
+        if e.event == "chunk" {
+            held.push_str(e.json()["delta"].as_str().unwrap());
+            last_id = e.id.clone();
+        }
+    }
+    // A second client arrives mid-generation; the first one drops its connection.
+    let late = tokio::spawn({
+        let url = url.clone();
+        async move { sse::open(&url, None).await.collect_all().await }
+    });
+    drop(early);
+    let rest = sse::open(&url, Some(&last_id)).await.collect_all().await;
+    let late = late.await.unwrap();
+    let full = text_of(&late);
+    assert_eq!(shape(&late), ["meta", "chunk*", "done"]);
+    assert_eq!(shape(&rest), ["meta", "chunk*", "done"]);
+    assert_eq!(
+        format!("{held}{}", text_of(&rest)),
+        full,
+        "resume from {last_id}"
+    );
+    assert!(full.len() > held.len());
+
+    // Resuming from the last chunk of a finished answer yields nothing more.
+    let end_id = rest
+        .iter()
+        .rev()
+        .find(|e| e.event == "chunk")
+        .unwrap()
+        .id
+        .clone();
+    let after_end = sse::open(&url, Some(&end_id)).await.collect_all().await;
+    assert_eq!(shape(&after_end), ["meta", "done"]);
+    assert_eq!(sys.sim.chat_calls().await, 1);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_400_and_costs_nothing() {
+    let sys = quick().start().await;
+    let api = sys.api_url();
+    let long = "x".repeat(101);
+    let queries: Vec<Vec<(&str, &str)>> = vec![
+        vec![("a", "Batman")],
+        vec![("a", ""), ("b", "Superman")],
+        vec![("a", "   "), ("b", "Superman")],
+        vec![("a", &long), ("b", "Superman")],
+        vec![("a", "Bat\u{1}man"), ("b", "Superman")],
+        vec![("a", "Batman"), ("b", "Super\nman")],
+    ];
+    for query in &queries {
+        let url =
+            reqwest::Url::parse_with_params(&format!("{api}/v1/fights/stream"), query).unwrap();
+        let response = http().get(url).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{query:?}");
+        let body: Value = response.json().await.unwrap();
+        assert!(body["error"]["code"].is_string(), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("opponent"),
+            "{body}"
+        );
+    }
+    let bodies = [
+        "not json",
+        "{\"a\": \"Batman\"",
+        "{\"a\": 5, \"b\": \"Superman\"}",
+        "[\"Batman\", \"Superman\"]",
+        "{\"a\": \"\", \"b\": \"Superman\"}",
+    ];
+    for body in bodies {
+        let response = http()
+            .post(format!("{api}/v1/fights"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        let json: Value = response.json().await.unwrap();
+        assert!(json["error"]["code"].is_string() && json["error"]["message"].is_string());
+    }
+    let exactly_100 = "é".repeat(100);
+    let ok = fight(&sys, &exactly_100, "Superman").await;
+    assert_eq!(shape(&ok), ["meta", "chunk*", "done"]);
+    assert_eq!(
+        sys.sim.chat_calls().await,
+        1,
+        "only the valid request cost a call"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM generations")
+        .fetch_one(&sys.db.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn a_stored_answer_has_a_strong_etag_and_cdn_headers() {
+    let sys = quick().start().await;
+    let events = fight(&sys, "Cat", "Dog").await;
+    let key = events[0].json()["key"].as_str().unwrap().to_owned();
+    let url = format!("{}/v1/fights/{key}", sys.api_url());
+    let response = http().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(etag.starts_with('"') && !etag.starts_with("W/"), "{etag}");
+    assert!(
+        response.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("public")
+    );
+    let not_modified = http()
+        .get(&url)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), 304);
+    let missing = http()
+        .get(format!("{}/v1/fights/{}", sys.api_url(), "0".repeat(32)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let bogus = http()
+        .get(format!("{}/v1/fights/..%2F..%2Fetc", sys.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bogus.status(), 404);
+}
+
+#[tokio::test]
+async fn posting_a_fight_answers_once_the_text_is_complete() {
+    let sys = quick().start().await;
+    let response = http()
+        .post(format!("{}/v1/fights", sys.api_url()))
+        .json(&json!({"a": "Sherlock Holmes", "b": "Hercule Poirot"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["cached"], json!(false));
+    assert_eq!(body["a"], "Sherlock Holmes");
+    let key = body["key"].as_str().unwrap();
+    assert_eq!(
+        rows(&sys, key).await,
+        [("done".to_owned(), body["text"].as_str().map(str::to_owned))]
+    );
+    assert_eq!(body["model"], "gpt-4o-mini");
+}
+
+#[tokio::test]
+async fn a_hit_is_served_with_every_worker_and_postgres_gone() {
+    let mut sys = quick().start().await;
+    let first = fight(&sys, "Zeus", "Thor").await;
+    let text = text_of(&first);
+    for worker in &mut sys.workers {
+        worker.kill().await;
+    }
+    // This system's Postgres is its own database: dropping it is Postgres gone for it.
+    let admin = sqlx::PgPool::connect(&std::env::var("VERSUS_TEST_DATABASE_URL").unwrap())
+        .await
+        .unwrap();
+    let name = sys.db.url.rsplit('/').next().unwrap().to_owned();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE \"{name}\" WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    // From this API's memory, and from a fresh replica that only has the edge KV bucket.
+    let fresh: Proc = sys.spawn_api().await;
+    for api in [sys.api_url().to_owned(), fresh.url.clone()] {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{api}/v1/fights/stream"),
+            &[("a", "thor"), ("b", "zeus")],
+        )
+        .unwrap();
+        let events = sse::open(url.as_str(), None).await.collect_all().await;
+        assert_eq!(events[0].json()["cached"], json!(true), "{api}");
+        assert_eq!(text_of(&events), text, "{api}");
+    }
+    assert_eq!(sys.sim.chat_calls().await, 1);
+}

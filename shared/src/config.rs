@@ -34,7 +34,11 @@ impl FromStr for Secret {
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsSettings {
     /// NATS server URL (may carry credentials, so it is kept secret).
-    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long = "nats-url",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub url: Secret,
     /// How long a generation's events stay on the events stream, in seconds.
     #[arg(long, env = "VERSUS_EVENTS_MAX_AGE_SECS", default_value_t = 600)]

@@ -43,6 +43,9 @@ async fn readyz(State(bus): State<Bus>) -> (StatusCode, &'static str) {
     if bus.ready().await {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "NATS or its streams are unreachable")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NATS or its streams are unreachable",
+        )
     }
 }

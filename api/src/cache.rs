@@ -1,43 +1,38 @@
-//! The answer cache: a bounded in-memory layer in front of the edge KV bucket. A hit here or
-//! in KV touches neither the workers nor Postgres. Values are rendered once, on insert, so a
-//! hit only copies bytes.
+//! The edge cache: a bounded in-memory layer in front of the edge KV bucket, one per kind of
+//! answer. A hit here or in KV touches neither the workers nor Postgres. Values are rendered
+//! once, on insert, so a hit only copies bytes.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
-use serde_json::json;
+use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use versus_shared::{
     bus::Bus,
     key::Key,
-    wire::{self, Answer, Kind},
+    wire::{self, Answer, ImageAnswer, Kind},
 };
 
-/// A finished answer with its public JSON and ETag, ready to serve.
-#[derive(Debug)]
-pub struct Cached {
-    pub answer: Answer,
-    /// `{"key","a","b","text","model","cached":true}`.
-    pub body: Bytes,
-    /// A strong validator over the body.
-    pub etag: String,
+/// A value of the edge KV bucket.
+pub trait Entry: DeserializeOwned + Send + Sync + 'static {
+    const KIND: Kind;
 }
 
-impl Cached {
-    pub fn new(answer: Answer) -> Cached {
-        let body = json!({
-            "key": answer.key,
-            "a": answer.a,
-            "b": answer.b,
-            "text": answer.text,
-            "model": answer.model,
-            "cached": true,
-        });
-        let body = Bytes::from(body.to_string());
-        let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..16]));
-        Cached { answer, body, etag }
-    }
+impl Entry for Answer {
+    const KIND: Kind = Kind::Text;
+}
+
+impl Entry for ImageAnswer {
+    const KIND: Kind = Kind::Image;
+}
+
+/// A finished answer with its public JSON (`cached: true`) and that JSON's strong ETag.
+#[derive(Debug)]
+pub struct Cached<V> {
+    pub value: V,
+    pub body: Bytes,
+    pub etag: String,
 }
 
 /// Where a hit came from.
@@ -59,46 +54,69 @@ impl Layer {
 #[derive(Clone)]
 struct BodyWeight;
 
-impl Weighter<Key, Arc<Cached>> for BodyWeight {
-    fn weight(&self, _key: &Key, value: &Arc<Cached>) -> u64 {
-        // The text is held twice (answer and body), plus fixed overhead.
+impl<V> Weighter<Key, Arc<Cached<V>>> for BodyWeight {
+    fn weight(&self, _key: &Key, value: &Arc<Cached<V>>) -> u64 {
+        // The value holds about what the body holds, plus fixed overhead.
         (value.body.len() * 2 + 256) as u64
     }
 }
 
-pub struct AnswerCache {
-    memory: Cache<Key, Arc<Cached>, BodyWeight>,
+type Render<V> = Box<dyn Fn(&V) -> serde_json::Value + Send + Sync>;
+
+pub struct EdgeCache<V> {
+    memory: Cache<Key, Arc<Cached<V>>, BodyWeight>,
     bus: Bus,
+    render: Render<V>,
 }
 
-impl AnswerCache {
-    pub fn new(bus: Bus, bytes: u64) -> AnswerCache {
-        AnswerCache {
-            memory: Cache::with_weighter(
-                (bytes / 2048).max(16) as usize,
-                bytes.max(1 << 16),
-                BodyWeight,
-            ),
+impl<V: Entry> EdgeCache<V> {
+    /// A cache of at most about `bytes`, whose public JSON is made by `render`.
+    pub fn new(
+        bus: Bus,
+        bytes: u64,
+        render: impl Fn(&V) -> serde_json::Value + Send + Sync + 'static,
+    ) -> EdgeCache<V> {
+        let bytes = bytes.max(1 << 16);
+        EdgeCache {
+            memory: Cache::with_weighter((bytes / 2048) as usize, bytes, BodyWeight),
             bus,
+            render: Box::new(render),
         }
     }
 
-    /// The finished text answer for `key`, from memory, else from the edge KV bucket.
-    pub async fn get(&self, key: &Key) -> anyhow::Result<Option<(Arc<Cached>, Layer)>> {
+    /// The finished answer for `key`, from memory, else from the edge KV bucket.
+    pub async fn get(&self, key: &Key) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
         if let Some(hit) = self.memory.get(key) {
-            return Ok(Some(self.hit(hit, Layer::Memory)));
+            return Ok(Some(hit_from(hit, V::KIND, Layer::Memory)));
         }
-        let Some(bytes) = self.bus.answers.get(wire::kv_key(Kind::Text, key)).await? else {
+        let Some(bytes) = self.bus.answers.get(wire::kv_key(V::KIND, key)).await? else {
             return Ok(None);
         };
-        let answer: Answer = serde_json::from_slice(&bytes)?;
-        let cached = Arc::new(Cached::new(answer));
+        let value: V = serde_json::from_slice(&bytes)?;
+        let body = Bytes::from((self.render)(&value).to_string());
+        let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..16]));
+        let cached = Arc::new(Cached { value, body, etag });
         self.memory.insert(key.clone(), cached.clone());
-        Ok(Some(self.hit(cached, Layer::Kv)))
+        Ok(Some(hit_from(cached, V::KIND, Layer::Kv)))
     }
+}
 
-    fn hit(&self, cached: Arc<Cached>, layer: Layer) -> (Arc<Cached>, Layer) {
-        metrics::counter!("versus_cache_hits_total", "layer" => layer.as_str()).increment(1);
-        (cached, layer)
+impl<V: Entry> EdgeCache<V> {
+    /// Like [`EdgeCache::get`], but a failing KV read counts as a miss (logged): the
+    /// generation path then either repairs it or reports the outage.
+    pub async fn lookup(&self, key: &Key) -> Option<Arc<Cached<V>>> {
+        match self.get(key).await {
+            Ok(hit) => hit.map(|(cached, _)| cached),
+            Err(e) => {
+                tracing::warn!(%key, error = format!("{e:#}"), "edge cache read failed");
+                None
+            }
+        }
     }
+}
+
+fn hit_from<V>(cached: Arc<Cached<V>>, kind: Kind, layer: Layer) -> (Arc<Cached<V>>, Layer) {
+    metrics::counter!("versus_cache_hits_total", "kind" => kind.as_str(), "layer" => layer.as_str())
+        .increment(1);
+    (cached, layer)
 }

@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use versus_shared::{
     key::{Key, Matchup},
-    prompt::TEXT_PROMPT_VERSION,
-    wire::{Event, Job, Kind},
+    prompt::{IMAGE_PROMPT_VERSION, TEXT_PROMPT_VERSION},
+    wire::{Answer, Event, Job, Kind},
 };
 
 use crate::{
@@ -44,14 +44,16 @@ pub fn routes() -> Router<App> {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct FightRequest {
+pub(crate) struct FightRequest {
     a: Option<String>,
     b: Option<String>,
 }
 
 impl FightRequest {
     /// Reads `{"a","b"}` from a JSON object; anything else in a name's place is refused.
-    fn from_json(body: &serde_json::Map<String, Value>) -> Result<FightRequest, ApiError> {
+    pub(crate) fn from_json(
+        body: &serde_json::Map<String, Value>,
+    ) -> Result<FightRequest, ApiError> {
         let field = |name: &str| match body.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -65,26 +67,23 @@ impl FightRequest {
 }
 
 impl App {
-    fn matchup(&self, request: &FightRequest) -> Result<(Matchup, Key), ApiError> {
+    /// Validates the names and computes the key of the answer of `kind`.
+    pub(crate) fn matchup(
+        &self,
+        request: &FightRequest,
+        kind: Kind,
+    ) -> Result<(Matchup, Key), ApiError> {
         let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
-        let key = matchup.key(
-            Kind::Text,
-            TEXT_PROMPT_VERSION,
-            &self.inner.settings.models.chat_model,
-        );
+        let models = &self.inner.settings.models;
+        let key = match kind {
+            Kind::Text => matchup.key(kind, TEXT_PROMPT_VERSION, &models.chat_model),
+            Kind::Image => matchup.key(kind, IMAGE_PROMPT_VERSION, &models.image_variant()),
+        };
         Ok((matchup, key))
     }
 
-    /// The finished answer, if any cache layer has it. A failing KV read is a miss: the
-    /// generation path either repairs it or reports the outage.
-    async fn cached(&self, key: &Key) -> Option<Arc<Cached>> {
-        match self.inner.cache.get(key).await {
-            Ok(hit) => hit.map(|(cached, _)| cached),
-            Err(e) => {
-                tracing::warn!(%key, error = format!("{e:#}"), "edge cache read failed");
-                None
-            }
-        }
+    async fn cached(&self, key: &Key) -> Option<Arc<Cached<Answer>>> {
+        self.inner.answers.lookup(key).await
     }
 
     fn follow(&self, matchup: &Matchup, key: &Key) -> Waiter {
@@ -95,6 +94,7 @@ impl App {
             b: matchup.b.display().to_owned(),
             model: self.inner.settings.models.chat_model.clone(),
             prompt_version: TEXT_PROMPT_VERSION,
+            size: None,
         })
     }
 }
@@ -105,14 +105,14 @@ async fn stream_fight(
     query: Result<Query<FightRequest>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
-    let (matchup, key) = app.matchup(&request)?;
+    let (matchup, key) = app.matchup(&request, Kind::Text)?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(Resume::parse);
     let mut translator = Translator::new(key.clone(), resume);
     if let Some(cached) = app.cached(&key).await {
-        let answer = &cached.answer;
+        let answer = &cached.value;
         let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
         translator.finished_text(answer.attempt, &answer.text, &mut out);
         out.push(sse::done(&key, &answer.model));
@@ -162,7 +162,7 @@ impl Follow {
     }
 }
 
-fn sse_response(
+pub(crate) fn sse_response(
     app: &App,
     events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
 ) -> Response {
@@ -182,7 +182,7 @@ async fn create_fight(
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
     let request = FightRequest::from_json(&body)?;
-    let (matchup, key) = app.matchup(&request)?;
+    let (matchup, key) = app.matchup(&request, Kind::Text)?;
     if let Some(cached) = app.cached(&key).await {
         return Ok(json_answer(&cached));
     }
@@ -233,11 +233,11 @@ async fn create_fight(
     Err(ApiError::Unavailable)
 }
 
-fn json_answer(cached: &Cached) -> Response {
+fn json_answer(cached: &Cached<Answer>) -> Response {
     json_answer_with(cached, true)
 }
 
-fn json_answer_with(cached: &Cached, was_cached: bool) -> Response {
+fn json_answer_with(cached: &Cached<Answer>, was_cached: bool) -> Response {
     if was_cached {
         return (
             [(header::CONTENT_TYPE, "application/json")],
@@ -245,7 +245,7 @@ fn json_answer_with(cached: &Cached, was_cached: bool) -> Response {
         )
             .into_response();
     }
-    let a = &cached.answer;
+    let a = &cached.value;
     Json(json!({
         "key": a.key, "a": a.a, "b": a.b, "text": a.text, "model": a.model, "cached": false,
     }))
@@ -258,7 +258,7 @@ async fn get_fight(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
-    let cached = match app.inner.cache.get(&key).await {
+    let cached = match app.inner.answers.get(&key).await {
         Ok(Some((cached, _))) => cached,
         Ok(None) => return Err(ApiError::NotFound),
         Err(e) => {
@@ -282,7 +282,7 @@ async fn get_fight(
 }
 
 /// Whether `If-None-Match` names `etag` (or `*`); weak comparison, as RFC 9110 asks for GET.
-pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
     let Some(value) = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())

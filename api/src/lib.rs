@@ -2,15 +2,19 @@
 //! on a miss publishes a generation job and streams its events over SSE.
 //!
 //! - [`fights`]: the text routes of the public contract;
-//! - [`cache`]: the bounded in-memory cache in front of the KV bucket;
+//! - [`images`]: the picture routes, and serving stored pictures from object storage;
+//! - [`cache`]: the bounded in-memory caches in front of the KV bucket;
 //! - [`flights`]: one events reader per key in this process, feeding every local waiter;
 //! - [`sse`]: turning generation events into the SSE events clients see, with resume;
+//! - [`page`]: the fight page at `/`, embedded in the binary;
 //! - [`error`]: the API's error type and its JSON shape.
 
 pub mod cache;
 pub mod error;
 pub mod fights;
 pub mod flights;
+pub mod images;
+pub mod page;
 pub mod sse;
 
 use std::{sync::Arc, time::Duration};
@@ -21,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
     config::{ModelSettings, NatsSettings},
+    objects::ObjectStoreSettings,
     telemetry::{self, PrometheusHandle},
+    wire::{Answer, ImageAnswer},
 };
 
 /// API settings, from the environment (see `versus-api --help`).
@@ -35,6 +41,11 @@ pub struct Settings {
     pub nats: NatsSettings,
     #[command(flatten)]
     pub models: ModelSettings,
+    #[command(flatten)]
+    pub objects: ObjectStoreSettings,
+    /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.
+    #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
+    pub public_image_base_url: Option<String>,
     /// Memory for the in-process answer cache, in MiB.
     #[arg(long, env = "VERSUS_MEMORY_CACHE_MIB", default_value_t = 256)]
     pub memory_cache_mib: u64,
@@ -54,7 +65,9 @@ pub struct App {
 
 pub(crate) struct Inner {
     pub bus: Bus,
-    pub cache: cache::AnswerCache,
+    pub answers: cache::EdgeCache<Answer>,
+    pub images: cache::EdgeCache<ImageAnswer>,
+    pub objects: Arc<dyn object_store::ObjectStore>,
     pub flights: Arc<flights::Flights>,
     pub settings: Settings,
     pub metrics: PrometheusHandle,
@@ -68,9 +81,30 @@ impl App {
             bus.clone(),
             Duration::from_secs(settings.stream_timeout_secs.max(1)),
         );
+        let public_base = settings.public_image_base_url.clone();
+        let answers = cache::EdgeCache::new(
+            bus.clone(),
+            settings.memory_cache_mib << 20,
+            |a: &Answer| {
+                serde_json::json!({
+                    "key": a.key, "a": a.a, "b": a.b, "text": a.text, "model": a.model, "cached": true,
+                })
+            },
+        );
+        // Picture entries are small: a sixteenth of the budget holds very many.
+        let images = cache::EdgeCache::new(
+            bus.clone(),
+            settings.memory_cache_mib << 16,
+            move |i: &ImageAnswer| {
+                let url = images::image_url(public_base.as_deref(), i);
+                serde_json::json!({"key": i.key, "url": url, "cached": true})
+            },
+        );
         Ok(App {
             inner: Arc::new(Inner {
-                cache: cache::AnswerCache::new(bus.clone(), settings.memory_cache_mib << 20),
+                objects: settings.objects.open()?,
+                answers,
+                images,
                 bus,
                 flights,
                 settings,
@@ -81,7 +115,9 @@ impl App {
 
     pub fn router(&self) -> Router {
         fights::routes()
+            .merge(images::routes())
             .with_state(self.clone())
+            .merge(page::routes())
             .merge(telemetry::ops_router(
                 self.inner.metrics.clone(),
                 self.inner.bus.clone(),

@@ -51,6 +51,11 @@ pub fn done(key: &Key, model: &str) -> SseEvent {
     data_event("done", json!({"key": key, "model": model}))
 }
 
+/// The end of a picture's stream: where to fetch it.
+pub fn image_done(key: &Key, url: &str) -> SseEvent {
+    data_event("done", json!({"key": key, "url": url}))
+}
+
 pub fn error(code: &str, message: &str, retryable: bool) -> SseEvent {
     data_event(
         "error",

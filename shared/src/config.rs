@@ -57,4 +57,17 @@ pub struct ModelSettings {
     /// Chat model for the fight text.
     #[arg(long, env = "VERSUS_CHAT_MODEL", default_value = "gpt-4o-mini")]
     pub chat_model: String,
+    /// Image model for the fight picture.
+    #[arg(long, env = "VERSUS_IMAGE_MODEL", default_value = "gpt-image-1")]
+    pub image_model: String,
+    /// Size of the picture, as the image API takes it.
+    #[arg(long, env = "VERSUS_IMAGE_SIZE", default_value = "1024x1024")]
+    pub image_size: String,
+}
+
+impl ModelSettings {
+    /// What an image key is made with: the model and the size both change the picture.
+    pub fn image_variant(&self) -> String {
+        format!("{}@{}", self.image_model, self.image_size)
+    }
 }

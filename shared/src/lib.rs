@@ -5,15 +5,19 @@
 //! - [`prompt`]: the prompt templates and their versions, which are part of every key;
 //! - [`bus`]: connecting to NATS and declaring streams and the KV bucket idempotently;
 //! - [`db`]: the Postgres pool and the embedded migrations;
+//! - [`objects`]: the object store that holds the pictures;
 //! - [`config`]: settings both binaries read from the environment;
 //! - [`telemetry`]: logs, Prometheus metrics, and the ops routes (`/healthz`, `/readyz`, `/metrics`);
-//! - [`shutdown`]: one signal handler that drives a cancellation token.
+//! - [`shutdown`]: one signal handler that drives a cancellation token;
+//! - [`tls`]: the TLS crypto provider for HTTPS clients.
 
 pub mod bus;
 pub mod config;
 pub mod db;
 pub mod key;
+pub mod objects;
 pub mod prompt;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod wire;

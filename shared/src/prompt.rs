@@ -18,3 +18,14 @@ pub fn text_messages(a: &str, b: &str) -> [(&'static str, String); 2] {
         ("user", format!("Who would win in a fight: {a} vs {b}?")),
     ]
 }
+
+/// Version of [`image_prompt`].
+pub const IMAGE_PROMPT_VERSION: u32 = 1;
+
+/// The prompt that draws the fight between `a` and `b`.
+pub fn image_prompt(a: &str, b: &str) -> String {
+    format!(
+        "A dramatic, colourful comic-book illustration of {a} and {b} squaring off for an epic \
+         fight, both clearly recognisable, dynamic poses, cinematic lighting, no text or letters."
+    )
+}

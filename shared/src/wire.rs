@@ -9,7 +9,8 @@
 //!   first message, so late joiners get everything. A worker that starts a new attempt purges
 //!   the subject first, so the subject only ever holds one attempt.
 //! - KV bucket `versus_answers`, key `<kind>.<key>`: the finished [`Answer`] (the edge cache),
-//!   written only after Postgres holds it.
+//!   written only after Postgres holds it ([`ImageAnswer`] for pictures, after the bytes are in
+//!   object storage).
 
 use std::fmt;
 
@@ -77,6 +78,9 @@ pub struct Job {
     pub b: String,
     pub model: String,
     pub prompt_version: u32,
+    /// Picture size, for image jobs (`1024x1024`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
 }
 
 /// One step of a generation, published by the worker that owns the current attempt.
@@ -112,6 +116,23 @@ impl Event {
             Event::Done { .. } | Event::Error { .. } | Event::Purged
         )
     }
+}
+
+/// A stored picture: the value of the edge cache for `image.<key>`. Only our own object path
+/// is kept, never a provider URL (they expire).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageAnswer {
+    pub key: Key,
+    pub a: String,
+    pub b: String,
+    /// Path in the object store, under `images/`.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the bytes: the strong ETag.
+    pub sha256: String,
+    pub content_type: String,
+    pub model: String,
+    pub attempt: i32,
 }
 
 /// A finished text answer: the value of the edge cache, and what `GET /v1/fights/{key}` shows.

@@ -18,7 +18,7 @@ pub enum Claim {
     Busy { remaining: Duration },
 }
 
-/// A completed text answer as Postgres holds it.
+/// A completed answer as Postgres holds it (text or picture columns, by kind).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Stored {
     pub a: String,
@@ -26,6 +26,10 @@ pub struct Stored {
     pub model: String,
     pub attempt: i32,
     pub text: Option<String>,
+    pub image_path: Option<String>,
+    pub image_size: Option<i64>,
+    pub image_sha256: Option<String>,
+    pub content_type: Option<String>,
 }
 
 /// Claims the job's row: succeeds when the row is new, failed, or its lease has expired.
@@ -82,7 +86,8 @@ pub async fn claim(db: &PgPool, job: &Job, lease: Duration, worker: &str) -> sql
 /// The stored answer for the job's key, when it is done.
 pub async fn stored(db: &PgPool, job: &Job) -> sqlx::Result<Option<Stored>> {
     sqlx::query_as(
-        "SELECT a, b, model, attempt, text FROM generations
+        "SELECT a, b, model, attempt, text, image_path, image_size, image_sha256, content_type
+         FROM generations
          WHERE kind = $1 AND key = $2 AND status = 'done'",
     )
     .bind(job.kind.as_str())
@@ -153,6 +158,41 @@ pub async fn complete_text(
     .bind(text)
     .bind(usage.prompt_tokens)
     .bind(usage.completion_tokens)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// What a stored picture is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Picture {
+    pub path: String,
+    pub size: i64,
+    pub sha256: String,
+    pub content_type: String,
+}
+
+/// Records the stored picture, fenced on `attempt`; false when the attempt is no longer ours.
+pub async fn complete_image(
+    db: &PgPool,
+    job: &Job,
+    attempt: i32,
+    picture: &Picture,
+) -> sqlx::Result<bool> {
+    let r = sqlx::query(
+        "UPDATE generations
+         SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
+             content_type = $7, lease_until = NULL, error = NULL, completed_at = now(),
+             updated_at = now()
+         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .bind(&picture.path)
+    .bind(picture.size)
+    .bind(&picture.sha256)
+    .bind(&picture.content_type)
     .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)

@@ -11,9 +11,9 @@ use async_nats::jetstream::{
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use versus_shared::wire::{self, Job, Kind};
+use versus_shared::wire::{self, Job};
 
-use crate::{Ctx, Settings, text};
+use crate::{Ctx, Settings, job};
 
 /// Declares (or updates) the durable consumer every worker pulls from.
 pub async fn declare(ctx: &Ctx, settings: &Settings) -> anyhow::Result<PullConsumer> {
@@ -99,17 +99,9 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message) {
             return;
         }
     };
-    let outcome = match job.kind {
-        Kind::Text => text::handle(ctx, &msg, &job).await,
-        Kind::Image => {
-            tracing::error!(key = %job.key, "image jobs are not supported by this worker");
-            let _ = msg.ack_with(AckKind::Term).await;
-            return;
-        }
-    };
-    let ack = match outcome {
-        Ok(text::Outcome::Ack) => msg.double_ack().await,
-        Ok(text::Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+    let ack = match job::handle(ctx, &msg, &job).await {
+        Ok(job::Outcome::Ack) => msg.double_ack().await,
+        Ok(job::Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,
         Err(e) => {
             tracing::error!(key = %job.key, error = format!("{e:#}"), "job failed; it will be retried");
             metrics::counter!("versus_job_errors_total").increment(1);

@@ -3,13 +3,17 @@
 //!
 //! - [`consumer`]: the pull loop, its concurrency limit and graceful drain;
 //! - [`claims`]: the Postgres claim, lease and fenced writes;
-//! - [`text`]: one text job from claim to ack;
+//! - [`job`]: one job from claim to ack, whatever its kind, under a kept-alive lease;
+//! - [`text`]: text answers, streamed into chunk events;
+//! - [`image`]: pictures, uploaded to object storage;
 //! - [`events`]: publishing a generation's events;
 //! - [`openai`]: the OpenAI client (streaming chat completions, retry classification).
 
 pub mod claims;
 pub mod consumer;
 pub mod events;
+pub mod image;
+pub mod job;
 pub mod openai;
 pub mod text;
 
@@ -21,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
     config::{NatsSettings, Secret},
+    objects::ObjectStoreSettings,
     telemetry::{self, PrometheusHandle},
 };
 
@@ -35,6 +40,8 @@ pub struct Settings {
     pub database_url: Secret,
     #[command(flatten)]
     pub openai: openai::OpenAiSettings,
+    #[command(flatten)]
+    pub objects: ObjectStoreSettings,
     /// Jobs this process runs at once.
     #[arg(long, env = "VERSUS_WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -63,6 +70,7 @@ pub struct Ctx {
     pub bus: Bus,
     pub db: sqlx::PgPool,
     pub openai: openai::Client,
+    pub objects: Arc<dyn object_store::ObjectStore>,
     pub lease: Duration,
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
@@ -82,6 +90,7 @@ pub async fn run(
         bus: bus.clone(),
         db,
         openai: openai::Client::new(&settings.openai)?,
+        objects: settings.objects.open()?,
         lease: settings.lease(),
         worker_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
     });

@@ -5,6 +5,8 @@
 use std::{pin::Pin, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use base64::Engine;
+use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::{StatusCode, header::HeaderMap};
@@ -43,6 +45,13 @@ pub struct OpenAiSettings {
     /// A stream that sends nothing for this long (seconds) is treated as broken.
     #[arg(long, env = "VERSUS_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 30)]
     pub idle_timeout_secs: u64,
+    /// How long one image generation may take, download included (seconds).
+    #[arg(
+        long,
+        env = "VERSUS_UPSTREAM_IMAGE_TIMEOUT_SECS",
+        default_value_t = 180
+    )]
+    pub image_timeout_secs: u64,
 }
 
 /// Why an upstream call failed, and whether another try may help.
@@ -76,8 +85,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(settings: &OpenAiSettings) -> anyhow::Result<Client> {
-        // reqwest is built without a bundled TLS provider; use ring, as async-nats does.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        versus_shared::tls::install();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .pool_idle_timeout(Duration::from_secs(90))
@@ -144,23 +152,7 @@ impl Client {
         if !self.api_key.expose().is_empty() {
             request = request.bearer_auth(self.api_key.expose());
         }
-        let response = request.send().await.map_err(|e| {
-            UpstreamError::retryable(format!("could not reach the upstream: {}", describe(&e)))
-        })?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = retry_after(response.headers());
-            let detail = error_detail(response).await;
-            let message = format!("upstream answered {status}{detail}");
-            return Err(if is_retryable(status) {
-                UpstreamError::Retryable {
-                    message,
-                    retry_after,
-                }
-            } else {
-                UpstreamError::Fatal { message }
-            });
-        }
+        let response = checked(request.send().await).await?;
         Ok(ChatStream {
             events: Box::pin(response.bytes_stream().eventsource()),
             idle: Duration::from_secs(self.settings.idle_timeout_secs.max(1)),
@@ -168,6 +160,86 @@ impl Client {
             usage: Usage::default(),
         })
     }
+
+    /// Generates one picture and returns its bytes. When the server answers with a URL (which
+    /// expires), the bytes are downloaded at once: only our own copy is ever kept.
+    pub async fn image(
+        &self,
+        model: &str,
+        prompt: &str,
+        size: &str,
+    ) -> Result<Bytes, UpstreamError> {
+        #[derive(Deserialize)]
+        struct Body {
+            data: Vec<Item>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            b64_json: Option<String>,
+            url: Option<String>,
+        }
+        let mut body = json!({"model": model, "prompt": prompt, "n": 1, "size": size});
+        // gpt-image-1 always answers base64 and refuses the parameter; DALL·E defaults to URLs.
+        if model.starts_with("dall-e") {
+            body["response_format"] = json!("b64_json");
+        }
+        metrics::counter!("versus_upstream_calls_total", "kind" => "image").increment(1);
+        let timeout = Duration::from_secs(self.settings.image_timeout_secs.max(1));
+        let mut request = self
+            .http
+            .post(format!("{}/images/generations", self.base_url))
+            .timeout(timeout)
+            .json(&body);
+        if !self.api_key.expose().is_empty() {
+            request = request.bearer_auth(self.api_key.expose());
+        }
+        let response = checked(request.send().await).await?;
+        let body: Body = response.json().await.map_err(|e| {
+            UpstreamError::retryable(format!("unreadable image answer: {}", describe(&e)))
+        })?;
+        let item = body
+            .data
+            .into_iter()
+            .next()
+            .ok_or_else(|| UpstreamError::retryable("the image answer held no image"))?;
+        if let Some(b64) = item.b64_json {
+            return base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map(Bytes::from)
+                .map_err(|_| UpstreamError::retryable("the image answer was not valid base64"));
+        }
+        let url = item.url.ok_or_else(|| {
+            UpstreamError::retryable("the image answer held neither bytes nor URL")
+        })?;
+        let download = checked(self.http.get(url).timeout(timeout).send().await).await?;
+        download.bytes().await.map_err(|e| {
+            UpstreamError::retryable(format!("downloading the image failed: {}", describe(&e)))
+        })
+    }
+}
+
+/// Turns a send result into a successful response or a classified error.
+async fn checked(
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<reqwest::Response, UpstreamError> {
+    let response = sent.map_err(|e| {
+        UpstreamError::retryable(format!("could not reach the upstream: {}", describe(&e)))
+    })?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = retry_after(response.headers());
+    let detail = error_detail(response).await;
+    let message = format!("upstream answered {status}{detail}");
+    Err(if is_retryable(status) {
+        UpstreamError::Retryable {
+            message,
+            retry_after,
+        }
+    } else {
+        UpstreamError::Fatal { message }
+    })
 }
 
 type Events = Pin<

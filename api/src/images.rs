@@ -1,0 +1,206 @@
+//! The picture routes: `GET /v1/images/stream`, `POST /v1/images`, and the URL that serves a
+//! stored picture from our object store, immutable and CDN-ready.
+
+use std::{convert::Infallible, sync::Arc};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{
+        Path, Query, State,
+        rejection::{JsonRejection, QueryRejection},
+    },
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use futures::{StreamExt, stream};
+use object_store::ObjectStoreExt;
+use serde_json::{Value, json};
+use versus_shared::{
+    key::{Key, Matchup},
+    objects::{self, IMAGE_CACHE_CONTROL},
+    wire::{Event, ImageAnswer, Job, Kind},
+};
+
+use crate::{
+    App,
+    cache::Cached,
+    error::ApiError,
+    fights::{FightRequest, if_none_match, sse_response},
+    sse,
+};
+
+pub fn routes() -> Router<App> {
+    Router::new()
+        .route("/v1/images/stream", get(stream_image))
+        .route("/v1/images", post(create_image))
+        .route("/v1/images/{file}", get(serve_image))
+}
+
+/// Where clients fetch a stored picture: the public base (a CDN or the bucket) when set,
+/// else this API's own route.
+pub fn image_url(public_base: Option<&str>, answer: &ImageAnswer) -> String {
+    match public_base {
+        Some(base) => format!("{}/{}", base.trim_end_matches('/'), answer.path),
+        None => {
+            let file = answer.path.rsplit('/').next().unwrap_or_default();
+            format!("/v1/images/{file}")
+        }
+    }
+}
+
+impl App {
+    fn image_job(&self, matchup: &Matchup, key: &Key) -> Job {
+        let models = &self.inner.settings.models;
+        Job {
+            kind: Kind::Image,
+            key: key.clone(),
+            a: matchup.a.display().to_owned(),
+            b: matchup.b.display().to_owned(),
+            model: models.image_model.clone(),
+            prompt_version: versus_shared::prompt::IMAGE_PROMPT_VERSION,
+            size: Some(models.image_size.clone()),
+        }
+    }
+
+    fn url_of(&self, answer: &ImageAnswer) -> String {
+        image_url(self.inner.settings.public_image_base_url.as_deref(), answer)
+    }
+
+    /// Waits for the picture of `key`: Ok(stored picture) or the generation's error.
+    async fn drawn(
+        &self,
+        matchup: &Matchup,
+        key: &Key,
+    ) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
+        let mut waiter = self.inner.flights.join(self.image_job(matchup, key));
+        while let Some(event) = waiter.next().await {
+            match &*event {
+                Event::Started { .. } | Event::Chunk { .. } => {}
+                // Done is published after the KV write, so the cache has it (unless purged).
+                Event::Done { .. } => {
+                    drop(waiter);
+                    return self
+                        .inner
+                        .images
+                        .lookup(key)
+                        .await
+                        .ok_or(ApiError::Unavailable);
+                }
+                Event::Error {
+                    code,
+                    message,
+                    retryable,
+                    ..
+                } => {
+                    return Err(ApiError::Generation {
+                        code: code.clone(),
+                        message: message.clone(),
+                        retryable: *retryable,
+                    });
+                }
+                Event::Purged => return Err(ApiError::Unavailable),
+            }
+        }
+        Err(ApiError::Unavailable)
+    }
+}
+
+async fn stream_image(
+    State(app): State<App>,
+    query: Result<Query<FightRequest>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let (matchup, key) = app.matchup(&request, Kind::Image)?;
+    if let Some(cached) = app.inner.images.lookup(&key).await {
+        let v = &cached.value;
+        let events = [
+            sse::meta(&key, &v.a, &v.b, true),
+            sse::image_done(&key, &app.url_of(v)),
+        ];
+        return Ok(sse_response(&app, stream::iter(events.map(Ok))));
+    }
+    let meta = sse::meta(&key, matchup.a.display(), matchup.b.display(), false);
+    let follower = app.clone();
+    let events =
+        stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
+            let end = match follower.drawn(&matchup, &key).await {
+                Ok(cached) => sse::image_done(&key, &follower.url_of(&cached.value)),
+                Err(ApiError::Generation {
+                    code,
+                    message,
+                    retryable,
+                }) => sse::error(&code, &message, retryable),
+                Err(other) => sse::error("unavailable", &other.to_string(), true),
+            };
+            Ok(end)
+        }));
+    Ok(sse_response(&app, events))
+}
+
+async fn create_image(
+    State(app): State<App>,
+    body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
+    let request = FightRequest::from_json(&body)?;
+    let (matchup, key) = app.matchup(&request, Kind::Image)?;
+    let (cached, was_cached) = match app.inner.images.lookup(&key).await {
+        Some(cached) => (cached, true),
+        None => (app.drawn(&matchup, &key).await?, false),
+    };
+    let url = app.url_of(&cached.value);
+    Ok(Json(json!({"key": key, "url": url, "cached": was_cached})).into_response())
+}
+
+/// `GET|HEAD /v1/images/{key}.{ext}`: the stored bytes. Only paths made from a valid key and
+/// the stored picture's own extension are ever read, so nothing else in the store is reachable.
+async fn serve_image(
+    State(app): State<App>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (key, extension) = file.split_once('.').ok_or(ApiError::NotFound)?;
+    let key = Key::parse(key).ok_or(ApiError::NotFound)?;
+    let cached = app
+        .inner
+        .images
+        .lookup(&key)
+        .await
+        .ok_or(ApiError::NotFound)?;
+    let picture = &cached.value;
+    let path = objects::image_path(&key, extension);
+    if path.as_ref() != picture.path {
+        return Err(ApiError::NotFound);
+    }
+    let etag = format!("\"{}\"", picture.sha256);
+    let validators = [
+        (header::ETAG, etag.clone()),
+        (header::CACHE_CONTROL, IMAGE_CACHE_CONTROL.to_owned()),
+    ];
+    if if_none_match(&headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, validators).into_response());
+    }
+    let object = match app.inner.objects.get(&path).await {
+        Ok(object) => object,
+        Err(object_store::Error::NotFound { .. }) => {
+            tracing::warn!(%key, %path, "a cached picture is missing from the object store");
+            return Err(ApiError::NotFound);
+        }
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "reading a picture failed");
+            return Err(ApiError::Unavailable);
+        }
+    };
+    let length = object.meta.size;
+    Ok((
+        validators,
+        [
+            (header::CONTENT_TYPE, picture.content_type.clone()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        Body::from_stream(object.into_stream()),
+    )
+        .into_response())
+}

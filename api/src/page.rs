@@ -1,0 +1,126 @@
+//! The fight page at `/` and its assets: plain HTML, CSS and JavaScript from `api/assets/`,
+//! embedded in the binary, so that the API needs no web server or build step beside it.
+//!
+//! Every asset is revalidated on each use (`no-cache` with a strong ETag, 304 when it has not
+//! changed), so a new deploy is picked up at once and an unchanged page costs a 304.
+
+use axum::{
+    Router,
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use sha2::{Digest, Sha256};
+
+use crate::fights::if_none_match;
+
+/// What the page may load: its own scripts and styles, streams from this API, and pictures
+/// from anywhere, since image URLs may point at a CDN or bucket (`VERSUS_PUBLIC_IMAGE_BASE_URL`).
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     style-src 'self'; img-src 'self' data: https: http:; connect-src 'self'; \
+     base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+struct Asset {
+    path: &'static str,
+    content_type: &'static str,
+    body: &'static [u8],
+}
+
+const ASSETS: &[Asset] = &[
+    Asset {
+        path: "/",
+        content_type: "text/html; charset=utf-8",
+        body: include_bytes!("../assets/index.html"),
+    },
+    Asset {
+        path: "/assets/app.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_bytes!("../assets/app.css"),
+    },
+    Asset {
+        path: "/assets/app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../assets/app.js"),
+    },
+    Asset {
+        path: "/favicon.svg",
+        content_type: "image/svg+xml",
+        body: include_bytes!("../assets/favicon.svg"),
+    },
+];
+
+/// The page's routes; they need no state.
+pub fn routes() -> Router {
+    ASSETS.iter().fold(Router::new(), |router, asset| {
+        let etag = etag(asset.body);
+        router.route(
+            asset.path,
+            get(move |headers: HeaderMap| async move { serve(asset, &etag, &headers) }),
+        )
+    })
+}
+
+fn etag(body: &[u8]) -> String {
+    let digest = Sha256::digest(body);
+    format!("\"{}\"", hex::encode(&digest[..12]))
+}
+
+fn serve(asset: &Asset, etag: &str, request: &HeaderMap) -> Response {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        headers.insert(header::ETAG, value);
+    }
+    if if_none_match(request, etag) {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(asset.content_type),
+    );
+    if asset.content_type.starts_with("text/html") {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+        );
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("same-origin"),
+        );
+        headers.insert(
+            HeaderName::from_static("x-frame-options"),
+            HeaderValue::from_static("DENY"),
+        );
+    }
+    (headers, asset.body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_asset_the_page_links_to_is_served() {
+        let html = std::str::from_utf8(ASSETS[0].body).expect("the page is UTF-8");
+        for link in ["/assets/app.css", "/assets/app.js", "/favicon.svg"] {
+            assert!(html.contains(&format!("\"{link}\"")), "{link}");
+            assert!(ASSETS.iter().any(|a| a.path == link), "{link}");
+        }
+    }
+
+    #[test]
+    fn the_page_runs_no_inline_script_the_policy_would_block() {
+        let html = std::str::from_utf8(ASSETS[0].body).expect("the page is UTF-8");
+        assert_eq!(html.matches("<script").count(), 1);
+        assert!(html.contains("<script src=\"/assets/app.js\" defer></script>"));
+        let handlers = html.split(" on").skip(1).filter(|rest| {
+            let name: String = rest.chars().take_while(char::is_ascii_alphabetic).collect();
+            !name.is_empty() && rest[name.len()..].starts_with('=')
+        });
+        assert_eq!(handlers.count(), 0, "no inline event handlers");
+    }
+}

@@ -1,0 +1,229 @@
+//! Pictures: generate once, check that the bytes are an image, upload them to our object store
+//! under a path derived from the key, record path, size, hash and type in Postgres (fenced),
+//! then the edge KV bucket, then publish `done`. Nothing is marked done before the bytes are
+//! stored, and provider URLs are never kept.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use anyhow::Context;
+use async_nats::jetstream;
+use backon::{ExponentialBuilder, Retryable};
+use bytes::Bytes;
+use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload, path::Path};
+use sha2::{Digest, Sha256};
+use versus_shared::{
+    objects::{self, IMAGE_CACHE_CONTROL},
+    prompt,
+    wire::{Event, ImageAnswer, Job},
+};
+
+use crate::{
+    Ctx,
+    claims::{self, Picture, Stored},
+    events::{self, Publisher},
+    job::{self, Ended, Failure, Outcome},
+    openai::UpstreamError,
+};
+
+pub async fn generate(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    attempt: i32,
+    a: &str,
+    b: &str,
+) -> anyhow::Result<Outcome> {
+    let cell = AtomicI32::new(attempt);
+    let mut publisher = Publisher::new(&ctx.bus, job);
+    let work = draw(ctx, job, attempt, &mut publisher, a, b);
+    let ended = job::guarded(ctx, msg, job, &cell, work).await?;
+    let attempt = cell.load(Ordering::SeqCst);
+    match ended {
+        Ended::Finished(picture) => {
+            if !claims::complete_image(&ctx.db, job, attempt, &picture).await? {
+                tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
+                return Ok(Outcome::Ack);
+            }
+            let answer = ImageAnswer {
+                key: job.key.clone(),
+                a: a.to_owned(),
+                b: b.to_owned(),
+                path: picture.path,
+                size: picture.size as u64,
+                sha256: picture.sha256,
+                content_type: picture.content_type,
+                model: job.model.clone(),
+                attempt,
+            };
+            job::put_answer(ctx, job, &answer).await?;
+            publisher
+                .finish(Event::Done {
+                    attempt,
+                    model: job.model.clone(),
+                })
+                .await?;
+            metrics::counter!("versus_generations_total", "kind" => "image", "result" => "done")
+                .increment(1);
+            tracing::info!(key = %job.key, attempt, path = %answer.path, "picture stored");
+            Ok(Outcome::Ack)
+        }
+        Ended::GaveUp(failure) => job::give_up(ctx, job, attempt, &failure, &mut publisher).await,
+        Ended::Lost => Ok(Outcome::Ack),
+    }
+}
+
+/// Calls the image API within the retry budget, then uploads the bytes.
+async fn draw(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    publisher: &mut Publisher<'_>,
+    a: &str,
+    b: &str,
+) -> anyhow::Result<Ended<Picture>> {
+    let prompt = prompt::image_prompt(a, b);
+    let size = job.size.as_deref().unwrap_or("1024x1024");
+    let mut backoff = ctx.openai.backoff();
+    let (started, mut result) = tokio::join!(
+        publisher.start(attempt),
+        ctx.openai.image(&job.model, &prompt, size)
+    );
+    started?;
+    let (bytes, format) = loop {
+        let error = match result.and_then(|bytes| Ok((sniff(&bytes)?, bytes))) {
+            Ok((format, bytes)) => break (bytes, format),
+            Err(error) => error,
+        };
+        metrics::counter!("versus_upstream_errors_total", "kind" => "image").increment(1);
+        let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
+            return Ok(Ended::GaveUp(error.into()));
+        };
+        tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
+        tokio::time::sleep(delay).await;
+        result = ctx.openai.image(&job.model, &prompt, size).await;
+    };
+    let path = objects::image_path(&job.key, format.extension);
+    // The picture is paid for: try the store a few times before giving it up.
+    let upload = || upload(ctx, &path, bytes.clone(), format.mime);
+    let stored = upload
+        .retry(ExponentialBuilder::default().with_max_times(2))
+        .await;
+    if let Err(e) = stored {
+        return Ok(Ended::GaveUp(Failure {
+            code: "storage_unavailable",
+            message: "The picture could not be stored. Please try again.",
+            retryable: true,
+            detail: format!("uploading to the object store failed: {e}"),
+        }));
+    }
+    Ok(Ended::Finished(Picture {
+        path: path.to_string(),
+        size: bytes.len() as i64,
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        content_type: format.mime.to_owned(),
+    }))
+}
+
+async fn upload(
+    ctx: &Ctx,
+    path: &Path,
+    bytes: Bytes,
+    mime: &'static str,
+) -> object_store::Result<()> {
+    let mut attributes = Attributes::new();
+    attributes.insert(Attribute::ContentType, mime.into());
+    attributes.insert(Attribute::CacheControl, IMAGE_CACHE_CONTROL.into());
+    let options = PutOptions {
+        attributes,
+        ..Default::default()
+    };
+    let payload = PutPayload::from_bytes(bytes.clone());
+    match ctx.objects.put_opts(path, payload, options).await {
+        // A local folder keeps no attributes; the API sets the headers itself anyway.
+        Err(object_store::Error::NotImplemented { .. }) => {
+            ctx.objects.put(path, bytes.into()).await.map(drop)
+        }
+        other => other.map(drop),
+    }
+}
+
+/// An image format we accept, by its magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Format {
+    pub mime: &'static str,
+    pub extension: &'static str,
+}
+
+/// What the bytes are, or an error if they are not a picture we serve.
+pub fn sniff(bytes: &[u8]) -> Result<Format, UpstreamError> {
+    let format = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Format {
+            mime: "image/png",
+            extension: "png",
+        }
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        Format {
+            mime: "image/jpeg",
+            extension: "jpg",
+        }
+    } else if bytes.len() > 12 && &bytes[..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
+        Format {
+            mime: "image/webp",
+            extension: "webp",
+        }
+    } else {
+        return Err(UpstreamError::Retryable {
+            message: "the upstream sent something that is not an image".to_owned(),
+            retry_after: None,
+        });
+    };
+    Ok(format)
+}
+
+/// A job for a picture that is already stored: refresh the edge cache and re-announce it.
+pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<()> {
+    let answer = ImageAnswer {
+        key: job.key.clone(),
+        a: stored.a,
+        b: stored.b,
+        path: stored
+            .image_path
+            .context("a done image row without a path")?,
+        size: stored.image_size.unwrap_or_default() as u64,
+        sha256: stored.image_sha256.unwrap_or_default(),
+        content_type: stored
+            .content_type
+            .unwrap_or_else(|| "image/png".to_owned()),
+        model: stored.model,
+        attempt: stored.attempt,
+    };
+    job::put_answer(ctx, job, &answer).await?;
+    if matches!(
+        events::last_event(&ctx.bus, job).await?,
+        Some(Event::Done { .. })
+    ) {
+        return Ok(());
+    }
+    let mut publisher = Publisher::new(&ctx.bus, job);
+    publisher.start(answer.attempt).await?;
+    publisher
+        .finish(Event::Done {
+            attempt: answer.attempt,
+            model: answer.model,
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_pictures_pass_the_sniff() {
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n....").unwrap().mime, "image/png");
+        assert_eq!(sniff(&[0xff, 0xd8, 0xff, 0xe0]).unwrap().extension, "jpg");
+        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 ").unwrap().extension, "webp");
+        assert!(sniff(b"<html>expired</html>").is_err());
+        assert!(sniff(b"").is_err());
+    }
+}

@@ -186,7 +186,7 @@ mod tests {
 
     #[test]
     fn display_names_are_trimmed_and_collapsed_but_keep_their_case() {
-        let m = Matchup::parse(Some("  Mary \t Jane "), Some("X")).unwrap();
+        let m = Matchup::parse(Some("  Mary   Jane "), Some("X")).unwrap();
         assert_eq!(m.a.display(), "Mary Jane");
     }
 

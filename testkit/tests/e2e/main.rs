@@ -1,7 +1,13 @@
 //! End-to-end tests: a real nats-server, a fresh Postgres database, the upstream simulator over
 //! HTTP, and the API and workers as processes. One binary, one module per area.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+mod browser;
 mod faults;
+mod images;
+mod page;
 mod text;
 
 use versus_testkit::{

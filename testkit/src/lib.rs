@@ -1,0 +1,151 @@
+//! Test kit for Versus: real `nats-server`, a fresh Postgres database, and the Versus binaries
+//! run as child processes, plus an SSE client and wait helpers for integration tests.
+//!
+//! The kit runs the binaries that `scripts/test` builds (`cargo build --workspace --bins`)
+//! from the same target profile directory as the test executable, and needs:
+//!
+//! - `NATS_SERVER_BIN` (or `nats-server` on `PATH`), for [`Nats`];
+//! - `VERSUS_TEST_DATABASE_URL`, a Postgres superuser URL, for [`Database`].
+//!
+//! `scripts/test` provides all three. A typical test:
+//!
+//! ```no_run
+//! # async fn demo() {
+//! let system = versus_testkit::System::builder().workers(2).start().await;
+//! let url = format!("{}/v1/fights/stream?a=Batman&b=Superman", system.api_url());
+//! let events = versus_testkit::sse::open(&url, None).await.collect_all().await;
+//! assert!(!events.is_empty());
+//! # }
+//! ```
+//!
+//! Everything here panics with a clear message instead of returning errors: it is test code.
+
+mod db;
+mod nats;
+mod proc;
+mod s3;
+mod sim;
+pub mod sse;
+mod system;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+pub use db::Database;
+pub use nats::Nats;
+pub use nix::sys::signal::Signal;
+pub use proc::Proc;
+pub use s3::S3;
+pub use sim::Sim;
+pub use system::{System, SystemBuilder};
+
+/// The binary `name` (e.g. `versus-api`) built in the same target profile directory as the
+/// running test executable (tests live in `target/<profile>/deps/`, binaries one level up).
+/// `VERSUS_BIN_DIR` overrides the directory.
+///
+/// Panics if the binary is missing: `cargo test` does not build other packages' binaries.
+pub fn bin_path(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("VERSUS_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => profile_dir(),
+    };
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.is_file() {
+        panic!(
+            "binary {name} not found at {}: run scripts/test, which builds the binaries first \
+             (or `cargo build --workspace --bins` with the same profile as the tests)",
+            path.display()
+        );
+    }
+    path
+}
+
+/// `target/<profile>` of the running test executable.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let mut dir = exe
+        .parent()
+        .expect("the test executable lives in a directory")
+        .to_path_buf();
+    // Integration and unit tests live in target/<profile>/deps; examples in .../examples.
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    dir
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it; another process may
+/// still take it before you bind it, so callers that can should retry).
+pub fn free_port() -> u16 {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns true; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A new HTTP client for tests (plain HTTP; the rustls `ring` provider is installed once so
+/// that reqwest, built without a default provider, can be constructed).
+///
+/// Build one per test rather than sharing one across tests: pooled connections belong to the
+/// tokio runtime that opened them, and every `#[tokio::test]` has its own runtime.
+pub fn http_client() -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .expect("build a reqwest client")
+}
+
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Err means another provider is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A directory under the system temp dir, removed with its contents on drop.
+pub(crate) struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub(crate) fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("create temp dir {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

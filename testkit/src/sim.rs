@@ -1,0 +1,103 @@
+//! The OpenAI-compatible simulator (`versus-sim`) as a process, with its control endpoints.
+
+use serde_json::Value;
+
+use crate::{Proc, http_client};
+
+/// A running `versus-sim` on a free port.
+pub struct Sim {
+    pub proc: Proc,
+    /// `http://IP:PORT` (no `/v1`: see [`Sim::openai_base_url`]).
+    pub url: String,
+    http: reqwest::Client,
+}
+
+impl Sim {
+    /// Starts versus-sim on 127.0.0.1:0 with `envs` (e.g. `VERSUS_SIM_TTFT_MS`) on top.
+    pub async fn start(envs: &[(&str, String)]) -> Sim {
+        let mut all = vec![("VERSUS_SIM_ADDR", "127.0.0.1:0".to_owned())];
+        all.extend(envs.iter().map(|(key, value)| (*key, value.clone())));
+        let proc = Proc::spawn("versus-sim", &all).await;
+        Sim {
+            url: proc.url.clone(),
+            proc,
+            http: http_client(),
+        }
+    }
+
+    /// The value for `OPENAI_BASE_URL`: `{url}/v1`.
+    pub fn openai_base_url(&self) -> String {
+        format!("{}/v1", self.url)
+    }
+
+    /// `GET /_sim/stats`: `{"chat_calls", "image_calls", "calls": [...]}`.
+    pub async fn stats(&self) -> Value {
+        let response = self.send(self.http.get(self.control("stats"))).await;
+        response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("versus-sim stats are not JSON: {e}"))
+    }
+
+    /// How many chat completions the simulator has served (or refused) since its last reset.
+    pub async fn chat_calls(&self) -> u64 {
+        counter(&self.stats().await, "chat_calls")
+    }
+
+    /// How many image generations the simulator has served (or refused) since its last reset.
+    pub async fn image_calls(&self) -> u64 {
+        counter(&self.stats().await, "image_calls")
+    }
+
+    /// `POST /_sim/config` with partial knobs, e.g. `json!({"ttft_ms": 500})`.
+    pub async fn config(&self, knobs: Value) {
+        self.send(self.http.post(self.control("config")).json(&knobs))
+            .await;
+    }
+
+    /// `POST /_sim/faults`, e.g.
+    /// `json!({"kind": "chat", "fault": {"type": "status", "status": 429}, "times": 1})`.
+    pub async fn fault(&self, fault: Value) {
+        self.send(self.http.post(self.control("faults")).json(&fault))
+            .await;
+    }
+
+    /// `DELETE /_sim/faults`.
+    pub async fn clear_faults(&self) {
+        self.send(self.http.delete(self.control("faults"))).await;
+    }
+
+    /// `POST /_sim/reset`: counters, faults and knobs back to the start.
+    pub async fn reset(&self) {
+        self.send(self.http.post(self.control("reset"))).await;
+    }
+
+    fn control(&self, what: &str) -> String {
+        format!("{}/_sim/{what}", self.url)
+    }
+
+    /// Sends a control request; panics unless it succeeds.
+    async fn send(&self, request: reqwest::RequestBuilder) -> reqwest::Response {
+        let request = request
+            .build()
+            .unwrap_or_else(|e| panic!("build a versus-sim request: {e}"));
+        let what = format!("{} {}", request.method(), request.url());
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            panic!("{what}: {status}: {body}");
+        }
+        response
+    }
+}
+
+fn counter(stats: &Value, name: &str) -> u64 {
+    stats[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("versus-sim stats have no counter {name:?}: {stats}"))
+}

@@ -1,0 +1,215 @@
+//! The whole system for one test: nats-server, a fresh database, the simulator, workers and
+//! the API, each a real process.
+
+use std::path::Path;
+
+use futures::future::join_all;
+
+use std::path::PathBuf;
+
+use crate::{Database, Nats, Proc, S3, Sim, TempDir};
+
+/// Everything a test talks to. Dropping it kills every process and removes the NATS store.
+pub struct System {
+    pub nats: Nats,
+    pub db: Database,
+    pub sim: Sim,
+    pub api: Proc,
+    pub workers: Vec<Proc>,
+    /// The S3-compatible store, when the system was built with [`SystemBuilder::s3`].
+    pub s3: Option<S3>,
+    api_envs: Vec<(String, String)>,
+    worker_envs: Vec<(String, String)>,
+    // Last: removed once the processes are gone.
+    objects: TempDir,
+}
+
+/// Builds a [`System`]: `System::builder().workers(2).env("KEY", "value").start().await`.
+#[derive(Debug, Clone)]
+pub struct SystemBuilder {
+    workers: usize,
+    env: Vec<(String, String)>,
+    api_env: Vec<(String, String)>,
+    worker_env: Vec<(String, String)>,
+    sim_env: Vec<(String, String)>,
+    s3: bool,
+}
+
+impl Default for SystemBuilder {
+    fn default() -> Self {
+        SystemBuilder {
+            workers: 1,
+            env: Vec::new(),
+            api_env: Vec::new(),
+            worker_env: Vec::new(),
+            sim_env: Vec::new(),
+            s3: false,
+        }
+    }
+}
+
+impl SystemBuilder {
+    /// How many workers to start (default 1; 0 starts none, and then nothing runs the
+    /// migrations).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// A variable for the API and the workers; it overrides the kit's defaults.
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// A variable for the API only.
+    pub fn api_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.api_env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// A variable for the workers only (e.g. `VERSUS_LEASE_SECS`).
+    pub fn worker_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.worker_env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// A variable for the simulator (e.g. `VERSUS_SIM_TTFT_MS`).
+    pub fn sim_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.sim_env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Stores pictures in a real S3-compatible server (s3s-fs) instead of a local folder.
+    pub fn s3(mut self) -> Self {
+        self.s3 = true;
+        self
+    }
+
+    /// Starts nats-server, the database and the simulator, then the first worker alone (it
+    /// runs the migrations), the other workers together, and finally the API.
+    pub async fn start(self) -> System {
+        let sim_env = borrowed(&self.sim_env);
+        let (nats, db, sim) = tokio::join!(Nats::start(), Database::fresh(), Sim::start(&sim_env));
+        // The pictures the workers store and the API serves: a folder of this system's own.
+        let objects = TempDir::new("versus-objects");
+        let object_store = format!("file://{}", objects.path().display());
+        let s3 = if self.s3 {
+            Some(S3::start().await)
+        } else {
+            None
+        };
+        let store_envs = match &s3 {
+            Some(s3) => s3.envs(),
+            None => vec![("VERSUS_OBJECT_STORE".to_owned(), object_store)],
+        };
+
+        let mut api_envs = vec![
+            ("NATS_URL".to_owned(), nats.url.clone()),
+            ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ];
+        api_envs.extend(store_envs.iter().cloned());
+        api_envs.extend(self.env.iter().cloned());
+        api_envs.extend(self.api_env);
+
+        let mut worker_envs = vec![
+            ("NATS_URL".to_owned(), nats.url.clone()),
+            ("DATABASE_URL".to_owned(), db.url.clone()),
+            ("OPENAI_BASE_URL".to_owned(), sim.openai_base_url()),
+            ("OPENAI_API_KEY".to_owned(), "test-key".to_owned()),
+            (
+                "VERSUS_WORKER_HTTP_ADDR".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            // Short, so that tests of a crashed worker do not wait long for its lease.
+            ("VERSUS_LEASE_SECS".to_owned(), "3".to_owned()),
+        ];
+        worker_envs.extend(store_envs);
+        worker_envs.extend(self.env);
+        worker_envs.extend(self.worker_env);
+
+        let mut workers = Vec::with_capacity(self.workers);
+        if self.workers > 0 {
+            let envs = borrowed(&worker_envs);
+            workers.push(Proc::spawn("versus-worker", &envs).await);
+            let rest = (1..self.workers).map(|_| Proc::spawn("versus-worker", &envs));
+            workers.extend(join_all(rest).await);
+        }
+        let api = Proc::spawn("versus-api", &borrowed(&api_envs)).await;
+
+        System {
+            nats,
+            db,
+            sim,
+            api,
+            workers,
+            s3,
+            api_envs,
+            worker_envs,
+            objects,
+        }
+    }
+}
+
+impl System {
+    pub fn builder() -> SystemBuilder {
+        SystemBuilder::default()
+    }
+
+    /// The API's base URL, `http://127.0.0.1:PORT`.
+    pub fn api_url(&self) -> &str {
+        &self.api.url
+    }
+
+    /// The folder behind the system's object store (`VERSUS_OBJECT_STORE=file://…`), where
+    /// the workers put pictures and the API reads them.
+    pub fn objects_dir(&self) -> &Path {
+        self.objects.path()
+    }
+
+    /// The pictures in the system's local object folder.
+    pub fn stored_objects(&self) -> Vec<PathBuf> {
+        crate::s3::files(self.objects.path())
+    }
+
+    /// Starts one more worker with the same environment as the others.
+    pub async fn spawn_worker(&mut self) -> &mut Proc {
+        let worker = Proc::spawn("versus-worker", &borrowed(&self.worker_envs)).await;
+        self.workers.push(worker);
+        let last = self.workers.len() - 1;
+        &mut self.workers[last]
+    }
+
+    /// Starts another API replica with the same environment as [`System::api`] (on its own
+    /// port); the caller owns it.
+    pub async fn spawn_api(&self) -> Proc {
+        Proc::spawn("versus-api", &borrowed(&self.api_envs)).await
+    }
+
+    /// The environment the API was started with (later entries win).
+    pub fn api_envs(&self) -> &[(String, String)] {
+        &self.api_envs
+    }
+
+    /// The environment the workers were started with (later entries win).
+    pub fn worker_envs(&self) -> &[(String, String)] {
+        &self.worker_envs
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        // The API and the workers go first (each Proc would be killed on drop anyway), so
+        // that none of them logs a lost NATS connection while the fields drop in order.
+        self.api.start_kill();
+        for worker in &mut self.workers {
+            worker.start_kill();
+        }
+    }
+}
+
+fn borrowed(envs: &[(String, String)]) -> Vec<(&str, String)> {
+    envs.iter()
+        .map(|(key, value)| (key.as_str(), value.clone()))
+        .collect()
+}

@@ -102,6 +102,11 @@ impl<V: Entry> EdgeCache<V> {
 }
 
 impl<V: Entry> EdgeCache<V> {
+    /// Drops `key` from memory (after a purge; KV is purged by whoever purges).
+    pub fn remove(&self, key: &Key) {
+        self.memory.remove(key);
+    }
+
     /// Like [`EdgeCache::get`], but a failing KV read counts as a miss (logged): the
     /// generation path then either repairs it or reports the outage.
     pub async fn lookup(&self, key: &Key) -> Option<Arc<Cached<V>>> {

@@ -18,6 +18,8 @@ pub enum ApiError {
     InvalidQuery(String),
     #[error("no such answer")]
     NotFound,
+    #[error("{0}")]
+    Unauthorized(&'static str),
     /// The generation ended with an error event.
     #[error("{message}")]
     Generation {
@@ -36,6 +38,7 @@ impl ApiError {
             ApiError::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
             ApiError::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Generation {
                 code, retryable, ..
             } => {

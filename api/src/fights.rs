@@ -50,6 +50,13 @@ pub(crate) struct FightRequest {
 }
 
 impl FightRequest {
+    pub(crate) fn new(a: String, b: String) -> FightRequest {
+        FightRequest {
+            a: Some(a),
+            b: Some(b),
+        }
+    }
+
     /// Reads `{"a","b"}` from a JSON object; anything else in a name's place is refused.
     pub(crate) fn from_json(
         body: &serde_json::Map<String, Value>,
@@ -86,8 +93,8 @@ impl App {
         self.inner.answers.lookup(key).await
     }
 
-    fn follow(&self, matchup: &Matchup, key: &Key) -> Waiter {
-        self.inner.flights.join(Job {
+    pub(crate) fn text_job(&self, matchup: &Matchup, key: &Key) -> Job {
+        Job {
             kind: Kind::Text,
             key: key.clone(),
             a: matchup.a.display().to_owned(),
@@ -95,7 +102,18 @@ impl App {
             model: self.inner.settings.models.chat_model.clone(),
             prompt_version: TEXT_PROMPT_VERSION,
             size: None,
-        })
+        }
+    }
+
+    fn follow(&self, matchup: &Matchup, key: &Key) -> Waiter {
+        self.inner.flights.join(self.text_job(matchup, key))
+    }
+
+    /// Counts the request for popularity (in memory; see `popularity`).
+    fn count(&self, matchup: &Matchup, key: &Key) {
+        self.inner
+            .popularity
+            .record(key, matchup.a.display(), matchup.b.display());
     }
 }
 
@@ -106,6 +124,7 @@ async fn stream_fight(
 ) -> Result<Response, ApiError> {
     let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let (matchup, key) = app.matchup(&request, Kind::Text)?;
+    app.count(&matchup, &key);
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -183,6 +202,7 @@ async fn create_fight(
     let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
     let request = FightRequest::from_json(&body)?;
     let (matchup, key) = app.matchup(&request, Kind::Text)?;
+    app.count(&matchup, &key);
     if let Some(cached) = app.cached(&key).await {
         return Ok(json_answer(&cached));
     }

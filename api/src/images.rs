@@ -51,7 +51,7 @@ pub fn image_url(public_base: Option<&str>, answer: &ImageAnswer) -> String {
 }
 
 impl App {
-    fn image_job(&self, matchup: &Matchup, key: &Key) -> Job {
+    pub(crate) fn image_job(&self, matchup: &Matchup, key: &Key) -> Job {
         let models = &self.inner.settings.models;
         Job {
             kind: Kind::Image,

@@ -2,6 +2,8 @@
 //! on a miss publishes a generation job and streams its events over SSE.
 //!
 //! - [`fights`]: the text routes of the public contract;
+//! - [`admin`]: operator routes (pre-warm batches, popularity, purge);
+//! - [`popularity`]: counting requests off the request path;
 //! - [`images`]: the picture routes, and serving stored pictures from object storage;
 //! - [`cache`]: the bounded in-memory caches in front of the KV bucket;
 //! - [`flights`]: one events reader per key in this process, feeding every local waiter;
@@ -9,12 +11,14 @@
 //! - [`page`]: the fight page at `/`, embedded in the binary;
 //! - [`error`]: the API's error type and its JSON shape.
 
+pub mod admin;
 pub mod cache;
 pub mod error;
 pub mod fights;
 pub mod flights;
 pub mod images;
 pub mod page;
+pub mod popularity;
 pub mod sse;
 
 use std::{sync::Arc, time::Duration};
@@ -24,10 +28,10 @@ use axum::Router;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
-    config::{ModelSettings, NatsSettings},
+    config::{ModelSettings, NatsSettings, Secret},
     objects::ObjectStoreSettings,
     telemetry::{self, PrometheusHandle},
-    wire::{Answer, ImageAnswer},
+    wire::{self, Answer, ImageAnswer},
 };
 
 /// API settings, from the environment (see `versus-api --help`).
@@ -46,6 +50,12 @@ pub struct Settings {
     /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.
     #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
     pub public_image_base_url: Option<String>,
+    /// Bearer token of the admin routes; unset, they refuse every request.
+    #[arg(long, env = "VERSUS_ADMIN_TOKEN")]
+    pub admin_token: Option<Secret>,
+    /// Postgres URL, used only by the admin routes (never by answers).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<Secret>,
     /// Memory for the in-process answer cache, in MiB.
     #[arg(long, env = "VERSUS_MEMORY_CACHE_MIB", default_value_t = 256)]
     pub memory_cache_mib: u64,
@@ -68,6 +78,9 @@ pub(crate) struct Inner {
     pub answers: cache::EdgeCache<Answer>,
     pub images: cache::EdgeCache<ImageAnswer>,
     pub objects: Arc<dyn object_store::ObjectStore>,
+    pub popularity: popularity::Popularity,
+    /// For the admin routes only; connects on first use.
+    pub db: Option<sqlx::PgPool>,
     pub flights: Arc<flights::Flights>,
     pub settings: Settings,
     pub metrics: PrometheusHandle,
@@ -103,6 +116,12 @@ impl App {
         Ok(App {
             inner: Arc::new(Inner {
                 objects: settings.objects.open()?,
+                popularity: popularity::Popularity::new(bus.client.clone()),
+                db: settings
+                    .database_url
+                    .as_ref()
+                    .map(|url| versus_shared::db::connect_lazy(url, 4))
+                    .transpose()?,
                 answers,
                 images,
                 bus,
@@ -116,6 +135,7 @@ impl App {
     pub fn router(&self) -> Router {
         fights::routes()
             .merge(images::routes())
+            .merge(admin::routes(self.clone()))
             .with_state(self.clone())
             .merge(page::routes())
             .merge(telemetry::ops_router(
@@ -132,12 +152,43 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
-    let server =
-        axum::serve(listener, app.router()).with_graceful_shutdown(shutdown.cancelled_owned());
+    let purges = app.inner.bus.client.subscribe(wire::PURGE_SUBJECT).await?;
+    let server = axum::serve(listener, app.router())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");
-    server.await?;
+    let (served, (), ()) = tokio::join!(
+        server.into_future(),
+        app.inner.popularity.run(shutdown.clone()),
+        app.apply_purges(purges, shutdown.clone()),
+    );
+    served?;
     Ok(())
+}
+
+impl App {
+    /// Drops `keys` from this replica's memory caches.
+    pub(crate) fn forget(&self, keys: &[versus_shared::key::Key]) {
+        for key in keys {
+            self.inner.answers.remove(key);
+            self.inner.images.remove(key);
+        }
+    }
+
+    /// Applies every replica's purges to this one's memory, until `shutdown`.
+    async fn apply_purges(&self, mut purges: async_nats::Subscriber, shutdown: CancellationToken) {
+        use futures::StreamExt;
+        loop {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => return,
+                msg = purges.next() => match msg { Some(m) => m, None => return },
+            };
+            match serde_json::from_slice::<wire::Purge>(&msg.payload) {
+                Ok(purge) => self.forget(&purge.keys),
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable purge"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -63,7 +63,10 @@ fn jobs_stream() -> stream::Config {
     stream::Config {
         name: wire::JOBS_STREAM.to_owned(),
         description: Some("Generation jobs, one per unique answer; workers pull them".to_owned()),
-        subjects: vec![wire::JOBS_SUBJECTS.to_owned()],
+        subjects: vec![
+            wire::JOBS_SUBJECTS.to_owned(),
+            wire::PREWARM_SUBJECTS.to_owned(),
+        ],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         // Identical misses published by any API replica within this window become one job.

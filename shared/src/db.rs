@@ -19,6 +19,16 @@ pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPoo
         .context("connecting to Postgres (DATABASE_URL)")
 }
 
+/// A pool that connects on first use, for a process that needs Postgres only now and then
+/// (the API's admin routes): starting up never waits for, or fails on, Postgres.
+pub fn connect_lazy(url: &Secret, max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url.expose())
+        .context("reading DATABASE_URL")
+}
+
 /// Applies pending migrations. sqlx serialises concurrent runs with an advisory lock, so every
 /// worker can call this at start-up.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {

@@ -20,11 +20,21 @@ use crate::key::Key;
 
 pub const JOBS_STREAM: &str = "VERSUS_JOBS";
 pub const JOBS_SUBJECTS: &str = "versus.jobs.>";
+/// Pre-warm jobs: the same stream, a lane of their own with its own, smaller concurrency.
+pub const PREWARM_SUBJECTS: &str = "versus.prewarm.>";
 pub const EVENTS_STREAM: &str = "VERSUS_EVENTS";
 pub const EVENTS_SUBJECTS: &str = "versus.events.>";
 pub const ANSWERS_BUCKET: &str = "versus_answers";
 /// The durable pull consumer every worker shares for interactive jobs.
 pub const WORKERS_CONSUMER: &str = "versus-workers";
+/// The durable pull consumer for pre-warm jobs.
+pub const PREWARM_CONSUMER: &str = "versus-prewarm";
+/// Core NATS: batches of [`Requests`] from every API replica; workers aggregate them into
+/// Postgres (queue group [`POPULARITY_QUEUE`]).
+pub const POPULARITY_SUBJECT: &str = "versus.popularity";
+pub const POPULARITY_QUEUE: &str = "versus-popularity";
+/// Core NATS: a [`Purge`] every API replica applies to its in-memory caches.
+pub const PURGE_SUBJECT: &str = "versus.cache.purge";
 
 /// What kind of answer a job asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,6 +63,10 @@ pub fn job_subject(kind: Kind) -> String {
     format!("versus.jobs.{kind}")
 }
 
+pub fn prewarm_subject(kind: Kind) -> String {
+    format!("versus.prewarm.{kind}")
+}
+
 pub fn events_subject(kind: Kind, key: &Key) -> String {
     format!("versus.events.{kind}.{key}")
 }
@@ -66,6 +80,11 @@ pub fn kv_key(kind: Kind, key: &Key) -> String {
 /// failure asks for a new job, while identical requests that saw the same history coalesce.
 pub fn job_msg_id(kind: Kind, key: &Key, after: u64) -> String {
     format!("{kind}.{key}.{after}")
+}
+
+/// The de-duplication id of a pre-warm job: one per key and batch.
+pub fn prewarm_msg_id(kind: Kind, key: &Key, batch: &str) -> String {
+    format!("prewarm.{batch}.{kind}.{key}")
 }
 
 /// A request to generate one answer. It carries what the worker needs, not copies of truth:
@@ -145,4 +164,19 @@ pub struct Answer {
     pub model: String,
     /// The attempt that produced the text; SSE ids carry it so resumes never mix attempts.
     pub attempt: i32,
+}
+
+/// How many times a text answer was asked for since the last batch (popularity).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requests {
+    pub key: Key,
+    pub a: String,
+    pub b: String,
+    pub count: u64,
+}
+
+/// Keys every API replica must drop from its in-memory caches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purge {
+    pub keys: Vec<Key>,
 }

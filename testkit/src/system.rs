@@ -107,6 +107,8 @@ impl SystemBuilder {
         let mut api_envs = vec![
             ("NATS_URL".to_owned(), nats.url.clone()),
             ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+            // Only the admin routes use it; answers never touch Postgres.
+            ("DATABASE_URL".to_owned(), db.url.clone()),
         ];
         api_envs.extend(store_envs.iter().cloned());
         api_envs.extend(self.env.iter().cloned());

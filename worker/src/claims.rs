@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use versus_shared::wire::Job;
+use versus_shared::wire::{Job, Kind};
 
 /// What a claim found.
 #[derive(Debug, PartialEq, Eq)]
@@ -225,5 +225,24 @@ pub async fn release(db: &PgPool, job: &Job, attempt: i32) -> sqlx::Result<()> {
     .bind(attempt)
     .execute(db)
     .await?;
+    Ok(())
+}
+
+/// Marks this key done or failed in every pre-warm batch still waiting on it.
+pub async fn settle_prewarm(db: &PgPool, job: &Job, status: &str) -> sqlx::Result<()> {
+    let sql = match job.kind {
+        Kind::Text => {
+            "UPDATE prewarm_items SET text_status = $2 WHERE key = $1 AND text_status = 'pending'"
+        }
+        Kind::Image => {
+            "UPDATE prewarm_items SET image_status = $2
+             WHERE image_key = $1 AND image_status = 'pending'"
+        }
+    };
+    sqlx::query(sql)
+        .bind(job.key.as_str())
+        .bind(status)
+        .execute(db)
+        .await?;
     Ok(())
 }

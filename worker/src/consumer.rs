@@ -1,5 +1,10 @@
-//! The pull loop: one durable consumer shared by every worker, a local concurrency limit, and
-//! a drain on shutdown (stop fetching, let jobs in flight finish within the grace period).
+//! The pull loops: one durable consumer per lane (interactive and pre-warm) shared by every
+//! worker, each lane with its own local concurrency limit, and a drain on shutdown (stop
+//! fetching, let jobs in flight finish within the grace period).
+//!
+//! Architecture Invariant: the lanes share nothing but the process. A pre-warm batch of ten
+//! thousand jobs holds at most the pre-warm permits, so interactive misses never queue
+//! behind it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,19 +18,29 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use versus_shared::wire::{self, Job};
 
-use crate::{Ctx, Settings, job};
+use crate::{Ctx, job};
 
-/// Declares (or updates) the durable consumer every worker pulls from.
-pub async fn declare(ctx: &Ctx, settings: &Settings) -> anyhow::Result<PullConsumer> {
+/// One lane of jobs.
+pub struct Lane {
+    pub name: &'static str,
+    pub filter: &'static str,
+    /// Jobs this process runs at once from this lane.
+    pub concurrency: usize,
+    /// Jobs in flight from this lane, cluster-wide (the consumer's max_ack_pending).
+    pub max_in_flight: i64,
+}
+
+/// Declares (or updates) the durable consumer of `lane`.
+pub async fn declare(ctx: &Ctx, lane: &Lane) -> anyhow::Result<PullConsumer> {
     let config = pull::Config {
-        durable_name: Some(wire::WORKERS_CONSUMER.to_owned()),
-        description: Some("Versus workers: interactive generation jobs".to_owned()),
-        filter_subject: wire::JOBS_SUBJECTS.to_owned(),
+        durable_name: Some(lane.name.to_owned()),
+        description: Some(format!("Versus workers: {}", lane.filter)),
+        filter_subject: lane.filter.to_owned(),
         ack_policy: AckPolicy::Explicit,
         // Short, and kept alive by progress acks while a generation streams, so the job of a
         // worker that died is redelivered within one lease.
         ack_wait: ctx.lease,
-        max_ack_pending: settings.max_in_flight,
+        max_ack_pending: lane.max_in_flight,
         ..Default::default()
     };
     match ctx.bus.jobs.create_consumer(config.clone()).await {
@@ -35,7 +50,7 @@ pub async fn declare(ctx: &Ctx, settings: &Settings) -> anyhow::Result<PullConsu
             .jobs
             .update_consumer(config)
             .await
-            .context("declaring the workers' consumer"),
+            .with_context(|| format!("declaring the {} consumer", wire::JOBS_STREAM)),
     }
 }
 

@@ -118,6 +118,7 @@ pub async fn give_up(
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "failed")
         .increment(1);
     if claims::fail(&ctx.db, job, attempt, &failure.detail).await? {
+        settle(ctx, job, false).await;
         publisher
             .finish(Event::Error {
                 attempt,
@@ -128,6 +129,15 @@ pub async fn give_up(
             .await?;
     }
     Ok(Outcome::Ack)
+}
+
+/// Records the outcome for the pre-warm batches waiting on this key. Best effort: progress
+/// tracking must not fail the job itself.
+pub async fn settle(ctx: &Ctx, job: &Job, done: bool) {
+    let status = if done { "done" } else { "failed" };
+    if let Err(e) = claims::settle_prewarm(&ctx.db, job, status).await {
+        tracing::warn!(key = %job.key, error = %e, "recording pre-warm progress failed");
+    }
 }
 
 /// Writes a finished answer to the edge KV bucket.

@@ -1,7 +1,9 @@
 //! Versus workers: pull generation jobs from JetStream, decide in Postgres who generates
 //! (exactly one worker per answer), call OpenAI, publish chunk and completion events.
 //!
-//! - [`consumer`]: the pull loop, its concurrency limit and graceful drain;
+//! - [`consumer`]: the pull loops of the interactive and pre-warm lanes, their concurrency
+//!   limits and graceful drain;
+//! - [`popularity`]: adding up the API replicas' request counts in Postgres;
 //! - [`claims`]: the Postgres claim, lease and fenced writes;
 //! - [`job`]: one job from claim to ack, whatever its kind, under a kept-alive lease;
 //! - [`text`]: text answers, streamed into chunk events;
@@ -15,6 +17,7 @@ pub mod events;
 pub mod image;
 pub mod job;
 pub mod openai;
+pub mod popularity;
 pub mod text;
 
 use std::{sync::Arc, time::Duration};
@@ -48,6 +51,12 @@ pub struct Settings {
     /// Cluster-wide cap on jobs in flight (the consumer's max_ack_pending).
     #[arg(long, env = "VERSUS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: i64,
+    /// Pre-warm jobs this process runs at once (a lane apart from interactive jobs).
+    #[arg(long, env = "VERSUS_PREWARM_CONCURRENCY", default_value_t = 4)]
+    pub prewarm_concurrency: usize,
+    /// Cluster-wide cap on pre-warm jobs in flight.
+    #[arg(long, env = "VERSUS_PREWARM_MAX_IN_FLIGHT", default_value_t = 16)]
+    pub prewarm_max_in_flight: i64,
     /// Seconds a claim lasts without a heartbeat; also the job's ack wait.
     #[arg(long, env = "VERSUS_LEASE_SECS", default_value_t = 30)]
     pub lease_secs: u64,
@@ -94,7 +103,20 @@ pub async fn run(
         lease: settings.lease(),
         worker_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
     });
-    let consumer = consumer::declare(&ctx, &settings).await?;
+    let interactive = consumer::Lane {
+        name: versus_shared::wire::WORKERS_CONSUMER,
+        filter: versus_shared::wire::JOBS_SUBJECTS,
+        concurrency: settings.concurrency,
+        max_in_flight: settings.max_in_flight,
+    };
+    let prewarm = consumer::Lane {
+        name: versus_shared::wire::PREWARM_CONSUMER,
+        filter: versus_shared::wire::PREWARM_SUBJECTS,
+        concurrency: settings.prewarm_concurrency,
+        max_in_flight: settings.prewarm_max_in_flight,
+    };
+    let interactive_consumer = consumer::declare(&ctx, &interactive).await?;
+    let prewarm_consumer = consumer::declare(&ctx, &prewarm).await?;
 
     let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
@@ -110,9 +132,47 @@ pub async fn run(
     tracing::info!(%addr, concurrency = settings.concurrency, "worker ready");
 
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
-    consumer::run(ctx, consumer, settings.concurrency, grace, shutdown).await?;
+    // Whichever loop ends first (on shutdown, or an error) stops the others.
+    let (interactive, prewarm, popularity) = tokio::join!(
+        cancel_after(
+            &shutdown,
+            consumer::run(
+                ctx.clone(),
+                interactive_consumer,
+                interactive.concurrency,
+                grace,
+                shutdown.clone()
+            ),
+        ),
+        cancel_after(
+            &shutdown,
+            consumer::run(
+                ctx.clone(),
+                prewarm_consumer,
+                prewarm.concurrency,
+                grace,
+                shutdown.clone()
+            ),
+        ),
+        cancel_after(
+            &shutdown,
+            popularity::run(ctx.bus.client.clone(), ctx.db.clone(), shutdown.clone()),
+        ),
+    );
+    interactive?;
+    prewarm?;
+    popularity?;
     ops.await??;
     Ok(())
+}
+
+async fn cancel_after<T>(
+    token: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let out = work.await;
+    token.cancel();
+    out
 }
 
 #[cfg(test)]

@@ -54,6 +54,7 @@ pub async fn generate(
                     model: job.model.clone(),
                 })
                 .await?;
+            job::settle(ctx, job, true).await;
             metrics::counter!("versus_generations_total", "kind" => "text", "result" => "done")
                 .increment(1);
             tracing::info!(key = %job.key, attempt, "answer stored");
@@ -142,6 +143,7 @@ pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<(
         attempt: stored.attempt,
     };
     job::put_answer(ctx, job, &answer).await?;
+    job::settle(ctx, job, true).await;
     if matches!(
         events::last_event(&ctx.bus, job).await?,
         Some(Event::Done { .. })

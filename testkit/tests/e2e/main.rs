@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod browser;
+mod cli;
 mod faults;
 mod images;
 mod page;
+mod prewarm;
 mod text;
 
 use versus_testkit::{

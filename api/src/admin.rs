@@ -1,0 +1,388 @@
+//! Operator routes, behind `Authorization: Bearer $VERSUS_ADMIN_TOKEN` (compared in constant
+//! time): pre-warm batches, their progress, popularity, and purging an answer everywhere.
+//! These are the only routes that read Postgres; none of them is on the request path.
+
+use std::collections::HashMap;
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, Request, State, rejection::JsonRejection},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+};
+use futures::{StreamExt, future::try_join_all, stream};
+use object_store::ObjectStoreExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use versus_shared::{
+    key::{Key, Matchup},
+    wire::{self, Event, Job, Kind, Purge},
+};
+
+use crate::{App, error::ApiError, fights::FightRequest};
+
+/// The most matchups one batch may hold; larger files are sent in several batches.
+pub const MAX_BATCH: usize = 10_000;
+
+pub fn routes(app: App) -> Router<App> {
+    Router::new()
+        .route("/v1/admin/prewarm", post(prewarm))
+        .route("/v1/admin/prewarm/{batch}", get(batch_status))
+        .route("/v1/admin/popular", get(popular))
+        .route("/v1/admin/fights/{key}", delete(purge))
+        .route_layer(middleware::from_fn_with_state(app, require_token))
+}
+
+async fn require_token(State(app): State<App>, request: Request, next: Next) -> Response {
+    let Some(expected) = &app.inner.settings.admin_token else {
+        return ApiError::Unauthorized("admin routes are disabled: VERSUS_ADMIN_TOKEN is not set")
+            .into_response();
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) && !given.is_empty() {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized("a valid admin bearer token is required").into_response()
+    }
+}
+
+impl App {
+    fn db(&self) -> Result<&sqlx::PgPool, ApiError> {
+        self.inner.db.as_ref().ok_or(ApiError::Unavailable)
+    }
+}
+
+/// One unique matchup of a batch, and what it still needs.
+struct Item {
+    matchup: Matchup,
+    text: Key,
+    image: Option<Key>,
+    copies: i32,
+    text_cached: bool,
+    image_cached: bool,
+}
+
+impl Item {
+    fn cached(&self) -> bool {
+        self.text_cached && (self.image.is_none() || self.image_cached)
+    }
+}
+
+async fn prewarm(
+    State(app): State<App>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
+    let images = match body.get("images") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::InvalidBody("`images` must be a boolean".into())),
+    };
+    let list = body
+        .get("matchups")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            ApiError::InvalidBody("`matchups` must be an array of {\"a\",\"b\"}".into())
+        })?;
+    if list.len() > MAX_BATCH {
+        return Err(ApiError::InvalidBody(format!(
+            "at most {MAX_BATCH} matchups per batch"
+        )));
+    }
+
+    // Validate everything first: a bad entry rejects the whole batch, before any cost.
+    let mut items: Vec<Item> = Vec::new();
+    let mut index: HashMap<Key, usize> = HashMap::new();
+    for (i, entry) in list.iter().enumerate() {
+        let object = entry.as_object().ok_or_else(|| {
+            ApiError::InvalidBody(format!("matchups[{i}] must be an object {{\"a\",\"b\"}}"))
+        })?;
+        let request = FightRequest::from_json(object)
+            .map_err(|e| ApiError::InvalidBody(format!("matchups[{i}]: {e}")))?;
+        let (matchup, text) = app
+            .matchup(&request, Kind::Text)
+            .map_err(|e| ApiError::InvalidBody(format!("matchups[{i}]: {e}")))?;
+        if let Some(&at) = index.get(&text) {
+            items[at].copies += 1;
+            continue;
+        }
+        let image = images
+            .then(|| app.matchup(&request, Kind::Image).map(|(_, k)| k))
+            .transpose()?;
+        index.insert(text.clone(), items.len());
+        items.push(Item {
+            matchup,
+            text,
+            image,
+            copies: 1,
+            text_cached: false,
+            image_cached: false,
+        });
+    }
+
+    // What is already cached costs nothing and gets no job.
+    let wanted: Vec<(Key, Option<Key>)> = items
+        .iter()
+        .map(|i| (i.text.clone(), i.image.clone()))
+        .collect();
+    let cached: Vec<(bool, bool)> = stream::iter(wanted)
+        .map(|(text, image)| {
+            let app = app.clone();
+            async move {
+                let text = app.inner.answers.lookup(&text).await.is_some();
+                let image = match image {
+                    Some(image) => app.inner.images.lookup(&image).await.is_some(),
+                    None => false,
+                };
+                (text, image)
+            }
+        })
+        .buffered(64)
+        .collect()
+        .await;
+    for (item, (text, image)) in items.iter_mut().zip(cached) {
+        item.text_cached = text;
+        item.image_cached = image;
+    }
+
+    let batch = uuid::Uuid::new_v4().simple().to_string();
+    let total: i32 = items.iter().map(|i| i.copies).sum();
+    let already_cached: i32 = items.iter().filter(|i| i.cached()).map(|i| i.copies).sum();
+    record_batch(app.db()?, &batch, total, already_cached, images, &items).await?;
+
+    let mut publishes = Vec::new();
+    for item in items.iter().filter(|i| !i.cached()) {
+        if !item.text_cached {
+            publishes.push(publish(
+                &app,
+                &batch,
+                app.text_job(&item.matchup, &item.text),
+            ));
+        }
+        if let (Some(key), false) = (&item.image, item.image_cached) {
+            publishes.push(publish(&app, &batch, app.image_job(&item.matchup, key)));
+        }
+    }
+    try_join_all(publishes).await?;
+    let queued = items.iter().filter(|i| !i.cached()).count();
+    metrics::counter!("versus_prewarm_matchups_total").increment(total as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "batch": batch, "total": total, "already_cached": already_cached, "queued": queued,
+        })),
+    )
+        .into_response())
+}
+
+async fn record_batch(
+    db: &sqlx::PgPool,
+    batch: &str,
+    total: i32,
+    already_cached: i32,
+    images: bool,
+    items: &[Item],
+) -> Result<(), ApiError> {
+    let status = |done: bool| if done { "done" } else { "pending" };
+    let keys: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
+    let copies: Vec<i32> = items.iter().map(|i| i.copies).collect();
+    let text_status: Vec<&str> = items.iter().map(|i| status(i.text_cached)).collect();
+    let image_keys: Vec<Option<&str>> = items
+        .iter()
+        .map(|i| i.image.as_ref().map(Key::as_str))
+        .collect();
+    let image_status: Vec<Option<&str>> = items
+        .iter()
+        .map(|i| i.image.as_ref().map(|_| status(i.image_cached)))
+        .collect();
+    let mut tx = db.begin().await.map_err(database)?;
+    sqlx::query(
+        "INSERT INTO prewarm_batches (id, total, already_cached, images) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(batch)
+    .bind(total)
+    .bind(already_cached)
+    .bind(images)
+    .execute(&mut *tx)
+    .await
+    .map_err(database)?;
+    sqlx::query(
+        "INSERT INTO prewarm_items (batch_id, key, copies, text_status, image_key, image_status)
+         SELECT $1, * FROM UNNEST($2::text[], $3::int[], $4::text[], $5::text[], $6::text[])",
+    )
+    .bind(batch)
+    .bind(&keys)
+    .bind(&copies)
+    .bind(&text_status)
+    .bind(&image_keys)
+    .bind(&image_status)
+    .execute(&mut *tx)
+    .await
+    .map_err(database)?;
+    tx.commit().await.map_err(database)
+}
+
+async fn publish(app: &App, batch: &str, job: Job) -> Result<(), ApiError> {
+    let payload = serde_json::to_vec(&job).map_err(|_| ApiError::Unavailable)?;
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(payload.into())
+        .message_id(wire::prewarm_msg_id(job.kind, &job.key, batch));
+    let ack = app
+        .inner
+        .bus
+        .js
+        .send_publish(wire::prewarm_subject(job.kind), message)
+        .await
+        .map_err(|e| nats(&e))?;
+    ack.await.map_err(|e| nats(&e))?;
+    Ok(())
+}
+
+async fn batch_status(
+    State(app): State<App>,
+    Path(batch): Path<String>,
+) -> Result<Response, ApiError> {
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT
+             COALESCE(SUM(i.copies) FILTER (WHERE i.text_status = 'done'
+                 AND (i.image_status IS NULL OR i.image_status = 'done')), 0),
+             COALESCE(SUM(i.copies) FILTER (WHERE i.text_status = 'failed'
+                 OR i.image_status = 'failed'), 0),
+             b.total::bigint
+         FROM prewarm_batches b LEFT JOIN prewarm_items i ON i.batch_id = b.id
+         WHERE b.id = $1 GROUP BY b.total",
+    )
+    .bind(&batch)
+    .fetch_optional(app.db()?)
+    .await
+    .map_err(database)?;
+    let (done, failed, total) = row.ok_or(ApiError::NotFound)?;
+    Ok(Json(json!({
+        "total": total, "done": done, "failed": failed, "pending": total - done - failed,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct PopularQuery {
+    limit: Option<i64>,
+    #[serde(default)]
+    pending: bool,
+}
+
+async fn popular(
+    State(app): State<App>,
+    query: Result<Query<PopularQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+    let limit = q.limit.unwrap_or(20).clamp(1, 1000);
+    let rows: Vec<(String, String, String, i64, bool)> = sqlx::query_as(
+        "SELECT p.key, p.a, p.b, p.requests, COALESCE(g.status = 'done', false)
+         FROM popularity p
+         LEFT JOIN generations g ON g.kind = 'text' AND g.key = p.key
+         WHERE NOT $2 OR g.status IS DISTINCT FROM 'done'
+         ORDER BY p.requests DESC, p.key
+         LIMIT $1",
+    )
+    .bind(limit)
+    .bind(q.pending)
+    .fetch_all(app.db()?)
+    .await
+    .map_err(database)?;
+    let matchups: Vec<Value> = rows
+        .into_iter()
+        .map(|(key, a, b, requests, cached)| {
+            json!({"key": key, "a": a, "b": b, "requests": requests, "cached": cached})
+        })
+        .collect();
+    Ok(Json(json!({ "matchups": matchups })).into_response())
+}
+
+/// Purges a text answer and its picture from Postgres, the object store, the edge KV bucket,
+/// the events stream, and the memory of every API replica.
+async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
+    let db = app.db()?;
+    let names: Option<(String, String)> =
+        sqlx::query_as("SELECT a, b FROM generations WHERE kind = 'text' AND key = $1")
+            .bind(key.as_str())
+            .fetch_optional(db)
+            .await
+            .map_err(database)?;
+    let names = match names {
+        Some(names) => Some(names),
+        None => app
+            .inner
+            .answers
+            .lookup(&key)
+            .await
+            .map(|c| (c.value.a.clone(), c.value.b.clone())),
+    };
+    let (a, b) = names.ok_or(ApiError::NotFound)?;
+    let request = FightRequest::new(a, b);
+    let (_, image) = app.matchup(&request, Kind::Image)?;
+
+    let removed: Vec<Option<String>> = sqlx::query_scalar(
+        "DELETE FROM generations
+         WHERE (kind = 'text' AND key = $1) OR (kind = 'image' AND key = $2)
+         RETURNING image_path",
+    )
+    .bind(key.as_str())
+    .bind(image.as_str())
+    .fetch_all(db)
+    .await
+    .map_err(database)?;
+    for path in removed.into_iter().flatten() {
+        if let Err(e) = app.inner.objects.delete(&path.as_str().into()).await {
+            tracing::warn!(%path, error = %e, "deleting a purged picture failed");
+        }
+    }
+    let bus = &app.inner.bus;
+    for (kind, key) in [(Kind::Text, &key), (Kind::Image, &image)] {
+        bus.answers
+            .purge(wire::kv_key(kind, key))
+            .await
+            .map_err(|e| nats(&e))?;
+        // Readers waiting on the answer learn it is gone; later requests start afresh.
+        let subject = wire::events_subject(kind, key);
+        bus.events
+            .purge()
+            .filter(subject.clone())
+            .await
+            .map_err(|e| nats(&e))?;
+        let marker = serde_json::to_vec(&Event::Purged).map_err(|_| ApiError::Unavailable)?;
+        bus.js
+            .publish(subject, marker.into())
+            .await
+            .map_err(|e| nats(&e))?
+            .await
+            .map_err(|e| nats(&e))?;
+    }
+    let keys = vec![key.clone(), image.clone()];
+    app.forget(&keys);
+    let broadcast = serde_json::to_vec(&Purge { keys }).map_err(|_| ApiError::Unavailable)?;
+    bus.client
+        .publish(wire::PURGE_SUBJECT, broadcast.into())
+        .await
+        .map_err(|e| nats(&e))?;
+    tracing::info!(%key, "answer purged");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn database(e: sqlx::Error) -> ApiError {
+    tracing::warn!(error = %e, "admin query failed");
+    ApiError::Unavailable
+}
+
+fn nats(e: &dyn std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "admin NATS operation failed");
+    ApiError::Unavailable
+}

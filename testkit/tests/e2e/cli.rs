@@ -1,0 +1,267 @@
+//! The `versus` operator CLI, run as a binary against the running system: pre-warming from a
+//! file (and again), refusing a malformed file or a missing token before anything is sent,
+//! failures in the exit status, and purging.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use versus_testkit::{System, bin_path};
+
+use crate::{fight, http, quick};
+
+const TOKEN: &str = "t0ken";
+
+/// What one run of `versus` left behind.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `versus ARGS` against `sys` with `token` as `VERSUS_ADMIN_TOKEN` (none: unset), in an
+/// environment free of the test's own `VERSUS_*` settings.
+async fn versus(sys: &System, token: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = tokio::process::Command::new(bin_path("versus"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| k.starts_with("VERSUS_")) {
+            cmd.env_remove(&key);
+        }
+    }
+    if let Some(token) = token {
+        cmd.env("VERSUS_ADMIN_TOKEN", token);
+    }
+    cmd.env("VERSUS_API_URL", sys.api_url())
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("versus finishes within 2 minutes")
+        .expect("versus runs");
+    let run = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    eprintln!(
+        "versus {args:?} exited {:?}\n--- stdout\n{}--- stderr\n{}",
+        run.code, run.stdout, run.stderr
+    );
+    run
+}
+
+/// A file under the temp dir, removed on drop.
+struct File(PathBuf);
+
+impl File {
+    fn new(extension: &str, text: &str) -> File {
+        let name = format!("versus-cli-{}.{extension}", uuid::Uuid::new_v4().simple());
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, text).unwrap();
+        File(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn batches(sys: &System) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM prewarm_batches")
+        .fetch_one(&sys.db.pool().await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn prewarm_generates_each_unique_matchup_once_and_a_second_run_is_all_cached() {
+    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+    // One matchup is answered before the run.
+    let before = fight(&sys, "Mothra", "Rodan").await;
+    assert_eq!(before[0].json()["cached"], json!(false));
+    assert_eq!(sys.sim.chat_calls().await, 1);
+
+    // Seven matchups, four unique and uncached: repeats in other spellings and orders, a quoted
+    // name with a comma, a header and a blank line.
+    let csv = File::new(
+        "csv",
+        "A,B\nBatman,Superman\n\"Smith, John\",Godzilla\n\nsuperman, BATMAN\nKing Kong,Godzilla\n\
+         Rodan,Mothra\nBatman,Superman\nGodzilla,\"Smith,  John\"\nZorro,Robin Hood\n",
+    );
+    let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+    assert_eq!(run.code, Some(0));
+    assert!(
+        run.stdout
+            .contains("8 matchups: 1 already cached, 7 generated, 0 failed, in "),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(sys.sim.chat_calls().await, 1 + 4);
+    // The answers are ready: a user's request is a hit.
+    let hit = fight(&sys, "Superman", "Batman").await;
+    assert_eq!(hit[0].json()["cached"], json!(true));
+
+    let again = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+    assert_eq!(again.code, Some(0));
+    assert!(
+        again
+            .stdout
+            .contains("8 matchups: 8 already cached, 0 generated, 0 failed, in "),
+        "{}",
+        again.stdout
+    );
+    // The same matchups as JSON, in batches of three: all cached too, and nothing generated.
+    let json = File::new(
+        "json",
+        &json!({"matchups": [
+            {"a": "Batman", "b": "Superman"}, {"a": "Smith, John", "b": "Godzilla"},
+            {"a": "King Kong", "b": "Godzilla"}, {"a": "Zorro", "b": "Robin Hood"},
+            {"a": "Mothra", "b": "Rodan"},
+        ]})
+        .to_string(),
+    );
+    let batched = versus(
+        &sys,
+        Some(TOKEN),
+        &["prewarm", "--batch-size", "3", json.path()],
+    )
+    .await;
+    assert_eq!(batched.code, Some(0));
+    assert!(
+        batched
+            .stdout
+            .contains("5 matchups: 5 already cached, 0 generated, 0 failed"),
+        "{}",
+        batched.stdout
+    );
+    assert_eq!(sys.sim.chat_calls().await, 1 + 4);
+}
+
+#[tokio::test]
+async fn a_malformed_file_is_reported_line_by_line_and_nothing_is_submitted() {
+    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+    let long = "x".repeat(101);
+    let csv = File::new(
+        "csv",
+        &format!(
+            "a,b\nBatman,Superman\nBatman,\nx,y,z\n\"Smith, John,Batman\nKing Kong,Godzilla\n\
+             {long},Robin\n"
+        ),
+    );
+    let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+    assert_eq!(run.code, Some(2));
+    for expected in [
+        "line 3: opponent `b` is empty",
+        "line 4: expected two names",
+        "line 5: unbalanced quotes",
+        "line 7: opponent `a` is longer than 100 characters",
+    ] {
+        assert!(
+            run.stderr.contains(expected),
+            "{expected:?} in {}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("nothing was submitted"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("line 2:") && !run.stderr.contains("line 6:"));
+    assert_eq!(batches(&sys).await, 0, "no batch was created");
+    assert_eq!(sys.sim.chat_calls().await, 0);
+}
+
+#[tokio::test]
+async fn without_the_right_token_the_cli_says_so_and_never_prints_it() {
+    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+    let csv = File::new("csv", "Batman,Superman\n");
+
+    let unset = versus(&sys, None, &["prewarm", csv.path()]).await;
+    assert_eq!(unset.code, Some(2));
+    assert!(
+        unset.stderr.contains("VERSUS_ADMIN_TOKEN is not set"),
+        "{}",
+        unset.stderr
+    );
+
+    let secret = "wrong-s3cret-value";
+    let wrong = versus(&sys, Some(secret), &["prewarm", csv.path()]).await;
+    assert_eq!(wrong.code, Some(1));
+    assert!(wrong.stderr.contains("401"), "{}", wrong.stderr);
+    assert!(!wrong.stderr.contains(secret) && !wrong.stdout.contains(secret));
+    let purge = versus(&sys, Some(secret), &["purge", &"0".repeat(32)]).await;
+    assert_eq!(purge.code, Some(1));
+    assert!(purge.stderr.contains("401"), "{}", purge.stderr);
+
+    assert_eq!(batches(&sys).await, 0);
+    assert_eq!(sys.sim.chat_calls().await, 0);
+}
+
+#[tokio::test]
+async fn a_matchup_that_fails_is_counted_and_makes_the_exit_status_1() {
+    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+    // The upstream refuses (a 400 is not retried): the matchup fails for good.
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 400}, "times": 1}))
+        .await;
+    let csv = File::new("csv", "Batman,Superman\n");
+    let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stdout
+            .contains("1 matchup: 0 already cached, 0 generated, 1 failed"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("run the same command again"),
+        "{}",
+        run.stderr
+    );
+
+    // Running it again retries the failed one, which now succeeds.
+    let again = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+    assert_eq!(again.code, Some(0));
+    assert!(
+        again
+            .stdout
+            .contains("1 matchup: 0 already cached, 1 generated, 0 failed"),
+        "{}",
+        again.stdout
+    );
+}
+
+#[tokio::test]
+async fn purge_removes_the_answer_and_a_second_purge_finds_nothing() {
+    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+    let events = fight(&sys, "Batman", "Superman").await;
+    let key = events[0].json()["key"].as_str().unwrap().to_owned();
+    let url = format!("{}/v1/fights/{key}", sys.api_url());
+    assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
+
+    let run = versus(&sys, Some(TOKEN), &["purge", &key]).await;
+    assert_eq!(run.code, Some(0));
+    assert!(
+        run.stdout.contains(&format!("purged {key}")),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(http().get(&url).send().await.unwrap().status(), 404);
+
+    let again = versus(&sys, Some(TOKEN), &["purge", &key]).await;
+    assert_eq!(again.code, Some(1));
+    assert!(again.stderr.contains("no such answer"), "{}", again.stderr);
+
+    let bad = versus(&sys, Some(TOKEN), &["purge", "not-a-key"]).await;
+    assert_eq!(bad.code, Some(2));
+    assert!(bad.stderr.contains("not an answer key"), "{}", bad.stderr);
+}

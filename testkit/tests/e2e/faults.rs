@@ -135,3 +135,21 @@ async fn an_upstream_failing_every_try_gives_a_retryable_error_and_a_later_reque
     assert_eq!(cached[0].json()["cached"], json!(true));
     assert_eq!(sys.sim.chat_calls().await, 4);
 }
+
+#[tokio::test]
+async fn a_worker_given_sigterm_finishes_its_answer_before_it_exits() {
+    let mut sys = quick()
+        .workers(1)
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "20")
+        .start()
+        .await;
+    let url = stream_url(&sys, "Marathon", "Sprint");
+    let mut client = sse::open(&url, None).await;
+    while client.next().await.expect("the stream goes on").event != "chunk" {}
+    let status = sys.workers[0].terminate().await;
+    assert!(status.success(), "the worker exited cleanly: {status:?}");
+    let rest = client.collect_all().await;
+    assert_eq!(rest.last().unwrap().event, "done", "{rest:?}");
+    assert!(rest.iter().all(|e| e.event != "reset"), "{rest:?}");
+    assert_eq!(sys.sim.chat_calls().await, 1);
+}

@@ -309,3 +309,55 @@ async fn a_hit_is_served_with_every_worker_and_postgres_gone() {
     }
     assert_eq!(sys.sim.chat_calls().await, 1);
 }
+
+#[tokio::test]
+async fn metrics_count_hits_misses_coalescing_and_upstream_calls() {
+    // A slow first token, so that the three concurrent requests surely meet in one flight.
+    let sys = quick()
+        .workers(1)
+        .sim_env("VERSUS_SIM_TTFT_MS", "1000")
+        .start()
+        .await;
+    let url = stream_url(&sys, "Metric", "Gauge");
+    join_all((0..3).map(|_| async { sse::open(&url, None).await.collect_all().await })).await;
+    fight(&sys, "Metric", "Gauge").await;
+    let api = http()
+        .get(format!("{}/metrics", sys.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "versus_cache_misses_total 1",
+        "versus_coalesced_total 2",
+        "versus_cache_hits_total{kind=\"text\",layer=\"kv\"} 1",
+    ] {
+        assert!(api.contains(line), "{line} in\n{api}");
+    }
+    let worker = http()
+        .get(format!("{}/metrics", sys.workers[0].url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        worker.contains("versus_upstream_calls_total{kind=\"chat\"} 1"),
+        "{worker}"
+    );
+    assert!(
+        worker.contains("versus_upstream_tokens_total{type=\"completion\"}"),
+        "{worker}"
+    );
+    for ops in ["healthz", "readyz"] {
+        let r = http()
+            .get(format!("{}/{ops}", sys.api_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{ops}");
+    }
+}

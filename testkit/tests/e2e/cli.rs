@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::json;
-use versus_testkit::{System, bin_path};
+use serde_json::{Value, json};
+use versus_testkit::{System, bin_path, eventually};
 
 use crate::{fight, http, quick};
 
@@ -241,7 +241,7 @@ async fn a_matchup_that_fails_is_counted_and_makes_the_exit_status_1() {
 }
 
 #[tokio::test]
-async fn purge_removes_the_answer_and_a_second_purge_finds_nothing() {
+async fn purge_removes_the_answer_and_prewarm_popular_brings_it_back() {
     let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
     let events = fight(&sys, "Batman", "Superman").await;
     let key = events[0].json()["key"].as_str().unwrap().to_owned();
@@ -264,4 +264,35 @@ async fn purge_removes_the_answer_and_a_second_purge_finds_nothing() {
     let bad = versus(&sys, Some(TOKEN), &["purge", "not-a-key"]).await;
     assert_eq!(bad.code, Some(2));
     assert!(bad.stderr.contains("not an answer key"), "{}", bad.stderr);
+
+    // The matchup was requested and has no answer now: `--popular` warms it again, once the
+    // request has been counted (popularity is aggregated in the background).
+    let pending = format!("{}/v1/admin/popular?limit=5&pending=true", sys.api_url());
+    eventually(
+        "the purged matchup is pending",
+        Duration::from_secs(30),
+        || async {
+            let list: Value = http()
+                .get(&pending)
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            list["matchups"][0]["key"] == json!(key)
+        },
+    )
+    .await;
+    let warm = versus(&sys, Some(TOKEN), &["prewarm", "--popular", "5"]).await;
+    assert_eq!(warm.code, Some(0));
+    assert!(
+        warm.stdout
+            .contains("1 matchup: 0 already cached, 1 generated, 0 failed"),
+        "{}",
+        warm.stdout
+    );
+    assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
+    assert_eq!(sys.sim.chat_calls().await, 2);
 }

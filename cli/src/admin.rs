@@ -1,0 +1,240 @@
+//! The API's admin routes, as a typed client. The token goes in a header marked sensitive and
+//! is never part of a message.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use versus_shared::key::Key;
+
+use crate::Error;
+use crate::input::Pair;
+
+/// The variable that holds the admin token (the API reads the same one).
+pub const TOKEN_VAR: &str = "VERSUS_ADMIN_TOKEN";
+
+/// `POST /v1/admin/prewarm`'s answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Submitted {
+    pub batch: String,
+    pub total: u64,
+    pub already_cached: u64,
+    pub queued: u64,
+}
+
+/// `GET /v1/admin/prewarm/{batch}`'s answer: `done + failed + pending == total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Progress {
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub pending: u64,
+}
+
+/// One entry of `GET /v1/admin/popular`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Popular {
+    pub key: String,
+    pub a: String,
+    pub b: String,
+    pub requests: u64,
+    pub cached: bool,
+}
+
+#[derive(Deserialize)]
+struct PopularList {
+    matchups: Vec<Popular>,
+}
+
+pub struct Admin {
+    http: reqwest::Client,
+    base: Url,
+    token: HeaderValue,
+}
+
+impl Admin {
+    /// A client for the API at `api`, with the token from [`TOKEN_VAR`].
+    pub fn from_env(api: &str) -> Result<Admin, Error> {
+        let token = std::env::var(TOKEN_VAR).unwrap_or_default();
+        if token.trim().is_empty() {
+            return Err(Error::BadInput(format!(
+                "{TOKEN_VAR} is not set: export the API's admin token in it"
+            )));
+        }
+        Admin::new(api, token.trim())
+    }
+
+    pub fn new(api: &str, token: &str) -> Result<Admin, Error> {
+        let mut base = Url::parse(api)
+            .map_err(|e| Error::BadInput(format!("--api {api:?} is not a URL: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(Error::BadInput(format!(
+                "--api {api:?} is not an http(s) URL"
+            )));
+        }
+        // Routes are joined onto the base, so an API behind a path prefix works too.
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let mut token = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            Error::BadInput(format!("{TOKEN_VAR} holds characters a header cannot"))
+        })?;
+        token.set_sensitive(true);
+        versus_shared::tls::install();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Admin { http, base, token })
+    }
+
+    pub async fn prewarm(&self, matchups: &[Pair], images: bool) -> anyhow::Result<Submitted> {
+        let body = json!({ "matchups": matchups, "images": images });
+        let request = self.request(Method::POST, &["prewarm"])?.json(&body);
+        json_of(self.send(request, "submitting the matchups").await?).await
+    }
+
+    pub async fn progress(&self, batch: &str) -> anyhow::Result<Progress> {
+        let request = self.request(Method::GET, &["prewarm", batch])?;
+        json_of(self.send(request, "reading the batch's progress").await?).await
+    }
+
+    pub async fn popular(&self, limit: u32, pending: bool) -> anyhow::Result<Vec<Popular>> {
+        let mut url = self.url(&["popular"])?;
+        url.query_pairs_mut()
+            .append_pair("limit", &limit.to_string())
+            .append_pair("pending", &pending.to_string());
+        let request = self.authorized(Method::GET, url);
+        let list: PopularList =
+            json_of(self.send(request, "listing the popular matchups").await?).await?;
+        Ok(list.matchups)
+    }
+
+    /// Purges `key`: true when it was there, false when the API does not know it.
+    pub async fn purge(&self, key: &Key) -> anyhow::Result<bool> {
+        let request = self.request(Method::DELETE, &["fights", key.as_str()])?;
+        let what = "purging the answer";
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.unreachable(what, e))?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        check(response, what).await?;
+        Ok(true)
+    }
+
+    /// A request to `/v1/admin/<segments…>`.
+    fn request(&self, method: Method, segments: &[&str]) -> anyhow::Result<RequestBuilder> {
+        Ok(self.authorized(method, self.url(segments)?))
+    }
+
+    /// The URL of `/v1/admin/<segments…>`, each segment escaped.
+    fn url(&self, segments: &[&str]) -> anyhow::Result<Url> {
+        let mut url = self.base.join("v1/admin")?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow!("the API URL cannot take a path"))?
+            .extend(segments);
+        Ok(url)
+    }
+
+    fn authorized(&self, method: Method, url: Url) -> RequestBuilder {
+        self.http
+            .request(method, url)
+            .header(AUTHORIZATION, self.token.clone())
+    }
+
+    async fn send(&self, request: RequestBuilder, what: &str) -> anyhow::Result<Response> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.unreachable(what, e))?;
+        check(response, what).await
+    }
+
+    fn unreachable(&self, what: &str, e: reqwest::Error) -> anyhow::Error {
+        // Without the URL: the base is named once, and reqwest's own text stays short.
+        let e = error_chain(&e.without_url());
+        anyhow!("{what}: cannot reach the API at {}: {e}", self.base)
+    }
+}
+
+/// The response if it succeeded; else an error naming the status and the API's message.
+async fn check(response: Response, what: &str) -> anyhow::Result<Response> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.trim().chars().take(200).collect());
+    let hint = if status == StatusCode::UNAUTHORIZED {
+        format!(" ({TOKEN_VAR} must match the API's)")
+    } else {
+        String::new()
+    };
+    let message = if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    };
+    Err(anyhow!("{what}: the API answered {status}{message}{hint}"))
+}
+
+async fn json_of<T: DeserializeOwned>(response: Response) -> anyhow::Result<T> {
+    let url = response.url().path().to_owned();
+    response
+        .json()
+        .await
+        .with_context(|| format!("the API's answer to {url} is not what this CLI expects"))
+}
+
+/// reqwest's error and its sources in one line ("error sending request: connection refused").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_joined_onto_the_base_and_escaped() {
+        let admin = Admin::new("https://ops.example/versus", "t").unwrap();
+        let url = admin.url(&["prewarm", "a b/c"]).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://ops.example/versus/v1/admin/prewarm/a%20b%2Fc"
+        );
+        let admin = Admin::new("http://127.0.0.1:8080", "t").unwrap();
+        assert_eq!(
+            admin.url(&["popular"]).unwrap().as_str(),
+            "http://127.0.0.1:8080/v1/admin/popular"
+        );
+    }
+
+    #[test]
+    fn an_api_url_that_is_not_http_is_bad_input() {
+        for api in ["127.0.0.1:8080", "ftp://x", "not a url"] {
+            assert!(
+                matches!(Admin::new(api, "t"), Err(Error::BadInput(_))),
+                "{api}"
+            );
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The command line: what `versus --help` documents.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+const AFTER_HELP: &str = "\
+Environment:
+  VERSUS_ADMIN_TOKEN  the API's admin token, sent as a bearer token (required by every command
+                      that calls the API; never printed)
+  VERSUS_API_URL      the API's base URL (as --api)
+
+Exit status:
+  0  everything succeeded
+  1  a matchup failed, there is no answer to purge, or the API was unreachable or refused
+  2  bad input, nothing sent: a malformed file or name, a bad key, no token, a bad argument";
+
+/// Operate Versus: pre-warm answers before traffic arrives, list popular matchups, purge answers.
+#[derive(Debug, Parser)]
+#[command(name = "versus", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The API's base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "VERSUS_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate answers (and pictures) ahead of traffic, from a file or the most requested.
+    ///
+    /// The whole file is checked first, with the API's rules: every malformed line or invalid
+    /// name is reported with its line number, and then nothing is submitted (exit 2). Matchups
+    /// already cached cost nothing; running the same file twice generates nothing the second
+    /// time. A progress bar follows the batches (on a terminal), then a summary is printed;
+    /// the exit status is 1 if any matchup failed (run the same command again to retry those).
+    #[command(after_help = AFTER_HELP)]
+    Prewarm(PrewarmArgs),
+    /// Remove an answer and its picture from every cache layer; the next request regenerates.
+    #[command(after_help = AFTER_HELP)]
+    Purge {
+        /// The answer's key: 32 hexadecimal digits, as in the `meta` event or `versus popular`.
+        key: String,
+    },
+    /// List the most requested matchups, most requested first.
+    #[command(after_help = AFTER_HELP)]
+    Popular {
+        /// How many to list.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
+        /// Only those whose answer is not complete yet (what `prewarm --popular` warms).
+        #[arg(long)]
+        pending: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PrewarmArgs {
+    /// The matchups. CSV: `a,b` per line, an optional `a,b` header, names with commas in
+    /// double quotes (`"Smith, John",Batman`), blank lines ignored. JSON: `[{"a":…,"b":…}, …]`
+    /// or `{"matchups":[…]}`. JSON when the name ends in `.json` or the text starts with `[` or
+    /// `{`; CSV otherwise.
+    #[arg(required_unless_present = "popular", conflicts_with = "popular")]
+    pub file: Option<PathBuf>,
+    /// Instead of a file: the N most requested matchups whose answer is not complete yet.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub popular: Option<u32>,
+    /// Also generate the pictures.
+    #[arg(long)]
+    pub images: bool,
+    /// How many matchups one request carries (the API takes up to 10000); a longer list goes
+    /// as several batches, all followed to the end.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub batch_size: u64,
+    /// Only check the file and report its problems; submit nothing (no token needed).
+    #[arg(long, requires = "file")]
+    pub check: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}

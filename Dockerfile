@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# The Versus binaries in one image: versus-api, versus-worker and versus-sim (pick one with
+# The Versus binaries in one image: versus-api, versus-worker, versus-sim and the operator
+# CLI versus (pick one with
 # the container's command; compose.yaml does).
 #
 #   docker build -t versus .
@@ -17,7 +18,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
     && mkdir -p /out \
-    && cp target/release/versus-api target/release/versus-worker target/release/versus-sim /out/
+    && cp target/release/versus-api target/release/versus-worker target/release/versus-sim \
+       target/release/versus /out/
 
 # --- run ---------------------------------------------------------------------------------
 FROM debian:bookworm-slim

@@ -1,7 +1,6 @@
 # syntax=docker/dockerfile:1
 # The Versus binaries in one image: versus-api, versus-worker, versus-sim and the operator
-# CLI versus (pick one with
-# the container's command; compose.yaml does).
+# CLI versus (pick one with the container's command; compose.yaml does).
 #
 #   docker build -t versus .
 #   docker run --rm -p 8080:8080 -e NATS_URL=nats://... -e VERSUS_HTTP_ADDR=0.0.0.0:8080 versus versus-api

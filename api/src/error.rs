@@ -6,7 +6,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::json;
-use versus_shared::key::NameError;
+use versus_shared::{key::NameError, wire::Event};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -32,6 +32,23 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The error a generation ended with (an `error` or `purged` event).
+    pub fn ended(event: &Event) -> ApiError {
+        match event {
+            Event::Error {
+                code,
+                message,
+                retryable,
+                ..
+            } => ApiError::Generation {
+                code: code.clone(),
+                message: message.clone(),
+                retryable: *retryable,
+            },
+            _ => ApiError::Unavailable,
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &str) {
         match self {
             ApiError::InvalidName(e) => (StatusCode::BAD_REQUEST, e.code()),

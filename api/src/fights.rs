@@ -235,19 +235,7 @@ async fn create_fight(
                 });
                 return Ok(Json(body).into_response());
             }
-            Event::Error {
-                code,
-                message,
-                retryable,
-                ..
-            } => {
-                return Err(ApiError::Generation {
-                    code: code.clone(),
-                    message: message.clone(),
-                    retryable: *retryable,
-                });
-            }
-            Event::Purged => return Err(ApiError::Unavailable),
+            Event::Error { .. } | Event::Purged => return Err(ApiError::ended(&event)),
         }
     }
     Err(ApiError::Unavailable)

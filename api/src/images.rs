@@ -88,19 +88,7 @@ impl App {
                         .await
                         .ok_or(ApiError::Unavailable);
                 }
-                Event::Error {
-                    code,
-                    message,
-                    retryable,
-                    ..
-                } => {
-                    return Err(ApiError::Generation {
-                        code: code.clone(),
-                        message: message.clone(),
-                        retryable: *retryable,
-                    });
-                }
-                Event::Purged => return Err(ApiError::Unavailable),
+                Event::Error { .. } | Event::Purged => return Err(ApiError::ended(&event)),
             }
         }
         Err(ApiError::Unavailable)

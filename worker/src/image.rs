@@ -14,13 +14,13 @@ use sha2::{Digest, Sha256};
 use versus_shared::{
     objects::{self, IMAGE_CACHE_CONTROL},
     prompt,
-    wire::{Event, ImageAnswer, Job},
+    wire::{ImageAnswer, Job},
 };
 
 use crate::{
     Ctx,
     claims::{self, Picture, Stored},
-    events::{self, Publisher},
+    events::Publisher,
     job::{self, Ended, Failure, Outcome},
     openai::UpstreamError,
 };
@@ -55,18 +55,7 @@ pub async fn generate(
                 model: job.model.clone(),
                 attempt,
             };
-            job::put_answer(ctx, job, &answer).await?;
-            publisher
-                .finish(Event::Done {
-                    attempt,
-                    model: job.model.clone(),
-                })
-                .await?;
-            job::settle(ctx, job, true).await;
-            metrics::counter!("versus_generations_total", "kind" => "image", "result" => "done")
-                .increment(1);
-            tracing::info!(key = %job.key, attempt, path = %answer.path, "picture stored");
-            Ok(Outcome::Ack)
+            job::announce(ctx, job, attempt, &answer, &mut publisher).await
         }
         Ended::GaveUp(failure) => job::give_up(ctx, job, attempt, &failure, &mut publisher).await,
         Ended::Lost => Ok(Outcome::Ack),
@@ -181,7 +170,7 @@ pub fn sniff(bytes: &[u8]) -> Result<Format, UpstreamError> {
     Ok(format)
 }
 
-/// A job for a picture that is already stored: refresh the edge cache and re-announce it.
+/// A job for a picture that is already stored (see [`job::reannounce`]).
 pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<()> {
     let answer = ImageAnswer {
         key: job.key.clone(),
@@ -198,22 +187,7 @@ pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<(
         model: stored.model,
         attempt: stored.attempt,
     };
-    job::put_answer(ctx, job, &answer).await?;
-    job::settle(ctx, job, true).await;
-    if matches!(
-        events::last_event(&ctx.bus, job).await?,
-        Some(Event::Done { .. })
-    ) {
-        return Ok(());
-    }
-    let mut publisher = Publisher::new(&ctx.bus, job);
-    publisher.start(answer.attempt).await?;
-    publisher
-        .finish(Event::Done {
-            attempt: answer.attempt,
-            model: answer.model,
-        })
-        .await
+    job::reannounce(ctx, job, answer.attempt, &answer, None).await
 }
 
 #[cfg(test)]

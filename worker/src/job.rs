@@ -15,7 +15,7 @@ use versus_shared::wire::{self, Event, Job, Kind};
 use crate::{
     Ctx,
     claims::{self, Claim},
-    events::Publisher,
+    events::{self, Publisher},
     image,
     openai::UpstreamError,
     text,
@@ -131,6 +131,60 @@ pub async fn give_up(
     Ok(Outcome::Ack)
 }
 
+/// What follows the fenced Postgres write of a finished answer: the edge KV bucket, then
+/// `done`, then the progress of pre-warm batches.
+pub async fn announce(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    answer: &impl Serialize,
+    publisher: &mut Publisher<'_>,
+) -> anyhow::Result<Outcome> {
+    put_answer(ctx, job, answer).await?;
+    publisher
+        .finish(Event::Done {
+            attempt,
+            model: job.model.clone(),
+        })
+        .await?;
+    settle(ctx, job, true).await;
+    metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "done")
+        .increment(1);
+    tracing::info!(key = %job.key, kind = %job.kind, attempt, "answer stored");
+    Ok(Outcome::Ack)
+}
+
+/// A job for an answer that is already done: refresh the edge cache and pre-warm progress,
+/// and re-publish the answer (`text`, for text answers) to its events subject unless the
+/// subject already ends with it.
+pub async fn reannounce(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    answer: &impl Serialize,
+    text: Option<String>,
+) -> anyhow::Result<()> {
+    put_answer(ctx, job, answer).await?;
+    settle(ctx, job, true).await;
+    if matches!(
+        events::last_event(&ctx.bus, job).await?,
+        Some(Event::Done { .. })
+    ) {
+        return Ok(());
+    }
+    let mut publisher = Publisher::new(&ctx.bus, job);
+    publisher.start(attempt).await?;
+    if let Some(text) = text {
+        publisher.chunk(attempt, 0, text).await?;
+    }
+    publisher
+        .finish(Event::Done {
+            attempt,
+            model: job.model.clone(),
+        })
+        .await
+}
+
 /// Records the outcome for the pre-warm batches waiting on this key. Best effort: progress
 /// tracking must not fail the job itself.
 pub async fn settle(ctx: &Ctx, job: &Job, done: bool) {
@@ -141,7 +195,7 @@ pub async fn settle(ctx: &Ctx, job: &Job, done: bool) {
 }
 
 /// Writes a finished answer to the edge KV bucket.
-pub async fn put_answer(ctx: &Ctx, job: &Job, answer: &impl Serialize) -> anyhow::Result<()> {
+async fn put_answer(ctx: &Ctx, job: &Job, answer: &impl Serialize) -> anyhow::Result<()> {
     ctx.bus
         .answers
         .put(

@@ -8,13 +8,13 @@ use anyhow::Context;
 use async_nats::jetstream;
 use versus_shared::{
     prompt,
-    wire::{Answer, Event, Job},
+    wire::{Answer, Job},
 };
 
 use crate::{
     Ctx,
     claims::{self, Stored, Usage},
-    events::{self, Publisher},
+    events::Publisher,
     job::{self, Ended, Outcome},
     openai::Piece,
 };
@@ -47,18 +47,7 @@ pub async fn generate(
                 model: job.model.clone(),
                 attempt,
             };
-            job::put_answer(ctx, job, &answer).await?;
-            publisher
-                .finish(Event::Done {
-                    attempt,
-                    model: job.model.clone(),
-                })
-                .await?;
-            job::settle(ctx, job, true).await;
-            metrics::counter!("versus_generations_total", "kind" => "text", "result" => "done")
-                .increment(1);
-            tracing::info!(key = %job.key, attempt, "answer stored");
-            Ok(Outcome::Ack)
+            job::announce(ctx, job, attempt, &answer, &mut publisher).await
         }
         Ended::GaveUp(failure) => job::give_up(ctx, job, attempt, &failure, &mut publisher).await,
         Ended::Lost => Ok(Outcome::Ack),
@@ -130,8 +119,7 @@ async fn stream_answer(
     }
 }
 
-/// A job for an answer that is already done: refresh the edge cache, and re-publish the answer
-/// to its events subject unless the subject already ends with it.
+/// A job for an answer that is already done (see [`job::reannounce`]).
 pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<()> {
     let text = stored.text.context("a done text row without text")?;
     let answer = Answer {
@@ -142,21 +130,6 @@ pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<(
         model: stored.model,
         attempt: stored.attempt,
     };
-    job::put_answer(ctx, job, &answer).await?;
-    job::settle(ctx, job, true).await;
-    if matches!(
-        events::last_event(&ctx.bus, job).await?,
-        Some(Event::Done { .. })
-    ) {
-        return Ok(());
-    }
-    let mut publisher = Publisher::new(&ctx.bus, job);
-    publisher.start(answer.attempt).await?;
-    publisher.chunk(answer.attempt, 0, answer.text).await?;
-    publisher
-        .finish(Event::Done {
-            attempt: answer.attempt,
-            model: answer.model,
-        })
-        .await
+    let text = answer.text.clone();
+    job::reannounce(ctx, job, answer.attempt, &answer, Some(text)).await
 }

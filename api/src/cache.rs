@@ -2,7 +2,7 @@
 //! answer. A hit here or in KV touches neither the workers nor Postgres. Values are rendered
 //! once, on insert, so a hit only copies bytes.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
@@ -27,12 +27,14 @@ impl Entry for ImageAnswer {
     const KIND: Kind = Kind::Image;
 }
 
-/// A finished answer with its public JSON (`cached: true`) and that JSON's strong ETag.
+/// A finished answer with its public JSON (`cached: true`), that JSON's strong ETag, and its
+/// SSE hit, rendered on first use.
 #[derive(Debug)]
 pub struct Cached<V> {
     pub value: V,
     pub body: Bytes,
     pub etag: String,
+    pub sse: OnceLock<Bytes>,
 }
 
 /// Where a hit came from.
@@ -95,7 +97,12 @@ impl<V: Entry> EdgeCache<V> {
         let value: V = serde_json::from_slice(&bytes)?;
         let body = Bytes::from((self.render)(&value).to_string());
         let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..16]));
-        let cached = Arc::new(Cached { value, body, etag });
+        let cached = Arc::new(Cached {
+            value,
+            body,
+            etag,
+            sse: OnceLock::new(),
+        });
         self.memory.insert(key.clone(), cached.clone());
         Ok(Some(hit_from(cached, V::KIND, Layer::Kv)))
     }

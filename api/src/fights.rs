@@ -9,13 +9,14 @@ use axum::{
         Path, Query, State,
         rejection::{JsonRejection, QueryRejection},
     },
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{
         IntoResponse, Response,
         sse::{Event as SseEvent, KeepAlive, Sse},
     },
     routing::{get, post},
 };
+use bytes::Bytes;
 use futures::{Stream, stream};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -132,6 +133,17 @@ async fn stream_fight(
     let mut translator = Translator::new(key.clone(), resume);
     if let Some(cached) = app.cached(&key).await {
         let answer = &cached.value;
+        if resume.is_none() {
+            // The common hit: the same bytes every time, rendered once per cached answer.
+            let body = cached.sse.get_or_init(|| {
+                sse::render(&[
+                    sse::meta_frame(&key, &answer.a, &answer.b, true),
+                    sse::chunk_frame(answer.attempt, answer.text.len(), &answer.text),
+                    sse::done_frame(&key, &answer.model),
+                ])
+            });
+            return Ok(sse_body(body.clone()));
+        }
         let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
         translator.finished_text(answer.attempt, &answer.text, &mut out);
         out.push(sse::done(&key, &answer.model));
@@ -179,6 +191,19 @@ impl Follow {
             self.queue.extend(out);
         }
     }
+}
+
+/// A whole event stream known in advance (a hit), as one body.
+pub(crate) fn sse_body(body: Bytes) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 pub(crate) fn sse_response(

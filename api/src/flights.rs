@@ -219,7 +219,11 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => (DeliverPolicy::All, 0),
         Err(e) => return Err(e.into()),
     };
+    // Named, so that it can be deleted as soon as the flight ends: the server would otherwise
+    // keep it for its inactivity threshold, and streams cap their consumers.
+    let name = format!("flight-{}", uuid::Uuid::new_v4().simple());
     let consumer = bus.events.create_consumer(push::OrderedConfig {
+        name: Some(name.clone()),
         deliver_subject: bus.client.new_inbox(),
         filter_subject: subject,
         deliver_policy,
@@ -227,6 +231,10 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
     });
     let publish = publish_job(&bus.js, &job, after);
     let (consumer, published) = tokio::join!(consumer, publish);
+    let _delete = DeleteOnDrop {
+        events: bus.events.clone(),
+        name,
+    };
     published?;
     let mut messages = consumer?.messages().await?;
     while let Some(msg) = messages.next().await {
@@ -243,6 +251,24 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
         }
     }
     anyhow::bail!("the events subscription ended")
+}
+
+/// Deletes a flight's consumer when the flight ends, however it ends.
+struct DeleteOnDrop {
+    events: jetstream::stream::Stream,
+    name: String,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let events = self.events.clone();
+        let name = std::mem::take(&mut self.name);
+        tokio::spawn(async move {
+            if let Err(e) = events.delete_consumer(&name).await {
+                tracing::debug!(consumer = %name, error = %e, "deleting a flight's consumer failed");
+            }
+        });
+    }
 }
 
 async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<()> {

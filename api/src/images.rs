@@ -27,7 +27,7 @@ use crate::{
     App,
     cache::Cached,
     error::ApiError,
-    fights::{FightRequest, if_none_match, sse_response},
+    fights::{FightRequest, if_none_match, sse_body, sse_response},
     sse,
 };
 
@@ -103,11 +103,13 @@ async fn stream_image(
     let (matchup, key) = app.matchup(&request, Kind::Image)?;
     if let Some(cached) = app.inner.images.lookup(&key).await {
         let v = &cached.value;
-        let events = [
-            sse::meta(&key, &v.a, &v.b, true),
-            sse::image_done(&key, &app.url_of(v)),
-        ];
-        return Ok(sse_response(&app, stream::iter(events.map(Ok))));
+        let body = cached.sse.get_or_init(|| {
+            sse::render(&[
+                sse::meta_frame(&key, &v.a, &v.b, true),
+                sse::image_done_frame(&key, &app.url_of(v)),
+            ])
+        });
+        return Ok(sse_body(body.clone()));
     }
     let meta = sse::meta(&key, matchup.a.display(), matchup.b.display(), false);
     let follower = app.clone();

@@ -29,42 +29,108 @@ pub fn chunk_id(attempt: i32, end: usize) -> String {
     format!("{attempt}:{end}")
 }
 
-pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> SseEvent {
-    data_event(
+/// One event before it is written: an axum event for streams, or bytes for a whole
+/// pre-rendered body.
+pub struct Frame {
+    name: &'static str,
+    data: serde_json::Value,
+    id: Option<String>,
+}
+
+impl Frame {
+    fn new(name: &'static str, data: serde_json::Value) -> Frame {
+        Frame {
+            name,
+            data,
+            id: None,
+        }
+    }
+
+    /// Appends the event as the wire has it (JSON data never holds a raw newline).
+    pub fn write(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = write!(out, "event: {}\ndata: {}\n", self.name, self.data);
+        if let Some(id) = &self.id {
+            let _ = writeln!(out, "id: {id}");
+        }
+        out.push('\n');
+    }
+}
+
+impl From<Frame> for SseEvent {
+    fn from(frame: Frame) -> SseEvent {
+        let event = SseEvent::default()
+            .event(frame.name)
+            .data(frame.data.to_string());
+        match frame.id {
+            Some(id) => event.id(id),
+            None => event,
+        }
+    }
+}
+
+pub fn meta_frame(key: &Key, a: &str, b: &str, cached: bool) -> Frame {
+    Frame::new(
         "meta",
         json!({"key": key, "a": a, "b": b, "cached": cached}),
     )
 }
 
-pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
-    data_event("chunk", json!({ "delta": delta })).id(chunk_id(attempt, end))
+pub fn chunk_frame(attempt: i32, end: usize, delta: &str) -> Frame {
+    Frame {
+        id: Some(chunk_id(attempt, end)),
+        ..Frame::new("chunk", json!({ "delta": delta }))
+    }
 }
 
-pub fn reset() -> SseEvent {
-    data_event(
-        "reset",
-        json!({"reason": "the answer is being generated again"}),
-    )
-}
-
-pub fn done(key: &Key, model: &str) -> SseEvent {
-    data_event("done", json!({"key": key, "model": model}))
+pub fn done_frame(key: &Key, model: &str) -> Frame {
+    Frame::new("done", json!({"key": key, "model": model}))
 }
 
 /// The end of a picture's stream: where to fetch it.
+pub fn image_done_frame(key: &Key, url: &str) -> Frame {
+    Frame::new("done", json!({"key": key, "url": url}))
+}
+
+pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> SseEvent {
+    meta_frame(key, a, b, cached).into()
+}
+
+pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
+    chunk_frame(attempt, end, delta).into()
+}
+
+pub fn reset() -> SseEvent {
+    Frame::new(
+        "reset",
+        json!({"reason": "the answer is being generated again"}),
+    )
+    .into()
+}
+
+pub fn done(key: &Key, model: &str) -> SseEvent {
+    done_frame(key, model).into()
+}
+
 pub fn image_done(key: &Key, url: &str) -> SseEvent {
-    data_event("done", json!({"key": key, "url": url}))
+    image_done_frame(key, url).into()
 }
 
 pub fn error(code: &str, message: &str, retryable: bool) -> SseEvent {
-    data_event(
+    Frame::new(
         "error",
         json!({"code": code, "message": message, "retryable": retryable}),
     )
+    .into()
 }
 
-fn data_event(name: &str, data: serde_json::Value) -> SseEvent {
-    SseEvent::default().event(name).data(data.to_string())
+/// A whole event stream as one body.
+pub fn render(frames: &[Frame]) -> bytes::Bytes {
+    let mut out = String::new();
+    for frame in frames {
+        frame.write(&mut out);
+    }
+    out.into()
 }
 
 /// Translates one client's view of a generation: which chunks it still needs, and when it

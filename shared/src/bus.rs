@@ -88,6 +88,9 @@ fn events_stream(max_age: Duration) -> stream::Config {
         max_age,
         duplicate_window: Duration::from_secs(30),
         allow_direct: true,
+        // Every API process follows each key it waits on with a consumer: no cap (the
+        // server's default is 1,000 per stream).
+        max_consumers: -1,
         ..Default::default()
     }
 }

@@ -1,6 +1,7 @@
 //! The pull loops: one durable consumer per lane (interactive and pre-warm) shared by every
 //! worker, each lane with its own local concurrency limit, and a drain on shutdown (stop
-//! fetching, let jobs in flight finish within the grace period).
+//! fetching, let jobs in flight finish within the grace period). A pull asks for as many jobs
+//! as the lane has free slots.
 //!
 //! Architecture Invariant: the lanes share nothing but the process. A pre-warm batch of ten
 //! thousand jobs holds at most the pre-warm permits, so interactive misses never queue
@@ -19,6 +20,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use versus_shared::wire::{self, Job};
 
 use crate::{Ctx, job};
+
+/// How long one pull request waits for jobs before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
 /// One lane of jobs.
 pub struct Lane {
@@ -64,38 +68,52 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let tracker = TaskTracker::new();
-    // One message per pull: a busy worker must not hoard jobs an idle one could start.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .context("pulling jobs")?;
-    loop {
-        let permit = tokio::select! {
+    'pulling: loop {
+        // Ask for exactly as many jobs as there are free slots, in one request: a busy worker
+        // never hoards jobs an idle one could start, and a burst is not taken one round trip
+        // at a time.
+        let first = tokio::select! {
             () = shutdown.cancelled() => break,
             p = permits.clone().acquire_owned() => p?,
         };
-        let msg = tokio::select! {
-            () = shutdown.cancelled() => break,
-            m = messages.next() => m,
-        };
-        let msg = match msg {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
+        let mut slots = vec![first];
+        while let Ok(p) = permits.clone().try_acquire_owned() {
+            slots.push(p);
+        }
+        let batch = consumer
+            .batch()
+            .max_messages(slots.len())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
                 tracing::warn!(error = %e, "pulling jobs failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
-            None => anyhow::bail!("the jobs consumer ended"),
         };
-        let ctx = ctx.clone();
-        tracker.spawn(async move {
-            process(&ctx, msg).await;
-            drop(permit);
-        });
+        while let Some(slot) = slots.pop() {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => break 'pulling,
+                m = batch.next() => m,
+            };
+            let msg = match msg {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pulling jobs failed; retrying");
+                    break;
+                }
+                // The request expired with slots to spare: ask again.
+                None => break,
+            };
+            let ctx = ctx.clone();
+            tracker.spawn(async move {
+                process(&ctx, msg).await;
+                drop(slot);
+            });
+        }
     }
     tracker.close();
     tracing::info!(in_flight = tracker.len(), "draining jobs in flight");

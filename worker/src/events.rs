@@ -1,7 +1,11 @@
 //! Publishing one generation's events on `versus.events.<kind>.<key>`. Chunks are published
-//! without waiting for each acknowledgement (the connection keeps them in order); every
+//! without waiting for each acknowledgement (the connection keeps them in order), with at most
+//! [`MAX_PENDING_ACKS`] awaited per generation (the JetStream context bounds acks in flight
+//! per connection, so unbounded generations in parallel would starve each other); every
 //! acknowledgement is awaited before the completion is recorded, so a stored answer always has
 //! all of its chunks on the stream.
+
+use std::collections::VecDeque;
 
 use anyhow::Context;
 use async_nats::jetstream::context::PublishAckFuture;
@@ -10,10 +14,13 @@ use versus_shared::{
     wire::{self, Event, Job},
 };
 
+/// Acknowledgements one generation may leave pending before it waits for the oldest.
+pub const MAX_PENDING_ACKS: usize = 32;
+
 pub struct Publisher<'a> {
     bus: &'a Bus,
     subject: String,
-    pending: Vec<PublishAckFuture>,
+    pending: VecDeque<PublishAckFuture>,
 }
 
 impl<'a> Publisher<'a> {
@@ -21,7 +28,7 @@ impl<'a> Publisher<'a> {
         Publisher {
             bus,
             subject: wire::events_subject(job.kind, &job.key),
-            pending: Vec::new(),
+            pending: VecDeque::new(),
         }
     }
 
@@ -76,7 +83,12 @@ impl<'a> Publisher<'a> {
             .publish(self.subject.clone(), payload.into())
             .await
             .context("publishing an event")?;
-        self.pending.push(ack);
+        self.pending.push_back(ack);
+        if self.pending.len() > MAX_PENDING_ACKS
+            && let Some(oldest) = self.pending.pop_front()
+        {
+            oldest.await.context("the events stream refused an event")?;
+        }
         Ok(())
     }
 }

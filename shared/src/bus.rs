@@ -88,9 +88,9 @@ fn events_stream(max_age: Duration) -> stream::Config {
         max_age,
         duplicate_window: Duration::from_secs(30),
         allow_direct: true,
-        // Every API process follows each key it waits on with a consumer: no cap (the
-        // server's default is 1,000 per stream).
-        max_consumers: -1,
+        // Every API process follows each key it waits on with a consumer. nats-server caps a
+        // stream that sets no limit (-1 counts as none) at 1,000 consumers: set a real one.
+        max_consumers: 1_000_000,
         ..Default::default()
     }
 }

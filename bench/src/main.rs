@@ -1,0 +1,110 @@
+//! `versus-bench`: the measuring half of `scripts/bench`.
+//!
+//! The script starts and stops the processes (NATS, Postgres, the simulator, workers, the
+//! API); each subcommand here measures one scenario against what is running and writes its
+//! raw figures as JSON; `report` turns a folder of them into the results section of
+//! `BENCHMARKS.md`. Modules:
+//!
+//! - [`bare`]: the baseline server, a bare axum handler returning fixed bytes;
+//! - [`wrk`]: running Debian's `wrk` and reading its output;
+//! - [`load`]: a fixed-rate, open-loop HTTP/1.1 load generator with HDR histograms;
+//! - [`sse`]: timed SSE clients, of the API and straight of the simulator;
+//! - [`sim`]: the simulator's control routes; [`procs`]: RSS and CPU time from `/proc`;
+//!   [`profile`]: `perf record` of running processes;
+//! - [`stats`]: percentiles; [`report`]: sections, tables, the machine, `BENCHMARKS.md`;
+//! - one module per scenario: [`hits`] (P1), [`miss`] (P2, P3), [`coalesce`] (P4),
+//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1).
+
+mod bare;
+mod capacity;
+mod coalesce;
+mod hits;
+mod load;
+mod memory;
+mod miss;
+mod prewarm;
+mod procs;
+mod profile;
+mod report;
+mod sim;
+mod sse;
+mod stats;
+mod wrk;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "versus-bench",
+    about = "Versus benchmarks (run them with scripts/bench)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serves fixed bytes from a bare axum handler: the ceiling P1 compares against.
+    Bare(bare::Args),
+    /// P1: cache hits under wrk and at a fixed rate, beside the bare handler.
+    Hits(hits::Args),
+    /// P2 and P3: unique misses through the system beside the same calls to the simulator,
+    /// then hits of the same matchups.
+    Miss(miss::Args),
+    /// P4: identical concurrent misses.
+    Coalesce(coalesce::Args),
+    /// P5: unique answers per second with an instant simulator.
+    Capacity(capacity::Args),
+    /// P6: a pre-warm batch against a simulator with a fixed latency.
+    Prewarm(prewarm::Args),
+    /// M1: the API's memory with many idle open streams.
+    Streams(memory::StreamsArgs),
+    /// M1: a worker's memory with its full concurrency in flight.
+    WorkerRss(memory::WorkerArgs),
+    /// Sends GETs at a fixed rate and prints the latency percentiles (P1's method, alone).
+    Rate(load::Args),
+    /// Sets the simulator's pace (after a reset).
+    Sim(sim::Args),
+    /// Renders the raw results of a folder into BENCHMARKS.md.
+    Report(report::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    versus_shared::tls::install();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Bare(args) => bare::run(args).await,
+            Command::Hits(args) => hits::run(args).await,
+            Command::Miss(args) => miss::run(args).await,
+            Command::Coalesce(args) => coalesce::run(args).await,
+            Command::Capacity(args) => capacity::run(args).await,
+            Command::Prewarm(args) => prewarm::run(args).await,
+            Command::Streams(args) => memory::run_streams(args).await,
+            Command::WorkerRss(args) => memory::run_worker(args).await,
+            Command::Rate(args) => load::run_cli(args).await,
+            Command::Sim(args) => sim::run(args).await,
+            Command::Report(args) => report::run(args),
+        }
+    })
+}
+
+/// Writes `value` as pretty JSON to `path` and says so on stderr.
+pub fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// A short id that makes this run's matchup names new to every cache.
+pub fn run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}

@@ -1,0 +1,349 @@
+//! P2 and P3. Unique concurrent misses through the whole system, beside the same number of
+//! the same requests made straight to the simulator, alternating in rounds; then each of
+//! those matchups again, one at a time: hits.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::report::{Row, Section};
+use crate::sim::Sim;
+use crate::sse::{self, Timeline};
+use crate::stats::{Summary, fmt_ms};
+
+const FILE: &str = "miss.json";
+/// How long one answer may take before it counts as failed.
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub api: String,
+    #[arg(long)]
+    pub sim: String,
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// Concurrent unique misses per round.
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// Rounds; each runs the simulator's baseline and then the system.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 400)]
+    pub ttft_ms: u64,
+    #[arg(long, default_value_t = 60)]
+    pub tokens_per_sec: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Raw {
+    pub n: usize,
+    pub rounds: usize,
+    pub ttft_ms: u64,
+    pub tokens_per_sec: u64,
+    pub answer_bytes: usize,
+    pub direct_first: Summary,
+    pub direct_done: Summary,
+    pub system_first: Summary,
+    pub system_done: Summary,
+    pub direct_errors: Vec<String>,
+    pub system_errors: Vec<String>,
+    /// Chat calls the simulator received during the measured rounds (both sides).
+    pub upstream_calls: u64,
+    /// From a system round's start to each of its calls reaching the simulator (ms
+    /// resolution): the dispatch part of the added time.
+    pub dispatch: Summary,
+    /// P3: each system matchup again, one at a time, time to `done`.
+    pub hit_done: Summary,
+    pub hit_errors: Vec<String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let sim = Sim::new(&args.sim)?;
+    let client = sse::client()?;
+    let run = crate::run_id();
+
+    // Warm-up, not measured: worker pools, Postgres connections, and this client's
+    // connections to both servers, so that no measured request pays a TCP handshake.
+    sim.reset_with(0, 0).await?;
+    let warm = round(&client, &args, &sim, &format!("warm {run}")).await;
+    let failed = warm
+        .0
+        .iter()
+        .chain(&warm.1)
+        .filter(|t| !t.complete())
+        .count();
+    if failed > 0 {
+        eprintln!("warm-up: {failed} answers incomplete");
+    }
+
+    sim.reset_with(args.ttft_ms, args.tokens_per_sec).await?;
+    let mut direct = Vec::new();
+    let mut system = Vec::new();
+    let mut last_urls = Vec::new();
+    let mut windows = Vec::new();
+    for r in 0..args.rounds {
+        let (d, s, window) = round(&client, &args, &sim, &format!("{run} r{r}")).await;
+        direct.extend(d);
+        system.extend(s);
+        windows.push(window);
+        last_urls = urls(&args.api, &format!("{run} r{r}"), args.n)?;
+    }
+    let upstream_calls = sim.chat_calls().await?;
+    let arrivals = sim.chat_arrivals().await?;
+    let dispatch: Vec<Duration> = arrivals
+        .iter()
+        .filter_map(|&at| {
+            let (start, _) = windows.iter().find(|(s, e)| at >= *s && at <= *e)?;
+            Some(Duration::from_millis(at - start))
+        })
+        .collect();
+
+    // P3: the same matchups, now cached, one request at a time.
+    let mut hits = Vec::new();
+    for url in last_urls {
+        hits.push(sse::within(LIMIT, sse::through_api(&client, url)).await);
+    }
+    let hit_errors = errors(&hits, |t| {
+        (t.cached != Some(true)).then(|| "not served from the cache".to_owned())
+    });
+
+    let raw = Raw {
+        n: args.n,
+        rounds: args.rounds,
+        ttft_ms: args.ttft_ms,
+        tokens_per_sec: args.tokens_per_sec,
+        answer_bytes: system.first().map_or(0, |t| t.text_bytes),
+        direct_first: summary(&direct, |t| t.first_token),
+        direct_done: summary(&direct, |t| t.done),
+        system_first: summary(&system, |t| t.first_token),
+        system_done: summary(&system, |t| t.done),
+        direct_errors: errors(&direct, |_| None),
+        system_errors: errors(&system, |_| None),
+        upstream_calls,
+        dispatch: Summary::of(&dispatch),
+        hit_done: summary(&hits, |t| t.done),
+        hit_errors,
+    };
+    eprintln!(
+        "first token p50/p99: direct {:.2}/{:.2} ms, system {:.2}/{:.2} ms",
+        raw.direct_first.p50_ms,
+        raw.direct_first.p99_ms,
+        raw.system_first.p50_ms,
+        raw.system_first.p99_ms
+    );
+    crate::write_json(&args.out_dir.join(FILE), &raw)
+}
+
+/// `n` concurrent requests straight to the simulator, then `n` concurrent unique misses
+/// through the API, for matchups named after `tag`.
+async fn round(
+    client: &reqwest::Client,
+    args: &Args,
+    sim: &Sim,
+    tag: &str,
+) -> (Vec<Timeline>, Vec<Timeline>, (u64, u64)) {
+    let base = sim.openai_base();
+    let direct = join_all((0..args.n).map(|i| {
+        let (client, base) = (client.clone(), base.clone());
+        let (a, b) = names(tag, i);
+        tokio::spawn(sse::within(LIMIT, async move {
+            sse::straight_to_sim(&client, &base, &a, &b).await
+        }))
+    }))
+    .await;
+    // A pause between the sides, so that the tails of one do not overlap the other.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let system_start = unix_ms();
+    let system = match urls(&args.api, tag, args.n) {
+        Ok(urls) => {
+            join_all(urls.into_iter().map(|url| {
+                let client = client.clone();
+                tokio::spawn(sse::within(LIMIT, async move {
+                    sse::through_api(&client, url).await
+                }))
+            }))
+            .await
+        }
+        Err(e) => vec![Ok(Timeline {
+            error: Some(e.to_string()),
+            ..Timeline::default()
+        })],
+    };
+    let system_end = unix_ms();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let unwrap = |r: Result<Timeline, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| Timeline {
+            error: Some(e.to_string()),
+            ..Timeline::default()
+        })
+    };
+    (
+        direct.into_iter().map(unwrap).collect(),
+        system.into_iter().map(unwrap).collect(),
+        (system_start, system_end),
+    )
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn names(tag: &str, i: usize) -> (String, String) {
+    (format!("Miss {tag} {i}"), format!("Rival {i}"))
+}
+
+fn urls(api: &str, tag: &str, n: usize) -> anyhow::Result<Vec<reqwest::Url>> {
+    (0..n)
+        .map(|i| {
+            let (a, b) = names(tag, i);
+            sse::stream_url(api, &a, &b)
+        })
+        .collect()
+}
+
+fn summary(timelines: &[Timeline], pick: impl Fn(&Timeline) -> Option<Duration>) -> Summary {
+    let samples: Vec<Duration> = timelines
+        .iter()
+        .filter(|t| t.complete())
+        .filter_map(pick)
+        .collect();
+    Summary::of(&samples)
+}
+
+/// The distinct problems of the timelines, with how often each happened.
+pub fn errors(timelines: &[Timeline], extra: impl Fn(&Timeline) -> Option<String>) -> Vec<String> {
+    crate::stats::count_distinct(
+        timelines
+            .iter()
+            .filter_map(|t| t.error.clone().or_else(|| extra(t))),
+    )
+}
+
+pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
+    let Some(raw) = crate::report::load::<Raw>(dir, FILE)? else {
+        return Ok(vec![
+            Section::skipped("P2", "Miss overhead", "not in this run"),
+            Section::skipped("P3", "Cache value", "not in this run"),
+        ]);
+    };
+    let total = raw.n * raw.rounds;
+    let added = |what: &str, system: f64, direct: f64, goal: f64| Row {
+        what: what.to_owned(),
+        measured: format!("{} ms", fmt_ms(system)),
+        baseline: format!("simulator: {} ms", fmt_ms(direct)),
+        ratio: format!("{:+.2} ms added", system - direct),
+        goal: format!("≤ {goal} ms added"),
+        met: Some(system - direct <= goal),
+    };
+    let clean = raw.system_errors.is_empty() && raw.direct_errors.is_empty();
+    let mut p2_rows = vec![
+        added(
+            "time to first token, p50",
+            raw.system_first.p50_ms,
+            raw.direct_first.p50_ms,
+            1.0,
+        ),
+        added(
+            "time to first token, p99",
+            raw.system_first.p99_ms,
+            raw.direct_first.p99_ms,
+            5.0,
+        ),
+        added(
+            "time to `done`, p50",
+            raw.system_done.p50_ms,
+            raw.direct_done.p50_ms,
+            1.0,
+        ),
+        added(
+            "time to `done`, p99",
+            raw.system_done.p99_ms,
+            raw.direct_done.p99_ms,
+            5.0,
+        ),
+    ];
+    p2_rows.push(Row {
+        what: "complete answers".to_owned(),
+        measured: format!("{}/{total}", raw.system_done.count),
+        baseline: format!("simulator: {}/{total}", raw.direct_done.count),
+        ratio: String::new(),
+        goal: "all".to_owned(),
+        met: Some(clean),
+    });
+    p2_rows.push(Row::info(
+        "where the added time goes: request → upstream call, p50 / p99",
+        format!(
+            "{} / {} ms (ms resolution); the rest of the added first-token time, upstream \
+             token → client, p50 ≈ {} ms",
+            fmt_ms(raw.dispatch.p50_ms),
+            fmt_ms(raw.dispatch.p99_ms),
+            fmt_ms(raw.system_first.p50_ms - raw.direct_first.p50_ms - raw.dispatch.p50_ms)
+        ),
+    ));
+    p2_rows.push(Row::info(
+        "upstream calls (both sides)",
+        format!("{} for {} requests", raw.upstream_calls, 2 * total),
+    ));
+    let mut p2_notes = Vec::new();
+    for e in raw.system_errors.iter().chain(&raw.direct_errors) {
+        p2_notes.push(format!("Failed: {e}"));
+    }
+    let p2 = Section {
+        id: "P2",
+        title: "Miss overhead",
+        method: format!(
+            "{n} concurrent unique misses through the API (`/v1/fights/stream`, a Rust SSE \
+             client timing each request from just before it is sent to its first `chunk` \
+             and to `done`), beside {n} concurrent identical-shape streaming requests straight \
+             to the simulator's `/v1/chat/completions` (the worker's request body; timed to \
+             the first non-empty `delta.content` and to `[DONE]`). Simulator: {ttft} ms to \
+             the first token, {tps} tokens/s, {bytes}-byte answers. {rounds} rounds, each the \
+             simulator side then the system side; percentiles over all rounds; added = \
+             system percentile − simulator percentile. A warm-up round (instant simulator, \
+             not measured) first opens the client's, the workers' and Postgres' \
+             connections.",
+            n = raw.n,
+            ttft = raw.ttft_ms,
+            tps = raw.tokens_per_sec,
+            bytes = raw.answer_bytes,
+            rounds = raw.rounds,
+        ),
+        rows: p2_rows,
+        notes: p2_notes,
+        skipped: None,
+        appendix: String::new(),
+    };
+
+    let ratio = raw.hit_done.p50_ms / raw.system_done.p50_ms;
+    let p3 = Section {
+        id: "P3",
+        title: "Cache value",
+        method: format!(
+            "The full-answer time (request to `done`) of a hit, over that of a miss. Misses: \
+             the system side of P2. Hits: the last round's {} matchups again, one request at \
+             a time on a kept-alive connection.",
+            raw.n
+        ),
+        rows: vec![Row {
+            what: "full answer, p50: hit over miss".to_owned(),
+            measured: format!("hit: {} ms", fmt_ms(raw.hit_done.p50_ms)),
+            baseline: format!("miss: {} ms", fmt_ms(raw.system_done.p50_ms)),
+            ratio: format!("1/{}", crate::stats::fmt_count(1.0 / ratio)),
+            goal: "≤ 1/100".to_owned(),
+            met: Some(ratio <= 0.01 && raw.hit_errors.is_empty()),
+        }],
+        notes: raw
+            .hit_errors
+            .iter()
+            .map(|e| format!("Hit failed: {e}"))
+            .collect(),
+        skipped: None,
+        appendix: String::new(),
+    };
+    Ok(vec![p2, p3])
+}

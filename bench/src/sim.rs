@@ -1,0 +1,100 @@
+//! The simulator's control routes (`/_sim/reset`, `/_sim/config`, `/_sim/stats`).
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+/// `versus-bench sim`: reset the simulator and set its pace.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The simulator's base URL (http://host:port).
+    #[arg(long)]
+    pub sim: String,
+    /// Milliseconds to the first token.
+    #[arg(long)]
+    pub ttft_ms: u64,
+    /// Tokens per second after the first; 0 sends them all at once.
+    #[arg(long)]
+    pub tokens_per_sec: u64,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let sim = Sim::new(&args.sim)?;
+    sim.reset_with(args.ttft_ms, args.tokens_per_sec).await
+}
+
+/// A handle on the simulator's control routes.
+#[derive(Clone)]
+pub struct Sim {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Sim {
+    pub fn new(base: &str) -> anyhow::Result<Sim> {
+        Ok(Sim {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder().build()?,
+        })
+    }
+
+    /// The OpenAI-compatible base URL (`…/v1`).
+    pub fn openai_base(&self) -> String {
+        format!("{}/v1", self.base)
+    }
+
+    /// Clears the counters and faults, then sets the pace; every scenario starts here.
+    pub async fn reset_with(&self, ttft_ms: u64, tokens_per_sec: u64) -> anyhow::Result<()> {
+        self.post("/_sim/reset", json!({})).await?;
+        self.post(
+            "/_sim/config",
+            json!({"ttft_ms": ttft_ms, "tokens_per_sec": tokens_per_sec}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Chat completions the simulator has received since its last reset.
+    pub async fn chat_calls(&self) -> anyhow::Result<u64> {
+        let stats: Value = self
+            .http
+            .get(format!("{}/_sim/stats", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        stats["chat_calls"]
+            .as_u64()
+            .context("/_sim/stats has no chat_calls")
+    }
+
+    /// Arrival times (Unix milliseconds) of the chat calls since the last reset.
+    pub async fn chat_arrivals(&self) -> anyhow::Result<Vec<u64>> {
+        let stats: Value = self
+            .http
+            .get(format!("{}/_sim/stats", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(stats["calls"]
+            .as_array()
+            .context("/_sim/stats has no calls")?
+            .iter()
+            .filter(|c| c["kind"] == "chat")
+            .filter_map(|c| c["at_ms"].as_u64())
+            .collect())
+    }
+
+    async fn post(&self, path: &str, body: Value) -> anyhow::Result<()> {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .with_context(|| format!("POST {path} to the simulator"))?;
+        Ok(())
+    }
+}

@@ -36,14 +36,32 @@ impl<'a> Publisher<'a> {
     /// announces the attempt so readers void what they have.
     pub async fn start(&mut self, attempt: i32) -> anyhow::Result<()> {
         self.flush().await?;
-        self.bus
-            .events
-            .purge()
-            .filter(self.subject.clone())
-            .await
-            .context("purging old events")?;
+        // A purge is costly for the server (it locks the stream and visits its consumers);
+        // most subjects are new, and a direct get of the last message says so cheaply.
+        if self.holds_events().await {
+            self.bus
+                .events
+                .purge()
+                .filter(self.subject.clone())
+                .await
+                .context("purging old events")?;
+        }
         self.publish(&Event::Started { attempt }).await?;
         self.flush().await
+    }
+
+    /// Whether the subject holds any event (true when unsure, so that a purge follows).
+    async fn holds_events(&self) -> bool {
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        match self
+            .bus
+            .events
+            .direct_get_last_for_subject(self.subject.clone())
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => e.kind() != DirectGetErrorKind::NotFound,
+        }
     }
 
     pub async fn chunk(

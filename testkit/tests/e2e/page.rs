@@ -49,9 +49,16 @@ async fn watch_until_done(browser: &Browser) -> (Vec<String>, String) {
     }
 }
 
-async fn type_matchup(browser: &Browser, a: &str, b: &str) {
+/// Types the two names and presses Fight.
+async fn fight_in_page(browser: &Browser, a: &str, b: &str) {
     browser.find("#a").await.send_keys(a).await.expect("type A");
     browser.find("#b").await.send_keys(b).await.expect("type B");
+    browser
+        .find("#fight")
+        .await
+        .click()
+        .await
+        .expect("press Fight");
 }
 
 async fn is_shown(browser: &Browser, id: &str) -> bool {
@@ -148,13 +155,7 @@ async fn the_answer_grows_token_by_token_in_the_page() {
         .await;
     let browser = Browser::start().await;
     browser.goto(&format!("{}/", sys.api_url())).await;
-    type_matchup(&browser, "Batman", "Superman").await;
-    browser
-        .find("#fight")
-        .await
-        .click()
-        .await
-        .expect("press Fight");
+    fight_in_page(&browser, "Batman", "Superman").await;
 
     let (seen, text) = watch_until_done(&browser).await;
     let mut lengths: Vec<usize> = seen.iter().map(|t| t.chars().count()).collect();
@@ -214,13 +215,7 @@ async fn the_same_fight_again_is_marked_cached_and_shown_whole() {
     assert!(!first.is_empty());
     let browser = Browser::start().await;
     browser.goto(&format!("{}/", sys.api_url())).await;
-    type_matchup(&browser, "Godzilla", "King Kong").await;
-    browser
-        .find("#fight")
-        .await
-        .click()
-        .await
-        .expect("press Fight");
+    fight_in_page(&browser, "Godzilla", "King Kong").await;
 
     let (seen, text) = watch_until_done(&browser).await;
     assert_eq!(text, first);
@@ -436,13 +431,7 @@ async fn a_new_fight_closes_the_streams_of_the_last_one() {
     let browser = Browser::start().await;
     browser.goto(&format!("{}/", sys.api_url())).await;
     track_streams(&browser).await;
-    type_matchup(&browser, "Cat", "Mouse").await;
-    browser
-        .find("#fight")
-        .await
-        .click()
-        .await
-        .expect("press Fight");
+    fight_in_page(&browser, "Cat", "Mouse").await;
     browser
         .wait_for(
             "the first answer to begin",
@@ -453,13 +442,7 @@ async fn a_new_fight_closes_the_streams_of_the_last_one() {
     for id in ["#a", "#b"] {
         browser.find(id).await.clear().await.expect("clear a name");
     }
-    type_matchup(&browser, "Shark", "Octopus").await;
-    browser
-        .find("#fight")
-        .await
-        .click()
-        .await
-        .expect("press Fight");
+    fight_in_page(&browser, "Shark", "Octopus").await;
     let opened = browser.js("return window.streams.length;").await;
     assert_eq!(opened, json!(4), "a text and a picture stream per fight");
     assert!(

@@ -1,7 +1,17 @@
-//! Coalescing within one API process: one reader of a key's events subject, however many HTTP
-//! requests wait on that key. The reader keeps every event of the generation in a log, so a
-//! request that joins late replays it from the first message; across API replicas, the job's
+//! Coalescing within one API process: one reader of a key's events, however many HTTP requests
+//! wait on that key. The reader keeps every event of the generation in a log, so a request
+//! that joins late replays it from the first message; across API replicas, the job's
 //! `Nats-Msg-Id` makes identical misses one job.
+//!
+//! A reader follows its key with a core NATS subscription on the key's events subject: the
+//! server matches each published event against subscriptions through its subject tree, so a
+//! thousand concurrent flights cost it nothing per event (a JetStream consumer per key made
+//! every event visit every consumer's filter). What the stream held before the subscription
+//! is read with batched direct gets. The log takes each event once, by its place in the
+//! generation (attempt, then byte offset), so an event seen both in the history and live
+//! counts once; an event that does not fit (a chunk after a hole, an end the log never saw
+//! begin, a `done` longer than the text held) sends the reader back to the history, as does a
+//! reconnect or a subscription overflow, the two ways core NATS loses messages.
 
 use std::{
     collections::HashMap,
@@ -12,13 +22,12 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{
-    self,
-    consumer::{DeliverPolicy, push},
-    message::PublishMessage,
-    stream::LastRawMessageErrorKind,
+use anyhow::Context;
+use async_nats::{
+    StatusCode,
+    jetstream::{self, message::PublishMessage, stream::DirectGetErrorKind},
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
@@ -47,6 +56,98 @@ pub struct Flight {
 struct Log {
     events: Vec<Arc<Event>>,
     closed: bool,
+    /// The attempt the log follows, and where its text ends.
+    attempt: Option<i32>,
+    end: usize,
+}
+
+/// What the log made of an event.
+#[derive(Debug, PartialEq, Eq)]
+enum Offer {
+    /// Logged; `ended` when it ends the generation.
+    Taken { ended: bool },
+    /// Already held, or from an attempt the log has left behind.
+    Known,
+    /// It does not follow what the log holds: something before it is missing.
+    Gap,
+}
+
+impl Log {
+    /// Takes `event` if it extends the generation. `stored` events come from the stream's
+    /// history, in the stream's order: an operator's purge there ends the generation even if
+    /// the log never saw it begin.
+    fn offer(&mut self, event: Event, stored: bool) -> Offer {
+        if self.closed {
+            return Offer::Known;
+        }
+        let event = match event {
+            Event::Started { attempt } => match self.attempt {
+                Some(current) if attempt <= current => return Offer::Known,
+                _ => {
+                    self.attempt = Some(attempt);
+                    self.end = 0;
+                    event
+                }
+            },
+            Event::Chunk {
+                attempt,
+                offset,
+                delta,
+            } => {
+                let stop = offset + delta.len();
+                match self.attempt {
+                    Some(current) if attempt < current => return Offer::Known,
+                    Some(current) if attempt == current => {
+                        if stop <= self.end {
+                            return Offer::Known;
+                        }
+                        if offset > self.end {
+                            return Offer::Gap;
+                        }
+                        // Keep only the part after what the log holds.
+                        let Some(rest) = delta.get(self.end - offset..) else {
+                            return Offer::Gap;
+                        };
+                        let event = Event::Chunk {
+                            attempt,
+                            offset: self.end,
+                            delta: rest.to_owned(),
+                        };
+                        self.end = stop;
+                        event
+                    }
+                    _ if offset == 0 => {
+                        self.attempt = Some(attempt);
+                        self.end = stop;
+                        Event::Chunk {
+                            attempt,
+                            offset,
+                            delta,
+                        }
+                    }
+                    _ => return Offer::Gap,
+                }
+            }
+            Event::Done {
+                attempt, length, ..
+            } => match self.attempt {
+                Some(current) if attempt < current => return Offer::Known,
+                Some(current) if attempt == current && length <= self.end => event,
+                _ => return Offer::Gap,
+            },
+            Event::Error { attempt, .. } => match self.attempt {
+                Some(current) if attempt < current => return Offer::Known,
+                Some(current) if attempt == current => event,
+                _ => return Offer::Gap,
+            },
+            Event::Purged if stored => event,
+            Event::Purged => return Offer::Gap,
+        };
+        let ended = event.is_terminal();
+        self.events.push(Arc::new(event));
+        self.closed = ended;
+        Offer::Taken { ended }
+    }
 }
 
 impl Flights {
@@ -152,16 +253,30 @@ impl Drop for Waiter {
 }
 
 impl Flight {
-    fn push(&self, event: Event) -> bool {
-        let terminal = event.is_terminal();
+    fn offer(&self, event: Event, stored: bool) -> Offer {
+        let (offer, len) = {
+            let mut log = lock(&self.log);
+            let offer = log.offer(event, stored);
+            (offer, log.events.len())
+        };
+        if matches!(offer, Offer::Taken { .. }) {
+            self.notify.send_replace(len);
+        }
+        offer
+    }
+
+    /// Ends the flight with an event of this process's own (a timeout, a lost bus).
+    fn end_with(&self, event: Event) {
         let len = {
             let mut log = lock(&self.log);
+            if log.closed {
+                return;
+            }
             log.events.push(Arc::new(event));
-            log.closed = terminal;
+            log.closed = true;
             log.events.len()
         };
         self.notify.send_replace(len);
-        terminal
     }
 }
 
@@ -191,7 +306,7 @@ async fn read(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
         },
     };
     if let Some(event) = ending {
-        flight.push(event);
+        flight.end_with(event);
     }
     {
         let mut log = lock(&flight.log);
@@ -201,74 +316,179 @@ async fn read(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
     flights.remove(&key, &flight);
 }
 
+/// How many times a reader reads the history again for one event that does not fit, and how
+/// long it waits first: an event reaches subscribers just before the stream stores it.
+const RESYNC_TRIES: u32 = 4;
+const RESYNC_PAUSE: Duration = Duration::from_millis(2);
+
 async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
     let subject = wire::events_subject(job.kind, &job.key);
+    let mut losses = bus.losses.clone();
+    losses.mark_unchanged();
+    // Subscribe first: the server takes this connection's messages in order, so the
+    // subscription is in place before the history is read and before the job is published.
+    let mut live = bus.client.subscribe(subject.clone()).await?;
+    let last = last_event(bus, &subject).await?;
     // The subject holds at most one attempt (workers purge before a new one). If that attempt
-    // ended badly, read after it and ask for a new job; otherwise read it all, and ask for a
-    // job anyway: it is a no-op for a live or finished generation, and restarts a lost one.
-    let (deliver_policy, after) = match bus.events.get_last_raw_message_by_subject(&subject).await {
-        Ok(last) => match serde_json::from_slice::<Event>(&last.payload) {
-            Ok(Event::Error { .. } | Event::Purged) => (
-                DeliverPolicy::ByStartSequence {
-                    start_sequence: last.sequence + 1,
-                },
-                last.sequence,
-            ),
-            _ => (DeliverPolicy::All, last.sequence),
-        },
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => (DeliverPolicy::All, 0),
-        Err(e) => return Err(e.into()),
-    };
-    // Named, so that it can be deleted as soon as the flight ends: the server would otherwise
-    // keep it for its inactivity threshold, and streams cap their consumers.
-    let name = format!("flight-{}", uuid::Uuid::new_v4().simple());
-    let consumer = bus.events.create_consumer(push::OrderedConfig {
-        name: Some(name.clone()),
-        deliver_subject: bus.client.new_inbox(),
-        filter_subject: subject,
-        deliver_policy,
-        ..Default::default()
-    });
-    let publish = publish_job(&bus.js, &job, after);
-    let (consumer, published) = tokio::join!(consumer, publish);
-    let _delete = DeleteOnDrop {
-        events: bus.events.clone(),
-        name,
-    };
-    published?;
-    let mut messages = consumer?.messages().await?;
-    while let Some(msg) = messages.next().await {
-        let msg = msg?;
-        let event: Event = match serde_json::from_slice(&msg.payload) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "skipping an unreadable event");
-                continue;
+    // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
+    // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
+    // lost one.
+    let (after, base) = match last {
+        Some((seq, payload, Event::Error { .. } | Event::Purged)) => {
+            // Whatever reached the subscription up to that end belongs to the failed attempt:
+            // every copy of it arrived before the answer above, and it ends with that event.
+            let mut early = Vec::new();
+            while let Some(Some(msg)) = live.next().now_or_never() {
+                early.push(msg.payload);
             }
-        };
-        if flight.push(event) {
-            return Ok(());
+            let stale = early
+                .iter()
+                .position(|p| *p == payload)
+                .map_or(0, |i| i + 1);
+            for payload in early.drain(stale..) {
+                if offer_live(bus, flight, &subject, seq, payload).await? {
+                    return Ok(());
+                }
+            }
+            (seq, seq)
+        }
+        Some((seq, ..)) => {
+            if replay(bus, flight, &subject, 0).await? {
+                return Ok(());
+            }
+            (seq, 0)
+        }
+        None => (0, 0),
+    };
+    publish_job(&bus.js, &job, after).await?;
+    loop {
+        tokio::select! {
+            msg = live.next() => {
+                let msg = msg.context("the events subscription ended")?;
+                if offer_live(bus, flight, &subject, base, msg.payload).await? {
+                    return Ok(());
+                }
+            }
+            changed = losses.changed() => {
+                changed.context("the NATS connection is gone")?;
+                tracing::debug!(%subject, "messages may have been lost; reading the history");
+                if replay(bus, flight, &subject, base).await? {
+                    return Ok(());
+                }
+            }
         }
     }
-    anyhow::bail!("the events subscription ended")
 }
 
-/// Deletes a flight's consumer when the flight ends, however it ends.
-struct DeleteOnDrop {
-    events: jetstream::stream::Stream,
-    name: String,
-}
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        let events = self.events.clone();
-        let name = std::mem::take(&mut self.name);
-        tokio::spawn(async move {
-            if let Err(e) = events.delete_consumer(&name).await {
-                tracing::debug!(consumer = %name, error = %e, "deleting a flight's consumer failed");
-            }
-        });
+/// Offers one live event to the log, reading the history (from after `after`) when it does
+/// not fit. True once the generation has ended.
+async fn offer_live(
+    bus: &Bus,
+    flight: &Flight,
+    subject: &str,
+    after: u64,
+    payload: bytes::Bytes,
+) -> anyhow::Result<bool> {
+    let Some(event) = decode(subject, &payload) else {
+        return Ok(false);
+    };
+    let mut pause = RESYNC_PAUSE;
+    for _ in 0..RESYNC_TRIES {
+        match flight.offer(event.clone(), false) {
+            Offer::Taken { ended } => return Ok(ended),
+            Offer::Known => return Ok(false),
+            Offer::Gap => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        if replay(bus, flight, subject, after).await? {
+            return Ok(true);
+        }
     }
+    // Still no place for it: it belongs to an attempt the history no longer holds.
+    tracing::debug!(%subject, "dropping an event that fits no attempt");
+    Ok(false)
+}
+
+/// Offers the stored events after sequence `after` to the log. True once the generation has
+/// ended.
+async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow::Result<bool> {
+    for event in history(bus, subject, after + 1).await? {
+        match flight.offer(event, true) {
+            Offer::Taken { ended: true } => return Ok(true),
+            Offer::Gap => anyhow::bail!("the stored events of {subject} have a hole"),
+            Offer::Taken { ended: false } | Offer::Known => {}
+        }
+    }
+    Ok(false)
+}
+
+/// The last event stored on `subject`: its sequence, its bytes, and what they say.
+async fn last_event(
+    bus: &Bus,
+    subject: &str,
+) -> anyhow::Result<Option<(u64, bytes::Bytes, Event)>> {
+    match bus.events.direct_get_last_for_subject(subject).await {
+        Ok(msg) => Ok(decode(subject, &msg.payload).map(|e| (msg.sequence, msg.payload, e))),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context("reading the last event"),
+    }
+}
+
+/// How many events one direct get returns at most (the server's limit).
+const HISTORY_BATCH: usize = 1000;
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The events stored on `subject` from stream sequence `from` on, in order: batched direct
+/// gets (nats-server 2.11+), a thousand events per round trip, no consumer to create.
+async fn history(bus: &Bus, subject: &str, mut from: u64) -> anyhow::Result<Vec<Event>> {
+    let api = format!("$JS.API.DIRECT.GET.{}", wire::EVENTS_STREAM);
+    let mut events = Vec::new();
+    loop {
+        let inbox = bus.client.new_inbox();
+        let mut replies = bus.client.subscribe(inbox.clone()).await?;
+        let request =
+            serde_json::json!({"seq": from, "next_by_subj": subject, "batch": HISTORY_BATCH});
+        bus.client
+            .publish_with_reply(api.clone(), inbox, serde_json::to_vec(&request)?.into())
+            .await?;
+        let mut read = 0;
+        loop {
+            let msg = tokio::time::timeout(HISTORY_TIMEOUT, replies.next())
+                .await
+                .context("reading the stored events timed out")?
+                .context("the stored events' subscription ended")?;
+            match msg.status {
+                None | Some(StatusCode::OK) => {}
+                // Nothing stored from `from` on.
+                Some(StatusCode::NOT_FOUND) => return Ok(events),
+                // The end of this batch.
+                Some(s) if s.as_u16() == 204 => break,
+                Some(s) => anyhow::bail!(
+                    "reading the stored events: {s} {}",
+                    msg.description.unwrap_or_default()
+                ),
+            }
+            let seq = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_SEQUENCE))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .context("a stored event without its sequence")?;
+            from = seq + 1;
+            read += 1;
+            events.extend(decode(subject, &msg.payload));
+        }
+        if read < HISTORY_BATCH {
+            return Ok(events);
+        }
+    }
+}
+
+fn decode(subject: &str, payload: &[u8]) -> Option<Event> {
+    serde_json::from_slice(payload)
+        .inspect_err(|e| tracing::warn!(%subject, error = %e, "skipping an unreadable event"))
+        .ok()
 }
 
 async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<()> {
@@ -290,4 +510,130 @@ async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Log, Offer};
+    use versus_shared::wire::Event;
+
+    fn chunk(attempt: i32, offset: usize, delta: &str) -> Event {
+        Event::Chunk {
+            attempt,
+            offset,
+            delta: delta.to_owned(),
+        }
+    }
+
+    fn done(attempt: i32, length: usize) -> Event {
+        Event::Done {
+            attempt,
+            model: "m".to_owned(),
+            length,
+        }
+    }
+
+    fn error(attempt: i32) -> Event {
+        Event::Error {
+            attempt,
+            code: "upstream".to_owned(),
+            message: "no".to_owned(),
+            retryable: true,
+        }
+    }
+
+    fn text(log: &Log) -> String {
+        let (mut text, mut current) = (String::new(), None);
+        for event in &log.events {
+            match &**event {
+                Event::Started { attempt } | Event::Chunk { attempt, .. }
+                    if current != Some(*attempt) =>
+                {
+                    current = Some(*attempt);
+                    text.clear();
+                }
+                _ => {}
+            }
+            match &**event {
+                Event::Chunk { offset, delta, .. } => {
+                    assert_eq!(*offset, text.len(), "chunks follow each other");
+                    text.push_str(delta);
+                }
+                _ => {}
+            }
+        }
+        text
+    }
+
+    const TAKEN: Offer = Offer::Taken { ended: false };
+
+    #[test]
+    fn history_and_live_copies_of_the_same_events_are_logged_once() {
+        let mut log = Log::default();
+        let stored = [
+            Event::Started { attempt: 1 },
+            chunk(1, 0, "Thor "),
+            chunk(1, 5, "wins"),
+        ];
+        for e in stored.clone() {
+            assert_eq!(log.offer(e, true), TAKEN);
+        }
+        // The same events, live, then what follows them.
+        for e in stored {
+            assert_eq!(log.offer(e, false), Offer::Known);
+        }
+        assert_eq!(log.offer(chunk(1, 9, "."), false), TAKEN);
+        assert_eq!(log.offer(done(1, 10), false), Offer::Taken { ended: true });
+        assert_eq!(text(&log), "Thor wins.");
+        assert_eq!(log.events.len(), 5);
+        assert_eq!(log.offer(chunk(1, 10, "more"), false), Offer::Known);
+    }
+
+    #[test]
+    fn a_chunk_overlapping_what_is_held_adds_only_the_rest() {
+        let mut log = Log::default();
+        log.offer(chunk(2, 0, "Zeus "), false);
+        assert_eq!(log.offer(chunk(2, 0, "Zeus wins"), true), TAKEN);
+        assert_eq!(text(&log), "Zeus wins");
+        // A cut inside a character is a hole, not a broken string.
+        let mut log = Log::default();
+        log.offer(chunk(1, 0, "é"), false);
+        log.end = 1;
+        assert_eq!(log.offer(chunk(1, 0, "éa"), false), Offer::Gap);
+    }
+
+    #[test]
+    fn what_does_not_follow_the_log_is_a_gap() {
+        let mut log = Log::default();
+        // Mid-answer, with nothing held.
+        assert_eq!(log.offer(chunk(1, 4, "wins"), false), Offer::Gap);
+        // An end of an attempt never seen beginning.
+        assert_eq!(log.offer(error(1), false), Offer::Gap);
+        assert_eq!(log.offer(done(1, 0), false), Offer::Gap);
+        // A purge seen live may be stale; in the stored history it is the truth.
+        assert_eq!(log.offer(Event::Purged, false), Offer::Gap);
+        log.offer(Event::Started { attempt: 1 }, false);
+        assert_eq!(log.offer(chunk(1, 0, "Thor "), false), TAKEN);
+        // A chunk after a hole, and a `done` longer than the text held.
+        assert_eq!(log.offer(chunk(1, 9, "."), false), Offer::Gap);
+        assert_eq!(log.offer(done(1, 10), false), Offer::Gap);
+        assert!(log.events.len() == 2 && !log.closed);
+        assert_eq!(log.offer(Event::Purged, true), Offer::Taken { ended: true });
+    }
+
+    #[test]
+    fn a_new_attempt_replaces_the_old_one_and_the_old_one_is_ignored_after() {
+        let mut log = Log::default();
+        log.offer(Event::Started { attempt: 1 }, false);
+        log.offer(chunk(1, 0, "Thor"), false);
+        assert_eq!(log.offer(Event::Started { attempt: 2 }, false), TAKEN);
+        assert_eq!(log.offer(chunk(1, 4, " wins"), false), Offer::Known);
+        assert_eq!(log.offer(error(1), false), Offer::Known);
+        assert_eq!(log.offer(chunk(2, 0, "Zeus"), false), TAKEN);
+        assert_eq!(text(&log), "Zeus");
+        // A first chunk of a newer attempt starts it even if `started` was missed.
+        assert_eq!(log.offer(chunk(3, 0, "Odin"), false), TAKEN);
+        assert_eq!(log.offer(error(3), false), Offer::Taken { ended: true });
+        assert_eq!(text(&log), "Odin");
+    }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream::{self, kv, stream};
+use tokio::sync::watch;
 
 use crate::{config::NatsSettings, wire};
 
@@ -16,13 +17,28 @@ pub struct Bus {
     pub jobs: stream::Stream,
     pub events: stream::Stream,
     pub answers: kv::Store,
+    /// Moves whenever core NATS messages may have been lost on this connection: after a
+    /// reconnect, or when a subscription overflowed. Readers of core subscriptions resync.
+    pub losses: watch::Receiver<u64>,
 }
 
 impl Bus {
     /// Connects (retrying until NATS is up) and declares streams and the bucket.
     pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Bus> {
+        let (lost, losses) = watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(name)
+            .event_callback(move |event| {
+                use async_nats::Event;
+                match &event {
+                    Event::Connected | Event::SlowConsumer(_) => {
+                        lost.send_modify(|n| *n += 1);
+                    }
+                    _ => {}
+                }
+                tracing::info!(%event, "nats connection");
+                std::future::ready(())
+            })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
             .connect(settings.url.expose())
@@ -47,6 +63,7 @@ impl Bus {
             jobs,
             events,
             answers,
+            losses,
         })
     }
 
@@ -87,9 +104,10 @@ fn events_stream(max_age: Duration) -> stream::Config {
         storage: stream::StorageType::Memory,
         max_age,
         duplicate_window: Duration::from_secs(30),
+        // Readers catch up with direct gets (any replica answers), never with a consumer.
         allow_direct: true,
-        // Every API process follows each key it waits on with a consumer. nats-server caps a
-        // stream that sets no limit (-1 counts as none) at 1,000 consumers: set a real one.
+        // nats-server caps a stream that sets no consumer limit at 1,000 consumers; tools and
+        // operators may attach some, and a stream cannot lower this limit once declared.
         max_consumers: 1_000_000,
         ..Default::default()
     }

@@ -115,7 +115,14 @@ pub enum Event {
         delta: String,
     },
     /// The answer is complete and stored.
-    Done { attempt: i32, model: String },
+    Done {
+        attempt: i32,
+        model: String,
+        /// Bytes of text the attempt published (0 for a picture): a reader that holds fewer
+        /// lost a chunk and must read the stream's history before it ends.
+        #[serde(default)]
+        length: usize,
+    },
     /// The attempt failed; `retryable` says whether asking again may succeed.
     Error {
         attempt: i32,

@@ -21,6 +21,8 @@ pub struct Publisher<'a> {
     bus: &'a Bus,
     subject: String,
     pending: VecDeque<PublishAckFuture>,
+    /// Where the text published in this attempt ends.
+    end: usize,
 }
 
 impl<'a> Publisher<'a> {
@@ -29,6 +31,7 @@ impl<'a> Publisher<'a> {
             bus,
             subject: wire::events_subject(job.kind, &job.key),
             pending: VecDeque::new(),
+            end: 0,
         }
     }
 
@@ -46,6 +49,7 @@ impl<'a> Publisher<'a> {
                 .await
                 .context("purging old events")?;
         }
+        self.end = 0;
         self.publish(&Event::Started { attempt }).await?;
         self.flush().await
     }
@@ -70,6 +74,7 @@ impl<'a> Publisher<'a> {
         offset: usize,
         delta: String,
     ) -> anyhow::Result<()> {
+        self.end = offset + delta.len();
         self.publish(&Event::Chunk {
             attempt,
             offset,
@@ -83,6 +88,16 @@ impl<'a> Publisher<'a> {
         self.flush().await?;
         self.publish(&event).await?;
         self.flush().await
+    }
+
+    /// Publishes `done` for `attempt`, with the length of the text published before it.
+    pub async fn done(&mut self, attempt: i32, model: &str) -> anyhow::Result<()> {
+        self.finish(Event::Done {
+            attempt,
+            model: model.to_owned(),
+            length: self.end,
+        })
+        .await
     }
 
     /// Waits for the acknowledgement of everything published so far.

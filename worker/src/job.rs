@@ -141,12 +141,7 @@ pub async fn announce(
     publisher: &mut Publisher<'_>,
 ) -> anyhow::Result<Outcome> {
     put_answer(ctx, job, answer).await?;
-    publisher
-        .finish(Event::Done {
-            attempt,
-            model: job.model.clone(),
-        })
-        .await?;
+    publisher.done(attempt, &job.model).await?;
     settle(ctx, job, true).await;
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "done")
         .increment(1);
@@ -177,12 +172,7 @@ pub async fn reannounce(
     if let Some(text) = text {
         publisher.chunk(attempt, 0, text).await?;
     }
-    publisher
-        .finish(Event::Done {
-            attempt,
-            model: job.model.clone(),
-        })
-        .await
+    publisher.done(attempt, &job.model).await
 }
 
 /// Records the outcome for the pre-warm batches waiting on this key. Best effort: progress

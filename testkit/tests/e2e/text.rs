@@ -156,6 +156,39 @@ async fn a_late_joiner_gets_the_whole_text_and_a_resume_gets_exactly_the_rest() 
 }
 
 #[tokio::test]
+async fn a_client_of_another_replica_joining_mid_generation_gets_the_whole_text() {
+    // A long answer, so that the replica that joins late reads more than one batch of
+    // stored events before it follows the rest live.
+    let sys = quick()
+        .sim_env("VERSUS_SIM_ANSWER_TOKENS", "1600")
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "800")
+        .start()
+        .await;
+    let replica = sys.spawn_api().await;
+    let url = stream_url(&sys, "Grace Hopper", "Edsger Dijkstra");
+    let mut first = sse::open(&url, None).await;
+    let mut seen = Vec::new();
+    while seen
+        .iter()
+        .filter(|e: &&sse::SseEvent| e.event == "chunk")
+        .count()
+        < 1100
+    {
+        seen.push(first.next().await.expect("the stream goes on"));
+    }
+    let query = url.split_once('?').unwrap().1;
+    let late = sse::open(&format!("{}/v1/fights/stream?{query}", replica.url), None)
+        .await
+        .collect_all()
+        .await;
+    seen.extend(first.collect_all().await);
+    assert_eq!(shape(&late), ["meta", "chunk*", "done"]);
+    assert_eq!(shape(&seen), ["meta", "chunk*", "done"]);
+    assert_eq!(text_of(&late), text_of(&seen));
+    assert_eq!(sys.sim.chat_calls().await, 1);
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_400_and_costs_nothing() {
     let sys = quick().start().await;
     let api = sys.api_url();

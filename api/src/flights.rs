@@ -554,12 +554,9 @@ mod tests {
                 }
                 _ => {}
             }
-            match &**event {
-                Event::Chunk { offset, delta, .. } => {
-                    assert_eq!(*offset, text.len(), "chunks follow each other");
-                    text.push_str(delta);
-                }
-                _ => {}
+            if let Event::Chunk { offset, delta, .. } = &**event {
+                assert_eq!(*offset, text.len(), "chunks follow each other");
+                text.push_str(delta);
             }
         }
         text

@@ -322,6 +322,7 @@ const RESYNC_TRIES: u32 = 4;
 const RESYNC_PAUSE: Duration = Duration::from_millis(2);
 
 async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
+    let began = std::time::Instant::now();
     let subject = wire::events_subject(job.kind, &job.key);
     let mut losses = bus.losses.clone();
     losses.mark_unchanged();
@@ -361,6 +362,7 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
         None => (0, 0),
     };
     publish_job(&bus.js, &job, after).await?;
+    metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
     loop {
         tokio::select! {
             msg = live.next() => {

@@ -35,6 +35,35 @@ pub struct Args {
     pub ttft_ms: u64,
     #[arg(long, default_value_t = 60)]
     pub tokens_per_sec: u64,
+    /// `/metrics` URLs of the API and the workers: their stage histograms, read before and
+    /// after the measured rounds, say where a miss's time goes.
+    #[arg(long = "metrics")]
+    pub metrics: Vec<String>,
+}
+
+/// The stages of a miss, as the processes time them (histograms ending in `_seconds`).
+const STAGES: &[(&str, &str)] = &[
+    (
+        "versus_flight_setup_seconds",
+        "API: subscribe, read the last event, publish the job (acknowledged)",
+    ),
+    (
+        "versus_job_wait_seconds",
+        "job in the stream: stored → delivered to a worker",
+    ),
+    ("versus_claim_seconds", "worker: the claim in Postgres"),
+    (
+        "versus_upstream_first_token_seconds",
+        "worker: request → first token from the upstream",
+    ),
+];
+
+/// One stage's mean over the measured rounds.
+#[derive(Serialize, Deserialize)]
+pub struct Stage {
+    pub metric: String,
+    pub count: f64,
+    pub mean_ms: f64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -58,6 +87,8 @@ pub struct Raw {
     /// P3: each system matchup again, one at a time, time to `done`.
     pub hit_done: Summary,
     pub hit_errors: Vec<String>,
+    #[serde(default)]
+    pub stages: Vec<Stage>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -80,6 +111,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     sim.reset_with(args.ttft_ms, args.tokens_per_sec).await?;
+    let before = scrape(&args.metrics).await;
     let mut direct = Vec::new();
     let mut system = Vec::new();
     let mut last_urls = Vec::new();
@@ -91,6 +123,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         windows.push(window);
         last_urls = urls(&args.api, &format!("{run} r{r}"), args.n)?;
     }
+    let after = scrape(&args.metrics).await;
+    let stages = STAGES
+        .iter()
+        .filter_map(|(metric, _)| {
+            let sum = after.get(&format!("{metric}_sum"))?
+                - before.get(&format!("{metric}_sum")).unwrap_or(&0.0);
+            let count = after.get(&format!("{metric}_count"))?
+                - before.get(&format!("{metric}_count")).unwrap_or(&0.0);
+            (count > 0.0).then(|| Stage {
+                metric: (*metric).to_owned(),
+                count,
+                mean_ms: sum / count * 1000.0,
+            })
+        })
+        .collect();
     let upstream_calls = sim.chat_calls().await?;
     let arrivals = sim.chat_arrivals().await?;
     let dispatch: Vec<Duration> = arrivals
@@ -126,6 +173,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         dispatch: Summary::of(&dispatch),
         hit_done: summary(&hits, |t| t.done),
         hit_errors,
+        stages,
     };
     eprintln!(
         "first token p50/p99: direct {:.2}/{:.2} ms, system {:.2}/{:.2} ms",
@@ -185,6 +233,34 @@ async fn round(
         system.into_iter().map(unwrap).collect(),
         (system_start, system_end),
     )
+}
+
+/// The `_sum` and `_count` series of every `/metrics` in `urls`, added up across processes
+/// and labels.
+async fn scrape(urls: &[String]) -> std::collections::HashMap<String, f64> {
+    let mut totals = std::collections::HashMap::new();
+    for url in urls {
+        let text = match reqwest::get(url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => {
+                eprintln!("reading {url}: {e}");
+                continue;
+            }
+        };
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let name = series.split('{').next().unwrap_or(series);
+            if let (true, Ok(value)) = (
+                name.ends_with("_seconds_sum") || name.ends_with("_seconds_count"),
+                value.parse::<f64>(),
+            ) {
+                *totals.entry(name.to_owned()).or_insert(0.0) += value;
+            }
+        }
+    }
+    totals
 }
 
 fn unix_ms() -> u64 {
@@ -285,6 +361,21 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
             fmt_ms(raw.system_first.p50_ms - raw.direct_first.p50_ms - raw.dispatch.p50_ms)
         ),
     ));
+    for stage in &raw.stages {
+        let what = STAGES
+            .iter()
+            .find(|(m, _)| *m == stage.metric)
+            .map_or(stage.metric.as_str(), |(_, what)| what);
+        p2_rows.push(Row::info(
+            format!("stage, mean: {what}"),
+            format!(
+                "{} ms over {} (`{}`)",
+                fmt_ms(stage.mean_ms),
+                stage.count,
+                stage.metric
+            ),
+        ));
+    }
     p2_rows.push(Row::info(
         "upstream calls (both sides)",
         format!("{} for {} requests", raw.upstream_calls, 2 * total),

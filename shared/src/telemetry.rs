@@ -3,8 +3,8 @@
 use std::io::Write;
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use metrics_exporter_prometheus::PrometheusBuilder;
 pub use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
 use crate::bus::Bus;
@@ -18,9 +18,18 @@ pub fn init_logs() {
         .init();
 }
 
+/// Buckets of every `*_seconds` histogram: from half a millisecond, where the stages of a
+/// miss live, to a minute, where a picture's upstream call may.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
 /// Installs the process-wide metrics recorder and returns the handle that renders it.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new().install_recorder()?)
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
+        .install_recorder()?)
 }
 
 /// Prints the one line scripts and tests wait for: the server is bound and ready.

@@ -30,7 +30,10 @@ pub enum Outcome {
 }
 
 pub async fn handle(ctx: &Ctx, msg: &jetstream::Message, job: &Job) -> anyhow::Result<Outcome> {
-    match claims::claim(&ctx.db, job, ctx.lease, &ctx.worker_id).await? {
+    let claiming = Instant::now();
+    let claim = claims::claim(&ctx.db, job, ctx.lease, &ctx.worker_id).await?;
+    metrics::histogram!("versus_claim_seconds").record(claiming.elapsed());
+    match claim {
         Claim::Won { attempt, a, b } => match job.kind {
             Kind::Text => text::generate(ctx, msg, job, attempt, &a, &b).await,
             Kind::Image => image::generate(ctx, msg, job, attempt, &a, &b).await,

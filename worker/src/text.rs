@@ -2,7 +2,10 @@
 //! completion is Postgres (fenced) → edge KV → `done` event → ack; a crash between any two
 //! steps is repaired by redelivery, because every step is idempotent.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::{
+    sync::atomic::{AtomicI32, Ordering},
+    time::Instant,
+};
 
 use anyhow::Context;
 use async_nats::jetstream;
@@ -67,6 +70,7 @@ async fn stream_answer(
     let messages = prompt::text_messages(a, b);
     let mut backoff = ctx.openai.backoff();
     let mut text = String::new();
+    let mut asked = Instant::now();
     // Announcing the attempt and opening the upstream overlap: neither waits for the other.
     let (started, mut opened) = tokio::join!(
         publisher.start(attempt.load(Ordering::SeqCst)),
@@ -78,6 +82,10 @@ async fn stream_answer(
             Ok(mut stream) => loop {
                 match stream.next().await {
                     Ok(Piece::Text(delta)) => {
+                        if text.is_empty() {
+                            metrics::histogram!("versus_upstream_first_token_seconds")
+                                .record(asked.elapsed());
+                        }
                         let offset = text.len();
                         text.push_str(&delta);
                         publisher
@@ -115,6 +123,7 @@ async fn stream_answer(
             publisher.start(next).await?;
             text.clear();
         }
+        asked = Instant::now();
         opened = ctx.openai.chat_stream(&job.model, &messages).await;
     }
 }

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
 use versus_shared::wire::{Job, Kind};
 
 /// What a claim found.
@@ -32,33 +33,127 @@ pub struct Stored {
     pub content_type: Option<String>,
 }
 
-/// Claims the job's row: succeeds when the row is new, failed, or its lease has expired.
-pub async fn claim(db: &PgPool, job: &Job, lease: Duration, worker: &str) -> sqlx::Result<Claim> {
-    let won: Option<(i32, String, String)> = sqlx::query_as(
+/// Claims rows for this worker. Claims that arrive while a statement runs wait and go
+/// together in the next one, as a database's group commit does: a burst of jobs costs a few
+/// statements and commits rather than one each.
+#[derive(Clone)]
+pub struct Claimer {
+    requests: mpsc::UnboundedSender<(Job, Reply)>,
+}
+
+type Reply = oneshot::Sender<sqlx::Result<Claim>>;
+
+/// The most claims one statement carries.
+const MAX_BATCH: usize = 256;
+
+impl Claimer {
+    /// Starts the task that runs the statements; it ends when every `Claimer` is dropped.
+    pub fn start(db: PgPool, lease: Duration, worker: String) -> Claimer {
+        let (requests, mut queue) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                let (jobs, replies): (Vec<Job>, Vec<Reply>) = batch.drain(..).unzip();
+                let claims = claim_all(&db, &jobs, lease, &worker).await;
+                for ((job, reply), claim) in jobs.iter().zip(replies).zip(claims) {
+                    let claim = match claim {
+                        Ok(Some(won)) => Ok(won),
+                        Ok(None) => why_not(&db, job).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(claim);
+                }
+            }
+        });
+        Claimer { requests }
+    }
+
+    /// Claims the job's row: succeeds when the row is new, failed, or its lease has expired.
+    pub async fn claim(&self, job: &Job) -> sqlx::Result<Claim> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send((job.clone(), reply))
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+/// One statement for every job: `Some(Claim::Won)` for each row claimed, `None` for the
+/// others (a second job for the same key in the batch loses to the first).
+async fn claim_all(
+    db: &PgPool,
+    jobs: &[Job],
+    lease: Duration,
+    worker: &str,
+) -> Vec<sqlx::Result<Option<Claim>>> {
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<&Job> = jobs
+        .iter()
+        .filter(|j| seen.insert((j.kind, &j.key)))
+        .collect();
+    let column = |f: fn(&Job) -> &str| unique.iter().map(|j| f(j)).collect::<Vec<&str>>();
+    #[derive(sqlx::FromRow)]
+    struct Won {
+        kind: String,
+        key: String,
+        attempt: i32,
+        a: String,
+        b: String,
+    }
+    let won: sqlx::Result<Vec<Won>> = sqlx::query_as(
         "INSERT INTO generations AS g
              (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker)
-         VALUES ($1, $2, $3, $4, $5, $6, 'running', 1, now() + make_interval(secs => $7), $8)
+         SELECT kind, key, a, b, model, prompt_version, 'running', 1,
+                now() + make_interval(secs => $7), $8
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[])
+              AS j(kind, key, a, b, model, prompt_version)
          ON CONFLICT (kind, key) DO UPDATE
              SET status = 'running', attempt = g.attempt + 1, lease_until = EXCLUDED.lease_until,
                  worker = EXCLUDED.worker, error = NULL, updated_at = now()
              WHERE g.status = 'failed' OR (g.status = 'running' AND g.lease_until < now())
-         RETURNING attempt, a, b",
+         RETURNING kind, key, attempt, a, b",
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(&job.a)
-    .bind(&job.b)
-    .bind(&job.model)
-    .bind(job.prompt_version as i32)
+    .bind(column(|j| j.kind.as_str()))
+    .bind(column(|j| j.key.as_str()))
+    .bind(column(|j| &j.a))
+    .bind(column(|j| &j.b))
+    .bind(column(|j| &j.model))
+    .bind(
+        unique
+            .iter()
+            .map(|j| j.prompt_version as i32)
+            .collect::<Vec<i32>>(),
+    )
     .bind(lease.as_secs_f64())
     .bind(worker)
-    .fetch_optional(db)
-    .await?;
-    if let Some((attempt, a, b)) = won {
-        return Ok(Claim::Won { attempt, a, b });
-    }
-    // Lost the race: find out to whom. The row exists (the insert conflicted), unless an
-    // operator deleted it in between, in which case the next delivery claims it afresh.
+    .fetch_all(db)
+    .await;
+    let mut won = match won {
+        Ok(rows) => rows,
+        Err(e) => {
+            let message = e.to_string();
+            return jobs
+                .iter()
+                .map(|_| Err(sqlx::Error::Protocol(message.clone())))
+                .collect();
+        }
+    };
+    jobs.iter()
+        .map(|job| {
+            let i = won
+                .iter()
+                .position(|w| w.kind == job.kind.as_str() && w.key == job.key.as_str())?;
+            let Won { attempt, a, b, .. } = won.swap_remove(i);
+            Some(Claim::Won { attempt, a, b })
+        })
+        .map(Ok)
+        .collect()
+}
+
+/// Why a job's claim was not won: the answer is done, or another worker holds the lease.
+async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
+    // The row exists (the insert conflicted), unless an operator deleted it in between, in
+    // which case the next delivery claims it afresh.
     let row: Option<(String, Option<f64>)> = sqlx::query_as(
         "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8
          FROM generations WHERE kind = $1 AND key = $2",

@@ -31,7 +31,7 @@ pub enum Outcome {
 
 pub async fn handle(ctx: &Ctx, msg: &jetstream::Message, job: &Job) -> anyhow::Result<Outcome> {
     let claiming = Instant::now();
-    let claim = claims::claim(&ctx.db, job, ctx.lease, &ctx.worker_id).await?;
+    let claim = ctx.claimer.claim(job).await?;
     metrics::histogram!("versus_claim_seconds").record(claiming.elapsed());
     match claim {
         Claim::Won { attempt, a, b } => match job.kind {

@@ -83,6 +83,7 @@ pub struct Ctx {
     pub lease: Duration,
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
+    pub claimer: claims::Claimer,
 }
 
 /// Connects, migrates, serves the ops routes and consumes jobs until `shutdown` fires.
@@ -95,13 +96,15 @@ pub async fn run(
     let db =
         versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
     versus_shared::db::migrate(&db).await?;
+    let worker_id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
+        claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id.clone()),
         db,
         openai: openai::Client::new(&settings.openai)?,
         objects: settings.objects.open()?,
         lease: settings.lease(),
-        worker_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+        worker_id,
     });
     let interactive = consumer::Lane {
         name: versus_shared::wire::WORKERS_CONSUMER,

@@ -298,6 +298,8 @@ struct UsageBody {
 impl ChatStream {
     /// The next piece of text, or the end. A stream that breaks, stalls, or ends without
     /// `finish_reason` and `[DONE]` is an error: its text must never be stored.
+    /// Cancel-safe: between awaits every bit of state lives in `self`, so a caller may poll
+    /// it once and drop the future to see whether a piece is already there.
     pub async fn next(&mut self) -> Result<Piece, UpstreamError> {
         loop {
             let event = tokio::time::timeout(self.idle, self.events.next())

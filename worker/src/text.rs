@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::Context;
 use async_nats::jetstream;
+use futures::FutureExt;
 use versus_shared::{
     prompt,
     wire::{Answer, Job},
@@ -78,13 +79,30 @@ async fn stream_answer(
     );
     started?;
     loop {
+        let mut ahead = None;
         let result = match opened {
             Ok(mut stream) => loop {
-                match stream.next().await {
-                    Ok(Piece::Text(delta)) => {
+                let piece = match ahead.take() {
+                    Some(piece) => piece,
+                    None => stream.next().await,
+                };
+                match piece {
+                    Ok(Piece::Text(mut delta)) => {
                         if text.is_empty() {
                             metrics::histogram!("versus_upstream_first_token_seconds")
                                 .record(asked.elapsed());
+                        }
+                        // Tokens the upstream already sent go out as one event: a fast
+                        // upstream costs a few events per answer, not one per token, and a
+                        // paced one is not delayed (`next` is cancel-safe).
+                        while let Some(more) = stream.next().now_or_never() {
+                            match more {
+                                Ok(Piece::Text(more)) => delta.push_str(&more),
+                                other => {
+                                    ahead = Some(other);
+                                    break;
+                                }
+                            }
                         }
                         let offset = text.len();
                         text.push_str(&delta);

@@ -158,10 +158,12 @@ async fn a_late_joiner_gets_the_whole_text_and_a_resume_gets_exactly_the_rest() 
 #[tokio::test]
 async fn a_client_of_another_replica_joining_mid_generation_gets_the_whole_text() {
     // A long answer, so that the replica that joins late reads more than one batch of
-    // stored events before it follows the rest live.
+    // stored events (a thousand) before it follows the rest live. Tokens are paced so that
+    // the worker sends nearly every one as an event of its own (it merges only those that
+    // arrive together).
     let sys = quick()
-        .sim_env("VERSUS_SIM_ANSWER_TOKENS", "1600")
-        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "800")
+        .sim_env("VERSUS_SIM_ANSWER_TOKENS", "2400")
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "600")
         .start()
         .await;
     let replica = sys.spawn_api().await;
@@ -174,7 +176,12 @@ async fn a_client_of_another_replica_joining_mid_generation_gets_the_whole_text(
         .count()
         < 1100
     {
-        seen.push(first.next().await.expect("the stream goes on"));
+        seen.push(
+            first
+                .next()
+                .await
+                .expect("the stream goes on past 1,100 chunks"),
+        );
     }
     let query = url.split_once('?').unwrap().1;
     let late = sse::open(&format!("{}/v1/fights/stream?{query}", replica.url), None)

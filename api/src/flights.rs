@@ -329,7 +329,9 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
     // Subscribe first: the server takes this connection's messages in order, so the
     // subscription is in place before the history is read and before the job is published.
     let mut live = bus.client.subscribe(subject.clone()).await?;
-    let last = last_event(bus, &subject).await?;
+    // The rare or one-off steps are boxed: the reader's future stays small while it waits,
+    // which is most of its life (M1 in BENCHMARKS.md).
+    let last = Box::pin(last_event(bus, &subject)).await?;
     // The subject holds at most one attempt (workers purge before a new one). If that attempt
     // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
     // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
@@ -354,14 +356,14 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
             (seq, seq)
         }
         Some((seq, ..)) => {
-            if replay(bus, flight, &subject, 0).await? {
+            if Box::pin(replay(bus, flight, &subject, 0)).await? {
                 return Ok(());
             }
             (seq, 0)
         }
         None => (0, 0),
     };
-    publish_job(&bus.js, &job, after).await?;
+    Box::pin(publish_job(&bus.js, &job, after)).await?;
     metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
     loop {
         tokio::select! {
@@ -374,7 +376,7 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
             changed = losses.changed() => {
                 changed.context("the NATS connection is gone")?;
                 tracing::debug!(%subject, "messages may have been lost; reading the history");
-                if replay(bus, flight, &subject, base).await? {
+                if Box::pin(replay(bus, flight, &subject, base)).await? {
                     return Ok(());
                 }
             }
@@ -403,7 +405,7 @@ async fn offer_live(
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
-        if replay(bus, flight, subject, after).await? {
+        if Box::pin(replay(bus, flight, subject, after)).await? {
             return Ok(true);
         }
     }

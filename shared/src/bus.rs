@@ -47,6 +47,11 @@ impl Bus {
         let js = jetstream::new(client.clone());
         let jobs = declare_stream(&js, jobs_stream()).await?;
         let events = declare_stream(&js, events_stream(settings.events_max_age())).await?;
+        tokio::spawn(redeclare_events(
+            js.clone(),
+            losses.clone(),
+            settings.events_max_age(),
+        ));
         let answers = js
             .create_or_update_key_value(kv::Config {
                 bucket: wire::ANSWERS_BUCKET.to_owned(),
@@ -110,6 +115,21 @@ fn events_stream(max_age: Duration) -> stream::Config {
         // operators may attach some, and a stream cannot lower this limit once declared.
         max_consumers: 1_000_000,
         ..Default::default()
+    }
+}
+
+/// The events stream lives in memory, and a restarted nats-server comes back without it:
+/// declare it again after every reconnect (idempotent when it is there), until it takes.
+async fn redeclare_events(
+    js: jetstream::Context,
+    mut losses: watch::Receiver<u64>,
+    max_age: Duration,
+) {
+    while losses.changed().await.is_ok() {
+        while let Err(e) = js.create_or_update_stream(events_stream(max_age)).await {
+            tracing::info!(error = %e, "declaring the events stream again failed; retrying");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! Faults: a worker killed mid-stream, a rate-limited upstream, a stream cut mid-way, and an
-//! upstream that fails every try.
+//! Faults: a worker killed mid-stream, NATS restarted mid-stream, a rate-limited upstream, a
+//! stream cut mid-way, and an upstream that fails every try.
 
 use futures::future::join_all;
 use serde_json::{Value, json};
@@ -58,6 +58,38 @@ async fn a_worker_killed_mid_stream_is_replaced_and_every_client_gets_the_whole_
     assert_eq!(rows(&sys, &key).await, [("done".to_owned(), Some(text))]);
     let calls = sys.sim.chat_calls().await;
     assert!(calls <= 2, "the upstream saw {calls} calls");
+}
+
+#[tokio::test]
+async fn a_nats_restart_mid_stream_loses_no_answer() {
+    let mut sys = quick()
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "20")
+        .start()
+        .await;
+    let url = stream_url(&sys, "Achilles", "Hector");
+    let mut watcher = sse::open(&url, None).await;
+    let mut seen = Vec::new();
+    while seen
+        .iter()
+        .filter(|e: &&sse::SseEvent| e.event == "chunk")
+        .count()
+        < 5
+    {
+        seen.push(watcher.next().await.expect("the stream goes on"));
+    }
+    // The events stream lives in memory: a restart empties it, and every process reconnects.
+    sys.nats.restart().await;
+    seen.extend(watcher.collect_all().await);
+    assert_eq!(seen.last().unwrap().event, "done", "{seen:?}");
+    let text = text_of(&seen);
+    let key = seen[0].json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        rows(&sys, &key).await,
+        [("done".to_owned(), Some(text.clone()))]
+    );
+    // And the answer is served whole afterwards.
+    let again = sse::open(&url, None).await.collect_all().await;
+    assert_eq!(text_of(&again), text);
 }
 
 #[tokio::test]

@@ -352,7 +352,7 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
                 .position(|p| *p == payload)
                 .map_or(0, |i| i + 1);
             for payload in early.drain(stale..) {
-                if offer_live(bus, flight, &job, seq, payload).await? {
+                if offer_live(bus, flight, &job, &subject, seq, payload).await? {
                     return Ok(());
                 }
             }
@@ -372,7 +372,7 @@ async fn follow(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
         tokio::select! {
             msg = live.next() => {
                 let msg = msg.context("the events subscription ended")?;
-                if offer_live(bus, flight, &job, base, msg.payload).await? {
+                if offer_live(bus, flight, &job, &subject, base, msg.payload).await? {
                     return Ok(());
                 }
             }
@@ -393,11 +393,11 @@ async fn offer_live(
     bus: &Bus,
     flight: &Flight,
     job: &Job,
+    subject: &str,
     after: u64,
     payload: bytes::Bytes,
 ) -> anyhow::Result<bool> {
-    let subject = wire::events_subject(job.kind, &job.key);
-    let Some(event) = decode(&subject, &payload) else {
+    let Some(event) = decode(subject, &payload) else {
         return Ok(false);
     };
     let mut pause = RESYNC_PAUSE;
@@ -409,7 +409,7 @@ async fn offer_live(
         }
         tokio::time::sleep(pause).await;
         pause *= 2;
-        if Box::pin(replay(bus, flight, &subject, after)).await? {
+        if Box::pin(replay(bus, flight, subject, after)).await? {
             return Ok(true);
         }
     }

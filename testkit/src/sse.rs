@@ -117,6 +117,21 @@ impl SseStream {
             .unwrap_or_else(|_| panic!("no SSE event within {timeout:?}"))
     }
 
+    /// The events up to and including the `n`th chunk; panics if the stream ends before it.
+    pub async fn until_chunks(&mut self, n: usize) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        let mut chunks = 0;
+        while chunks < n {
+            let event = self
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("the stream ended before chunk {n}: {events:?}"));
+            chunks += usize::from(event.event == "chunk");
+            events.push(event);
+        }
+        events
+    }
+
     /// Every remaining event until the server ends the stream; panics if that takes more than
     /// 60 s (with the events so far) or the connection fails.
     pub async fn collect_all(&mut self) -> Vec<SseEvent> {

@@ -16,13 +16,7 @@ async fn a_worker_killed_mid_stream_is_replaced_and_every_client_gets_the_whole_
     let url = stream_url(&sys, "Bruce Lee", "Chuck Norris");
     let mut watcher = sse::open(&url, None).await;
     // Wait until the answer is flowing.
-    let mut chunks = 0;
-    while chunks < 5 {
-        let e = watcher.next().await.expect("the stream goes on");
-        if e.event == "chunk" {
-            chunks += 1;
-        }
-    }
+    watcher.until_chunks(5).await;
     let key = {
         let rows: Vec<(String, String)> =
             sqlx::query_as("SELECT key, worker FROM generations WHERE status = 'running'")
@@ -68,15 +62,7 @@ async fn a_nats_restart_mid_stream_loses_no_answer() {
         .await;
     let url = stream_url(&sys, "Achilles", "Hector");
     let mut watcher = sse::open(&url, None).await;
-    let mut seen = Vec::new();
-    while seen
-        .iter()
-        .filter(|e: &&sse::SseEvent| e.event == "chunk")
-        .count()
-        < 5
-    {
-        seen.push(watcher.next().await.expect("the stream goes on"));
-    }
+    let mut seen = watcher.until_chunks(5).await;
     // The events stream lives in memory: a restart empties it, and every process reconnects.
     sys.nats.restart().await;
     seen.extend(watcher.collect_all().await);

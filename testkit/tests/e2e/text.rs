@@ -169,20 +169,7 @@ async fn a_client_of_another_replica_joining_mid_generation_gets_the_whole_text(
     let replica = sys.spawn_api().await;
     let url = stream_url(&sys, "Grace Hopper", "Edsger Dijkstra");
     let mut first = sse::open(&url, None).await;
-    let mut seen = Vec::new();
-    while seen
-        .iter()
-        .filter(|e: &&sse::SseEvent| e.event == "chunk")
-        .count()
-        < 1100
-    {
-        seen.push(
-            first
-                .next()
-                .await
-                .expect("the stream goes on past 1,100 chunks"),
-        );
-    }
+    let mut seen = first.until_chunks(1100).await;
     let query = url.split_once('?').unwrap().1;
     let late = sse::open(&format!("{}/v1/fights/stream?{query}", replica.url), None)
         .await

@@ -54,14 +54,23 @@ impl Claimer {
             let mut batch = Vec::new();
             while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let (jobs, replies): (Vec<Job>, Vec<Reply>) = batch.drain(..).unzip();
-                let claims = claim_all(&db, &jobs, lease, &worker).await;
-                for ((job, reply), claim) in jobs.iter().zip(replies).zip(claims) {
-                    let claim = match claim {
-                        Ok(Some(won)) => Ok(won),
-                        Ok(None) => why_not(&db, job).await,
-                        Err(e) => Err(e),
-                    };
-                    let _ = reply.send(claim);
+                match claim_all(&db, &jobs, lease, &worker).await {
+                    Ok(claims) => {
+                        for ((job, reply), claim) in jobs.iter().zip(replies).zip(claims) {
+                            let claim = match claim {
+                                Some(won) => Ok(won),
+                                None => why_not(&db, job).await,
+                            };
+                            let _ = reply.send(claim);
+                        }
+                    }
+                    Err(e) => {
+                        // One statement failed for every job in it; each learns why.
+                        let message = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
+                        }
+                    }
                 }
             }
         });
@@ -85,7 +94,7 @@ async fn claim_all(
     jobs: &[Job],
     lease: Duration,
     worker: &str,
-) -> Vec<sqlx::Result<Option<Claim>>> {
+) -> sqlx::Result<Vec<Option<Claim>>> {
     let mut seen = std::collections::HashSet::new();
     let unique: Vec<&Job> = jobs
         .iter()
@@ -100,7 +109,7 @@ async fn claim_all(
         a: String,
         b: String,
     }
-    let won: sqlx::Result<Vec<Won>> = sqlx::query_as(
+    let mut won: Vec<Won> = sqlx::query_as(
         "INSERT INTO generations AS g
              (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker)
          SELECT kind, key, a, b, model, prompt_version, 'running', 1,
@@ -127,18 +136,9 @@ async fn claim_all(
     .bind(lease.as_secs_f64())
     .bind(worker)
     .fetch_all(db)
-    .await;
-    let mut won = match won {
-        Ok(rows) => rows,
-        Err(e) => {
-            let message = e.to_string();
-            return jobs
-                .iter()
-                .map(|_| Err(sqlx::Error::Protocol(message.clone())))
-                .collect();
-        }
-    };
-    jobs.iter()
+    .await?;
+    Ok(jobs
+        .iter()
         .map(|job| {
             let i = won
                 .iter()
@@ -146,8 +146,7 @@ async fn claim_all(
             let Won { attempt, a, b, .. } = won.swap_remove(i);
             Some(Claim::Won { attempt, a, b })
         })
-        .map(Ok)
-        .collect()
+        .collect())
 }
 
 /// Why a job's claim was not won: the answer is done, or another worker holds the lease.

@@ -124,18 +124,6 @@ pub async fn run(
 }
 
 async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message) {
-    if let Ok(info) = msg.info() {
-        // The stream's clock and ours: the same host here, NTP-close elsewhere.
-        let waited = std::time::SystemTime::now()
-            .duration_since(info.published.into())
-            .unwrap_or_default();
-        let lane = if msg.subject.starts_with("versus.prewarm.") {
-            "prewarm"
-        } else {
-            "interactive"
-        };
-        metrics::histogram!("versus_job_wait_seconds", "lane" => lane).record(waited);
-    }
     let job: Job = match serde_json::from_slice(&msg.payload) {
         Ok(job) => job,
         Err(e) => {
@@ -144,6 +132,18 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message) {
             return;
         }
     };
+    if let Ok(info) = msg.info() {
+        // The stream's clock and ours: the same host here, NTP-close elsewhere.
+        let waited = std::time::SystemTime::now()
+            .duration_since(info.published.into())
+            .unwrap_or_default();
+        let lane = if *msg.subject == *wire::prewarm_subject(job.kind) {
+            "prewarm"
+        } else {
+            "interactive"
+        };
+        metrics::histogram!("versus_job_wait_seconds", "lane" => lane).record(waited);
+    }
     let ack = match job::handle(ctx, &msg, &job).await {
         Ok(job::Outcome::Ack) => msg.double_ack().await,
         Ok(job::Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,

@@ -26,14 +26,17 @@ impl Bus {
     /// Connects (retrying until NATS is up) and declares streams and the bucket.
     pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Bus> {
         let (lost, losses) = watch::channel(0u64);
+        let (reconnected, reconnects) = watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
             .name(name)
             .event_callback(move |event| {
                 use async_nats::Event;
                 match &event {
-                    Event::Connected | Event::SlowConsumer(_) => {
+                    Event::Connected => {
+                        reconnected.send_modify(|n| *n += 1);
                         lost.send_modify(|n| *n += 1);
                     }
+                    Event::SlowConsumer(_) => lost.send_modify(|n| *n += 1),
                     _ => {}
                 }
                 tracing::info!(%event, "nats connection");
@@ -49,7 +52,7 @@ impl Bus {
         let events = declare_stream(&js, events_stream(settings.events_max_age())).await?;
         tokio::spawn(redeclare_events(
             js.clone(),
-            losses.clone(),
+            reconnects,
             settings.events_max_age(),
         ));
         let answers = js
@@ -122,10 +125,10 @@ fn events_stream(max_age: Duration) -> stream::Config {
 /// declare it again after every reconnect (idempotent when it is there), until it takes.
 async fn redeclare_events(
     js: jetstream::Context,
-    mut losses: watch::Receiver<u64>,
+    mut reconnects: watch::Receiver<u64>,
     max_age: Duration,
 ) {
-    while losses.changed().await.is_ok() {
+    while reconnects.changed().await.is_ok() {
         while let Err(e) = js.create_or_update_stream(events_stream(max_age)).await {
             tracing::info!(error = %e, "declaring the events stream again failed; retrying");
             tokio::time::sleep(Duration::from_millis(250)).await;

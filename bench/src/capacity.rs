@@ -15,9 +15,6 @@ use crate::report::{Row, Section};
 use crate::sim::Sim;
 use crate::stats::{Summary, fmt_count, fmt_ms};
 
-/// How long one answer may take before it counts as failed.
-const REQUEST_LIMIT: Duration = Duration::from_secs(30);
-
 #[derive(clap::Args)]
 pub struct Args {
     #[arg(long)]
@@ -72,7 +69,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = http.clone();
     let outcome = closed_loop(&args, &args.procs, move |i| {
         let body = json!({"a": format!("Capacity {run} {i}"), "b": "Rival"});
-        let request = client.post(&url).timeout(REQUEST_LIMIT).json(&body);
+        let request = client
+            .post(&url)
+            .timeout(crate::sse::ANSWER_LIMIT)
+            .json(&body);
         async move {
             let response = request.send().await?;
             let status = response.status();
@@ -95,7 +95,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             });
             let request = http
                 .post(&chat)
-                .timeout(REQUEST_LIMIT)
+                .timeout(crate::sse::ANSWER_LIMIT)
                 .bearer_auth("bench")
                 .json(&body);
             async move {

@@ -15,8 +15,6 @@ use crate::sse::{self, Timeline};
 use crate::stats::{Summary, fmt_count, fmt_ms};
 
 const FILE: &str = "coalesce.json";
-/// How long one answer may take before it counts as failed.
-const LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -68,7 +66,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let url = sse::stream_url(&api, &format!("Crowd {}", crate::run_id()), "The Horde")?;
     let system = join_all((0..args.n).map(|_| {
         let (client, url) = (client.clone(), url.clone());
-        tokio::spawn(sse::within(LIMIT, async move {
+        tokio::spawn(sse::within(sse::ANSWER_LIMIT, async move {
             sse::through_api(&client, url).await
         }))
     }))
@@ -80,7 +78,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     sim.reset_with(args.ttft_ms, args.tokens_per_sec).await?;
     let direct = join_all((0..args.n).map(|_| {
         let (client, base) = (client.clone(), base.clone());
-        tokio::spawn(sse::within(LIMIT, async move {
+        tokio::spawn(sse::within(sse::ANSWER_LIMIT, async move {
             sse::straight_to_sim(&client, &base, "Crowd", "Horde").await
         }))
     }))

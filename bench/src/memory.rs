@@ -64,6 +64,23 @@ pub struct StreamsRaw {
     pub rss_after_close_kib: u64,
 }
 
+impl StreamsRaw {
+    /// Resident memory the open streams added, per stream that stayed open.
+    fn per_stream_kib(&self) -> f64 {
+        (self.rss_with_kib as f64 - self.rss_before_kib as f64) / self.alive.max(1) as f64
+    }
+
+    /// `x KiB (RSS a → b MiB)`.
+    fn per_stream_summary(&self) -> String {
+        format!(
+            "{:.1} KiB (RSS {:.1} → {:.1} MiB)",
+            self.per_stream_kib(),
+            self.rss_before_kib as f64 / 1024.0,
+            self.rss_with_kib as f64 / 1024.0
+        )
+    }
+}
+
 #[derive(clap::Args)]
 pub struct WorkerArgs {
     #[arg(long)]
@@ -317,8 +334,7 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     if let Some(s) = &streams {
-        let per_stream =
-            (s.rss_with_kib as f64 - s.rss_before_kib as f64) * 1024.0 / s.alive.max(1) as f64;
+        let per_stream = s.per_stream_kib() * 1024.0;
         rows.push(Row {
             what: format!(
                 "API: bytes per idle open stream ({} streams)",
@@ -354,17 +370,12 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         notes.extend(s.errors.iter().map(|e| format!("Stream failed: {e}")));
     }
     if let Some(s) = &shared {
-        let per_stream = (s.rss_with_kib as f64 - s.rss_before_kib as f64) / s.alive.max(1) as f64;
         rows.push(Row::info(
             format!(
                 "API: bytes per idle open stream, all {} on one matchup (a fresh API)",
                 fmt_count(s.alive as f64)
             ),
-            format!(
-                "{per_stream:.1} KiB (RSS {:.1} → {:.1} MiB)",
-                s.rss_before_kib as f64 / 1024.0,
-                s.rss_with_kib as f64 / 1024.0
-            ),
+            s.per_stream_summary(),
         ));
         notes.extend(
             s.errors
@@ -373,17 +384,12 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         );
     }
     if let Some(s) = &bare {
-        let per_stream = (s.rss_with_kib as f64 - s.rss_before_kib as f64) / s.alive.max(1) as f64;
         rows.push(Row::info(
             format!(
                 "bare axum: bytes per idle SSE stream ({} streams, one event, keep-alive)",
                 fmt_count(s.alive as f64)
             ),
-            format!(
-                "{per_stream:.1} KiB (RSS {:.1} → {:.1} MiB)",
-                s.rss_before_kib as f64 / 1024.0,
-                s.rss_with_kib as f64 / 1024.0
-            ),
+            s.per_stream_summary(),
         ));
         notes.extend(s.errors.iter().map(|e| format!("Bare stream failed: {e}")));
     }

@@ -14,8 +14,6 @@ use crate::sse::{self, Timeline};
 use crate::stats::{Summary, fmt_ms};
 
 const FILE: &str = "miss.json";
-/// How long one answer may take before it counts as failed.
-const LIMIT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -151,7 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // P3: the same matchups, now cached, one request at a time.
     let mut hits = Vec::new();
     for url in last_urls {
-        hits.push(sse::within(LIMIT, sse::through_api(&client, url)).await);
+        hits.push(sse::within(sse::ANSWER_LIMIT, sse::through_api(&client, url)).await);
     }
     let hit_errors = errors(&hits, |t| {
         (t.cached != Some(true)).then(|| "not served from the cache".to_owned())
@@ -197,7 +195,7 @@ async fn round(
     let direct = join_all((0..args.n).map(|i| {
         let (client, base) = (client.clone(), base.clone());
         let (a, b) = names(tag, i);
-        tokio::spawn(sse::within(LIMIT, async move {
+        tokio::spawn(sse::within(sse::ANSWER_LIMIT, async move {
             sse::straight_to_sim(&client, &base, &a, &b).await
         }))
     }))
@@ -209,7 +207,7 @@ async fn round(
         Ok(urls) => {
             join_all(urls.into_iter().map(|url| {
                 let client = client.clone();
-                tokio::spawn(sse::within(LIMIT, async move {
+                tokio::spawn(sse::within(sse::ANSWER_LIMIT, async move {
                     sse::through_api(&client, url).await
                 }))
             }))

@@ -55,14 +55,7 @@ impl Sim {
 
     /// Chat completions the simulator has received since its last reset.
     pub async fn chat_calls(&self) -> anyhow::Result<u64> {
-        let stats: Value = self
-            .http
-            .get(format!("{}/_sim/stats", self.base))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let stats = self.stats().await?;
         stats["chat_calls"]
             .as_u64()
             .context("/_sim/stats has no chat_calls")
@@ -70,14 +63,7 @@ impl Sim {
 
     /// Arrival times (Unix milliseconds) of the chat calls since the last reset.
     pub async fn chat_arrivals(&self) -> anyhow::Result<Vec<u64>> {
-        let stats: Value = self
-            .http
-            .get(format!("{}/_sim/stats", self.base))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let stats = self.stats().await?;
         Ok(stats["calls"]
             .as_array()
             .context("/_sim/stats has no calls")?
@@ -85,6 +71,17 @@ impl Sim {
             .filter(|c| c["kind"] == "chat")
             .filter_map(|c| c["at_ms"].as_u64())
             .collect())
+    }
+
+    async fn stats(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/_sim/stats", self.base))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
     }
 
     async fn post(&self, path: &str, body: Value) -> anyhow::Result<()> {

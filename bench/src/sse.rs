@@ -40,6 +40,9 @@ impl Timeline {
 pub type Events =
     Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
 
+/// How long one answer may take before it counts as failed.
+pub const ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
 /// `timeline`, or one that says it did not end within `limit`: a stuck answer is a failure
 /// to report, not a reason to hang the run.
 pub async fn within(limit: Duration, timeline: impl Future<Output = Timeline>) -> Timeline {

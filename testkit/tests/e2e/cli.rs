@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use versus_testkit::{System, bin_path, eventually};
 
-use crate::{fight, http, quick};
+use crate::{fight, http, json_of, quick};
 
 const TOKEN: &str = "t0ken";
 
@@ -272,15 +272,7 @@ async fn purge_removes_the_answer_and_prewarm_popular_brings_it_back() {
         "the purged matchup is pending",
         Duration::from_secs(30),
         || async {
-            let list: Value = http()
-                .get(&pending)
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let list = json_of(http().get(&pending).bearer_auth(TOKEN)).await;
             list["matchups"][0]["key"] == json!(key)
         },
     )

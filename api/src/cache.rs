@@ -63,7 +63,7 @@ impl<V> Weighter<Key, Arc<Cached<V>>> for BodyWeight {
     }
 }
 
-type Render<V> = Box<dyn Fn(&V) -> serde_json::Value + Send + Sync>;
+type Render<V> = Box<dyn Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync>;
 
 pub struct EdgeCache<V> {
     memory: Cache<Key, Arc<Cached<V>>, BodyWeight>,
@@ -76,7 +76,7 @@ impl<V: Entry> EdgeCache<V> {
     pub fn new(
         bus: Bus,
         bytes: u64,
-        render: impl Fn(&V) -> serde_json::Value + Send + Sync + 'static,
+        render: impl Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
     ) -> EdgeCache<V> {
         let bytes = bytes.max(1 << 16);
         EdgeCache {
@@ -95,7 +95,7 @@ impl<V: Entry> EdgeCache<V> {
             return Ok(None);
         };
         let value: V = serde_json::from_slice(&bytes)?;
-        let body = Bytes::from((self.render)(&value).to_string());
+        let body = Bytes::from((self.render)(&value)?);
         let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..16]));
         let cached = Arc::new(Cached {
             value,

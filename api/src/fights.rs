@@ -1,7 +1,7 @@
 //! The text routes of the public contract: `GET /v1/fights/stream`, `POST /v1/fights`,
 //! `GET /v1/fights/{key}`.
 
-use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
+use std::{collections::VecDeque, convert::Infallible, sync::Arc};
 
 use axum::{
     Json, Router,
@@ -9,28 +9,25 @@ use axum::{
         Path, Query, State,
         rejection::{JsonRejection, QueryRejection},
     },
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
-    response::{
-        IntoResponse, Response,
-        sse::{Event as SseEvent, KeepAlive, Sse},
-    },
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response, sse::Event as SseEvent},
     routing::{get, post},
 };
-use bytes::Bytes;
-use futures::{Stream, stream};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use futures::stream;
+use serde_json::Value;
 use versus_shared::{
-    key::{Key, Matchup},
-    prompt::{IMAGE_PROMPT_VERSION, TEXT_PROMPT_VERSION},
-    wire::{Answer, Event, Job, Kind},
+    key::Key,
+    wire::{Answer, Event, Kind},
 };
 
 use crate::{
-    App,
+    app::App,
+    body::TextBody,
     cache::Cached,
+    coalesce::Waiter,
     error::ApiError,
-    flights::Waiter,
+    http,
+    matchup::FightRequest,
     sse::{self, Resume, Translator},
 };
 
@@ -44,77 +41,14 @@ pub fn routes() -> Router<App> {
         .route("/v1/fights/{key}", get(get_fight))
 }
 
-#[derive(Debug, Deserialize)]
-pub(crate) struct FightRequest {
-    a: Option<String>,
-    b: Option<String>,
-}
-
-impl FightRequest {
-    pub(crate) fn new(a: String, b: String) -> FightRequest {
-        FightRequest {
-            a: Some(a),
-            b: Some(b),
-        }
-    }
-
-    /// Reads `{"a","b"}` from a JSON object; anything else in a name's place is refused.
-    pub(crate) fn from_json(
-        body: &serde_json::Map<String, Value>,
-    ) -> Result<FightRequest, ApiError> {
-        let field = |name: &str| match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(ApiError::InvalidBody(format!("`{name}` must be a string"))),
-        };
-        Ok(FightRequest {
-            a: field("a")?,
-            b: field("b")?,
-        })
-    }
-}
-
 impl App {
-    /// Validates the names and computes the key of the answer of `kind`.
-    pub(crate) fn matchup(
-        &self,
-        request: &FightRequest,
-        kind: Kind,
-    ) -> Result<(Matchup, Key), ApiError> {
-        let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
-        let models = &self.inner.settings.models;
-        let key = match kind {
-            Kind::Text => matchup.key(kind, TEXT_PROMPT_VERSION, &models.chat_model),
-            Kind::Image => matchup.key(kind, IMAGE_PROMPT_VERSION, &models.image_variant()),
-        };
-        Ok((matchup, key))
-    }
-
     async fn cached(&self, key: &Key) -> Option<Arc<Cached<Answer>>> {
         self.inner.answers.lookup(key).await
     }
 
-    pub(crate) fn text_job(&self, matchup: &Matchup, key: &Key) -> Job {
-        Job {
-            kind: Kind::Text,
-            key: key.clone(),
-            a: matchup.a.display().to_owned(),
-            b: matchup.b.display().to_owned(),
-            model: self.inner.settings.models.chat_model.clone(),
-            prompt_version: TEXT_PROMPT_VERSION,
-            size: None,
-        }
-    }
-
-    fn follow(&self, matchup: &Matchup, key: &Key) -> Waiter {
-        self.inner.flights.join(self.text_job(matchup, key))
-    }
-
     /// Counts the request for popularity (in memory; see `popularity`).
-    fn count(&self, matchup: &Matchup, key: &Key) {
-        self.inner
-            .popularity
-            .record(key, matchup.a.display(), matchup.b.display());
+    fn count(&self, job: &versus_shared::wire::Job) {
+        self.inner.popularity.record(&job.key, &job.a, &job.b);
     }
 }
 
@@ -124,12 +58,13 @@ async fn stream_fight(
     query: Result<Query<FightRequest>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
-    let (matchup, key) = app.matchup(&request, Kind::Text)?;
-    app.count(&matchup, &key);
+    let job = app.job(&request, Kind::Text)?;
+    app.count(&job);
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(Resume::parse);
+    let key = job.key.clone();
     let mut translator = Translator::new(key.clone(), resume);
     if let Some(cached) = app.cached(&key).await {
         let answer = &cached.value;
@@ -142,33 +77,33 @@ async fn stream_fight(
                     sse::done_frame(&key, &answer.model),
                 ])
             });
-            return Ok(sse_body(body.clone()));
+            return Ok(sse::body(body.clone()));
         }
         let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
         translator.finished_text(answer.attempt, &answer.text, &mut out);
         out.push(sse::done(&key, &answer.model));
-        return Ok(sse_response(&app, stream::iter(out.into_iter().map(Ok))));
+        return Ok(app.sse(stream::iter(out.into_iter().map(Ok))));
     }
-    let meta = sse::meta(&key, matchup.a.display(), matchup.b.display(), false);
-    let follow = Follow {
-        waiter: app.follow(&matchup, &key),
+    let meta = sse::meta(&key, &job.a, &job.b, false);
+    let generation = InProgress {
+        waiter: app.inner.flights.join(job),
         translator,
         queue: VecDeque::from([meta]),
         ended: false,
     };
-    Ok(sse_response(&app, stream::unfold(follow, Follow::step)))
+    Ok(app.sse(stream::unfold(generation, InProgress::next_event)))
 }
 
 /// One client's stream of a generation in progress.
-struct Follow {
+struct InProgress {
     waiter: Waiter,
     translator: Translator,
     queue: VecDeque<SseEvent>,
     ended: bool,
 }
 
-impl Follow {
-    async fn step(mut self) -> Option<(Result<SseEvent, Infallible>, Follow)> {
+impl InProgress {
+    async fn next_event(mut self) -> Option<(Result<SseEvent, Infallible>, InProgress)> {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 return Some((Ok(event), self));
@@ -193,48 +128,23 @@ impl Follow {
     }
 }
 
-/// A whole event stream known in advance (a hit), as one body.
-pub(crate) fn sse_body(body: Bytes) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        body,
-    )
-        .into_response()
-}
-
-pub(crate) fn sse_response(
-    app: &App,
-    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
-) -> Response {
-    let heartbeat = Duration::from_secs(app.inner.settings.heartbeat_secs.max(1));
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(heartbeat))
-        .into_response();
-    let headers = response.headers_mut();
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
-}
-
 async fn create_fight(
     State(app): State<App>,
     body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
     let request = FightRequest::from_json(&body)?;
-    let (matchup, key) = app.matchup(&request, Kind::Text)?;
-    app.count(&matchup, &key);
-    if let Some(cached) = app.cached(&key).await {
-        return Ok(json_answer(&cached));
+    let job = app.job(&request, Kind::Text)?;
+    app.count(&job);
+    if let Some(cached) = app.cached(&job.key).await {
+        return Ok(cached_body(&cached));
     }
-    let mut waiter = app.follow(&matchup, &key);
+    let key = job.key.clone();
+    let (a, b) = (job.a.clone(), job.b.clone());
+    let mut waiter = app.inner.flights.join(job);
     let mut attempt = None;
     let mut text = String::new();
-    while let Some(event) = waiter.next().await {
+    while let Some(event) = app.unless_stopping(waiter.next()).await? {
         match &*event {
             Event::Started { attempt: a } | Event::Chunk { attempt: a, .. }
                 if attempt != Some(*a) =>
@@ -251,14 +161,19 @@ async fn create_fight(
                 // The stored answer is authoritative (its display names are the first
                 // request's); what we collected serves if it was purged meanwhile.
                 drop(waiter);
-                if let Some(cached) = app.cached(&key).await {
-                    return Ok(json_answer_with(&cached, false));
-                }
-                let body = json!({
-                    "key": key, "a": matchup.a.display(), "b": matchup.b.display(),
-                    "text": text, "model": model, "cached": false,
-                });
-                return Ok(Json(body).into_response());
+                let body = match app.cached(&key).await {
+                    Some(cached) => Json(TextBody::of(&cached.value, false)).into_response(),
+                    None => Json(TextBody {
+                        key: &key,
+                        a: &a,
+                        b: &b,
+                        text: &text,
+                        model,
+                        cached: false,
+                    })
+                    .into_response(),
+                };
+                return Ok(body);
             }
             Event::Error { .. } | Event::Purged => return Err(ApiError::ended(&event)),
         }
@@ -266,23 +181,13 @@ async fn create_fight(
     Err(ApiError::Unavailable)
 }
 
-fn json_answer(cached: &Cached<Answer>) -> Response {
-    json_answer_with(cached, true)
-}
-
-fn json_answer_with(cached: &Cached<Answer>, was_cached: bool) -> Response {
-    if was_cached {
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            cached.body.clone(),
-        )
-            .into_response();
-    }
-    let a = &cached.value;
-    Json(json!({
-        "key": a.key, "a": a.a, "b": a.b, "text": a.text, "model": a.model, "cached": false,
-    }))
-    .into_response()
+/// A cached answer's public JSON, rendered once when it entered the cache.
+fn cached_body(cached: &Cached<Answer>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        cached.body.clone(),
+    )
+        .into_response()
 }
 
 async fn get_fight(
@@ -299,31 +204,9 @@ async fn get_fight(
             return Err(ApiError::Unavailable);
         }
     };
-    let validators = [
-        (header::ETAG, cached.etag.clone()),
-        (header::CACHE_CONTROL, ANSWER_CACHE_CONTROL.to_owned()),
-    ];
-    if if_none_match(&headers, &cached.etag) {
+    let validators = http::validators(&cached.etag, ANSWER_CACHE_CONTROL);
+    if http::if_none_match(&headers, &cached.etag) {
         return Ok((StatusCode::NOT_MODIFIED, validators).into_response());
     }
-    Ok((
-        validators,
-        [(header::CONTENT_TYPE, "application/json")],
-        cached.body.clone(),
-    )
-        .into_response())
-}
-
-/// Whether `If-None-Match` names `etag` (or `*`); weak comparison, as RFC 9110 asks for GET.
-pub(crate) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    let Some(value) = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    value
-        .split(',')
-        .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == "*" || t == etag)
+    Ok((validators, cached_body(&cached)).into_response())
 }

@@ -16,18 +16,20 @@ use axum::{
 };
 use futures::{StreamExt, stream};
 use object_store::ObjectStoreExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use versus_shared::{
-    key::{Key, Matchup},
+    key::Key,
     objects::{self, IMAGE_CACHE_CONTROL},
     wire::{Event, ImageAnswer, Job, Kind},
 };
 
 use crate::{
-    App,
+    app::App,
+    body::{self, ImageBody},
     cache::Cached,
     error::ApiError,
-    fights::{FightRequest, if_none_match, sse_body, sse_response},
+    http,
+    matchup::FightRequest,
     sse,
 };
 
@@ -38,44 +40,16 @@ pub fn routes() -> Router<App> {
         .route("/v1/images/{file}", get(serve_image))
 }
 
-/// Where clients fetch a stored picture: the public base (a CDN or the bucket) when set,
-/// else this API's own route.
-pub fn image_url(public_base: Option<&str>, answer: &ImageAnswer) -> String {
-    match public_base {
-        Some(base) => format!("{}/{}", base.trim_end_matches('/'), answer.path),
-        None => {
-            let file = answer.path.rsplit('/').next().unwrap_or_default();
-            format!("/v1/images/{file}")
-        }
-    }
-}
-
 impl App {
-    pub(crate) fn image_job(&self, matchup: &Matchup, key: &Key) -> Job {
-        let models = &self.inner.settings.models;
-        Job {
-            kind: Kind::Image,
-            key: key.clone(),
-            a: matchup.a.display().to_owned(),
-            b: matchup.b.display().to_owned(),
-            model: models.image_model.clone(),
-            prompt_version: versus_shared::prompt::IMAGE_PROMPT_VERSION,
-            size: Some(models.image_size.clone()),
-        }
-    }
-
     fn url_of(&self, answer: &ImageAnswer) -> String {
-        image_url(self.inner.settings.public_image_base_url.as_deref(), answer)
+        body::image_url(self.inner.settings.public_image_base_url.as_deref(), answer)
     }
 
     /// Waits for the picture of `key`: Ok(stored picture) or the generation's error.
-    async fn drawn(
-        &self,
-        matchup: &Matchup,
-        key: &Key,
-    ) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
-        let mut waiter = self.inner.flights.join(self.image_job(matchup, key));
-        while let Some(event) = waiter.next().await {
+    async fn drawn(&self, job: Job) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
+        let key = job.key.clone();
+        let mut waiter = self.inner.flights.join(job);
+        while let Some(event) = self.unless_stopping(waiter.next()).await? {
             match &*event {
                 Event::Started { .. } | Event::Chunk { .. } => {}
                 // Done is published after the KV write, so the cache has it (unless purged).
@@ -84,7 +58,7 @@ impl App {
                     return self
                         .inner
                         .images
-                        .lookup(key)
+                        .lookup(&key)
                         .await
                         .ok_or(ApiError::Unavailable);
                 }
@@ -100,7 +74,8 @@ async fn stream_image(
     query: Result<Query<FightRequest>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
-    let (matchup, key) = app.matchup(&request, Kind::Image)?;
+    let job = app.job(&request, Kind::Image)?;
+    let key = job.key.clone();
     if let Some(cached) = app.inner.images.lookup(&key).await {
         let v = &cached.value;
         let body = cached.sse.get_or_init(|| {
@@ -109,14 +84,14 @@ async fn stream_image(
                 sse::image_done_frame(&key, &app.url_of(v)),
             ])
         });
-        return Ok(sse_body(body.clone()));
+        return Ok(sse::body(body.clone()));
     }
-    let meta = sse::meta(&key, matchup.a.display(), matchup.b.display(), false);
-    let follower = app.clone();
+    let meta = sse::meta(&key, &job.a, &job.b, false);
+    let waiting = app.clone();
     let events =
         stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
-            let end = match follower.drawn(&matchup, &key).await {
-                Ok(cached) => sse::image_done(&key, &follower.url_of(&cached.value)),
+            let end = match waiting.drawn(job).await {
+                Ok(cached) => sse::image_done(&key, &waiting.url_of(&cached.value)),
                 Err(ApiError::Generation {
                     code,
                     message,
@@ -126,7 +101,7 @@ async fn stream_image(
             };
             Ok(end)
         }));
-    Ok(sse_response(&app, events))
+    Ok(app.sse(events))
 }
 
 async fn create_image(
@@ -135,13 +110,13 @@ async fn create_image(
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
     let request = FightRequest::from_json(&body)?;
-    let (matchup, key) = app.matchup(&request, Kind::Image)?;
-    let (cached, was_cached) = match app.inner.images.lookup(&key).await {
+    let job = app.job(&request, Kind::Image)?;
+    let (cached, was_cached) = match app.inner.images.lookup(&job.key).await {
         Some(cached) => (cached, true),
-        None => (app.drawn(&matchup, &key).await?, false),
+        None => (app.drawn(job).await?, false),
     };
     let url = app.url_of(&cached.value);
-    Ok(Json(json!({"key": key, "url": url, "cached": was_cached})).into_response())
+    Ok(Json(ImageBody::of(&cached.value, &url, was_cached)).into_response())
 }
 
 /// `GET|HEAD /v1/images/{key}.{ext}`: the stored bytes. Only paths made from a valid key and
@@ -165,11 +140,8 @@ async fn serve_image(
         return Err(ApiError::NotFound);
     }
     let etag = format!("\"{}\"", picture.sha256);
-    let validators = [
-        (header::ETAG, etag.clone()),
-        (header::CACHE_CONTROL, IMAGE_CACHE_CONTROL.to_owned()),
-    ];
-    if if_none_match(&headers, &etag) {
+    let validators = http::validators(&etag, IMAGE_CACHE_CONTROL);
+    if http::if_none_match(&headers, &etag) {
         return Ok((StatusCode::NOT_MODIFIED, validators).into_response());
     }
     let object = match app.inner.objects.get(&path).await {

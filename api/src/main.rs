@@ -9,10 +9,14 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
     versus_shared::telemetry::init_logs();
     let metrics = versus_shared::telemetry::install_metrics()?;
-    let shutdown = versus_shared::shutdown::on_signal();
+    let tasks = versus_shared::tasks::Tasks::new();
+    versus_shared::shutdown::on_signal(&tasks);
     let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
         .with_context(|| format!("binding VERSUS_HTTP_ADDR {}", settings.http_addr))?;
-    let app = App::build(settings, metrics).await?;
-    versus_api::run(listener, app, shutdown).await
+    let app = App::build(settings, metrics, &tasks).await?;
+    let ran = versus_api::run(listener, app, &tasks).await;
+    tasks.shutdown().cancel();
+    tasks.wait(std::time::Duration::from_secs(5)).await;
+    ran
 }

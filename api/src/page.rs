@@ -12,7 +12,7 @@ use axum::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::fights::if_none_match;
+use crate::http::if_none_match;
 
 /// What the page may load: its own scripts and styles, streams from this API, and pictures
 /// from anywhere, since image URLs may point at a CDN or bucket (`VERSUS_PUBLIC_IMAGE_BASE_URL`).

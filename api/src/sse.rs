@@ -1,12 +1,69 @@
-//! What a client sees of a generation: the contract's SSE events, with `Last-Event-ID` resume.
+//! What a client sees of a generation: the contract's SSE events, with `Last-Event-ID` resume,
+//! and the responses that carry them.
 //!
 //! A chunk's id is `<attempt>:<end offset>`. A client that reconnects with the id of the last
 //! chunk it holds receives exactly the rest of that attempt's text; if the answer now comes
-//! from another attempt, it receives `reset` and the whole text.
+//! from another attempt, it receives `reset` and the whole text. That is also how a replica
+//! that stops hands its streams over: it ends them with a `retry:` hint, and EventSource
+//! clients reconnect (to another replica) with `Last-Event-ID`.
 
-use axum::response::sse::Event as SseEvent;
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    http::{HeaderName, HeaderValue, header},
+    response::{
+        IntoResponse, Response,
+        sse::{Event as SseEvent, KeepAlive, Sse},
+    },
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt, stream};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 use versus_shared::{key::Key, wire::Event};
+
+/// How soon a client whose stream this replica ended at shutdown should reconnect.
+pub const HANDOVER_RETRY: Duration = Duration::from_millis(500);
+
+/// A whole event stream known in advance (a hit), as one body.
+pub fn body(body: Bytes) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A live event stream: a comment every `heartbeat` while idle, and when `shutdown` fires,
+/// a `retry:` hint and the end, so that the client reconnects and resumes elsewhere.
+pub fn live(
+    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+) -> Response {
+    let stopped = shutdown.clone();
+    let handover = stream::once(async move { stopped.is_cancelled() }).filter_map(|stopped| {
+        std::future::ready(stopped.then(|| {
+            Ok(SseEvent::default()
+                .retry(HANDOVER_RETRY)
+                .comment("this server is stopping: reconnect with Last-Event-ID"))
+        }))
+    });
+    let events = events
+        .take_until(shutdown.cancelled_owned())
+        .chain(handover);
+    let mut response = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(heartbeat))
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
 
 /// A resume point parsed from `Last-Event-ID`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

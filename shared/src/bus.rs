@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use async_nats::jetstream::{self, kv, stream};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::{config::NatsSettings, wire};
+use crate::{config::NatsSettings, tasks::Tasks, wire};
 
 /// A connected client with handles on everything Versus uses. Cheap to clone.
 #[derive(Clone)]
@@ -23,8 +24,13 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects (retrying until NATS is up) and declares streams and the bucket.
-    pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Bus> {
+    /// Connects (retrying until NATS is up) and declares streams and the bucket. The task that
+    /// declares the events stream again after reconnects runs on `tasks`.
+    pub async fn connect(
+        settings: &NatsSettings,
+        name: &str,
+        tasks: &Tasks,
+    ) -> anyhow::Result<Bus> {
         let (lost, losses) = watch::channel(0u64);
         let (reconnected, reconnects) = watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
@@ -50,10 +56,11 @@ impl Bus {
         let js = jetstream::new(client.clone());
         let jobs = declare_stream(&js, jobs_stream()).await?;
         let events = declare_stream(&js, events_stream(settings.events_max_age())).await?;
-        tokio::spawn(redeclare_events(
+        tasks.spawn(redeclare_events(
             js.clone(),
             reconnects,
             settings.events_max_age(),
+            tasks.shutdown().clone(),
         ));
         let answers = js
             .create_or_update_key_value(kv::Config {
@@ -127,12 +134,19 @@ async fn redeclare_events(
     js: jetstream::Context,
     mut reconnects: watch::Receiver<u64>,
     max_age: Duration,
+    shutdown: CancellationToken,
 ) {
-    while reconnects.changed().await.is_ok() {
-        while let Err(e) = js.create_or_update_stream(events_stream(max_age)).await {
-            tracing::info!(error = %e, "declaring the events stream again failed; retrying");
-            tokio::time::sleep(Duration::from_millis(250)).await;
+    let redeclare = async {
+        while reconnects.changed().await.is_ok() {
+            while let Err(e) = js.create_or_update_stream(events_stream(max_age)).await {
+                tracing::info!(error = %e, "declaring the events stream again failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = redeclare => {}
     }
 }
 

@@ -4,20 +4,24 @@
 //! - [`wire`]: subjects, streams, job and event payloads, the edge-cache value (the contract);
 //! - [`prompt`]: the prompt templates and their versions, which are part of every key;
 //! - [`bus`]: connecting to NATS and declaring streams and the KV bucket idempotently;
+//! - [`history`]: reading a key's stored events (its last one, and all from a point on);
 //! - [`db`]: the Postgres pool and the embedded migrations;
 //! - [`objects`]: the object store that holds the pictures;
 //! - [`config`]: settings both binaries read from the environment;
 //! - [`telemetry`]: logs, Prometheus metrics, and the ops routes (`/healthz`, `/readyz`, `/metrics`);
-//! - [`shutdown`]: one signal handler that drives a cancellation token;
+//! - [`shutdown`]: one signal handler that drives the shutdown token;
+//! - [`tasks`]: every task a process spawns, tracked and waited for;
 //! - [`tls`]: the TLS crypto provider for HTTPS clients.
 
 pub mod bus;
 pub mod config;
 pub mod db;
+pub mod history;
 pub mod key;
 pub mod objects;
 pub mod prompt;
 pub mod shutdown;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;

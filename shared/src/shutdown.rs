@@ -1,32 +1,36 @@
-//! One handler for Ctrl-C and SIGTERM, driving a cancellation token that every task watches.
+//! One handler for Ctrl-C and SIGTERM, driving the cancellation token that every task watches.
 
-use tokio_util::sync::CancellationToken;
+use crate::tasks::Tasks;
 
-/// Returns a token that is cancelled on the first Ctrl-C or SIGTERM.
-pub fn on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
-                    tokio::select! {
-                        _ = ctrl_c => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                }
-            }
+/// Cancels `tasks.shutdown()` on the first Ctrl-C or SIGTERM. The handler is a tracked task
+/// that also ends when the token fires for another reason.
+pub fn on_signal(tasks: &Tasks) {
+    let token = tasks.shutdown().clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = signalled() => {}
         }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
         tracing::info!("shutdown requested");
-        cancel.cancel();
+        token.cancel();
     });
-    token
+}
+
+async fn signalled() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                () = ctrl_c => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => ctrl_c.await,
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
 }

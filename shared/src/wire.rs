@@ -75,9 +75,10 @@ pub fn kv_key(kind: Kind, key: &Key) -> String {
     format!("{kind}.{key}")
 }
 
-/// The de-duplication id of a job. `after` is the stream sequence of the last terminal event
-/// the publisher saw on the key's events subject (0 for none), so a request that follows a
-/// failure asks for a new job, while identical requests that saw the same history coalesce.
+/// The de-duplication id of a job. `after` is the stream sequence of the last event the
+/// publisher saw on the key's events subject (0 for none), whatever its kind: a request that
+/// follows a failure (or anything newer) asks for a new job, while identical requests that saw
+/// the same history coalesce.
 pub fn job_msg_id(kind: Kind, key: &Key, after: u64) -> String {
     format!("{kind}.{key}.{after}")
 }

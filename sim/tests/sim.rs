@@ -1,5 +1,8 @@
 //! End-to-end checks of the simulator over real HTTP, with the server in-process on port 0.
 
+// The ban on a bare spawn is for the services; a test's server ends with the test.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use base64::Engine;

@@ -7,7 +7,7 @@
 //! - `NATS_SERVER_BIN` (or `nats-server` on `PATH`), for [`Nats`];
 //! - `VERSUS_TEST_DATABASE_URL`, a Postgres superuser URL, for [`Database`].
 //!
-//! `scripts/test` provides all three. A typical test:
+//! `scripts/test` provides them (and `S3S_FS_BIN`, for [`S3`]). A typical test:
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -19,6 +19,10 @@
 //! ```
 //!
 //! Everything here panics with a clear message instead of returning errors: it is test code.
+
+// Test code joins or drops its helper tasks with the test; the ban on a bare spawn is for the
+// services.
+#![allow(clippy::disallowed_methods)]
 
 mod db;
 mod nats;

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
-use versus_shared::wire::{Job, Kind};
+use versus_shared::{
+    tasks::Tasks,
+    wire::{Job, Kind},
+};
 
 /// What a claim found.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,10 +50,11 @@ type Reply = oneshot::Sender<sqlx::Result<Claim>>;
 const MAX_BATCH: usize = 256;
 
 impl Claimer {
-    /// Starts the task that runs the statements; it ends when every `Claimer` is dropped.
-    pub fn start(db: PgPool, lease: Duration, worker: String) -> Claimer {
+    /// Starts the task that runs the statements, on `tasks`; it ends when every `Claimer` is
+    /// dropped, so that the claims of jobs still draining at shutdown are answered.
+    pub fn start(db: PgPool, lease: Duration, worker: String, tasks: &Tasks) -> Claimer {
         let (requests, mut queue) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut batch = Vec::new();
             while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
                 let (jobs, replies): (Vec<Job>, Vec<Reply>) = batch.drain(..).unzip();
@@ -307,8 +311,10 @@ pub async fn fail(db: &PgPool, job: &Job, attempt: i32, error: &str) -> sqlx::Re
     Ok(r.rows_affected() == 1)
 }
 
-/// Gives the lease back without failing, so another worker can claim at once (used when this
-/// process is shutting down mid-job).
+/// Gives the lease back without failing, so that another worker can claim at once: the lease
+/// ends at this statement's `now()`, which is before the `now()` of any claim that follows it.
+/// Used when a generation stops on a failure of NATS or Postgres, and when this process stops
+/// past its grace period with the generation unfinished (the job is then nak'd at once).
 pub async fn release(db: &PgPool, job: &Job, attempt: i32) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE generations SET lease_until = now(), updated_at = now()

@@ -1,7 +1,7 @@
 //! The pull loops: one durable consumer per lane (interactive and pre-warm) shared by every
 //! worker, each lane with its own local concurrency limit, and a drain on shutdown (stop
-//! fetching, let jobs in flight finish within the grace period). A pull asks for as many jobs
-//! as the lane has free slots.
+//! fetching, let jobs in flight finish within the grace period, then hand the unfinished ones
+//! over to other workers at once). A pull asks for as many jobs as the lane has free slots.
 //!
 //! Architecture Invariant: the lanes share nothing but the process. A pre-warm batch of ten
 //! thousand jobs holds at most the pre-warm permits, so interactive misses never queue
@@ -19,10 +19,13 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use versus_shared::wire::{self, Job};
 
-use crate::{Ctx, job};
+use crate::{ctx::Ctx, generation::Outcome, job};
 
 /// How long one pull request waits for jobs before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long jobs still running after the grace period get to give their claims back and nak:
+/// a Postgres update and a confirmed nak each.
+const HANDOVER: Duration = Duration::from_secs(5);
 
 /// One lane of jobs.
 pub struct Lane {
@@ -58,7 +61,9 @@ pub async fn declare(ctx: &Ctx, lane: &Lane) -> anyhow::Result<PullConsumer> {
     }
 }
 
-/// Pulls and runs jobs until `shutdown`, then waits up to `grace` for the ones in flight.
+/// Pulls and runs jobs until `shutdown`, then waits up to `grace` for the ones in flight. Those
+/// still running then give their claims back and are nak'd without delay, so that another
+/// worker starts them at once rather than when their lease runs out.
 pub async fn run(
     ctx: Arc<Ctx>,
     consumer: PullConsumer,
@@ -68,6 +73,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let tracker = TaskTracker::new();
+    let abandon = CancellationToken::new();
     'pulling: loop {
         // Ask for exactly as many jobs as there are free slots, in one request: a busy worker
         // never hoards jobs an idle one could start, and a burst is not taken one round trip
@@ -109,21 +115,34 @@ pub async fn run(
                 None => break,
             };
             let ctx = ctx.clone();
+            let abandon = abandon.clone();
             tracker.spawn(async move {
-                process(&ctx, msg).await;
+                process(&ctx, msg, &abandon).await;
                 drop(slot);
             });
         }
     }
     tracker.close();
     tracing::info!(in_flight = tracker.len(), "draining jobs in flight");
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!("jobs still running after the grace period; they will be redelivered");
+    if tokio::time::timeout(grace, tracker.wait()).await.is_ok() {
+        return Ok(());
+    }
+    tracing::warn!(
+        in_flight = tracker.len(),
+        "jobs still running after the grace period; handing them over"
+    );
+    abandon.cancel();
+    let handed_over = tokio::time::timeout(HANDOVER, tracker.wait()).await;
+    if handed_over.is_err() {
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "jobs did not hand over in time; they will be redelivered when their lease runs out"
+        );
     }
     Ok(())
 }
 
-async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message) {
+async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &CancellationToken) {
     let job: Job = match serde_json::from_slice(&msg.payload) {
         Ok(job) => job,
         Err(e) => {
@@ -144,9 +163,11 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message) {
         };
         metrics::histogram!("versus_job_wait_seconds", "lane" => lane).record(waited);
     }
-    let ack = match job::handle(ctx, &msg, &job).await {
-        Ok(job::Outcome::Ack) => msg.double_ack().await,
-        Ok(job::Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+    let ack = match job::handle(ctx, &msg, &job, abandon).await {
+        Ok(Outcome::Ack) => msg.double_ack().await,
+        Ok(Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,
+        // Confirmed: the process exits right after, and the next worker must get the job now.
+        Ok(Outcome::Handover) => msg.double_ack_with(AckKind::Nak(None)).await,
         Err(e) => {
             tracing::error!(key = %job.key, error = format!("{e:#}"), "job failed; it will be retried");
             metrics::counter!("versus_job_errors_total").increment(1);

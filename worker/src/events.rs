@@ -11,6 +11,7 @@ use anyhow::Context;
 use async_nats::jetstream::context::PublishAckFuture;
 use versus_shared::{
     bus::Bus,
+    history,
     wire::{self, Event, Job},
 };
 
@@ -56,16 +57,7 @@ impl<'a> Publisher<'a> {
 
     /// Whether the subject holds any event (true when unsure, so that a purge follows).
     async fn holds_events(&self) -> bool {
-        use async_nats::jetstream::stream::DirectGetErrorKind;
-        match self
-            .bus
-            .events
-            .direct_get_last_for_subject(self.subject.clone())
-            .await
-        {
-            Ok(_) => true,
-            Err(e) => e.kind() != DirectGetErrorKind::NotFound,
-        }
+        !matches!(history::last(self.bus, &self.subject).await, Ok(None))
     }
 
     pub async fn chunk(
@@ -123,19 +115,5 @@ impl<'a> Publisher<'a> {
             oldest.await.context("the events stream refused an event")?;
         }
         Ok(())
-    }
-}
-
-/// The last event on the job's subject, if any.
-pub async fn last_event(bus: &Bus, job: &Job) -> anyhow::Result<Option<Event>> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    match bus
-        .events
-        .get_last_raw_message_by_subject(&wire::events_subject(job.kind, &job.key))
-        .await
-    {
-        Ok(msg) => Ok(serde_json::from_slice(&msg.payload).ok()),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(e).context("reading the last event"),
     }
 }

@@ -1,12 +1,11 @@
 //! Pictures: generate once, check that the bytes are an image, upload them to our object store
-//! under a path derived from the key, record path, size, hash and type in Postgres (fenced),
-//! then the edge KV bucket, then publish `done`. Nothing is marked done before the bytes are
-//! stored, and provider URLs are never kept.
+//! under a path derived from the key, then record path, size, hash and type in Postgres
+//! (fenced). Nothing is marked done before the bytes are stored, and provider URLs are never
+//! kept. The skeleton around it (claim, lease, KV, `done`, failures) is [`crate::generation`].
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::AtomicI32;
 
 use anyhow::Context;
-use async_nats::jetstream;
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload, path::Path};
@@ -18,100 +17,129 @@ use versus_shared::{
 };
 
 use crate::{
-    Ctx,
     claims::{self, Picture, Stored},
+    ctx::Ctx,
     events::Publisher,
-    job::{self, Ended, Failure, Outcome},
+    generation::{Ended, Failure, Generation},
     openai::UpstreamError,
 };
 
-pub async fn generate(
-    ctx: &Ctx,
-    msg: &jetstream::Message,
-    job: &Job,
-    attempt: i32,
-    a: &str,
-    b: &str,
-) -> anyhow::Result<Outcome> {
-    let cell = AtomicI32::new(attempt);
-    let mut publisher = Publisher::new(&ctx.bus, job);
-    let work = draw(ctx, job, attempt, &mut publisher, a, b);
-    let ended = job::guarded(ctx, msg, job, &cell, work).await?;
-    let attempt = cell.load(Ordering::SeqCst);
-    match ended {
-        Ended::Finished(picture) => {
-            if !claims::complete_image(&ctx.db, job, attempt, &picture).await? {
-                tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
-                return Ok(Outcome::Ack);
-            }
-            let answer = ImageAnswer {
-                key: job.key.clone(),
-                a: a.to_owned(),
-                b: b.to_owned(),
-                path: picture.path,
-                size: picture.size as u64,
-                sha256: picture.sha256,
-                content_type: picture.content_type,
-                model: job.model.clone(),
-                attempt,
-            };
-            job::announce(ctx, job, attempt, &answer, &mut publisher).await
-        }
-        Ended::GaveUp(failure) => job::give_up(ctx, job, attempt, &failure, &mut publisher).await,
-        Ended::Lost => Ok(Outcome::Ack),
+/// The picture of one matchup.
+pub struct Image {
+    /// The display names the claim holds.
+    a: String,
+    b: String,
+    prompt: String,
+}
+
+impl Image {
+    pub fn new(a: String, b: String) -> Image {
+        let prompt = prompt::image_prompt(&a, &b);
+        Image { a, b, prompt }
     }
 }
 
-/// Calls the image API within the retry budget, then uploads the bytes.
-async fn draw(
-    ctx: &Ctx,
-    job: &Job,
-    attempt: i32,
-    publisher: &mut Publisher<'_>,
-    a: &str,
-    b: &str,
-) -> anyhow::Result<Ended<Picture>> {
-    let prompt = prompt::image_prompt(a, b);
-    let size = job.size.as_deref().unwrap_or("1024x1024");
-    let mut backoff = ctx.openai.backoff();
-    let (started, mut result) = tokio::join!(
-        publisher.start(attempt),
-        ctx.openai.image(&job.model, &prompt, size)
-    );
-    started?;
-    let (bytes, format) = loop {
-        let error = match result.and_then(|bytes| Ok((sniff(&bytes)?, bytes))) {
-            Ok((format, bytes)) => break (bytes, format),
-            Err(error) => error,
-        };
-        metrics::counter!("versus_upstream_errors_total", "kind" => "image").increment(1);
-        let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
-            return Ok(Ended::GaveUp(error.into()));
-        };
-        tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
-        tokio::time::sleep(delay).await;
-        result = ctx.openai.image(&job.model, &prompt, size).await;
-    };
-    let path = objects::image_path(&job.key, format.extension);
-    // The picture is paid for: try the store a few times before giving it up.
-    let upload = || upload(ctx, &path, bytes.clone(), format.mime);
-    let stored = upload
-        .retry(ExponentialBuilder::default().with_max_times(2))
-        .await;
-    if let Err(e) = stored {
-        return Ok(Ended::GaveUp(Failure {
-            code: "storage_unavailable",
-            message: "The picture could not be stored. Please try again.",
-            retryable: true,
-            detail: format!("uploading to the object store failed: {e}"),
-        }));
+/// The size asked for when the job names none.
+const DEFAULT_SIZE: &str = "1024x1024";
+
+impl Generation for Image {
+    /// The bytes of the first try.
+    type Opened = Result<Bytes, UpstreamError>;
+    type Made = Picture;
+    type Answer = ImageAnswer;
+
+    async fn open(&self, ctx: &Ctx, job: &Job) -> Self::Opened {
+        let size = job.size.as_deref().unwrap_or(DEFAULT_SIZE);
+        ctx.openai.image(&job.model, &self.prompt, size).await
     }
-    Ok(Ended::Finished(Picture {
-        path: path.to_string(),
-        size: bytes.len() as i64,
-        sha256: hex::encode(Sha256::digest(&bytes)),
-        content_type: format.mime.to_owned(),
-    }))
+
+    /// Calls the image API again within the retry budget until the bytes are a picture, then
+    /// uploads them.
+    async fn work(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        mut result: Self::Opened,
+        _attempt: &AtomicI32,
+        _publisher: &mut Publisher<'_>,
+    ) -> anyhow::Result<Ended<Picture>> {
+        let size = job.size.as_deref().unwrap_or(DEFAULT_SIZE);
+        let mut backoff = ctx.openai.backoff();
+        let (bytes, format) = loop {
+            let error = match result.and_then(|bytes| Ok((sniff(&bytes)?, bytes))) {
+                Ok((format, bytes)) => break (bytes, format),
+                Err(error) => error,
+            };
+            metrics::counter!("versus_upstream_errors_total", "kind" => "image").increment(1);
+            let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
+                return Ok(Ended::GaveUp(error.into()));
+            };
+            tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
+            tokio::time::sleep(delay).await;
+            result = ctx.openai.image(&job.model, &self.prompt, size).await;
+        };
+        let path = objects::image_path(&job.key, format.extension);
+        // The picture is paid for: try the store a few times before giving it up.
+        let upload = || upload(ctx, &path, bytes.clone(), format.mime);
+        let stored = upload
+            .retry(ExponentialBuilder::default().with_max_times(2))
+            .await;
+        if let Err(e) = stored {
+            return Ok(Ended::GaveUp(Failure {
+                code: "storage_unavailable",
+                message: "The picture could not be stored. Please try again.",
+                retryable: true,
+                detail: format!("uploading to the object store failed: {e}"),
+            }));
+        }
+        Ok(Ended::Finished(Picture {
+            path: path.to_string(),
+            size: bytes.len() as i64,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+            content_type: format.mime.to_owned(),
+        }))
+    }
+
+    async fn complete(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        attempt: i32,
+        picture: Picture,
+    ) -> anyhow::Result<Option<ImageAnswer>> {
+        if !claims::complete_image(&ctx.db, job, attempt, &picture).await? {
+            return Ok(None);
+        }
+        Ok(Some(ImageAnswer {
+            key: job.key.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            path: picture.path,
+            size: picture.size as u64,
+            sha256: picture.sha256,
+            content_type: picture.content_type,
+            model: job.model.clone(),
+            attempt,
+        }))
+    }
+
+    fn stored_answer(job: &Job, row: Stored) -> anyhow::Result<ImageAnswer> {
+        Ok(ImageAnswer {
+            key: job.key.clone(),
+            a: row.a,
+            b: row.b,
+            path: row.image_path.context("a done image row without a path")?,
+            size: row.image_size.unwrap_or_default() as u64,
+            sha256: row.image_sha256.unwrap_or_default(),
+            content_type: row.content_type.unwrap_or_else(|| "image/png".to_owned()),
+            model: row.model,
+            attempt: row.attempt,
+        })
+    }
+
+    fn replayed_text(_answer: &ImageAnswer) -> Option<&str> {
+        None
+    }
 }
 
 async fn upload(
@@ -168,26 +196,6 @@ pub fn sniff(bytes: &[u8]) -> Result<Format, UpstreamError> {
         });
     };
     Ok(format)
-}
-
-/// A job for a picture that is already stored (see [`job::reannounce`]).
-pub async fn republish(ctx: &Ctx, job: &Job, stored: Stored) -> anyhow::Result<()> {
-    let answer = ImageAnswer {
-        key: job.key.clone(),
-        a: stored.a,
-        b: stored.b,
-        path: stored
-            .image_path
-            .context("a done image row without a path")?,
-        size: stored.image_size.unwrap_or_default() as u64,
-        sha256: stored.image_sha256.unwrap_or_default(),
-        content_type: stored
-            .content_type
-            .unwrap_or_else(|| "image/png".to_owned()),
-        model: stored.model,
-        attempt: stored.attempt,
-    };
-    job::reannounce(ctx, job, answer.attempt, &answer, None).await
 }
 
 #[cfg(test)]

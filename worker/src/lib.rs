@@ -5,7 +5,10 @@
 //!   limits and graceful drain;
 //! - [`popularity`]: adding up the API replicas' request counts in Postgres;
 //! - [`claims`]: the Postgres claim, lease and fenced writes;
-//! - [`job`]: one job from claim to ack, whatever its kind, under a kept-alive lease;
+//! - [`ctx`]: what every job handler needs ([`Ctx`]);
+//! - [`job`]: one job, whatever its kind: the claim decides which path it takes;
+//! - [`generation`]: a won claim to its end under a kept-alive lease (completion order,
+//!   failures, hand-over at shutdown), and an answer already done announced again;
 //! - [`text`]: text answers, streamed into chunk events;
 //! - [`image`]: pictures, uploaded to object storage;
 //! - [`events`]: publishing a generation's events;
@@ -13,7 +16,9 @@
 
 pub mod claims;
 pub mod consumer;
+pub mod ctx;
 pub mod events;
+pub mod generation;
 pub mod image;
 pub mod job;
 pub mod openai;
@@ -24,11 +29,13 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 
+pub use ctx::Ctx;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
     config::{NatsSettings, Secret},
     objects::ObjectStoreSettings,
+    tasks::Tasks,
     telemetry::{self, PrometheusHandle},
 };
 
@@ -74,32 +81,21 @@ impl Settings {
     }
 }
 
-/// What every job handler needs.
-pub struct Ctx {
-    pub bus: Bus,
-    pub db: sqlx::PgPool,
-    pub openai: openai::Client,
-    pub objects: Arc<dyn object_store::ObjectStore>,
-    pub lease: Duration,
-    /// Identifies this process in claims, for operators.
-    pub worker_id: String,
-    pub claimer: claims::Claimer,
-}
-
 /// Connects, migrates, serves the ops routes and consumes jobs until `shutdown` fires.
 pub async fn run(
     settings: Settings,
     metrics: PrometheusHandle,
-    shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> anyhow::Result<()> {
-    let bus = Bus::connect(&settings.nats, "versus-worker").await?;
+    let shutdown = tasks.shutdown().clone();
+    let bus = Bus::connect(&settings.nats, "versus-worker", tasks).await?;
     let db =
         versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
     versus_shared::db::migrate(&db).await?;
     let worker_id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
-        claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id.clone()),
+        claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id.clone(), tasks),
         db,
         openai: openai::Client::new(&settings.openai)?,
         objects: settings.objects.open()?,
@@ -127,7 +123,7 @@ pub async fn run(
     let ops = axum::serve(listener, telemetry::ops_router(metrics, bus));
     let addr = ops.local_addr()?;
     let ops_shutdown = shutdown.clone();
-    let ops = tokio::spawn(async move {
+    let ops = tasks.spawn(async move {
         ops.with_graceful_shutdown(ops_shutdown.cancelled_owned())
             .await
     });

@@ -8,6 +8,10 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
     versus_shared::telemetry::init_logs();
     let metrics = versus_shared::telemetry::install_metrics()?;
-    let shutdown = versus_shared::shutdown::on_signal();
-    versus_worker::run(settings, metrics, shutdown).await
+    let tasks = versus_shared::tasks::Tasks::new();
+    versus_shared::shutdown::on_signal(&tasks);
+    let ran = versus_worker::run(settings, metrics, &tasks).await;
+    tasks.shutdown().cancel();
+    tasks.wait(std::time::Duration::from_secs(5)).await;
+    ran
 }

@@ -3,13 +3,17 @@
 
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
+// The ban on a bare spawn is for the services; a test's tasks end with the test.
+#![allow(clippy::disallowed_methods)]
 
 mod browser;
 mod cli;
+mod dev;
 mod faults;
 mod images;
 mod page;
 mod prewarm;
+mod shutdown;
 mod text;
 
 use versus_testkit::{

@@ -1,0 +1,152 @@
+//! The state every request handler shares: the settings, the bus, the caches, the flights, and
+//! the shutdown token that ends waits and hands streams over.
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use axum::response::{Response, sse::Event as SseEvent};
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+use versus_shared::{
+    bus::Bus,
+    config::{ModelSettings, NatsSettings, Secret},
+    objects::ObjectStoreSettings,
+    tasks::Tasks,
+    telemetry::PrometheusHandle,
+    wire::{Answer, ImageAnswer},
+};
+
+use crate::{body, cache, coalesce, error, popularity, sse};
+
+/// API settings, from the environment (see `versus-api --help`).
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "versus-api", version, about)]
+pub struct Settings {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, env = "VERSUS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    #[command(flatten)]
+    pub nats: NatsSettings,
+    #[command(flatten)]
+    pub models: ModelSettings,
+    #[command(flatten)]
+    pub objects: ObjectStoreSettings,
+    /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.
+    #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
+    pub public_image_base_url: Option<String>,
+    /// Bearer token of the admin routes; unset, they refuse every request.
+    #[arg(long, env = "VERSUS_ADMIN_TOKEN")]
+    pub admin_token: Option<Secret>,
+    /// Postgres URL, used only by the admin routes (never by answers).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<Secret>,
+    /// Memory for the in-process answer cache, in MiB.
+    #[arg(long, env = "VERSUS_MEMORY_CACHE_MIB", default_value_t = 256)]
+    pub memory_cache_mib: u64,
+    /// How long a client waits for a generation before it gets a retryable error, in seconds.
+    #[arg(long, env = "VERSUS_STREAM_TIMEOUT_SECS", default_value_t = 300)]
+    pub stream_timeout_secs: u64,
+    /// Seconds between SSE heartbeat comments on idle streams.
+    #[arg(long, env = "VERSUS_SSE_HEARTBEAT_SECS", default_value_t = 15)]
+    pub heartbeat_secs: u64,
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub struct Inner {
+    pub bus: Bus,
+    pub answers: cache::EdgeCache<Answer>,
+    pub images: cache::EdgeCache<ImageAnswer>,
+    pub objects: Arc<dyn object_store::ObjectStore>,
+    pub popularity: popularity::Popularity,
+    /// For the admin routes only; connects on first use.
+    pub db: Option<sqlx::PgPool>,
+    pub flights: Arc<coalesce::Flights>,
+    /// Fires when this process stops: open streams hand over, waits end.
+    pub shutdown: CancellationToken,
+    pub settings: Settings,
+    pub metrics: PrometheusHandle,
+}
+
+impl App {
+    /// Connects to NATS and declares what the API uses.
+    pub async fn build(
+        settings: Settings,
+        metrics: PrometheusHandle,
+        tasks: &Tasks,
+    ) -> anyhow::Result<App> {
+        let bus = Bus::connect(&settings.nats, "versus-api", tasks).await?;
+        let flights = coalesce::Flights::new(
+            bus.clone(),
+            Duration::from_secs(settings.stream_timeout_secs.max(1)),
+            tasks.clone(),
+        );
+        let public_base = settings.public_image_base_url.clone();
+        let answers = cache::EdgeCache::new(
+            bus.clone(),
+            settings.memory_cache_mib << 20,
+            |a: &Answer| serde_json::to_vec(&body::TextBody::of(a, true)),
+        );
+        // Picture entries are small: a sixteenth of the budget holds very many.
+        let images = cache::EdgeCache::new(
+            bus.clone(),
+            settings.memory_cache_mib << 16,
+            move |i: &ImageAnswer| {
+                let url = body::image_url(public_base.as_deref(), i);
+                serde_json::to_vec(&body::ImageBody::of(i, &url, true))
+            },
+        );
+        Ok(App {
+            inner: Arc::new(Inner {
+                objects: settings.objects.open()?,
+                popularity: popularity::Popularity::new(bus.client.clone()),
+                db: settings
+                    .database_url
+                    .as_ref()
+                    .map(|url| versus_shared::db::connect_lazy(url, 4))
+                    .transpose()?,
+                answers,
+                images,
+                bus,
+                flights,
+                shutdown: tasks.shutdown().clone(),
+                settings,
+                metrics,
+            }),
+        })
+    }
+}
+
+impl App {
+    /// A live SSE response (see [`sse::live`]), handed over when this process stops.
+    pub(crate) fn sse(
+        &self,
+        events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    ) -> Response {
+        let heartbeat = Duration::from_secs(self.inner.settings.heartbeat_secs.max(1));
+        sse::live(events, heartbeat, self.inner.shutdown.clone())
+    }
+
+    /// Waits for `wait` unless this process stops first: then the client is told to retry
+    /// (503, retryable), here or on another replica.
+    pub(crate) async fn unless_stopping<T>(
+        &self,
+        wait: impl Future<Output = T>,
+    ) -> Result<T, error::ApiError> {
+        tokio::select! {
+            () = self.inner.shutdown.cancelled() => Err(error::ApiError::Unavailable),
+            out = wait => Ok(out),
+        }
+    }
+
+    /// Drops `keys` from this replica's memory caches.
+    pub(crate) fn forget(&self, keys: &[versus_shared::key::Key]) {
+        for key in keys {
+            self.inner.answers.remove(key);
+            self.inner.images.remove(key);
+        }
+    }
+}

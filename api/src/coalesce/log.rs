@@ -1,0 +1,232 @@
+//! A flight's log: the events of one generation, each taken once and in order, whatever mix
+//! of stored history and live subscription they arrive from. Pure: no I/O, no clock.
+//!
+//! Architecture Invariant: the log holds `started` of an attempt newer than the one held,
+//! chunks contiguous from offset 0, and at most one terminal event, last.
+
+use std::sync::Arc;
+
+use versus_shared::wire::Event;
+
+#[derive(Default)]
+pub(super) struct Log {
+    /// What waiters replay, in order.
+    pub(super) events: Vec<Arc<Event>>,
+    /// No event follows (the generation ended, or the reader stopped).
+    pub(super) closed: bool,
+    /// The attempt the log follows, and where its text ends.
+    attempt: Option<i32>,
+    end: usize,
+}
+
+/// What the log made of an event.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Offer {
+    /// Logged; `ended` when it ends the generation.
+    Taken { ended: bool },
+    /// Already held, or from an attempt the log has left behind.
+    Known,
+    /// It does not follow what the log holds: something before it is missing.
+    Gap,
+}
+
+impl Log {
+    /// Takes `event` if it extends the generation. `stored` events come from the stream's
+    /// history, in the stream's order: an operator's purge there ends the generation even if
+    /// the log never saw it begin.
+    pub(super) fn offer(&mut self, event: Event, stored: bool) -> Offer {
+        if self.closed {
+            return Offer::Known;
+        }
+        let event = match event {
+            Event::Started { attempt } => match self.attempt {
+                Some(current) if attempt <= current => return Offer::Known,
+                _ => {
+                    self.attempt = Some(attempt);
+                    self.end = 0;
+                    event
+                }
+            },
+            Event::Chunk {
+                attempt,
+                offset,
+                delta,
+            } => {
+                let stop = offset + delta.len();
+                match self.attempt {
+                    Some(current) if attempt < current => return Offer::Known,
+                    Some(current) if attempt == current => {
+                        if stop <= self.end {
+                            return Offer::Known;
+                        }
+                        if offset > self.end {
+                            return Offer::Gap;
+                        }
+                        // Keep only the part after what the log holds.
+                        let Some(rest) = delta.get(self.end - offset..) else {
+                            return Offer::Gap;
+                        };
+                        let event = Event::Chunk {
+                            attempt,
+                            offset: self.end,
+                            delta: rest.to_owned(),
+                        };
+                        self.end = stop;
+                        event
+                    }
+                    _ if offset == 0 => {
+                        self.attempt = Some(attempt);
+                        self.end = stop;
+                        Event::Chunk {
+                            attempt,
+                            offset,
+                            delta,
+                        }
+                    }
+                    _ => return Offer::Gap,
+                }
+            }
+            Event::Done {
+                attempt, length, ..
+            } => match self.attempt {
+                Some(current) if attempt < current => return Offer::Known,
+                Some(current) if attempt == current && length <= self.end => event,
+                _ => return Offer::Gap,
+            },
+            Event::Error { attempt, .. } => match self.attempt {
+                Some(current) if attempt < current => return Offer::Known,
+                Some(current) if attempt == current => event,
+                _ => return Offer::Gap,
+            },
+            Event::Purged if stored => event,
+            Event::Purged => return Offer::Gap,
+        };
+        let ended = event.is_terminal();
+        self.events.push(Arc::new(event));
+        self.closed = ended;
+        Offer::Taken { ended }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Log, Offer};
+    use versus_shared::wire::Event;
+
+    fn chunk(attempt: i32, offset: usize, delta: &str) -> Event {
+        Event::Chunk {
+            attempt,
+            offset,
+            delta: delta.to_owned(),
+        }
+    }
+
+    fn done(attempt: i32, length: usize) -> Event {
+        Event::Done {
+            attempt,
+            model: "m".to_owned(),
+            length,
+        }
+    }
+
+    fn error(attempt: i32) -> Event {
+        Event::Error {
+            attempt,
+            code: "upstream".to_owned(),
+            message: "no".to_owned(),
+            retryable: true,
+        }
+    }
+
+    fn text(log: &Log) -> String {
+        let (mut text, mut current) = (String::new(), None);
+        for event in &log.events {
+            match &**event {
+                Event::Started { attempt } | Event::Chunk { attempt, .. }
+                    if current != Some(*attempt) =>
+                {
+                    current = Some(*attempt);
+                    text.clear();
+                }
+                _ => {}
+            }
+            if let Event::Chunk { offset, delta, .. } = &**event {
+                assert_eq!(*offset, text.len(), "chunks follow each other");
+                text.push_str(delta);
+            }
+        }
+        text
+    }
+
+    const TAKEN: Offer = Offer::Taken { ended: false };
+
+    #[test]
+    fn history_and_live_copies_of_the_same_events_are_logged_once() {
+        let mut log = Log::default();
+        let stored = [
+            Event::Started { attempt: 1 },
+            chunk(1, 0, "Thor "),
+            chunk(1, 5, "wins"),
+        ];
+        for e in stored.clone() {
+            assert_eq!(log.offer(e, true), TAKEN);
+        }
+        // The same events, live, then what follows them.
+        for e in stored {
+            assert_eq!(log.offer(e, false), Offer::Known);
+        }
+        assert_eq!(log.offer(chunk(1, 9, "."), false), TAKEN);
+        assert_eq!(log.offer(done(1, 10), false), Offer::Taken { ended: true });
+        assert_eq!(text(&log), "Thor wins.");
+        assert_eq!(log.events.len(), 5);
+        assert_eq!(log.offer(chunk(1, 10, "more"), false), Offer::Known);
+    }
+
+    #[test]
+    fn a_chunk_overlapping_what_is_held_adds_only_the_rest() {
+        let mut log = Log::default();
+        log.offer(chunk(2, 0, "Zeus "), false);
+        assert_eq!(log.offer(chunk(2, 0, "Zeus wins"), true), TAKEN);
+        assert_eq!(text(&log), "Zeus wins");
+        // A cut inside a character is a hole, not a broken string.
+        let mut log = Log::default();
+        log.offer(chunk(1, 0, "é"), false);
+        log.end = 1;
+        assert_eq!(log.offer(chunk(1, 0, "éa"), false), Offer::Gap);
+    }
+
+    #[test]
+    fn what_does_not_follow_the_log_is_a_gap() {
+        let mut log = Log::default();
+        // Mid-answer, with nothing held.
+        assert_eq!(log.offer(chunk(1, 4, "wins"), false), Offer::Gap);
+        // An end of an attempt never seen beginning.
+        assert_eq!(log.offer(error(1), false), Offer::Gap);
+        assert_eq!(log.offer(done(1, 0), false), Offer::Gap);
+        // A purge seen live may be stale; in the stored history it is the truth.
+        assert_eq!(log.offer(Event::Purged, false), Offer::Gap);
+        log.offer(Event::Started { attempt: 1 }, false);
+        assert_eq!(log.offer(chunk(1, 0, "Thor "), false), TAKEN);
+        // A chunk after a hole, and a `done` longer than the text held.
+        assert_eq!(log.offer(chunk(1, 9, "."), false), Offer::Gap);
+        assert_eq!(log.offer(done(1, 10), false), Offer::Gap);
+        assert!(log.events.len() == 2 && !log.closed);
+        assert_eq!(log.offer(Event::Purged, true), Offer::Taken { ended: true });
+    }
+
+    #[test]
+    fn a_new_attempt_replaces_the_old_one_and_the_old_one_is_ignored_after() {
+        let mut log = Log::default();
+        log.offer(Event::Started { attempt: 1 }, false);
+        log.offer(chunk(1, 0, "Thor"), false);
+        assert_eq!(log.offer(Event::Started { attempt: 2 }, false), TAKEN);
+        assert_eq!(log.offer(chunk(1, 4, " wins"), false), Offer::Known);
+        assert_eq!(log.offer(error(1), false), Offer::Known);
+        assert_eq!(log.offer(chunk(2, 0, "Zeus"), false), TAKEN);
+        assert_eq!(text(&log), "Zeus");
+        // A first chunk of a newer attempt starts it even if `started` was missed.
+        assert_eq!(log.offer(chunk(3, 0, "Odin"), false), TAKEN);
+        assert_eq!(log.offer(error(3), false), Offer::Taken { ended: true });
+        assert_eq!(text(&log), "Odin");
+    }
+}

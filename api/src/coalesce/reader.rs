@@ -1,0 +1,245 @@
+//! The reader of one flight: follows its key's events with a core NATS subscription, reads
+//! what the stream held before with batched direct gets, and publishes the job.
+//!
+//! A core subscription costs nats-server nothing per event of other keys (it matches subjects
+//! through its subject tree; a JetStream consumer per key made every event visit every
+//! consumer's filter). Core NATS loses messages in two ways, a reconnect and a subscription
+//! overflow (`Bus::losses`), and an event that does not fit the log (a chunk after a hole, an
+//! end the log never saw begin, a `done` longer than the text held) means one was lost: each
+//! sends the reader back to the stored history. A `done` whose text the history cannot
+//! complete (a nats-server restart empties the in-memory events stream) is completed from the
+//! stored answer in the edge KV bucket.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, message::PublishMessage};
+use backon::{ExponentialBuilder, Retryable};
+use futures::{FutureExt, StreamExt};
+use versus_shared::{
+    bus::Bus,
+    history::{self, Last},
+    wire::{self, Answer, Event, ImageAnswer, Job, Kind},
+};
+
+use super::{Flight, Flights, Offer};
+
+/// Follows one flight until a terminal event, the timeout, or the last waiter leaves; then
+/// closes its log and forgets it.
+pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
+    let key = job.key.clone();
+    let reading = tokio::time::timeout(flights.timeout, read_events(&flights.bus, &flight, job));
+    let ending = tokio::select! {
+        () = flight.stop.cancelled() => None,
+        read = reading => match read {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(%key, error = format!("{e:#}"), "following a generation failed");
+                Some(Event::Error {
+                    attempt: 0,
+                    code: "unavailable".to_owned(),
+                    message: "The service could not follow this answer. Please try again.".to_owned(),
+                    retryable: true,
+                })
+            }
+            Err(_) => Some(Event::Error {
+                attempt: 0,
+                code: "timeout".to_owned(),
+                message: "The answer took too long. Please try again.".to_owned(),
+                retryable: true,
+            }),
+        },
+    };
+    flight.close(ending);
+    flights.remove(&key, &flight);
+}
+
+/// How many times a reader reads the history again for one event that does not fit, and how
+/// long it waits first: an event reaches subscribers just before the stream stores it.
+const RESYNC_TRIES: u32 = 4;
+const RESYNC_PAUSE: Duration = Duration::from_millis(2);
+
+/// Logs the generation's events until it ends.
+async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
+    let began = std::time::Instant::now();
+    let subject = wire::events_subject(job.kind, &job.key);
+    let mut losses = bus.losses.clone();
+    losses.mark_unchanged();
+    // Subscribe first: the server takes this connection's messages in order, so the
+    // subscription is in place before the history is read and before the job is published.
+    let mut live = bus.client.subscribe(subject.clone()).await?;
+    // The rare or one-off steps are boxed: the reader's future stays small while it waits,
+    // which is most of its life (M1 in BENCHMARKS.md).
+    let last = Box::pin(history::last(bus, &subject)).await?;
+    // The subject holds at most one attempt (workers purge before a new one). If that attempt
+    // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
+    // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
+    // lost one.
+    let (after, base) = match last {
+        Some(Last {
+            seq,
+            payload,
+            event: Some(Event::Error { .. } | Event::Purged),
+        }) => {
+            // Whatever reached the subscription up to that end belongs to the failed attempt:
+            // every copy of it arrived before the answer above, and it ends with that event.
+            let mut early = Vec::new();
+            while let Some(Some(msg)) = live.next().now_or_never() {
+                early.push(msg.payload);
+            }
+            let stale = early
+                .iter()
+                .position(|p| *p == payload)
+                .map_or(0, |i| i + 1);
+            for payload in early.drain(stale..) {
+                if offer_live(bus, flight, &job, &subject, seq, payload).await? {
+                    return Ok(());
+                }
+            }
+            (seq, seq)
+        }
+        Some(Last { seq, .. }) => {
+            if Box::pin(replay(bus, flight, &subject, 0)).await? {
+                return Ok(());
+            }
+            (seq, 0)
+        }
+        None => (0, 0),
+    };
+    Box::pin(publish_job(&bus.js, &job, after)).await?;
+    metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
+    loop {
+        tokio::select! {
+            msg = live.next() => {
+                let msg = msg.context("the events subscription ended")?;
+                if offer_live(bus, flight, &job, &subject, base, msg.payload).await? {
+                    return Ok(());
+                }
+            }
+            changed = losses.changed() => {
+                changed.context("the NATS connection is gone")?;
+                tracing::debug!(%subject, "messages may have been lost; reading the history");
+                if Box::pin(replay(bus, flight, &subject, base)).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Offers one live event to the log, reading the history (from after `after`) when it does
+/// not fit. True once the generation has ended.
+async fn offer_live(
+    bus: &Bus,
+    flight: &Flight,
+    job: &Job,
+    subject: &str,
+    after: u64,
+    payload: bytes::Bytes,
+) -> anyhow::Result<bool> {
+    let Some(event) = history::decode(subject, &payload) else {
+        return Ok(false);
+    };
+    let mut pause = RESYNC_PAUSE;
+    for _ in 0..RESYNC_TRIES {
+        match flight.offer(event.clone(), false) {
+            Offer::Taken { ended } => return Ok(ended),
+            Offer::Known => return Ok(false),
+            Offer::Gap => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        if Box::pin(replay(bus, flight, subject, after)).await? {
+            return Ok(true);
+        }
+    }
+    if let Event::Done { attempt, .. } = event {
+        // The stream lost part of a finished attempt (a NATS restart empties the memory
+        // stream), but the answer is whole in the edge KV bucket, written before `done`.
+        return Box::pin(finish_from_store(bus, flight, job, attempt, event)).await;
+    }
+    // Still no place for it: it belongs to an attempt the history no longer holds.
+    tracing::debug!(%subject, "dropping an event that fits no attempt");
+    Ok(false)
+}
+
+/// Completes the log from the stored answer of `attempt`, then ends it with `done`.
+async fn finish_from_store(
+    bus: &Bus,
+    flight: &Flight,
+    job: &Job,
+    attempt: i32,
+    done: Event,
+) -> anyhow::Result<bool> {
+    let Some(bytes) = bus.answers.get(wire::kv_key(job.kind, &job.key)).await? else {
+        return Ok(false);
+    };
+    let (stored, filler) = match job.kind {
+        Kind::Text => {
+            let answer: Answer = serde_json::from_slice(&bytes)?;
+            let chunk = Event::Chunk {
+                attempt,
+                offset: 0,
+                delta: answer.text,
+            };
+            (answer.attempt, chunk)
+        }
+        Kind::Image => {
+            let answer: ImageAnswer = serde_json::from_slice(&bytes)?;
+            (answer.attempt, Event::Started { attempt })
+        }
+    };
+    if stored != attempt {
+        return Ok(false);
+    }
+    tracing::info!(key = %job.key, attempt, "events were lost; finishing from the stored answer");
+    flight.offer(filler, true);
+    Ok(flight.offer(done, true) == Offer::Taken { ended: true })
+}
+
+/// Offers the stored events after sequence `after` to the log. True once the generation has
+/// ended. A hole stops the replay: what follows it waits for a new attempt, or for a `done`
+/// the stored answer completes.
+async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow::Result<bool> {
+    // Mid-generation, a NATS outage is worth waiting out (JetStream answers 503 for a moment
+    // after a restart); the flight's own timeout bounds the wait.
+    let stored = (|| history::read(bus, subject, after + 1))
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(1))
+                .without_max_times(),
+        )
+        .notify(|e, delay| {
+            tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading stored events failed; retrying");
+        })
+        .await?;
+    for event in stored {
+        match flight.offer(event, true) {
+            Offer::Taken { ended: true } => return Ok(true),
+            Offer::Gap => {
+                tracing::debug!(%subject, "the stored events have a hole");
+                return Ok(false);
+            }
+            Offer::Taken { ended: false } | Offer::Known => {}
+        }
+    }
+    Ok(false)
+}
+
+async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<()> {
+    let payload = serde_json::to_vec(job)?;
+    let ack = js
+        .send_publish(
+            wire::job_subject(job.kind),
+            PublishMessage::build()
+                .payload(payload.into())
+                .message_id(wire::job_msg_id(job.kind, &job.key, after)),
+        )
+        .await?
+        .await?;
+    if !ack.duplicate {
+        metrics::counter!("versus_jobs_published_total").increment(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! What a request asks for: the two names it gives, and the job they derive, key included.
+//! Every route (text, pictures, pre-warm, purge) derives keys here, so one request always
+//! names the same answer whichever route it takes.
+
+use serde::Deserialize;
+use serde_json::Value;
+use versus_shared::{
+    key::Matchup,
+    prompt::{IMAGE_PROMPT_VERSION, TEXT_PROMPT_VERSION},
+    wire::{Job, Kind},
+};
+
+use crate::{app::App, error::ApiError};
+
+/// The names of a request, as given (a query string or a JSON body).
+#[derive(Debug, Deserialize)]
+pub(crate) struct FightRequest {
+    a: Option<String>,
+    b: Option<String>,
+}
+
+impl FightRequest {
+    pub(crate) fn new(a: String, b: String) -> FightRequest {
+        FightRequest {
+            a: Some(a),
+            b: Some(b),
+        }
+    }
+
+    /// Reads `{"a","b"}` from a JSON object; anything else in a name's place is refused.
+    pub(crate) fn from_json(
+        body: &serde_json::Map<String, Value>,
+    ) -> Result<FightRequest, ApiError> {
+        let field = |name: &str| match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(ApiError::InvalidBody(format!("`{name}` must be a string"))),
+        };
+        Ok(FightRequest {
+            a: field("a")?,
+            b: field("b")?,
+        })
+    }
+}
+
+impl App {
+    /// Validates the names and derives the job for the answer of `kind`: its key (the
+    /// canonical pair, the prompt version and the model), the display names for the prompt,
+    /// and the model settings the key was made for.
+    pub(crate) fn job(&self, request: &FightRequest, kind: Kind) -> Result<Job, ApiError> {
+        let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
+        let models = &self.inner.settings.models;
+        let (key, model, prompt_version, size) = match kind {
+            Kind::Text => (
+                matchup.key(kind, TEXT_PROMPT_VERSION, &models.chat_model),
+                models.chat_model.clone(),
+                TEXT_PROMPT_VERSION,
+                None,
+            ),
+            Kind::Image => (
+                matchup.key(kind, IMAGE_PROMPT_VERSION, &models.image_variant()),
+                models.image_model.clone(),
+                IMAGE_PROMPT_VERSION,
+                Some(models.image_size.clone()),
+            ),
+        };
+        Ok(Job {
+            kind,
+            key,
+            a: matchup.a.display().to_owned(),
+            b: matchup.b.display().to_owned(),
+            model,
+            prompt_version,
+            size,
+        })
+    }
+}

@@ -1,0 +1,20 @@
+//! What every job handler needs: the bus, Postgres and the claimer, the upstream client, the
+//! object store, and the lease.
+
+use std::{sync::Arc, time::Duration};
+
+use versus_shared::bus::Bus;
+
+use crate::{claims, openai};
+
+/// What every job handler needs.
+pub struct Ctx {
+    pub bus: Bus,
+    pub db: sqlx::PgPool,
+    pub openai: openai::Client,
+    pub objects: Arc<dyn object_store::ObjectStore>,
+    pub lease: Duration,
+    /// Identifies this process in claims, for operators.
+    pub worker_id: String,
+    pub claimer: claims::Claimer,
+}

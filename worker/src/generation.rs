@@ -1,0 +1,319 @@
+//! One generation from a won claim to its end, whatever it makes: `started`, the work under a
+//! lease that [`keep_alive`] extends, the fenced Postgres completion, the edge KV bucket, `done`
+//! and the progress of pre-warm batches; or a fenced `failed` and an `error` event when it gives
+//! up; or the claim given back when the process stops past its grace period. An answer found
+//! already done is announced again here too. Text and pictures plug in through [`Generation`].
+
+use std::{
+    future::Future,
+    sync::atomic::{AtomicI32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use async_nats::jetstream::{self, AckKind};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use versus_shared::{
+    history,
+    wire::{self, Event, Job},
+};
+
+use crate::{
+    claims::{self, Stored},
+    ctx::Ctx,
+    events::Publisher,
+    openai::UpstreamError,
+};
+
+/// What the consumer should tell JetStream about the job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ack,
+    /// Try again after this long (the key is leased elsewhere).
+    Retry(Duration),
+    /// Give the job to another worker at once: this process is stopping, and the claim was
+    /// given back so that the next worker wins it without waiting for the lease to run out.
+    Handover,
+}
+
+/// What a kind of answer brings to the skeleton of [`run`]: how the upstream is called, and how
+/// the answer is stored and read back.
+pub trait Generation: Sync {
+    /// What the first upstream call gives.
+    type Opened: Send;
+    /// What the work makes: the answer before it is stored.
+    type Made: Send;
+    /// The finished answer as the edge KV bucket holds it.
+    type Answer: Serialize + Send + Sync;
+
+    /// Makes the first upstream call. It runs while `started` is being published: neither
+    /// waits for the other.
+    fn open(&self, ctx: &Ctx, job: &Job) -> impl Future<Output = Self::Opened> + Send;
+
+    /// Makes the answer from the first call's result, retrying within the budget and
+    /// publishing what clients may see on the way. A try that starts over under a new attempt
+    /// stores it in `attempt` (and publishes its `started`).
+    fn work(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        opened: Self::Opened,
+        attempt: &AtomicI32,
+        publisher: &mut Publisher<'_>,
+    ) -> impl Future<Output = anyhow::Result<Ended<Self::Made>>> + Send;
+
+    /// Records what was made in Postgres, fenced on `attempt`; None when the attempt is no
+    /// longer ours.
+    fn complete(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        attempt: i32,
+        made: Self::Made,
+    ) -> impl Future<Output = anyhow::Result<Option<Self::Answer>>> + Send;
+
+    /// The answer a done row holds.
+    fn stored_answer(job: &Job, row: Stored) -> anyhow::Result<Self::Answer>;
+
+    /// The text published again with a stored answer (None for pictures: `done` is the news).
+    fn replayed_text(answer: &Self::Answer) -> Option<&str>;
+}
+
+/// Why a generation gave up: what clients are told, and what operators see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: &'static str,
+    pub message: &'static str,
+    pub retryable: bool,
+    /// For logs and the row's `error` column; never a secret.
+    pub detail: String,
+}
+
+impl From<UpstreamError> for Failure {
+    fn from(error: UpstreamError) -> Failure {
+        match error {
+            UpstreamError::Retryable { message, .. } => Failure {
+                code: "upstream_unavailable",
+                message: "The AI model is unavailable right now. Please try again.",
+                retryable: true,
+                detail: message,
+            },
+            UpstreamError::Fatal { message } => Failure {
+                code: "upstream_refused",
+                message: "The AI model refused to answer this matchup.",
+                retryable: false,
+                detail: message,
+            },
+        }
+    }
+}
+
+/// How a claimed generation ended.
+pub enum Ended<T> {
+    Finished(T),
+    GaveUp(Failure),
+    /// Our claim was taken over (our lease lapsed); the new owner finishes the job.
+    Lost,
+    /// The process stopped past its grace period and gave the claim back. Only the skeleton
+    /// ends a generation so; the work never does.
+    HandedOver,
+}
+
+/// Runs `generation` under the claim on `attempt` that this worker just won. When
+/// `abandon` fires, the claim is given back and the job handed over ([`Outcome::Handover`]).
+pub async fn run<G: Generation>(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    attempt: i32,
+    abandon: &CancellationToken,
+    generation: &G,
+) -> anyhow::Result<Outcome> {
+    let cell = AtomicI32::new(attempt);
+    let mut publisher = Publisher::new(&ctx.bus, job);
+    let work = async {
+        let (started, opened) = tokio::join!(publisher.start(attempt), generation.open(ctx, job));
+        started?;
+        generation
+            .work(ctx, job, opened, &cell, &mut publisher)
+            .await
+    };
+    let ended = guarded(ctx, msg, job, &cell, abandon, work).await?;
+    let attempt = cell.load(Ordering::SeqCst);
+    match ended {
+        Ended::Finished(made) => {
+            // A stored answer always has all of its events on the stream.
+            publisher.flush().await?;
+            let Some(answer) = generation.complete(ctx, job, attempt, made).await? else {
+                tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
+                return Ok(Outcome::Ack);
+            };
+            announce(ctx, job, attempt, &answer, &mut publisher).await
+        }
+        Ended::GaveUp(failure) => give_up(ctx, job, attempt, &failure, &mut publisher).await,
+        Ended::Lost => Ok(Outcome::Ack),
+        Ended::HandedOver => Ok(Outcome::Handover),
+    }
+}
+
+/// Runs `work` while keeping the claim alive. If our own infrastructure fails (NATS or
+/// Postgres), or `abandon` fires, the work stops and the lease is given back so that another
+/// worker can take the job at once.
+async fn guarded<T>(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    attempt: &AtomicI32,
+    abandon: &CancellationToken,
+    work: impl Future<Output = anyhow::Result<Ended<T>>>,
+) -> anyhow::Result<Ended<T>> {
+    let ended = tokio::select! {
+        ended = work => ended,
+        stopped = keep_alive(ctx, msg, job, attempt, abandon) => Ok(match stopped {
+            Stopped::Lost => Ended::Lost,
+            Stopped::Abandoned => Ended::HandedOver,
+        }),
+    };
+    // The work has been dropped by now: nothing of this attempt runs while the claim goes back.
+    let attempt = attempt.load(Ordering::SeqCst);
+    match &ended {
+        Err(_) => {
+            let _ = claims::release(&ctx.db, job, attempt).await;
+        }
+        Ok(Ended::HandedOver) => {
+            tracing::warn!(key = %job.key, attempt, "stopping past the grace period; handing the job over");
+            if let Err(e) = claims::release(&ctx.db, job, attempt).await {
+                tracing::warn!(key = %job.key, error = %e, "giving the claim back failed; it frees itself when the lease runs out");
+            }
+        }
+        Ok(Ended::Lost) => tracing::warn!(key = %job.key, "claim taken over; stopping"),
+        Ok(Ended::Finished(_) | Ended::GaveUp(_)) => {}
+    }
+    ended
+}
+
+/// Why [`keep_alive`] stopped.
+enum Stopped {
+    Lost,
+    Abandoned,
+}
+
+/// Extends the lease and tells JetStream the job is alive, until the claim is lost or
+/// `abandon` fires. `abandon` is heeded between heartbeats only: a heartbeat that landed after
+/// the release would take the lease again for nobody.
+async fn keep_alive(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    attempt: &AtomicI32,
+    abandon: &CancellationToken,
+) -> Stopped {
+    let mut tick = tokio::time::interval(ctx.lease / 3);
+    tick.tick().await;
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = abandon.cancelled() => return Stopped::Abandoned,
+        }
+        match claims::heartbeat(&ctx.db, job, attempt.load(Ordering::SeqCst), ctx.lease).await {
+            Ok(true) => last_ok = Instant::now(),
+            Ok(false) => return Stopped::Lost,
+            Err(e) => {
+                tracing::warn!(key = %job.key, error = %e, "lease heartbeat failed");
+                if last_ok.elapsed() >= ctx.lease {
+                    return Stopped::Lost;
+                }
+            }
+        }
+        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+            tracing::warn!(key = %job.key, error = %e, "progress ack failed");
+        }
+    }
+}
+
+/// Records a failure (fenced) and tells the waiting clients.
+async fn give_up(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    failure: &Failure,
+    publisher: &mut Publisher<'_>,
+) -> anyhow::Result<Outcome> {
+    tracing::warn!(key = %job.key, kind = %job.kind, attempt, detail = %failure.detail, "giving up");
+    metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "failed")
+        .increment(1);
+    if claims::fail(&ctx.db, job, attempt, &failure.detail).await? {
+        settle(ctx, job, false).await;
+        publisher
+            .finish(Event::Error {
+                attempt,
+                code: failure.code.to_owned(),
+                message: failure.message.to_owned(),
+                retryable: failure.retryable,
+            })
+            .await?;
+    }
+    Ok(Outcome::Ack)
+}
+
+/// What follows the fenced Postgres write of a finished answer: the edge KV bucket, then
+/// `done`, then the progress of pre-warm batches.
+async fn announce(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    answer: &impl Serialize,
+    publisher: &mut Publisher<'_>,
+) -> anyhow::Result<Outcome> {
+    put_answer(ctx, job, answer).await?;
+    publisher.done(attempt, &job.model).await?;
+    settle(ctx, job, true).await;
+    metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "done")
+        .increment(1);
+    tracing::info!(key = %job.key, kind = %job.kind, attempt, "answer stored");
+    Ok(Outcome::Ack)
+}
+
+/// A job for an answer that is already done (`row`): refresh the edge cache and pre-warm
+/// progress, and publish the stored answer again to its events subject unless the subject
+/// already ends with `done`.
+pub async fn reannounce<G: Generation>(ctx: &Ctx, job: &Job, row: Stored) -> anyhow::Result<()> {
+    let attempt = row.attempt;
+    let answer = G::stored_answer(job, row)?;
+    put_answer(ctx, job, &answer).await?;
+    settle(ctx, job, true).await;
+    let last = history::last(&ctx.bus, &wire::events_subject(job.kind, &job.key)).await?;
+    if matches!(last.and_then(|l| l.event), Some(Event::Done { .. })) {
+        return Ok(());
+    }
+    let mut publisher = Publisher::new(&ctx.bus, job);
+    publisher.start(attempt).await?;
+    if let Some(text) = G::replayed_text(&answer) {
+        publisher.chunk(attempt, 0, text.to_owned()).await?;
+    }
+    publisher.done(attempt, &job.model).await
+}
+
+/// Records the outcome for the pre-warm batches waiting on this key. Best effort: progress
+/// tracking must not fail the job itself.
+async fn settle(ctx: &Ctx, job: &Job, done: bool) {
+    let status = if done { "done" } else { "failed" };
+    if let Err(e) = claims::settle_prewarm(&ctx.db, job, status).await {
+        tracing::warn!(key = %job.key, error = %e, "recording pre-warm progress failed");
+    }
+}
+
+/// Writes a finished answer to the edge KV bucket.
+async fn put_answer(ctx: &Ctx, job: &Job, answer: &impl Serialize) -> anyhow::Result<()> {
+    ctx.bus
+        .answers
+        .put(
+            wire::kv_key(job.kind, &job.key),
+            serde_json::to_vec(answer)?.into(),
+        )
+        .await
+        .context("writing the answer to the edge KV bucket")?;
+    Ok(())
+}

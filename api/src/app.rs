@@ -118,9 +118,7 @@ impl App {
             }),
         })
     }
-}
 
-impl App {
     /// A live SSE response (see [`sse::live`]), handed over when this process stops.
     pub(crate) fn sse(
         &self,

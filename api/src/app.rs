@@ -15,7 +15,7 @@ use versus_shared::{
     wire::{Answer, ImageAnswer},
 };
 
-use crate::{body, cache, coalesce, error, popularity, sse};
+use crate::{body, cache, coalesce, error, origin, popularity, sse};
 
 /// API settings, from the environment (see `versus-api --help`).
 #[derive(clap::Parser, Debug, Clone)]
@@ -48,6 +48,10 @@ pub struct Settings {
     /// Seconds between SSE heartbeat comments on idle streams.
     #[arg(long, env = "VERSUS_SSE_HEARTBEAT_SECS", default_value_t = 15)]
     pub heartbeat_secs: u64,
+    /// Origins (comma-separated `scheme://host[:port]`) whose pages may start new answers,
+    /// besides this API's own; a browser request from any other site gets 403 `cross_site`.
+    #[arg(long, env = "VERSUS_ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -65,6 +69,8 @@ pub struct Inner {
     /// For the admin routes only; connects on first use.
     pub db: Option<sqlx::PgPool>,
     pub flights: Arc<coalesce::Flights>,
+    /// Who may start a generation (see `origin`).
+    pub origins: origin::Origins,
     /// Fires when this process stops: open streams hand over, waits end.
     pub shutdown: CancellationToken,
     pub settings: Settings,
@@ -101,6 +107,7 @@ impl App {
         );
         Ok(App {
             inner: Arc::new(Inner {
+                origins: origin::Origins::parse(&settings.allowed_origins)?,
                 objects: settings.objects.open()?,
                 popularity: popularity::Popularity::new(bus.client.clone()),
                 db: settings

@@ -29,6 +29,9 @@ pub enum ApiError {
     },
     #[error("the service is unavailable; try again")]
     Unavailable,
+    /// A browser asked for a new answer on behalf of another site.
+    #[error("a new answer cannot be started from another site; open Versus itself to ask")]
+    CrossSite,
 }
 
 impl ApiError {
@@ -67,6 +70,7 @@ impl ApiError {
                 (status, code.as_str())
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::CrossSite => (StatusCode::FORBIDDEN, "cross_site"),
         }
     }
 }

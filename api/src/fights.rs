@@ -84,6 +84,7 @@ async fn stream_fight(
         out.push(sse::done(&key, &answer.model));
         return Ok(app.sse(stream::iter(out.into_iter().map(Ok))));
     }
+    app.inner.origins.check(&headers)?;
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let generation = InProgress {
         waiter: app.inner.flights.join(job),
@@ -130,6 +131,7 @@ impl InProgress {
 
 async fn create_fight(
     State(app): State<App>,
+    headers: HeaderMap,
     body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
@@ -139,6 +141,7 @@ async fn create_fight(
     if let Some(cached) = app.cached(&job.key).await {
         return Ok(cached_body(&cached));
     }
+    app.inner.origins.check(&headers)?;
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
     let mut waiter = app.inner.flights.join(job);

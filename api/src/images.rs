@@ -71,6 +71,7 @@ impl App {
 
 async fn stream_image(
     State(app): State<App>,
+    headers: HeaderMap,
     query: Result<Query<FightRequest>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
@@ -86,6 +87,7 @@ async fn stream_image(
         });
         return Ok(sse::body(body.clone()));
     }
+    app.inner.origins.check(&headers)?;
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let waiting = app.clone();
     let events =
@@ -106,6 +108,7 @@ async fn stream_image(
 
 async fn create_image(
     State(app): State<App>,
+    headers: HeaderMap,
     body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
@@ -113,7 +116,10 @@ async fn create_image(
     let job = app.job(&request, Kind::Image)?;
     let (cached, was_cached) = match app.inner.images.lookup(&job.key).await {
         Some(cached) => (cached, true),
-        None => (app.drawn(job).await?, false),
+        None => {
+            app.inner.origins.check(&headers)?;
+            (app.drawn(job).await?, false)
+        }
     };
     let url = app.url_of(&cached.value);
     Ok(Json(ImageBody::of(&cached.value, &url, was_cached)).into_response())

@@ -6,6 +6,7 @@
 //! - [`images`]: the picture routes, and serving stored pictures from object storage;
 //! - [`admin`]: operator routes (pre-warm batches, popularity, purge);
 //! - [`matchup`]: the names a request gives, and the key and job they derive;
+//! - [`origin`]: refusing generations that browsers start for other sites;
 //! - [`cache`]: the bounded in-memory caches in front of the KV bucket (hits);
 //! - [`coalesce`]: the miss path: one events reader per key in this process, feeding every
 //!   local waiter;
@@ -26,6 +27,7 @@ pub mod fights;
 mod http;
 pub mod images;
 mod matchup;
+pub mod origin;
 pub mod page;
 pub mod popularity;
 pub mod sse;

@@ -11,6 +11,7 @@ mod cli;
 mod dev;
 mod faults;
 mod images;
+mod limits;
 mod page;
 mod prewarm;
 mod shutdown;

@@ -211,10 +211,10 @@
   async function explainRefusal(fight, url) {
     const abort = new AbortController();
     let body = null;
-    let refused = false;
+    let status = 0;
     try {
       const response = await fetch(url, { headers: { Accept: 'application/json' }, signal: abort.signal });
-      refused = response.status >= 400 && response.status < 500;
+      status = response.status;
       if (response.ok) abort.abort();
       else body = await response.json();
     } catch {
@@ -222,7 +222,7 @@
     }
     if (current !== fight) return;
     const error = body?.error;
-    if (refused && error?.message) {
+    if (status === 400 && error?.message) {
       // Bad input: the API's message belongs next to the inputs.
       result.hidden = true;
       stop();
@@ -230,7 +230,9 @@
       showFormError(field, error.message);
       return;
     }
-    showError(error?.message || 'Versus cannot answer right now.', !refused);
+    // A limit says when to try again (its message has the wait); other refusals are final.
+    const retryable = status === 429 || status < 400 || status >= 500;
+    showError(error?.message || 'Versus cannot answer right now.', retryable);
   }
 
   retryButton.addEventListener('click', () => {

@@ -1,21 +1,25 @@
 //! The state every request handler shares: the settings, the bus, the caches, the flights, and
 //! the shutdown token that ends waits and hands streams over.
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use axum::response::{Response, sse::Event as SseEvent};
+use axum::{
+    http::HeaderMap,
+    response::{Response, sse::Event as SseEvent},
+};
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
     config::{ModelSettings, NatsSettings, Secret},
+    history,
     objects::ObjectStoreSettings,
     tasks::Tasks,
     telemetry::PrometheusHandle,
-    wire::{Answer, ImageAnswer},
+    wire::{self, Answer, Event, ImageAnswer, Job},
 };
 
-use crate::{body, cache, coalesce, error, origin, popularity, sse};
+use crate::{body, cache, coalesce, error, limits, origin, popularity, sse};
 
 /// API settings, from the environment (see `versus-api --help`).
 #[derive(clap::Parser, Debug, Clone)]
@@ -52,6 +56,16 @@ pub struct Settings {
     /// besides this API's own; a browser request from any other site gets 403 `cross_site`.
     #[arg(long, env = "VERSUS_ALLOWED_ORIGINS", default_value = "")]
     pub allowed_origins: String,
+    /// New text answers one client may start per minute (and at once); 0: no limit. Hits and
+    /// joins of a generation in progress never count. Each replica counts on its own.
+    #[arg(long, env = "VERSUS_CLIENT_MISSES_PER_MINUTE", default_value_t = 20)]
+    pub client_misses_per_minute: u32,
+    /// New pictures one client may start per minute (and at once); 0: no limit.
+    #[arg(long, env = "VERSUS_CLIENT_PICTURES_PER_MINUTE", default_value_t = 5)]
+    pub client_pictures_per_minute: u32,
+    /// Proxies (comma-separated CIDRs) whose `X-Forwarded-For` names the client.
+    #[arg(long, env = "VERSUS_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -69,8 +83,9 @@ pub struct Inner {
     /// For the admin routes only; connects on first use.
     pub db: Option<sqlx::PgPool>,
     pub flights: Arc<coalesce::Flights>,
-    /// Who may start a generation (see `origin`).
+    /// Who may start a generation (see `origin` and `limits`).
     pub origins: origin::Origins,
+    pub limits: limits::Limits,
     /// Fires when this process stops: open streams hand over, waits end.
     pub shutdown: CancellationToken,
     pub settings: Settings,
@@ -108,6 +123,11 @@ impl App {
         Ok(App {
             inner: Arc::new(Inner {
                 origins: origin::Origins::parse(&settings.allowed_origins)?,
+                limits: limits::Limits::new(
+                    settings.client_misses_per_minute,
+                    settings.client_pictures_per_minute,
+                    &settings.trusted_proxies,
+                )?,
                 objects: settings.objects.open()?,
                 popularity: popularity::Popularity::new(bus.client.clone()),
                 db: settings
@@ -133,6 +153,40 @@ impl App {
     ) -> Response {
         let heartbeat = Duration::from_secs(self.inner.settings.heartbeat_secs.max(1));
         sse::live(events, heartbeat, self.inner.shutdown.clone())
+    }
+
+    /// Waits on the generation `job` asks for, on a miss. Joining one this process follows
+    /// already, or one in progress anywhere, is free; starting one is refused to a browser
+    /// acting for another site and counts against the client's limit.
+    pub(crate) async fn wait_on(
+        &self,
+        job: Job,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<coalesce::Waiter, error::ApiError> {
+        self.inner.origins.check(headers)?;
+        if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
+            return Ok(waiter);
+        }
+        if !self.in_progress(&job).await {
+            let client = self.inner.limits.client(peer.ip(), headers);
+            self.inner.limits.admit(job.kind, client)?;
+        }
+        Ok(self.inner.flights.join(job))
+    }
+
+    /// Whether the events stream shows `job` being generated (by a worker that a request to
+    /// another replica, or an operator's pre-warm, set going). Unsure counts as no.
+    async fn in_progress(&self, job: &Job) -> bool {
+        let subject = wire::events_subject(job.kind, &job.key);
+        let last = history::last(&self.inner.bus, &subject).await;
+        matches!(
+            last,
+            Ok(Some(history::Last {
+                event: Some(Event::Started { .. } | Event::Chunk { .. }),
+                ..
+            }))
+        )
     }
 
     /// Waits for `wait` unless this process stops first: then the client is told to retry

@@ -2,7 +2,7 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::json;
@@ -29,6 +29,9 @@ pub enum ApiError {
     },
     #[error("the service is unavailable; try again")]
     Unavailable,
+    /// The client started as many new answers as it may for now.
+    #[error("you have asked for many new matchups; try again in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     /// A browser asked for a new answer on behalf of another site.
     #[error("a new answer cannot be started from another site; open Versus itself to ask")]
     CrossSite,
@@ -71,6 +74,7 @@ impl ApiError {
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::CrossSite => (StatusCode::FORBIDDEN, "cross_site"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         }
     }
 }
@@ -87,6 +91,12 @@ impl IntoResponse for ApiError {
         } else {
             metrics::counter!("versus_errors_total", "code" => code.to_owned()).increment(1);
         }
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
     }
 }

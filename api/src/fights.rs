@@ -1,12 +1,12 @@
 //! The text routes of the public contract: `GET /v1/fights/stream`, `POST /v1/fights`,
 //! `GET /v1/fights/{key}`.
 
-use std::{collections::VecDeque, convert::Infallible, sync::Arc};
+use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
     extract::{
-        Path, Query, State,
+        ConnectInfo, Path, Query, State,
         rejection::{JsonRejection, QueryRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -54,6 +54,7 @@ impl App {
 
 async fn stream_fight(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<FightRequest>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -84,10 +85,9 @@ async fn stream_fight(
         out.push(sse::done(&key, &answer.model));
         return Ok(app.sse(stream::iter(out.into_iter().map(Ok))));
     }
-    app.inner.origins.check(&headers)?;
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let generation = InProgress {
-        waiter: app.inner.flights.join(job),
+        waiter: app.wait_on(job, &headers, peer).await?,
         translator,
         queue: VecDeque::from([meta]),
         ended: false,
@@ -131,6 +131,7 @@ impl InProgress {
 
 async fn create_fight(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -141,10 +142,9 @@ async fn create_fight(
     if let Some(cached) = app.cached(&job.key).await {
         return Ok(cached_body(&cached));
     }
-    app.inner.origins.check(&headers)?;
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
-    let mut waiter = app.inner.flights.join(job);
+    let mut waiter = app.wait_on(job, &headers, peer).await?;
     let mut attempt = None;
     let mut text = String::new();
     while let Some(event) = app.unless_stopping(waiter.next()).await? {

@@ -1,13 +1,13 @@
 //! The picture routes: `GET /v1/images/stream`, `POST /v1/images`, and the URL that serves a
 //! stored picture from our object store, immutable and CDN-ready.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{
     Json, Router,
     body::Body,
     extract::{
-        Path, Query, State,
+        ConnectInfo, Path, Query, State,
         rejection::{JsonRejection, QueryRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -20,13 +20,14 @@ use serde_json::Value;
 use versus_shared::{
     key::Key,
     objects::{self, IMAGE_CACHE_CONTROL},
-    wire::{Event, ImageAnswer, Job, Kind},
+    wire::{Event, ImageAnswer, Kind},
 };
 
 use crate::{
     app::App,
     body::{self, ImageBody},
     cache::Cached,
+    coalesce::Waiter,
     error::ApiError,
     http,
     matchup::FightRequest,
@@ -46,9 +47,11 @@ impl App {
     }
 
     /// Waits for the picture of `key`: Ok(stored picture) or the generation's error.
-    async fn drawn(&self, job: Job) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
-        let key = job.key.clone();
-        let mut waiter = self.inner.flights.join(job);
+    async fn drawn(
+        &self,
+        key: Key,
+        mut waiter: Waiter,
+    ) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
         while let Some(event) = self.unless_stopping(waiter.next()).await? {
             match &*event {
                 Event::Started { .. } | Event::Chunk { .. } => {}
@@ -71,6 +74,7 @@ impl App {
 
 async fn stream_image(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<FightRequest>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -87,12 +91,12 @@ async fn stream_image(
         });
         return Ok(sse::body(body.clone()));
     }
-    app.inner.origins.check(&headers)?;
     let meta = sse::meta(&key, &job.a, &job.b, false);
+    let waiter = app.wait_on(job, &headers, peer).await?;
     let waiting = app.clone();
     let events =
         stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
-            let end = match waiting.drawn(job).await {
+            let end = match waiting.drawn(key.clone(), waiter).await {
                 Ok(cached) => sse::image_done(&key, &waiting.url_of(&cached.value)),
                 Err(ApiError::Generation {
                     code,
@@ -108,6 +112,7 @@ async fn stream_image(
 
 async fn create_image(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -117,8 +122,9 @@ async fn create_image(
     let (cached, was_cached) = match app.inner.images.lookup(&job.key).await {
         Some(cached) => (cached, true),
         None => {
-            app.inner.origins.check(&headers)?;
-            (app.drawn(job).await?, false)
+            let key = job.key.clone();
+            let waiter = app.wait_on(job, &headers, peer).await?;
+            (app.drawn(key, waiter).await?, false)
         }
     };
     let url = app.url_of(&cached.value);

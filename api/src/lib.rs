@@ -7,6 +7,7 @@
 //! - [`admin`]: operator routes (pre-warm batches, popularity, purge);
 //! - [`matchup`]: the names a request gives, and the key and job they derive;
 //! - [`origin`]: refusing generations that browsers start for other sites;
+//! - [`limits`]: per-client limits on new generations;
 //! - [`cache`]: the bounded in-memory caches in front of the KV bucket (hits);
 //! - [`coalesce`]: the miss path: one events reader per key in this process, feeding every
 //!   local waiter;
@@ -26,6 +27,7 @@ pub mod error;
 pub mod fights;
 mod http;
 pub mod images;
+pub mod limits;
 mod matchup;
 pub mod origin;
 pub mod page;
@@ -58,14 +60,18 @@ pub async fn run(listener: tokio::net::TcpListener, app: App, tasks: &Tasks) -> 
     let purges = app.inner.bus.client.subscribe(wire::PURGE_SUBJECT).await?;
     // `into_make_service` finishes the router once; served as is, axum would rebuild its
     // route table for every connection (about 14 KiB each, kept for the connection's life).
-    let server = axum::serve(listener, router(&app).into_make_service())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(
+        listener,
+        router(&app).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");
-    let (served, (), ()) = tokio::join!(
+    let (served, (), (), ()) = tokio::join!(
         server.into_future(),
         app.inner.popularity.run(shutdown.clone()),
         apply_purges(&app, purges, shutdown.clone()),
+        app.inner.limits.housekeep(shutdown.clone()),
     );
     served?;
     Ok(())

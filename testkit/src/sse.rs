@@ -45,9 +45,21 @@ pub struct SseStream {
 /// `GET url` with `Accept: text/event-stream` (and `Last-Event-ID` if given). Panics unless
 /// the answer is 200 with content type `text/event-stream`.
 pub async fn open(url: &str, last_event_id: Option<&str>) -> SseStream {
+    open_with(url, last_event_id, &[]).await
+}
+
+/// Like [`open`], with more request headers (`Origin`, `X-Forwarded-For`, …).
+pub async fn open_with(
+    url: &str,
+    last_event_id: Option<&str>,
+    headers: &[(&str, &str)],
+) -> SseStream {
     let mut request = http_client().get(url).header(ACCEPT, "text/event-stream");
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let response = request
         .send()

@@ -60,6 +60,16 @@ impl Flights {
         })
     }
 
+    /// Waits on the generation of `key` if this process follows it already.
+    pub fn join_existing(self: &Arc<Self>, key: &Key) -> Option<Waiter> {
+        let live = lock(&self.live);
+        let flight = live.get(key)?.clone();
+        flight.waiters.fetch_add(1, Ordering::SeqCst);
+        drop(live);
+        metrics::counter!("versus_coalesced_total").increment(1);
+        Some(self.waiter(flight, key.clone()))
+    }
+
     /// Waits on the generation of `job.key`, starting a reader if this process has none yet.
     pub fn join(self: &Arc<Self>, job: Job) -> Waiter {
         let mut live = lock(&self.live);
@@ -87,6 +97,10 @@ impl Flights {
         } else {
             metrics::counter!("versus_coalesced_total").increment(1);
         }
+        self.waiter(flight, key)
+    }
+
+    fn waiter(self: &Arc<Self>, flight: Arc<Flight>, key: Key) -> Waiter {
         Waiter {
             rx: flight.notify.subscribe(),
             flight,

@@ -2,7 +2,12 @@
 
 use serde_json::{Value, json};
 
-use crate::{fight, http, quick, stream_url};
+use versus_testkit::{
+    System,
+    sse::{self, SseEvent},
+};
+
+use crate::{fight, http, quick, stream_url, text_of};
 
 /// `GET url` with `headers`: the status and the whole body.
 async fn get_with(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -12,6 +17,14 @@ async fn get_with(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
     }
     let response = request.send().await.unwrap();
     (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Every event of one fight, asked for with `headers`.
+async fn fight_as(sys: &System, a: &str, b: &str, headers: &[(&str, &str)]) -> Vec<SseEvent> {
+    sse::open_with(&stream_url(sys, a, b), None, headers)
+        .await
+        .collect_all()
+        .await
 }
 
 #[tokio::test]
@@ -86,4 +99,83 @@ async fn a_miss_from_another_site_gets_403_and_costs_nothing_while_hits_and_allo
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"cached\":true"), "{body}");
     assert_eq!(sys.sim.chat_calls().await, 3);
+}
+
+#[tokio::test]
+async fn a_client_over_its_limit_gets_429_while_its_hits_its_joins_and_other_clients_pass() {
+    // An answer takes about a second, so that a generation can be joined while it runs.
+    let sys = quick()
+        .api_env("VERSUS_CLIENT_MISSES_PER_MINUTE", "5")
+        .api_env("VERSUS_TRUSTED_PROXIES", "127.0.0.1/32")
+        .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "40")
+        .start()
+        .await;
+    let second = sys.spawn_api().await;
+    let client = |address: &'static str| [("x-forwarded-for", address)];
+    let (one, other) = (client("203.0.113.7"), client("198.51.100.9"));
+
+    // 30 unique misses in a row: the burst of 5 (and what a minute refills meanwhile) starts,
+    // the rest is refused before any stream starts.
+    let mut started = 0;
+    for i in 0..30 {
+        let url = stream_url(&sys, &format!("Robot {i}"), "Dinosaur");
+        let response = http()
+            .get(url)
+            .header(one[0].0, one[0].1)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            200 => started += 1,
+            429 => {
+                let retry_after: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    (1..=13).contains(&retry_after),
+                    "Retry-After: {retry_after}"
+                );
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["error"]["code"], json!("rate_limited"), "{body}");
+            }
+            status => panic!("unexpected {status}"),
+        }
+    }
+    assert!((5..=10).contains(&started), "{started} misses started");
+    versus_testkit::eventually(
+        "the started misses reach the upstream",
+        std::time::Duration::from_secs(10),
+        || async { sys.sim.chat_calls().await == started },
+    )
+    .await;
+
+    // A generation another client started is joined, not started: on this replica (one
+    // reader for both) and on another one (the events stream shows it in progress).
+    let url = stream_url(&sys, "Golem", "Colossus");
+    let mut starter = sse::open_with(&url, None, &other).await;
+    let mut first = starter.until_chunks(1).await;
+    let joined_here = get_with(&url, &one).await;
+    let joined_there = get_with(&url.replace(sys.api_url(), &second.url), &one).await;
+    first.extend(starter.collect_all().await);
+    let text = text_of(&first);
+    for (status, body) in [&joined_here, &joined_there] {
+        assert_eq!(*status, 200, "{body}");
+        assert!(body.contains("event: done"), "{body}");
+    }
+    assert_eq!(sys.sim.chat_calls().await, started + 1);
+
+    // Hits never count: the limited client reads the answer a thousand times.
+    for _ in 0..1000 {
+        let (status, body) = get_with(&url, &one).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let hit = fight_as(&sys, "Golem", "Colossus", &one).await;
+    assert_eq!(text_of(&hit), text);
+
+    // Another client behind the same proxy has a limit of its own.
+    let fresh = fight_as(&sys, "Hydra", "Cerberus", &other).await;
+    assert_eq!(fresh.last().unwrap().event, "done", "{fresh:?}");
+    assert_eq!(sys.sim.chat_calls().await, started + 2);
 }

@@ -501,3 +501,40 @@ async fn the_picture_appears_when_it_is_drawn() {
     browser.screenshot("fight-with-picture").await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn a_client_over_its_limit_is_told_in_the_page_when_to_try_again() {
+    let sys = quick()
+        .api_env("VERSUS_CLIENT_MISSES_PER_MINUTE", "1")
+        .start()
+        .await;
+    let browser = Browser::start().await;
+    browser
+        .goto(&format!("{}/?a=Tortoise&b=Hare", sys.api_url()))
+        .await;
+    watch_until_done(&browser).await;
+    browser
+        .js("for (const id of ['a', 'b']) document.getElementById(id).value = ''; return true;")
+        .await;
+    fight_in_page(&browser, "Achilles", "Hector").await;
+    browser
+        .wait_for(
+            "the refusal",
+            "document.getElementById('result').dataset.state === 'error'",
+        )
+        .await;
+    let message = browser
+        .find("#error-message")
+        .await
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        message.contains("try again in") && message.chars().any(|c| c.is_ascii_digit()),
+        "the page says when to try again: {message:?}"
+    );
+    assert!(is_shown(&browser, "retry").await, "and offers to");
+    browser.screenshot("fight-rate-limited").await;
+    assert_eq!(sys.sim.chat_calls().await, 1);
+    browser.close().await;
+}

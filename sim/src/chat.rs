@@ -94,6 +94,9 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
     {
         return Reply::Now(openai::fault_status(status, retry_after_secs));
     }
+    if fault == Some(Fault::Hang) {
+        return Reply::Hang;
+    }
     if request.stream == Some(true) {
         let include_usage = request.stream_options.and_then(|o| o.include_usage) == Some(true);
         let (limit, ending) = match fault {

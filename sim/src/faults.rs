@@ -44,6 +44,8 @@ pub enum Fault {
         #[serde(default)]
         after_tokens: u64,
     },
+    /// Take the request and never answer, not even with response headers.
+    Hang,
 }
 
 impl Fault {
@@ -53,6 +55,7 @@ impl Fault {
             Fault::Status { .. } => "status",
             Fault::Cut { .. } => "cut",
             Fault::Stall { .. } => "stall",
+            Fault::Hang => "hang",
         }
     }
 }

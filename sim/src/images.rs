@@ -70,7 +70,7 @@ async fn generate(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) 
         }) => {
             return Reply::Now(openai::fault_status(status, retry_after_secs));
         }
-        Some(Fault::Stall { .. }) => return Reply::Hang,
+        Some(Fault::Stall { .. } | Fault::Hang) => return Reply::Hang,
         Some(Fault::Cut { .. }) => {
             if !openai::wait_until(sim, ready_at).await {
                 return Reply::Now(openai::shutting_down());

@@ -45,6 +45,21 @@ pub struct OpenAiSettings {
     /// A stream that sends nothing for this long (seconds) is treated as broken.
     #[arg(long, env = "VERSUS_UPSTREAM_IDLE_TIMEOUT_SECS", default_value_t = 30)]
     pub idle_timeout_secs: u64,
+    /// How long the upstream may take to send a chat answer's response headers and its first
+    /// token, from the request (seconds): a server that takes the request and never answers
+    /// frees the slot after this, and the try counts as failed.
+    #[arg(
+        long,
+        env = "VERSUS_UPSTREAM_HEADERS_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub headers_timeout_secs: u64,
+    /// How long one chat call may take in all, its whole stream included (seconds).
+    #[arg(long, env = "VERSUS_UPSTREAM_CALL_TIMEOUT_SECS", default_value_t = 300)]
+    pub call_timeout_secs: u64,
+    /// The most tokens one answer may have (`max_completion_tokens` of every chat request).
+    #[arg(long, env = "VERSUS_MAX_ANSWER_TOKENS", default_value_t = 600)]
+    pub max_answer_tokens: u32,
     /// How long one image generation may take, download included (seconds).
     #[arg(
         long,
@@ -143,19 +158,31 @@ impl Client {
             "messages": messages,
             "stream": true,
             "stream_options": {"include_usage": true},
+            "max_completion_tokens": self.settings.max_answer_tokens,
         });
         metrics::counter!("versus_upstream_calls_total", "kind" => "chat").increment(1);
+        let first_token = Duration::from_secs(self.settings.headers_timeout_secs.max(1));
+        let first_token_by = tokio::time::Instant::now() + first_token;
         let mut request = self
             .http
             .post(format!("{}/chat/completions", self.base_url))
+            .timeout(Duration::from_secs(self.settings.call_timeout_secs.max(1)))
             .json(&body);
         if !self.api_key.expose().is_empty() {
             request = request.bearer_auth(self.api_key.expose());
         }
-        let response = checked(request.send().await).await?;
+        let sent = tokio::time::timeout_at(first_token_by, request.send())
+            .await
+            .map_err(|_| {
+                UpstreamError::retryable(format!(
+                    "the upstream sent no response within {first_token:?}"
+                ))
+            })?;
+        let response = checked(sent).await?;
         Ok(ChatStream {
             events: Box::pin(response.bytes_stream().eventsource()),
             idle: Duration::from_secs(self.settings.idle_timeout_secs.max(1)),
+            first_token_by: Some(first_token_by),
             finish_reason: None,
             usage: Usage::default(),
         })
@@ -257,6 +284,8 @@ type Events = Pin<
 pub struct ChatStream {
     events: Events,
     idle: Duration,
+    /// Until the first token: when it must have come.
+    first_token_by: Option<tokio::time::Instant>,
     finish_reason: Option<String>,
     usage: Usage,
 }
@@ -302,9 +331,16 @@ impl ChatStream {
     /// it once and drop the future to see whether a piece is already there.
     pub async fn next(&mut self) -> Result<Piece, UpstreamError> {
         loop {
-            let event = tokio::time::timeout(self.idle, self.events.next())
+            let idle_until = tokio::time::Instant::now() + self.idle;
+            let until = self
+                .first_token_by
+                .map_or(idle_until, |by| by.min(idle_until));
+            let event = tokio::time::timeout_at(until, self.events.next())
                 .await
-                .map_err(|_| UpstreamError::retryable("the upstream stream stalled"))?;
+                .map_err(|_| match self.first_token_by {
+                    Some(_) => UpstreamError::retryable("the upstream sent no first token in time"),
+                    None => UpstreamError::retryable("the upstream stream stalled"),
+                })?;
             let event = match event {
                 Some(Ok(event)) => event,
                 Some(Err(e)) => {
@@ -354,6 +390,7 @@ impl ChatStream {
                 }
             }
             if !text.is_empty() {
+                self.first_token_by = None;
                 return Ok(Piece::Text(text));
             }
         }

@@ -171,3 +171,54 @@ async fn a_worker_given_sigterm_finishes_its_answer_before_it_exits() {
     assert!(rest.iter().all(|e| e.event != "reset"), "{rest:?}");
     assert_eq!(sys.sim.chat_calls().await, 1);
 }
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_frees_the_slot_within_the_limit_and_a_retry_answers() {
+    // One slot, so that a hung call would block every other job.
+    let sys = quick()
+        .workers(1)
+        .worker_env("VERSUS_WORKER_CONCURRENCY", "1")
+        .worker_env("VERSUS_UPSTREAM_HEADERS_TIMEOUT_SECS", "1")
+        .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "2")
+        .worker_env("VERSUS_UPSTREAM_BACKOFF_MS", "50")
+        .start()
+        .await;
+    // The first call is taken and never answered; the retry is.
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "hang"}, "times": 1}))
+        .await;
+    let began = std::time::Instant::now();
+    let events = fight(&sys, "Sphinx", "Minotaur").await;
+    assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+    let took = began.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "answered after {took:?}"
+    );
+    let stats = sys.sim.stats().await;
+    let faults: Vec<&Value> = stats["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| &c["fault"])
+        .collect();
+    assert_eq!(faults, [&json!("hang"), &Value::Null], "{stats}");
+
+    // An upstream that never answers at all: a retryable error within the tries' limits, and
+    // the slot serves the next job.
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "hang"}, "times": 2}))
+        .await;
+    let began = std::time::Instant::now();
+    let failed = fight(&sys, "Scylla", "Charybdis").await;
+    assert_eq!(shape(&failed), ["meta", "error"], "{failed:?}");
+    assert_eq!(failed[1].json()["retryable"], json!(true));
+    let took = began.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "gave up after {took:?}"
+    );
+    let next = fight(&sys, "Cyclops", "Odysseus").await;
+    assert_eq!(shape(&next), ["meta", "chunk*", "done"], "{next:?}");
+    assert_eq!(sys.sim.chat_calls().await, 5);
+}

@@ -92,10 +92,16 @@ impl IntoResponse for ApiError {
             metrics::counter!("versus_errors_total", "code" => code.to_owned()).increment(1);
         }
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::RateLimited { retry_after_secs } = self {
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            // A full queue drains in seconds.
+            ApiError::Generation { code, .. } if code == "busy" => Some(2),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

@@ -10,6 +10,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{config::NatsSettings, tasks::Tasks, wire};
 
+/// Whether a publish failed because the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`): the
+/// server's "store failed" answer, which a stream that discards new messages gives when full.
+pub fn is_full(error: &jetstream::context::PublishError) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED)
+}
+
 /// A connected client with handles on everything Versus uses. Cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
@@ -54,7 +62,7 @@ impl Bus {
             .await
             .context("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(client.clone());
-        let jobs = declare_stream(&js, jobs_stream()).await?;
+        let jobs = declare_stream(&js, jobs_stream(settings.max_queued_jobs)).await?;
         let events = declare_stream(&js, events_stream(settings.events_max_age())).await?;
         tasks.spawn(redeclare_events(
             js.clone(),
@@ -91,7 +99,7 @@ impl Bus {
     }
 }
 
-fn jobs_stream() -> stream::Config {
+fn jobs_stream(max_queued: i64) -> stream::Config {
     stream::Config {
         name: wire::JOBS_STREAM.to_owned(),
         description: Some("Generation jobs, one per unique answer; workers pull them".to_owned()),
@@ -104,6 +112,10 @@ fn jobs_stream() -> stream::Config {
         // Identical misses published by any API replica within this window become one job.
         duplicate_window: Duration::from_secs(120),
         max_age: Duration::from_secs(24 * 3600),
+        // A bounded queue: a flood is refused at once (and costs nothing) rather than queued
+        // for hours and paid for after its clients left.
+        max_messages: max_queued.max(1),
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
 }

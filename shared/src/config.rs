@@ -43,6 +43,10 @@ pub struct NatsSettings {
     /// How long a generation's events stay on the events stream, in seconds.
     #[arg(long, env = "VERSUS_EVENTS_MAX_AGE_SECS", default_value_t = 600)]
     pub events_max_age_secs: u64,
+    /// The most jobs the jobs stream holds (queued and in progress, both lanes); a new job
+    /// beyond it is refused and its clients told `busy`.
+    #[arg(long, env = "VERSUS_MAX_QUEUED_JOBS", default_value_t = 10_000)]
+    pub max_queued_jobs: i64,
 }
 
 impl NatsSettings {

@@ -21,6 +21,9 @@ use versus_shared::wire::{self, Job};
 
 use crate::{ctx::Ctx, generation::Outcome, job};
 
+/// How many times a job is delivered at most: redeliveries after crashes, naks while another
+/// worker holds the key, a hand-over at shutdown.
+const MAX_DELIVER: i64 = 20;
 /// How long one pull request waits for jobs before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long jobs still running after the grace period get to give their claims back and nak:
@@ -48,6 +51,8 @@ pub async fn declare(ctx: &Ctx, lane: &Lane) -> anyhow::Result<PullConsumer> {
         // worker that died is redelivered within one lease.
         ack_wait: ctx.lease,
         max_ack_pending: lane.max_in_flight,
+        // A job that keeps failing (a worker that crashes on it, say) is not retried forever.
+        max_deliver: MAX_DELIVER,
         ..Default::default()
     };
     match ctx.bus.jobs.create_consumer(config.clone()).await {
@@ -162,6 +167,17 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
             "interactive"
         };
         metrics::histogram!("versus_job_wait_seconds", "lane" => lane).record(waited);
+        // Whoever asked has been told it took too long by now (the API gives up on a
+        // generation after as long): starting it would pay for an answer nobody waits for.
+        // Pre-warm jobs have no waiters, and always run.
+        if lane == "interactive" && waited > ctx.job_max_wait {
+            tracing::info!(key = %job.key, ?waited, "a job waited longer than anyone waits for it; dropping it");
+            metrics::counter!("versus_jobs_expired_total").increment(1);
+            if let Err(e) = msg.ack_with(AckKind::Term).await {
+                tracing::warn!(key = %job.key, error = %e, "dropping an expired job failed");
+            }
+            return;
+        }
     }
     let ack = match job::handle(ctx, &msg, &job, abandon).await {
         Ok(Outcome::Ack) => msg.double_ack().await,

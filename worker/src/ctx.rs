@@ -14,6 +14,8 @@ pub struct Ctx {
     pub openai: openai::Client,
     pub objects: Arc<dyn object_store::ObjectStore>,
     pub lease: Duration,
+    /// An interactive job that waited longer than this in the queue is dropped, not started.
+    pub job_max_wait: Duration,
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
     pub claimer: claims::Claimer,

@@ -67,6 +67,11 @@ pub struct Settings {
     /// Seconds a claim lasts without a heartbeat; also the job's ack wait.
     #[arg(long, env = "VERSUS_LEASE_SECS", default_value_t = 30)]
     pub lease_secs: u64,
+    /// An interactive job that waited longer than this in the queue (seconds) is dropped, not
+    /// started: its clients were told to try again (keep it at the API's
+    /// `VERSUS_STREAM_TIMEOUT_SECS`).
+    #[arg(long, env = "VERSUS_JOB_MAX_WAIT_SECS", default_value_t = 300)]
+    pub job_max_wait_secs: u64,
     /// How long a SIGTERM waits for jobs in flight before exiting, in seconds.
     #[arg(long, env = "VERSUS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -100,6 +105,7 @@ pub async fn run(
         openai: openai::Client::new(&settings.openai)?,
         objects: settings.objects.open()?,
         lease: settings.lease(),
+        job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
         worker_id,
     });
     let interactive = consumer::Lane {

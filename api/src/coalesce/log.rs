@@ -15,7 +15,7 @@ pub(super) struct Log {
     /// No event follows (the generation ended, or the reader stopped).
     pub(super) closed: bool,
     /// The attempt the log follows, and where its text ends.
-    attempt: Option<i32>,
+    pub(super) attempt: Option<i32>,
     end: usize,
 }
 

@@ -17,12 +17,12 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use versus_shared::{
-    bus::Bus,
+    bus::{self, Bus},
     history::{self, Last},
     wire::{self, Answer, Event, ImageAnswer, Job, Kind},
 };
 
-use super::{Flight, Flights, Offer};
+use super::{Flight, Flights, Offer, lock};
 
 /// Follows one flight until a terminal event, the timeout, or the last waiter leaves; then
 /// closes its log and forgets it.
@@ -106,7 +106,18 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
         }
         None => (0, 0),
     };
-    Box::pin(publish_job(&bus.js, &job, after)).await?;
+    let queued = Box::pin(publish_job(&bus.js, &job, after)).await?;
+    if !queued && lock(&flight.log).attempt.is_none() {
+        // The queue is full and nothing is being generated for this key: say so at once
+        // rather than wait for a job that was never queued.
+        flight.close(Some(Event::Error {
+            attempt: 0,
+            code: "busy".to_owned(),
+            message: "Versus is busy right now. Please try again in a few seconds.".to_owned(),
+            retryable: true,
+        }));
+        return Ok(());
+    }
     metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
     loop {
         tokio::select! {
@@ -227,9 +238,10 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
     Ok(false)
 }
 
-async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<()> {
+/// Publishes the job; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`).
+async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<bool> {
     let payload = serde_json::to_vec(job)?;
-    let ack = js
+    let acked = js
         .send_publish(
             wire::job_subject(job.kind),
             PublishMessage::build()
@@ -237,9 +249,18 @@ async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::
                 .message_id(wire::job_msg_id(job.kind, &job.key, after)),
         )
         .await?
-        .await?;
-    if !ack.duplicate {
-        metrics::counter!("versus_jobs_published_total").increment(1);
+        .await;
+    match acked {
+        Ok(ack) => {
+            if !ack.duplicate {
+                metrics::counter!("versus_jobs_published_total").increment(1);
+            }
+            Ok(true)
+        }
+        Err(e) if bus::is_full(&e) => {
+            metrics::counter!("versus_jobs_refused_total", "reason" => "queue_full").increment(1);
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }

@@ -7,7 +7,9 @@ use versus_testkit::{
     sse::{self, SseEvent},
 };
 
-use crate::{fight, http, quick, stream_url, text_of};
+use std::time::{Duration, Instant};
+
+use crate::{fight, http, quick, shape, stream_url, text_of};
 
 /// `GET url` with `headers`: the status and the whole body.
 async fn get_with(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -146,7 +148,7 @@ async fn a_client_over_its_limit_gets_429_while_its_hits_its_joins_and_other_cli
     assert!((5..=10).contains(&started), "{started} misses started");
     versus_testkit::eventually(
         "the started misses reach the upstream",
-        std::time::Duration::from_secs(10),
+        Duration::from_secs(10),
         || async { sys.sim.chat_calls().await == started },
     )
     .await;
@@ -178,4 +180,71 @@ async fn a_client_over_its_limit_gets_429_while_its_hits_its_joins_and_other_cli
     let fresh = fight_as(&sys, "Hydra", "Cerberus", &other).await;
     assert_eq!(fresh.last().unwrap().event, "done", "{fresh:?}");
     assert_eq!(sys.sim.chat_calls().await, started + 2);
+}
+
+/// The API's count of jobs it queued (`versus_jobs_published_total`).
+async fn jobs_published(sys: &System) -> u64 {
+    let metrics = http()
+        .get(format!("{}/metrics", sys.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("versus_jobs_published_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .map_or(0, |n| n.parse::<f64>().unwrap() as u64)
+}
+
+#[tokio::test]
+async fn with_the_queue_full_further_misses_get_busy_at_once_and_cost_nothing() {
+    let sys = quick()
+        .workers(1)
+        .env("VERSUS_MAX_QUEUED_JOBS", "5")
+        .worker_env("VERSUS_WORKER_CONCURRENCY", "1")
+        .start()
+        .await;
+    // The upstream takes every call and never answers: the one slot stays busy.
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "hang"}, "times": null}))
+        .await;
+    let mut waiting = Vec::new();
+    for i in 0..5 {
+        let mut stream = sse::open(&stream_url(&sys, &format!("Queued {i}"), "Kaiju"), None).await;
+        assert_eq!(stream.next().await.unwrap().event, "meta");
+        waiting.push(stream);
+        versus_testkit::eventually("the job is queued", Duration::from_secs(5), || async {
+            jobs_published(&sys).await == i + 1
+        })
+        .await;
+    }
+    for i in 0..3 {
+        let began = Instant::now();
+        let events = fight(&sys, &format!("Refused {i}"), "Kaiju").await;
+        let took = began.elapsed();
+        assert_eq!(shape(&events), ["meta", "error"], "{events:?}");
+        let error = events[1].json();
+        assert_eq!(error["code"], json!("busy"), "{error}");
+        assert_eq!(error["retryable"], json!(true));
+        assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    }
+    let response = http()
+        .post(format!("{}/v1/fights", sys.api_url()))
+        .json(&json!({"a": "Refused by POST", "b": "Kaiju"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], json!("busy"), "{body}");
+    assert_eq!(jobs_published(&sys).await, 5);
+    assert_eq!(
+        sys.sim.chat_calls().await,
+        1,
+        "only the job in the slot was paid for"
+    );
 }

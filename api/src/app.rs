@@ -1,13 +1,19 @@
 //! The state every request handler shares: the settings, the bus, the caches, the flights, and
 //! the shutdown token that ends waits and hands streams over.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     http::HeaderMap,
     response::{Response, sse::Event as SseEvent},
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
@@ -19,7 +25,11 @@ use versus_shared::{
     wire::{self, Answer, Event, ImageAnswer, Job},
 };
 
-use crate::{body, cache, coalesce, error, limits, origin, popularity, sse};
+use crate::{
+    body, cache, coalesce, error,
+    limits::{self, StreamSlot},
+    origin, popularity, sse,
+};
 
 /// API settings, from the environment (see `versus-api --help`).
 #[derive(clap::Parser, Debug, Clone)]
@@ -63,6 +73,9 @@ pub struct Settings {
     /// New pictures one client may start per minute (and at once); 0: no limit.
     #[arg(long, env = "VERSUS_CLIENT_PICTURES_PER_MINUTE", default_value_t = 5)]
     pub client_pictures_per_minute: u32,
+    /// Event streams one client may hold open at once; 0: no cap.
+    #[arg(long, env = "VERSUS_CLIENT_MAX_STREAMS", default_value_t = 16)]
+    pub client_max_streams: usize,
     /// Proxies (comma-separated CIDRs) whose `X-Forwarded-For` names the client.
     #[arg(long, env = "VERSUS_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
@@ -126,6 +139,7 @@ impl App {
                 limits: limits::Limits::new(
                     settings.client_misses_per_minute,
                     settings.client_pictures_per_minute,
+                    settings.client_max_streams,
                     &settings.trusted_proxies,
                 )?,
                 objects: settings.objects.open()?,
@@ -146,11 +160,28 @@ impl App {
         })
     }
 
-    /// A live SSE response (see [`sse::live`]), handed over when this process stops.
+    /// Who sent the request (see [`limits::Limits::client`]).
+    pub(crate) fn client(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        self.inner.limits.client(peer.ip(), headers)
+    }
+
+    /// A slot for one more open stream of `client`: taken before anything else is done for
+    /// the stream, so that a refused one (429) costs nothing.
+    pub(crate) fn stream_slot(&self, client: IpAddr) -> Result<StreamSlot, error::ApiError> {
+        self.inner.limits.open_stream(client)
+    }
+
+    /// A live SSE response (see [`sse::live`]) that holds `slot` until it ends, handed over
+    /// when this process stops.
     pub(crate) fn sse(
         &self,
+        slot: StreamSlot,
         events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
     ) -> Response {
+        let events = events.map(move |event| {
+            let _held = &slot;
+            event
+        });
         let heartbeat = Duration::from_secs(self.inner.settings.heartbeat_secs.max(1));
         sse::live(events, heartbeat, self.inner.shutdown.clone())
     }
@@ -162,14 +193,13 @@ impl App {
         &self,
         job: Job,
         headers: &HeaderMap,
-        peer: SocketAddr,
+        client: IpAddr,
     ) -> Result<coalesce::Waiter, error::ApiError> {
         self.inner.origins.check(headers)?;
         if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
             return Ok(waiter);
         }
         if !self.in_progress(&job).await {
-            let client = self.inner.limits.client(peer.ip(), headers);
             self.inner.limits.admit(job.kind, client)?;
         }
         Ok(self.inner.flights.join(job))

@@ -32,6 +32,9 @@ pub enum ApiError {
     /// The client started as many new answers as it may for now.
     #[error("you have asked for many new matchups; try again in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// The client holds as many open streams as it may.
+    #[error("you have too many answers open at once; close some and try again")]
+    TooManyStreams,
     /// A browser asked for a new answer on behalf of another site.
     #[error("a new answer cannot be started from another site; open Versus itself to ask")]
     CrossSite,
@@ -74,7 +77,9 @@ impl ApiError {
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::CrossSite => (StatusCode::FORBIDDEN, "cross_site"),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::RateLimited { .. } | ApiError::TooManyStreams => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+            }
         }
     }
 }
@@ -94,6 +99,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::TooManyStreams => Some(1),
             // A full queue drains in seconds.
             ApiError::Generation { code, .. } if code == "busy" => Some(2),
             _ => None,

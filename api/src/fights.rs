@@ -6,7 +6,7 @@ use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc
 use axum::{
     Json, Router,
     extract::{
-        ConnectInfo, Path, Query, State,
+        ConnectInfo, DefaultBodyLimit, Path, Query, State,
         rejection::{JsonRejection, QueryRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -27,7 +27,7 @@ use crate::{
     coalesce::Waiter,
     error::ApiError,
     http,
-    matchup::FightRequest,
+    matchup::{self, FightRequest},
     sse::{self, Resume, Translator},
 };
 
@@ -39,6 +39,7 @@ pub fn routes() -> Router<App> {
         .route("/v1/fights/stream", get(stream_fight))
         .route("/v1/fights", post(create_fight))
         .route("/v1/fights/{key}", get(get_fight))
+        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
 }
 
 impl App {
@@ -66,6 +67,7 @@ async fn stream_fight(
         .and_then(|v| v.to_str().ok())
         .and_then(Resume::parse);
     let key = job.key.clone();
+    let client = app.client(peer, &headers);
     let mut translator = Translator::new(key.clone(), resume);
     if let Some(cached) = app.cached(&key).await {
         let answer = &cached.value;
@@ -83,16 +85,18 @@ async fn stream_fight(
         let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
         translator.finished_text(answer.attempt, &answer.text, &mut out);
         out.push(sse::done(&key, &answer.model));
-        return Ok(app.sse(stream::iter(out.into_iter().map(Ok))));
+        let slot = app.stream_slot(client)?;
+        return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
     }
+    let slot = app.stream_slot(client)?;
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let generation = InProgress {
-        waiter: app.wait_on(job, &headers, peer).await?,
+        waiter: app.wait_on(job, &headers, client).await?,
         translator,
         queue: VecDeque::from([meta]),
         ended: false,
     };
-    Ok(app.sse(stream::unfold(generation, InProgress::next_event)))
+    Ok(app.sse(slot, stream::unfold(generation, InProgress::next_event)))
 }
 
 /// One client's stream of a generation in progress.
@@ -144,7 +148,9 @@ async fn create_fight(
     }
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
-    let mut waiter = app.wait_on(job, &headers, peer).await?;
+    let mut waiter = app
+        .wait_on(job, &headers, app.client(peer, &headers))
+        .await?;
     let mut attempt = None;
     let mut text = String::new();
     while let Some(event) = app.unless_stopping(waiter.next()).await? {

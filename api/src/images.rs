@@ -7,7 +7,7 @@ use axum::{
     Json, Router,
     body::Body,
     extract::{
-        ConnectInfo, Path, Query, State,
+        ConnectInfo, DefaultBodyLimit, Path, Query, State,
         rejection::{JsonRejection, QueryRejection},
     },
     http::{HeaderMap, StatusCode, header},
@@ -30,7 +30,7 @@ use crate::{
     coalesce::Waiter,
     error::ApiError,
     http,
-    matchup::FightRequest,
+    matchup::{self, FightRequest},
     sse,
 };
 
@@ -39,6 +39,7 @@ pub fn routes() -> Router<App> {
         .route("/v1/images/stream", get(stream_image))
         .route("/v1/images", post(create_image))
         .route("/v1/images/{file}", get(serve_image))
+        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
 }
 
 impl App {
@@ -92,7 +93,9 @@ async fn stream_image(
         return Ok(sse::body(body.clone()));
     }
     let meta = sse::meta(&key, &job.a, &job.b, false);
-    let waiter = app.wait_on(job, &headers, peer).await?;
+    let client = app.client(peer, &headers);
+    let slot = app.stream_slot(client)?;
+    let waiter = app.wait_on(job, &headers, client).await?;
     let waiting = app.clone();
     let events =
         stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
@@ -107,7 +110,7 @@ async fn stream_image(
             };
             Ok(end)
         }));
-    Ok(app.sse(events))
+    Ok(app.sse(slot, events))
 }
 
 async fn create_image(
@@ -123,7 +126,9 @@ async fn create_image(
         Some(cached) => (cached, true),
         None => {
             let key = job.key.clone();
-            let waiter = app.wait_on(job, &headers, peer).await?;
+            let waiter = app
+                .wait_on(job, &headers, app.client(peer, &headers))
+                .await?;
             (app.drawn(key, waiter).await?, false)
         }
     };

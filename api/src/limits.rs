@@ -4,10 +4,13 @@
 //! size (GCRA, from `governor`). Only requests that would start a generation count: hits and
 //! joins of a generation in progress never do, and a refusal costs the client nothing. Each API
 //! replica counts on its own, so behind N replicas a client may start up to N times as many.
+//! A client may also hold at most `VERSUS_CLIENT_MAX_STREAMS` event streams open at once.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv6Addr},
     num::NonZeroU32,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -26,12 +29,38 @@ pub struct Limits {
     text: Option<DefaultKeyedRateLimiter<IpAddr>>,
     image: Option<DefaultKeyedRateLimiter<IpAddr>>,
     trusted: Vec<IpNet>,
+    /// Open streams per client, and how many one may hold (0: no cap).
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_streams: usize,
+}
+
+/// One open stream of a client; dropping it (the stream ended or the client left) frees it.
+pub struct StreamSlot {
+    client: IpAddr,
+    streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = streams.get_mut(&self.client) {
+            *open -= 1;
+            if *open == 0 {
+                streams.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl Limits {
     /// Limits of `misses` new answers and `pictures` new pictures per client and minute (0:
     /// none); `trusted_proxies` is a comma-separated list of CIDRs (or addresses).
-    pub fn new(misses: u32, pictures: u32, trusted_proxies: &str) -> anyhow::Result<Limits> {
+    pub fn new(
+        misses: u32,
+        pictures: u32,
+        max_streams: usize,
+        trusted_proxies: &str,
+    ) -> anyhow::Result<Limits> {
         let limiter = |per_minute: u32| {
             NonZeroU32::new(per_minute).map(|n| RateLimiter::keyed(Quota::per_minute(n)))
         };
@@ -53,6 +82,24 @@ impl Limits {
             text: limiter(misses),
             image: limiter(pictures),
             trusted,
+            streams: Arc::default(),
+            max_streams,
+        })
+    }
+
+    /// A slot for one more open stream of `client`, or `too_many_streams` (429) when it
+    /// holds as many as it may.
+    pub fn open_stream(&self, client: IpAddr) -> Result<StreamSlot, ApiError> {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = streams.entry(client).or_default();
+        if self.max_streams > 0 && *open >= self.max_streams {
+            metrics::counter!("versus_rate_limited_total", "kind" => "streams").increment(1);
+            return Err(ApiError::TooManyStreams);
+        }
+        *open += 1;
+        Ok(StreamSlot {
+            client,
+            streams: self.streams.clone(),
         })
     }
 
@@ -146,7 +193,7 @@ mod tests {
 
     #[test]
     fn the_client_is_the_peer_unless_a_trusted_proxy_forwarded_for_someone() {
-        let limits = Limits::new(1, 1, "10.0.0.0/8, 127.0.0.1").unwrap();
+        let limits = Limits::new(1, 1, 0, "10.0.0.0/8, 127.0.0.1").unwrap();
         let spoofed = forwarded("203.0.113.7");
         // An untrusted peer cannot name someone else.
         assert_eq!(
@@ -169,12 +216,12 @@ mod tests {
             limits.client(ip("::ffff:198.51.100.1"), &HeaderMap::new()),
             ip("198.51.100.1")
         );
-        assert!(Limits::new(1, 1, "not-a-cidr").is_err());
+        assert!(Limits::new(1, 1, 0, "not-a-cidr").is_err());
     }
 
     #[test]
     fn a_client_over_its_limit_is_refused_with_when_to_retry_and_others_are_not() {
-        let limits = Limits::new(2, 0, "").unwrap();
+        let limits = Limits::new(2, 0, 0, "").unwrap();
         let (one, two) = (ip("198.51.100.1"), ip("198.51.100.2"));
         assert!(limits.admit(Kind::Text, one).is_ok());
         assert!(limits.admit(Kind::Text, one).is_ok());
@@ -188,5 +235,17 @@ mod tests {
         for _ in 0..100 {
             assert!(limits.admit(Kind::Image, one).is_ok());
         }
+    }
+
+    #[test]
+    fn a_client_holds_at_most_its_streams_and_a_closed_one_frees_its_slot() {
+        let limits = Limits::new(0, 0, 2, "").unwrap();
+        let (one, two) = (ip("198.51.100.1"), ip("198.51.100.2"));
+        let first = limits.open_stream(one).unwrap();
+        let _second = limits.open_stream(one).unwrap();
+        assert!(limits.open_stream(one).is_err());
+        assert!(limits.open_stream(two).is_ok());
+        drop(first);
+        assert!(limits.open_stream(one).is_ok());
     }
 }

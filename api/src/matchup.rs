@@ -12,6 +12,10 @@ use versus_shared::{
 
 use crate::{app::App, error::ApiError};
 
+/// The largest JSON body the public routes read: two names of at most 100 characters fit
+/// many times over; anything larger is refused before it is read whole.
+pub(crate) const BODY_LIMIT: usize = 4 * 1024;
+
 /// The names of a request, as given (a query string or a JSON body).
 #[derive(Debug, Deserialize)]
 pub(crate) struct FightRequest {

@@ -109,14 +109,16 @@ impl SystemBuilder {
             ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             // Only the admin routes use it; answers never touch Postgres.
             ("DATABASE_URL".to_owned(), db.url.clone()),
-            // Every test client is 127.0.0.1: the per-client limits on new generations are
-            // off unless a test of them sets them.
-            ("VERSUS_CLIENT_MISSES_PER_MINUTE".to_owned(), "0".to_owned()),
-            (
-                "VERSUS_CLIENT_PICTURES_PER_MINUTE".to_owned(),
-                "0".to_owned(),
-            ),
         ];
+        // Every test client is 127.0.0.1: the per-client limits (new generations, open
+        // streams) are off unless a test of them sets them.
+        for limit in [
+            "VERSUS_CLIENT_MISSES_PER_MINUTE",
+            "VERSUS_CLIENT_PICTURES_PER_MINUTE",
+            "VERSUS_CLIENT_MAX_STREAMS",
+        ] {
+            api_envs.push((limit.to_owned(), "0".to_owned()));
+        }
         api_envs.extend(store_envs.iter().cloned());
         api_envs.extend(self.env.iter().cloned());
         api_envs.extend(self.api_env);

@@ -248,3 +248,53 @@ async fn with_the_queue_full_further_misses_get_busy_at_once_and_cost_nothing() 
         "only the job in the slot was paid for"
     );
 }
+
+#[tokio::test]
+async fn a_client_holds_at_most_its_streams_and_a_body_over_the_limit_is_refused() {
+    // No worker: every stream waits.
+    let sys = quick()
+        .workers(0)
+        .api_env("VERSUS_CLIENT_MAX_STREAMS", "16")
+        .api_env("VERSUS_TRUSTED_PROXIES", "127.0.0.1/32")
+        .start()
+        .await;
+    let one = [("x-forwarded-for", "203.0.113.7")];
+    let mut open = Vec::new();
+    for i in 0..16 {
+        let url = stream_url(&sys, &format!("Waiting {i}"), "Giant");
+        open.push(sse::open_with(&url, None, &one).await);
+    }
+    let seventeenth = stream_url(&sys, "Waiting 16", "Giant");
+    let (status, body) = get_with(&seventeenth, &one).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("rate_limited"), "{body}");
+    // Another client is not affected, and a closed stream frees its slot.
+    let other = sse::open_with(&seventeenth, None, &[("x-forwarded-for", "198.51.100.9")]).await;
+    drop(other);
+    drop(open.pop());
+    versus_testkit::eventually("a slot is free again", Duration::from_secs(5), || async {
+        let response = http()
+            .get(&seventeenth)
+            .header(one[0].0, one[0].1)
+            .send()
+            .await
+            .unwrap();
+        response.status() == 200
+    })
+    .await;
+
+    // A body far larger than two names is refused without being read whole.
+    let response = http()
+        .post(format!("{}/v1/fights", sys.api_url()))
+        .header("content-type", "application/json")
+        .body(format!(
+            r#"{{"a": "{}", "b": "Giant"}}"#,
+            "x".repeat(64 * 1024)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], json!("invalid_body"), "{body}");
+}

@@ -154,6 +154,7 @@ async fn a_client_of_another_replica_joining_mid_generation_gets_the_whole_text(
     let sys = quick()
         .sim_env("VERSUS_SIM_ANSWER_TOKENS", "2400")
         .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "600")
+        .worker_env("VERSUS_MAX_ANSWER_TOKENS", "2400")
         .start()
         .await;
     let replica = sys.spawn_api().await;

@@ -199,7 +199,7 @@ impl App {
         if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
             return Ok(waiter);
         }
-        if !self.in_progress(&job).await {
+        if self.inner.limits.limited(job.kind) && !self.in_progress(&job).await {
             self.inner.limits.admit(job.kind, client)?;
         }
         Ok(self.inner.flights.join(job))

@@ -138,14 +138,22 @@ impl Limits {
         self.trusted.iter().any(|net| net.contains(&address))
     }
 
+    fn limiter(&self, kind: Kind) -> Option<&DefaultKeyedRateLimiter<IpAddr>> {
+        match kind {
+            Kind::Text => self.text.as_ref(),
+            Kind::Image => self.image.as_ref(),
+        }
+    }
+
+    /// Whether new generations of `kind` are limited at all.
+    pub fn limited(&self, kind: Kind) -> bool {
+        self.limiter(kind).is_some()
+    }
+
     /// Counts a new generation of `kind` for `client`, or refuses it (`rate_limited`, with
     /// when to try again) without counting it.
     pub fn admit(&self, kind: Kind, client: IpAddr) -> Result<(), ApiError> {
-        let limiter = match kind {
-            Kind::Text => &self.text,
-            Kind::Image => &self.image,
-        };
-        let Some(limiter) = limiter else {
+        let Some(limiter) = self.limiter(kind) else {
             return Ok(());
         };
         limiter.check_key(&client).map_err(|not_until| {

@@ -67,7 +67,8 @@ async fn stream_fight(
         .and_then(|v| v.to_str().ok())
         .and_then(Resume::parse);
     let key = job.key.clone();
-    let client = app.client(peer, &headers);
+    // Who asks matters only to a stream that stays open: a whole hit is never limited.
+    let client = || app.client(peer, &headers);
     let mut translator = Translator::new(key.clone(), resume);
     if let Some(cached) = app.cached(&key).await {
         let answer = &cached.value;
@@ -85,9 +86,10 @@ async fn stream_fight(
         let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
         translator.finished_text(answer.attempt, &answer.text, &mut out);
         out.push(sse::done(&key, &answer.model));
-        let slot = app.stream_slot(client)?;
+        let slot = app.stream_slot(client())?;
         return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
     }
+    let client = client();
     let slot = app.stream_slot(client)?;
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let generation = InProgress {

@@ -4,17 +4,12 @@
 use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{
-    Json, Router,
-    extract::{
-        ConnectInfo, DefaultBodyLimit, Path, Query, State,
-        rejection::{JsonRejection, QueryRejection},
-    },
+    Json,
+    extract::{ConnectInfo, Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response, sse::Event as SseEvent},
-    routing::{get, post},
 };
 use futures::stream;
-use serde_json::Value;
 use versus_shared::{
     key::Key,
     wire::{Answer, Event, Kind},
@@ -27,20 +22,12 @@ use crate::{
     coalesce::Waiter,
     error::ApiError,
     http,
-    matchup::{self, FightRequest},
+    matchup::{JsonFight, QueryFight},
     sse::{self, Resume, Translator},
 };
 
 /// Answers are immutable per key; browsers keep them briefly, CDNs for a day.
 const ANSWER_CACHE_CONTROL: &str = "public, max-age=300, s-maxage=86400";
-
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/v1/fights/stream", get(stream_fight))
-        .route("/v1/fights", post(create_fight))
-        .route("/v1/fights/{key}", get(get_fight))
-        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
-}
 
 impl App {
     async fn cached(&self, key: &Key) -> Option<Arc<Cached<Answer>>> {
@@ -53,13 +40,12 @@ impl App {
     }
 }
 
-async fn stream_fight(
+pub(crate) async fn stream_fight(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    query: Result<Query<FightRequest>, QueryRejection>,
+    QueryFight(request): QueryFight,
 ) -> Result<Response, ApiError> {
-    let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let job = app.job(&request, Kind::Text)?;
     app.count(&job);
     let resume = headers
@@ -135,14 +121,12 @@ impl InProgress {
     }
 }
 
-async fn create_fight(
+pub(crate) async fn create_fight(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
+    JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
-    let request = FightRequest::from_json(&body)?;
     let job = app.job(&request, Kind::Text)?;
     app.count(&job);
     if let Some(cached) = app.cached(&job.key).await {
@@ -201,7 +185,7 @@ fn cached_body(cached: &Cached<Answer>) -> Response {
         .into_response()
 }
 
-async fn get_fight(
+pub(crate) async fn get_fight(
     State(app): State<App>,
     Path(key): Path<String>,
     headers: HeaderMap,

@@ -4,19 +4,14 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{
-    Json, Router,
+    Json,
     body::Body,
-    extract::{
-        ConnectInfo, DefaultBodyLimit, Path, Query, State,
-        rejection::{JsonRejection, QueryRejection},
-    },
+    extract::{ConnectInfo, Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, post},
 };
 use futures::{StreamExt, stream};
 use object_store::ObjectStoreExt;
-use serde_json::Value;
 use versus_shared::{
     key::Key,
     objects::{self, IMAGE_CACHE_CONTROL},
@@ -30,17 +25,9 @@ use crate::{
     coalesce::Waiter,
     error::ApiError,
     http,
-    matchup::{self, FightRequest},
+    matchup::{JsonFight, QueryFight},
     sse,
 };
-
-pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/v1/images/stream", get(stream_image))
-        .route("/v1/images", post(create_image))
-        .route("/v1/images/{file}", get(serve_image))
-        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
-}
 
 impl App {
     fn url_of(&self, answer: &ImageAnswer) -> String {
@@ -73,13 +60,12 @@ impl App {
     }
 }
 
-async fn stream_image(
+pub(crate) async fn stream_image(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    query: Result<Query<FightRequest>, QueryRejection>,
+    QueryFight(request): QueryFight,
 ) -> Result<Response, ApiError> {
-    let Query(request) = query.map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
     let job = app.job(&request, Kind::Image)?;
     let key = job.key.clone();
     if let Some(cached) = app.inner.images.lookup(&key).await {
@@ -113,14 +99,12 @@ async fn stream_image(
     Ok(app.sse(slot, events))
 }
 
-async fn create_image(
+pub(crate) async fn create_image(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Json<serde_json::Map<String, Value>>, JsonRejection>,
+    JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::InvalidBody(e.body_text()))?;
-    let request = FightRequest::from_json(&body)?;
     let job = app.job(&request, Kind::Image)?;
     let (cached, was_cached) = match app.inner.images.lookup(&job.key).await {
         Some(cached) => (cached, true),
@@ -138,7 +122,7 @@ async fn create_image(
 
 /// `GET|HEAD /v1/images/{key}.{ext}`: the stored bytes. Only paths made from a valid key and
 /// the stored picture's own extension are ever read, so nothing else in the store is reachable.
-async fn serve_image(
+pub(crate) async fn serve_image(
     State(app): State<App>,
     Path(file): Path<String>,
     headers: HeaderMap,

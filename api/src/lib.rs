@@ -34,16 +34,27 @@ pub mod page;
 pub mod popularity;
 pub mod sse;
 
-use axum::Router;
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    routing::{get, post},
+};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{tasks::Tasks, telemetry, wire};
 
 pub use app::{App, Settings};
 
-/// Every route of the API, with `app` as their state.
+/// Every route of the API, with `app` as their state: the public contract in one table.
 pub fn router(app: &App) -> Router {
-    fights::routes()
-        .merge(images::routes())
+    Router::new()
+        .route("/v1/fights/stream", get(fights::stream_fight))
+        .route("/v1/fights", post(fights::create_fight))
+        .route("/v1/fights/{key}", get(fights::get_fight))
+        .route("/v1/images/stream", get(images::stream_image))
+        .route("/v1/images", post(images::create_image))
+        .route("/v1/images/{file}", get(images::serve_image))
+        // The public routes read two names at most; the admin routes take whole batches.
+        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
         .merge(admin::routes(app.clone()))
         .with_state(app.clone())
         .merge(page::routes())

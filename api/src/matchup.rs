@@ -2,6 +2,11 @@
 //! Every route (text, pictures, pre-warm, purge) derives keys here, so one request always
 //! names the same answer whichever route it takes.
 
+use axum::{
+    Json,
+    extract::{FromRequest, FromRequestParts, Query, Request},
+    http::request::Parts,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use versus_shared::{
@@ -44,6 +49,34 @@ impl FightRequest {
             a: field("a")?,
             b: field("b")?,
         })
+    }
+}
+
+/// The names of a JSON body `{"a","b"}`; anything else is bad input (400), like a bad name.
+pub(crate) struct JsonFight(pub FightRequest);
+
+impl<S: Send + Sync> FromRequest<S> for JsonFight {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<JsonFight, ApiError> {
+        let Json(body) = Json::<serde_json::Map<String, Value>>::from_request(request, state)
+            .await
+            .map_err(|e| ApiError::InvalidBody(e.body_text()))?;
+        Ok(JsonFight(FightRequest::from_json(&body)?))
+    }
+}
+
+/// The names of a query string `?a=A&b=B`; a malformed one is bad input (400).
+pub(crate) struct QueryFight(pub FightRequest);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryFight {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<QueryFight, ApiError> {
+        let Query(request) = Query::<FightRequest>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
+        Ok(QueryFight(request))
     }
 }
 

@@ -108,13 +108,16 @@ async fn prewarm(
         let request = FightRequest::from_json(object)
             .map_err(|e| ApiError::InvalidBody(format!("matchups[{i}]: {e}")))?;
         let text = app
-            .job(&request, Kind::Text)
+            .ask(&request, Kind::Text)
+            .map(|ask| app.job(ask))
             .map_err(|e| ApiError::InvalidBody(format!("matchups[{i}]: {e}")))?;
         if let Some(&at) = index.get(&text.key) {
             items[at].copies += 1;
             continue;
         }
-        let image = images.then(|| app.job(&request, Kind::Image)).transpose()?;
+        let image = images
+            .then(|| app.ask(&request, Kind::Image).map(|ask| app.job(ask)))
+            .transpose()?;
         index.insert(text.key.clone(), items.len());
         items.push(Item {
             text,
@@ -320,7 +323,7 @@ async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Respon
             .map(|c| (c.value.a.clone(), c.value.b.clone())),
     };
     let (a, b) = names.ok_or(ApiError::NotFound)?;
-    let image = app.job(&FightRequest::new(a, b), Kind::Image)?.key;
+    let image = app.ask(&FightRequest::new(a, b), Kind::Image)?.key;
 
     let removed: Vec<Option<String>> = sqlx::query_scalar(
         "DELETE FROM generations

@@ -22,7 +22,7 @@ use crate::{
     coalesce::Waiter,
     error::ApiError,
     http,
-    matchup::{JsonFight, QueryFight},
+    matchup::{Ask, JsonFight, QueryFight},
     sse::{self, Resume, Translator},
 };
 
@@ -35,8 +35,11 @@ impl App {
     }
 
     /// Counts the request for popularity (in memory; see `popularity`).
-    fn count(&self, job: &versus_shared::wire::Job) {
-        self.inner.popularity.record(&job.key, &job.a, &job.b);
+    fn count(&self, ask: &Ask) {
+        let names = &ask.matchup;
+        self.inner
+            .popularity
+            .record(&ask.key, names.a.display(), names.b.display());
     }
 }
 
@@ -46,13 +49,13 @@ pub(crate) async fn stream_fight(
     headers: HeaderMap,
     QueryFight(request): QueryFight,
 ) -> Result<Response, ApiError> {
-    let job = app.job(&request, Kind::Text)?;
-    app.count(&job);
+    let ask = app.ask(&request, Kind::Text)?;
+    app.count(&ask);
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(Resume::parse);
-    let key = job.key.clone();
+    let key = ask.key.clone();
     // Who asks matters only to a stream that stays open: a whole hit is never limited.
     let client = || app.client(peer, &headers);
     let mut translator = Translator::new(key.clone(), resume);
@@ -77,6 +80,7 @@ pub(crate) async fn stream_fight(
     }
     let client = client();
     let slot = app.stream_slot(client)?;
+    let job = app.job(ask);
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let generation = InProgress {
         waiter: app.wait_on(job, &headers, client).await?,
@@ -127,11 +131,12 @@ pub(crate) async fn create_fight(
     headers: HeaderMap,
     JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
-    let job = app.job(&request, Kind::Text)?;
-    app.count(&job);
-    if let Some(cached) = app.cached(&job.key).await {
+    let ask = app.ask(&request, Kind::Text)?;
+    app.count(&ask);
+    if let Some(cached) = app.cached(&ask.key).await {
         return Ok(cached_body(&cached));
     }
+    let job = app.job(ask);
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
     let mut waiter = app

@@ -66,8 +66,8 @@ pub(crate) async fn stream_image(
     headers: HeaderMap,
     QueryFight(request): QueryFight,
 ) -> Result<Response, ApiError> {
-    let job = app.job(&request, Kind::Image)?;
-    let key = job.key.clone();
+    let ask = app.ask(&request, Kind::Image)?;
+    let key = ask.key.clone();
     if let Some(cached) = app.inner.images.lookup(&key).await {
         let v = &cached.value;
         let body = cached.sse.get_or_init(|| {
@@ -78,9 +78,10 @@ pub(crate) async fn stream_image(
         });
         return Ok(sse::body(body.clone()));
     }
-    let meta = sse::meta(&key, &job.a, &job.b, false);
     let client = app.client(peer, &headers);
     let slot = app.stream_slot(client)?;
+    let job = app.job(ask);
+    let meta = sse::meta(&key, &job.a, &job.b, false);
     let waiter = app.wait_on(job, &headers, client).await?;
     let waiting = app.clone();
     let events =
@@ -105,11 +106,12 @@ pub(crate) async fn create_image(
     headers: HeaderMap,
     JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
-    let job = app.job(&request, Kind::Image)?;
-    let (cached, was_cached) = match app.inner.images.lookup(&job.key).await {
+    let ask = app.ask(&request, Kind::Image)?;
+    let (cached, was_cached) = match app.inner.images.lookup(&ask.key).await {
         Some(cached) => (cached, true),
         None => {
-            let key = job.key.clone();
+            let key = ask.key.clone();
+            let job = app.job(ask);
             let waiter = app
                 .wait_on(job, &headers, app.client(peer, &headers))
                 .await?;

@@ -10,7 +10,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::Value;
 use versus_shared::{
-    key::Matchup,
+    key::{Key, Matchup},
     prompt::{IMAGE_PROMPT_VERSION, TEXT_PROMPT_VERSION},
     wire::{Job, Kind},
 };
@@ -80,35 +80,47 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryFight {
     }
 }
 
+/// What a request asks for: the validated names and the key of the answer of `kind`. Cheap
+/// enough for a cache hit; the job is made from it on a miss only.
+pub(crate) struct Ask {
+    pub kind: Kind,
+    pub key: Key,
+    pub matchup: Matchup,
+}
+
 impl App {
-    /// Validates the names and derives the job for the answer of `kind`: its key (the
-    /// canonical pair, the prompt version and the model), the display names for the prompt,
-    /// and the model settings the key was made for.
-    pub(crate) fn job(&self, request: &FightRequest, kind: Kind) -> Result<Job, ApiError> {
+    /// Validates the names and derives the key of the answer of `kind`: the canonical pair,
+    /// the prompt version and the model (with the picture size, for pictures).
+    pub(crate) fn ask(&self, request: &FightRequest, kind: Kind) -> Result<Ask, ApiError> {
         let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
         let models = &self.inner.settings.models;
-        let (key, model, prompt_version, size) = match kind {
-            Kind::Text => (
-                matchup.key(kind, TEXT_PROMPT_VERSION, &models.chat_model),
-                models.chat_model.clone(),
-                TEXT_PROMPT_VERSION,
-                None,
-            ),
+        let key = match kind {
+            Kind::Text => matchup.key(kind, TEXT_PROMPT_VERSION, &models.chat_model),
+            Kind::Image => matchup.key(kind, IMAGE_PROMPT_VERSION, &models.image_variant()),
+        };
+        Ok(Ask { kind, key, matchup })
+    }
+
+    /// The job that generates what `ask` asks for, with the same prompt version and model
+    /// settings its key was made from, and the display names for the prompt.
+    pub(crate) fn job(&self, ask: Ask) -> Job {
+        let models = &self.inner.settings.models;
+        let (model, prompt_version, size) = match ask.kind {
+            Kind::Text => (models.chat_model.clone(), TEXT_PROMPT_VERSION, None),
             Kind::Image => (
-                matchup.key(kind, IMAGE_PROMPT_VERSION, &models.image_variant()),
                 models.image_model.clone(),
                 IMAGE_PROMPT_VERSION,
                 Some(models.image_size.clone()),
             ),
         };
-        Ok(Job {
-            kind,
-            key,
-            a: matchup.a.display().to_owned(),
-            b: matchup.b.display().to_owned(),
+        Job {
+            kind: ask.kind,
+            key: ask.key,
+            a: ask.matchup.a.display().to_owned(),
+            b: ask.matchup.b.display().to_owned(),
             model,
             prompt_version,
             size,
-        })
+        }
     }
 }

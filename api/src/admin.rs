@@ -1,5 +1,6 @@
 //! Operator routes, behind `Authorization: Bearer $VERSUS_ADMIN_TOKEN` (compared in constant
-//! time): pre-warm batches, their progress, popularity, and purging an answer everywhere.
+//! time): pre-warm batches, their progress, popularity, today's spend against the budget, and
+//! purging an answer everywhere.
 //! These are the only routes that read Postgres; none of them is on the request path.
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ pub fn routes(app: App) -> Router<App> {
         .route("/v1/admin/prewarm", post(prewarm))
         .route("/v1/admin/prewarm/{batch}", get(batch_status))
         .route("/v1/admin/popular", get(popular))
+        .route("/v1/admin/spend", get(spend))
         .route("/v1/admin/fights/{key}", delete(purge))
         .route_layer(middleware::from_fn_with_state(app, require_token))
 }
@@ -300,6 +302,46 @@ async fn popular(
         })
         .collect();
     Ok(Json(json!({ "matchups": matchups })).into_response())
+}
+
+/// What one model cost today, as `GET /v1/admin/spend` lists it.
+#[derive(sqlx::FromRow, serde::Serialize)]
+struct ModelSpend {
+    kind: String,
+    model: String,
+    usd: f64,
+    calls: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    images: i64,
+    /// Calls whose tokens were estimated (cut off before reporting usage).
+    estimated_calls: i64,
+}
+
+/// Today's spend (UTC) by kind and model, from Postgres, against the daily budget.
+async fn spend(State(app): State<App>) -> Result<Response, ApiError> {
+    let day = versus_shared::budget::today();
+    let models: Vec<ModelSpend> = sqlx::query_as(
+        "SELECT kind, model, usd, calls, input_tokens, output_tokens, images,
+                estimated AS estimated_calls
+         FROM spend WHERE day = DATE '1970-01-01' + $1::int ORDER BY usd DESC, kind, model",
+    )
+    .bind(day as i32)
+    .fetch_all(app.db()?)
+    .await
+    .map_err(database)?;
+    let spent: f64 = models.iter().map(|m| m.usd).sum();
+    let budget = app.inner.settings.budget.daily_budget_usd;
+    Ok(Json(json!({
+        "day": versus_shared::budget::date_of(day),
+        "budget_usd": budget,
+        "spent_usd": spent,
+        "remaining_usd": (budget > 0.0).then(|| (budget - spent).max(0.0)),
+        "exhausted": budget > 0.0 && spent >= budget,
+        "resets_in_secs": versus_shared::budget::until_tomorrow().as_secs(),
+        "by_model": models,
+    }))
+    .into_response())
 }
 
 /// Purges a text answer and its picture from Postgres, the object store, the edge KV bucket,

@@ -16,6 +16,7 @@ use axum::{
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
+    budget::{Budget, BudgetSettings},
     bus::Bus,
     config::{ModelSettings, NatsSettings, Secret},
     history,
@@ -44,6 +45,8 @@ pub struct Settings {
     pub models: ModelSettings,
     #[command(flatten)]
     pub objects: ObjectStoreSettings,
+    #[command(flatten)]
+    pub budget: BudgetSettings,
     /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.
     #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
     pub public_image_base_url: Option<String>,
@@ -99,6 +102,8 @@ pub struct Inner {
     /// Who may start a generation (see `origin` and `limits`).
     pub origins: origin::Origins,
     pub limits: limits::Limits,
+    /// The daily budget, cluster-wide: once spent, no new generation starts.
+    pub budget: Arc<Budget>,
     /// Fires when this process stops: open streams hand over, waits end.
     pub shutdown: CancellationToken,
     pub settings: Settings,
@@ -112,7 +117,18 @@ impl App {
         metrics: PrometheusHandle,
         tasks: &Tasks,
     ) -> anyhow::Result<App> {
+        let budget = Budget::new(&settings.budget)?;
+        for model in [&settings.models.chat_model, &settings.models.image_model] {
+            if budget.capped() && !budget.prices.knows(model) {
+                tracing::warn!(%model, "no price for this model (VERSUS_PRICES): it is counted at the dearest known price");
+            }
+        }
         let bus = Bus::connect(&settings.nats, "versus-api", tasks).await?;
+        tasks.spawn(
+            budget
+                .clone()
+                .follow(bus.spend.clone(), tasks.shutdown().clone()),
+        );
         let flights = coalesce::Flights::new(
             bus.clone(),
             Duration::from_secs(settings.stream_timeout_secs.max(1)),
@@ -142,6 +158,7 @@ impl App {
                     settings.client_max_streams,
                     &settings.trusted_proxies,
                 )?,
+                budget,
                 objects: settings.objects.open()?,
                 popularity: popularity::Popularity::new(bus.client.clone()),
                 db: settings
@@ -188,7 +205,8 @@ impl App {
 
     /// Waits on the generation `job` asks for, on a miss. Joining one this process follows
     /// already, or one in progress anywhere, is free; starting one is refused to a browser
-    /// acting for another site and counts against the client's limit.
+    /// acting for another site, counts against the client's limit, and, once today's budget
+    /// is spent, ends at once with a retryable `budget_exhausted` error (and no job).
     pub(crate) async fn wait_on(
         &self,
         job: Job,
@@ -199,7 +217,20 @@ impl App {
         if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
             return Ok(waiter);
         }
-        if self.inner.limits.limited(job.kind) && !self.in_progress(&job).await {
+        let spent = self.inner.budget.exhausted();
+        if (spent || self.inner.limits.limited(job.kind)) && !self.in_progress(&job).await {
+            if spent {
+                metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str())
+                    .increment(1);
+                return Ok(coalesce::Waiter::ended(Event::Error {
+                    attempt: 0,
+                    code: error::BUDGET_EXHAUSTED.to_owned(),
+                    message: "Versus has spent today's budget for new answers. Answers already \
+                              written still work; new ones start again after midnight UTC."
+                        .to_owned(),
+                    retryable: true,
+                }));
+            }
             self.inner.limits.admit(job.kind, client)?;
         }
         Ok(self.inner.flights.join(job))

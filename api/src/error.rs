@@ -8,6 +8,9 @@ use axum::{
 use serde_json::json;
 use versus_shared::{key::NameError, wire::Event};
 
+/// The code of a miss refused because today's budget is spent.
+pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
@@ -102,6 +105,9 @@ impl IntoResponse for ApiError {
             ApiError::TooManyStreams => Some(1),
             // A full queue drains in seconds.
             ApiError::Generation { code, .. } if code == "busy" => Some(2),
+            ApiError::Generation { code, .. } if code == BUDGET_EXHAUSTED => {
+                Some(versus_shared::budget::until_tomorrow().as_secs())
+            }
             _ => None,
         };
         if let Some(secs) = retry_after {

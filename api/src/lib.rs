@@ -61,6 +61,7 @@ pub fn router(app: &App) -> Router {
         .merge(telemetry::ops_router(
             app.inner.metrics.clone(),
             app.inner.bus.clone(),
+            app.inner.budget.clone(),
         ))
 }
 

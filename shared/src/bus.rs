@@ -26,6 +26,8 @@ pub struct Bus {
     pub jobs: stream::Stream,
     pub events: stream::Stream,
     pub answers: kv::Store,
+    /// Each UTC day's spend, cluster-wide (see [`crate::budget`]).
+    pub spend: kv::Store,
     /// Moves whenever core NATS messages may have been lost on this connection: after a
     /// reconnect, or when a subscription overflowed. Readers of core subscriptions resync.
     pub losses: watch::Receiver<u64>,
@@ -80,12 +82,24 @@ impl Bus {
             })
             .await
             .context("declaring the answers KV bucket")?;
+        let spend = js
+            .create_or_update_key_value(kv::Config {
+                bucket: wire::SPEND_BUCKET.to_owned(),
+                description: "Each UTC day's upstream spend, cluster-wide".to_owned(),
+                history: 1,
+                max_age: Duration::from_secs(3 * 24 * 3600),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .context("declaring the spend KV bucket")?;
         Ok(Bus {
             client,
             js,
             jobs,
             events,
             answers,
+            spend,
             losses,
         })
     }

@@ -3,6 +3,7 @@
 //! - [`key`]: validated opponent names and the canonical matchup key;
 //! - [`wire`]: subjects, streams, job and event payloads, the edge-cache value (the contract);
 //! - [`prompt`]: the prompt templates and their versions, which are part of every key;
+//! - [`budget`]: prices, and the daily budget every process watches;
 //! - [`bus`]: connecting to NATS and declaring streams and the KV bucket idempotently;
 //! - [`history`]: reading a key's stored events (its last one, and all from a point on);
 //! - [`db`]: the Postgres pool and the embedded migrations;
@@ -13,6 +14,7 @@
 //! - [`tasks`]: every task a process spawns, tracked and waited for;
 //! - [`tls`]: the TLS crypto provider for HTTPS clients.
 
+pub mod budget;
 pub mod bus;
 pub mod config;
 pub mod db;

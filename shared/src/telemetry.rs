@@ -1,13 +1,13 @@
 //! Logs, Prometheus metrics, and the ops routes both binaries serve.
 
-use std::io::Write;
+use std::{io::Write, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
-use crate::bus::Bus;
+use crate::{budget::Budget, bus::Bus};
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logs() {
@@ -39,13 +39,21 @@ pub fn announce(addr: std::net::SocketAddr) {
     let _ = out.flush();
 }
 
-/// `/healthz` (the process is alive), `/readyz` (NATS and its streams answer), `/metrics`.
-pub fn ops_router(metrics: PrometheusHandle, bus: Bus) -> Router {
+/// `/healthz` (the process is alive), `/readyz` (NATS and its streams answer), `/metrics`
+/// (the recorder's metrics, then the budget's).
+pub fn ops_router(metrics: PrometheusHandle, bus: Bus, budget: Arc<Budget>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(bus)
-        .route("/metrics", get(move || async move { metrics.render() }))
+        .route(
+            "/metrics",
+            get(move || async move {
+                let mut out = metrics.render();
+                budget.render_metrics(&mut out);
+                out
+            }),
+        )
 }
 
 async fn readyz(State(bus): State<Bus>) -> (StatusCode, &'static str) {

@@ -11,6 +11,9 @@
 //! - KV bucket `versus_answers`, key `<kind>.<key>`: the finished [`Answer`] (the edge cache),
 //!   written only after Postgres holds it ([`ImageAnswer`] for pictures, after the bytes are in
 //!   object storage).
+//! - KV bucket `versus_spend`, key `day.<n>`: the total the cluster spent on UTC day `n`
+//!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
+//!   process watches it (see `budget`).
 
 use std::fmt;
 
@@ -25,6 +28,9 @@ pub const PREWARM_SUBJECTS: &str = "versus.prewarm.>";
 pub const EVENTS_STREAM: &str = "VERSUS_EVENTS";
 pub const EVENTS_SUBJECTS: &str = "versus.events.>";
 pub const ANSWERS_BUCKET: &str = "versus_answers";
+/// KV bucket: each UTC day's upstream spend in US dollars, key `day.<days since 1970>`
+/// (see `budget`).
+pub const SPEND_BUCKET: &str = "versus_spend";
 /// The durable pull consumer every worker shares for interactive jobs.
 pub const WORKERS_CONSUMER: &str = "versus-workers";
 /// The durable pull consumer for pre-warm jobs.
@@ -65,6 +71,11 @@ pub fn job_subject(kind: Kind) -> String {
 
 pub fn prewarm_subject(kind: Kind) -> String {
     format!("versus.prewarm.{kind}")
+}
+
+/// Whether a job arrived on the pre-warm lane.
+pub fn is_prewarm_subject(subject: &str) -> bool {
+    subject.starts_with("versus.prewarm.")
 }
 
 pub fn events_subject(kind: Kind, key: &Key) -> String {

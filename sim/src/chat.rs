@@ -14,7 +14,7 @@ use crate::answer::Answer;
 use crate::faults::Fault;
 use crate::openai::{self, Reply};
 use crate::state::Sim;
-use crate::stats::{Call, CallKind};
+use crate::stats::{Call, CallKind, Usage};
 use crate::stream::{self, Ending, Meta, Pace};
 
 /// Keeps a mistyped knob from asking for gigabytes of text.
@@ -97,6 +97,11 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
     if fault == Some(Fault::Hang) {
         return Reply::Hang;
     }
+    // What the answer reports, if it runs to its end.
+    let usage = Usage {
+        prompt_tokens: meta.prompt_tokens as u64,
+        completion_tokens: answer.len() as u64,
+    };
     if request.stream == Some(true) {
         let include_usage = request.stream_options.and_then(|o| o.include_usage) == Some(true);
         let (limit, ending) = match fault {
@@ -104,6 +109,9 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
             Some(Fault::Stall { after_tokens }) => (to_usize(after_tokens), Ending::Stall),
             _ => (answer.len(), Ending::Finish { include_usage }),
         };
+        if include_usage && matches!(ending, Ending::Finish { .. }) {
+            call.usage = Some(usage);
+        }
         return Reply::Now(stream::respond(
             meta,
             answer,
@@ -122,6 +130,7 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
             Reply::Cut
         }
         _ => {
+            call.usage = Some(usage);
             // A whole answer arrives when its last token would have been streamed.
             if !openai::wait_until(sim, pace.deadline(answer.len().saturating_sub(1))).await {
                 return Reply::Now(openai::shutting_down());

@@ -26,6 +26,16 @@ pub struct Call {
     pub fault: Option<&'static str>,
     pub prompt_sha256: String,
     pub image_sha256: Option<String>,
+    /// The usage the answer reports (chat answers that run to their end, when asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Tokens as a chat answer's `usage` reports them.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
 }
 
 impl Call {
@@ -37,6 +47,7 @@ impl Call {
             fault: None,
             prompt_sha256: String::new(),
             image_sha256: None,
+            usage: None,
         }
     }
 }
@@ -46,6 +57,8 @@ impl Call {
 pub struct Stats {
     pub chat_calls: u64,
     pub image_calls: u64,
+    /// Every chat answer's reported usage, added up.
+    pub usage: Usage,
     pub calls: VecDeque<Call>,
 }
 
@@ -54,6 +67,10 @@ impl Stats {
         match call.kind {
             CallKind::Chat => self.chat_calls += 1,
             CallKind::Image => self.image_calls += 1,
+        }
+        if let Some(usage) = call.usage {
+            self.usage.prompt_tokens += usage.prompt_tokens;
+            self.usage.completion_tokens += usage.completion_tokens;
         }
         if self.calls.len() == MAX_KEPT_CALLS {
             self.calls.pop_front();

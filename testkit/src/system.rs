@@ -119,6 +119,10 @@ impl SystemBuilder {
         ] {
             api_envs.push((limit.to_owned(), "0".to_owned()));
         }
+        // Tests start many answers (and pictures at list price): the daily budget is off unless
+        // a test of it sets one.
+        let unbudgeted = ("VERSUS_DAILY_BUDGET_USD".to_owned(), "0".to_owned());
+        api_envs.push(unbudgeted.clone());
         api_envs.extend(store_envs.iter().cloned());
         api_envs.extend(self.env.iter().cloned());
         api_envs.extend(self.api_env);
@@ -134,6 +138,7 @@ impl SystemBuilder {
             ),
             // Short, so that tests of a crashed worker do not wait long for its lease.
             ("VERSUS_LEASE_SECS".to_owned(), "3".to_owned()),
+            unbudgeted,
         ];
         worker_envs.extend(store_envs);
         worker_envs.extend(self.env);

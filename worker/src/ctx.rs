@@ -1,9 +1,9 @@
 //! What every job handler needs: the bus, Postgres and the claimer, the upstream client, the
-//! object store, and the lease.
+//! object store, the lease, and the daily budget.
 
 use std::{sync::Arc, time::Duration};
 
-use versus_shared::bus::Bus;
+use versus_shared::{budget::Budget, bus::Bus};
 
 use crate::{claims, openai};
 
@@ -19,4 +19,6 @@ pub struct Ctx {
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
     pub claimer: claims::Claimer,
+    /// The daily budget: no generation starts once today's spend reached it.
+    pub budget: Arc<Budget>,
 }

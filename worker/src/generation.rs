@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, AckKind};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
-    history,
+    budget, history,
     wire::{self, Event, Job},
 };
 
@@ -132,6 +132,9 @@ pub async fn run<G: Generation>(
 ) -> anyhow::Result<Outcome> {
     let cell = AtomicI32::new(attempt);
     let mut publisher = Publisher::new(&ctx.bus, job);
+    if ctx.budget.exhausted() {
+        return over_budget(ctx, msg, job, attempt, &mut publisher).await;
+    }
     let work = async {
         let (started, opened) = tokio::join!(publisher.start(attempt), generation.open(ctx, job));
         started?;
@@ -155,6 +158,33 @@ pub async fn run<G: Generation>(
         Ended::Lost => Ok(Outcome::Ack),
         Ended::HandedOver => Ok(Outcome::Handover),
     }
+}
+
+/// Today's budget is spent, so nothing new starts: a pre-warm job gives its claim back and
+/// comes back tomorrow (spread over a minute), a client's job ends with a retryable error.
+async fn over_budget(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    attempt: i32,
+    publisher: &mut Publisher<'_>,
+) -> anyhow::Result<Outcome> {
+    metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str()).increment(1);
+    if wire::is_prewarm_subject(&msg.subject) {
+        claims::release(&ctx.db, job, attempt).await?;
+        let spread = job.key.as_str().bytes().map(u64::from).sum::<u64>() % 60;
+        return Ok(Outcome::Retry(
+            budget::until_tomorrow() + Duration::from_secs(spread),
+        ));
+    }
+    let failure = Failure {
+        code: "budget_exhausted",
+        message: "Versus has spent today's budget for new answers. Answers already written \
+                  still work; new ones start again after midnight UTC.",
+        retryable: true,
+        detail: "the daily budget is spent".to_owned(),
+    };
+    give_up(ctx, job, attempt, &failure, publisher).await
 }
 
 /// Runs `work` while keeping the claim alive. If our own infrastructure fails (NATS or

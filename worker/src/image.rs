@@ -22,6 +22,7 @@ use crate::{
     events::Publisher,
     generation::{Ended, Failure, Generation},
     openai::UpstreamError,
+    spend::{self, Call},
 };
 
 /// The picture of one matchup.
@@ -66,6 +67,9 @@ impl Generation for Image {
         let size = job.size.as_deref().unwrap_or(DEFAULT_SIZE);
         let mut backoff = ctx.openai.backoff();
         let (bytes, format) = loop {
+            if result.is_ok() {
+                spend::record(ctx, Call::Image { model: &job.model }).await;
+            }
             let error = match result.and_then(|bytes| Ok((sniff(&bytes)?, bytes))) {
                 Ok((format, bytes)) => break (bytes, format),
                 Err(error) => error,

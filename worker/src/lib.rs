@@ -12,7 +12,8 @@
 //! - [`text`]: text answers, streamed into chunk events;
 //! - [`image`]: pictures, uploaded to object storage;
 //! - [`events`]: publishing a generation's events;
-//! - [`openai`]: the OpenAI client (streaming chat completions, retry classification).
+//! - [`openai`]: the OpenAI client (streaming chat completions, retry classification);
+//! - [`spend`]: recording what each upstream call cost, for the daily budget.
 
 pub mod claims;
 pub mod consumer;
@@ -23,6 +24,7 @@ pub mod image;
 pub mod job;
 pub mod openai;
 pub mod popularity;
+pub mod spend;
 pub mod text;
 
 use std::{sync::Arc, time::Duration};
@@ -32,6 +34,7 @@ use anyhow::Context;
 pub use ctx::Ctx;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
+    budget::{Budget, BudgetSettings},
     bus::Bus,
     config::{NatsSettings, Secret},
     objects::ObjectStoreSettings,
@@ -52,6 +55,8 @@ pub struct Settings {
     pub openai: openai::OpenAiSettings,
     #[command(flatten)]
     pub objects: ObjectStoreSettings,
+    #[command(flatten)]
+    pub budget: BudgetSettings,
     /// Jobs this process runs at once.
     #[arg(long, env = "VERSUS_WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -93,7 +98,9 @@ pub async fn run(
     tasks: &Tasks,
 ) -> anyhow::Result<()> {
     let shutdown = tasks.shutdown().clone();
+    let budget = Budget::new(&settings.budget)?;
     let bus = Bus::connect(&settings.nats, "versus-worker", tasks).await?;
+    tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
     let db =
         versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
     versus_shared::db::migrate(&db).await?;
@@ -107,6 +114,7 @@ pub async fn run(
         lease: settings.lease(),
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
         worker_id,
+        budget: budget.clone(),
     });
     let interactive = consumer::Lane {
         name: versus_shared::wire::WORKERS_CONSUMER,
@@ -126,7 +134,7 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await
         .with_context(|| format!("binding VERSUS_WORKER_HTTP_ADDR {}", settings.http_addr))?;
-    let ops = axum::serve(listener, telemetry::ops_router(metrics, bus));
+    let ops = axum::serve(listener, telemetry::ops_router(metrics, bus, budget));
     let addr = ops.local_addr()?;
     let ops_shutdown = shutdown.clone();
     let ops = tasks.spawn(async move {

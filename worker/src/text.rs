@@ -20,6 +20,7 @@ use crate::{
     events::Publisher,
     generation::{Ended, Generation},
     openai::{ChatStream, Piece, UpstreamError},
+    spend::{self, Call},
 };
 
 /// The text answer to one matchup.
@@ -104,6 +105,8 @@ impl Generation for Text {
             };
             let error = match result {
                 Ok(usage) => {
+                    let model = &job.model;
+                    spend::record(ctx, Call::Chat { model, usage }).await;
                     metrics::counter!("versus_upstream_tokens_total", "type" => "prompt")
                         .increment(usage.prompt_tokens.max(0) as u64);
                     metrics::counter!("versus_upstream_tokens_total", "type" => "completion")
@@ -112,6 +115,15 @@ impl Generation for Text {
                 }
                 Err(error) => error,
             };
+            if !text.is_empty() {
+                // Cut mid-way: what was streamed is paid for, and no usage came with it.
+                let call = Call::ChatCut {
+                    model: &job.model,
+                    prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
+                    text_chars: text.len(),
+                };
+                spend::record(ctx, call).await;
+            }
             metrics::counter!("versus_upstream_errors_total", "kind" => "chat").increment(1);
             let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
                 return Ok(Ended::GaveUp(error.into()));

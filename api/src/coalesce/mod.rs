@@ -105,8 +105,7 @@ impl Flights {
             rx: flight.notify.subscribe(),
             flight,
             next: 0,
-            flights: self.clone(),
-            key,
+            registry: Some((self.clone(), key)),
         }
     }
 
@@ -127,11 +126,29 @@ pub struct Waiter {
     flight: Arc<Flight>,
     rx: watch::Receiver<usize>,
     next: usize,
-    flights: Arc<Flights>,
-    key: Key,
+    /// Where the flight is registered, under which key (none for [`Waiter::ended`]).
+    registry: Option<(Arc<Flights>, Key)>,
 }
 
 impl Waiter {
+    /// A waiter on no generation that gets `event` and ends: a miss refused before any job.
+    pub fn ended(event: Event) -> Waiter {
+        let (notify, rx) = watch::channel(0);
+        let flight = Arc::new(Flight {
+            log: Mutex::new(Log::default()),
+            notify,
+            waiters: AtomicUsize::new(1),
+            stop: CancellationToken::new(),
+        });
+        flight.close(Some(event));
+        Waiter {
+            flight,
+            rx,
+            next: 0,
+            registry: None,
+        }
+    }
+
     /// The next event, or None once the log closed and every event in it was returned.
     pub async fn next(&mut self) -> Option<Arc<Event>> {
         loop {
@@ -154,12 +171,15 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let mut live = lock(&self.flights.live);
+        let Some((flights, key)) = &self.registry else {
+            return;
+        };
+        let mut live = lock(&flights.live);
         if self.flight.waiters.fetch_sub(1, Ordering::SeqCst) == 1 {
             // Nobody here waits any more: stop reading. The generation itself goes on in the
             // workers, and a later request starts a new reader that replays it.
             self.flight.stop.cancel();
-            forget(&mut live, &self.key, &self.flight);
+            forget(&mut live, key, &self.flight);
         }
     }
 }

@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod browser;
+mod budget;
 mod cli;
 mod dev;
 mod faults;

@@ -82,6 +82,15 @@ pub struct Settings {
     /// Proxies (comma-separated CIDRs) whose `X-Forwarded-For` names the client.
     #[arg(long, env = "VERSUS_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
+    /// Seconds a connection has to send the whole head of a request, counted from when it
+    /// opens or its previous response ends; a slower one is closed without an answer. So it is
+    /// also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "VERSUS_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Connections served at once; at the cap, new ones wait in the listen backlog until one
+    /// closes. 0: no cap.
+    #[arg(long, env = "VERSUS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 /// Everything a request handler needs. Cheap to clone.

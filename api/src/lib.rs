@@ -34,11 +34,19 @@ pub mod page;
 pub mod popularity;
 pub mod sse;
 
+use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+
 use axum::{
     Router,
-    extract::DefaultBodyLimit,
+    extract::{ConnectInfo, DefaultBodyLimit},
     routing::{get, post},
 };
+use hyper::{Request, body::Incoming, server::conn::http1, service::Service};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::{TowerToHyperService, TowerToHyperServiceFuture},
+};
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{tasks::Tasks, telemetry, wire};
 
@@ -66,27 +74,130 @@ pub fn router(app: &App) -> Router {
 }
 
 /// Serves `app` on `listener` until the shutdown token of `tasks` fires.
-pub async fn run(listener: tokio::net::TcpListener, app: App, tasks: &Tasks) -> anyhow::Result<()> {
+pub async fn run(listener: TcpListener, app: App, tasks: &Tasks) -> anyhow::Result<()> {
     let shutdown = tasks.shutdown().clone();
     let addr = listener.local_addr()?;
     let purges = app.inner.bus.client.subscribe(wire::PURGE_SUBJECT).await?;
-    // `into_make_service` finishes the router once; served as is, axum would rebuild its
-    // route table for every connection (about 14 KiB each, kept for the connection's life).
-    let server = axum::serve(
-        listener,
-        router(&app).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");
-    let (served, (), (), ()) = tokio::join!(
-        server.into_future(),
+    tokio::join!(
+        serve(listener, router(&app), &app.inner.settings, tasks),
         app.inner.popularity.run(shutdown.clone()),
         apply_purges(&app, purges, shutdown.clone()),
         app.inner.limits.housekeep(shutdown.clone()),
     );
-    served?;
     Ok(())
+}
+
+/// Serves `router` on `listener` over HTTP/1.1 (with keep-alive) until `tasks` shut down.
+///
+/// Each connection is a task of `tasks`, so the process waits for it before it exits; at
+/// shutdown it answers the request in progress, if any, and closes (live SSE streams end
+/// themselves). A connection has `settings.header_timeout_secs` to send each request head
+/// (slow clients cannot hold it open), and at most `settings.max_connections` are open at
+/// once: at the cap, nothing more is accepted until one closes.
+async fn serve(listener: TcpListener, router: Router, settings: &Settings, tasks: &Tasks) {
+    let shutdown = tasks.shutdown();
+    // Finished once, as `into_make_service` does: served as is, axum would rebuild its route
+    // table for every connection (about 14 KiB each, kept for the connection's life). Each
+    // connection then clones it, which is cheap.
+    let service = TowerToHyperService::new(router.with_state(()));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(settings.header_timeout_secs.max(1)));
+    let cap = match settings.max_connections {
+        0 => Semaphore::MAX_PERMITS,
+        n => n.min(Semaphore::MAX_PERMITS),
+    };
+    let slots = Arc::new(Semaphore::new(cap));
+    loop {
+        if slots.available_permits() == 0 {
+            metrics::counter!("versus_connection_cap_reached_total").increment(1);
+        }
+        // A slot first, then a connection: at the cap, new ones wait in the listen backlog.
+        let slot = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_closed) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    pause_after(error, shutdown).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
+        }
+        let service = PeerService {
+            router: service.clone(),
+            peer,
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        // A token of the connection's own: waiting on the process's token itself would take
+        // that token's lock each time any connection wakes up.
+        let stop = shutdown.child_token();
+        tasks.spawn(async move {
+            let _slot = slot;
+            let mut connection = pin!(connection);
+            let ended = tokio::select! {
+                biased;
+                ended = connection.as_mut() => ended,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// After a failed accept: a connection that went away before it was taken is nothing; any
+/// other error (out of file descriptors, say) is logged and pauses accepting for a second, so
+/// that a lasting one neither spins nor floods the log.
+async fn pause_after(error: std::io::Error, shutdown: &CancellationToken) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "cannot accept a connection; retrying in a second");
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+    }
+}
+
+/// The router for one connection: every request carries the peer's address for the
+/// `ConnectInfo<SocketAddr>` extractor, as `into_make_service_with_connect_info` would add it.
+#[derive(Clone)]
+struct PeerService {
+    router: TowerToHyperService<Router>,
+    peer: SocketAddr,
+}
+
+impl Service<Request<Incoming>> for PeerService {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = TowerToHyperServiceFuture<Router, Request<Incoming>>;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        self.router.call(request)
+    }
 }
 
 /// Applies every replica's purges to this one's memory, until `shutdown`.

@@ -7,7 +7,18 @@ use versus_testkit::{
     sse::{self, SseEvent},
 };
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use crate::{fight, http, quick, shape, stream_url, text_of};
 
@@ -297,4 +308,120 @@ async fn a_client_holds_at_most_its_streams_and_a_body_over_the_limit_is_refused
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], json!("invalid_body"), "{body}");
+}
+
+/// The API's `host:port`.
+fn api_addr(sys: &System) -> String {
+    sys.api_url().trim_start_matches("http://").to_owned()
+}
+
+/// Reads `stream` until the API closes it (end of file or a reset): what it sent meanwhile.
+/// Panics if it is still open after `limit`.
+async fn until_closed(stream: &mut tokio::net::tcp::OwnedReadHalf, limit: Duration) -> Vec<u8> {
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(limit, stream.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "still open after {limit:?}");
+    received
+}
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_headers_is_cut_off_while_others_are_served() {
+    let sys = quick()
+        .workers(1)
+        .api_env("VERSUS_HEADER_TIMEOUT_SECS", "2")
+        .start()
+        .await;
+    let addr = api_addr(&sys);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").into_bytes();
+    let began = Instant::now();
+    // One client sends a byte of its request a second; another sends nothing at all.
+    let (mut slow, mut writer) = TcpStream::connect(&addr).await.unwrap().into_split();
+    let (mut silent, _silent_writer) = TcpStream::connect(&addr).await.unwrap().into_split();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let dribble = tokio::spawn({
+        let (request, sent) = (request.clone(), sent.clone());
+        async move {
+            for byte in request {
+                if writer.write_all(&[byte]).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+
+    // Meanwhile, other clients are served as usual.
+    let events = fight(&sys, "Snail", "Cheetah").await;
+    assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+
+    let limit = Duration::from_secs(6);
+    let answer = until_closed(&mut slow, limit).await;
+    let slow_closed = began.elapsed();
+    let sent_then = sent.load(Ordering::SeqCst);
+    let silent_answer = until_closed(&mut silent, limit).await;
+    let silent_closed = began.elapsed();
+    dribble.abort();
+    assert!(
+        answer.is_empty() && silent_answer.is_empty(),
+        "closed without an answer: {:?} {:?}",
+        String::from_utf8_lossy(&answer),
+        String::from_utf8_lossy(&silent_answer),
+    );
+    assert!(
+        sent_then < request.len(),
+        "closed before its headers were complete ({sent_then} of {} bytes)",
+        request.len()
+    );
+    for closed in [slow_closed, silent_closed] {
+        assert!(
+            closed >= Duration::from_secs(1) && closed < limit,
+            "closed {closed:?} after connecting (timeout 2 s)"
+        );
+    }
+
+    // A prompt client on a new connection is still answered.
+    let response = http()
+        .get(format!("{}/healthz", sys.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_a_new_client_waits_until_a_connection_closes() {
+    let sys = System::builder()
+        .workers(0)
+        .api_env("VERSUS_MAX_CONNECTIONS", "2")
+        .api_env("VERSUS_HEADER_TIMEOUT_SECS", "60")
+        .start()
+        .await;
+    let addr = api_addr(&sys);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    // Two clients hold a connection each, kept alive after an answer: the API took both.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = [0; 1024];
+        let n = stream.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(stream);
+    }
+
+    // A third is not refused: it waits.
+    let url = format!("{}/healthz", sys.api_url());
+    let mut third = tokio::spawn(async move { http().get(url).send().await.unwrap().status() });
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut third).await;
+    assert!(early.is_err(), "answered past the cap: {early:?}");
+
+    // One connection closes: the third is taken and answered.
+    drop(held.pop());
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("answered once a connection closed")
+        .unwrap();
+    assert_eq!(status, 200);
 }

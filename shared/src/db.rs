@@ -1,20 +1,61 @@
 //! The Postgres pool and the migrations, embedded in the binary from `migrations/`.
+//!
+//! Every connection is bounded in time, so that a Postgres that is slow, stopped or cut off
+//! never holds a job (or an admin request) for long:
+//!
+//! - taking a connection from the pool, or opening one, gives up after [`ACQUIRE_TIMEOUT`]
+//!   (refused connections are retried until then: a restarting Postgres is waited for);
+//! - an idle connection is checked (a round trip) before it is handed out, so the dead
+//!   connections a Postgres restart leaves in the pool are dropped rather than used;
+//! - Postgres cancels any statement that runs past [`STATEMENT_TIMEOUT`];
+//! - Postgres sends TCP keep-alives on each connection ([`TCP_KEEPALIVES_IDLE`], then every
+//!   [`TCP_KEEPALIVES_INTERVAL`], [`TCP_KEEPALIVES_COUNT`] times), so the session, and any
+//!   lock, of a client that vanished without closing its connection ends within about a
+//!   minute rather than the two hours of the usual kernel default.
+//!
+//! sqlx 0.9 has no way to set keep-alives on the client's own socket. The client's side of a
+//! lost connection is bounded instead by the callers: the worker's statements give up after
+//! [`CLIENT_TIMEOUT`] (`worker/src/claims.rs`), and its lease heartbeats after a third of the
+//! lease.
+//!
+//! The settings go to Postgres as startup options (`-c name=value`); one that `DATABASE_URL`
+//! already sets (`?options=-c statement_timeout=…`) is left as the URL has it. A connection
+//! pooler in front of Postgres must let the `options` startup parameter through (PgBouncer:
+//! `ignore_startup_parameters = options` drops it, and then set the values on the role with
+//! `ALTER ROLE … SET`).
 
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::{PgPool, postgres::PgPoolOptions};
+use sqlx::{
+    Connection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
 
 use crate::config::Secret;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// How long taking a connection (from the pool, or a new one) may take.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long Postgres lets one statement run before it cancels it (`statement_timeout`).
+/// Migrations run without it.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller waits for a statement's answer before it gives the connection up for
+/// lost: a connection taken, the statement run, and a margin. Past it, Postgres has either
+/// cancelled the statement or cannot be reached.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Seconds of silence on a connection before Postgres sends a TCP keep-alive probe.
+pub const TCP_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+/// Seconds between unanswered keep-alive probes.
+pub const TCP_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which Postgres drops the connection.
+pub const TCP_KEEPALIVES_COUNT: u32 = 3;
+
 /// Connects with a bounded pool; fails fast rather than hanging when Postgres is down.
 pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(url.expose())
+    pool(max_connections)
+        .connect_with(options(url)?)
         .await
         .context("connecting to Postgres (DATABASE_URL)")
 }
@@ -22,18 +63,93 @@ pub async fn connect(url: &Secret, max_connections: u32) -> anyhow::Result<PgPoo
 /// A pool that connects on first use, for a process that needs Postgres only now and then
 /// (the API's admin routes): starting up never waits for, or fails on, Postgres.
 pub fn connect_lazy(url: &Secret, max_connections: u32) -> anyhow::Result<PgPool> {
+    Ok(pool(max_connections).connect_lazy_with(options(url)?))
+}
+
+fn pool(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy(url.expose())
-        .context("reading DATABASE_URL")
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // The default, said out loud: a connection left dead by a Postgres restart fails
+        // this check and is replaced instead of failing a statement.
+        .test_before_acquire(true)
+}
+
+/// `DATABASE_URL` with the timeouts and keep-alives above, unless the URL sets them itself.
+fn options(url: &Secret) -> anyhow::Result<PgConnectOptions> {
+    let options: PgConnectOptions = url.expose().parse().context("reading DATABASE_URL")?;
+    let given = options.get_options().unwrap_or_default().to_owned();
+    let ours = [
+        (
+            "statement_timeout",
+            STATEMENT_TIMEOUT.as_millis().to_string(),
+        ),
+        (
+            "tcp_keepalives_idle",
+            TCP_KEEPALIVES_IDLE.as_secs().to_string(),
+        ),
+        (
+            "tcp_keepalives_interval",
+            TCP_KEEPALIVES_INTERVAL.as_secs().to_string(),
+        ),
+        ("tcp_keepalives_count", TCP_KEEPALIVES_COUNT.to_string()),
+    ];
+    Ok(options.options(
+        ours.into_iter()
+            .filter(|(name, _)| !given.contains(&format!("{name}="))),
+    ))
 }
 
 /// Applies pending migrations. sqlx serialises concurrent runs with an advisory lock, so every
-/// worker can call this at start-up.
+/// worker can call this at start-up. They run on a connection of their own without the
+/// statement timeout (waiting for another worker's migrations, or building an index, may take
+/// longer), which is closed afterwards rather than given back to the pool.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR
-        .run(pool)
+    let mut conn = pool
+        .acquire()
         .await
-        .context("running database migrations")
+        .context("connecting to Postgres for the migrations")?
+        .detach();
+    sqlx::query("SET statement_timeout = 0")
+        .execute(&mut conn)
+        .await
+        .context("lifting the statement timeout for the migrations")?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .context("running database migrations")?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::options;
+    use crate::config::Secret;
+
+    #[test]
+    fn connections_get_the_timeouts_and_keep_alives() {
+        let options = options(&Secret::new("postgres://u@h:5432/db")).unwrap();
+        assert_eq!(
+            options.get_options(),
+            Some(
+                "-c statement_timeout=10000 -c tcp_keepalives_idle=30 \
+                 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+            )
+        );
+    }
+
+    #[test]
+    fn what_the_url_sets_wins() {
+        let url =
+            "postgres://u@h/db?options=-c%20statement_timeout%3D2s&options[tcp_keepalives_count]=9";
+        let options = options(&Secret::new(url)).unwrap();
+        assert_eq!(
+            options.get_options(),
+            Some(
+                "-c statement_timeout=2s -c tcp_keepalives_count=9 \
+                 -c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10"
+            )
+        );
+    }
 }

@@ -1,20 +1,30 @@
-//! A fresh Postgres database per test, on the server of `VERSUS_TEST_DATABASE_URL`.
+//! A fresh Postgres database per test, on the server of `VERSUS_TEST_DATABASE_URL`, or on a
+//! Postgres server of its own that the test may stop and start again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
+use tokio::process::Command;
 use tokio::sync::OnceCell;
+
+use crate::{TempDir, free_port};
 
 /// The variable that names the test Postgres server (a superuser URL); `scripts/test` sets it.
 pub const DATABASE_URL_VAR: &str = "VERSUS_TEST_DATABASE_URL";
 
 /// A new, empty database `versus_test_<uuid>`. It is not dropped afterwards: the test cluster
-/// is thrown away whole at the end of a `scripts/test` run.
+/// is thrown away whole at the end of a `scripts/test` run. (One made by
+/// [`Database::on_own_server`] goes with its server when dropped.)
 pub struct Database {
     /// The database's URL, for `DATABASE_URL`.
     pub url: String,
     /// The database's name.
     pub name: String,
     pool: OnceCell<PgPool>,
+    /// The server of its own, for [`Database::on_own_server`]; stopped and removed on drop.
+    server: Option<Server>,
 }
 
 impl Database {
@@ -42,7 +52,56 @@ impl Database {
             url: with_database(&admin_url, &name),
             name,
             pool: OnceCell::new(),
+            server: None,
         }
+    }
+
+    /// A new database on a Postgres server of this database's own (initdb into a temporary
+    /// folder, on a free port), so that a test can stop and start it
+    /// ([`Database::stop_server`], [`Database::start_server`]) without touching the server
+    /// every other test shares. The server is stopped and its folder removed on drop.
+    ///
+    /// Needs the PostgreSQL server programs that `scripts/test` installs (found under
+    /// `/usr/lib/postgresql/$VERSUS_PG_MAJOR/bin`, else the newest version there, else on
+    /// `PATH`); when run as root, the server runs as the `postgres` user, as `scripts/test`'s
+    /// does.
+    pub async fn on_own_server() -> Database {
+        let server = Server::start().await;
+        let name = "versus".to_owned();
+        let admin_url = server.url("postgres");
+        let mut conn = PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {admin_url}: {e}\n{}", server.log_tail()));
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        let _ = conn.close().await;
+        Database {
+            url: server.url(&name),
+            name,
+            pool: OnceCell::new(),
+            server: Some(server),
+        }
+    }
+
+    /// Stops this database's own server (`pg_ctl stop -m fast`: sessions are ended, then
+    /// the server stops listening): an outage, until [`Database::start_server`]. Panics for
+    /// a database made by [`Database::fresh`].
+    pub async fn stop_server(&self) {
+        self.own_server().stop().await;
+    }
+
+    /// Starts this database's own server again, on the same port, and waits until it
+    /// accepts connections.
+    pub async fn start_server(&self) {
+        self.own_server().start_again().await;
+    }
+
+    fn own_server(&self) -> &Server {
+        self.server
+            .as_ref()
+            .expect("only a database made by Database::on_own_server has a server to stop")
     }
 
     /// A small pool on this database, for assertions (made on first use, then shared).
@@ -58,6 +117,223 @@ impl Database {
             .await
             .clone()
     }
+}
+
+/// How long `pg_ctl` waits for the server to start or stop.
+const PG_CTL_WAIT_SECS: &str = "60";
+/// Attempts at finding a port that stays free until the server binds it.
+const PORT_ATTEMPTS: usize = 3;
+
+/// A throwaway Postgres cluster: `initdb` in a temporary folder, `pg_ctl` to start and stop.
+struct Server {
+    port: u16,
+    data: PathBuf,
+    log: PathBuf,
+    // Last: removed once the server is stopped.
+    dir: TempDir,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let dir = TempDir::new("versus-pg");
+        let data = dir.path().join("data");
+        let log = dir.path().join("server.log");
+        if is_root() {
+            // The server refuses to run as root: the folder goes to the postgres user.
+            run(Command::new("chown").arg("postgres:").arg(dir.path())).await;
+        }
+        run(as_cluster_owner(&pg_bin_dir().join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+            ])
+            .args(["--no-instructions", "--no-sync"]))
+        .await;
+        // TCP on 127.0.0.1 only (no Unix socket, whose folder may not exist), and durability
+        // off: the data is thrown away.
+        let conf = "\n# Added by versus-testkit.\nlisten_addresses = '127.0.0.1'\n\
+                    unix_socket_directories = ''\nfsync = off\nsynchronous_commit = off\n\
+                    full_page_writes = off\nmax_connections = 100\n";
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", conf_path.display()));
+        text.push_str(conf);
+        std::fs::write(&conf_path, text)
+            .unwrap_or_else(|e| panic!("write {}: {e}", conf_path.display()));
+        let mut server = Server {
+            port: 0,
+            data,
+            log,
+            dir,
+        };
+        for attempt in 1..=PORT_ATTEMPTS {
+            server.port = free_port();
+            if server.pg_ctl_start().await {
+                return server;
+            }
+            // Most likely another test took the port in between.
+            if attempt == PORT_ATTEMPTS {
+                panic!(
+                    "Postgres did not start in {}:\n{}",
+                    server.dir.path().display(),
+                    server.log_tail()
+                );
+            }
+        }
+        unreachable!("the loop returns or panics")
+    }
+
+    fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    async fn stop(&self) {
+        let status = as_cluster_owner(&pg_bin_dir().join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "-t", PG_CTL_WAIT_SECS, "stop"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .expect("run pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop failed:\n{}", self.log_tail());
+    }
+
+    async fn start_again(&self) {
+        // The old server's port may take a moment to be released.
+        for _ in 0..PORT_ATTEMPTS {
+            if self.pg_ctl_start().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "Postgres did not start again on port {}:\n{}",
+            self.port,
+            self.log_tail()
+        );
+    }
+
+    /// `pg_ctl start` on `self.port`, waiting until the server accepts connections.
+    async fn pg_ctl_start(&self) -> bool {
+        as_cluster_owner(&pg_bin_dir().join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args([
+                "-w",
+                "-t",
+                PG_CTL_WAIT_SECS,
+                "-o",
+                &format!("-p {}", self.port),
+            ])
+            .arg("start")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|status| status.success())
+    }
+
+    /// The last lines of the server's log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Synchronously, before the folder goes; an immediate stop is quick.
+        let pg_ctl = pg_bin_dir().join("pg_ctl");
+        let mut stop = if is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(pg_ctl);
+            command
+        } else {
+            std::process::Command::new(pg_ctl)
+        };
+        let _ = stop
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The folder of the PostgreSQL server programs: `/usr/lib/postgresql/$VERSUS_PG_MAJOR/bin`
+/// when `VERSUS_PG_MAJOR` is set (as `scripts/lib.sh` reads it), else the newest
+/// `/usr/lib/postgresql/*/bin`, else the folder of `pg_ctl` on `PATH`.
+fn pg_bin_dir() -> PathBuf {
+    let root = Path::new("/usr/lib/postgresql");
+    if let Ok(major) = std::env::var("VERSUS_PG_MAJOR") {
+        return root.join(major).join("bin");
+    }
+    let newest = std::fs::read_dir(root).ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let major: u32 = e.file_name().to_str()?.parse().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("pg_ctl").is_file().then_some((major, bin))
+            })
+            .max_by_key(|(major, _)| *major)
+            .map(|(_, bin)| bin)
+    });
+    if let Some(bin) = newest {
+        return bin;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .find(|dir| dir.join("pg_ctl").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the PostgreSQL server programs (initdb, pg_ctl) were not found: run \
+                 scripts/test, which installs them, or set VERSUS_PG_MAJOR"
+            )
+        })
+}
+
+/// Whether the tests run as root (`/proc/self` belongs to the effective user).
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A command that runs `program` as the owner of the cluster: the `postgres` user when the
+/// tests run as root (Postgres refuses to run as root), else the current user.
+fn as_cluster_owner(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs `command` to its end; panics with its output unless it succeeds.
+async fn run(command: &mut Command) {
+    let output = command
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// `url` with its database (the path) replaced by `name`; the query string is kept.

@@ -1,12 +1,16 @@
 //! Postgres decides who generates: one row per (kind, key), claimed with a lease and a fencing
 //! attempt number. Every write after the claim is fenced on that attempt, so a worker that lost
 //! its lease cannot overwrite the winner.
+//!
+//! Every statement here gives up after [`db::CLIENT_TIMEOUT`] with an error (see [`bounded`]):
+//! an unreachable Postgres makes a job fail and be retried, never wait without end.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use versus_shared::{
+    db,
     tasks::Tasks,
     wire::{Job, Kind},
 };
@@ -72,7 +76,12 @@ impl Claimer {
                         // One statement failed for every job in it; each learns why.
                         let message = e.to_string();
                         for reply in replies {
-                            let _ = reply.send(Err(sqlx::Error::Protocol(message.clone())));
+                            let error = match e {
+                                sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+                                sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+                                _ => sqlx::Error::Protocol(message.clone()),
+                            };
+                            let _ = reply.send(Err(error));
                         }
                     }
                 }
@@ -113,33 +122,36 @@ async fn claim_all(
         a: String,
         b: String,
     }
-    let mut won: Vec<Won> = sqlx::query_as(
-        "INSERT INTO generations AS g
-             (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker)
-         SELECT kind, key, a, b, model, prompt_version, 'running', 1,
-                now() + make_interval(secs => $7), $8
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[])
-              AS j(kind, key, a, b, model, prompt_version)
-         ON CONFLICT (kind, key) DO UPDATE
-             SET status = 'running', attempt = g.attempt + 1, lease_until = EXCLUDED.lease_until,
-                 worker = EXCLUDED.worker, error = NULL, updated_at = now()
-             WHERE g.status = 'failed' OR (g.status = 'running' AND g.lease_until < now())
-         RETURNING kind, key, attempt, a, b",
+    let mut won: Vec<Won> = bounded(
+        sqlx::query_as(
+            "INSERT INTO generations AS g
+                 (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker)
+             SELECT kind, key, a, b, model, prompt_version, 'running', 1,
+                    now() + make_interval(secs => $7), $8
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[])
+                  AS j(kind, key, a, b, model, prompt_version)
+             ON CONFLICT (kind, key) DO UPDATE
+                 SET status = 'running', attempt = g.attempt + 1,
+                     lease_until = EXCLUDED.lease_until, worker = EXCLUDED.worker, error = NULL,
+                     updated_at = now()
+                 WHERE g.status = 'failed' OR (g.status = 'running' AND g.lease_until < now())
+             RETURNING kind, key, attempt, a, b",
+        )
+        .bind(column(|j| j.kind.as_str()))
+        .bind(column(|j| j.key.as_str()))
+        .bind(column(|j| &j.a))
+        .bind(column(|j| &j.b))
+        .bind(column(|j| &j.model))
+        .bind(
+            unique
+                .iter()
+                .map(|j| j.prompt_version as i32)
+                .collect::<Vec<i32>>(),
+        )
+        .bind(lease.as_secs_f64())
+        .bind(worker)
+        .fetch_all(db),
     )
-    .bind(column(|j| j.kind.as_str()))
-    .bind(column(|j| j.key.as_str()))
-    .bind(column(|j| &j.a))
-    .bind(column(|j| &j.b))
-    .bind(column(|j| &j.model))
-    .bind(
-        unique
-            .iter()
-            .map(|j| j.prompt_version as i32)
-            .collect::<Vec<i32>>(),
-    )
-    .bind(lease.as_secs_f64())
-    .bind(worker)
-    .fetch_all(db)
     .await?;
     Ok(jobs
         .iter()
@@ -157,13 +169,15 @@ async fn claim_all(
 async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
     // The row exists (the insert conflicted), unless an operator deleted it in between, in
     // which case the next delivery claims it afresh.
-    let row: Option<(String, Option<f64>)> = sqlx::query_as(
-        "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8
-         FROM generations WHERE kind = $1 AND key = $2",
+    let row: Option<(String, Option<f64>)> = bounded(
+        sqlx::query_as(
+            "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8
+             FROM generations WHERE kind = $1 AND key = $2",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .fetch_optional(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .fetch_optional(db)
     .await?;
     match row {
         Some((status, _)) if status == "done" => match stored(db, job).await? {
@@ -183,14 +197,16 @@ async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
 
 /// The stored answer for the job's key, when it is done.
 pub async fn stored(db: &PgPool, job: &Job) -> sqlx::Result<Option<Stored>> {
-    sqlx::query_as(
-        "SELECT a, b, model, attempt, text, image_path, image_size, image_sha256, content_type
-         FROM generations
-         WHERE kind = $1 AND key = $2 AND status = 'done'",
+    bounded(
+        sqlx::query_as(
+            "SELECT a, b, model, attempt, text, image_path, image_size, image_sha256, content_type
+             FROM generations
+             WHERE kind = $1 AND key = $2 AND status = 'done'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .fetch_optional(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .fetch_optional(db)
     .await
 }
 
@@ -201,15 +217,18 @@ pub async fn heartbeat(
     attempt: i32,
     lease: Duration,
 ) -> sqlx::Result<bool> {
-    let r = sqlx::query(
-        "UPDATE generations SET lease_until = now() + make_interval(secs => $4), updated_at = now()
-         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    let r = bounded(
+        sqlx::query(
+            "UPDATE generations
+             SET lease_until = now() + make_interval(secs => $4), updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .bind(lease.as_secs_f64())
+        .execute(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(attempt)
-    .bind(lease.as_secs_f64())
-    .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
 }
@@ -217,15 +236,17 @@ pub async fn heartbeat(
 /// Moves our claim to a new attempt (a restart after a broken upstream stream), so events of
 /// the new try never share ids with the old one. Returns the new attempt, or None if fenced out.
 pub async fn next_attempt(db: &PgPool, job: &Job, attempt: i32) -> sqlx::Result<Option<i32>> {
-    sqlx::query_scalar(
-        "UPDATE generations SET attempt = attempt + 1, updated_at = now()
-         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
-         RETURNING attempt",
+    bounded(
+        sqlx::query_scalar(
+            "UPDATE generations SET attempt = attempt + 1, updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
+             RETURNING attempt",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .fetch_optional(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(attempt)
-    .fetch_optional(db)
     .await
 }
 
@@ -244,19 +265,21 @@ pub async fn complete_text(
     text: &str,
     usage: Usage,
 ) -> sqlx::Result<bool> {
-    let r = sqlx::query(
-        "UPDATE generations
-         SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
-             lease_until = NULL, error = NULL, completed_at = now(), updated_at = now()
-         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    let r = bounded(
+        sqlx::query(
+            "UPDATE generations
+             SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
+                 lease_until = NULL, error = NULL, completed_at = now(), updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .bind(text)
+        .bind(usage.prompt_tokens)
+        .bind(usage.completion_tokens)
+        .execute(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(attempt)
-    .bind(text)
-    .bind(usage.prompt_tokens)
-    .bind(usage.completion_tokens)
-    .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
 }
@@ -277,36 +300,41 @@ pub async fn complete_image(
     attempt: i32,
     picture: &Picture,
 ) -> sqlx::Result<bool> {
-    let r = sqlx::query(
-        "UPDATE generations
-         SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
-             content_type = $7, lease_until = NULL, error = NULL, completed_at = now(),
-             updated_at = now()
-         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    let r = bounded(
+        sqlx::query(
+            "UPDATE generations
+             SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
+                 content_type = $7, lease_until = NULL, error = NULL, completed_at = now(),
+                 updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .bind(&picture.path)
+        .bind(picture.size)
+        .bind(&picture.sha256)
+        .bind(&picture.content_type)
+        .execute(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(attempt)
-    .bind(&picture.path)
-    .bind(picture.size)
-    .bind(&picture.sha256)
-    .bind(&picture.content_type)
-    .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
 }
 
 /// Marks the attempt failed, so that the next request may claim it again.
 pub async fn fail(db: &PgPool, job: &Job, attempt: i32, error: &str) -> sqlx::Result<bool> {
-    let r = sqlx::query(
-        "UPDATE generations SET status = 'failed', error = $4, lease_until = NULL, updated_at = now()
-         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    let r = bounded(
+        sqlx::query(
+            "UPDATE generations
+             SET status = 'failed', error = $4, lease_until = NULL, updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .bind(error)
+        .execute(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(attempt)
-    .bind(error)
-    .execute(db)
     .await?;
     Ok(r.rows_affected() == 1)
 }
@@ -316,16 +344,33 @@ pub async fn fail(db: &PgPool, job: &Job, attempt: i32, error: &str) -> sqlx::Re
 /// Used when a generation stops on a failure of NATS or Postgres, and when this process stops
 /// past its grace period with the generation unfinished (the job is then nak'd at once).
 pub async fn release(db: &PgPool, job: &Job, attempt: i32) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE generations SET lease_until = now(), updated_at = now()
-         WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    bounded(
+        sqlx::query(
+            "UPDATE generations SET lease_until = now(), updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .execute(db),
     )
-    .bind(job.kind.as_str())
-    .bind(job.key.as_str())
-    .bind(attempt)
-    .execute(db)
     .await?;
     Ok(())
+}
+
+/// Runs one statement, giving up after [`db::CLIENT_TIMEOUT`]. sqlx cannot set keep-alives on
+/// its own socket, so a statement sent to a Postgres that vanished (a host gone, a network
+/// cut: no reset comes back) would otherwise wait until the kernel gives the connection up,
+/// many minutes later. Past the bound, Postgres has cancelled the statement itself
+/// (`statement_timeout`), or cannot be reached.
+async fn bounded<T>(statement: impl Future<Output = sqlx::Result<T>>) -> sqlx::Result<T> {
+    match tokio::time::timeout(db::CLIENT_TIMEOUT, statement).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from Postgres within {:?}", db::CLIENT_TIMEOUT),
+        ))),
+    }
 }
 
 /// Marks this key done or failed in every pre-warm batch still waiting on it.
@@ -339,10 +384,12 @@ pub async fn settle_prewarm(db: &PgPool, job: &Job, status: &str) -> sqlx::Resul
              WHERE image_key = $1 AND image_status = 'pending'"
         }
     };
-    sqlx::query(sql)
-        .bind(job.key.as_str())
-        .bind(status)
-        .execute(db)
-        .await?;
+    bounded(
+        sqlx::query(sql)
+            .bind(job.key.as_str())
+            .bind(status)
+            .execute(db),
+    )
+    .await?;
     Ok(())
 }

@@ -24,6 +24,13 @@ use crate::{ctx::Ctx, generation::Outcome, job};
 /// How many times a job is delivered at most: redeliveries after crashes, naks while another
 /// worker holds the key, a hand-over at shutdown.
 const MAX_DELIVER: i64 = 20;
+/// How long a job that failed waits before its next delivery: [`RETRY_FIRST`] after its first
+/// delivery, doubling with each delivery up to [`RETRY_MAX`]. An outage of Postgres or NATS
+/// of about five minutes (the API's stream timeout) then does not use up the job's
+/// [`MAX_DELIVER`] deliveries, as a retry every second would in under two minutes (each
+/// failing try also takes a few seconds: a claim gives up after the pool's acquire timeout).
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(16);
 /// How long one pull request waits for jobs before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long jobs still running after the grace period get to give their claims back and nak:
@@ -185,13 +192,42 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
         // Confirmed: the process exits right after, and the next worker must get the job now.
         Ok(Outcome::Handover) => msg.double_ack_with(AckKind::Nak(None)).await,
         Err(e) => {
-            tracing::error!(key = %job.key, error = format!("{e:#}"), "job failed; it will be retried");
+            let delivered = msg.info().map_or(1, |info| info.delivered);
+            let delay = retry_delay(delivered);
+            if delivered >= MAX_DELIVER {
+                tracing::error!(key = %job.key, error = format!("{e:#}"), delivered, "job failed on its last delivery; it will not be retried");
+            } else {
+                tracing::error!(key = %job.key, error = format!("{e:#}"), ?delay, "job failed; it will be retried");
+            }
             metrics::counter!("versus_job_errors_total").increment(1);
-            msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await
+            msg.ack_with(AckKind::Nak(Some(delay))).await
         }
     };
     if let Err(e) = ack {
         tracing::warn!(key = %job.key, error = %e, "acknowledging the job failed");
+    }
+}
+
+/// The wait before the next delivery of a job that failed on its `delivered`th delivery.
+fn retry_delay(delivered: i64) -> Duration {
+    let doublings = delivered.saturating_sub(1).clamp(0, 8) as u32;
+    (RETRY_FIRST * 2u32.pow(doublings)).min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{MAX_DELIVER, retry_delay};
+
+    #[test]
+    fn a_failing_job_waits_longer_with_each_delivery() {
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 16, 16]);
+        assert_eq!(retry_delay(0), Duration::from_secs(1));
+        // Every delivery but the last waits: over four minutes in all, and five and more with
+        // the time each failing try takes.
+        let waited: Duration = (1..MAX_DELIVER).map(retry_delay).sum();
+        assert!(waited >= Duration::from_secs(250), "{waited:?}");
     }
 }

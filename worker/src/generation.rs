@@ -189,7 +189,8 @@ async fn over_budget(
 
 /// Runs `work` while keeping the claim alive. If our own infrastructure fails (NATS or
 /// Postgres), or `abandon` fires, the work stops and the lease is given back so that another
-/// worker can take the job at once.
+/// worker can take the job at once. If Postgres confirms no heartbeat for a whole lease, the
+/// work stops with an error: the job is retried, never acknowledged unfinished.
 async fn guarded<T>(
     ctx: &Ctx,
     msg: &jetstream::Message,
@@ -200,10 +201,22 @@ async fn guarded<T>(
 ) -> anyhow::Result<Ended<T>> {
     let ended = tokio::select! {
         ended = work => ended,
-        stopped = keep_alive(ctx, msg, job, attempt, abandon) => Ok(match stopped {
-            Stopped::Lost => Ended::Lost,
-            Stopped::Abandoned => Ended::HandedOver,
-        }),
+        stopped = keep_alive(ctx, msg, job, attempt, abandon) => match stopped {
+            Stopped::Lost => Ok(Ended::Lost),
+            Stopped::Abandoned => Ok(Ended::HandedOver),
+            // Nothing is stored and no client was told: the job must be retried (nak'd), not
+            // acked, or it would end silently. Once Postgres is back, its next delivery
+            // claims the row, whose lease has run out by now (so there is nothing to give
+            // back), and starts a new attempt, which clients see as a reset.
+            Stopped::Unreachable => {
+                let attempt = attempt.load(Ordering::SeqCst);
+                tracing::warn!(key = %job.key, attempt, "Postgres did not confirm the lease in time; stopping, the job will be retried");
+                return Err(anyhow::anyhow!(
+                    "Postgres did not confirm the lease of attempt {attempt} for {:?}",
+                    ctx.lease
+                ));
+            }
+        },
     };
     // The work has been dropped by now: nothing of this attempt runs while the claim goes back.
     let attempt = attempt.load(Ordering::SeqCst);
@@ -225,13 +238,22 @@ async fn guarded<T>(
 
 /// Why [`keep_alive`] stopped.
 enum Stopped {
+    /// The fenced heartbeat found the attempt no longer ours: another worker took it over.
     Lost,
     Abandoned,
+    /// No heartbeat was confirmed for a whole lease (Postgres stopped, or out of reach): the
+    /// lease has run out, and the claim may be anyone's once Postgres is back.
+    Unreachable,
 }
 
-/// Extends the lease and tells JetStream the job is alive, until the claim is lost or
-/// `abandon` fires. `abandon` is heeded between heartbeats only: a heartbeat that landed after
-/// the release would take the lease again for nobody.
+/// Extends the lease and tells JetStream the job is alive, until the claim is lost, the lease
+/// runs out unconfirmed, or `abandon` fires. `abandon` is heeded between heartbeats only: a
+/// heartbeat that landed after the release would take the lease again for nobody.
+///
+/// A heartbeat gets one tick (a third of the lease) at most, and never more than what is left
+/// of the lease: one that hangs on a Postgres that is stopped or cut off must neither hold up
+/// the progress acks nor keep the work going past the lease. (A heartbeat given up on may
+/// still land later; it only extends this attempt's own lease, fenced as ever.)
 async fn keep_alive(
     ctx: &Ctx,
     msg: &jetstream::Message,
@@ -241,21 +263,25 @@ async fn keep_alive(
 ) -> Stopped {
     let mut tick = tokio::time::interval(ctx.lease / 3);
     tick.tick().await;
+    // When the last confirmed heartbeat was sent: the lease it set lasts at least until then
+    // plus the lease.
     let mut last_ok = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = abandon.cancelled() => return Stopped::Abandoned,
         }
-        match claims::heartbeat(&ctx.db, job, attempt.load(Ordering::SeqCst), ctx.lease).await {
-            Ok(true) => last_ok = Instant::now(),
-            Ok(false) => return Stopped::Lost,
-            Err(e) => {
-                tracing::warn!(key = %job.key, error = %e, "lease heartbeat failed");
-                if last_ok.elapsed() >= ctx.lease {
-                    return Stopped::Lost;
-                }
-            }
+        let sent = Instant::now();
+        let limit = (ctx.lease / 3).min(ctx.lease.saturating_sub(last_ok.elapsed()));
+        let beat = claims::heartbeat(&ctx.db, job, attempt.load(Ordering::SeqCst), ctx.lease);
+        match tokio::time::timeout(limit, beat).await {
+            Ok(Ok(true)) => last_ok = sent,
+            Ok(Ok(false)) => return Stopped::Lost,
+            Ok(Err(e)) => tracing::warn!(key = %job.key, error = %e, "lease heartbeat failed"),
+            Err(_) => tracing::warn!(key = %job.key, ?limit, "lease heartbeat timed out"),
+        }
+        if last_ok.elapsed() >= ctx.lease {
+            return Stopped::Unreachable;
         }
         if let Err(e) = msg.ack_with(AckKind::Progress).await {
             tracing::warn!(key = %job.key, error = %e, "progress ack failed");

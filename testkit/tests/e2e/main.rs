@@ -14,6 +14,7 @@ mod faults;
 mod images;
 mod limits;
 mod page;
+mod postgres;
 mod prewarm;
 mod shutdown;
 mod text;

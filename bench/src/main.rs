@@ -13,7 +13,7 @@
 //!   [`profile`]: `perf record` of running processes;
 //! - [`stats`]: percentiles; [`report`]: sections, tables, the machine, `BENCHMARKS.md`;
 //! - one module per scenario: [`hits`] (P1), [`miss`] (P2, P3), [`coalesce`] (P4),
-//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1).
+//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1).
 
 // The load generators join every task they spawn; the ban on a bare spawn is for the services.
 #![allow(clippy::disallowed_methods)]
@@ -28,6 +28,7 @@ mod miss;
 mod prewarm;
 mod procs;
 mod profile;
+mod refuse;
 mod report;
 mod sim;
 mod sse;
@@ -67,6 +68,8 @@ enum Command {
     Streams(memory::StreamsArgs),
     /// M1: a worker's memory with its full concurrency in flight.
     WorkerRss(memory::WorkerArgs),
+    /// R1: how fast a miss over a client's limit or the daily budget is refused.
+    Refuse(refuse::Args),
     /// Sends GETs at a fixed rate and prints the latency percentiles (P1's method, alone).
     Rate(load::Args),
     /// Sets the simulator's pace (after a reset).
@@ -91,6 +94,7 @@ fn main() -> anyhow::Result<()> {
             Command::Prewarm(args) => prewarm::run(args).await,
             Command::Streams(args) => memory::run_streams(args).await,
             Command::WorkerRss(args) => memory::run_worker(args).await,
+            Command::Refuse(args) => refuse::run(args).await,
             Command::Rate(args) => load::run_cli(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Report(args) => report::run(args),

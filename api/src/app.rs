@@ -238,6 +238,10 @@ impl App {
                               written still work; new ones start again after midnight UTC."
                         .to_owned(),
                     retryable: true,
+                    retry_at_ms: Some(
+                        wire::unix_ms()
+                            + versus_shared::budget::until_tomorrow().as_millis() as u64,
+                    ),
                 }));
             }
             self.inner.limits.admit(job.kind, client)?;

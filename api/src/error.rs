@@ -29,6 +29,8 @@ pub enum ApiError {
         code: String,
         message: String,
         retryable: bool,
+        /// Seconds until asking again may succeed, when the error says.
+        retry_after_secs: Option<u64>,
     },
     #[error("the service is unavailable; try again")]
     Unavailable,
@@ -56,6 +58,7 @@ impl ApiError {
                 code: code.clone(),
                 message: message.clone(),
                 retryable: *retryable,
+                retry_after_secs: event.retry_after().map(|d| d.as_secs()),
             },
             _ => ApiError::Unavailable,
         }
@@ -103,11 +106,9 @@ impl IntoResponse for ApiError {
         let retry_after = match &self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             ApiError::TooManyStreams => Some(1),
-            // A full queue drains in seconds.
-            ApiError::Generation { code, .. } if code == "busy" => Some(2),
-            ApiError::Generation { code, .. } if code == BUDGET_EXHAUSTED => {
-                Some(versus_shared::budget::until_tomorrow().as_secs())
-            }
+            ApiError::Generation {
+                retry_after_secs, ..
+            } => *retry_after_secs,
             _ => None,
         };
         if let Some(secs) = retry_after {

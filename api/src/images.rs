@@ -92,7 +92,8 @@ pub(crate) async fn stream_image(
                     code,
                     message,
                     retryable,
-                }) => sse::error(&code, &message, retryable),
+                    retry_after_secs,
+                }) => sse::error_until(&code, &message, retryable, retry_after_secs),
                 Err(other) => sse::error("unavailable", &other.to_string(), true),
             };
             Ok(end)

@@ -174,11 +174,21 @@ pub fn image_done(key: &Key, url: &str) -> SseEvent {
 }
 
 pub fn error(code: &str, message: &str, retryable: bool) -> SseEvent {
-    Frame::new(
-        "error",
-        json!({"code": code, "message": message, "retryable": retryable}),
-    )
-    .into()
+    error_until(code, message, retryable, None)
+}
+
+/// An `error` event that also says in how many seconds asking again may succeed.
+pub fn error_until(
+    code: &str,
+    message: &str,
+    retryable: bool,
+    retry_after_secs: Option<u64>,
+) -> SseEvent {
+    let mut data = json!({"code": code, "message": message, "retryable": retryable});
+    if let Some(secs) = retry_after_secs {
+        data["retry_after"] = json!(secs);
+    }
+    Frame::new("error", data).into()
 }
 
 /// A whole event stream as one body.
@@ -230,7 +240,8 @@ impl Translator {
                 retryable,
                 ..
             } => {
-                out.push(error(code, message, *retryable));
+                let after = event.retry_after().map(|d| d.as_secs());
+                out.push(error_until(code, message, *retryable, after));
                 return true;
             }
             Event::Purged => {

@@ -141,6 +141,11 @@ pub enum Event {
         code: String,
         message: String,
         retryable: bool,
+        /// When asking again may succeed (Unix milliseconds), if not at once: the end of a
+        /// matchup's cool-down after repeated failures, the next UTC day for a spent budget.
+        /// Until then a request for the key gets this error again without a job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at_ms: Option<u64>,
     },
     /// An operator purged the answer; readers waiting on it should ask again.
     Purged,
@@ -154,6 +159,31 @@ impl Event {
             Event::Done { .. } | Event::Error { .. } | Event::Purged
         )
     }
+}
+
+impl Event {
+    /// How long until asking again may succeed, for an error that says so (at least a
+    /// second; None once that time has come).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        let Event::Error {
+            retry_at_ms: Some(at),
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let left = at.checked_sub(unix_ms()).filter(|ms| *ms > 0)?;
+        Some(std::time::Duration::from_millis(
+            left.div_ceil(1000).max(1) * 1000,
+        ))
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A stored picture: the value of the edge cache for `image.<key>`. Only our own object path

@@ -24,6 +24,23 @@ pub enum Claim {
     Done(Stored),
     /// Another worker holds a live lease for `remaining`.
     Busy { remaining: Duration },
+    /// The matchup failed too often in a row and cools down until `retry_at_ms` (Unix ms):
+    /// the last error, as clients were told it.
+    Cooling {
+        attempt: i32,
+        retry_at_ms: u64,
+        code: String,
+        message: String,
+    },
+}
+
+/// When a matchup whose generations keep failing cools down, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Cooldown {
+    /// Failed generations in a row before the first cool-down (0: never).
+    pub after: u32,
+    /// The first cool-down; each further failure doubles it, up to an hour.
+    pub base: Duration,
 }
 
 /// A completed answer as Postgres holds it (text or picture columns, by kind).
@@ -133,8 +150,9 @@ async fn claim_all(
              ON CONFLICT (kind, key) DO UPDATE
                  SET status = 'running', attempt = g.attempt + 1,
                      lease_until = EXCLUDED.lease_until, worker = EXCLUDED.worker, error = NULL,
-                     updated_at = now()
-                 WHERE g.status = 'failed' OR (g.status = 'running' AND g.lease_until < now())
+                     retry_at = NULL, updated_at = now()
+                 WHERE (g.status = 'failed' AND (g.retry_at IS NULL OR g.retry_at <= now()))
+                    OR (g.status = 'running' AND g.lease_until < now())
              RETURNING kind, key, attempt, a, b",
         )
         .bind(column(|j| j.kind.as_str()))
@@ -165,13 +183,25 @@ async fn claim_all(
         .collect())
 }
 
-/// Why a job's claim was not won: the answer is done, or another worker holds the lease.
+/// Why a job's claim was not won: the answer is done, another worker holds the lease, or the
+/// matchup cools down.
 async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        status: String,
+        remaining: Option<f64>,
+        attempt: i32,
+        retry_at_ms: Option<f64>,
+        error_code: Option<String>,
+        error_message: Option<String>,
+    }
     // The row exists (the insert conflicted), unless an operator deleted it in between, in
     // which case the next delivery claims it afresh.
-    let row: Option<(String, Option<f64>)> = bounded(
+    let row: Option<Row> = bounded(
         sqlx::query_as(
-            "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8
+            "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8 AS remaining,
+                    attempt, (EXTRACT(EPOCH FROM retry_at) * 1000)::float8 AS retry_at_ms,
+                    error_code, error_message
              FROM generations WHERE kind = $1 AND key = $2",
         )
         .bind(job.kind.as_str())
@@ -179,14 +209,34 @@ async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
         .fetch_optional(db),
     )
     .await?;
+    let row = row.map(|r| {
+        let cooling = (r.status == "failed")
+            .then_some(r.retry_at_ms)
+            .flatten()
+            .map(|at| at as u64);
+        (
+            r.status,
+            r.remaining,
+            cooling,
+            r.attempt,
+            r.error_code,
+            r.error_message,
+        )
+    });
     match row {
-        Some((status, _)) if status == "done" => match stored(db, job).await? {
+        Some((_, _, Some(retry_at_ms), attempt, code, message)) => Ok(Claim::Cooling {
+            attempt,
+            retry_at_ms,
+            code: code.unwrap_or_else(|| "upstream_unavailable".to_owned()),
+            message: message.unwrap_or_else(|| "This matchup could not be answered.".to_owned()),
+        }),
+        Some((status, ..)) if status == "done" => match stored(db, job).await? {
             Some(s) => Ok(Claim::Done(s)),
             None => Ok(Claim::Busy {
                 remaining: Duration::ZERO,
             }),
         },
-        Some((_, remaining)) => Ok(Claim::Busy {
+        Some((_, remaining, ..)) => Ok(Claim::Busy {
             remaining: Duration::from_secs_f64(remaining.unwrap_or(0.0).max(0.0)),
         }),
         None => Ok(Claim::Busy {
@@ -269,7 +319,8 @@ pub async fn complete_text(
         sqlx::query(
             "UPDATE generations
              SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
-                 lease_until = NULL, error = NULL, completed_at = now(), updated_at = now()
+                 lease_until = NULL, error = NULL, error_code = NULL, error_message = NULL,
+                 failures = 0, completed_at = now(), updated_at = now()
              WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
         )
         .bind(job.kind.as_str())
@@ -304,8 +355,8 @@ pub async fn complete_image(
         sqlx::query(
             "UPDATE generations
              SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
-                 content_type = $7, lease_until = NULL, error = NULL, completed_at = now(),
-                 updated_at = now()
+                 content_type = $7, lease_until = NULL, error = NULL, error_code = NULL,
+                 error_message = NULL, failures = 0, completed_at = now(), updated_at = now()
              WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
         )
         .bind(job.kind.as_str())
@@ -321,22 +372,55 @@ pub async fn complete_image(
     Ok(r.rows_affected() == 1)
 }
 
-/// Marks the attempt failed, so that the next request may claim it again.
-pub async fn fail(db: &PgPool, job: &Job, attempt: i32, error: &str) -> sqlx::Result<bool> {
-    let r = bounded(
-        sqlx::query(
+/// How a failure was recorded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failed {
+    /// The attempt is no longer ours; nothing was written.
+    NotOurs,
+    /// The row is failed; the matchup cools down until `retry_at_ms` (Unix ms), if at all.
+    Recorded { retry_at_ms: Option<u64> },
+}
+
+/// Marks the attempt failed, fenced, with what clients are told (`code`, `message`) and what
+/// operators see (`detail`). A failure that `counts` adds to the failures in a row; once they
+/// reach `cooldown.after`, no claim succeeds before the cool-down ends.
+pub async fn fail(
+    db: &PgPool,
+    job: &Job,
+    attempt: i32,
+    (code, message, detail): (&str, &str, &str),
+    counts: bool,
+    cooldown: Cooldown,
+) -> sqlx::Result<Failed> {
+    let row: Option<Option<f64>> = bounded(
+        sqlx::query_scalar(
             "UPDATE generations
-             SET status = 'failed', error = $4, lease_until = NULL, updated_at = now()
-             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+             SET status = 'failed', error = $4, error_code = $5, error_message = $6,
+                 lease_until = NULL, updated_at = now(), failures = failures + $7,
+                 retry_at = CASE WHEN $8 > 0 AND $7 = 1 AND failures + 1 >= $8
+                     THEN now() + make_interval(secs => LEAST($9 * power(2, failures + 1 - $8), 3600))
+                 END
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
+             RETURNING (EXTRACT(EPOCH FROM retry_at) * 1000)::float8",
         )
         .bind(job.kind.as_str())
         .bind(job.key.as_str())
         .bind(attempt)
-        .bind(error)
-        .execute(db),
+        .bind(detail)
+        .bind(code)
+        .bind(message)
+        .bind(i32::from(counts))
+        .bind(cooldown.after as i32)
+        .bind(cooldown.base.as_secs_f64())
+        .fetch_optional(db),
     )
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(match row {
+        None => Failed::NotOurs,
+        Some(at) => Failed::Recorded {
+            retry_at_ms: at.map(|ms| ms as u64),
+        },
+    })
 }
 
 /// Gives the lease back without failing, so that another worker can claim at once: the lease

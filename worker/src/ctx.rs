@@ -19,6 +19,8 @@ pub struct Ctx {
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
     pub claimer: claims::Claimer,
+    /// When a matchup that keeps failing cools down.
+    pub cooldown: claims::Cooldown,
     /// The daily budget: no generation starts once today's spend reached it.
     pub budget: Arc<Budget>,
 }

@@ -20,11 +20,14 @@ use versus_shared::{
 };
 
 use crate::{
-    claims::{self, Stored},
+    claims::{self, Failed, Stored},
     ctx::Ctx,
     events::Publisher,
     openai::UpstreamError,
 };
+
+/// The code of a generation refused for the day's budget.
+const BUDGET_EXHAUSTED: &str = "budget_exhausted";
 
 /// What the consumer should tell JetStream about the job.
 #[derive(Debug, PartialEq, Eq)]
@@ -178,7 +181,7 @@ async fn over_budget(
         ));
     }
     let failure = Failure {
-        code: "budget_exhausted",
+        code: BUDGET_EXHAUSTED,
         message: "Versus has spent today's budget for new answers. Answers already written \
                   still work; new ones start again after midnight UTC.",
         retryable: true,
@@ -300,7 +303,16 @@ async fn give_up(
     tracing::warn!(key = %job.key, kind = %job.kind, attempt, detail = %failure.detail, "giving up");
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "failed")
         .increment(1);
-    if claims::fail(&ctx.db, job, attempt, &failure.detail).await? {
+    let what = (failure.code, failure.message, failure.detail.as_str());
+    // A refusal for the day's budget says nothing about the matchup: it does not count
+    // towards its cool-down.
+    let counts = failure.code != BUDGET_EXHAUSTED;
+    let failed = claims::fail(&ctx.db, job, attempt, what, counts, ctx.cooldown).await?;
+    if let Failed::Recorded { retry_at_ms } = failed {
+        if retry_at_ms.is_some() {
+            tracing::warn!(key = %job.key, kind = %job.kind, "failed too often in a row; cooling down");
+            metrics::counter!("versus_cooldowns_total", "kind" => job.kind.as_str()).increment(1);
+        }
         settle(ctx, job, false).await;
         publisher
             .finish(Event::Error {
@@ -308,10 +320,33 @@ async fn give_up(
                 code: failure.code.to_owned(),
                 message: failure.message.to_owned(),
                 retryable: failure.retryable,
+                retry_at_ms,
             })
             .await?;
     }
     Ok(Outcome::Ack)
+}
+
+/// A job for a matchup that cools down after failing too often in a row: its clients get the
+/// last error again, retryable once the cool-down ends, and nothing is paid for. No claim is
+/// held, and none can be won before then, so no other event follows on the subject.
+pub async fn cooling(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    retry_at_ms: u64,
+    code: String,
+    message: String,
+) -> anyhow::Result<()> {
+    Publisher::new(&ctx.bus, job)
+        .finish(Event::Error {
+            attempt,
+            code,
+            message,
+            retryable: true,
+            retry_at_ms: Some(retry_at_ms),
+        })
+        .await
 }
 
 /// What follows the fenced Postgres write of a finished answer: the edge KV bucket, then

@@ -43,5 +43,14 @@ pub async fn handle(
         }
         // The owner is alive; come back when its lease would have run out, in case it dies.
         Claim::Busy { remaining } => Ok(Outcome::Retry(remaining + Duration::from_millis(250))),
+        Claim::Cooling {
+            attempt,
+            retry_at_ms,
+            code,
+            message,
+        } => {
+            generation::cooling(ctx, job, attempt, retry_at_ms, code, message).await?;
+            Ok(Outcome::Ack)
+        }
     }
 }

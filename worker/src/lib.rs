@@ -77,6 +77,15 @@ pub struct Settings {
     /// `VERSUS_STREAM_TIMEOUT_SECS`).
     #[arg(long, env = "VERSUS_JOB_MAX_WAIT_SECS", default_value_t = 300)]
     pub job_max_wait_secs: u64,
+    /// Failed generations of one matchup in a row after which it cools down: requests get
+    /// the last error (retryable, with `Retry-After`) and nothing is paid for until it ends.
+    /// 0: never.
+    #[arg(long, env = "VERSUS_COOLDOWN_AFTER_FAILURES", default_value_t = 3)]
+    pub cooldown_after_failures: u32,
+    /// The first cool-down, in seconds; each further failure in a row doubles it, up to an
+    /// hour.
+    #[arg(long, env = "VERSUS_COOLDOWN_SECS", default_value_t = 60)]
+    pub cooldown_secs: u64,
     /// How long a SIGTERM waits for jobs in flight before exiting, in seconds.
     #[arg(long, env = "VERSUS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -115,6 +124,10 @@ pub async fn run(
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
         worker_id,
         budget: budget.clone(),
+        cooldown: claims::Cooldown {
+            after: settings.cooldown_after_failures,
+            base: Duration::from_secs(settings.cooldown_secs.max(1)),
+        },
     });
     let interactive = consumer::Lane {
         name: versus_shared::wire::WORKERS_CONSUMER,

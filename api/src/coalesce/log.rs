@@ -135,6 +135,7 @@ mod tests {
             code: "upstream".to_owned(),
             message: "no".to_owned(),
             retryable: true,
+            retry_at_ms: None,
         }
     }
 

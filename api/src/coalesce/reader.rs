@@ -40,6 +40,7 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
                     code: "unavailable".to_owned(),
                     message: "The service could not follow this answer. Please try again.".to_owned(),
                     retryable: true,
+                    retry_at_ms: None,
                 })
             }
             Err(_) => Some(Event::Error {
@@ -47,6 +48,7 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
                 code: "timeout".to_owned(),
                 message: "The answer took too long. Please try again.".to_owned(),
                 retryable: true,
+                retry_at_ms: None,
             }),
         },
     };
@@ -71,6 +73,17 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
     // The rare or one-off steps are boxed: the reader's future stays small while it waits,
     // which is most of its life (M1 in BENCHMARKS.md).
     let last = Box::pin(history::last(bus, &subject)).await?;
+    // A matchup cooling down after repeated failures (or refused for the day's budget) says
+    // until when; before then a worker would only refuse again, so no job is published.
+    if let Some(Last {
+        event: Some(ended @ Event::Error { .. }),
+        ..
+    }) = &last
+        && ended.retry_after().is_some()
+    {
+        flight.close(Some(ended.clone()));
+        return Ok(());
+    }
     // The subject holds at most one attempt (workers purge before a new one). If that attempt
     // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
     // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
@@ -115,6 +128,8 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
             code: "busy".to_owned(),
             message: "Versus is busy right now. Please try again in a few seconds.".to_owned(),
             retryable: true,
+            // A full queue drains in seconds.
+            retry_at_ms: Some(wire::unix_ms() + 2_000),
         }));
         return Ok(());
     }

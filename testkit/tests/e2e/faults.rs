@@ -1,11 +1,13 @@
 //! Faults: a worker killed mid-stream, NATS restarted mid-stream, a rate-limited upstream, a
-//! stream cut mid-way, and an upstream that fails every try.
+//! stream cut mid-way, an upstream that fails every try, and a matchup that keeps failing.
+
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use serde_json::{Value, json};
 use versus_testkit::sse;
 
-use crate::{fight, quick, rows, shape, stream_url, text_of};
+use crate::{fight, http, quick, rows, shape, stream_url, text_of};
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_is_replaced_and_every_client_gets_the_whole_answer() {
@@ -221,4 +223,67 @@ async fn an_upstream_that_never_answers_frees_the_slot_within_the_limit_and_a_re
     let next = fight(&sys, "Cyclops", "Odysseus").await;
     assert_eq!(shape(&next), ["meta", "chunk*", "done"], "{next:?}");
     assert_eq!(sys.sim.chat_calls().await, 5);
+}
+
+#[tokio::test]
+async fn a_matchup_that_keeps_failing_cools_down_and_costs_nothing_until_it_is_tried_again() {
+    let sys = quick()
+        .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "1")
+        .worker_env("VERSUS_COOLDOWN_AFTER_FAILURES", "3")
+        .worker_env("VERSUS_COOLDOWN_SECS", "3")
+        .start()
+        .await;
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}))
+        .await;
+    // Three failed generations in a row, each paid for once; the third starts the cool-down.
+    for tries in 1..=3 {
+        let events = fight(&sys, "Sun", "Moon").await;
+        assert_eq!(shape(&events), ["meta", "error"], "{events:?}");
+        let error = events[1].json();
+        assert_eq!(error["code"], json!("upstream_unavailable"), "{error}");
+        assert_eq!(error["retryable"], json!(true), "{error}");
+        assert_eq!(error.get("retry_after").is_some(), tries == 3, "{error}");
+        assert_eq!(sys.sim.chat_calls().await, tries);
+    }
+    sys.sim.clear_faults().await;
+
+    // Meanwhile every request gets the last error with when to come back, and costs nothing.
+    let cooling = Instant::now();
+    for _ in 0..3 {
+        let events = fight(&sys, "Moon", "Sun").await;
+        assert_eq!(shape(&events), ["meta", "error"], "{events:?}");
+        let error = events[1].json();
+        assert_eq!(error["code"], json!("upstream_unavailable"), "{error}");
+        let after = error["retry_after"].as_u64().unwrap();
+        assert!((1..=3).contains(&after), "{error}");
+    }
+    let post = http()
+        .post(format!("{}/v1/fights", sys.api_url()))
+        .json(&json!({"a": "Sun", "b": "Moon"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 503);
+    let retry_after: u64 = post.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        sys.sim.chat_calls().await,
+        3,
+        "nothing was paid for while cooling down"
+    );
+    assert!(
+        cooling.elapsed() < Duration::from_secs(2),
+        "the refusals were not instant"
+    );
+
+    // Once it has cooled down, the next request tries again.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(cooling.elapsed())).await;
+    let again = fight(&sys, "Sun", "Moon").await;
+    assert_eq!(shape(&again), ["meta", "chunk*", "done"], "{again:?}");
+    assert_eq!(sys.sim.chat_calls().await, 4);
 }

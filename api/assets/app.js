@@ -133,6 +133,16 @@
     answer.setAttribute('aria-busy', String(state === 'streaming'));
   }
 
+  /** " Try again in 3 min." for an error that says when asking again may succeed. */
+  function waitNote(seconds) {
+    if (!(seconds > 0)) return '';
+    const minutes = Math.ceil(seconds / 60);
+    const wait = seconds < 60 ? `${seconds} s`
+      : minutes < 60 ? `${minutes} min`
+      : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+    return ` Try again in ${wait}.`;
+  }
+
   function showError(message, retryable) {
     setMessage(errorMessage, message);
     retryButton.hidden = !retryable;
@@ -188,7 +198,8 @@
       if (event instanceof MessageEvent) {
         source.close();
         const error = JSON.parse(event.data);
-        showError(error.message || 'Something went wrong.', Boolean(error.retryable));
+        const message = error.message || 'Something went wrong.';
+        showError(message + waitNote(error.retry_after), Boolean(error.retryable));
         return;
       }
       if (source.readyState === EventSource.CLOSED) {

@@ -27,6 +27,19 @@ pub struct Database {
     server: Option<Server>,
 }
 
+/// Creates database `name` through `admin_url`; `context` says more when that fails.
+async fn create_database(admin_url: &str, name: &str, context: impl Fn() -> String) {
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {admin_url}: {e}\n{}", context()));
+    // The name is ours (a prefix and hex digits), so formatting it into SQL is safe.
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+    let _ = conn.close().await;
+}
+
 impl Database {
     /// Creates the database. Panics if `VERSUS_TEST_DATABASE_URL` is unset or the server
     /// cannot be reached.
@@ -39,15 +52,7 @@ impl Database {
             )
         });
         let name = format!("versus_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("connect to {DATABASE_URL_VAR}={admin_url}: {e}"));
-        // The name is ours (a prefix and hex digits), so formatting it into SQL is safe.
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
-        let _ = conn.close().await;
+        create_database(&admin_url, &name, || format!("({DATABASE_URL_VAR})")).await;
         Database {
             url: with_database(&admin_url, &name),
             name,
@@ -69,14 +74,7 @@ impl Database {
         let server = Server::start().await;
         let name = "versus".to_owned();
         let admin_url = server.url("postgres");
-        let mut conn = PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| panic!("connect to {admin_url}: {e}\n{}", server.log_tail()));
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut conn)
-            .await
-            .unwrap_or_else(|e| panic!("create database {name}: {e}"));
-        let _ = conn.close().await;
+        create_database(&admin_url, &name, || server.log_tail()).await;
         Database {
             url: server.url(&name),
             name,

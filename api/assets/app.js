@@ -198,6 +198,8 @@
       if (event instanceof MessageEvent) {
         source.close();
         const error = JSON.parse(event.data);
+        // A refused answer is withdrawn: what streamed before the refusal goes too.
+        if (error.code === 'refused') answerText.data = '';
         const message = error.message || 'Something went wrong.';
         showError(message + waitNote(error.retry_after), Boolean(error.retryable));
         return;

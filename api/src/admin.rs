@@ -344,7 +344,7 @@ async fn spend(State(app): State<App>) -> Result<Response, ApiError> {
     .into_response())
 }
 
-/// Purges a text answer and its picture from Postgres, the object store, the edge KV bucket,
+/// Purges a text answer and its picture (or their refusals) from Postgres, the object store, the edge KV bucket,
 /// the events stream, and the memory of every API replica.
 async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
@@ -384,10 +384,9 @@ async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Respon
     }
     let bus = &app.inner.bus;
     for (kind, key) in [(Kind::Text, &key), (Kind::Image, &image)] {
-        bus.answers
-            .purge(wire::kv_key(kind, key))
-            .await
-            .map_err(|e| nats(&e))?;
+        for entry in [wire::kv_key(kind, key), wire::refusal_kv_key(kind, key)] {
+            bus.answers.purge(entry).await.map_err(|e| nats(&e))?;
+        }
         // Readers waiting on the answer learn it is gone; later requests start afresh.
         let subject = wire::events_subject(kind, key);
         bus.events

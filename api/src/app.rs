@@ -103,6 +103,8 @@ pub struct Inner {
     pub bus: Bus,
     pub answers: cache::EdgeCache<Answer>,
     pub images: cache::EdgeCache<ImageAnswer>,
+    /// Matchups moderation refused: answered `refused` at no cost.
+    pub refusals: cache::Refusals,
     pub objects: Arc<dyn object_store::ObjectStore>,
     pub popularity: popularity::Popularity,
     /// For the admin routes only; connects on first use.
@@ -177,6 +179,7 @@ impl App {
                     .transpose()?,
                 answers,
                 images,
+                refusals: cache::Refusals::new(bus.clone(), 100_000),
                 bus,
                 flights,
                 shutdown: tasks.shutdown().clone(),
@@ -225,6 +228,10 @@ impl App {
         self.inner.origins.check(headers)?;
         if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
             return Ok(waiter);
+        }
+        if self.inner.refusals.refused(job.kind, &job.key).await {
+            metrics::counter!("versus_refused_total", "kind" => job.kind.as_str()).increment(1);
+            return Ok(coalesce::Waiter::ended(wire::refused(0)));
         }
         let spent = self.inner.budget.exhausted();
         if (spent || self.inner.limits.limited(job.kind)) && !self.in_progress(&job).await {
@@ -280,6 +287,7 @@ impl App {
         for key in keys {
             self.inner.answers.remove(key);
             self.inner.images.remove(key);
+            self.inner.refusals.remove(key);
         }
     }
 }

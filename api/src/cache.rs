@@ -1,6 +1,7 @@
 //! The edge cache: a bounded in-memory layer in front of the edge KV bucket, one per kind of
-//! answer. A hit here or in KV touches neither the workers nor Postgres. Values are rendered
-//! once, on insert, so a hit only copies bytes.
+//! answer, and [`Refusals`], the matchups moderation refused. A hit here or in KV touches
+//! neither the workers nor Postgres. Values are rendered once, on insert, so a hit only copies
+//! bytes.
 
 use std::sync::{Arc, OnceLock};
 
@@ -123,6 +124,48 @@ impl<V: Entry> EdgeCache<V> {
                 tracing::warn!(%key, error = format!("{e:#}"), "edge cache read failed");
                 None
             }
+        }
+    }
+}
+
+/// The matchups moderation refused, from memory, else from the edge KV bucket: a refused
+/// matchup is answered `refused` at no cost, like a hit.
+pub struct Refusals {
+    memory: Cache<(Kind, Key), ()>,
+    bus: Bus,
+}
+
+impl Refusals {
+    pub fn new(bus: Bus, entries: usize) -> Refusals {
+        Refusals {
+            memory: Cache::new(entries.max(16)),
+            bus,
+        }
+    }
+
+    /// Whether `key` of `kind` was refused. A failing KV read counts as not refused (logged):
+    /// the worker then refuses it again, still without an upstream call.
+    pub async fn refused(&self, kind: Kind, key: &Key) -> bool {
+        if self.memory.get(&(kind, key.clone())).is_some() {
+            return true;
+        }
+        match self.bus.answers.get(wire::refusal_kv_key(kind, key)).await {
+            Ok(Some(_)) => {
+                self.memory.insert((kind, key.clone()), ());
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "edge cache read of a refusal failed");
+                false
+            }
+        }
+    }
+
+    /// Drops `key` from memory (after a purge).
+    pub fn remove(&self, key: &Key) {
+        for kind in [Kind::Text, Kind::Image] {
+            self.memory.remove(&(kind, key.clone()));
         }
     }
 }

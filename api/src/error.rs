@@ -6,7 +6,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde_json::json;
-use versus_shared::{key::NameError, wire::Event};
+use versus_shared::{
+    key::NameError,
+    wire::{self, Event},
+};
 
 /// The code of a miss refused because today's budget is spent.
 pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
@@ -74,7 +77,9 @@ impl ApiError {
             ApiError::Generation {
                 code, retryable, ..
             } => {
-                let status = if *retryable {
+                let status = if code == wire::REFUSED {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                } else if *retryable {
                     StatusCode::SERVICE_UNAVAILABLE
                 } else {
                     StatusCode::BAD_GATEWAY

@@ -11,6 +11,8 @@
 //! - KV bucket `versus_answers`, key `<kind>.<key>`: the finished [`Answer`] (the edge cache),
 //!   written only after Postgres holds it ([`ImageAnswer`] for pictures, after the bytes are in
 //!   object storage).
+//! - KV bucket `versus_answers`, key `refused.<kind>.<key>`: a [`Refusal`], for a matchup
+//!   that moderation refused (written after Postgres holds it).
 //! - KV bucket `versus_spend`, key `day.<n>`: the total the cluster spent on UTC day `n`
 //!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
 //!   process watches it (see `budget`).
@@ -184,6 +186,33 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The code of an answer that moderation refused; such an error is never retryable.
+pub const REFUSED: &str = "refused";
+
+/// The `error` event of a refused matchup: the same, neutral words for every refusal.
+pub fn refused(attempt: i32) -> Event {
+    Event::Error {
+        attempt,
+        code: REFUSED.to_owned(),
+        message: "Versus does not answer this matchup.".to_owned(),
+        retryable: false,
+        retry_at_ms: None,
+    }
+}
+
+/// The edge KV bucket's key of a refusal: `refused.<kind>.<key>`.
+pub fn refusal_kv_key(kind: Kind, key: &Key) -> String {
+    format!("refused.{kind}.{key}")
+}
+
+/// A matchup moderation refused: the value of `refused.<kind>.<key>`, written after Postgres
+/// holds the refusal. Every later request for it is refused from the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub kind: Kind,
+    pub key: Key,
 }
 
 /// A stored picture: the value of the edge cache for `image.<key>`. Only our own object path

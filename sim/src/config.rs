@@ -14,6 +14,11 @@ pub struct Args {
     #[arg(long, env = "VERSUS_SIM_ADDR", default_value = "127.0.0.1:8787")]
     pub addr: String,
 
+    /// Terms the moderation endpoint flags, as `term=category,…` (a whole word or phrase, in
+    /// any case; a term without a category flags `hate`).
+    #[arg(long, env = "VERSUS_SIM_MODERATION_FLAGS", default_value = "")]
+    pub moderation_flags: String,
+
     #[command(flatten)]
     pub knobs: Knobs,
 }

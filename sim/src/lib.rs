@@ -9,10 +9,12 @@
 //! - `answer`: deterministic fight-commentary text.
 //! - `chat`: `POST /v1/chat/completions`; `stream`: its server-sent-event body.
 //! - `picture`: seeded PNG drawing; `images`: `POST /v1/images/generations` and file downloads.
+//! - [`moderation`]: `POST /v1/moderations`, flagging configured terms.
 //! - `control`: the `/_sim/*` endpoints and `GET /v1/models`.
 
 pub mod config;
 pub mod faults;
+pub mod moderation;
 pub mod state;
 pub mod stats;
 
@@ -43,6 +45,7 @@ pub fn router(sim: Sim) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/images/generations", post(images::generations))
+        .route("/v1/moderations", post(moderation::moderations))
         .route("/v1/models", get(control::models))
         .route("/_sim/files/{file}", get(images::file))
         .route("/_sim/stats", get(control::stats))

@@ -17,6 +17,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let flags = versus_sim::moderation::parse_flags(&args.moderation_flags)
+        .context("reading VERSUS_SIM_MODERATION_FLAGS")?;
     let listener = versus_sim::bind(&args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
@@ -26,7 +28,9 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
     tracing::info!(%addr, knobs = ?args.knobs, "versus-sim serving");
-    versus_sim::run(listener, Sim::new(args.knobs), shutdown_signal()).await?;
+    let sim = Sim::new(args.knobs);
+    sim.set_moderation_flags(flags);
+    versus_sim::run(listener, sim, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Knobs, KnobsPatch};
 use crate::faults::{Fault, FaultQueue, FaultRule};
+use crate::moderation::Flag;
 use crate::stats::{Call, CallKind, Stats};
 
 /// Url-mode images kept for download; the oldest go first so long benchmarks stay bounded.
@@ -36,6 +37,8 @@ struct Live {
     files: HashMap<String, Bytes>,
     file_order: VecDeque<String>,
     local_addr: Option<SocketAddr>,
+    /// What the moderation endpoint flags; set at start-up, kept by a reset.
+    flags: Vec<Flag>,
 }
 
 impl Sim {
@@ -48,6 +51,7 @@ impl Sim {
             files: HashMap::new(),
             file_order: VecDeque::new(),
             local_addr: None,
+            flags: Vec::new(),
         };
         Self {
             inner: Arc::new(Inner {
@@ -93,6 +97,15 @@ impl Sim {
 
     pub fn take_fault(&self, kind: CallKind) -> Option<Fault> {
         self.live().faults.take(kind)
+    }
+
+    /// Makes the moderation endpoint flag inputs holding one of `flags`.
+    pub fn set_moderation_flags(&self, flags: Vec<Flag>) {
+        self.live().flags = flags;
+    }
+
+    pub fn moderation_flags(&self) -> Vec<Flag> {
+        self.live().flags.clone()
     }
 
     pub fn record(&self, call: Call) {

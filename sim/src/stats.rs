@@ -13,6 +13,7 @@ const MAX_KEPT_CALLS: usize = 100_000;
 pub enum CallKind {
     Chat,
     Image,
+    Moderation,
 }
 
 /// One upstream request as seen by the simulator.
@@ -57,6 +58,7 @@ impl Call {
 pub struct Stats {
     pub chat_calls: u64,
     pub image_calls: u64,
+    pub moderation_calls: u64,
     /// Every chat answer's reported usage, added up.
     pub usage: Usage,
     pub calls: VecDeque<Call>,
@@ -67,6 +69,7 @@ impl Stats {
         match call.kind {
             CallKind::Chat => self.chat_calls += 1,
             CallKind::Image => self.image_calls += 1,
+            CallKind::Moderation => self.moderation_calls += 1,
         }
         if let Some(usage) = call.usage {
             self.usage.prompt_tokens += usage.prompt_tokens;

@@ -39,6 +39,18 @@ impl Sim {
             .unwrap_or_else(|e| panic!("versus-sim stats are not JSON: {e}"))
     }
 
+    /// The recorded calls of `kind` (`chat`, `image`, `moderation`), oldest first.
+    pub async fn calls_of(&self, kind: &str) -> Vec<Value> {
+        let stats = self.stats().await;
+        stats["calls"]
+            .as_array()
+            .unwrap_or_else(|| panic!("versus-sim stats hold no calls: {stats}"))
+            .iter()
+            .filter(|c| c["kind"] == kind)
+            .cloned()
+            .collect()
+    }
+
     /// How many chat completions the simulator has served (or refused) since its last reset.
     pub async fn chat_calls(&self) -> u64 {
         counter(&self.stats().await, "chat_calls")

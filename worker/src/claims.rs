@@ -24,6 +24,8 @@ pub enum Claim {
     Done(Stored),
     /// Another worker holds a live lease for `remaining`.
     Busy { remaining: Duration },
+    /// Moderation refused the matchup; `attempt` is the refused one.
+    Refused { attempt: i32 },
     /// The matchup failed too often in a row and cools down until `retry_at_ms` (Unix ms):
     /// the last error, as clients were told it.
     Cooling {
@@ -230,6 +232,7 @@ async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
             code: code.unwrap_or_else(|| "upstream_unavailable".to_owned()),
             message: message.unwrap_or_else(|| "This matchup could not be answered.".to_owned()),
         }),
+        Some((status, _, _, attempt, ..)) if status == "refused" => Ok(Claim::Refused { attempt }),
         Some((status, ..)) if status == "done" => match stored(db, job).await? {
             Some(s) => Ok(Claim::Done(s)),
             None => Ok(Claim::Busy {
@@ -421,6 +424,26 @@ pub async fn fail(
             retry_at_ms: at.map(|ms| ms as u64),
         },
     })
+}
+
+/// Records that moderation refused the attempt, fenced: no text is kept, and no claim
+/// succeeds again (an operator's purge deletes the row). False when the attempt is not ours.
+pub async fn refuse(db: &PgPool, job: &Job, attempt: i32, reason: &str) -> sqlx::Result<bool> {
+    let r = bounded(
+        sqlx::query(
+            "UPDATE generations
+             SET status = 'refused', error = $4, error_code = 'refused', text = NULL,
+                 lease_until = NULL, completed_at = now(), updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .bind(reason)
+        .execute(db),
+    )
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 /// Gives the lease back without failing, so that another worker can claim at once: the lease

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use versus_shared::{budget::Budget, bus::Bus};
 
-use crate::{claims, openai};
+use crate::{claims, moderation, openai};
 
 /// What every job handler needs.
 pub struct Ctx {
@@ -19,6 +19,8 @@ pub struct Ctx {
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
     pub claimer: claims::Claimer,
+    /// What may be generated and stored.
+    pub moderator: moderation::Moderator,
     /// When a matchup that keeps failing cools down.
     pub cooldown: claims::Cooldown,
     /// The daily budget: no generation starts once today's spend reached it.

@@ -23,6 +23,7 @@ use crate::{
     claims::{self, Failed, Stored},
     ctx::Ctx,
     events::Publisher,
+    moderation::Refusal,
     openai::UpstreamError,
 };
 
@@ -81,6 +82,12 @@ pub trait Generation: Sync {
 
     /// The text published again with a stored answer (None for pictures: `done` is the news).
     fn replayed_text(answer: &Self::Answer) -> Option<&str>;
+
+    /// What moderation reads before the upstream is asked: the names, and a picture's prompt.
+    fn screened(&self) -> Vec<&str>;
+
+    /// What moderation reads in what was made, before it is stored (an answer's text).
+    fn screened_made(made: &Self::Made) -> Option<&str>;
 }
 
 /// Why a generation gave up: what clients are told, and what operators see.
@@ -121,6 +128,9 @@ pub enum Ended<T> {
     /// The process stopped past its grace period and gave the claim back. Only the skeleton
     /// ends a generation so; the work never does.
     HandedOver,
+    /// Moderation refused what was asked for (or what was made): nothing is stored but the
+    /// refusal.
+    Refused(Refusal),
 }
 
 /// Runs `generation` under the claim on `attempt` that this worker just won. When
@@ -139,11 +149,29 @@ pub async fn run<G: Generation>(
         return over_budget(ctx, msg, job, attempt, &mut publisher).await;
     }
     let work = async {
-        let (started, opened) = tokio::join!(publisher.start(attempt), generation.open(ctx, job));
+        // The names are moderated while `started` is published; the upstream is asked only
+        // once they pass.
+        let screened = async {
+            match ctx
+                .moderator
+                .check(ctx, "names", &generation.screened())
+                .await
+            {
+                Ok(None) => Ok(generation.open(ctx, job).await),
+                Ok(Some(refusal)) => Err(Ended::Refused(refusal)),
+                Err(error) => Err(Ended::GaveUp(error.into())),
+            }
+        };
+        let (started, opened) = tokio::join!(publisher.start(attempt), screened);
         started?;
-        generation
-            .work(ctx, job, opened, &cell, &mut publisher)
-            .await
+        match opened {
+            Ok(opened) => {
+                generation
+                    .work(ctx, job, opened, &cell, &mut publisher)
+                    .await
+            }
+            Err(ended) => Ok(ended),
+        }
     };
     let ended = guarded(ctx, msg, job, &cell, abandon, work).await?;
     let attempt = cell.load(Ordering::SeqCst);
@@ -151,6 +179,17 @@ pub async fn run<G: Generation>(
         Ended::Finished(made) => {
             // A stored answer always has all of its events on the stream.
             publisher.flush().await?;
+            if let Some(text) = G::screened_made(&made) {
+                match ctx.moderator.check(ctx, "answer", &[text]).await {
+                    Ok(None) => {}
+                    Ok(Some(refusal)) => {
+                        return refuse(ctx, job, attempt, &refusal, &mut publisher).await;
+                    }
+                    Err(error) => {
+                        return give_up(ctx, job, attempt, &error.into(), &mut publisher).await;
+                    }
+                }
+            }
             let Some(answer) = generation.complete(ctx, job, attempt, made).await? else {
                 tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
                 return Ok(Outcome::Ack);
@@ -158,9 +197,58 @@ pub async fn run<G: Generation>(
             announce(ctx, job, attempt, &answer, &mut publisher).await
         }
         Ended::GaveUp(failure) => give_up(ctx, job, attempt, &failure, &mut publisher).await,
+        Ended::Refused(refusal) => refuse(ctx, job, attempt, &refusal, &mut publisher).await,
         Ended::Lost => Ok(Outcome::Ack),
         Ended::HandedOver => Ok(Outcome::Handover),
     }
+}
+
+/// Records a refusal (fenced) in Postgres, then in the edge KV bucket, then tells the waiting
+/// clients `refused`. What was streamed before it is never stored.
+async fn refuse(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    refusal: &Refusal,
+    publisher: &mut Publisher<'_>,
+) -> anyhow::Result<Outcome> {
+    tracing::info!(key = %job.key, kind = %job.kind, attempt, reason = %refusal.reason(), "refused");
+    metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "refused")
+        .increment(1);
+    if claims::refuse(&ctx.db, job, attempt, &refusal.reason()).await? {
+        put_refusal(ctx, job).await?;
+        settle(ctx, job, false).await;
+        publisher.finish(wire::refused(attempt)).await?;
+    }
+    Ok(Outcome::Ack)
+}
+
+/// A job for a matchup refused before: refresh the edge KV bucket, and tell the key's readers
+/// again unless its events subject already ends with the refusal. Nothing is paid for.
+pub async fn rerefuse(ctx: &Ctx, job: &Job, attempt: i32) -> anyhow::Result<()> {
+    put_refusal(ctx, job).await?;
+    let last = history::last(&ctx.bus, &wire::events_subject(job.kind, &job.key)).await?;
+    let refused = wire::refused(attempt);
+    if last.and_then(|l| l.event).as_ref() == Some(&refused) {
+        return Ok(());
+    }
+    Publisher::new(&ctx.bus, job).finish(refused).await
+}
+
+async fn put_refusal(ctx: &Ctx, job: &Job) -> anyhow::Result<()> {
+    let value = wire::Refusal {
+        key: job.key.clone(),
+        kind: job.kind,
+    };
+    ctx.bus
+        .answers
+        .put(
+            wire::refusal_kv_key(job.kind, &job.key),
+            serde_json::to_vec(&value)?.into(),
+        )
+        .await
+        .context("writing the refusal to the edge KV bucket")?;
+    Ok(())
 }
 
 /// Today's budget is spent, so nothing new starts: a pre-warm job gives its claim back and
@@ -234,7 +322,7 @@ async fn guarded<T>(
             }
         }
         Ok(Ended::Lost) => tracing::warn!(key = %job.key, "claim taken over; stopping"),
-        Ok(Ended::Finished(_) | Ended::GaveUp(_)) => {}
+        Ok(Ended::Finished(_) | Ended::GaveUp(_) | Ended::Refused(_)) => {}
     }
     ended
 }

@@ -144,6 +144,14 @@ impl Generation for Image {
     fn replayed_text(_answer: &ImageAnswer) -> Option<&str> {
         None
     }
+
+    fn screened(&self) -> Vec<&str> {
+        vec![&self.a, &self.b, &self.prompt]
+    }
+
+    fn screened_made(_picture: &Picture) -> Option<&str> {
+        None
+    }
 }
 
 async fn upload(

@@ -43,6 +43,10 @@ pub async fn handle(
         }
         // The owner is alive; come back when its lease would have run out, in case it dies.
         Claim::Busy { remaining } => Ok(Outcome::Retry(remaining + Duration::from_millis(250))),
+        Claim::Refused { attempt } => {
+            generation::rerefuse(ctx, job, attempt).await?;
+            Ok(Outcome::Ack)
+        }
         Claim::Cooling {
             attempt,
             retry_at_ms,

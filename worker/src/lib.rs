@@ -13,6 +13,8 @@
 //! - [`image`]: pictures, uploaded to object storage;
 //! - [`events`]: publishing a generation's events;
 //! - [`openai`]: the OpenAI client (streaming chat completions, retry classification);
+//! - [`moderation`]: checking names, pictures' prompts and answers before anything is paid
+//!   for or stored;
 //! - [`spend`]: recording what each upstream call cost, for the daily budget.
 
 pub mod claims;
@@ -22,6 +24,7 @@ pub mod events;
 pub mod generation;
 pub mod image;
 pub mod job;
+pub mod moderation;
 pub mod openai;
 pub mod popularity;
 pub mod spend;
@@ -57,6 +60,8 @@ pub struct Settings {
     pub objects: ObjectStoreSettings,
     #[command(flatten)]
     pub budget: BudgetSettings,
+    #[command(flatten)]
+    pub moderation: moderation::ModerationSettings,
     /// Jobs this process runs at once.
     #[arg(long, env = "VERSUS_WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -124,6 +129,7 @@ pub async fn run(
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
         worker_id,
         budget: budget.clone(),
+        moderator: moderation::Moderator::new(&settings.moderation),
         cooldown: claims::Cooldown {
             after: settings.cooldown_after_failures,
             base: Duration::from_secs(settings.cooldown_secs.max(1)),

@@ -188,6 +188,57 @@ impl Client {
         })
     }
 
+    /// Asks the moderation endpoint about `inputs`, in one call: for each input, the
+    /// categories it flagged.
+    pub async fn moderate(
+        &self,
+        model: &str,
+        inputs: &[&str],
+    ) -> Result<Vec<Vec<String>>, UpstreamError> {
+        #[derive(Deserialize)]
+        struct Body {
+            results: Vec<Item>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            #[serde(default)]
+            categories: std::collections::HashMap<String, Option<bool>>,
+        }
+        metrics::counter!("versus_upstream_calls_total", "kind" => "moderation").increment(1);
+        let mut request = self
+            .http
+            .post(format!("{}/moderations", self.base_url))
+            .timeout(Duration::from_secs(
+                self.settings.headers_timeout_secs.max(1),
+            ))
+            .json(&json!({"model": model, "input": inputs}));
+        if !self.api_key.expose().is_empty() {
+            request = request.bearer_auth(self.api_key.expose());
+        }
+        let response = checked(request.send().await).await?;
+        let body: Body = response.json().await.map_err(|e| {
+            UpstreamError::retryable(format!("unreadable moderation answer: {}", describe(&e)))
+        })?;
+        if body.results.len() != inputs.len() {
+            return Err(UpstreamError::retryable(format!(
+                "the moderation answer held {} results for {} inputs",
+                body.results.len(),
+                inputs.len()
+            )));
+        }
+        Ok(body
+            .results
+            .into_iter()
+            .map(|item| {
+                item.categories
+                    .into_iter()
+                    .filter(|(_, flagged)| *flagged == Some(true))
+                    .map(|(category, _)| category)
+                    .collect()
+            })
+            .collect())
+    }
+
     /// Generates one picture and returns its bytes. When the server answers with a URL (which
     /// expires), the bytes are downloaded at once: only our own copy is ever kept.
     pub async fn image(

@@ -178,4 +178,12 @@ impl Generation for Text {
     fn replayed_text(answer: &Answer) -> Option<&str> {
         Some(&answer.text)
     }
+
+    fn screened(&self) -> Vec<&str> {
+        vec![&self.a, &self.b]
+    }
+
+    fn screened_made((text, _): &Self::Made) -> Option<&str> {
+        Some(text)
+    }
 }

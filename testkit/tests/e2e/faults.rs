@@ -88,9 +88,8 @@ async fn a_rate_limited_upstream_is_retried_no_earlier_than_it_asked() {
         .await;
     let events = fight(&sys, "Tortoise", "Hare").await;
     assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
-    let stats = sys.sim.stats().await;
-    let calls = stats["calls"].as_array().unwrap();
-    assert_eq!(calls.len(), 2, "{stats}");
+    let calls = sys.sim.calls_of("chat").await;
+    assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0]["status"], json!(429));
     let gap = calls[1]["at_ms"].as_u64().unwrap() - calls[0]["at_ms"].as_u64().unwrap();
     assert!(gap >= 1000, "retried after {gap} ms, before Retry-After");
@@ -197,14 +196,9 @@ async fn an_upstream_that_never_answers_frees_the_slot_within_the_limit_and_a_re
         took < std::time::Duration::from_secs(10),
         "answered after {took:?}"
     );
-    let stats = sys.sim.stats().await;
-    let faults: Vec<&Value> = stats["calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| &c["fault"])
-        .collect();
-    assert_eq!(faults, [&json!("hang"), &Value::Null], "{stats}");
+    let calls = sys.sim.calls_of("chat").await;
+    let faults: Vec<&Value> = calls.iter().map(|c| &c["fault"]).collect();
+    assert_eq!(faults, [&json!("hang"), &Value::Null], "{calls:?}");
 
     // An upstream that never answers at all: a retryable error within the tries' limits, and
     // the slot serves the next job.

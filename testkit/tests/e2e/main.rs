@@ -13,6 +13,7 @@ mod dev;
 mod faults;
 mod images;
 mod limits;
+mod moderation;
 mod page;
 mod postgres;
 mod prewarm;

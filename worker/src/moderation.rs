@@ -1,0 +1,143 @@
+//! Moderation: what may be generated and cached for good. Before a generation the names (and a
+//! picture's prompt) go to the upstream's moderation endpoint in one call; after a text
+//! generation, the answer does, before it is stored. A result refuses when one of its flagged
+//! categories is blocked (`VERSUS_MODERATION_BLOCK`): plain violence, the point of a fight, is
+//! not blocked by default.
+
+use crate::{ctx::Ctx, openai::UpstreamError};
+
+/// Whether and how generations are moderated.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModerationSettings {
+    /// `on` checks names, pictures' prompts and answers with the upstream's moderation
+    /// endpoint; `off` checks nothing (for upstreams without the endpoint).
+    #[arg(long, env = "VERSUS_MODERATION", default_value = "on", value_parser = ["on", "off"])]
+    pub moderation: String,
+    /// The moderation model.
+    #[arg(
+        long,
+        env = "VERSUS_MODERATION_MODEL",
+        default_value = "omni-moderation-latest"
+    )]
+    pub moderation_model: String,
+    /// Categories that refuse (comma-separated; `hate` also blocks `hate/threatening`).
+    #[arg(
+        long,
+        env = "VERSUS_MODERATION_BLOCK",
+        default_value = "hate,harassment,sexual,self-harm"
+    )]
+    pub moderation_block: String,
+}
+
+/// What a moderation check refused, for operators (clients get a neutral message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What was read: `names` (and a picture's prompt) or `answer`.
+    pub stage: &'static str,
+    /// The blocked categories the endpoint flagged.
+    pub categories: Vec<String>,
+}
+
+impl Refusal {
+    pub fn reason(&self) -> String {
+        format!(
+            "moderation ({}): {}",
+            self.stage,
+            self.categories.join(", ")
+        )
+    }
+}
+
+pub struct Moderator {
+    enabled: bool,
+    model: String,
+    block: Vec<String>,
+}
+
+impl Moderator {
+    pub fn new(settings: &ModerationSettings) -> Moderator {
+        Moderator {
+            enabled: settings.moderation == "on",
+            model: settings.moderation_model.clone(),
+            block: settings
+                .moderation_block
+                .split(',')
+                .map(|c| c.trim().to_lowercase())
+                .filter(|c| !c.is_empty())
+                .collect(),
+        }
+    }
+
+    /// Whether `category` (`hate/threatening`, say) is blocked.
+    fn blocks(&self, category: &str) -> bool {
+        self.block.iter().any(|b| {
+            category == b
+                || category
+                    .strip_prefix(b.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+        })
+    }
+
+    /// Checks `inputs` in one call (retried within the upstream's retry budget), and says
+    /// whether anything in them is refused.
+    pub async fn check(
+        &self,
+        ctx: &Ctx,
+        stage: &'static str,
+        inputs: &[&str],
+    ) -> Result<Option<Refusal>, UpstreamError> {
+        if !self.enabled || inputs.is_empty() {
+            return Ok(None);
+        }
+        let mut backoff = ctx.openai.backoff();
+        let flagged = loop {
+            match ctx.openai.moderate(&self.model, inputs).await {
+                Ok(flagged) => break flagged,
+                Err(error) => {
+                    metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
+                        .increment(1);
+                    let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
+                        return Err(error);
+                    };
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        };
+        let mut categories: Vec<String> = flagged
+            .into_iter()
+            .flatten()
+            .filter(|c| self.blocks(c))
+            .collect();
+        categories.sort();
+        categories.dedup();
+        if categories.is_empty() {
+            return Ok(None);
+        }
+        for category in &categories {
+            metrics::counter!("versus_refusals_total", "stage" => stage, "category" => category.clone())
+                .increment(1);
+        }
+        Ok(Some(Refusal { stage, categories }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_a_category_blocks_its_subcategories_and_violence_passes_by_default() {
+        let m = Moderator::new(&ModerationSettings {
+            moderation: "on".into(),
+            moderation_model: "m".into(),
+            moderation_block: "hate,harassment,sexual,self-harm".into(),
+        });
+        assert!(m.blocks("hate"));
+        assert!(m.blocks("hate/threatening"));
+        assert!(m.blocks("self-harm/intent"));
+        assert!(m.blocks("sexual/minors"));
+        assert!(!m.blocks("violence"));
+        assert!(!m.blocks("violence/graphic"));
+        assert!(!m.blocks("hateful"));
+    }
+}

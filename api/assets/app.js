@@ -7,10 +7,14 @@
 'use strict';
 
 (() => {
-  // The API's rules for a name (shared::key::Name::parse), in the same order and with the
-  // same messages, so that the page refuses exactly what the API would refuse.
+  // The API's first rules for a name (shared::key::Name::parse), in the same order and with
+  // the same messages. What the API refuses beyond them (invisible characters, mixed scripts,
+  // stacked marks) comes back as a 400 whose message is shown next to the field the same way.
   const MAX_NAME_CHARS = 100;
   const CONTROL = /\p{Cc}/u;
+  // Length is counted in what a reader sees as characters (grapheme clusters), as the API does.
+  const graphemes = typeof Intl.Segmenter === 'function' ? new Intl.Segmenter() : null;
+  const length = (name) => (graphemes ? [...graphemes.segment(name)].length : [...name].length);
 
   // Connection failures in a row, with no event in between, before the page gives up on a
   // stream and offers to retry instead of letting EventSource try forever.
@@ -44,7 +48,7 @@
     const name = raw.trim();
     if (name === '') return `opponent \`${field}\` is empty`;
     if (CONTROL.test(name)) return `opponent \`${field}\` contains control characters`;
-    if ([...name].length > MAX_NAME_CHARS) {
+    if (length(name) > MAX_NAME_CHARS) {
       return `opponent \`${field}\` is longer than ${MAX_NAME_CHARS} characters`;
     }
     return null;

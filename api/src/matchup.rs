@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use versus_shared::{
     key::{Key, Matchup},
-    prompt::{IMAGE_PROMPT_VERSION, TEXT_PROMPT_VERSION},
+    recipe::Recipe,
     wire::{Job, Kind},
 };
 
@@ -90,37 +90,21 @@ pub(crate) struct Ask {
 
 impl App {
     /// Validates the names and derives the key of the answer of `kind`: the canonical pair,
-    /// the prompt version and the model (with the picture size, for pictures).
+    /// the prompt version and the model (with the picture size, for pictures), as
+    /// [`Recipe`] makes it (workers check every job against the same recipe).
     pub(crate) fn ask(&self, request: &FightRequest, kind: Kind) -> Result<Ask, ApiError> {
         let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
-        let models = &self.inner.settings.models;
-        let key = match kind {
-            Kind::Text => matchup.key(kind, TEXT_PROMPT_VERSION, &models.chat_model),
-            Kind::Image => matchup.key(kind, IMAGE_PROMPT_VERSION, &models.image_variant()),
-        };
+        let key = self.recipe(kind).key(&matchup);
         Ok(Ask { kind, key, matchup })
     }
 
     /// The job that generates what `ask` asks for, with the same prompt version and model
     /// settings its key was made from, and the display names for the prompt.
     pub(crate) fn job(&self, ask: Ask) -> Job {
-        let models = &self.inner.settings.models;
-        let (model, prompt_version, size) = match ask.kind {
-            Kind::Text => (models.chat_model.clone(), TEXT_PROMPT_VERSION, None),
-            Kind::Image => (
-                models.image_model.clone(),
-                IMAGE_PROMPT_VERSION,
-                Some(models.image_size.clone()),
-            ),
-        };
-        Job {
-            kind: ask.kind,
-            key: ask.key,
-            a: ask.matchup.a.display().to_owned(),
-            b: ask.matchup.b.display().to_owned(),
-            model,
-            prompt_version,
-            size,
-        }
+        self.recipe(ask.kind).job(&ask.matchup, ask.key)
+    }
+
+    fn recipe(&self, kind: Kind) -> Recipe<'_> {
+        Recipe::of(kind, &self.inner.settings.models)
     }
 }

@@ -4,17 +4,35 @@
 //! normalisation, case folding and collapsing inner white space, in either order. The key is a
 //! hash over that pair, the kind of answer, the prompt template version and the model, so a new
 //! prompt or model is a new key and old answers stay addressable.
+//!
+//! What is cached is served to everyone, so a name is refused (never silently changed) when
+//! it carries what a reader cannot see or cannot tell apart: control and format characters
+//! (bidi controls, zero-width characters, the BOM, tag characters), private-use and unassigned
+//! code points, stacks of combining marks, and letters of scripts that UTS #39 does not let
+//! mix (a Cyrillic `а` in `Batman`). Names are not folded to confusable skeletons: `rn` and
+//! `m` stay two names.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{UnicodeNormalization, char::decompose_compatible};
+use unicode_properties::{GeneralCategory, UnicodeEmoji, UnicodeGeneralCategory};
+use unicode_script::Script;
+use unicode_security::mixed_script::AugmentedScriptSet;
+use unicode_segmentation::UnicodeSegmentation;
 
 use crate::wire::Kind;
 
-/// The longest name we accept, in characters, after trimming.
+/// The longest name we accept, in user-perceived characters (grapheme clusters), after
+/// trimming.
 pub const MAX_NAME_CHARS: usize = 100;
+/// The longest name we accept in UTF-8 bytes, after trimming, whatever its characters: one
+/// grapheme cluster can be long (an emoji sequence, a letter with marks).
+pub const MAX_NAME_BYTES: usize = 1024;
+/// The most combining marks in a row (`é` written as `e` and an accent is one; Vietnamese and
+/// Indic letters take two or three): more is "zalgo" text.
+pub const MAX_MARKS_IN_A_ROW: usize = 4;
 
 /// Why a name was refused. The API turns these into 400 answers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,8 +43,24 @@ pub enum NameError {
     Empty(&'static str),
     #[error("opponent `{0}` is longer than {MAX_NAME_CHARS} characters")]
     TooLong(&'static str),
+    #[error("opponent `{0}` is longer than {MAX_NAME_BYTES} bytes")]
+    TooManyBytes(&'static str),
     #[error("opponent `{0}` contains control characters")]
     ControlCharacter(&'static str),
+    #[error(
+        "opponent `{0}` contains invisible formatting characters (such as a bidi control or a \
+         zero-width character)"
+    )]
+    InvisibleCharacter(&'static str),
+    #[error("opponent `{0}` contains private-use or unassigned characters")]
+    UnassignedCharacter(&'static str),
+    #[error("opponent `{0}` stacks more than {MAX_MARKS_IN_A_ROW} combining marks on a letter")]
+    TooManyMarks(&'static str),
+    #[error(
+        "opponent `{0}` mixes letters of different scripts (such as a Cyrillic letter in a \
+         Latin name); write it in one script"
+    )]
+    MixedScripts(&'static str),
 }
 
 impl NameError {
@@ -35,8 +69,12 @@ impl NameError {
         match self {
             NameError::Missing(_) => "missing_name",
             NameError::Empty(_) => "empty_name",
-            NameError::TooLong(_) => "name_too_long",
+            NameError::TooLong(_) | NameError::TooManyBytes(_) => "name_too_long",
             NameError::ControlCharacter(_) => "control_character",
+            NameError::InvisibleCharacter(_) => "invisible_character",
+            NameError::UnassignedCharacter(_) => "unassigned_character",
+            NameError::TooManyMarks(_) => "too_many_marks",
+            NameError::MixedScripts(_) => "mixed_scripts",
         }
     }
 }
@@ -56,21 +94,37 @@ impl Name {
         if trimmed.is_empty() {
             return Err(NameError::Empty(field));
         }
-        if trimmed.chars().any(char::is_control) {
-            return Err(NameError::ControlCharacter(field));
+        if trimmed.is_ascii() {
+            // Most names are ASCII, and every hit pays this: ASCII has no format, private-use
+            // or unassigned characters, no marks and one script (Latin) besides Common, so
+            // control characters and the length are all there is to check, a byte at a time.
+            if trimmed.bytes().any(|c| c.is_ascii_control()) {
+                return Err(NameError::ControlCharacter(field));
+            }
+            if trimmed.len() > MAX_NAME_CHARS {
+                return Err(NameError::TooLong(field));
+            }
+            // What `fold` gives for ASCII, without its passes: NFKC leaves ASCII alone, and
+            // folding it is lowercasing.
+            return Ok(Name {
+                display: collapse_whitespace(trimmed),
+                canonical: collapse_whitespace(&trimmed.to_ascii_lowercase()),
+            });
         }
-        if trimmed.chars().count() > MAX_NAME_CHARS {
+        if trimmed.len() > MAX_NAME_BYTES {
+            return Err(NameError::TooManyBytes(field));
+        }
+        check_characters(field, trimmed)?;
+        if trimmed.graphemes(true).count() > MAX_NAME_CHARS {
             return Err(NameError::TooLong(field));
         }
-        let display = collapse_whitespace(trimmed);
-        let canonical = if trimmed.is_ascii() {
-            // What `fold` gives for ASCII, without its passes: NFKC leaves ASCII alone, and
-            // folding it is lowercasing. Most names are ASCII, and every hit pays this.
-            collapse_whitespace(&trimmed.to_ascii_lowercase())
-        } else {
-            fold(trimmed)
-        };
-        Ok(Name { display, canonical })
+        if !scripts_may_mix(trimmed) {
+            return Err(NameError::MixedScripts(field));
+        }
+        Ok(Name {
+            display: collapse_whitespace(trimmed),
+            canonical: fold(trimmed),
+        })
     }
 
     pub fn display(&self) -> &str {
@@ -80,6 +134,103 @@ impl Name {
     pub fn canonical(&self) -> &str {
         &self.canonical
     }
+}
+
+/// Refuses, one character at a time: control characters; format characters (general category
+/// Cf: bidi controls, zero-width spaces and joiners, the BOM, the soft hyphen, tag
+/// characters), except a zero-width joiner between two emoji (👩‍🚀 is one emoji); variation
+/// selectors other than the text and emoji ones (they can carry data invisibly); private-use
+/// and unassigned code points; more than [`MAX_MARKS_IN_A_ROW`] combining marks in a row.
+fn check_characters(field: &'static str, name: &str) -> Result<(), NameError> {
+    let mut marks = 0;
+    // The last character that was not a mark (emoji take their presentation selector as one).
+    let mut base: Option<char> = None;
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_control() {
+            return Err(NameError::ControlCharacter(field));
+        }
+        match c.general_category() {
+            GeneralCategory::Format => {
+                let joins_emoji = c == ZWJ
+                    && base.is_some_and(is_emoji)
+                    && chars.peek().is_some_and(|&next| is_emoji(next));
+                if !joins_emoji {
+                    return Err(NameError::InvisibleCharacter(field));
+                }
+            }
+            GeneralCategory::PrivateUse
+            | GeneralCategory::Unassigned
+            | GeneralCategory::Surrogate => return Err(NameError::UnassignedCharacter(field)),
+            GeneralCategory::NonspacingMark
+            | GeneralCategory::SpacingMark
+            | GeneralCategory::EnclosingMark => {
+                if is_hidden_variation_selector(c) {
+                    return Err(NameError::InvisibleCharacter(field));
+                }
+                marks += 1;
+                if marks > MAX_MARKS_IN_A_ROW {
+                    return Err(NameError::TooManyMarks(field));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        marks = 0;
+        base = Some(c);
+    }
+    Ok(())
+}
+
+const ZWJ: char = '\u{200D}';
+
+/// Emoji, for the zero-width joiner: not the ASCII digits, `#` and `*`, which are emoji too
+/// (as keycaps).
+fn is_emoji(c: char) -> bool {
+    !c.is_ascii() && c.is_emoji_char()
+}
+
+/// Variation selectors VS1–VS14 and VS17–VS256: invisible, and able to smuggle bytes after
+/// any character. VS15 and VS16 (text or emoji presentation) stay.
+fn is_hidden_variation_selector(c: char) -> bool {
+    matches!(c, '\u{FE00}'..='\u{FE0D}' | '\u{E0100}'..='\u{E01EF}')
+}
+
+/// Whether the letters of `name` stay within what UTS #39 calls *highly restrictive*: one
+/// script, or Latin with Han and Hiragana and Katakana (Japanese), with Han and Bopomofo
+/// (Chinese) or with Han and Hangul (Korean). Characters common to all scripts (spaces,
+/// digits, punctuation, emoji) and combining marks do not count, except that a common letter
+/// counts as what it folds to (a mathematical bold `𝐁` is a Latin `B`).
+///
+/// This is `unicode_security`'s restriction-level detection over the script sets alone: the
+/// crate's own also refuses every character that is not allowed in identifiers, spaces and
+/// hyphens included.
+fn scripts_may_mix(name: &str) -> bool {
+    let mut all = AugmentedScriptSet::default();
+    let mut without_latin = AugmentedScriptSet::default();
+    let mut add = |set: AugmentedScriptSet| {
+        all.intersect_with(set);
+        if !set.base.contains_script(Script::Latin) {
+            without_latin.intersect_with(set);
+        }
+    };
+    for c in name.chars() {
+        if c.is_ascii() && !c.is_ascii_alphabetic() {
+            continue;
+        }
+        let set = AugmentedScriptSet::for_char(c);
+        if !set.is_all() {
+            add(set);
+        } else if c.is_alphabetic() {
+            decompose_compatible(c, |d| {
+                let set = AugmentedScriptSet::for_char(d);
+                if !set.is_all() {
+                    add(set);
+                }
+            });
+        }
+    }
+    !all.is_empty() || without_latin.hanb || without_latin.jpan || without_latin.kore
 }
 
 /// NFKC, then case folding, then NFKC again (folding can produce sequences that are not in
@@ -110,6 +261,12 @@ impl Matchup {
 
     /// The key of this matchup's answer of `kind`, made with prompt `version` and `model`.
     pub fn key(&self, kind: Kind, version: u32, model: &str) -> Key {
+        self.key_of_parts(kind, version, &[model])
+    }
+
+    /// [`Matchup::key`] with the model given in parts, hashed as if concatenated (a picture's
+    /// `model@size`, without building the string).
+    pub(crate) fn key_of_parts(&self, kind: Kind, version: u32, model: &[&str]) -> Key {
         let (lo, hi) = if self.a.canonical <= self.b.canonical {
             (&self.a.canonical, &self.b.canonical)
         } else {
@@ -117,7 +274,15 @@ impl Matchup {
         };
         // Names contain no control characters, so the unit separator cannot be forged.
         let mut hash = Sha256::new();
-        for part in [kind.as_str(), &version.to_string(), model, lo, hi] {
+        for part in [kind.as_str(), &version.to_string()] {
+            hash.update(part.as_bytes());
+            hash.update([0x1f]);
+        }
+        for part in model {
+            hash.update(part.as_bytes());
+        }
+        hash.update([0x1f]);
+        for part in [lo, hi] {
             hash.update(part.as_bytes());
             hash.update([0x1f]);
         }
@@ -227,6 +392,129 @@ mod tests {
         );
         let hundred = format!("  {}  ", "é".repeat(100));
         assert!(Name::parse("a", Some(&hundred)).is_ok());
+    }
+
+    #[test]
+    fn names_in_any_script_pass() {
+        for name in [
+            "Spider-Man",
+            "Dr. Strange",
+            "O'Brien",
+            "R2-D2",
+            "Ünal",
+            "Straße",
+            "孫悟空",
+            "Son Goku 孫悟空",
+            "ドラえもん",
+            "ナルト Uzumaki",
+            "Бэтмен",
+            "Бэтмен №1",
+            "Ἀχιλλεύς",
+            "🦈 Shark",
+            "Mary  Jane",
+            "Nguyễn Văn A",
+            "महात्मा गांधी",
+            "홍길동 Hong",
+            "👩‍🚀 Astronaut",
+            "❤️ Love",
+            "𝐁𝐚𝐭𝐦𝐚𝐧",
+            // `é` as `e` and an accent, twice over.
+            "Pe\u{301}le\u{301}",
+        ] {
+            assert!(
+                Name::parse("a", Some(name)).is_ok(),
+                "{name:?}: {:?}",
+                Name::parse("a", Some(name))
+            );
+        }
+    }
+
+    #[test]
+    fn invisible_unassigned_stacked_and_mixed_script_names_are_refused() {
+        let refused = |name: &str| Name::parse("a", Some(name)).unwrap_err();
+        for invisible in [
+            "Bat\u{202E}namrepuS",
+            "Bat\u{200D}man",
+            "Bat\u{200B}man",
+            "Bat\u{200C}man",
+            "Bat\u{2066}man\u{2069}",
+            "\u{FEFF}Batman",
+            "Bat\u{AD}man",
+            "Batman\u{E0041}\u{E0042}",
+            // A joiner is allowed between two emoji only.
+            "🦈\u{200D}",
+            "\u{200D}🦈",
+            "🦈\u{200D}\u{200D}🦈",
+            // Variation selectors that could carry bytes.
+            "Batman\u{FE00}",
+            "Batman\u{E0100}",
+            // Non-ASCII names take the full path.
+            "Ünal\u{200E}",
+        ] {
+            assert_eq!(
+                refused(invisible),
+                NameError::InvisibleCharacter("a"),
+                "{invisible:?}"
+            );
+        }
+        assert_eq!(
+            refused("Bat\u{E000}man"),
+            NameError::UnassignedCharacter("a")
+        );
+        assert_eq!(
+            refused("Bat\u{F0000}man"),
+            NameError::UnassignedCharacter("a")
+        );
+        assert_eq!(
+            refused("Bat\u{0378}man"),
+            NameError::UnassignedCharacter("a")
+        );
+        assert_eq!(
+            refused("Bat\u{FFFF}man"),
+            NameError::UnassignedCharacter("a")
+        );
+        assert_eq!(refused("Ün\u{85}al"), NameError::ControlCharacter("a"));
+        let zalgo = format!("Batme{}n", "\u{301}".repeat(5));
+        assert_eq!(refused(&zalgo), NameError::TooManyMarks("a"));
+        let four = format!("Batme{}n", "\u{301}".repeat(4));
+        assert!(Name::parse("a", Some(&four)).is_ok());
+        // A Cyrillic `а` (U+0430) among Latin letters, and one hidden among mathematical
+        // letters that fold to Latin.
+        assert_eq!(refused("B\u{430}tman"), NameError::MixedScripts("a"));
+        assert_eq!(refused("𝐁\u{430}𝐭𝐦𝐚𝐧"), NameError::MixedScripts("a"));
+        assert_eq!(refused("Bατman"), NameError::MixedScripts("a"));
+        assert_eq!(refused("Бэтмен Batman"), NameError::MixedScripts("a"));
+        assert_eq!(refused("孫悟空 Бэтмен"), NameError::MixedScripts("a"));
+        assert_eq!(
+            NameError::MixedScripts("a").code(),
+            "mixed_scripts",
+            "codes are part of the contract"
+        );
+    }
+
+    #[test]
+    fn length_counts_what_a_reader_sees_within_a_byte_bound() {
+        // 100 letters written as a letter and an accent each: 200 code points, 100 characters.
+        let accented = "e\u{301}".repeat(100);
+        assert!(Name::parse("a", Some(&accented)).is_ok());
+        let longer = "e\u{301}".repeat(101);
+        assert_eq!(
+            Name::parse("a", Some(&longer)),
+            Err(NameError::TooLong("a"))
+        );
+        // One emoji sequence is one character, but not of any length.
+        let chain = vec!["🦈"; 300].join("\u{200D}");
+        assert_eq!(
+            Name::parse("a", Some(&chain)),
+            Err(NameError::TooManyBytes("a"))
+        );
+    }
+
+    #[test]
+    fn look_alikes_within_one_script_stay_different_names() {
+        // No folding to confusable skeletons: these are different names.
+        assert_ne!(key("rn", "x"), key("m", "x"));
+        assert_ne!(key("Bill", "x"), key("BiII", "x"));
     }
 
     #[test]

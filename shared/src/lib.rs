@@ -3,6 +3,8 @@
 //! - [`key`]: validated opponent names and the canonical matchup key;
 //! - [`wire`]: subjects, streams, job and event payloads, the edge-cache value (the contract);
 //! - [`prompt`]: the prompt templates and their versions, which are part of every key;
+//! - [`recipe`]: the model, size and prompt version an answer is made with, and the key and
+//!   job they derive (the API makes jobs with it, workers check jobs against it);
 //! - [`budget`]: prices, and the daily budget every process watches;
 //! - [`bus`]: connecting to NATS and declaring streams and the KV bucket idempotently;
 //! - [`history`]: reading a key's stored events (its last one, and all from a point on);
@@ -22,6 +24,7 @@ pub mod history;
 pub mod key;
 pub mod objects;
 pub mod prompt;
+pub mod recipe;
 pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;

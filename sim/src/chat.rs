@@ -14,7 +14,7 @@ use crate::answer::Answer;
 use crate::faults::Fault;
 use crate::openai::{self, Reply};
 use crate::state::Sim;
-use crate::stats::{Call, CallKind, Usage};
+use crate::stats::{self, Call, CallKind, ChatMessage, Usage};
 use crate::stream::{self, Ending, Meta, Pace};
 
 /// Keeps a mistyped knob from asking for gigabytes of text.
@@ -33,6 +33,8 @@ struct ChatRequest {
 
 #[derive(Deserialize)]
 struct Message {
+    #[serde(default)]
+    role: String,
     #[serde(default)]
     content: Value,
 }
@@ -69,6 +71,16 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
         std::iter::once(request.model.as_bytes()).chain(contents.iter().map(|c| c.as_bytes())),
     );
     call.prompt_sha256 = hex::encode(seed);
+    call.request = Some(stats::ChatRequest {
+        at_ms: call.at_ms,
+        model: request.model.clone(),
+        messages: request
+            .messages
+            .iter()
+            .zip(&contents)
+            .map(|(m, content)| ChatMessage::new(&m.role, content))
+            .collect(),
+    });
     let knobs = sim.knobs();
     let pace = Pace::from_knobs(&knobs);
     let fault = sim.take_fault(CallKind::Chat);

@@ -6,6 +6,11 @@ use serde::Serialize;
 
 /// Keeps memory bounded in long benchmarks; the counters stay exact past this.
 const MAX_KEPT_CALLS: usize = 100_000;
+/// How many recent chat requests keep their messages: enough for a test to read what the
+/// upstream was sent, little enough for a benchmark of 100k calls.
+const MAX_KEPT_CHAT_REQUESTS: usize = 32;
+/// The most of one message's text kept, in bytes (cut at a character boundary).
+const MAX_KEPT_MESSAGE_BYTES: usize = 4096;
 
 /// Which upstream endpoint a call reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,6 +35,40 @@ pub struct Call {
     /// The usage the answer reports (chat answers that run to their end, when asked for).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What a chat request asked: moved to [`Stats::chat_requests`] when the call is recorded,
+    /// so that the long list of calls keeps only the hash.
+    #[serde(skip)]
+    pub request: Option<ChatRequest>,
+}
+
+/// A chat request as the simulator received it: its model and messages.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatRequest {
+    /// Unix milliseconds when the request arrived.
+    pub at_ms: u64,
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+}
+
+/// One message of a chat request; `content` is its text (the text parts of a content array,
+/// joined), at most [`MAX_KEPT_MESSAGE_BYTES`] of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: &str) -> ChatMessage {
+        let mut end = content.len().min(MAX_KEPT_MESSAGE_BYTES);
+        while !content.is_char_boundary(end) {
+            end -= 1;
+        }
+        ChatMessage {
+            role: role.to_owned(),
+            content: content[..end].to_owned(),
+        }
+    }
 }
 
 /// Tokens as a chat answer's `usage` reports them.
@@ -49,6 +88,7 @@ impl Call {
             prompt_sha256: String::new(),
             image_sha256: None,
             usage: None,
+            request: None,
         }
     }
 }
@@ -62,10 +102,19 @@ pub struct Stats {
     /// Every chat answer's reported usage, added up.
     pub usage: Usage,
     pub calls: VecDeque<Call>,
+    /// The most recent chat requests with their messages (at most
+    /// [`MAX_KEPT_CHAT_REQUESTS`]), oldest first.
+    pub chat_requests: VecDeque<ChatRequest>,
 }
 
 impl Stats {
-    pub fn record(&mut self, call: Call) {
+    pub fn record(&mut self, mut call: Call) {
+        if let Some(request) = call.request.take() {
+            if self.chat_requests.len() == MAX_KEPT_CHAT_REQUESTS {
+                self.chat_requests.pop_front();
+            }
+            self.chat_requests.push_back(request);
+        }
         match call.kind {
             CallKind::Chat => self.chat_calls += 1,
             CallKind::Image => self.image_calls += 1,
@@ -79,5 +128,37 @@ impl Stats {
             self.calls.pop_front();
         }
         self.calls.push_back(call);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_latest_chat_requests_keep_their_messages() {
+        let mut stats = Stats::default();
+        for n in 0..(MAX_KEPT_CHAT_REQUESTS + 8) {
+            let mut call = Call::arrived(CallKind::Chat);
+            call.request = Some(ChatRequest {
+                at_ms: 0,
+                model: format!("m{n}"),
+                messages: vec![ChatMessage::new(
+                    "user",
+                    &"é".repeat(MAX_KEPT_MESSAGE_BYTES),
+                )],
+            });
+            stats.record(call);
+        }
+        assert_eq!(stats.chat_calls as usize, MAX_KEPT_CHAT_REQUESTS + 8);
+        assert_eq!(stats.chat_requests.len(), MAX_KEPT_CHAT_REQUESTS);
+        assert_eq!(stats.chat_requests[0].model, "m8");
+        let kept = &stats.chat_requests[0].messages[0].content;
+        assert_eq!(
+            kept.len(),
+            MAX_KEPT_MESSAGE_BYTES,
+            "cut at a character boundary"
+        );
+        assert!(stats.calls.iter().all(|c| c.request.is_none()));
     }
 }

@@ -30,7 +30,7 @@ impl Sim {
         format!("{}/v1", self.url)
     }
 
-    /// `GET /_sim/stats`: `{"chat_calls", "image_calls", "calls": [...]}`.
+    /// `GET /_sim/stats`: `{"chat_calls", "image_calls", "calls": [...], "chat_requests": [...]}`.
     pub async fn stats(&self) -> Value {
         let response = self.send(self.http.get(self.control("stats"))).await;
         response
@@ -49,6 +49,16 @@ impl Sim {
             .filter(|c| c["kind"] == kind)
             .cloned()
             .collect()
+    }
+
+    /// The most recent chat requests (up to 32), oldest first, as the simulator received
+    /// them: `{"at_ms", "model", "messages": [{"role", "content"}]}`.
+    pub async fn chat_requests(&self) -> Vec<Value> {
+        let stats = self.stats().await;
+        stats["chat_requests"]
+            .as_array()
+            .unwrap_or_else(|| panic!("versus-sim stats hold no chat requests: {stats}"))
+            .clone()
     }
 
     /// How many chat completions the simulator has served (or refused) since its last reset.

@@ -17,7 +17,10 @@ use async_nats::jetstream::{
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use versus_shared::wire::{self, Job};
+use versus_shared::{
+    recipe,
+    wire::{self, Job},
+};
 
 use crate::{ctx::Ctx, generation::Outcome, job};
 
@@ -185,6 +188,24 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
             }
             return;
         }
+    }
+    // Nothing on the bus is trusted: a job this worker would not have produced (its key is
+    // not what our models, size and prompt version make of its names, or it names another
+    // model or size) is dropped before any claim or upstream call. Pre-warm jobs are made the
+    // same way, and checked the same way.
+    if let Err(forged) = recipe::check(&ctx.models, &job) {
+        tracing::warn!(
+            key = %job.key,
+            kind = %job.kind,
+            subject = %msg.subject,
+            reason = forged.reason(),
+            "a job this worker would not have produced ({forged}); dropping it"
+        );
+        metrics::counter!("versus_jobs_rejected_total", "reason" => forged.reason()).increment(1);
+        if let Err(e) = msg.ack_with(AckKind::Term).await {
+            tracing::warn!(key = %job.key, error = %e, "dropping a rejected job failed");
+        }
+        return;
     }
     let ack = match job::handle(ctx, &msg, &job, abandon).await {
         Ok(Outcome::Ack) => msg.double_ack().await,

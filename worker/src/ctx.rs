@@ -1,9 +1,9 @@
 //! What every job handler needs: the bus, Postgres and the claimer, the upstream client, the
-//! object store, the lease, and the daily budget.
+//! object store, the lease, the models, and the daily budget.
 
 use std::{sync::Arc, time::Duration};
 
-use versus_shared::{budget::Budget, bus::Bus};
+use versus_shared::{budget::Budget, bus::Bus, config::ModelSettings};
 
 use crate::{claims, moderation, openai};
 
@@ -16,6 +16,9 @@ pub struct Ctx {
     pub lease: Duration,
     /// An interactive job that waited longer than this in the queue is dropped, not started.
     pub job_max_wait: Duration,
+    /// The models and picture size answers are made with: a job that names others, or whose
+    /// key is not what they make of its names, is dropped (`versus_shared::recipe::check`).
+    pub models: ModelSettings,
     /// Identifies this process in claims, for operators.
     pub worker_id: String,
     pub claimer: claims::Claimer,

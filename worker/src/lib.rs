@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use versus_shared::{
     budget::{Budget, BudgetSettings},
     bus::Bus,
-    config::{NatsSettings, Secret},
+    config::{ModelSettings, NatsSettings, Secret},
     objects::ObjectStoreSettings,
     tasks::Tasks,
     telemetry::{self, PrometheusHandle},
@@ -62,6 +62,10 @@ pub struct Settings {
     pub budget: BudgetSettings,
     #[command(flatten)]
     pub moderation: moderation::ModerationSettings,
+    /// The models (and picture size) this worker generates with: the API's, since jobs are
+    /// checked against them.
+    #[command(flatten)]
+    pub models: ModelSettings,
     /// Jobs this process runs at once.
     #[arg(long, env = "VERSUS_WORKER_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
@@ -127,6 +131,7 @@ pub async fn run(
         objects: settings.objects.open()?,
         lease: settings.lease(),
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
+        models: settings.models.clone(),
         worker_id,
         budget: budget.clone(),
         moderator: moderation::Moderator::new(&settings.moderation),

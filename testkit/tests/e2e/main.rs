@@ -14,6 +14,7 @@ mod faults;
 mod images;
 mod limits;
 mod moderation;
+mod names;
 mod page;
 mod postgres;
 mod prewarm;

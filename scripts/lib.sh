@@ -271,6 +271,56 @@ wait_nats_ready() {
     done
 }
 
+# --- NATS users --------------------------------------------------------------------------
+#
+# nats.conf has three users, each with a password that nats-server reads from its environment:
+# versus-admin (everything: operators, tools), versus-api and versus-worker (what those may do
+# on the bus, nothing more). Nobody connects without one.
+
+NATS_USERS=(admin api worker)
+
+# nats_passwords FILE: reads the three passwords from FILE (lines VERSUS_NATS_<USER>_PASSWORD=…,
+# at least 8 of A-Z a-z 0-9 . _ ~ -, which a URL carries as they are), first making it (mode
+# 600, 32 random hex digits each) unless it holds all three. Sets them as variables of this
+# shell, not exported: pass them to nats-server alone (`with_nats_passwords`).
+nats_passwords() {
+    local file=$1 user var missing=0
+    for user in "${NATS_USERS[@]}"; do
+        var="VERSUS_NATS_${user^^}_PASSWORD"
+        grep -q "^$var=[A-Za-z0-9._~-]\{8,\}\$" "$file" 2>/dev/null || missing=1
+    done
+    if [ "$missing" -eq 1 ]; then
+        (
+            umask 077
+            for user in "${NATS_USERS[@]}"; do
+                echo "VERSUS_NATS_${user^^}_PASSWORD=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
+            done >"$file.new"
+            mv "$file.new" "$file"
+        )
+    fi
+    chmod 600 "$file"
+    for user in "${NATS_USERS[@]}"; do
+        var="VERSUS_NATS_${user^^}_PASSWORD"
+        printf -v "$var" '%s' "$(sed -n "s/^$var=//p" "$file")"
+    done
+}
+
+# with_nats_passwords COMMAND...: runs COMMAND (a function such as `start` too) with the three
+# passwords in its environment, as nats-server reads them; nothing else gets them.
+with_nats_passwords() {
+    VERSUS_NATS_ADMIN_PASSWORD=$VERSUS_NATS_ADMIN_PASSWORD \
+        VERSUS_NATS_API_PASSWORD=$VERSUS_NATS_API_PASSWORD \
+        VERSUS_NATS_WORKER_PASSWORD=$VERSUS_NATS_WORKER_PASSWORD \
+        "$@"
+}
+
+# nats_url USER PORT: the URL that logs in as versus-USER on 127.0.0.1:PORT (a secret: pass it
+# in NATS_URL, never print it).
+nats_url() {
+    local var="VERSUS_NATS_${1^^}_PASSWORD"
+    echo "nats://versus-$1:${!var}@127.0.0.1:$2"
+}
+
 # on_exit FUNC: runs FUNC when the script exits, and turns Ctrl-C, SIGTERM and SIGHUP into an
 # exit (status 130, 143, 129) so that it runs then too.
 on_exit() {

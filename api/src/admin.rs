@@ -14,13 +14,12 @@ use axum::{
     routing::{delete, get, post},
 };
 use futures::{StreamExt, future::try_join_all, stream};
-use object_store::ObjectStoreExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use versus_shared::{
     key::Key,
-    wire::{self, Event, Job, Kind, Purge},
+    wire::{self, Job, Kind, Purge, PurgeReply, PurgeRequest, Purged},
 };
 
 use crate::{app::App, error::ApiError, matchup::FightRequest};
@@ -344,8 +343,12 @@ async fn spend(State(app): State<App>) -> Result<Response, ApiError> {
     .into_response())
 }
 
-/// Purges a text answer and its picture (or their refusals) from Postgres, the object store, the edge KV bucket,
-/// the events stream, and the memory of every API replica.
+/// How long a worker may take to carry out a purge.
+const PURGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Purges a text answer and its picture (or their refusals) from Postgres, the object store,
+/// the edge KV bucket, the events stream, and the memory of every API replica. A worker does
+/// the writing (this process may not write to the bus): without one, 503 and nothing is done.
 async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
     let db = app.db()?;
@@ -367,40 +370,32 @@ async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Respon
     let (a, b) = names.ok_or(ApiError::NotFound)?;
     let image = app.ask(&FightRequest::new(a, b), Kind::Image)?.key;
 
-    let removed: Vec<Option<String>> = sqlx::query_scalar(
-        "DELETE FROM generations
-         WHERE (kind = 'text' AND key = $1) OR (kind = 'image' AND key = $2)
-         RETURNING image_path",
-    )
-    .bind(key.as_str())
-    .bind(image.as_str())
-    .fetch_all(db)
-    .await
-    .map_err(database)?;
-    for path in removed.into_iter().flatten() {
-        if let Err(e) = app.inner.objects.delete(&path.as_str().into()).await {
-            tracing::warn!(%path, error = %e, "deleting a purged picture failed");
-        }
-    }
+    let request = PurgeRequest {
+        answers: vec![
+            Purged {
+                kind: Kind::Text,
+                key: key.clone(),
+            },
+            Purged {
+                kind: Kind::Image,
+                key: image.clone(),
+            },
+        ],
+    };
+    let payload = serde_json::to_vec(&request).map_err(|_| ApiError::Unavailable)?;
     let bus = &app.inner.bus;
-    for (kind, key) in [(Kind::Text, &key), (Kind::Image, &image)] {
-        for entry in [wire::kv_key(kind, key), wire::refusal_kv_key(kind, key)] {
-            bus.answers.purge(entry).await.map_err(|e| nats(&e))?;
-        }
-        // Readers waiting on the answer learn it is gone; later requests start afresh.
-        let subject = wire::events_subject(kind, key);
-        bus.events
-            .purge()
-            .filter(subject.clone())
-            .await
-            .map_err(|e| nats(&e))?;
-        let marker = serde_json::to_vec(&Event::Purged).map_err(|_| ApiError::Unavailable)?;
-        bus.js
-            .publish(subject, marker.into())
-            .await
-            .map_err(|e| nats(&e))?
-            .await
-            .map_err(|e| nats(&e))?;
+    // No worker up: "no responders" at once.
+    let ask = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(PURGE_TIMEOUT));
+    let reply = bus
+        .client
+        .send_request(wire::PURGE_REQUEST_SUBJECT, ask)
+        .await
+        .map_err(|e| nats(&format!("asking a worker to purge: {e}")))?;
+    let reply: PurgeReply = serde_json::from_slice(&reply.payload).map_err(|e| nats(&e))?;
+    if let Some(error) = reply.error {
+        return Err(nats(&format!("the worker's purge failed: {error}")));
     }
     let keys = vec![key.clone(), image.clone()];
     app.forget(&keys);

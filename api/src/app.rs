@@ -17,7 +17,7 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     budget::{Budget, BudgetSettings},
-    bus::Bus,
+    bus::{Bus, Role},
     config::{ModelSettings, NatsSettings, Secret},
     history,
     objects::ObjectStoreSettings,
@@ -122,7 +122,7 @@ pub struct Inner {
 }
 
 impl App {
-    /// Connects to NATS and declares what the API uses.
+    /// Connects to NATS and looks up what the API uses (waiting until a worker declared it).
     pub async fn build(
         settings: Settings,
         metrics: PrometheusHandle,
@@ -134,7 +134,7 @@ impl App {
                 tracing::warn!(%model, "no price for this model (VERSUS_PRICES): it is counted at the dearest known price");
             }
         }
-        let bus = Bus::connect(&settings.nats, "versus-api", tasks).await?;
+        let bus = Bus::connect(&settings.nats, Role::Api, tasks).await?;
         tasks.spawn(
             budget
                 .clone()

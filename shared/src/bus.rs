@@ -1,14 +1,26 @@
-//! Connecting to NATS and declaring what Versus needs on it (the jobs and events streams and
-//! the answers KV bucket). Declarations are idempotent, so every process makes them at start-up.
+//! Connecting to NATS and what Versus needs on it (the jobs and events streams, the answers and
+//! spend KV buckets).
+//!
+//! Each process connects as its own NATS user (`nats.conf`), and only workers may change the
+//! streams: a worker declares them (idempotently, at start-up, and the in-memory events
+//! stream again after every reconnect), while the API only looks them up, waiting until a
+//! worker has declared them.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::{
+    ServerAddr,
+    jetstream::{self, kv, stream},
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::NatsSettings, tasks::Tasks, wire};
+use crate::{
+    config::{NatsSettings, Secret},
+    tasks::Tasks,
+    wire,
+};
 
 /// Whether a publish failed because the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`): the
 /// server's "store failed" answer, which a stream that discards new messages gives when full.
@@ -16,6 +28,27 @@ pub fn is_full(error: &jetstream::context::PublishError) -> bool {
     std::error::Error::source(error)
         .and_then(|source| source.downcast_ref::<jetstream::Error>())
         .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED)
+}
+
+/// Who a process is on the bus. Its NATS user (`nats.conf`) allows what the role does, and
+/// nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Publishes jobs, popularity and purge notices, reads events and the KV buckets; looks
+    /// the streams and buckets up, and waits for a worker to declare them.
+    Api,
+    /// Writes events, answers and spend; declares the streams, buckets and consumers.
+    Worker,
+}
+
+impl Role {
+    /// The client name the server shows for this process's connection.
+    pub fn client_name(self) -> &'static str {
+        match self {
+            Role::Api => "versus-api",
+            Role::Worker => "versus-worker",
+        }
+    }
 }
 
 /// A connected client with handles on everything Versus uses. Cheap to clone.
@@ -34,17 +67,19 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects (retrying until NATS is up) and declares streams and the bucket. The task that
-    /// declares the events stream again after reconnects runs on `tasks`.
+    /// Connects (retrying until NATS is up) as `role`: a worker declares the streams and
+    /// buckets (and runs, on `tasks`, the task that declares the events stream again after
+    /// reconnects); the API looks them up, waiting until they are there.
     pub async fn connect(
         settings: &NatsSettings,
-        name: &str,
+        role: Role,
         tasks: &Tasks,
     ) -> anyhow::Result<Bus> {
         let (lost, losses) = watch::channel(0u64);
         let (reconnected, reconnects) = watch::channel(0u64);
-        let client = async_nats::ConnectOptions::new()
-            .name(name)
+        let (options, servers) = connect_options(settings).await?;
+        let client = options
+            .name(role.client_name())
             .event_callback(move |event| {
                 use async_nats::Event;
                 match &event {
@@ -55,44 +90,29 @@ impl Bus {
                     Event::SlowConsumer(_) => lost.send_modify(|n| *n += 1),
                     _ => {}
                 }
+                // Events carry no address and no credentials.
                 tracing::info!(%event, "nats connection");
                 std::future::ready(())
             })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(settings.url.expose())
+            .connect(servers)
             .await
             .context("connecting to NATS (NATS_URL)")?;
         let js = jetstream::new(client.clone());
-        let jobs = declare_stream(&js, jobs_stream(settings.max_queued_jobs)).await?;
-        let events = declare_stream(&js, events_stream(settings.events_max_age())).await?;
-        tasks.spawn(redeclare_events(
-            js.clone(),
-            reconnects,
-            settings.events_max_age(),
-            tasks.shutdown().clone(),
-        ));
-        let answers = js
-            .create_or_update_key_value(kv::Config {
-                bucket: wire::ANSWERS_BUCKET.to_owned(),
-                description: "Finished answers: the edge cache in front of Postgres".to_owned(),
-                history: 1,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .context("declaring the answers KV bucket")?;
-        let spend = js
-            .create_or_update_key_value(kv::Config {
-                bucket: wire::SPEND_BUCKET.to_owned(),
-                description: "Each UTC day's upstream spend, cluster-wide".to_owned(),
-                history: 1,
-                max_age: Duration::from_secs(3 * 24 * 3600),
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .context("declaring the spend KV bucket")?;
+        let (jobs, events, answers, spend) = match role {
+            Role::Worker => {
+                let declared = declare(&js, settings).await?;
+                tasks.spawn(redeclare_events(
+                    js.clone(),
+                    reconnects,
+                    settings.events_max_age(),
+                    tasks.shutdown().clone(),
+                ));
+                declared
+            }
+            Role::Api => look_up(&js, tasks.shutdown()).await?,
+        };
         Ok(Bus {
             client,
             js,
@@ -110,6 +130,192 @@ impl Bus {
             return false;
         }
         self.jobs.get_info().await.is_ok() && self.events.get_info().await.is_ok()
+    }
+}
+
+/// The streams and buckets: jobs, events, answers, spend.
+type Handles = (stream::Stream, stream::Stream, kv::Store, kv::Store);
+
+/// Declares the streams and buckets (a worker's part): idempotent, so every worker does it.
+async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> anyhow::Result<Handles> {
+    let jobs = declare_stream(js, jobs_stream(settings.max_queued_jobs)).await?;
+    let events = declare_stream(js, events_stream(settings.events_max_age())).await?;
+    let answers = js
+        .create_or_update_key_value(answers_bucket())
+        .await
+        .context("declaring the answers KV bucket")?;
+    let spend = js
+        .create_or_update_key_value(spend_bucket())
+        .await
+        .context("declaring the spend KV bucket")?;
+    Ok((jobs, events, answers, spend))
+}
+
+/// How often the API looks for the streams and buckets while they are not there yet.
+const LOOK_UP_EVERY: Duration = Duration::from_millis(500);
+/// How often it says it is still waiting.
+const LOOK_UP_LOG_EVERY: u32 = 20;
+
+/// Looks the streams and buckets up (the API's part: it may not declare them), trying again
+/// until a worker has declared them or `shutdown` fires.
+async fn look_up(js: &jetstream::Context, shutdown: &CancellationToken) -> anyhow::Result<Handles> {
+    let mut tries = 0u32;
+    loop {
+        match try_look_up(js).await {
+            Ok(found) => {
+                if tries > 0 {
+                    tracing::info!("the streams and buckets are there");
+                }
+                return Ok(found);
+            }
+            Err(e) => {
+                if tries.is_multiple_of(LOOK_UP_LOG_EVERY) {
+                    tracing::info!(
+                        error = format!("{e:#}"),
+                        "waiting for a worker to declare the streams and buckets"
+                    );
+                }
+                tries += 1;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                anyhow::bail!("stopped while waiting for the streams and buckets")
+            }
+            () = tokio::time::sleep(LOOK_UP_EVERY) => {}
+        }
+    }
+}
+
+async fn try_look_up(js: &jetstream::Context) -> anyhow::Result<Handles> {
+    let stream = |name: &'static str| async move {
+        js.get_stream(name)
+            .await
+            .with_context(|| format!("looking up stream {name}"))
+    };
+    let bucket = |name: &'static str| async move {
+        js.get_key_value(name)
+            .await
+            .with_context(|| format!("looking up KV bucket {name}"))
+    };
+    Ok((
+        stream(wire::JOBS_STREAM).await?,
+        stream(wire::EVENTS_STREAM).await?,
+        bucket(wire::ANSWERS_BUCKET).await?,
+        bucket(wire::SPEND_BUCKET).await?,
+    ))
+}
+
+/// How this process logs in, from `settings`: the options (a user and password taken out of
+/// `NATS_URL`, a token, or `NATS_CREDS`; TLS) and the servers, without credentials, so that
+/// nothing the client logs about a server can show them.
+async fn connect_options(
+    settings: &NatsSettings,
+) -> anyhow::Result<(async_nats::ConnectOptions, Vec<ServerAddr>)> {
+    let (servers, login) = servers(&settings.url)?;
+    let mut options = async_nats::ConnectOptions::new();
+    match (login, &settings.creds) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "NATS_URL carries a user and NATS_CREDS names a credentials file: set one of them"
+        ),
+        (Some(Login::User(user, password)), None) => {
+            options = options.user_and_password(user, password.expose().to_owned());
+        }
+        (Some(Login::Token(token)), None) => options = options.token(token.expose().to_owned()),
+        (None, Some(creds)) => {
+            options = options
+                .credentials_file(creds)
+                .await
+                .with_context(|| format!("reading NATS_CREDS {}", creds.display()))?;
+        }
+        (None, None) => {}
+    }
+    if let Some(ca) = &settings.tls_ca {
+        anyhow::ensure!(ca.is_file(), "NATS_TLS_CA {} is not a file", ca.display());
+        options = options
+            .add_root_certificates(PathBuf::from(ca))
+            .require_tls(true);
+    }
+    Ok((options, servers))
+}
+
+/// Credentials a NATS URL carries: `user:password@` or `token@`.
+#[derive(Debug, PartialEq, Eq)]
+enum Login {
+    User(String, Secret),
+    Token(Secret),
+}
+
+/// The servers of a `NATS_URL` (comma-separated), with their credentials taken out, and the
+/// first credentials found. Errors never quote the URL.
+fn servers(url: &Secret) -> anyhow::Result<(Vec<ServerAddr>, Option<Login>)> {
+    let mut servers = Vec::new();
+    let mut login = None;
+    for (i, part) in url.expose().split(',').map(str::trim).enumerate() {
+        let server: ServerAddr = part
+            .parse()
+            .map_err(|e: std::io::Error| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("NATS_URL: server {} is not a NATS URL", i + 1))?;
+        let mut url = server.into_inner();
+        if login.is_none() && !url.username().is_empty() {
+            let user = percent_decoded(url.username());
+            login = Some(match url.password() {
+                Some(password) => Login::User(user, Secret::new(percent_decoded(password))),
+                // `nats://TOKEN@host`: a token alone.
+                None => Login::Token(Secret::new(user)),
+            });
+        }
+        // Cannot fail for the URLs ServerAddr takes (they all have a host).
+        let _ = url.set_password(None);
+        let _ = url.set_username("");
+        servers.push(ServerAddr::from_url(url)?);
+    }
+    Ok((servers, login))
+}
+
+/// `%XX` escapes decoded (a password with `@`, `:` or `/` is written escaped in a URL).
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn answers_bucket() -> kv::Config {
+    kv::Config {
+        bucket: wire::ANSWERS_BUCKET.to_owned(),
+        description: "Finished answers: the edge cache in front of Postgres".to_owned(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+fn spend_bucket() -> kv::Config {
+    kv::Config {
+        bucket: wire::SPEND_BUCKET.to_owned(),
+        description: "Each UTC day's upstream spend, cluster-wide".to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(3 * 24 * 3600),
+        storage: stream::StorageType::File,
+        ..Default::default()
     }
 }
 
@@ -187,4 +393,52 @@ async fn declare_stream(
     js.get_stream(&name)
         .await
         .with_context(|| format!("opening stream {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(url: &str) -> (Vec<String>, Option<Login>) {
+        let (servers, login) = servers(&Secret::new(url)).unwrap();
+        let servers = servers.iter().map(|s| s.as_url_str().to_owned()).collect();
+        (servers, login)
+    }
+
+    #[test]
+    fn credentials_come_out_of_the_url_and_never_stay_in_it() {
+        let (servers, login) = parsed("nats://versus-api:s3cr%40t@127.0.0.1:4222");
+        assert_eq!(servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(
+            login,
+            Some(Login::User("versus-api".into(), Secret::new("s3cr@t")))
+        );
+
+        let (servers, login) =
+            parsed("tls://tok3n@nats.example.com, tls://nats-2.example.com:4443");
+        assert_eq!(
+            servers,
+            ["tls://nats.example.com", "tls://nats-2.example.com:4443"]
+        );
+        assert_eq!(login, Some(Login::Token(Secret::new("tok3n"))));
+
+        let (servers, login) = parsed("127.0.0.1:4222");
+        assert_eq!(servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(login, None);
+    }
+
+    #[test]
+    fn a_bad_url_is_named_without_its_credentials() {
+        let error = servers(&Secret::new("http://versus-api:hunter2@host:4222")).unwrap_err();
+        let text = format!("{error:#}");
+        assert!(text.contains("NATS_URL"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn percent_escapes_are_decoded_and_stray_percents_kept() {
+        assert_eq!(percent_decoded("a%2Fb%3Ac%25"), "a/b:c%");
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz%4"), "%zz%4");
+    }
 }

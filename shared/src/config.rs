@@ -30,16 +30,27 @@ impl FromStr for Secret {
     }
 }
 
-/// Where NATS is and how long generation events stay replayable.
+/// Where NATS is, who this process is on it, and how long generation events stay replayable.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsSettings {
-    /// NATS server URL (may carry credentials, so it is kept secret).
+    /// NATS server URL: `nats://user:password@host:4222` logs in as that user (`tls://…`
+    /// requires TLS); several servers are separated by commas. Kept secret: it never reaches
+    /// a log, an error message or `--help`.
     #[arg(
         long = "nats-url",
         env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
     )]
     pub url: Secret,
+    /// A NATS credentials file (a user JWT and its NKey seed, as `nsc` or the NATS account
+    /// server issues them), instead of a user and password in `NATS_URL`.
+    #[arg(long = "nats-creds", env = "NATS_CREDS")]
+    pub creds: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the NATS server's certificate, for a private CA:
+    /// setting it requires TLS. (`tls://` URLs are checked against the system's CAs.)
+    #[arg(long = "nats-tls-ca", env = "NATS_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// How long a generation's events stay on the events stream, in seconds.
     #[arg(long, env = "VERSUS_EVENTS_MAX_AGE_SECS", default_value_t = 600)]
     pub events_max_age_secs: u64,

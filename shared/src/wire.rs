@@ -13,6 +13,8 @@
 //!   object storage).
 //! - KV bucket `versus_answers`, key `refused.<kind>.<key>`: a [`Refusal`], for a matchup
 //!   that moderation refused (written after Postgres holds it).
+//! - `versus.admin.purge` (core NATS request/reply, queue group across workers): an
+//!   operator's purge, which the API asks a worker to carry out ([`PurgeRequest`]).
 //! - KV bucket `versus_spend`, key `day.<n>`: the total the cluster spent on UTC day `n`
 //!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
 //!   process watches it (see `budget`).
@@ -43,6 +45,13 @@ pub const POPULARITY_SUBJECT: &str = "versus.popularity";
 pub const POPULARITY_QUEUE: &str = "versus-popularity";
 /// Core NATS: a [`Purge`] every API replica applies to its in-memory caches.
 pub const PURGE_SUBJECT: &str = "versus.cache.purge";
+/// Core NATS request/reply: an operator's purge, which the API (it may not write to the
+/// events stream or the KV bucket) asks one worker to carry out (queue group
+/// [`PURGE_REQUEST_QUEUE`]): a [`PurgeRequest`], answered with a [`PurgeReply`] once the rows,
+/// pictures, KV entries and events are gone. The API then forgets the keys and tells every
+/// replica ([`PURGE_SUBJECT`]).
+pub const PURGE_REQUEST_SUBJECT: &str = "versus.admin.purge";
+pub const PURGE_REQUEST_QUEUE: &str = "versus-purge";
 
 /// What kind of answer a job asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -251,6 +260,28 @@ pub struct Requests {
     pub a: String,
     pub b: String,
     pub count: u64,
+}
+
+/// The answers an operator purges (a text answer and its picture): their rows and pictures,
+/// their KV entries (answer and refusal), and their events, which end with [`Event::Purged`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeRequest {
+    pub answers: Vec<Purged>,
+}
+
+/// One answer of a [`PurgeRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Purged {
+    pub kind: Kind,
+    pub key: Key,
+}
+
+/// A worker's answer to a [`PurgeRequest`]: `error` says what failed (a purge is idempotent:
+/// asking again finishes it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Keys every API replica must drop from its in-memory caches.

@@ -4,7 +4,8 @@
 //! The kit runs the binaries that `scripts/test` builds (`cargo build --workspace --bins`)
 //! from the same target profile directory as the test executable, and needs:
 //!
-//! - `NATS_SERVER_BIN` (or `nats-server` on `PATH`), for [`Nats`];
+//! - `NATS_SERVER_BIN` (or `nats-server` on `PATH`), for [`Nats`] (run with the repository's
+//!   `nats.conf`: the programs log in as its users, with passwords made per server);
 //! - `VERSUS_TEST_DATABASE_URL`, a Postgres superuser URL, for [`Database`].
 //!
 //! `scripts/test` provides them (and `S3S_FS_BIN`, for [`S3`]). A typical test:
@@ -38,7 +39,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 pub use db::Database;
-pub use nats::Nats;
+pub use nats::{Nats, NatsUser};
 pub use nix::sys::signal::Signal;
 pub use proc::Proc;
 pub use s3::S3;

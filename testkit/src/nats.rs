@@ -1,4 +1,5 @@
-//! A real `nats-server` with JetStream on a free port and a throwaway store directory.
+//! A real `nats-server` with JetStream on a free port and a throwaway store directory, run with
+//! the repository's `nats.conf` (its users and their permissions) and fresh random passwords.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -14,17 +15,55 @@ use crate::{TempDir, free_port};
 
 /// How long nats-server may take to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// Attempts at finding a port that stays free until nats-server binds it.
+/// Attempts at finding ports that stay free until nats-server binds them.
 const PORT_ATTEMPTS: usize = 5;
 
-/// A running nats-server (`-js -a 127.0.0.1 -p PORT -sd STORE`). Killed, and its store
-/// removed, when dropped.
+/// The users of `nats.conf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsUser {
+    /// `versus-admin`: everything (tests, operators).
+    Admin,
+    /// `versus-api`: what the API may do.
+    Api,
+    /// `versus-worker`: what a worker may do.
+    Worker,
+}
+
+impl NatsUser {
+    pub const ALL: [NatsUser; 3] = [NatsUser::Admin, NatsUser::Api, NatsUser::Worker];
+
+    /// Its name in `nats.conf`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NatsUser::Admin => "versus-admin",
+            NatsUser::Api => "versus-api",
+            NatsUser::Worker => "versus-worker",
+        }
+    }
+
+    /// The variable `nats.conf` reads its password from.
+    pub fn password_var(self) -> &'static str {
+        match self {
+            NatsUser::Admin => "VERSUS_NATS_ADMIN_PASSWORD",
+            NatsUser::Api => "VERSUS_NATS_API_PASSWORD",
+            NatsUser::Worker => "VERSUS_NATS_WORKER_PASSWORD",
+        }
+    }
+}
+
+/// A running nats-server (`-c nats.conf -a 127.0.0.1 -p PORT -m MONITOR_PORT -sd STORE`). Killed,
+/// and its store removed, when dropped.
 pub struct Nats {
-    /// `nats://127.0.0.1:PORT`
+    /// `nats://127.0.0.1:PORT`, without credentials: what an anonymous client dials (and is
+    /// refused). [`Nats::url_as`] has a user's URL, [`Nats::connect_as`] a user's client.
     pub url: String,
     pub port: u16,
+    /// The monitoring port (127.0.0.1).
+    pub monitor_port: u16,
+    /// The users' passwords, as [`NatsUser::ALL`] orders them.
+    passwords: [String; 3],
     child: Option<Child>,
-    log: Arc<Mutex<VecDeque<String>>>,
+    log: Arc<Mutex<Log>>,
     // Declared last: dropped after the server is gone.
     store: TempDir,
 }
@@ -34,25 +73,87 @@ impl Nats {
     /// accepts TCP connections.
     pub async fn start() -> Nats {
         let store = TempDir::new("versus-nats");
+        let passwords = NatsUser::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string());
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            let log = Arc::new(Mutex::new(VecDeque::new()));
-            match spawn_server(port, store.path(), &log).await {
+            let monitor_port = free_port();
+            if monitor_port == port {
+                continue;
+            }
+            let log = Arc::new(Mutex::new(Log::default()));
+            match spawn_server(port, monitor_port, &passwords, store.path(), &log).await {
                 Ok(child) => {
                     return Nats {
                         url: format!("nats://127.0.0.1:{port}"),
                         port,
+                        monitor_port,
+                        passwords,
                         child: Some(child),
                         log,
                         store,
                     };
                 }
-                // Most likely another test took the port in between: try another one.
+                // Most likely another test took a port in between: try others.
                 Err(e) => last_error = e,
             }
         }
         panic!("nats-server did not start after {PORT_ATTEMPTS} attempts: {last_error}");
+    }
+
+    /// The password of `user` on this server.
+    pub fn password(&self, user: NatsUser) -> &str {
+        let i = NatsUser::ALL
+            .iter()
+            .position(|u| *u == user)
+            .unwrap_or_default();
+        &self.passwords[i]
+    }
+
+    /// `nats://USER:PASSWORD@127.0.0.1:PORT`, as the binaries take it in `NATS_URL`.
+    pub fn url_as(&self, user: NatsUser) -> String {
+        format!(
+            "nats://{}:{}@127.0.0.1:{}",
+            user.name(),
+            self.password(user),
+            self.port
+        )
+    }
+
+    /// The API's `NATS_URL`.
+    pub fn api_url(&self) -> String {
+        self.url_as(NatsUser::Api)
+    }
+
+    /// The workers' `NATS_URL`.
+    pub fn worker_url(&self) -> String {
+        self.url_as(NatsUser::Worker)
+    }
+
+    /// The admin's `NATS_URL` (everything is allowed).
+    pub fn admin_url(&self) -> String {
+        self.url_as(NatsUser::Admin)
+    }
+
+    /// A client logged in as `user` (the Rust client ignores credentials in a URL).
+    pub async fn connect_as(
+        &self,
+        user: NatsUser,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_user_and_password(
+            user.name().to_owned(),
+            self.password(user).to_owned(),
+        )
+        .connect(&self.url)
+        .await
+    }
+
+    /// A client with every right (`versus-admin`), for tests that look at or write to the
+    /// bus directly.
+    pub async fn client(&self) -> async_nats::Client {
+        self.connect_as(NatsUser::Admin)
+            .await
+            .expect("connect to nats-server as versus-admin")
     }
 
     /// The JetStream store directory.
@@ -74,7 +175,15 @@ impl Nats {
         let mut last_error = String::new();
         // The old process is gone, but give the port a few tries to be released.
         for _ in 0..PORT_ATTEMPTS {
-            match spawn_server(self.port, self.store.path(), &self.log).await {
+            match spawn_server(
+                self.port,
+                self.monitor_port,
+                &self.passwords,
+                self.store.path(),
+                &self.log,
+            )
+            .await
+            {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -89,10 +198,30 @@ impl Nats {
         );
     }
 
+    /// Every line nats-server logged about a permissions or authorization violation: a
+    /// client that did what its user may not.
+    pub fn violations(&self) -> Vec<String> {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        log.violations.clone()
+    }
+
+    /// The violations of the connections named one of `names` (the client name, which the
+    /// Versus programs set to `versus-api` and `versus-worker`).
+    pub fn violations_of(&self, names: &[&str]) -> Vec<String> {
+        self.violations()
+            .into_iter()
+            .filter(|line| {
+                names
+                    .iter()
+                    .any(|name| line.contains(&format!(":rust:{name}\"")))
+            })
+            .collect()
+    }
+
     /// The last lines nats-server logged.
     pub fn log_tail(&self) -> String {
         let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        log.iter().cloned().collect::<Vec<_>>().join("\n")
+        log.tail()
     }
 }
 
@@ -128,20 +257,60 @@ pub(crate) fn nats_server_bin() -> PathBuf {
         })
 }
 
+/// What nats-server logged: the last lines, and every violation.
+#[derive(Default)]
+struct Log {
+    last: VecDeque<String>,
+    violations: Vec<String>,
+}
+
+impl Log {
+    /// How many of the last lines it keeps.
+    const LAST: usize = 50;
+
+    fn push(&mut self, line: String) {
+        if line.contains("Violation") {
+            self.violations.push(line.clone());
+        }
+        if self.last.len() == Self::LAST {
+            self.last.pop_front();
+        }
+        self.last.push_back(line);
+    }
+
+    fn tail(&self) -> String {
+        self.last.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// The repository's `nats.conf`.
+pub(crate) fn nats_conf() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats.conf")
+}
+
 /// Starts one nats-server and waits for it to accept connections; Err with its log if it
 /// exits or does not come up.
 async fn spawn_server(
     port: u16,
+    monitor_port: u16,
+    passwords: &[String; 3],
     store: &Path,
-    log: &Arc<Mutex<VecDeque<String>>>,
+    log: &Arc<Mutex<Log>>,
 ) -> Result<Child, String> {
     let bin = nats_server_bin();
-    let mut child = Command::new(&bin)
-        .arg("-js")
+    let mut command = Command::new(&bin);
+    command
+        .arg("-c")
+        .arg(nats_conf())
         .args(["-a", "127.0.0.1"])
         .args(["-p", &port.to_string()])
+        .args(["-m", &monitor_port.to_string()])
         .arg("-sd")
-        .arg(store)
+        .arg(store);
+    for (user, password) in NatsUser::ALL.iter().zip(passwords) {
+        command.env(user.password_var(), password);
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -163,17 +332,14 @@ async fn spawn_server(
                     ready.store(true, Ordering::SeqCst);
                 }
                 let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-                if log.len() == 50 {
-                    log.pop_front();
-                }
-                log.push_back(line);
+                log.push(line);
             }
         });
     }
 
     let tail = || {
         let log = log.lock().unwrap_or_else(|e| e.into_inner());
-        log.iter().cloned().collect::<Vec<_>>().join("\n")
+        log.tail()
     };
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {

@@ -2,6 +2,7 @@
 //! the API, each a real process.
 
 use std::path::Path;
+use std::time::Duration;
 
 use futures::future::join_all;
 
@@ -104,8 +105,9 @@ impl SystemBuilder {
             None => vec![("VERSUS_OBJECT_STORE".to_owned(), object_store)],
         };
 
+        // Each program logs in as its own user of nats.conf.
         let mut api_envs = vec![
-            ("NATS_URL".to_owned(), nats.url.clone()),
+            ("NATS_URL".to_owned(), nats.api_url()),
             ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             // Only the admin routes use it; answers never touch Postgres.
             ("DATABASE_URL".to_owned(), db.url.clone()),
@@ -128,7 +130,7 @@ impl SystemBuilder {
         api_envs.extend(self.api_env);
 
         let mut worker_envs = vec![
-            ("NATS_URL".to_owned(), nats.url.clone()),
+            ("NATS_URL".to_owned(), nats.worker_url()),
             ("DATABASE_URL".to_owned(), db.url.clone()),
             ("OPENAI_BASE_URL".to_owned(), sim.openai_base_url()),
             ("OPENAI_API_KEY".to_owned(), "test-key".to_owned()),
@@ -150,6 +152,10 @@ impl SystemBuilder {
             workers.push(Proc::spawn("versus-worker", &envs).await);
             let rest = (1..self.workers).map(|_| Proc::spawn("versus-worker", &envs));
             workers.extend(join_all(rest).await);
+        } else {
+            // The API only looks the streams up, and waits for a worker to declare them: with
+            // no worker, declare them here, as a worker with these settings would.
+            declare_streams(&nats, &worker_envs).await;
         }
         let api = Proc::spawn("versus-api", &borrowed(&api_envs)).await;
 
@@ -215,12 +221,51 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
+        // Every test checks nats.conf too: the API and the workers never did what their users
+        // may not (a permission they need and lack shows up as a violation).
+        if !std::thread::panicking() {
+            let refused = self.nats.violations_of(&["versus-api", "versus-worker"]);
+            assert!(
+                refused.is_empty(),
+                "nats-server refused the API or a worker what it did (nats.conf lacks a \
+                 permission?):\n{}",
+                refused.join("\n")
+            );
+        }
         // The API and the workers go first (each Proc would be killed on drop anyway), so
         // that none of them logs a lost NATS connection while the fields drop in order.
         self.api.start_kill();
         for worker in &mut self.workers {
             worker.start_kill();
         }
+    }
+}
+
+/// Declares the streams and buckets as a worker started with `envs` would (their
+/// `VERSUS_MAX_QUEUED_JOBS` and `VERSUS_EVENTS_MAX_AGE_SECS`), logged in as the admin.
+async fn declare_streams(nats: &Nats, envs: &[(String, String)]) {
+    let setting = |key: &str, default: u64| {
+        envs.iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let settings = versus_shared::config::NatsSettings {
+        url: versus_shared::config::Secret::new(nats.admin_url()),
+        creds: None,
+        tls_ca: None,
+        events_max_age_secs: setting("VERSUS_EVENTS_MAX_AGE_SECS", 600),
+        max_queued_jobs: i64::try_from(setting("VERSUS_MAX_QUEUED_JOBS", 10_000))
+            .unwrap_or(i64::MAX),
+    };
+    let tasks = versus_shared::tasks::Tasks::new();
+    let declared =
+        versus_shared::bus::Bus::connect(&settings, versus_shared::bus::Role::Worker, &tasks).await;
+    tasks.shutdown().cancel();
+    tasks.wait(Duration::from_secs(5)).await;
+    if let Err(e) = declared {
+        panic!("declaring the streams on nats-server failed: {e:#}");
     }
 }
 

@@ -4,6 +4,7 @@
 //! - [`consumer`]: the pull loops of the interactive and pre-warm lanes, their concurrency
 //!   limits and graceful drain;
 //! - [`popularity`]: adding up the API replicas' request counts in Postgres;
+//! - [`purge`]: an operator's purge, carried out for the API (which may not write to the bus);
 //! - [`claims`]: the Postgres claim, lease and fenced writes;
 //! - [`ctx`]: what every job handler needs ([`Ctx`]);
 //! - [`job`]: one job, whatever its kind: the claim decides which path it takes;
@@ -27,6 +28,7 @@ pub mod job;
 pub mod moderation;
 pub mod openai;
 pub mod popularity;
+pub mod purge;
 pub mod spend;
 pub mod text;
 
@@ -38,7 +40,7 @@ pub use ctx::Ctx;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     budget::{Budget, BudgetSettings},
-    bus::Bus,
+    bus::{Bus, Role},
     config::{ModelSettings, NatsSettings, Secret},
     objects::ObjectStoreSettings,
     tasks::Tasks,
@@ -117,7 +119,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let shutdown = tasks.shutdown().clone();
     let budget = Budget::new(&settings.budget)?;
-    let bus = Bus::connect(&settings.nats, "versus-worker", tasks).await?;
+    let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
     tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
     let db =
         versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
@@ -170,7 +172,7 @@ pub async fn run(
 
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     // Whichever loop ends first (on shutdown, or an error) stops the others.
-    let (interactive, prewarm, popularity) = tokio::join!(
+    let (interactive, prewarm, popularity, purges) = tokio::join!(
         cancel_after(
             &shutdown,
             consumer::run(
@@ -195,10 +197,12 @@ pub async fn run(
             &shutdown,
             popularity::run(ctx.bus.client.clone(), ctx.db.clone(), shutdown.clone()),
         ),
+        cancel_after(&shutdown, purge::run(ctx.clone(), shutdown.clone())),
     );
     interactive?;
     prewarm?;
     popularity?;
+    purges?;
     ops.await??;
     Ok(())
 }

@@ -44,6 +44,52 @@ async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stop
         .expect("the URL after `Versus is up: `")
         .to_owned();
 
+    // Its NATS has users: nobody connects anonymously, and the passwords it made for them
+    // are kept with its data, readable by their owner alone.
+    let nats = format!("nats://127.0.0.1:{}", dev.nats_port);
+    let anonymous = async_nats::connect(&nats).await;
+    assert!(
+        matches!(&anonymous, Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation),
+        "an anonymous client connected to scripts/dev's NATS: {anonymous:?}"
+    );
+    let auth = dev.data.join("nats-auth.env");
+    let mode = std::fs::metadata(&auth).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", auth.display());
+    let admin_password = std::fs::read_to_string(&auth)
+        .unwrap()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("VERSUS_NATS_ADMIN_PASSWORD=")
+                .map(str::to_owned)
+        })
+        .expect("the admin's password");
+    async_nats::ConnectOptions::with_user_and_password("versus-admin".to_owned(), admin_password)
+        .connect(&nats)
+        .await
+        .expect("the admin logs in");
+    // No log shows a password: not the programs', not nats-server's, not scripts/dev's.
+    let mut logs: Vec<(String, String)> = std::fs::read_dir(dev.data.join("logs"))
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            (
+                path.display().to_string(),
+                std::fs::read_to_string(&path).unwrap_or_default(),
+            )
+        })
+        .collect();
+    logs.extend(
+        dev.seen
+            .iter()
+            .map(|(_, line)| ("scripts/dev".to_owned(), line.clone())),
+    );
+    for line in std::fs::read_to_string(&auth).unwrap().lines() {
+        let password = line.split_once('=').unwrap().1;
+        for (name, text) in &logs {
+            assert!(!text.contains(password), "{name} shows a NATS password");
+        }
+    }
+
     let url = reqwest::Url::parse_with_params(
         &format!("{api}/v1/fights/stream"),
         &[("a", "Godzilla"), ("b", "King Kong")],
@@ -167,6 +213,7 @@ struct Dev {
     pid: i32,
     data: PathBuf,
     pg_port: u16,
+    nats_port: u16,
     /// Lines of its stdout and stderr, as they come, with when they came.
     lines: mpsc::UnboundedReceiver<(Instant, String)>,
     seen: Vec<(Instant, String)>,
@@ -237,6 +284,7 @@ impl Dev {
             pid,
             data,
             pg_port,
+            nats_port,
             lines,
             seen: Vec::new(),
         }

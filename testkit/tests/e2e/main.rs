@@ -8,6 +8,7 @@
 
 mod browser;
 mod budget;
+mod bus;
 mod cli;
 mod dev;
 mod faults;

@@ -51,10 +51,10 @@ pub struct Settings {
     #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
     pub public_image_base_url: Option<String>,
     /// Bearer token of the admin routes; unset, they refuse every request.
-    #[arg(long, env = "VERSUS_ADMIN_TOKEN")]
+    #[arg(long, env = "VERSUS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
     /// Postgres URL, used only by the admin routes (never by answers).
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
     /// Memory for the in-process answer cache, in MiB.
     #[arg(long, env = "VERSUS_MEMORY_CACHE_MIB", default_value_t = 256)]

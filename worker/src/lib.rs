@@ -54,7 +54,7 @@ pub struct Settings {
     #[command(flatten)]
     pub nats: NatsSettings,
     /// Postgres URL.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
     #[command(flatten)]
     pub openai: openai::OpenAiSettings,

@@ -20,7 +20,12 @@ use crate::claims::Usage;
 #[derive(clap::Args, Debug, Clone)]
 pub struct OpenAiSettings {
     /// API key sent as a bearer token (empty sends none, for servers that need none).
-    #[arg(long, env = "OPENAI_API_KEY", default_value = "")]
+    #[arg(
+        long,
+        env = "OPENAI_API_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub api_key: Secret,
     /// Base URL of an OpenAI-compatible API.
     #[arg(

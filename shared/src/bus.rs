@@ -106,7 +106,8 @@ impl Bus {
                 tasks.spawn(redeclare_events(
                     js.clone(),
                     reconnects,
-                    settings.events_max_age(),
+                    events_stream(settings.events_max_age()),
+                    settings.replicas.map(usize::from),
                     tasks.shutdown().clone(),
                 ));
                 declared
@@ -138,16 +139,11 @@ type Handles = (stream::Stream, stream::Stream, kv::Store, kv::Store);
 
 /// Declares the streams and buckets (a worker's part): idempotent, so every worker does it.
 async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> anyhow::Result<Handles> {
-    let jobs = declare_stream(js, jobs_stream(settings.max_queued_jobs)).await?;
-    let events = declare_stream(js, events_stream(settings.events_max_age())).await?;
-    let answers = js
-        .create_or_update_key_value(answers_bucket())
-        .await
-        .context("declaring the answers KV bucket")?;
-    let spend = js
-        .create_or_update_key_value(spend_bucket())
-        .await
-        .context("declaring the spend KV bucket")?;
+    let replicas = settings.replicas.map(usize::from);
+    let jobs = declare_stream(js, jobs_stream(settings.max_queued_jobs), replicas).await?;
+    let events = declare_stream(js, events_stream(settings.events_max_age()), replicas).await?;
+    let answers = declare_bucket(js, answers_bucket(), replicas).await?;
+    let spend = declare_bucket(js, spend_bucket(), replicas).await?;
     Ok((jobs, events, answers, spend))
 }
 
@@ -365,12 +361,13 @@ fn events_stream(max_age: Duration) -> stream::Config {
 async fn redeclare_events(
     js: jetstream::Context,
     mut reconnects: watch::Receiver<u64>,
-    max_age: Duration,
+    config: stream::Config,
+    replicas: Option<usize>,
     shutdown: CancellationToken,
 ) {
     let redeclare = async {
         while reconnects.changed().await.is_ok() {
-            while let Err(e) = js.create_or_update_stream(events_stream(max_age)).await {
+            while let Err(e) = declare_stream(&js, config.clone(), replicas).await {
                 tracing::info!(error = %e, "declaring the events stream again failed; retrying");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -382,22 +379,212 @@ async fn redeclare_events(
     }
 }
 
+/// Creates the stream `wanted` describes when it is missing (with `replicas`, else 1). When it
+/// exists, only the settings Versus owns are brought back to `wanted` (see [`reconcile`]);
+/// whatever else an operator changed stays, and a setting that cannot change in place is
+/// logged as a conflict.
 async fn declare_stream(
     js: &jetstream::Context,
-    config: stream::Config,
+    mut wanted: stream::Config,
+    replicas: Option<usize>,
 ) -> anyhow::Result<stream::Stream> {
-    let name = config.name.clone();
-    js.create_or_update_stream(config)
-        .await
-        .with_context(|| format!("declaring stream {name}"))?;
+    let name = wanted.name.clone();
+    match existing_config(js, &name).await? {
+        Some(existing) => update_owned(js, &existing, &wanted, replicas).await?,
+        None => {
+            wanted.num_replicas = replicas.unwrap_or(1);
+            js.create_stream(wanted)
+                .await
+                .with_context(|| format!("creating stream {name}"))?;
+        }
+    }
     js.get_stream(&name)
         .await
         .with_context(|| format!("opening stream {name}"))
 }
 
+/// Creates the bucket when it is missing; when it exists, reconciles its stream
+/// (`KV_<bucket>`) like [`declare_stream`]: its history and age are Versus's.
+async fn declare_bucket(
+    js: &jetstream::Context,
+    mut wanted: kv::Config,
+    replicas: Option<usize>,
+) -> anyhow::Result<kv::Store> {
+    let bucket = wanted.bucket.clone();
+    match existing_config(js, &format!("KV_{bucket}")).await? {
+        Some(existing) => {
+            let mut owned = existing.clone();
+            owned.max_messages_per_subject = wanted.history;
+            owned.max_age = wanted.max_age;
+            update_owned(js, &existing, &owned, replicas).await?;
+        }
+        None => {
+            wanted.num_replicas = replicas.unwrap_or(1);
+            js.create_key_value(wanted)
+                .await
+                .with_context(|| format!("creating KV bucket {bucket}"))?;
+        }
+    }
+    js.get_key_value(&bucket)
+        .await
+        .with_context(|| format!("opening KV bucket {bucket}"))
+}
+
+/// The configuration of stream `name`, or None when there is no such stream.
+async fn existing_config(
+    js: &jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Option<stream::Config>> {
+    use jetstream::context::GetStreamErrorKind;
+    match js.get_stream(name).await {
+        Ok(mut stream) => Ok(Some(
+            stream
+                .info()
+                .await
+                .with_context(|| format!("reading stream {name}"))?
+                .config
+                .clone(),
+        )),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(error)
+                if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(e).with_context(|| format!("looking up stream {name}")),
+        },
+    }
+}
+
+/// Brings the settings Versus owns in `existing` back to `wanted`'s, if any differ.
+async fn update_owned(
+    js: &jetstream::Context,
+    existing: &stream::Config,
+    wanted: &stream::Config,
+    replicas: Option<usize>,
+) -> anyhow::Result<()> {
+    let name = &existing.name;
+    let Reconciled {
+        config,
+        changed,
+        conflicts,
+    } = reconcile(existing, wanted, replicas);
+    for conflict in &conflicts {
+        tracing::error!(stream = %name, %conflict, "the stream differs from what Versus needs, and this cannot change in place: an operator must recreate it");
+    }
+    if !changed.is_empty() {
+        tracing::info!(stream = %name, changed = ?changed, "bringing the settings Versus owns back to what it needs; the rest stays as it is");
+        js.update_stream(config)
+            .await
+            .with_context(|| format!("updating stream {name}"))?;
+    }
+    Ok(())
+}
+
+/// What [`reconcile`] found.
+#[derive(Debug)]
+struct Reconciled {
+    /// The existing configuration with Versus's settings put back.
+    config: stream::Config,
+    /// The settings that were put back.
+    changed: Vec<&'static str>,
+    /// Settings that differ but cannot change in place.
+    conflicts: Vec<String>,
+}
+
+/// The existing configuration with the settings Versus owns taken from `wanted`: its subjects,
+/// limits on messages and age, discard policy, duplicate window, direct gets, and the replica
+/// count when `replicas` is set. Everything else (description, byte limits, placement,
+/// compression, metadata, consumer limits, …) is the operator's and stays.
+fn reconcile(
+    existing: &stream::Config,
+    wanted: &stream::Config,
+    replicas: Option<usize>,
+) -> Reconciled {
+    let mut config = existing.clone();
+    let mut changed = Vec::new();
+    macro_rules! own {
+        ($($field:ident),*) => {$(
+            if config.$field != wanted.$field {
+                config.$field = wanted.$field.clone();
+                changed.push(stringify!($field));
+            }
+        )*};
+    }
+    own!(subjects, max_age, discard, duplicate_window, allow_direct);
+    // The server stores "no limit" as -1 whatever a request said (0 or -1).
+    let limit = |n: i64| if n <= 0 { -1 } else { n };
+    if limit(config.max_messages) != limit(wanted.max_messages) {
+        config.max_messages = wanted.max_messages;
+        changed.push("max_messages");
+    }
+    if limit(config.max_messages_per_subject) != limit(wanted.max_messages_per_subject) {
+        config.max_messages_per_subject = wanted.max_messages_per_subject;
+        changed.push("max_messages_per_subject");
+    }
+    if let Some(replicas) = replicas.filter(|r| *r != config.num_replicas) {
+        config.num_replicas = replicas;
+        changed.push("num_replicas");
+    }
+    let mut conflicts = Vec::new();
+    if existing.storage != wanted.storage {
+        conflicts.push(format!(
+            "storage is {:?}, Versus needs {:?}",
+            existing.storage, wanted.storage
+        ));
+    }
+    if existing.retention != wanted.retention {
+        conflicts.push(format!(
+            "retention is {:?}, Versus needs {:?}",
+            existing.retention, wanted.retention
+        ));
+    }
+    Reconciled {
+        config,
+        changed,
+        conflicts,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_settings_versus_owns_are_put_back() {
+        let wanted = jobs_stream(10_000);
+        let mut existing = wanted.clone();
+        // An operator's changes, and a limit another setting changed.
+        existing.description = Some("ours now".into());
+        existing.max_bytes = 1 << 30;
+        existing.num_replicas = 3;
+        existing.max_messages = 500;
+        let r = reconcile(&existing, &wanted, None);
+        assert_eq!(r.changed, ["max_messages"]);
+        assert_eq!(r.config.max_messages, 10_000);
+        assert_eq!(r.config.description.as_deref(), Some("ours now"));
+        assert_eq!(r.config.max_bytes, 1 << 30);
+        assert_eq!(
+            r.config.num_replicas, 3,
+            "replicas stay unless VERSUS_NATS_REPLICAS says"
+        );
+        assert!(r.conflicts.is_empty());
+
+        let r = reconcile(&existing, &wanted, Some(1));
+        assert!(r.changed.contains(&"num_replicas"));
+        assert_eq!(r.config.num_replicas, 1);
+
+        // The server writes "no limit" as -1.
+        let mut stored = events_stream(Duration::from_secs(600));
+        stored.max_messages = -1;
+        stored.max_messages_per_subject = -1;
+        let r = reconcile(&stored, &events_stream(Duration::from_secs(600)), None);
+        assert!(r.changed.is_empty(), "{:?}", r.changed);
+
+        let mut memory = wanted.clone();
+        memory.storage = stream::StorageType::Memory;
+        assert_eq!(reconcile(&memory, &wanted, None).conflicts.len(), 1);
+    }
 
     fn parsed(url: &str) -> (Vec<String>, Option<Login>) {
         let (servers, login) = servers(&Secret::new(url)).unwrap();

@@ -51,6 +51,11 @@ pub struct NatsSettings {
     /// setting it requires TLS. (`tls://` URLs are checked against the system's CAs.)
     #[arg(long = "nats-tls-ca", env = "NATS_TLS_CA")]
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Replicas of the jobs and events streams and the KV buckets (3 on a JetStream cluster).
+    /// Unset: new ones get 1 and existing ones keep theirs; set: existing ones are scaled to
+    /// it at start-up.
+    #[arg(long, env = "VERSUS_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: Option<u8>,
     /// How long a generation's events stay on the events stream, in seconds.
     #[arg(long, env = "VERSUS_EVENTS_MAX_AGE_SECS", default_value_t = 600)]
     pub events_max_age_secs: u64,

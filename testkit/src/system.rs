@@ -255,6 +255,11 @@ async fn declare_streams(nats: &Nats, envs: &[(String, String)]) {
         url: versus_shared::config::Secret::new(nats.admin_url()),
         creds: None,
         tls_ca: None,
+        replicas: envs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "VERSUS_NATS_REPLICAS")
+            .and_then(|(_, v)| v.parse().ok()),
         events_max_age_secs: setting("VERSUS_EVENTS_MAX_AGE_SECS", 600),
         max_queued_jobs: i64::try_from(setting("VERSUS_MAX_QUEUED_JOBS", 10_000))
             .unwrap_or(i64::MAX),

@@ -240,3 +240,49 @@ async fn a_purge_is_carried_out_by_a_worker_and_refused_when_none_is_up() {
         .unwrap();
     assert_eq!(gone.status(), 404);
 }
+
+#[tokio::test]
+async fn a_worker_start_puts_back_only_the_stream_settings_versus_owns() {
+    let mut sys = quick().workers(1).start().await;
+    let admin = jetstream::new(sys.nats.client().await);
+    let config = |name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            admin
+                .get_stream(name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .clone()
+        }
+    };
+    // An operator's own settings, and one Versus owns (its duplicate window, which makes
+    // identical misses one job).
+    let mut changed = config("VERSUS_JOBS").await;
+    changed.description = Some("an operator's note".into());
+    changed.max_bytes = 1 << 30;
+    changed.duplicate_window = Duration::from_secs(5);
+    admin.update_stream(changed).await.unwrap();
+
+    let worker = sys.spawn_worker().await;
+    versus_testkit::eventually(
+        "the new worker to put the duplicate window back",
+        Duration::from_secs(15),
+        || async { config("VERSUS_JOBS").await.duplicate_window == Duration::from_secs(120) },
+    )
+    .await;
+    let after = config("VERSUS_JOBS").await;
+    assert_eq!(after.description.as_deref(), Some("an operator's note"));
+    assert_eq!(after.max_bytes, 1 << 30, "the operator's limit stays");
+    assert!(
+        worker.stderr_tail().contains("duplicate_window"),
+        "the worker says what it put back:\n{}",
+        worker.stderr_tail()
+    );
+    // And the system works as before.
+    let events = fight(&sys, "Lion", "Tiger").await;
+    assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+}

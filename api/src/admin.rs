@@ -229,17 +229,15 @@ async fn record_batch(
 
 async fn publish(app: &App, batch: &str, job: Job) -> Result<(), ApiError> {
     let payload = serde_json::to_vec(&job).map_err(|_| ApiError::Unavailable)?;
-    let message = async_nats::jetstream::message::PublishMessage::build()
-        .payload(payload.into())
-        .message_id(wire::prewarm_msg_id(job.kind, &job.key, batch));
-    let ack = app
-        .inner
-        .bus
-        .js
-        .send_publish(wire::prewarm_subject(job.kind), message)
-        .await
-        .map_err(|e| nats(&e))?;
-    ack.await.map_err(|e| nats(&e))?;
+    // Retried with the same message id through an outage or a leader election.
+    crate::publish::job(
+        &app.inner.bus.js,
+        wire::prewarm_subject(job.kind),
+        payload.into(),
+        wire::prewarm_msg_id(job.kind, &job.key, batch),
+    )
+    .await
+    .map_err(|e| nats(&e))?;
     Ok(())
 }
 

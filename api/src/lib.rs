@@ -32,6 +32,7 @@ mod matchup;
 pub mod origin;
 pub mod page;
 pub mod popularity;
+mod publish;
 pub mod sse;
 
 use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc, time::Duration};

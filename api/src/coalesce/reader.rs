@@ -13,7 +13,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use versus_shared::{
@@ -72,7 +72,23 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
     let mut live = bus.client.subscribe(subject.clone()).await?;
     // The rare or one-off steps are boxed: the reader's future stays small while it waits,
     // which is most of its life (M1 in BENCHMARKS.md).
-    let last = Box::pin(history::last(bus, &subject)).await?;
+    // Through a NATS outage or an election of the events stream's leader, the read is tried
+    // again for as long as a job publish would be.
+    let last = Box::pin(
+        (|| history::last(bus, &subject))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(1))
+                    .with_jitter()
+                    .without_max_times()
+                    .with_total_delay(Some(crate::publish::RETRY_FOR)),
+            )
+            .notify(|e, delay| {
+                tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading the last event failed; retrying");
+            }),
+    )
+    .await?;
     // A matchup cooling down after repeated failures (or refused for the day's budget) says
     // until when; before then a worker would only refuse again, so no job is published.
     if let Some(Last {
@@ -253,18 +269,18 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
     Ok(false)
 }
 
-/// Publishes the job; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`).
+/// Publishes the job; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`). A try that
+/// fails or goes unacknowledged (a NATS outage, a leader election) is made again with the same
+/// message id, so a job that had landed is not queued twice (see [`crate::publish`]).
 async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<bool> {
     let payload = serde_json::to_vec(job)?;
-    let acked = js
-        .send_publish(
-            wire::job_subject(job.kind),
-            PublishMessage::build()
-                .payload(payload.into())
-                .message_id(wire::job_msg_id(job.kind, &job.key, after)),
-        )
-        .await?
-        .await;
+    let acked = crate::publish::job(
+        js,
+        wire::job_subject(job.kind),
+        payload.into(),
+        wire::job_msg_id(job.kind, &job.key, after),
+    )
+    .await;
     match acked {
         Ok(ack) => {
             if !ack.duplicate {

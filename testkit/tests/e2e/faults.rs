@@ -281,3 +281,20 @@ async fn a_matchup_that_keeps_failing_cools_down_and_costs_nothing_until_it_is_t
     assert_eq!(shape(&again), ["meta", "chunk*", "done"], "{again:?}");
     assert_eq!(sys.sim.chat_calls().await, 4);
 }
+
+#[tokio::test]
+async fn a_miss_asked_while_nats_is_down_is_published_once_it_is_back() {
+    let mut sys = quick().start().await;
+    sys.nats.kill().await;
+    // The API retries its reads and the job's publish (with the same message id) until
+    // JetStream answers again.
+    let url = stream_url(&sys, "Odysseus", "Polyphemus");
+    let asking = tokio::spawn(async move { sse::open(&url, None).await.collect_all().await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sys.nats.restart().await;
+    let events = asking.await.unwrap();
+    assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+    let text = text_of(&events);
+    let key = events[0].json()["key"].as_str().unwrap().to_owned();
+    assert_eq!(rows(&sys, &key).await, [("done".to_owned(), Some(text))]);
+}

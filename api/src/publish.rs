@@ -1,0 +1,121 @@
+//! Publishing a job to the jobs stream through a NATS outage or a JetStream leader election.
+//!
+//! async-nats does not retry a JetStream publish: after the node that leads the jobs stream dies,
+//! the stream accepts nothing until its peers elect a new leader (4 to 9 s with nats-server's
+//! Raft timers), and a publish meanwhile times out or gets "no responders". A job is published
+//! with a message id (`Nats-Msg-Id`), so [`job`] publishes it again with the same id until the
+//! stream acknowledges it: a try whose ack was lost but which had landed is taken as a
+//! duplicate within the stream's duplicate window (two minutes), not as a second job. The first
+//! try is the only round trip when it is acknowledged.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    context::{PublishError, PublishErrorKind},
+    message::PublishMessage,
+    publish::PublishAck,
+};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use versus_shared::bus;
+
+/// How long a job is tried for in all: longer than a leader election, well within the
+/// duplicate window.
+pub const RETRY_FOR: Duration = Duration::from_secs(15);
+/// How long one try waits for its acknowledgement before the next try (the context's own
+/// timeout is longer than an election leaves room for).
+const TRY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Publishes `payload` on `subject` with message id `msg_id`, trying again with the same id on
+/// an error that an outage or an election explains, for up to [`RETRY_FOR`]. A full stream
+/// (`bus::is_full`), a message too big and an expectation that failed are not retried.
+pub async fn job(
+    js: &jetstream::Context,
+    subject: String,
+    payload: Bytes,
+    msg_id: String,
+) -> Result<PublishAck, PublishError> {
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let message = PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(msg_id.as_str());
+        let error = match try_once(js, subject.clone(), message).await {
+            Ok(ack) => {
+                if tries > 1 {
+                    tracing::info!(%subject, tries, duplicate = ack.duplicate, "job published after retrying");
+                }
+                return Ok(ack);
+            }
+            Err(e) if !retryable(&e) => return Err(e),
+            Err(e) => e,
+        };
+        let delay = delays.next().unwrap_or(Duration::from_secs(1));
+        if tokio::time::Instant::now() + delay >= deadline {
+            tracing::warn!(%subject, tries, error = %error, "publishing a job failed; giving up");
+            return Err(error);
+        }
+        metrics::counter!("versus_job_publish_retries_total").increment(1);
+        tracing::info!(%subject, tries, error = %error, ?delay, "publishing a job failed; retrying with the same message id");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn try_once(
+    js: &jetstream::Context,
+    subject: String,
+    message: PublishMessage,
+) -> Result<PublishAck, PublishError> {
+    let ack = js.send_publish(subject, message).await?;
+    match tokio::time::timeout(TRY_TIMEOUT, ack.into_future()).await {
+        Ok(acked) => acked,
+        Err(_) => Err(PublishError::new(PublishErrorKind::TimedOut)),
+    }
+}
+
+/// Whether another try may succeed: not for a full stream, a message over the server's
+/// payload limit or a failed expectation; yes for timeouts, no responders (no leader), a
+/// broken connection and JetStream errors such as "temporarily unavailable".
+fn retryable(error: &PublishError) -> bool {
+    if bus::is_full(error) {
+        return false;
+    }
+    !matches!(
+        error.kind(),
+        PublishErrorKind::MaxPayloadExceeded
+            | PublishErrorKind::WrongLastMessageId
+            | PublishErrorKind::WrongLastSequence
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_retried_and_refusals_are_not() {
+        for kind in [
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::StreamNotFound,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::Other,
+        ] {
+            assert!(retryable(&PublishError::new(kind)), "{kind:?}");
+        }
+        for kind in [
+            PublishErrorKind::MaxPayloadExceeded,
+            PublishErrorKind::WrongLastSequence,
+        ] {
+            assert!(!retryable(&PublishError::new(kind)), "{kind:?}");
+        }
+    }
+}

@@ -20,9 +20,9 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use versus_shared::bus;
 
-/// How long a job is tried for in all: longer than a leader election, well within the
-/// duplicate window.
-pub const RETRY_FOR: Duration = Duration::from_secs(15);
+/// How long a job is tried for in all: longer than a leader election (up to about 10 s
+/// from the kill, as measured on a loopback hub), well within the duplicate window.
+pub const RETRY_FOR: Duration = Duration::from_secs(20);
 /// How long one try waits for its acknowledgement before the next try (the context's own
 /// timeout is longer than an election leaves room for).
 const TRY_TIMEOUT: Duration = Duration::from_secs(3);

@@ -64,8 +64,30 @@ pub struct Nats {
     passwords: [String; 3],
     child: Option<Child>,
     log: Arc<Mutex<Log>>,
+    /// Its configuration file and extra flags, the same at every (re)start.
+    launch: Launch,
     // Declared last: dropped after the server is gone.
     store: TempDir,
+}
+
+/// How a server is run: the configuration file it reads and flags beyond the ports and store.
+#[derive(Clone)]
+pub(crate) struct Launch {
+    pub(crate) conf: PathBuf,
+    pub(crate) args: Vec<String>,
+    /// The directory of a configuration file the kit wrote, kept while a server may use it.
+    pub(crate) _conf_dir: Option<Arc<TempDir>>,
+}
+
+impl Launch {
+    /// A server of its own: the repository's `nats.conf` as it is.
+    fn single() -> Launch {
+        Launch {
+            conf: nats_conf(),
+            args: Vec::new(),
+            _conf_dir: None,
+        }
+    }
 }
 
 impl Nats {
@@ -82,7 +104,8 @@ impl Nats {
                 continue;
             }
             let log = Arc::new(Mutex::new(Log::default()));
-            match spawn_server(port, monitor_port, &passwords, store.path(), &log).await {
+            let launch = Launch::single();
+            match spawn_server(port, monitor_port, &passwords, store.path(), &log, &launch).await {
                 Ok(child) => {
                     return Nats {
                         url: format!("nats://127.0.0.1:{port}"),
@@ -91,6 +114,7 @@ impl Nats {
                         passwords,
                         child: Some(child),
                         log,
+                        launch,
                         store,
                     };
                 }
@@ -99,6 +123,35 @@ impl Nats {
             }
         }
         panic!("nats-server did not start after {PORT_ATTEMPTS} attempts: {last_error}");
+    }
+
+    /// Starts one server of a cluster (see [`crate::Hub`]) on the given ports, with `launch`;
+    /// Err with its log if it does not come up.
+    pub(crate) async fn start_member(
+        port: u16,
+        monitor_port: u16,
+        passwords: [String; 3],
+        launch: Launch,
+    ) -> Result<Nats, String> {
+        let store = TempDir::new("versus-nats");
+        let log = Arc::new(Mutex::new(Log::default()));
+        let child =
+            spawn_server(port, monitor_port, &passwords, store.path(), &log, &launch).await?;
+        Ok(Nats {
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            monitor_port,
+            passwords,
+            child: Some(child),
+            log,
+            launch,
+            store,
+        })
+    }
+
+    /// Whether the process runs (false between [`Nats::kill`] and [`Nats::restart`]).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The password of `user` on this server.
@@ -181,6 +234,7 @@ impl Nats {
                 &self.passwords,
                 self.store.path(),
                 &self.log,
+                &self.launch,
             )
             .await
             {
@@ -296,12 +350,14 @@ async fn spawn_server(
     passwords: &[String; 3],
     store: &Path,
     log: &Arc<Mutex<Log>>,
+    launch: &Launch,
 ) -> Result<Child, String> {
     let bin = nats_server_bin();
     let mut command = Command::new(&bin);
     command
         .arg("-c")
-        .arg(nats_conf())
+        .arg(&launch.conf)
+        .args(&launch.args)
         .args(["-a", "127.0.0.1"])
         .args(["-p", &port.to_string()])
         .args(["-m", &monitor_port.to_string()])

@@ -8,11 +8,15 @@ use futures::future::join_all;
 
 use std::path::PathBuf;
 
-use crate::{Database, Nats, Proc, S3, Sim, TempDir};
+use crate::{Database, Hub, Nats, NatsUser, Proc, S3, Sim, TempDir};
 
 /// Everything a test talks to. Dropping it kills every process and removes the NATS store.
 pub struct System {
+    /// The nats-server; on a hub ([`SystemBuilder::hub`]), `hub1`, and the other two are in
+    /// [`System::hub_peers`]: [`System::hub_node`] finds any of them by name.
     pub nats: Nats,
+    /// `hub2` and `hub3` on a hub; empty otherwise.
+    pub hub_peers: Vec<Nats>,
     pub db: Database,
     pub sim: Sim,
     pub api: Proc,
@@ -34,6 +38,7 @@ pub struct SystemBuilder {
     worker_env: Vec<(String, String)>,
     sim_env: Vec<(String, String)>,
     s3: bool,
+    hub: bool,
 }
 
 impl Default for SystemBuilder {
@@ -45,6 +50,7 @@ impl Default for SystemBuilder {
             worker_env: Vec::new(),
             sim_env: Vec::new(),
             s3: false,
+            hub: false,
         }
     }
 }
@@ -87,11 +93,39 @@ impl SystemBuilder {
         self
     }
 
+    /// Runs the system on a 3-node JetStream cluster ([`Hub`]: `hub1`..`hub3`, domain `hub`)
+    /// instead of one nats-server: the API and the workers get every server in `NATS_URL`
+    /// and `VERSUS_NATS_REPLICAS=3` (a later `env` overrides it).
+    pub fn hub(mut self) -> Self {
+        self.hub = true;
+        self.env
+            .insert(0, ("VERSUS_NATS_REPLICAS".to_owned(), "3".to_owned()));
+        self
+    }
+
     /// Starts nats-server, the database and the simulator, then the first worker alone (it
     /// runs the migrations), the other workers together, and finally the API.
     pub async fn start(self) -> System {
         let sim_env = borrowed(&self.sim_env);
-        let (nats, db, sim) = tokio::join!(Nats::start(), Database::fresh(), Sim::start(&sim_env));
+        let servers = async {
+            if self.hub {
+                let mut nodes = Hub::start().await.nodes;
+                let first = nodes.remove(0);
+                (first, nodes)
+            } else {
+                (Nats::start().await, Vec::new())
+            }
+        };
+        let ((nats, hub_peers), db, sim) =
+            tokio::join!(servers, Database::fresh(), Sim::start(&sim_env));
+        // Every server of the hub, or the one server, as the programs' NATS_URL.
+        let url_as = |user: NatsUser| {
+            std::iter::once(&nats)
+                .chain(&hub_peers)
+                .map(|n| n.url_as(user))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         // The pictures the workers store and the API serves: a folder of this system's own.
         let objects = TempDir::new("versus-objects");
         let object_store = format!("file://{}", objects.path().display());
@@ -107,7 +141,7 @@ impl SystemBuilder {
 
         // Each program logs in as its own user of nats.conf.
         let mut api_envs = vec![
-            ("NATS_URL".to_owned(), nats.api_url()),
+            ("NATS_URL".to_owned(), url_as(NatsUser::Api)),
             ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             // Only the admin routes use it; answers never touch Postgres.
             ("DATABASE_URL".to_owned(), db.url.clone()),
@@ -130,7 +164,7 @@ impl SystemBuilder {
         api_envs.extend(self.api_env);
 
         let mut worker_envs = vec![
-            ("NATS_URL".to_owned(), nats.worker_url()),
+            ("NATS_URL".to_owned(), url_as(NatsUser::Worker)),
             ("DATABASE_URL".to_owned(), db.url.clone()),
             ("OPENAI_BASE_URL".to_owned(), sim.openai_base_url()),
             ("OPENAI_API_KEY".to_owned(), "test-key".to_owned()),
@@ -161,6 +195,7 @@ impl SystemBuilder {
 
         System {
             nats,
+            hub_peers,
             db,
             sim,
             api,
@@ -181,6 +216,44 @@ impl System {
     /// The API's base URL, `http://127.0.0.1:PORT`.
     pub fn api_url(&self) -> &str {
         &self.api.url
+    }
+
+    /// The hub's server `name` (`hub1`..`hub3`; `hub1` is [`System::nats`]).
+    pub fn hub_node(&mut self, name: &str) -> &mut Nats {
+        assert!(
+            !self.hub_peers.is_empty(),
+            "the system does not run on a hub"
+        );
+        match crate::hub::node_index(name) {
+            0 => &mut self.nats,
+            i => &mut self.hub_peers[i - 1],
+        }
+    }
+
+    /// The hub's server `name` killed (SIGKILL) and started again after `down` on the same
+    /// ports and store; returns once it is healthy again.
+    pub async fn restart_hub_node(&mut self, name: &str, down: Duration) {
+        let node = self.hub_node(name);
+        node.kill().await;
+        tokio::time::sleep(down).await;
+        node.restart().await;
+        crate::hub::wait_ready(std::slice::from_ref(node)).await;
+    }
+
+    /// A client with every right, to any server of the hub (or to the one server).
+    pub async fn admin_client(&self) -> async_nats::Client {
+        let urls: Vec<&str> = std::iter::once(&self.nats)
+            .chain(&self.hub_peers)
+            .map(|n| n.url.as_str())
+            .collect();
+        async_nats::ConnectOptions::with_user_and_password(
+            NatsUser::Admin.name().to_owned(),
+            self.nats.password(NatsUser::Admin).to_owned(),
+        )
+        .retry_on_initial_connect()
+        .connect(urls)
+        .await
+        .expect("connect to nats-server as versus-admin")
     }
 
     /// The folder behind the system's object store (`VERSUS_OBJECT_STORE=file://…`), where
@@ -224,7 +297,10 @@ impl Drop for System {
         // Every test checks nats.conf too: the API and the workers never did what their users
         // may not (a permission they need and lack shows up as a violation).
         if !std::thread::panicking() {
-            let refused = self.nats.violations_of(&["versus-api", "versus-worker"]);
+            let refused: Vec<String> = std::iter::once(&self.nats)
+                .chain(&self.hub_peers)
+                .flat_map(|n| n.violations_of(&["versus-api", "versus-worker"]))
+                .collect();
             assert!(
                 refused.is_empty(),
                 "nats-server refused the API or a worker what it did (nats.conf lacks a \

@@ -12,6 +12,7 @@ mod bus;
 mod cli;
 mod dev;
 mod faults;
+mod hub;
 mod images;
 mod limits;
 mod moderation;

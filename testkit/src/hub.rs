@@ -1,7 +1,7 @@
 //! A real 3-node JetStream cluster on loopback (`hub1`..`hub3`, cluster `hub`, JetStream
-//! domain `hub`), each server run with the repository's `nats.conf` (its users and their
-//! permissions) and the same fresh passwords, each with its own store. A test can SIGKILL a
-//! node and start it again, and ask which node leads a stream.
+//! domain `hub`, `sync_interval: always`), each server run with the repository's `nats.conf`
+//! (its users and their permissions) and the same fresh passwords, each with its own store. A
+//! test can SIGKILL a node and start it again, and ask which node leads a stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,14 +184,18 @@ async fn try_start(passwords: &[String; 3]) -> Result<Hub, String> {
     }
     let base = std::fs::read_to_string(crate::nats::nats_conf())
         .map_err(|e| format!("read nats.conf: {e}"))?;
-    // The hub's JetStream domain, in the repository's own jetstream block (a second block
-    // would replace it).
+    // The hub's JetStream domain, and an fsync after every write as issue 13's hub runs, in
+    // the repository's own jetstream block (a second block would replace it).
     assert_eq!(
         base.matches("\njetstream {").count(),
         1,
         "nats.conf should have one jetstream block"
     );
-    let base = base.replacen("\njetstream {", "\njetstream {\n  domain: hub", 1);
+    let base = base.replacen(
+        "\njetstream {",
+        "\njetstream {\n  domain: hub\n  sync_interval: always",
+        1,
+    );
     let mut starting = Vec::new();
     for (i, &(port, monitor_port, cluster_port)) in ports.iter().enumerate() {
         let name = format!("hub{}", i + 1);

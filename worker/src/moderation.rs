@@ -52,7 +52,15 @@ pub struct Moderator {
     enabled: bool,
     model: String,
     block: Vec<String>,
+    /// Names that passed, so that a name seen before costs no call: most new matchups pair a
+    /// name people ask about often with another. Only passing names are kept (a refusal is
+    /// stored per matchup), and only for this process's life, so a changed block list applies
+    /// after a restart.
+    passed: quick_cache::sync::Cache<String, ()>,
 }
+
+/// How many passing names a worker remembers.
+const PASSED_NAMES: usize = 100_000;
 
 impl Moderator {
     pub fn new(settings: &ModerationSettings) -> Moderator {
@@ -65,6 +73,7 @@ impl Moderator {
                 .map(|c| c.trim().to_lowercase())
                 .filter(|c| !c.is_empty())
                 .collect(),
+            passed: quick_cache::sync::Cache::new(PASSED_NAMES),
         }
     }
 
@@ -79,19 +88,26 @@ impl Moderator {
     }
 
     /// Checks `inputs` in one call (retried within the upstream's retry budget), and says
-    /// whether anything in them is refused.
+    /// whether anything in them is refused. At the `names` stage, names that passed before are
+    /// not sent again (and no call is made when all did).
     pub async fn check(
         &self,
         ctx: &Ctx,
         stage: &'static str,
         inputs: &[&str],
     ) -> Result<Option<Refusal>, UpstreamError> {
+        let remembered = stage == "names";
+        let inputs: Vec<&str> = inputs
+            .iter()
+            .copied()
+            .filter(|input| !(remembered && self.passed.get(*input).is_some()))
+            .collect();
         if !self.enabled || inputs.is_empty() {
             return Ok(None);
         }
         let mut backoff = ctx.openai.backoff();
         let flagged = loop {
-            match ctx.openai.moderate(&self.model, inputs).await {
+            match ctx.openai.moderate(&self.model, &inputs).await {
                 Ok(flagged) => break flagged,
                 Err(error) => {
                     metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
@@ -103,11 +119,14 @@ impl Moderator {
                 }
             }
         };
-        let mut categories: Vec<String> = flagged
-            .into_iter()
-            .flatten()
-            .filter(|c| self.blocks(c))
-            .collect();
+        let mut categories = Vec::new();
+        for (input, flagged) in inputs.iter().zip(flagged) {
+            let blocked: Vec<String> = flagged.into_iter().filter(|c| self.blocks(c)).collect();
+            if blocked.is_empty() && remembered {
+                self.passed.insert((*input).to_owned(), ());
+            }
+            categories.extend(blocked);
+        }
         categories.sort();
         categories.dedup();
         if categories.is_empty() {

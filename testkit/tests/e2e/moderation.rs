@@ -150,3 +150,21 @@ async fn an_ordinary_fight_passes_moderation_with_the_default_settings() {
         "the names and the answer were checked"
     );
 }
+
+#[tokio::test]
+async fn a_name_that_passed_before_costs_no_second_check() {
+    let sys = quick().workers(1).start().await;
+    for (a, b) in [("Batman", "Joker"), ("Batman", "Penguin")] {
+        let events = fight(&sys, a, b).await;
+        assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+    }
+    assert_eq!(
+        calls(&sys).await,
+        (2, 0, 4),
+        "the names, then the answer, of each"
+    );
+    // Both names passed before: only the new answer is checked.
+    let events = fight(&sys, "Joker", "Penguin").await;
+    assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+    assert_eq!(calls(&sys).await, (3, 0, 5));
+}

@@ -94,7 +94,6 @@ impl Nats {
     /// Starts nats-server (`NATS_SERVER_BIN`, else `nats-server` on `PATH`) and waits until it
     /// accepts TCP connections.
     pub async fn start() -> Nats {
-        let store = TempDir::new("versus-nats");
         let passwords = NatsUser::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string());
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -103,21 +102,9 @@ impl Nats {
             if monitor_port == port {
                 continue;
             }
-            let log = Arc::new(Mutex::new(Log::default()));
-            let launch = Launch::single();
-            match spawn_server(port, monitor_port, &passwords, store.path(), &log, &launch).await {
-                Ok(child) => {
-                    return Nats {
-                        url: format!("nats://127.0.0.1:{port}"),
-                        port,
-                        monitor_port,
-                        passwords,
-                        child: Some(child),
-                        log,
-                        launch,
-                        store,
-                    };
-                }
+            match Nats::start_member(port, monitor_port, passwords.clone(), Launch::single()).await
+            {
+                Ok(nats) => return nats,
                 // Most likely another test took a port in between: try others.
                 Err(e) => last_error = e,
             }
@@ -125,8 +112,8 @@ impl Nats {
         panic!("nats-server did not start after {PORT_ATTEMPTS} attempts: {last_error}");
     }
 
-    /// Starts one server of a cluster (see [`crate::Hub`]) on the given ports, with `launch`;
-    /// Err with its log if it does not come up.
+    /// Starts one server on the given ports, with `launch` (alone, or one of a cluster: see
+    /// [`crate::Hub`]); Err with its log if it does not come up.
     pub(crate) async fn start_member(
         port: u16,
         monitor_port: u16,

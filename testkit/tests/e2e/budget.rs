@@ -5,32 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{fight, http, json_of, quick};
+use crate::{fight, http, json_of, metric, metrics_of, quick};
 
 const TOKEN: &str = "budget-admin-token";
-
-/// The sum of the series of `name` in a `/metrics` text.
-fn metric(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with([' ', '{']))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn metrics_of(url: &str) -> String {
-    http()
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
 
 #[tokio::test]
 async fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_served() {
@@ -123,6 +100,7 @@ async fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_
                 refused += metric(
                     &metrics_of(&worker.url).await,
                     "versus_budget_refusals_total",
+                    "",
                 );
             }
             refused >= 2.0
@@ -149,7 +127,7 @@ async fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_
     assert!(reported >= 3.5, "{usage}");
     let mut counted = 0.0;
     for worker in &sys.workers {
-        counted += metric(&metrics_of(&worker.url).await, "versus_spend_usd_total");
+        counted += metric(&metrics_of(&worker.url).await, "versus_spend_usd_total", "");
     }
     assert!((counted - reported).abs() < 1e-9, "{counted} != {reported}");
     let api = metrics_of(sys.api_url()).await;

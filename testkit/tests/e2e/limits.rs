@@ -20,7 +20,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{fight, http, quick, shape, stream_url, text_of};
+use crate::{fight, http, metric, metrics_of, quick, shape, stream_url, text_of};
 
 /// `GET url` with `headers`: the status and the whole body.
 async fn get_with(url: &str, headers: &[(&str, &str)]) -> (u16, String) {
@@ -195,19 +195,8 @@ async fn a_client_over_its_limit_gets_429_while_its_hits_its_joins_and_other_cli
 
 /// The API's count of jobs it queued (`versus_jobs_published_total`).
 async fn jobs_published(sys: &System) -> u64 {
-    let metrics = http()
-        .get(format!("{}/metrics", sys.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find(|l| l.starts_with("versus_jobs_published_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .map_or(0, |n| n.parse::<f64>().unwrap() as u64)
+    let metrics = metrics_of(sys.api_url()).await;
+    metric(&metrics, "versus_jobs_published_total", "") as u64
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use versus_shared::{
 };
 use versus_testkit::{System, eventually};
 
-use crate::{fight, http, quick, rows, shape, stream_url, text_of};
+use crate::{fight, http, metric, metrics_of, quick, rows, shape, stream_url, text_of};
 
 /// The simulator's counters: (chat, image, moderation) calls.
 async fn calls(sys: &System) -> (u64, u64, u64) {
@@ -41,22 +41,7 @@ async fn post(sys: &System, path: &str, body: &Value) -> (u16, Value) {
 async fn worker_metric(sys: &System, name: &str, label: &str) -> f64 {
     let mut sum = 0.0;
     for worker in &sys.workers {
-        let text = http()
-            .get(format!("{}/metrics", worker.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        sum += text
-            .lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(label))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
+        sum += metric(&metrics_of(&worker.url).await, name, label);
     }
     sum
 }

@@ -41,6 +41,12 @@ pub struct Settings {
     pub http_addr: String,
     #[command(flatten)]
     pub nats: NatsSettings,
+    /// Run at an edge: `NATS_URL` is this edge's nats-server (`nats-edge.conf`), a leaf node
+    /// of the hub whose JetStream domain this names (`hub`). Hits are read from a mirror of
+    /// the answers bucket kept there; misses go to the hub across the leaf link, and are
+    /// refused at once (`unavailable`) while the link is down.
+    #[arg(long, env = "VERSUS_NATS_HUB_DOMAIN")]
+    pub hub_domain: Option<String>,
     #[command(flatten)]
     pub models: ModelSettings,
     #[command(flatten)]
@@ -134,7 +140,11 @@ impl App {
                 tracing::warn!(%model, "no price for this model (VERSUS_PRICES): it is counted at the dearest known price");
             }
         }
-        let bus = Bus::connect(&settings.nats, Role::Api, tasks).await?;
+        let role = match &settings.hub_domain {
+            Some(hub) => Role::Edge { hub },
+            None => Role::Api,
+        };
+        let bus = Bus::connect(&settings.nats, role, tasks).await?;
         tasks.spawn(
             budget
                 .clone()
@@ -233,23 +243,30 @@ impl App {
             metrics::counter!("versus_refused_total", "kind" => job.kind.as_str()).increment(1);
             return Ok(coalesce::Waiter::ended(wire::refused(0)));
         }
+        if !self.inner.bus.hub_up() {
+            metrics::counter!("versus_edge_refusals_total", "kind" => job.kind.as_str())
+                .increment(1);
+            return Ok(coalesce::Waiter::ended(Event::retryable(
+                "unavailable",
+                "This server cannot reach the one that writes new answers right now. Answers \
+                 already written still work; please try again shortly.",
+                None,
+            )));
+        }
         let spent = self.inner.budget.exhausted();
         if (spent || self.inner.limits.limited(job.kind)) && !self.in_progress(&job).await {
             if spent {
                 metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str())
                     .increment(1);
-                return Ok(coalesce::Waiter::ended(Event::Error {
-                    attempt: 0,
-                    code: error::BUDGET_EXHAUSTED.to_owned(),
-                    message: "Versus has spent today's budget for new answers. Answers already \
-                              written still work; new ones start again after midnight UTC."
-                        .to_owned(),
-                    retryable: true,
-                    retry_at_ms: Some(
+                return Ok(coalesce::Waiter::ended(Event::retryable(
+                    error::BUDGET_EXHAUSTED,
+                    "Versus has spent today's budget for new answers. Answers already written \
+                     still work; new ones start again after midnight UTC.",
+                    Some(
                         wire::unix_ms()
                             + versus_shared::budget::until_tomorrow().as_millis() as u64,
                     ),
-                }));
+                )));
             }
             self.inner.limits.admit(job.kind, client)?;
         }

@@ -3,7 +3,10 @@
 //! neither the workers nor Postgres. Values are rendered once, on insert, so a hit only copies
 //! bytes.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{
+    Arc, OnceLock,
+    atomic::{AtomicU64, Ordering},
+};
 
 use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
@@ -70,6 +73,27 @@ pub struct EdgeCache<V> {
     memory: Cache<Key, Arc<Cached<V>>, BodyWeight>,
     bus: Bus,
     render: Render<V>,
+    purges: Purges,
+}
+
+/// Counts purges, so that a value read from KV just before a purge is not kept in memory
+/// after it: a reader notes the count before it reads, and takes back what it inserted if the
+/// count moved meanwhile (a purge moves it before it removes).
+#[derive(Default)]
+struct Purges(AtomicU64);
+
+impl Purges {
+    fn count(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn moved_since(&self, count: u64) -> bool {
+        self.count() != count
+    }
+
+    fn note(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl<V: Entry> EdgeCache<V> {
@@ -84,6 +108,7 @@ impl<V: Entry> EdgeCache<V> {
             memory: Cache::with_weighter((bytes / 2048) as usize, bytes, BodyWeight),
             bus,
             render: Box::new(render),
+            purges: Purges::default(),
         }
     }
 
@@ -92,7 +117,13 @@ impl<V: Entry> EdgeCache<V> {
         if let Some(hit) = self.memory.get(key) {
             return Ok(Some(hit_from(hit, V::KIND, Layer::Memory)));
         }
-        let Some(bytes) = self.bus.answers.get(wire::kv_key(V::KIND, key)).await? else {
+        let purges = self.purges.count();
+        let Some(bytes) = self
+            .bus
+            .nearest_answers
+            .get(wire::kv_key(V::KIND, key))
+            .await?
+        else {
             return Ok(None);
         };
         let value: V = serde_json::from_slice(&bytes)?;
@@ -105,6 +136,9 @@ impl<V: Entry> EdgeCache<V> {
             sse: OnceLock::new(),
         });
         self.memory.insert(key.clone(), cached.clone());
+        if self.purges.moved_since(purges) {
+            self.memory.remove(key);
+        }
         Ok(Some(hit_from(cached, V::KIND, Layer::Kv)))
     }
 }
@@ -112,6 +146,7 @@ impl<V: Entry> EdgeCache<V> {
 impl<V: Entry> EdgeCache<V> {
     /// Drops `key` from memory (after a purge; KV is purged by whoever purges).
     pub fn remove(&self, key: &Key) {
+        self.purges.note();
         self.memory.remove(key);
     }
 
@@ -133,6 +168,7 @@ impl<V: Entry> EdgeCache<V> {
 pub struct Refusals {
     memory: Cache<(Kind, Key), ()>,
     bus: Bus,
+    purges: Purges,
 }
 
 impl Refusals {
@@ -140,6 +176,7 @@ impl Refusals {
         Refusals {
             memory: Cache::new(entries.max(16)),
             bus,
+            purges: Purges::default(),
         }
     }
 
@@ -149,9 +186,18 @@ impl Refusals {
         if self.memory.get(&(kind, key.clone())).is_some() {
             return true;
         }
-        match self.bus.answers.get(wire::refusal_kv_key(kind, key)).await {
+        let purges = self.purges.count();
+        match self
+            .bus
+            .nearest_answers
+            .get(wire::refusal_kv_key(kind, key))
+            .await
+        {
             Ok(Some(_)) => {
                 self.memory.insert((kind, key.clone()), ());
+                if self.purges.moved_since(purges) {
+                    self.memory.remove(&(kind, key.clone()));
+                }
                 true
             }
             Ok(None) => false,
@@ -164,6 +210,7 @@ impl Refusals {
 
     /// Drops `key` from memory (after a purge).
     pub fn remove(&self, key: &Key) {
+        self.purges.note();
         for kind in [Kind::Text, Kind::Image] {
             self.memory.remove(&(kind, key.clone()));
         }

@@ -85,6 +85,7 @@ pub async fn run(listener: TcpListener, app: App, tasks: &Tasks) -> anyhow::Resu
         serve(listener, router(&app), &app.inner.settings, tasks),
         app.inner.popularity.run(shutdown.clone()),
         apply_purges(&app, purges, shutdown.clone()),
+        follow_mirror_purges(&app, shutdown.clone()),
         app.inner.limits.housekeep(shutdown.clone()),
     );
     Ok(())
@@ -213,6 +214,53 @@ async fn apply_purges(app: &App, mut purges: async_nats::Subscriber, shutdown: C
             Ok(purge) => app.forget(&purge.keys),
             Err(e) => tracing::warn!(error = %e, "skipping an unreadable purge"),
         }
+    }
+}
+
+/// At an edge, applies the purges its mirror of the answers bucket receives (delete and purge
+/// markers, which mirrors replicate) to this replica's memory, until `shutdown`. The purge
+/// notices above may come first, or never (they are lost while the leaf link is down): a purge
+/// leaves this replica's memory once its mirror has it, so a purged answer cannot come back
+/// from the mirror, nor survive a cut link in memory.
+async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
+    use async_nats::jetstream::kv::Operation;
+    use futures::StreamExt;
+    let bus = &app.inner.bus;
+    if bus.hub_link.is_none() {
+        return;
+    }
+    let follow = async {
+        loop {
+            match bus.nearest_answers.watch_all().await {
+                Ok(mut changes) => {
+                    while let Some(change) = changes.next().await {
+                        match change {
+                            Ok(entry) if entry.operation != Operation::Put => {
+                                if let Some(key) = entry
+                                    .key
+                                    .rsplit('.')
+                                    .next()
+                                    .and_then(versus_shared::key::Key::parse)
+                                {
+                                    app.forget(&[key]);
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "watching the mirror for purges failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watching the mirror for purges failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = follow => {}
     }
 }
 

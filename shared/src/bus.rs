@@ -5,6 +5,11 @@
 //! streams: a worker declares them (idempotently, at start-up, and the in-memory events
 //! stream again after every reconnect), while the API only looks them up, waiting until a
 //! worker has declared them.
+//!
+//! An API at an edge ([`Role::Edge`]) connects to its edge's nats-server, a leaf node of the
+//! hub with a JetStream domain of its own (`nats-edge.conf`): it reaches the streams and the
+//! buckets on the hub through the hub's domain, keeps a read-only mirror of the answers bucket
+//! in its own domain (hits read it, with no hub round trip), and watches the leaf link.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -30,22 +35,25 @@ pub fn is_full(error: &jetstream::context::PublishError) -> bool {
         .is_some_and(|e| e.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED)
 }
 
-/// Who a process is on the bus. Its NATS user (`nats.conf`) allows what the role does, and
-/// nothing more.
+/// Who a process is on the bus. Its NATS user (`nats.conf`, `nats-edge.conf`) allows what the
+/// role does, and nothing more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub enum Role<'a> {
     /// Publishes jobs, popularity and purge notices, reads events and the KV buckets; looks
     /// the streams and buckets up, and waits for a worker to declare them.
     Api,
+    /// The API at an edge: as [`Role::Api`], on the hub whose JetStream domain is `hub`,
+    /// across the leaf link; it declares the mirror of the answers bucket in its own domain.
+    Edge { hub: &'a str },
     /// Writes events, answers and spend; declares the streams, buckets and consumers.
     Worker,
 }
 
-impl Role {
+impl Role<'_> {
     /// The client name the server shows for this process's connection.
     pub fn client_name(self) -> &'static str {
         match self {
-            Role::Api => "versus-api",
+            Role::Api | Role::Edge { .. } => "versus-api",
             Role::Worker => "versus-worker",
         }
     }
@@ -55,15 +63,36 @@ impl Role {
 #[derive(Clone)]
 pub struct Bus {
     pub client: async_nats::Client,
+    /// JetStream where the streams are: the hub's domain at an edge.
     pub js: jetstream::Context,
+    /// The subject prefix of that JetStream's API (`$JS.API`, or `$JS.<hub>.API` at an edge),
+    /// for requests made by hand.
+    pub api_prefix: String,
     pub jobs: stream::Stream,
     pub events: stream::Stream,
+    /// The answers bucket itself, where workers write (on the hub).
     pub answers: kv::Store,
+    /// Where this process reads answers first: the edge's mirror of [`Bus::answers`] at an
+    /// edge (it may lag the bucket by a moment, or by an outage of the link), else the
+    /// bucket.
+    pub nearest_answers: kv::Store,
     /// Each UTC day's spend, cluster-wide (see [`crate::budget`]).
     pub spend: kv::Store,
     /// Moves whenever core NATS messages may have been lost on this connection: after a
     /// reconnect, or when a subscription overflowed. Readers of core subscriptions resync.
     pub losses: watch::Receiver<u64>,
+    /// At an edge, whether the hub answers across the leaf link (see [`HubLink`]).
+    pub hub_link: Option<watch::Receiver<HubLink>>,
+}
+
+/// What an edge knows of its leaf link to the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubLink {
+    Up,
+    /// The hub has not answered since this instant.
+    Down {
+        since: tokio::time::Instant,
+    },
 }
 
 impl Bus {
@@ -72,7 +101,7 @@ impl Bus {
     /// reconnects); the API looks them up, waiting until they are there.
     pub async fn connect(
         settings: &NatsSettings,
-        role: Role,
+        role: Role<'_>,
         tasks: &Tasks,
     ) -> anyhow::Result<Bus> {
         let (lost, losses) = watch::channel(0u64);
@@ -99,7 +128,13 @@ impl Bus {
             .connect(servers)
             .await
             .context("connecting to NATS (NATS_URL)")?;
-        let js = jetstream::new(client.clone());
+        let (js, api_prefix) = match role {
+            Role::Edge { hub } => (
+                jetstream::with_domain(client.clone(), hub),
+                format!("$JS.{hub}.API"),
+            ),
+            Role::Api | Role::Worker => (jetstream::new(client.clone()), "$JS.API".to_owned()),
+        };
         let (jobs, events, answers, spend) = match role {
             Role::Worker => {
                 let declared = declare(&js, settings).await?;
@@ -112,26 +147,174 @@ impl Bus {
                 ));
                 declared
             }
-            Role::Api => look_up(&js, tasks.shutdown()).await?,
+            Role::Api | Role::Edge { .. } => look_up(&js, tasks.shutdown()).await?,
+        };
+        let (nearest_answers, hub_link) = match role {
+            Role::Edge { hub } => {
+                let mirror = declare_mirror(&jetstream::new(client.clone()), hub).await?;
+                let (link, hub_link) = watch::channel(HubLink::Up);
+                tasks.spawn(watch_link(client.clone(), link, tasks.shutdown().clone()));
+                (mirror, Some(hub_link))
+            }
+            Role::Api | Role::Worker => (answers.clone(), None),
         };
         Ok(Bus {
             client,
             js,
+            api_prefix,
             jobs,
             events,
             answers,
+            nearest_answers,
             spend,
             losses,
+            hub_link,
         })
     }
 
-    /// True when the connection is up and JetStream answers for both streams.
+    /// True when the connection is up and JetStream answers: for both streams, or at an
+    /// edge, for its mirror (a cut-off edge still serves hits).
     pub async fn ready(&self) -> bool {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return false;
         }
+        if self.hub_link.is_some() {
+            return self.nearest_answers.status().await.is_ok();
+        }
         self.jobs.get_info().await.is_ok() && self.events.get_info().await.is_ok()
     }
+
+    /// False while an edge's link to the hub is down: a miss cannot reach the hub, so it is
+    /// refused at once. Always true off an edge.
+    pub fn hub_up(&self) -> bool {
+        self.hub_link
+            .as_ref()
+            .is_none_or(|link| *link.borrow() == HubLink::Up)
+    }
+
+    /// Resolves once an edge's link to the hub has been down for `grace` (never off an
+    /// edge): what a generation followed across the link waits for before it gives up.
+    pub async fn hub_lost(&self, grace: Duration) {
+        let Some(mut link) = self.hub_link.clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let down_since = match *link.borrow_and_update() {
+                HubLink::Down { since } => Some(since),
+                HubLink::Up => None,
+            };
+            match down_since {
+                Some(since) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(since + grace) => return,
+                        changed = link.changed() => if changed.is_err() {
+                            return std::future::pending().await;
+                        },
+                    }
+                }
+                None => {
+                    if link.changed().await.is_err() {
+                        return std::future::pending().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How often an edge pings the hub, how long it waits for the answer, and how many unanswered
+/// pings in a row mean the link is down (a leaf reconnecting to another hub server after one
+/// died takes about half a second, which must not count).
+const LINK_PROBE_EVERY: Duration = Duration::from_millis(500);
+const LINK_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const LINK_PROBE_FAILURES: u32 = 3;
+
+/// Keeps `link` up to date: pings the hub's workers ([`wire::LINK_PING_SUBJECT`]) every
+/// [`LINK_PROBE_EVERY`]. Across a cut leaf link a ping gets "no responders" at once, or no
+/// answer at all. A ping needs no JetStream leader, so a hub server's death (and its streams'
+/// elections) is not taken for a cut link; with no worker up, misses could not be answered
+/// anyway.
+async fn watch_link(
+    client: async_nats::Client,
+    link: watch::Sender<HubLink>,
+    shutdown: CancellationToken,
+) {
+    let mut failures = 0u32;
+    let mut first_failure = tokio::time::Instant::now();
+    let probe = async {
+        loop {
+            let asked = tokio::time::Instant::now();
+            let answered = tokio::time::timeout(
+                LINK_PROBE_TIMEOUT,
+                client.request(wire::LINK_PING_SUBJECT, bytes::Bytes::new()),
+            )
+            .await
+            .is_ok_and(|reply| reply.is_ok());
+            if answered {
+                failures = 0;
+                link.send_if_modified(|state| {
+                    let was_down = *state != HubLink::Up;
+                    if was_down {
+                        tracing::info!("the hub answers across the leaf link again");
+                    }
+                    *state = HubLink::Up;
+                    was_down
+                });
+            } else {
+                if failures == 0 {
+                    first_failure = asked;
+                }
+                failures += 1;
+                if failures == LINK_PROBE_FAILURES {
+                    tracing::warn!(
+                        "the hub does not answer across the leaf link: misses are refused until it does"
+                    );
+                    link.send_replace(HubLink::Down {
+                        since: first_failure,
+                    });
+                }
+            }
+            tokio::time::sleep_until(asked + LINK_PROBE_EVERY).await;
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = probe => {}
+    }
+}
+
+/// The edge's mirror of the hub's answers bucket, in the edge's own domain, created when
+/// missing. It has the origin's name, so it is read like the bucket.
+async fn declare_mirror(local: &jetstream::Context, hub: &str) -> anyhow::Result<kv::Store> {
+    let name = format!("KV_{}", wire::ANSWERS_BUCKET);
+    if existing_config(local, &name).await?.is_none() {
+        local
+            .create_key_value(kv::Config {
+                bucket: wire::ANSWERS_BUCKET.to_owned(),
+                description: format!(
+                    "A read-only mirror of the answers bucket of the hub (domain {hub})"
+                ),
+                history: 1,
+                storage: stream::StorageType::File,
+                // The hub's domain, as its API prefix: async-nats would turn `domain` into
+                // this too, but also send `domain` itself, which nats-server refuses.
+                mirror: Some(stream::Source {
+                    name: wire::ANSWERS_BUCKET.to_owned(),
+                    external: Some(stream::External {
+                        api_prefix: format!("$JS.{hub}.API"),
+                        delivery_prefix: None,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("creating the edge's mirror of the answers bucket")?;
+    }
+    local
+        .get_key_value(wire::ANSWERS_BUCKET)
+        .await
+        .context("opening the edge's mirror of the answers bucket")
 }
 
 /// The streams and buckets: jobs, events, answers, spend.

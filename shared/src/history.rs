@@ -47,7 +47,7 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The events stored on `subject` from stream sequence `from` on, in order. Unreadable events
 /// are skipped (and logged).
 pub async fn read(bus: &Bus, subject: &str, mut from: u64) -> anyhow::Result<Vec<Event>> {
-    let api = format!("$JS.API.DIRECT.GET.{}", wire::EVENTS_STREAM);
+    let api = format!("{}.DIRECT.GET.{}", bus.api_prefix, wire::EVENTS_STREAM);
     let mut events = Vec::new();
     loop {
         let inbox = bus.client.new_inbox();

@@ -53,6 +53,11 @@ pub const PURGE_SUBJECT: &str = "versus.cache.purge";
 pub const PURGE_REQUEST_SUBJECT: &str = "versus.admin.purge";
 pub const PURGE_REQUEST_QUEUE: &str = "versus-purge";
 
+/// Where an edge's API pings the hub across its leaf link: a worker answers (one, through the
+/// queue group [`LINK_PING_QUEUE`]), with an empty reply.
+pub const LINK_PING_SUBJECT: &str = "versus.link.ping";
+pub const LINK_PING_QUEUE: &str = "versus-link-ping";
+
 /// What kind of answer a job asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,6 +178,18 @@ impl Event {
 }
 
 impl Event {
+    /// A retryable `error` of this process's own, before or outside any attempt: asking again
+    /// may succeed (after `retry_at_ms`, when given).
+    pub fn retryable(code: &str, message: &str, retry_at_ms: Option<u64>) -> Event {
+        Event::Error {
+            attempt: 0,
+            code: code.to_owned(),
+            message: message.to_owned(),
+            retryable: true,
+            retry_at_ms,
+        }
+    }
+
     /// How long until asking again may succeed, for an error that says so (at least a
     /// second; None once that time has come).
     pub fn retry_after(&self) -> Option<std::time::Duration> {

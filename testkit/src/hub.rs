@@ -1,12 +1,12 @@
 //! A real 3-node JetStream cluster on loopback (`hub1`..`hub3`, cluster `hub`, JetStream
-//! domain `hub`, `sync_interval: always`), each server run with the repository's `nats.conf`
-//! (its users and their permissions) and the same fresh passwords, each with its own store. A
-//! test can SIGKILL a node and start it again, and ask which node leads a stream.
+//! domain `hub`, `sync_interval: always`), each server run with the repository's
+//! `nats-hub.conf` (`nats.conf`'s users and permissions, and a leaf-node listener for edges)
+//! and the same fresh passwords, each with its own store. A test can SIGKILL a node and start
+//! it again, and ask which node leads a stream.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Nats, NatsUser, TempDir, free_port, nats::Launch};
+use crate::{Nats, NatsUser, free_port, nats::Launch};
 
 /// How long the cluster may take to elect its JetStream meta leader.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -19,6 +19,10 @@ pub const HUB_NODES: usize = 3;
 pub struct Hub {
     /// `hub1`, `hub2`, `hub3`, in that order.
     pub nodes: Vec<Nats>,
+    /// Each node's leaf-node port, in the same order.
+    pub leaf_ports: Vec<u16>,
+    /// The password edges' servers log in with (`versus-leaf`).
+    pub leaf_password: String,
 }
 
 impl Hub {
@@ -26,9 +30,10 @@ impl Hub {
     /// meta leader is elected).
     pub async fn start() -> Hub {
         let passwords = NatsUser::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string());
+        let leaf_password = uuid::Uuid::new_v4().simple().to_string();
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            match try_start(&passwords).await {
+            match try_start(&passwords, &leaf_password).await {
                 Ok(hub) => {
                     hub.wait_ready().await;
                     return hub;
@@ -70,6 +75,12 @@ impl Hub {
         .retry_on_initial_connect()
         .connect(urls)
         .await
+    }
+
+    /// `["nats-leaf://versus-leaf:PASSWORD@127.0.0.1:L1", …]`: every node's leaf-node URL, as
+    /// an edge's server takes them in `VERSUS_NATS_HUB_LEAF_URLS` (see `nats-edge.conf`).
+    pub fn leaf_urls(&self) -> String {
+        leaf_urls(&self.leaf_password, &self.leaf_ports)
     }
 
     /// A client with every right (`versus-admin`).
@@ -169,53 +180,54 @@ pub async fn move_leader(client: &async_nats::Client, stream: &str, to: &str) ->
     false
 }
 
-/// Starts the three servers on fresh ports.
-async fn try_start(passwords: &[String; 3]) -> Result<Hub, String> {
-    // The configuration files, removed with the last server that reads them.
-    let confs = Arc::new(TempDir::new("versus-hub"));
-    let ports: Vec<(u16, u16, u16)> = (0..HUB_NODES)
-        .map(|_| (free_port(), free_port(), free_port()))
+/// `["nats-leaf://versus-leaf:PASSWORD@127.0.0.1:P", …]` for the leaf-node `ports`.
+pub(crate) fn leaf_urls(password: &str, ports: &[u16]) -> String {
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|port| format!("\"nats-leaf://versus-leaf:{password}@127.0.0.1:{port}\""))
         .collect();
-    let mut all: Vec<u16> = ports.iter().flat_map(|p| [p.0, p.1, p.2]).collect();
+    format!("[{}]", urls.join(", "))
+}
+
+/// Starts the three servers on fresh ports, as `nats-hub.conf` says to run them.
+async fn try_start(passwords: &[String; 3], leaf_password: &str) -> Result<Hub, String> {
+    // Each node's client, monitoring, cluster and leaf-node ports.
+    let ports: Vec<[u16; 4]> = (0..HUB_NODES)
+        .map(|_| [free_port(), free_port(), free_port(), free_port()])
+        .collect();
+    let mut all: Vec<u16> = ports.iter().flatten().copied().collect();
     all.sort_unstable();
     all.dedup();
-    if all.len() != HUB_NODES * 3 {
+    if all.len() != HUB_NODES * 4 {
         return Err("the OS gave the same port twice".to_owned());
     }
-    let base = std::fs::read_to_string(crate::nats::nats_conf())
-        .map_err(|e| format!("read nats.conf: {e}"))?;
-    // The hub's JetStream domain, and an fsync after every write as issue 13's hub runs, in
-    // the repository's own jetstream block (a second block would replace it).
-    assert_eq!(
-        base.matches("\njetstream {").count(),
-        1,
-        "nats.conf should have one jetstream block"
-    );
-    let base = base.replacen(
-        "\njetstream {",
-        "\njetstream {\n  domain: hub\n  sync_interval: always",
-        1,
-    );
     let mut starting = Vec::new();
-    for (i, &(port, monitor_port, cluster_port)) in ports.iter().enumerate() {
-        let name = format!("hub{}", i + 1);
+    for (i, &[port, monitor_port, cluster_port, leaf_port]) in ports.iter().enumerate() {
         let routes: Vec<String> = ports
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(_, p)| format!("\"nats://127.0.0.1:{}\"", p.2))
+            .map(|(_, p)| format!("nats://127.0.0.1:{}", p[2]))
             .collect();
-        let conf = format!(
-            "{base}\n# The test kit's hub.\nserver_name: {name}\ncluster {{\n  name: hub\n  \
-             listen: \"127.0.0.1:{cluster_port}\"\n  routes: [{}]\n}}\n",
-            routes.join(", ")
-        );
-        let path = confs.path().join(format!("{name}.conf"));
-        std::fs::write(&path, conf).map_err(|e| format!("write {}: {e}", path.display()))?;
         let launch = Launch {
-            conf: path,
-            args: Vec::new(),
-            _conf_dir: Some(confs.clone()),
+            conf: crate::nats::repo_file("nats-hub.conf"),
+            args: vec![
+                "-n".to_owned(),
+                format!("hub{}", i + 1),
+                "--cluster_name".to_owned(),
+                "hub".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes".to_owned(),
+                routes.join(","),
+            ],
+            envs: vec![
+                ("VERSUS_NATS_LEAF_PORT".to_owned(), leaf_port.to_string()),
+                (
+                    "VERSUS_NATS_LEAF_PASSWORD".to_owned(),
+                    leaf_password.to_owned(),
+                ),
+            ],
         };
         starting.push(Nats::start_member(
             port,
@@ -236,7 +248,11 @@ async fn try_start(passwords: &[String; 3]) -> Result<Hub, String> {
     if !errors.is_empty() {
         return Err(errors.join("\n"));
     }
-    Ok(Hub { nodes })
+    Ok(Hub {
+        nodes,
+        leaf_ports: ports.iter().map(|p| p[3]).collect(),
+        leaf_password: leaf_password.to_owned(),
+    })
 }
 
 /// Waits until every running node's `/healthz` answers 200 (JetStream current).

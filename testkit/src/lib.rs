@@ -26,6 +26,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod db;
+mod edge;
 mod hub;
 mod nats;
 mod proc;
@@ -40,6 +41,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 pub use db::Database;
+pub use edge::{Edge, LinkProxy};
 pub use hub::{HUB_NODES, Hub, move_leader, stream_leader};
 pub use nats::{Nats, NatsUser};
 pub use nix::sys::signal::Signal;

@@ -70,22 +70,22 @@ pub struct Nats {
     store: TempDir,
 }
 
-/// How a server is run: the configuration file it reads and flags beyond the ports and store.
+/// How a server is run: the repository's configuration file it reads, and the flags (beyond
+/// the ports and store) and environment (beyond the users' passwords) it gets.
 #[derive(Clone)]
 pub(crate) struct Launch {
     pub(crate) conf: PathBuf,
     pub(crate) args: Vec<String>,
-    /// The directory of a configuration file the kit wrote, kept while a server may use it.
-    pub(crate) _conf_dir: Option<Arc<TempDir>>,
+    pub(crate) envs: Vec<(String, String)>,
 }
 
 impl Launch {
     /// A server of its own: the repository's `nats.conf` as it is.
     fn single() -> Launch {
         Launch {
-            conf: nats_conf(),
+            conf: repo_file("nats.conf"),
             args: Vec::new(),
-            _conf_dir: None,
+            envs: Vec::new(),
         }
     }
 }
@@ -324,9 +324,9 @@ impl Log {
     }
 }
 
-/// The repository's `nats.conf`.
-pub(crate) fn nats_conf() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats.conf")
+/// A file at the repository's root (`nats.conf`, `nats-hub.conf`, `nats-edge.conf`).
+pub(crate) fn repo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)
 }
 
 /// Starts one nats-server and waits for it to accept connections; Err with its log if it
@@ -353,6 +353,7 @@ async fn spawn_server(
     for (user, password) in NatsUser::ALL.iter().zip(passwords) {
         command.env(user.password_var(), password);
     }
+    command.envs(launch.envs.iter().map(|(k, v)| (k, v)));
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())

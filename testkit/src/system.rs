@@ -8,7 +8,7 @@ use futures::future::join_all;
 
 use std::path::PathBuf;
 
-use crate::{Database, Hub, Nats, NatsUser, Proc, S3, Sim, TempDir};
+use crate::{Database, Edge, Hub, Nats, NatsUser, Proc, S3, Sim, TempDir};
 
 /// Everything a test talks to. Dropping it kills every process and removes the NATS store.
 pub struct System {
@@ -19,7 +19,10 @@ pub struct System {
     pub hub_peers: Vec<Nats>,
     pub db: Database,
     pub sim: Sim,
+    /// An API replica beside the hub (or the one server).
     pub api: Proc,
+    /// The edges ([`SystemBuilder::edges`]): `edge1`, `edge2`, …, each with its own API.
+    pub edges: Vec<Edge>,
     pub workers: Vec<Proc>,
     /// The S3-compatible store, when the system was built with [`SystemBuilder::s3`].
     pub s3: Option<S3>,
@@ -39,6 +42,7 @@ pub struct SystemBuilder {
     sim_env: Vec<(String, String)>,
     s3: bool,
     hub: bool,
+    edges: usize,
 }
 
 impl Default for SystemBuilder {
@@ -51,6 +55,7 @@ impl Default for SystemBuilder {
             sim_env: Vec::new(),
             s3: false,
             hub: false,
+            edges: 0,
         }
     }
 }
@@ -103,20 +108,38 @@ impl SystemBuilder {
         self
     }
 
+    /// Runs the system on a hub (see [`SystemBuilder::hub`]) with `n` edges besides: each a
+    /// nats-server joined to the hub as a leaf node through a proxy the test owns (`edge1`,
+    /// `edge2`, …; see [`Edge`]), with an API replica of its own
+    /// (`VERSUS_NATS_HUB_DOMAIN=hub`, and the same settings as [`System::api`] otherwise).
+    pub fn edges(self, n: usize) -> Self {
+        let mut built = if self.hub { self } else { self.hub() };
+        built.edges = n;
+        built
+    }
+
     /// Starts nats-server, the database and the simulator, then the first worker alone (it
     /// runs the migrations), the other workers together, and finally the API.
     pub async fn start(self) -> System {
         let sim_env = borrowed(&self.sim_env);
         let servers = async {
             if self.hub {
-                let mut nodes = Hub::start().await.nodes;
+                let hub = Hub::start().await;
+                let mut edges = Vec::with_capacity(self.edges);
+                for i in 1..=self.edges {
+                    let name = format!("edge{i}");
+                    let (nats, link) =
+                        crate::edge::start_server(&name, &hub.leaf_password, &hub.leaf_ports).await;
+                    edges.push((name, nats, link));
+                }
+                let mut nodes = hub.nodes;
                 let first = nodes.remove(0);
-                (first, nodes)
+                (first, nodes, edges)
             } else {
-                (Nats::start().await, Vec::new())
+                (Nats::start().await, Vec::new(), Vec::new())
             }
         };
-        let ((nats, hub_peers), db, sim) =
+        let ((nats, hub_peers, edge_servers), db, sim) =
             tokio::join!(servers, Database::fresh(), Sim::start(&sim_env));
         // Every server of the hub, or the one server, as the programs' NATS_URL.
         let url_as = |user: NatsUser| {
@@ -192,6 +215,19 @@ impl SystemBuilder {
             declare_streams(&nats, &worker_envs).await;
         }
         let api = Proc::spawn("versus-api", &borrowed(&api_envs)).await;
+        let mut edges = Vec::with_capacity(edge_servers.len());
+        for (name, edge_nats, link) in edge_servers {
+            let mut envs = api_envs.clone();
+            envs.push(("NATS_URL".to_owned(), edge_nats.url_as(NatsUser::Api)));
+            envs.push(("VERSUS_NATS_HUB_DOMAIN".to_owned(), "hub".to_owned()));
+            let api = Proc::spawn("versus-api", &borrowed(&envs)).await;
+            edges.push(Edge {
+                name,
+                api,
+                link,
+                nats: edge_nats,
+            });
+        }
 
         System {
             nats,
@@ -199,6 +235,7 @@ impl SystemBuilder {
             db,
             sim,
             api,
+            edges,
             workers,
             s3,
             api_envs,
@@ -299,18 +336,22 @@ impl Drop for System {
         if !std::thread::panicking() {
             let refused: Vec<String> = std::iter::once(&self.nats)
                 .chain(&self.hub_peers)
+                .chain(self.edges.iter().map(|e| &e.nats))
                 .flat_map(|n| n.violations_of(&["versus-api", "versus-worker"]))
                 .collect();
             assert!(
                 refused.is_empty(),
-                "nats-server refused the API or a worker what it did (nats.conf lacks a \
-                 permission?):\n{}",
+                "nats-server refused the API or a worker what it did (nats.conf or \
+                 nats-edge.conf lacks a permission?):\n{}",
                 refused.join("\n")
             );
         }
         // The API and the workers go first (each Proc would be killed on drop anyway), so
         // that none of them logs a lost NATS connection while the fields drop in order.
         self.api.start_kill();
+        for edge in &mut self.edges {
+            edge.api.start_kill();
+        }
         for worker in &mut self.workers {
             worker.start_kill();
         }

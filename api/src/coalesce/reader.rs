@@ -31,30 +31,39 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
     let reading = tokio::time::timeout(flights.timeout, read_events(&flights.bus, &flight, job));
     let ending = tokio::select! {
         () = flight.stop.cancelled() => None,
+        () = flights.bus.hub_lost(LINK_GRACE) => Some(Event::retryable(
+            "unavailable",
+            "This server lost its link to the one that writes new answers. Please try again shortly.",
+            None,
+        )),
         read = reading => match read {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
                 tracing::warn!(%key, error = format!("{e:#}"), "following a generation failed");
-                Some(Event::Error {
-                    attempt: 0,
-                    code: "unavailable".to_owned(),
-                    message: "The service could not follow this answer. Please try again.".to_owned(),
-                    retryable: true,
-                    retry_at_ms: None,
-                })
+                Some(Event::retryable(
+                    "unavailable",
+                    "The service could not follow this answer. Please try again.",
+                    None,
+                ))
             }
-            Err(_) => Some(Event::Error {
-                attempt: 0,
-                code: "timeout".to_owned(),
-                message: "The answer took too long. Please try again.".to_owned(),
-                retryable: true,
-                retry_at_ms: None,
-            }),
+            Err(_) => Some(Event::retryable(
+                "timeout",
+                "The answer took too long. Please try again.",
+                None,
+            )),
         },
     };
     flight.close(ending);
     flights.remove(&key, &flight);
 }
+
+/// At an edge, how long the link to the hub may be down before a generation followed across
+/// it is given up (its clients are told to try again; the generation itself goes on).
+const LINK_GRACE: Duration = Duration::from_secs(2);
+
+/// At an edge, how long a flight hears nothing before it reads the history, in case the event
+/// that would have ended it was lost on the leaf link.
+const EDGE_IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// How many times a reader reads the history again for one event that does not fit, and how
 /// long it waits first: an event reaches subscribers just before the stream stores it.
@@ -139,19 +148,29 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
     if !queued && lock(&flight.log).attempt.is_none() {
         // The queue is full and nothing is being generated for this key: say so at once
         // rather than wait for a job that was never queued.
-        flight.close(Some(Event::Error {
-            attempt: 0,
-            code: "busy".to_owned(),
-            message: "Versus is busy right now. Please try again in a few seconds.".to_owned(),
-            retryable: true,
+        flight.close(Some(Event::retryable(
+            "busy",
+            "Versus is busy right now. Please try again in a few seconds.",
             // A full queue drains in seconds.
-            retry_at_ms: Some(wire::unix_ms() + 2_000),
-        }));
+            Some(wire::unix_ms() + 2_000),
+        )));
         return Ok(());
     }
     metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
+    // At an edge, events also cross the leaf link, which drops them unseen while it reconnects
+    // (to another hub server, say): a flight that hears nothing for a while reads the history.
+    let idle = if bus.hub_link.is_some() {
+        EDGE_IDLE_CHECK
+    } else {
+        Duration::MAX
+    };
     loop {
         tokio::select! {
+            () = tokio::time::sleep(idle) => {
+                if Box::pin(replay(bus, flight, &subject, base)).await? {
+                    return Ok(());
+                }
+            }
             msg = live.next() => {
                 let msg = msg.context("the events subscription ended")?;
                 if offer_live(bus, flight, &job, &subject, base, msg.payload).await? {

@@ -1,7 +1,8 @@
-//! A 3-node JetStream hub (`hub1`..`hub3`, every stream and bucket at three replicas) under
-//! load: the node that leads the jobs stream (and, moved there first, the events stream and
-//! the answers bucket) is SIGKILLed while 100 misses are being generated and 100 more arrive,
-//! and started again once another node leads. Nothing a client asked for is lost.
+//! A 3-node JetStream hub (`hub1`..`hub3`, every stream and bucket at three replicas) with two
+//! leaf edges, under load: the node that leads the jobs stream (and, moved there first, the
+//! events stream and the answers bucket) is SIGKILLed while 100 misses asked at the edges are
+//! being generated and 100 more arrive, and started again once another node leads. Nothing a
+//! client asked for is lost.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,21 +11,23 @@ use futures::future::join_all;
 use versus_shared::wire;
 use versus_testkit::{System, eventually, move_leader, sse, stream_leader};
 
-use crate::{quick, rows, stream_url, text_of};
+use crate::{quick, rows, stream_url_at, text_of};
 
 /// Misses started before the kill, and as many again right after it (during the election).
 const WAVE: usize = 100;
 
-/// Opens the stream of matchup `i` on its own task and collects it to the end.
+/// Opens the stream of matchup `i` at an edge (each in turn) on its own task and collects it
+/// to the end.
 fn miss(sys: &System, i: usize) -> tokio::task::JoinHandle<Vec<sse::SseEvent>> {
-    let url = stream_url(sys, &format!("Hub fighter {i}"), "The Leader");
+    let edge = &sys.edges[i % sys.edges.len()];
+    let url = stream_url_at(edge.api_url(), &format!("Hub fighter {i}"), "The Leader");
     tokio::spawn(async move { sse::open(&url, None).await.collect_all().await })
 }
 
 #[tokio::test]
 async fn the_jobs_leader_killed_under_load_loses_no_answer() {
     let mut sys = quick()
-        .hub()
+        .edges(2)
         // Every miss is in flight at once, each for a few seconds.
         .worker_env("VERSUS_WORKER_CONCURRENCY", "128")
         .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "10")

@@ -11,6 +11,7 @@ mod budget;
 mod bus;
 mod cli;
 mod dev;
+mod edges;
 mod faults;
 mod hub;
 mod images;
@@ -39,17 +40,24 @@ pub fn quick() -> SystemBuilder {
 
 /// The SSE URL of a fight.
 pub fn stream_url(sys: &System, a: &str, b: &str) -> String {
-    reqwest::Url::parse_with_params(
-        &format!("{}/v1/fights/stream", sys.api_url()),
-        &[("a", a), ("b", b)],
-    )
-    .expect("a valid URL")
-    .to_string()
+    stream_url_at(sys.api_url(), a, b)
+}
+
+/// The SSE URL of a fight at the API serving at `api` (an edge's, say).
+pub fn stream_url_at(api: &str, a: &str, b: &str) -> String {
+    reqwest::Url::parse_with_params(&format!("{api}/v1/fights/stream"), &[("a", a), ("b", b)])
+        .expect("a valid URL")
+        .to_string()
 }
 
 /// Every event of one fight, from connect to the end of the stream.
 pub async fn fight(sys: &System, a: &str, b: &str) -> Vec<SseEvent> {
-    sse::open(&stream_url(sys, a, b), None)
+    fight_at(sys.api_url(), a, b).await
+}
+
+/// Every event of one fight asked of the API serving at `api`.
+pub async fn fight_at(api: &str, a: &str, b: &str) -> Vec<SseEvent> {
+    sse::open(&stream_url_at(api, a, b), None)
         .await
         .collect_all()
         .await

@@ -13,7 +13,8 @@
 //!   [`profile`]: `perf record` of running processes;
 //! - [`stats`]: percentiles; [`report`]: sections, tables, the machine, `BENCHMARKS.md`;
 //! - one module per scenario: [`hits`] (P1), [`miss`] (P2, P3), [`coalesce`] (P4),
-//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1).
+//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1), [`edge`] (P7 to
+//!   P9, on the cluster of `scripts/cluster`).
 
 // The load generators join every task they spawn; the ban on a bare spawn is for the services.
 #![allow(clippy::disallowed_methods)]
@@ -21,6 +22,7 @@
 mod bare;
 mod capacity;
 mod coalesce;
+mod edge;
 mod hits;
 mod load;
 mod memory;
@@ -70,6 +72,11 @@ enum Command {
     WorkerRss(memory::WorkerArgs),
     /// R1: how fast a miss over a client's limit or the daily budget is refused.
     Refuse(refuse::Args),
+    /// P7 and P8: hits and misses at an edge of the cluster, beside the single node and the
+    /// hub.
+    Edge(edge::Args),
+    /// P9: the jobs stream's leader killed under load.
+    Failover(edge::FailoverArgs),
     /// Sends GETs at a fixed rate and prints the latency percentiles (P1's method, alone).
     Rate(load::Args),
     /// Sets the simulator's pace (after a reset).
@@ -95,6 +102,8 @@ fn main() -> anyhow::Result<()> {
             Command::Streams(args) => memory::run_streams(args).await,
             Command::WorkerRss(args) => memory::run_worker(args).await,
             Command::Refuse(args) => refuse::run(args).await,
+            Command::Edge(args) => edge::run(args).await,
+            Command::Failover(args) => edge::run_failover(args).await,
             Command::Rate(args) => load::run_cli(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Report(args) => report::run(args),

@@ -8,6 +8,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
 use serde::de::DeserializeOwned;
@@ -45,7 +46,10 @@ pub struct Cached<V> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layer {
     Memory,
+    /// The KV bucket (its mirror, at an edge).
     Kv,
+    /// At an edge, the hub's bucket itself, for an answer its mirror does not hold yet.
+    Hub,
 }
 
 impl Layer {
@@ -53,6 +57,7 @@ impl Layer {
         match self {
             Layer::Memory => "memory",
             Layer::Kv => "kv",
+            Layer::Hub => "hub",
         }
     }
 }
@@ -112,18 +117,43 @@ impl<V: Entry> EdgeCache<V> {
         }
     }
 
-    /// The finished answer for `key`, from memory, else from the edge KV bucket.
+    /// The finished answer for `key`, from memory, else from the edge KV bucket (at an edge,
+    /// its mirror).
     pub async fn get(&self, key: &Key) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
         if let Some(hit) = self.memory.get(key) {
             return Ok(Some(hit_from(hit, V::KIND, Layer::Memory)));
         }
+        self.read(key, &self.bus.nearest_answers, Layer::Kv).await
+    }
+
+    /// The answer of a generation that just ended with `done`, which workers announce only
+    /// once the bucket holds it: as [`EdgeCache::lookup`], and at an edge, whose mirror may not
+    /// have it yet, from the hub's bucket.
+    pub async fn finished(&self, key: &Key) -> Option<Arc<Cached<V>>> {
+        if let Some(hit) = self.lookup(key).await {
+            return Some(hit);
+        }
+        if self.bus.hub_link.is_none() {
+            return None;
+        }
+        match self.read(key, &self.bus.answers, Layer::Hub).await {
+            Ok(hit) => hit.map(|(cached, _)| cached),
+            Err(e) => {
+                tracing::warn!(%key, error = format!("{e:#}"), "reading the hub's bucket failed");
+                None
+            }
+        }
+    }
+
+    /// The answer for `key` in `store`, kept in memory.
+    async fn read(
+        &self,
+        key: &Key,
+        store: &kv::Store,
+        layer: Layer,
+    ) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
         let purges = self.purges.count();
-        let Some(bytes) = self
-            .bus
-            .nearest_answers
-            .get(wire::kv_key(V::KIND, key))
-            .await?
-        else {
+        let Some(bytes) = store.get(wire::kv_key(V::KIND, key)).await? else {
             return Ok(None);
         };
         let value: V = serde_json::from_slice(&bytes)?;
@@ -139,7 +169,7 @@ impl<V: Entry> EdgeCache<V> {
         if self.purges.moved_since(purges) {
             self.memory.remove(key);
         }
-        Ok(Some(hit_from(cached, V::KIND, Layer::Kv)))
+        Ok(Some(hit_from(cached, V::KIND, layer)))
     }
 }
 

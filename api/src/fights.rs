@@ -161,7 +161,7 @@ pub(crate) async fn create_fight(
                 // The stored answer is authoritative (its display names are the first
                 // request's); what we collected serves if it was purged meanwhile.
                 drop(waiter);
-                let body = match app.cached(&key).await {
+                let body = match app.inner.answers.finished(&key).await {
                     Some(cached) => Json(TextBody::of(&cached.value, false)).into_response(),
                     None => Json(TextBody {
                         key: &key,

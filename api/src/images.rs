@@ -43,13 +43,13 @@ impl App {
         while let Some(event) = self.unless_stopping(waiter.next()).await? {
             match &*event {
                 Event::Started { .. } | Event::Chunk { .. } => {}
-                // Done is published after the KV write, so the cache has it (unless purged).
+                // Done is published after the KV write, so the bucket has it (unless purged).
                 Event::Done { .. } => {
                     drop(waiter);
                     return self
                         .inner
                         .images
-                        .lookup(&key)
+                        .finished(&key)
                         .await
                         .ok_or(ApiError::Unavailable);
                 }

@@ -104,6 +104,34 @@ async fn an_answer_made_through_one_edge_is_a_hit_at_the_other() {
     assert_eq!(metric(&metrics, "versus_jobs_published_total", ""), 0.0);
     let stored = crate::json_of(http().get(format!("{}/v1/fights/{key}", edge2.api_url()))).await;
     assert_eq!(stored["text"].as_str(), Some(text.as_str()));
+
+    // A POST at an edge answers once its generation is done, whether or not the mirror has
+    // the answer yet; and so does a picture, whose URL serves the PNG at the other edge.
+    let posted = crate::json_of(
+        http()
+            .post(format!("{}/v1/fights", edge2.api_url()))
+            .json(&serde_json::json!({"a": "Posted Pirate", "b": "Ninja"})),
+    )
+    .await;
+    assert_eq!(posted["cached"], false, "{posted}");
+    assert!(!posted["text"].as_str().unwrap().is_empty(), "{posted}");
+    let picture = crate::json_of(
+        http()
+            .post(format!("{}/v1/images", edge1.api_url()))
+            .json(&serde_json::json!({"a": "Edge Knight", "b": "Far Dragon"})),
+    )
+    .await;
+    let url = picture["url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{picture}"));
+    let path = &url[url.find("/v1/images/").unwrap()..];
+    let png = http()
+        .get(format!("{}{path}", edge2.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(png.status(), 200);
+    assert_eq!(png.headers()["content-type"], "image/png");
 }
 
 #[tokio::test]

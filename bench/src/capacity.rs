@@ -227,6 +227,21 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
             met: None,
         });
     }
+    // The same load on the cluster of P7 (three hub servers, every stream at three replicas,
+    // `sync_interval: always`), through the API beside the hub, with its two workers.
+    let hub: Option<Raw> = crate::report::load(dir, "capacity-hub.json")?;
+    if let (Some(hub), Some(two)) = (&hub, &two) {
+        rows.push(Row {
+            what: "unique answers per second, 2 workers, on the hub (3 servers, 3 replicas, \
+                   `sync_interval: always`)"
+                .to_owned(),
+            measured: format!("{}/s", fmt_count(hub.answers_per_sec)),
+            baseline: format!("one server: {}/s", fmt_count(two.answers_per_sec)),
+            ratio: format!("{:.2}×", hub.answers_per_sec / two.answers_per_sec),
+            goal: String::new(),
+            met: None,
+        });
+    }
     for raw in std::iter::once(&one).chain(two.as_ref()) {
         rows.push(Row::info(
             format!(
@@ -244,8 +259,15 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
             cpu_breakdown(raw),
         ));
     }
+    if let Some(hub) = &hub {
+        rows.push(Row::info(
+            "CPU per answer, 2 workers, on the hub",
+            cpu_breakdown(hub),
+        ));
+    }
     let notes: Vec<String> = std::iter::once(&one)
         .chain(two.as_ref())
+        .chain(hub.as_ref())
         .flat_map(|r| {
             r.errors
                 .iter()

@@ -42,7 +42,7 @@ pub enum Role<'a> {
     /// Publishes jobs, popularity and purge notices, reads events and the KV buckets; looks
     /// the streams and buckets up, and waits for a worker to declare them.
     Api,
-    /// The API at an edge: as [`Role::Api`], on the hub whose JetStream domain is `hub`,
+    /// The API at an edge: as [`Role::Api`], on the hub whose JetStream domain `hub` names,
     /// across the leaf link; it declares the mirror of the answers bucket in its own domain.
     Edge { hub: &'a str },
     /// Writes events, answers and spend; declares the streams, buckets and consumers.

@@ -1,4 +1,4 @@
-//! `scripts/dev`, run as a user runs it.
+//! `scripts/dev`, run as a user runs it; and [`Script`], which runs it (and scripts/cluster) so.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,20 +19,30 @@ use crate::{http, json_of, text_of};
 /// How long scripts/dev may take to say it is up (a new Postgres cluster included; it builds
 /// nothing: the test points it at the binaries that are there).
 const UP_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long scripts/dev may take to stop everything after a Ctrl-C.
-const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a script may take to stop everything after a Ctrl-C.
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stops_on_ctrl_c() {
-    let mut dev = Dev::start(&[
-        ("VERSUS_WORKERS", "2"),
-        // A dead worker's job comes back within seconds.
-        ("VERSUS_LEASE_SECS", "3"),
-        // An answer takes two seconds: long enough to kill its worker half-way.
-        ("VERSUS_SIM_TOKENS_PER_SEC", "20"),
-        ("VERSUS_SIM_ANSWER_TOKENS", "40"),
-        ("VERSUS_SIM_TTFT_MS", "50"),
-    ]);
+    let [http_port, pg_port, nats_port, monitor_port, sim_port] =
+        <[u16; 5]>::try_from(free_ports(5)).unwrap();
+    let mut dev = Script::start(
+        "dev",
+        &[
+            ("VERSUS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+            ("VERSUS_PG_PORT", pg_port.to_string()),
+            ("VERSUS_NATS_PORT", nats_port.to_string()),
+            ("VERSUS_NATS_MONITOR_PORT", monitor_port.to_string()),
+            ("VERSUS_SIM_ADDR", format!("127.0.0.1:{sim_port}")),
+            ("VERSUS_WORKERS", "2".to_owned()),
+            // A dead worker's job comes back within seconds.
+            ("VERSUS_LEASE_SECS", "3".to_owned()),
+            // An answer takes two seconds: long enough to kill its worker half-way.
+            ("VERSUS_SIM_TOKENS_PER_SEC", "20".to_owned()),
+            ("VERSUS_SIM_ANSWER_TOKENS", "40".to_owned()),
+            ("VERSUS_SIM_TTFT_MS", "50".to_owned()),
+        ],
+    );
     let up = dev
         .line("Versus is up: ", UP_TIMEOUT)
         .await
@@ -46,49 +56,23 @@ async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stop
 
     // Its NATS has users: nobody connects anonymously, and the passwords it made for them
     // are kept with its data, readable by their owner alone.
-    let nats = format!("nats://127.0.0.1:{}", dev.nats_port);
+    let nats = format!("nats://127.0.0.1:{nats_port}");
     let anonymous = async_nats::connect(&nats).await;
     assert!(
         matches!(&anonymous, Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation),
         "an anonymous client connected to scripts/dev's NATS: {anonymous:?}"
     );
-    let auth = dev.data.join("nats-auth.env");
-    let mode = std::fs::metadata(&auth).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "{}", auth.display());
-    let admin_password = std::fs::read_to_string(&auth)
-        .unwrap()
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("VERSUS_NATS_ADMIN_PASSWORD=")
-                .map(str::to_owned)
-        })
+    let passwords = dev.nats_passwords();
+    let admin_password = passwords
+        .iter()
+        .find_map(|(user, password)| (user == "ADMIN").then(|| password.clone()))
         .expect("the admin's password");
     async_nats::ConnectOptions::with_user_and_password("versus-admin".to_owned(), admin_password)
         .connect(&nats)
         .await
         .expect("the admin logs in");
     // No log shows a password: not the programs', not nats-server's, not scripts/dev's.
-    let mut logs: Vec<(String, String)> = std::fs::read_dir(dev.data.join("logs"))
-        .unwrap()
-        .map(|entry| {
-            let path = entry.unwrap().path();
-            (
-                path.display().to_string(),
-                std::fs::read_to_string(&path).unwrap_or_default(),
-            )
-        })
-        .collect();
-    logs.extend(
-        dev.seen
-            .iter()
-            .map(|(_, line)| ("scripts/dev".to_owned(), line.clone())),
-    );
-    for line in std::fs::read_to_string(&auth).unwrap().lines() {
-        let password = line.split_once('=').unwrap().1;
-        for (name, text) in &logs {
-            assert!(!text.contains(password), "{name} shows a NATS password");
-        }
-    }
+    dev.assert_no_password_shown();
 
     let url = reqwest::Url::parse_with_params(
         &format!("{api}/v1/fights/stream"),
@@ -102,7 +86,7 @@ async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stop
     // The worker that generates it: `<pid>-<uuid>`, one of scripts/dev's two.
     let db = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&dev.database_url())
+        .connect(&format!("postgres://postgres@127.0.0.1:{pg_port}/versus"))
         .await
         .expect("connect to scripts/dev's Postgres");
     let (key, owner): (String, String) =
@@ -205,47 +189,53 @@ async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stop
     );
 }
 
-/// `scripts/dev` as a child process in a process group of its own, with a data folder of its
-/// own and free ports; when dropped, it is stopped with everything it started (and its logs
-/// are shown if the test failed), and the data folder is removed.
-struct Dev {
-    child: Child,
-    pid: i32,
-    data: PathBuf,
-    pg_port: u16,
-    nats_port: u16,
+/// `n` different ports that are free now.
+pub(crate) fn free_ports(n: usize) -> Vec<u16> {
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = free_port();
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// `scripts/<name>` (dev, cluster) as a child process in a process group of its own, with a
+/// data folder of its own and the binaries of this test run; when dropped, it is stopped with
+/// everything it started (and its logs are shown if the test failed), and the data folder is
+/// removed.
+pub(crate) struct Script {
+    pub(crate) child: Child,
+    pub(crate) pid: i32,
+    pub(crate) data: PathBuf,
+    /// `scripts/dev`, ...
+    name: String,
     /// Lines of its stdout and stderr, as they come, with when they came.
     lines: mpsc::UnboundedReceiver<(Instant, String)>,
     seen: Vec<(Instant, String)>,
 }
 
-impl Dev {
-    /// Starts scripts/dev with `envs` on top of free ports, a new data folder and the
-    /// binaries of this test run.
-    fn start(envs: &[(&str, &str)]) -> Dev {
+impl Script {
+    /// Starts scripts/`name` with `envs`, a new data folder and the binaries of this test run.
+    pub(crate) fn start(name: &str, envs: &[(&str, String)]) -> Script {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         // Under /tmp and open to all: as root, Postgres runs as the postgres user, which must
         // be able to enter it.
-        let data =
-            Path::new("/tmp").join(format!("versus-dev-test-{}", uuid::Uuid::new_v4().simple()));
+        let data = Path::new("/tmp").join(format!(
+            "versus-{name}-test-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
         std::fs::create_dir_all(&data).unwrap();
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
         let bin_dir = bin_path("versus-api")
             .parent()
             .expect("a binary lives in a folder")
             .to_path_buf();
-        let mut ports = Vec::new();
-        while ports.len() < 5 {
-            let port = free_port();
-            if !ports.contains(&port) {
-                ports.push(port);
-            }
-        }
-        let [http_port, pg_port, nats_port, monitor_port, sim_port] =
-            <[u16; 5]>::try_from(ports).unwrap();
+        let name = format!("scripts/{name}");
 
         let mut cmd = Command::new("bash");
-        cmd.arg(root.join("scripts/dev")).current_dir(&root);
+        cmd.arg(root.join(&name)).current_dir(&root);
         // The settings are exactly these: none of the test's own (a developer's
         // OPENAI_API_KEY would make it call OpenAI), but the nats-server scripts/test chose.
         for (key, _) in std::env::vars_os() {
@@ -263,28 +253,28 @@ impl Dev {
         }
         cmd.env("VERSUS_DATA_DIR", &data)
             .env("VERSUS_BIN_DIR", &bin_dir)
-            .env("VERSUS_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-            .env("VERSUS_PG_PORT", pg_port.to_string())
-            .env("VERSUS_NATS_PORT", nats_port.to_string())
-            .env("VERSUS_NATS_MONITOR_PORT", monitor_port.to_string())
-            .env("VERSUS_SIM_ADDR", format!("127.0.0.1:{sim_port}"))
-            .envs(envs.iter().copied())
+            .envs(envs.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("start bash scripts/dev");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start bash {name}: {e}"));
         let pid = i32::try_from(child.id().expect("a new child has a pid")).unwrap();
         let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(read_lines(child.stdout.take().unwrap(), tx.clone()));
-        tokio::spawn(read_lines(child.stderr.take().unwrap(), tx));
-        Dev {
+        tokio::spawn(read_lines(
+            name.clone(),
+            child.stdout.take().unwrap(),
+            tx.clone(),
+        ));
+        tokio::spawn(read_lines(name.clone(), child.stderr.take().unwrap(), tx));
+        Script {
             child,
             pid,
             data,
-            pg_port,
-            nats_port,
+            name,
             lines,
             seen: Vec::new(),
         }
@@ -292,12 +282,16 @@ impl Dev {
 
     /// The first line of its output that contains `text`, waiting up to `timeout` for it;
     /// None if it exits or stays silent instead.
-    async fn line(&mut self, text: &str, timeout: Duration) -> Option<String> {
+    pub(crate) async fn line(&mut self, text: &str, timeout: Duration) -> Option<String> {
         self.line_at(text, timeout).await.map(|(line, _)| line)
     }
 
-    /// [`Dev::line`], with when the line came.
-    async fn line_at(&mut self, text: &str, timeout: Duration) -> Option<(String, Instant)> {
+    /// [`Script::line`], with when the line came.
+    pub(crate) async fn line_at(
+        &mut self,
+        text: &str,
+        timeout: Duration,
+    ) -> Option<(String, Instant)> {
         if let Some((at, line)) = self.seen.iter().find(|(_, line)| line.contains(text)) {
             return Some((line.clone(), *at));
         }
@@ -313,12 +307,56 @@ impl Dev {
         }
     }
 
-    fn database_url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/versus", self.pg_port)
+    /// The NATS passwords it made (its `nats-auth.env`, which must be its owner's alone):
+    /// (`ADMIN`, password), (`API`, …), ...
+    pub(crate) fn nats_passwords(&self) -> Vec<(String, String)> {
+        let auth = self.data.join("nats-auth.env");
+        let mode = std::fs::metadata(&auth).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", auth.display());
+        std::fs::read_to_string(&auth)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let (var, password) = line.split_once('=').unwrap();
+                let user = var
+                    .strip_prefix("VERSUS_NATS_")
+                    .and_then(|v| v.strip_suffix("_PASSWORD"))
+                    .unwrap_or_else(|| panic!("a password's line: {var}"));
+                (user.to_owned(), password.to_owned())
+            })
+            .collect()
+    }
+
+    /// Asserts that no log (the programs', nats-server's, the script's own output so far)
+    /// shows one of the NATS passwords.
+    pub(crate) fn assert_no_password_shown(&self) {
+        let mut logs: Vec<(String, String)> = std::fs::read_dir(self.data.join("logs"))
+            .unwrap()
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                (
+                    path.display().to_string(),
+                    std::fs::read_to_string(&path).unwrap_or_default(),
+                )
+            })
+            .collect();
+        logs.extend(
+            self.seen
+                .iter()
+                .map(|(_, line)| (self.name.clone(), line.clone())),
+        );
+        for (user, password) in self.nats_passwords() {
+            for (name, text) in &logs {
+                assert!(
+                    !text.contains(&password),
+                    "{name} shows {user}'s NATS password"
+                );
+            }
+        }
     }
 
     /// The pid file of `name` (`worker-1`, `api`, ...): "PID PROGRAM".
-    fn pid_file(&self, name: &str) -> Option<(i32, String)> {
+    pub(crate) fn pid_file(&self, name: &str) -> Option<(i32, String)> {
         let text =
             std::fs::read_to_string(self.data.join("run").join(format!("{name}.pid"))).ok()?;
         let (pid, program) = text.trim().split_once(' ')?;
@@ -326,7 +364,7 @@ impl Dev {
     }
 
     /// Every pid file: (pid, program).
-    fn pid_files(&self) -> Vec<(i32, String)> {
+    pub(crate) fn pid_files(&self) -> Vec<(i32, String)> {
         let Ok(dir) = std::fs::read_dir(self.data.join("run")) else {
             return Vec::new();
         };
@@ -341,14 +379,14 @@ impl Dev {
     }
 
     /// The Postgres server's pid and program, from its lock file.
-    fn postmaster(&self) -> Option<(i32, String)> {
+    pub(crate) fn postmaster(&self) -> Option<(i32, String)> {
         let text = std::fs::read_to_string(self.data.join("pg/postmaster.pid")).ok()?;
         let pid = text.lines().next()?.trim().parse().ok()?;
         Some((pid, program_of(pid)?))
     }
 
     /// Every process it started and that runs now: (pid, program).
-    fn started(&self) -> Vec<(i32, String)> {
+    pub(crate) fn started(&self) -> Vec<(i32, String)> {
         let mut started = self.pid_files();
         started.extend(self.postmaster());
         started.retain(|(pid, program)| runs(*pid, program));
@@ -356,9 +394,9 @@ impl Dev {
     }
 }
 
-impl Drop for Dev {
+impl Drop for Script {
     fn drop(&mut self) {
-        // scripts/dev stops what it started on SIGTERM: give it the time that takes.
+        // The script stops what it started on SIGTERM: give it the time that takes.
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = signal::kill(Pid::from_raw(self.pid), Signal::SIGTERM);
             let deadline = std::time::Instant::now() + STOP_TIMEOUT;
@@ -390,11 +428,16 @@ impl Drop for Dev {
     }
 }
 
-/// Sends each line of `from` to `to`, with when it came, and echoes it to the test's output.
-async fn read_lines(from: impl AsyncRead + Unpin, to: mpsc::UnboundedSender<(Instant, String)>) {
+/// Sends each line of `from` to `to`, with when it came, and echoes it to the test's output
+/// after `[name]`.
+async fn read_lines(
+    name: String,
+    from: impl AsyncRead + Unpin,
+    to: mpsc::UnboundedSender<(Instant, String)>,
+) {
     let mut lines = BufReader::new(from).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        eprintln!("[scripts/dev] {line}");
+        eprintln!("[{name}] {line}");
         let _ = to.send((Instant::now(), line));
     }
 }
@@ -413,7 +456,7 @@ fn program_of(pid: i32) -> Option<String> {
 }
 
 /// Whether `pid` runs `program` (a pid of a process that has exited may be taken again).
-fn runs(pid: i32, program: &str) -> bool {
+pub(crate) fn runs(pid: i32, program: &str) -> bool {
     program_of(pid).is_some_and(|running| running == program)
 }
 

@@ -10,6 +10,7 @@ mod browser;
 mod budget;
 mod bus;
 mod cli;
+mod cluster;
 mod dev;
 mod edges;
 mod faults;

@@ -133,7 +133,7 @@ impl<V: Entry> EdgeCache<V> {
         if let Some(hit) = self.lookup(key).await {
             return Some(hit);
         }
-        if self.bus.hub_link.is_none() {
+        if !self.bus.at_edge() {
             return None;
         }
         match self.read(key, &self.bus.answers, Layer::Hub).await {

@@ -226,7 +226,7 @@ async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
     let bus = &app.inner.bus;
-    if bus.hub_link.is_none() {
+    if !bus.at_edge() {
         return;
     }
     let follow = async {

@@ -137,7 +137,12 @@ impl Bus {
         };
         let (jobs, events, answers, spend) = match role {
             Role::Worker => {
-                let declared = declare(&js, settings).await?;
+                let declared = until_done(
+                    "declaring the streams and buckets failed (JetStream not ready?)",
+                    tasks.shutdown(),
+                    || declare(&js, settings),
+                )
+                .await?;
                 tasks.spawn(redeclare_events(
                     js.clone(),
                     reconnects,
@@ -147,7 +152,14 @@ impl Bus {
                 ));
                 declared
             }
-            Role::Api | Role::Edge { .. } => look_up(&js, tasks.shutdown()).await?,
+            Role::Api | Role::Edge { .. } => {
+                until_done(
+                    "waiting for a worker to declare the streams and buckets",
+                    tasks.shutdown(),
+                    || look_up(&js),
+                )
+                .await?
+            }
         };
         let (nearest_answers, hub_link) = match role {
             Role::Edge { hub } => {
@@ -178,10 +190,15 @@ impl Bus {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return false;
         }
-        if self.hub_link.is_some() {
+        if self.at_edge() {
             return self.nearest_answers.status().await.is_ok();
         }
         self.jobs.get_info().await.is_ok() && self.events.get_info().await.is_ok()
+    }
+
+    /// Whether this process is an API at an edge ([`Role::Edge`]).
+    pub fn at_edge(&self) -> bool {
+        self.hub_link.is_some()
     }
 
     /// False while an edge's link to the hub is down: a miss cannot reach the hub, so it is
@@ -330,43 +347,51 @@ async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> anyhow::Re
     Ok((jobs, events, answers, spend))
 }
 
-/// How often the API looks for the streams and buckets while they are not there yet.
+/// How often a process tries again to declare or look up the streams and buckets.
 const LOOK_UP_EVERY: Duration = Duration::from_millis(500);
-/// How often it says it is still waiting.
+/// How often it says it is still trying.
 const LOOK_UP_LOG_EVERY: u32 = 20;
 
-/// Looks the streams and buckets up (the API's part: it may not declare them), trying again
-/// until a worker has declared them or `shutdown` fires.
-async fn look_up(js: &jetstream::Context, shutdown: &CancellationToken) -> anyhow::Result<Handles> {
+/// `attempt`, tried again every [`LOOK_UP_EVERY`] until it succeeds or `shutdown` fires;
+/// `waiting` is logged with its error every ten seconds. The API waits so for a worker to
+/// declare the streams and buckets, and a worker for JetStream to take them (a cluster whose
+/// streams have not elected their leaders yet answers nothing).
+async fn until_done<T, F, Fut>(
+    waiting: &str,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
     let mut tries = 0u32;
     loop {
-        match try_look_up(js).await {
-            Ok(found) => {
+        match attempt().await {
+            Ok(done) => {
                 if tries > 0 {
                     tracing::info!("the streams and buckets are there");
                 }
-                return Ok(found);
+                return Ok(done);
             }
             Err(e) => {
                 if tries.is_multiple_of(LOOK_UP_LOG_EVERY) {
-                    tracing::info!(
-                        error = format!("{e:#}"),
-                        "waiting for a worker to declare the streams and buckets"
-                    );
+                    tracing::info!(error = format!("{e:#}"), "{waiting}");
                 }
                 tries += 1;
             }
         }
         tokio::select! {
             () = shutdown.cancelled() => {
-                anyhow::bail!("stopped while waiting for the streams and buckets")
+                anyhow::bail!("stopped while {waiting}")
             }
             () = tokio::time::sleep(LOOK_UP_EVERY) => {}
         }
     }
 }
 
-async fn try_look_up(js: &jetstream::Context) -> anyhow::Result<Handles> {
+/// Looks the streams and buckets up (the API's part: it may not declare them).
+async fn look_up(js: &jetstream::Context) -> anyhow::Result<Handles> {
     let stream = |name: &'static str| async move {
         js.get_stream(name)
             .await

@@ -159,7 +159,7 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
     metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
     // At an edge, events also cross the leaf link, which drops them unseen while it reconnects
     // (to another hub server, say): a flight that hears nothing for a while reads the history.
-    let idle = if bus.hub_link.is_some() {
+    let idle = if bus.at_edge() {
         EDGE_IDLE_CHECK
     } else {
         Duration::MAX

@@ -89,7 +89,7 @@ pub struct Bus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubLink {
     Up,
-    /// The hub has not answered since this instant.
+    /// Found down at this instant.
     Down {
         since: tokio::time::Instant,
     },
@@ -239,56 +239,66 @@ impl Bus {
     }
 }
 
-/// How often an edge pings the hub, how long it waits for the answer, and how many unanswered
-/// pings in a row mean the link is down (a leaf reconnecting to another hub server after one
-/// died takes about half a second, which must not count).
-const LINK_PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How often an edge pings the hub, and how long it waits for the answer.
+const LINK_PROBE_EVERY: Duration = Duration::from_millis(250);
 const LINK_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-const LINK_PROBE_FAILURES: u32 = 3;
+/// The link is down once no ping has been answered for this long and the last one found no
+/// route to any worker ("no responders": the edge has no leaf connection, or nothing at the
+/// hub listens). A leaf reconnecting to another hub server after one died takes about half a
+/// second, which must not count.
+const LINK_DOWN_NO_ROUTE: Duration = Duration::from_millis(1500);
+/// Or once no ping has been answered for this long, whatever the failures (a link that hangs
+/// without closing, or a hub too loaded to answer for seconds).
+const LINK_DOWN_SILENCE: Duration = Duration::from_secs(5);
 
 /// Keeps `link` up to date: pings the hub's workers ([`wire::LINK_PING_SUBJECT`]) every
-/// [`LINK_PROBE_EVERY`]. Across a cut leaf link a ping gets "no responders" at once, or no
-/// answer at all. A ping needs no JetStream leader, so a hub server's death (and its streams'
-/// elections) is not taken for a cut link; with no worker up, misses could not be answered
-/// anyway.
+/// [`LINK_PROBE_EVERY`]. A ping needs no JetStream leader, so a hub server's death (and its
+/// streams' elections) is not taken for a cut link; with no worker up, misses could not be
+/// answered anyway.
 async fn watch_link(
     client: async_nats::Client,
     link: watch::Sender<HubLink>,
     shutdown: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    let mut first_failure = tokio::time::Instant::now();
+    use async_nats::client::RequestErrorKind;
+    let mut answered_at = tokio::time::Instant::now();
     let probe = async {
         loop {
             let asked = tokio::time::Instant::now();
-            let answered = tokio::time::timeout(
+            let ping = tokio::time::timeout(
                 LINK_PROBE_TIMEOUT,
                 client.request(wire::LINK_PING_SUBJECT, bytes::Bytes::new()),
             )
-            .await
-            .is_ok_and(|reply| reply.is_ok());
-            if answered {
-                failures = 0;
-                link.send_if_modified(|state| {
-                    let was_down = *state != HubLink::Up;
-                    if was_down {
-                        tracing::info!("the hub answers across the leaf link again");
-                    }
-                    *state = HubLink::Up;
-                    was_down
-                });
-            } else {
-                if failures == 0 {
-                    first_failure = asked;
-                }
-                failures += 1;
-                if failures == LINK_PROBE_FAILURES {
-                    tracing::warn!(
-                        "the hub does not answer across the leaf link: misses are refused until it does"
-                    );
-                    link.send_replace(HubLink::Down {
-                        since: first_failure,
+            .await;
+            let now = tokio::time::Instant::now();
+            match ping {
+                Ok(Ok(_)) => {
+                    answered_at = now;
+                    link.send_if_modified(|state| {
+                        let was_down = *state != HubLink::Up;
+                        if was_down {
+                            tracing::info!("the hub answers across the leaf link again");
+                        }
+                        *state = HubLink::Up;
+                        was_down
                     });
+                }
+                failed => {
+                    let no_route = matches!(
+                        &failed,
+                        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders
+                    );
+                    let silent = now - answered_at;
+                    let down =
+                        (no_route && silent >= LINK_DOWN_NO_ROUTE) || silent >= LINK_DOWN_SILENCE;
+                    if down && *link.borrow() == HubLink::Up {
+                        tracing::warn!(
+                            ?silent,
+                            no_route,
+                            "the hub does not answer across the leaf link: misses are refused until it does"
+                        );
+                        link.send_replace(HubLink::Down { since: now });
+                    }
                 }
             }
             tokio::time::sleep_until(asked + LINK_PROBE_EVERY).await;

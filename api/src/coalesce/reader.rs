@@ -57,8 +57,9 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
     flights.remove(&key, &flight);
 }
 
-/// At an edge, how long the link to the hub may be down before a generation followed across
-/// it is given up (its clients are told to try again; the generation itself goes on).
+/// At an edge, how long the link to the hub may stay down, once found down, before a
+/// generation followed across it is given up (its clients are told to try again; the
+/// generation itself goes on, and is a hit afterwards).
 const LINK_GRACE: Duration = Duration::from_secs(2);
 
 /// At an edge, how long a flight hears nothing before it reads the history, in case the event

@@ -50,6 +50,17 @@ fn text_key(key: &str) -> String {
     format!("text.{key}")
 }
 
+/// Purges `key` through the admin route of the API at `api`.
+async fn purge(api: &str, key: &str) {
+    let purged = http()
+        .delete(format!("{api}/v1/admin/fights/{key}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 204);
+}
+
 /// The status of `GET /v1/fights/{key}` at `api`.
 async fn status_of(api: &str, key: &str) -> u16 {
     http()
@@ -150,13 +161,7 @@ async fn a_purge_reaches_every_edge_within_two_seconds() {
             assert_eq!(status_of(edge.api_url(), &key).await, 200);
         }
     }
-    let purge = http()
-        .delete(format!("{}/v1/admin/fights/{key}", sys.api_url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purge.status(), 204);
+    purge(sys.api_url(), &key).await;
     let purged = Instant::now();
     for edge in &sys.edges {
         eventually(
@@ -219,13 +224,7 @@ async fn an_edge_cut_off_serves_hits_refuses_misses_and_catches_up() {
 
     // Meanwhile the hub moves on: a new answer, and a purge of one edge 1 holds.
     let (fresh, fresh_text, _) = answered(edge2.api_url(), "New Kid", "Block").await;
-    let purge = http()
-        .delete(format!("{}/v1/admin/fights/{far}", sys.api_url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purge.status(), 204);
+    purge(sys.api_url(), &far).await;
     assert_eq!(
         status_of(edge1.api_url(), &far).await,
         200,

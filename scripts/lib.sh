@@ -394,7 +394,11 @@ pg_start() {
     # The server writes its log as the cluster owner.
     touch "$log"
     is_root && chown postgres: "$log"
-    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$log" -w -t 60 -o "-p $port" start >/dev/null 2>&1
+    # Each worker's pool holds up to VERSUS_WORKER_CONCURRENCY + 4 connections (132 by
+    # default) and each API 4: the default of 100 would turn a busy pair of workers' waits into
+    # "too many clients" and failed jobs.
+    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$log" -w -t 60 -o "-p $port -c max_connections=600" \
+        start >/dev/null 2>&1
 }
 
 # pg_stop DIR [MODE]: stops the cluster if it runs (MODE: fast, or immediate for throwaways).

@@ -165,7 +165,12 @@ impl Bus {
             Role::Edge { hub } => {
                 let mirror = declare_mirror(&jetstream::new(client.clone()), hub).await?;
                 let (link, hub_link) = watch::channel(HubLink::Up);
-                tasks.spawn(watch_link(client.clone(), link, tasks.shutdown().clone()));
+                tasks.spawn(watch_link(
+                    client.clone(),
+                    api_prefix.clone(),
+                    link,
+                    tasks.shutdown().clone(),
+                ));
                 (mirror, Some(hub_link))
             }
             Role::Api | Role::Worker => (answers.clone(), None),
@@ -239,66 +244,68 @@ impl Bus {
     }
 }
 
-/// How often an edge pings the hub, and how long it waits for the answer.
+/// How often an edge asks the hub's JetStream for its account information across the leaf
+/// link, and how long it waits for the answer.
 const LINK_PROBE_EVERY: Duration = Duration::from_millis(250);
 const LINK_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// The link is down once no ping has been answered for this long and the last one found no
-/// route to any worker ("no responders": the edge has no leaf connection, or nothing at the
-/// hub listens). A leaf reconnecting to another hub server after one died takes about half a
-/// second, which must not count.
-const LINK_DOWN_NO_ROUTE: Duration = Duration::from_millis(1500);
-/// Or once no ping has been answered for this long, whatever the failures (a link that hangs
-/// without closing, or a hub too loaded to answer for seconds).
-const LINK_DOWN_SILENCE: Duration = Duration::from_secs(5);
+/// The link is down once every ask for this long found no route ("no responders": the edge
+/// server has no leaf connection to the hub, whose servers answer `$JS.<hub>.API.>` whatever
+/// their streams are doing). A leaf reconnecting to another hub server after one died takes
+/// about half a second, which must not count.
+const LINK_DOWN_NO_ROUTE: Duration = Duration::from_secs(2);
+/// Or once nothing has answered for this long (a link that hangs without closing): longer
+/// than a JetStream meta-leader election, during which the asks go unanswered.
+const LINK_DOWN_SILENCE: Duration = Duration::from_secs(15);
 
-/// Keeps `link` up to date: pings the hub's workers ([`wire::LINK_PING_SUBJECT`]) every
-/// [`LINK_PROBE_EVERY`]. A ping needs no JetStream leader, so a hub server's death (and its
-/// streams' elections) is not taken for a cut link; with no worker up, misses could not be
-/// answered anyway.
+/// Keeps `link` up to date: asks the hub's JetStream (`{api_prefix}.INFO`) every
+/// [`LINK_PROBE_EVERY`]. Only the link's absence gives "no responders" at once; a hub busy
+/// electing leaders gives no answer, which counts only after [`LINK_DOWN_SILENCE`].
 async fn watch_link(
     client: async_nats::Client,
+    api_prefix: String,
     link: watch::Sender<HubLink>,
     shutdown: CancellationToken,
 ) {
     use async_nats::client::RequestErrorKind;
+    let subject = format!("{api_prefix}.INFO");
     let mut answered_at = tokio::time::Instant::now();
+    let mut routed_at = answered_at;
     let probe = async {
         loop {
             let asked = tokio::time::Instant::now();
-            let ping = tokio::time::timeout(
+            let ask = tokio::time::timeout(
                 LINK_PROBE_TIMEOUT,
-                client.request(wire::LINK_PING_SUBJECT, bytes::Bytes::new()),
+                client.request(subject.clone(), bytes::Bytes::new()),
             )
             .await;
             let now = tokio::time::Instant::now();
-            match ping {
-                Ok(Ok(_)) => {
-                    answered_at = now;
-                    link.send_if_modified(|state| {
-                        let was_down = *state != HubLink::Up;
-                        if was_down {
-                            tracing::info!("the hub answers across the leaf link again");
-                        }
-                        *state = HubLink::Up;
-                        was_down
-                    });
-                }
-                failed => {
-                    let no_route = matches!(
-                        &failed,
-                        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders
-                    );
-                    let silent = now - answered_at;
-                    let down =
-                        (no_route && silent >= LINK_DOWN_NO_ROUTE) || silent >= LINK_DOWN_SILENCE;
-                    if down && *link.borrow() == HubLink::Up {
-                        tracing::warn!(
-                            ?silent,
-                            no_route,
-                            "the hub does not answer across the leaf link: misses are refused until it does"
-                        );
-                        link.send_replace(HubLink::Down { since: now });
+            let no_route = matches!(
+                &ask,
+                Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders
+            );
+            if !no_route {
+                routed_at = now;
+            }
+            if matches!(ask, Ok(Ok(_))) {
+                answered_at = now;
+                link.send_if_modified(|state| {
+                    let was_down = *state != HubLink::Up;
+                    if was_down {
+                        tracing::info!("the hub answers across the leaf link again");
                     }
+                    *state = HubLink::Up;
+                    was_down
+                });
+            } else {
+                let (unrouted, silent) = (now - routed_at, now - answered_at);
+                let down = unrouted >= LINK_DOWN_NO_ROUTE || silent >= LINK_DOWN_SILENCE;
+                if down && *link.borrow() == HubLink::Up {
+                    tracing::warn!(
+                        ?unrouted,
+                        ?silent,
+                        "the hub does not answer across the leaf link: misses are refused until it does"
+                    );
+                    link.send_replace(HubLink::Down { since: now });
                 }
             }
             tokio::time::sleep_until(asked + LINK_PROBE_EVERY).await;

@@ -53,11 +53,6 @@ pub const PURGE_SUBJECT: &str = "versus.cache.purge";
 pub const PURGE_REQUEST_SUBJECT: &str = "versus.admin.purge";
 pub const PURGE_REQUEST_QUEUE: &str = "versus-purge";
 
-/// Where an edge's API pings the hub across its leaf link: a worker answers (one, through the
-/// queue group [`LINK_PING_QUEUE`]), with an empty reply.
-pub const LINK_PING_SUBJECT: &str = "versus.link.ping";
-pub const LINK_PING_QUEUE: &str = "versus-link-ping";
-
 /// What kind of answer a job asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -27,7 +27,6 @@ pub mod image;
 pub mod job;
 pub mod moderation;
 pub mod openai;
-pub mod ping;
 pub mod popularity;
 pub mod purge;
 pub mod spend;
@@ -173,7 +172,7 @@ pub async fn run(
 
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     // Whichever loop ends first (on shutdown, or an error) stops the others.
-    let (interactive, prewarm, popularity, purges, pings) = tokio::join!(
+    let (interactive, prewarm, popularity, purges) = tokio::join!(
         cancel_after(
             &shutdown,
             consumer::run(
@@ -199,16 +198,11 @@ pub async fn run(
             popularity::run(ctx.bus.client.clone(), ctx.db.clone(), shutdown.clone()),
         ),
         cancel_after(&shutdown, purge::run(ctx.clone(), shutdown.clone())),
-        cancel_after(
-            &shutdown,
-            ping::run(ctx.bus.client.clone(), shutdown.clone())
-        ),
     );
     interactive?;
     prewarm?;
     popularity?;
     purges?;
-    pings?;
     ops.await??;
     Ok(())
 }

@@ -60,7 +60,7 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
 /// At an edge, how long the link to the hub may stay down, once found down, before a
 /// generation followed across it is given up (its clients are told to try again; the
 /// generation itself goes on, and is a hit afterwards).
-const LINK_GRACE: Duration = Duration::from_secs(2);
+const LINK_GRACE: Duration = Duration::from_secs(1);
 
 /// At an edge, how long a flight hears nothing before it reads the history, in case the event
 /// that would have ended it was lost on the leaf link.

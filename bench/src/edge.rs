@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
+use crate::miss::summary;
 use crate::report::{Row, Section};
 use crate::sim::Sim;
 use crate::sse::{self, Timeline};
@@ -105,8 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             errors.push(e.clone());
         }
     }
-    let first =
-        |ts: &[Timeline]| Summary::of(&ts.iter().filter_map(|t| t.first_token).collect::<Vec<_>>());
+    let first = |ts: &[Timeline]| summary(ts, |t| t.first_token);
     let raw = Raw {
         load,
         single_sse,
@@ -279,13 +279,11 @@ pub async fn run_failover(args: FailoverArgs) -> anyhow::Result<()> {
             .json()
             .await
             .unwrap_or_default();
-        let text = stored["text"].as_str().unwrap_or_default();
-        if text.len() != t.text_bytes {
+        if sse::hash(stored["text"].as_str().unwrap_or_default()) != t.text_hash {
             mismatched += 1;
         }
     }
-    let first =
-        |ts: &[Timeline]| Summary::of(&ts.iter().filter_map(|t| t.first_token).collect::<Vec<_>>());
+    let first = |ts: &[Timeline]| summary(ts, |t| t.first_token);
     let raw = FailoverRaw {
         n: args.n,
         killed: leader,

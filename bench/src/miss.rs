@@ -280,7 +280,8 @@ fn urls(api: &str, tag: &str, n: usize) -> anyhow::Result<Vec<reqwest::Url>> {
         .collect()
 }
 
-fn summary(timelines: &[Timeline], pick: impl Fn(&Timeline) -> Option<Duration>) -> Summary {
+/// The percentiles of `pick` over the complete answers of `timelines`.
+pub fn summary(timelines: &[Timeline], pick: impl Fn(&Timeline) -> Option<Duration>) -> Summary {
     let samples: Vec<Duration> = timelines
         .iter()
         .filter(|t| t.complete())

@@ -195,7 +195,8 @@ async fn read_sim(
     bail!("the completion ended without [DONE]")
 }
 
-fn hash(text: &str) -> u64 {
+/// The hash [`Timeline::text_hash`] holds.
+pub fn hash(text: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     text.hash(&mut hasher);
     hasher.finish()

@@ -10,7 +10,13 @@
 //! complete (a nats-server restart empties the in-memory events stream) is completed from the
 //! stored answer in the edge KV bucket.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use async_nats::jetstream;
@@ -28,10 +34,14 @@ use super::{Flight, Flights, Offer, lock};
 /// closes its log and forgets it.
 pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
     let key = job.key.clone();
-    let reading = tokio::time::timeout(flights.timeout, read_events(&flights.bus, &flight, job));
+    let queued = AtomicBool::new(false);
+    let reading = tokio::time::timeout(
+        flights.timeout,
+        read_events(&flights.bus, &flight, job, &queued),
+    );
     let ending = tokio::select! {
         () = flight.stop.cancelled() => None,
-        () = flights.bus.hub_lost(LINK_GRACE) => Some(Event::retryable(
+        () = link_lost(&flights.bus, &queued) => Some(Event::retryable(
             "unavailable",
             "This server lost its link to the one that writes new answers. Please try again shortly.",
             None,
@@ -57,10 +67,22 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
     flights.remove(&key, &flight);
 }
 
+/// Resolves once a flight at an edge should give up on the hub: at once when the link is found
+/// down before the hub acknowledged the flight's job (nothing is being generated for it), or
+/// once the link has stayed down for [`LINK_GRACE`] after that.
+async fn link_lost(bus: &Bus, queued: &AtomicBool) {
+    bus.hub_lost(Duration::ZERO).await;
+    if queued.load(Ordering::Relaxed) {
+        bus.hub_lost(LINK_GRACE).await;
+    }
+}
+
 /// At an edge, how long the link to the hub may stay down, once found down, before a
 /// generation followed across it is given up (its clients are told to try again; the
-/// generation itself goes on, and is a hit afterwards).
-const LINK_GRACE: Duration = Duration::from_secs(1);
+/// generation itself goes on, and is a hit afterwards). Shorter outages, such as a leaf
+/// reconnecting to another hub server after one died, cost its clients a pause: the flight
+/// reads what it missed from the history when the link returns.
+const LINK_GRACE: Duration = Duration::from_secs(10);
 
 /// At an edge, how long a flight hears nothing before it reads the history, in case the event
 /// that would have ended it was lost on the leaf link.
@@ -72,7 +94,13 @@ const RESYNC_TRIES: u32 = 4;
 const RESYNC_PAUSE: Duration = Duration::from_millis(2);
 
 /// Logs the generation's events until it ends.
-async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()> {
+/// `queued` is set once the jobs stream acknowledged the job.
+async fn read_events(
+    bus: &Bus,
+    flight: &Flight,
+    job: Job,
+    queued: &AtomicBool,
+) -> anyhow::Result<()> {
     let began = std::time::Instant::now();
     let subject = wire::events_subject(job.kind, &job.key);
     let mut losses = bus.losses.clone();
@@ -145,8 +173,9 @@ async fn read_events(bus: &Bus, flight: &Flight, job: Job) -> anyhow::Result<()>
         }
         None => (0, 0),
     };
-    let queued = Box::pin(publish_job(&bus.js, &job, after)).await?;
-    if !queued && lock(&flight.log).attempt.is_none() {
+    let accepted = Box::pin(publish_job(&bus.js, &job, after)).await?;
+    queued.store(true, Ordering::Relaxed);
+    if !accepted && lock(&flight.log).attempt.is_none() {
         // The queue is full and nothing is being generated for this key: say so at once
         // rather than wait for a job that was never queued.
         flight.close(Some(Event::retryable(

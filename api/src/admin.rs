@@ -235,6 +235,7 @@ async fn publish(app: &App, batch: &str, job: Job) -> Result<(), ApiError> {
         wire::prewarm_subject(job.kind),
         payload.into(),
         wire::prewarm_msg_id(job.kind, &job.key, batch),
+        false,
     )
     .await
     .map_err(|e| nats(&e))?;

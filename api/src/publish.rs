@@ -18,7 +18,7 @@ use async_nats::jetstream::{
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
-use versus_shared::bus;
+use versus_shared::{bus, wire};
 
 /// How long a job is tried for in all: longer than a leader election (up to about 10 s
 /// from the kill, as measured on a loopback hub), well within the duplicate window.
@@ -27,14 +27,16 @@ pub const RETRY_FOR: Duration = Duration::from_secs(20);
 /// timeout is longer than an election leaves room for).
 const TRY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Publishes `payload` on `subject` with message id `msg_id`, trying again with the same id on
-/// an error that an outage or an election explains, for up to [`RETRY_FOR`]. A full stream
-/// (`bus::is_full`), a message too big and an expectation that failed are not retried.
+/// Publishes `payload` on `subject` with message id `msg_id` (and [`wire::LIVE_JOB_HEADER`]
+/// when `live`), trying again with the same id on an error that an outage or an election
+/// explains, for up to [`RETRY_FOR`]. A full stream (`bus::is_full`), a message too big and an
+/// expectation that failed are not retried.
 pub async fn job(
     js: &jetstream::Context,
     subject: String,
     payload: Bytes,
     msg_id: String,
+    live: bool,
 ) -> Result<PublishAck, PublishError> {
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
     let mut delays = ExponentialBuilder::default()
@@ -46,9 +48,12 @@ pub async fn job(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let message = PublishMessage::build()
+        let mut message = PublishMessage::build()
             .payload(payload.clone())
             .message_id(msg_id.as_str());
+        if live {
+            message = message.header(wire::LIVE_JOB_HEADER, "1");
+        }
         let error = match try_once(js, subject.clone(), message).await {
             Ok(ack) => {
                 if tries > 1 {

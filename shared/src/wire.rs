@@ -105,6 +105,11 @@ pub fn job_msg_id(kind: Kind, key: &Key, after: u64) -> String {
     format!("{kind}.{key}.{after}")
 }
 
+/// A header on a job published for a key whose generation the API saw under way (a client
+/// joining it, to restart it should it be lost): its claim is most likely held, so a worker
+/// asks the upstream only once it has won the claim.
+pub const LIVE_JOB_HEADER: &str = "Versus-Live";
+
 /// The de-duplication id of a pre-warm job: one per key and batch.
 pub fn prewarm_msg_id(kind: Kind, key: &Key, batch: &str) -> String {
     format!("prewarm.{batch}.{kind}.{key}")

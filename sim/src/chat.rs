@@ -130,7 +130,7 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
             limit,
             pace,
             ending,
-            sim.stop_token(),
+            sim.clone(),
         ));
     }
     match fault {

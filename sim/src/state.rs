@@ -112,6 +112,11 @@ impl Sim {
         self.live().stats.record(call);
     }
 
+    /// Counts a chat stream its client dropped before the answer's end.
+    pub fn note_abandoned_chat(&self) {
+        self.live().stats.chat_abandoned += 1;
+    }
+
     pub fn stats(&self) -> Stats {
         self.live().stats.clone()
     }

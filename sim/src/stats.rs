@@ -99,6 +99,8 @@ pub struct Stats {
     pub chat_calls: u64,
     pub image_calls: u64,
     pub moderation_calls: u64,
+    /// Chat streams their client dropped while tokens still flowed.
+    pub chat_abandoned: u64,
     /// Every chat answer's reported usage, added up.
     pub usage: Usage,
     pub calls: VecDeque<Call>,

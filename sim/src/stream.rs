@@ -13,10 +13,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 
 use crate::answer::Answer;
 use crate::config::Knobs;
+use crate::state::Sim;
 
 /// When each token is due: the first at `ttft`, then one every `interval`.
 #[derive(Debug, Clone, Copy)]
@@ -66,8 +66,9 @@ pub fn respond(
     limit: usize,
     pace: Pace,
     ending: Ending,
-    stop: CancellationToken,
+    sim: Sim,
 ) -> Response {
+    let stop = sim.stop_token();
     let prefix = format!(
         r#"data: {{"id":{},"object":"chat.completion.chunk","created":{},"model":{},"choices":[{{"index":0,"delta":"#,
         Value::from(meta.id.as_str()),
@@ -83,6 +84,7 @@ pub fn respond(
         ending,
         next: 0,
         phase: Phase::Role,
+        sim,
     };
     // At shutdown the body just ends, so graceful shutdown never waits on a stall.
     let frames =
@@ -115,6 +117,19 @@ struct Chunks {
     limit: usize,
     next: usize,
     phase: Phase,
+    sim: Sim,
+}
+
+impl Drop for Chunks {
+    /// A stream dropped while its tokens still flow was abandoned by its client (a stream
+    /// the simulator ends, cuts or stalls on purpose is not).
+    fn drop(&mut self) {
+        if matches!(self.phase, Phase::Role | Phase::Tokens)
+            && !self.sim.stop_token().is_cancelled()
+        {
+            self.sim.note_abandoned_chat();
+        }
+    }
 }
 
 const TOKEN_SUFFIX: &[u8] = b"},\"finish_reason\":null}]}\n\n";

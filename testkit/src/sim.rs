@@ -66,6 +66,11 @@ impl Sim {
         counter(&self.stats().await, "chat_calls")
     }
 
+    /// How many chat streams their client dropped while tokens still flowed.
+    pub async fn chat_abandoned(&self) -> u64 {
+        counter(&self.stats().await, "chat_abandoned")
+    }
+
     /// How many image generations the simulator has served (or refused) since its last reset.
     pub async fn image_calls(&self) -> u64 {
         counter(&self.stats().await, "image_calls")

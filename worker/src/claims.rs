@@ -18,8 +18,8 @@ use versus_shared::{
 /// What a claim found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// This worker owns attempt `attempt`; `a` and `b` are the display names to use.
-    Won { attempt: i32, a: String, b: String },
+    /// This worker owns attempt `attempt`, under the job's display names.
+    Won { attempt: i32 },
     /// The answer is already complete.
     Done(Stored),
     /// Another worker holds a live lease for `remaining`.
@@ -120,7 +120,9 @@ impl Claimer {
 }
 
 /// One statement for every job: `Some(Claim::Won)` for each row claimed, `None` for the
-/// others (a second job for the same key in the batch loses to the first).
+/// others (a second job for the same key in the batch loses to the first). A row claimed
+/// again (after a failure, or past a lapsed lease) takes the winning job's display names, which
+/// its new attempt answers under.
 async fn claim_all(
     db: &PgPool,
     jobs: &[Job],
@@ -138,8 +140,6 @@ async fn claim_all(
         kind: String,
         key: String,
         attempt: i32,
-        a: String,
-        b: String,
     }
     let mut won: Vec<Won> = bounded(
         sqlx::query_as(
@@ -150,12 +150,12 @@ async fn claim_all(
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[])
                   AS j(kind, key, a, b, model, prompt_version)
              ON CONFLICT (kind, key) DO UPDATE
-                 SET status = 'running', attempt = g.attempt + 1,
+                 SET status = 'running', attempt = g.attempt + 1, a = EXCLUDED.a, b = EXCLUDED.b,
                      lease_until = EXCLUDED.lease_until, worker = EXCLUDED.worker, error = NULL,
                      retry_at = NULL, updated_at = now()
                  WHERE (g.status = 'failed' AND (g.retry_at IS NULL OR g.retry_at <= now()))
                     OR (g.status = 'running' AND g.lease_until < now())
-             RETURNING kind, key, attempt, a, b",
+             RETURNING kind, key, attempt",
         )
         .bind(column(|j| j.kind.as_str()))
         .bind(column(|j| j.key.as_str()))
@@ -179,8 +179,8 @@ async fn claim_all(
             let i = won
                 .iter()
                 .position(|w| w.kind == job.kind.as_str() && w.key == job.key.as_str())?;
-            let Won { attempt, a, b, .. } = won.swap_remove(i);
-            Some(Claim::Won { attempt, a, b })
+            let Won { attempt, .. } = won.swap_remove(i);
+            Some(Claim::Won { attempt })
         })
         .collect())
 }

@@ -43,7 +43,15 @@ pub enum Outcome {
 
 /// What a kind of answer brings to the skeleton of [`run`]: how the upstream is called, and how
 /// the answer is stored and read back.
-pub trait Generation: Sync {
+pub trait Generation: Sync + Sized {
+    /// Whether the first upstream call may start while the claim commits (see
+    /// [`crate::job`]): for a streamed answer, whose first call costs nothing until it is read;
+    /// not for a picture, whose first call makes and pays for the whole picture.
+    const SPECULATE: bool;
+
+    /// The generation of `job`'s answer, under its display names.
+    fn new(job: &Job) -> Self;
+
     /// What the first upstream call gives.
     type Opened: Send;
     /// What the work makes: the answer before it is stored.
@@ -51,8 +59,7 @@ pub trait Generation: Sync {
     /// The finished answer as the edge KV bucket holds it.
     type Answer: Serialize + Send + Sync;
 
-    /// Makes the first upstream call. It runs while `started` is being published: neither
-    /// waits for the other.
+    /// Makes the first upstream call, once [`opening`] found the names fit to ask about.
     fn open(&self, ctx: &Ctx, job: &Job) -> impl Future<Output = Self::Opened> + Send;
 
     /// Makes the answer from the first call's result, retrying within the budget and
@@ -133,8 +140,27 @@ pub enum Ended<T> {
     Refused(Refusal),
 }
 
-/// Runs `generation` under the claim on `attempt` that this worker just won. When
-/// `abandon` fires, the claim is given back and the job handed over ([`Outcome::Handover`]).
+/// What [`opening`] gives: the first call's result, or why the generation ends before it.
+pub type Opening<G> = Result<<G as Generation>::Opened, Ended<<G as Generation>::Made>>;
+
+/// The names go to moderation, and the upstream is asked only once they pass. Nothing here is
+/// published or stored: it may run before the claim is won, and be dropped if it is not.
+pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Opening<G> {
+    match ctx
+        .moderator
+        .check(ctx, "names", &generation.screened())
+        .await
+    {
+        Ok(None) => Ok(generation.open(ctx, job).await),
+        Ok(Some(refusal)) => Err(Ended::Refused(refusal)),
+        Err(error) => Err(Ended::GaveUp(error.into())),
+    }
+}
+
+/// Runs `generation` under the claim on `attempt` that this worker just won, with `opening`
+/// (already under way, or not yet polled) for its first call, which goes on while `started`
+/// is published. When `abandon` fires, the claim is given back and the job handed over
+/// ([`Outcome::Handover`]).
 pub async fn run<G: Generation>(
     ctx: &Ctx,
     msg: &jetstream::Message,
@@ -142,6 +168,7 @@ pub async fn run<G: Generation>(
     attempt: i32,
     abandon: &CancellationToken,
     generation: &G,
+    opening: impl Future<Output = Opening<G>> + Send,
 ) -> anyhow::Result<Outcome> {
     let cell = AtomicI32::new(attempt);
     let mut publisher = Publisher::new(&ctx.bus, job);
@@ -149,20 +176,7 @@ pub async fn run<G: Generation>(
         return over_budget(ctx, msg, job, attempt, &mut publisher).await;
     }
     let work = async {
-        // The names are moderated while `started` is published; the upstream is asked only
-        // once they pass.
-        let screened = async {
-            match ctx
-                .moderator
-                .check(ctx, "names", &generation.screened())
-                .await
-            {
-                Ok(None) => Ok(generation.open(ctx, job).await),
-                Ok(Some(refusal)) => Err(Ended::Refused(refusal)),
-                Err(error) => Err(Ended::GaveUp(error.into())),
-            }
-        };
-        let (started, opened) = tokio::join!(publisher.start(attempt), screened);
+        let (started, opened) = tokio::join!(publisher.start(attempt), opening);
         started?;
         match opened {
             Ok(opened) => {

@@ -27,23 +27,27 @@ use crate::{
 
 /// The picture of one matchup.
 pub struct Image {
-    /// The display names the claim holds.
+    /// The job's display names.
     a: String,
     b: String,
     prompt: String,
-}
-
-impl Image {
-    pub fn new(a: String, b: String) -> Image {
-        let prompt = prompt::image_prompt(&a, &b);
-        Image { a, b, prompt }
-    }
 }
 
 /// The size asked for when the job names none.
 const DEFAULT_SIZE: &str = "1024x1024";
 
 impl Generation for Image {
+    const SPECULATE: bool = false;
+
+    fn new(job: &Job) -> Image {
+        let prompt = prompt::image_prompt(&job.a, &job.b);
+        Image {
+            a: job.a.clone(),
+            b: job.b.clone(),
+            prompt,
+        }
+    }
+
     /// The bytes of the first try.
     type Opened = Result<Bytes, UpstreamError>;
     type Made = Picture;

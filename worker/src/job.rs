@@ -1,17 +1,26 @@
 //! One job, whatever its kind: the claim decides which path it takes. A won claim generates
 //! (through [`crate::generation`]), an answer already done is announced again, and a key
 //! leased elsewhere comes back when that lease would have run out.
+//!
+//! The claim is a durable Postgres commit, and the upstream takes hundreds of milliseconds to
+//! its first token: on a client's job, a streamed answer's first call (moderation, then the
+//! request) starts while the claim commits. Nothing of it is published or stored before the
+//! claim is won, and a claim not won drops the request at once
+//! (`versus_upstream_cancelled_total`). Jobs whose claim is likely held elsewhere wait for the
+//! claim first: a redelivered job, one the API published for a generation it saw under way
+//! ([`wire::LIVE_JOB_HEADER`]), and pre-warm jobs, which nobody waits for.
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use futures::future::{self, Either};
 use tokio_util::sync::CancellationToken;
-use versus_shared::wire::{Job, Kind};
+use versus_shared::wire::{self, Job, Kind};
 
 use crate::{
     claims::Claim,
     ctx::Ctx,
-    generation::{self, Outcome},
+    generation::{self, Generation, Outcome},
     image::Image,
     text::Text,
 };
@@ -24,16 +33,57 @@ pub async fn handle(
     job: &Job,
     abandon: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
+    match job.kind {
+        Kind::Text => handle_as(ctx, msg, job, abandon, Text::new(job)).await,
+        Kind::Image => handle_as(ctx, msg, job, abandon, Image::new(job)).await,
+    }
+}
+
+async fn handle_as<G: Generation>(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    abandon: &CancellationToken,
+    generation: G,
+) -> anyhow::Result<Outcome> {
     let claiming = Instant::now();
-    let claim = ctx.claimer.claim(job).await?;
+    let claim = Box::pin(ctx.claimer.claim(job));
+    let opening = Box::pin(generation::opening(ctx, job, &generation));
+    let speculated = G::SPECULATE
+        && msg.info().is_ok_and(|info| info.delivered == 1)
+        && !wire::is_prewarm_subject(&msg.subject)
+        && msg
+            .headers
+            .as_ref()
+            .is_none_or(|h| h.get(wire::LIVE_JOB_HEADER).is_none())
+        && !ctx.budget.exhausted();
+    let (claim, opening) = if speculated {
+        match future::select(claim, opening).await {
+            Either::Left((claim, opening)) => (claim, Either::Left(opening)),
+            // The first call was made (or refused) before the claim committed.
+            Either::Right((opened, claim)) => (claim.await, Either::Right(opened)),
+        }
+    } else {
+        (claim.await, Either::Left(opening))
+    };
     metrics::histogram!("versus_claim_seconds").record(claiming.elapsed());
-    match claim {
-        Claim::Won { attempt, a, b } => match job.kind {
-            Kind::Text => generation::run(ctx, msg, job, attempt, abandon, &Text::new(a, b)).await,
-            Kind::Image => {
-                generation::run(ctx, msg, job, attempt, abandon, &Image::new(a, b)).await
+    if let Ok(Claim::Won { attempt }) = claim {
+        let opening = async {
+            match opening {
+                Either::Left(opening) => opening.await,
+                Either::Right(opened) => opened,
             }
-        },
+        };
+        return generation::run(ctx, msg, job, attempt, abandon, &generation, opening).await;
+    }
+    // Dropped before anything else is done: a request under way is cancelled.
+    drop(opening);
+    if speculated {
+        metrics::counter!("versus_upstream_cancelled_total", "kind" => job.kind.as_str())
+            .increment(1);
+    }
+    match claim? {
+        Claim::Won { .. } => unreachable!("a won claim generates above"),
         Claim::Done(row) => {
             match job.kind {
                 Kind::Text => generation::reannounce::<Text>(ctx, job, row).await?,

@@ -25,20 +25,24 @@ use crate::{
 
 /// The text answer to one matchup.
 pub struct Text {
-    /// The display names the claim holds.
+    /// The job's display names.
     a: String,
     b: String,
     messages: [(&'static str, String); 2],
 }
 
-impl Text {
-    pub fn new(a: String, b: String) -> Text {
-        let messages = prompt::text_messages(&a, &b);
-        Text { a, b, messages }
-    }
-}
-
 impl Generation for Text {
+    const SPECULATE: bool = true;
+
+    fn new(job: &Job) -> Text {
+        let messages = prompt::text_messages(&job.a, &job.b);
+        Text {
+            a: job.a.clone(),
+            b: job.b.clone(),
+            messages,
+        }
+    }
+
     /// When the upstream was asked (for the first-token metric), and what it answered.
     type Opened = (Instant, Result<ChatStream, UpstreamError>);
     /// The text and what it cost.

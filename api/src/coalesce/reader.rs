@@ -142,7 +142,7 @@ async fn read_events(
     // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
     // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
     // lost one.
-    let (after, base) = match last {
+    let (after, base, under_way) = match last {
         Some(Last {
             seq,
             payload,
@@ -163,17 +163,17 @@ async fn read_events(
                     return Ok(());
                 }
             }
-            (seq, seq)
+            (seq, seq, false)
         }
         Some(Last { seq, .. }) => {
             if Box::pin(replay(bus, flight, &subject, 0)).await? {
                 return Ok(());
             }
-            (seq, 0)
+            (seq, 0, true)
         }
-        None => (0, 0),
+        None => (0, 0, false),
     };
-    let accepted = Box::pin(publish_job(&bus.js, &job, after)).await?;
+    let accepted = Box::pin(publish_job(&bus.js, &job, after, under_way)).await?;
     queued.store(true, Ordering::Relaxed);
     if !accepted && lock(&flight.log).attempt.is_none() {
         // The queue is full and nothing is being generated for this key: say so at once
@@ -321,13 +321,19 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
 /// Publishes the job; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`). A try that
 /// fails or goes unacknowledged (a NATS outage, a leader election) is made again with the same
 /// message id, so a job that had landed is not queued twice (see [`crate::publish`]).
-async fn publish_job(js: &jetstream::Context, job: &Job, after: u64) -> anyhow::Result<bool> {
+async fn publish_job(
+    js: &jetstream::Context,
+    job: &Job,
+    after: u64,
+    live: bool,
+) -> anyhow::Result<bool> {
     let payload = serde_json::to_vec(job)?;
     let acked = crate::publish::job(
         js,
         wire::job_subject(job.kind),
         payload.into(),
         wire::job_msg_id(job.kind, &job.key, after),
+        live,
     )
     .await;
     match acked {

@@ -9,6 +9,7 @@
 mod browser;
 mod budget;
 mod bus;
+mod claims;
 mod cli;
 mod cluster;
 mod dev;
@@ -121,6 +122,15 @@ pub async fn metrics_of(url: &str) -> String {
         .text()
         .await
         .unwrap()
+}
+
+/// The sum of the series of `name` (with `label`, if any) in every worker's `/metrics`.
+pub async fn worker_metric(sys: &System, name: &str, label: &str) -> f64 {
+    let mut sum = 0.0;
+    for worker in &sys.workers {
+        sum += metric(&metrics_of(&worker.url).await, name, label);
+    }
+    sum
 }
 
 /// The sum of the series of `name` whose labels hold `label` ("" for all) in a `/metrics` text.

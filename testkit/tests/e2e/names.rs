@@ -11,7 +11,7 @@ use versus_shared::{
 };
 use versus_testkit::{System, eventually};
 
-use crate::{fight, http, metric, metrics_of, quick, rows, shape, stream_url, text_of};
+use crate::{fight, http, quick, rows, shape, stream_url, text_of, worker_metric};
 
 /// The simulator's counters: (chat, image, moderation) calls.
 async fn calls(sys: &System) -> (u64, u64, u64) {
@@ -35,15 +35,6 @@ async fn post(sys: &System, path: &str, body: &Value) -> (u16, Value) {
         .await
         .unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
-}
-
-/// The sum of the series of `name` (with `label`, if any) in every worker's `/metrics`.
-async fn worker_metric(sys: &System, name: &str, label: &str) -> f64 {
-    let mut sum = 0.0;
-    for worker in &sys.workers {
-        sum += metric(&metrics_of(&worker.url).await, name, label);
-    }
-    sum
 }
 
 #[tokio::test]

@@ -294,27 +294,13 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
     }])
 }
 
-/// "api 0.9 · worker 1.8 · … · total 5.0 ms (of 5.0 ms of 2 cores)".
+/// "api 0.9 · worker 1.8 · … · total 5.0 ms (the 2 cores offer 5.0 ms per answer …)".
 fn cpu_breakdown(raw: &Raw) -> String {
-    let mut by_name: Vec<(String, f64)> = Vec::new();
-    for (name, secs) in &raw.cpu {
-        match by_name.iter_mut().find(|(n, _)| n == name) {
-            Some(entry) => entry.1 += secs,
-            None => by_name.push((name.clone(), *secs)),
-        }
-    }
     let answers = raw.answers.max(1) as f64;
-    let per = |secs: f64| secs * 1e3 / answers;
-    let total: f64 = by_name.iter().map(|(_, s)| s).sum();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
-    let parts: Vec<String> = by_name
-        .iter()
-        .map(|(name, secs)| format!("{name} {}", fmt_ms(per(*secs))))
-        .collect();
     format!(
-        "{} · total {} ms (the {} cores offer {} ms per answer at this rate)",
-        parts.join(" · "),
-        fmt_ms(per(total)),
+        "{} (the {} cores offer {} ms per answer at this rate)",
+        crate::procs::per_answer(&raw.cpu, raw.answers),
         cores,
         fmt_ms(cores * raw.secs * 1e3 / answers)
     )

@@ -43,6 +43,10 @@ pub struct Args {
     /// Profile this process (the API) with perf during an extra wrk run on the stream hit.
     #[arg(long)]
     pub profile_pid: Option<u32>,
+    /// The API's process: with it, each target is measured once more with the server (the
+    /// API, then the bare handler) on core 0 and the load generators on core 1 (`taskset`).
+    #[arg(long)]
+    pub api_pid: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -64,6 +68,18 @@ pub struct Target {
     pub bare: WrkResult,
     /// Fixed-rate runs, one per fraction of the bare maximum.
     pub at_rates: Vec<AtRate>,
+    /// The same with the server on one core and the load generators on the other.
+    #[serde(default)]
+    pub pinned: Option<Pinned>,
+}
+
+/// A target measured with the server pinned to core 0 and the load to core 1: wrk's maximum,
+/// then both at half the bare handler's pinned maximum.
+#[derive(Serialize, Deserialize)]
+pub struct Pinned {
+    pub api: WrkResult,
+    pub bare: WrkResult,
+    pub at_half: AtRate,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,8 +131,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         connections: args.connections,
         secs: args.secs,
     };
-    let json = measure(&json_url, &format!("{bare_url}/json"), load, &args).await?;
-    let sse = measure(url.as_str(), &format!("{bare_url}/sse"), load, &args).await?;
+    let pins = match (args.api_pid, bare.id()) {
+        (Some(api), Some(bare)) if pinning_works() => Some(Pins { api, bare }),
+        (Some(_), _) => {
+            eprintln!("no pinned runs: taskset is missing or there are fewer than 2 cores");
+            None
+        }
+        _ => None,
+    };
+    let json = measure(&json_url, &format!("{bare_url}/json"), load, &args, pins).await?;
+    let sse = measure(url.as_str(), &format!("{bare_url}/sse"), load, &args, pins).await?;
     let sse_events = wrk::run(&format!("{bare_url}/sse-events"), load).await?;
     bare.kill().await?;
     if let Some(pid) = args.profile_pid {
@@ -146,9 +170,70 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     crate::write_json(&args.out_dir.join(FILE), &raw)
 }
 
+/// The servers' processes, for the pinned runs.
+#[derive(Clone, Copy)]
+struct Pins {
+    api: u32,
+    bare: u32,
+}
+
+/// Whether this machine can give the server and the load a core each.
+fn pinning_works() -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores >= 2
+        && std::process::Command::new("taskset")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// Sets the CPU affinity of every thread of `pid` (`taskset -a -p -c CPUS PID`); threads
+/// created later inherit it, and so do child processes (wrk) of this one.
+fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
+    let output = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .output()
+        .context("running taskset")?;
+    if !output.status.success() {
+        bail!(
+            "taskset -a -p -c {cpus} {pid}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` with both servers on core 0 and this process (the open-loop generator, and wrk,
+/// which inherits it) on core 1; every process gets every core back afterwards.
+async fn pinned<T>(pins: Pins, f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let all = format!(
+        "0-{}",
+        std::thread::available_parallelism().map_or(2, |n| n.get()) - 1
+    );
+    let me = std::process::id();
+    let placed = pin(pins.api, "0")
+        .and_then(|()| pin(pins.bare, "0"))
+        .and_then(|()| pin(me, "1"));
+    let result = match placed {
+        Ok(()) => f.await,
+        Err(e) => Err(e),
+    };
+    for pid in [pins.api, pins.bare, me] {
+        pin(pid, &all)?;
+    }
+    result
+}
+
 /// wrk on the bare handler, then on the API; then both at fixed fractions of the bare
-/// handler's maximum rate.
-async fn measure(api_url: &str, bare_url: &str, load: Load, args: &Args) -> anyhow::Result<Target> {
+/// handler's maximum rate; then, with `pins`, all of it again with the server and the load on
+/// separate cores, at half the pinned bare maximum.
+async fn measure(
+    api_url: &str,
+    bare_url: &str,
+    load: Load,
+    args: &Args,
+    pins: Option<Pins>,
+) -> anyhow::Result<Target> {
     let bare = wrk::run(bare_url, load).await?;
     let api = wrk::run(api_url, load).await?;
     let secs = Duration::from_secs(args.rate_secs);
@@ -162,10 +247,28 @@ async fn measure(api_url: &str, bare_url: &str, load: Load, args: &Args) -> anyh
             api: load::run(api_url, rate, secs, connections).await?,
         });
     }
+    let pinned = match pins {
+        Some(pins) => Some(
+            self::pinned(pins, async {
+                let bare = wrk::run(bare_url, load).await?;
+                let api = wrk::run(api_url, load).await?;
+                let rate = (bare.requests_per_sec * 0.5).max(1.0);
+                let at_half = AtRate {
+                    fraction: 0.5,
+                    bare: load::run(bare_url, rate, secs, connections).await?,
+                    api: load::run(api_url, rate, secs, connections).await?,
+                };
+                Ok(Pinned { api, bare, at_half })
+            })
+            .await?,
+        ),
+        None => None,
+    };
     Ok(Target {
         api,
         bare,
         at_rates,
+        pinned,
     })
 }
 
@@ -208,7 +311,13 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         raw.answer_bytes, raw.json_bytes, raw.sse_bytes
     )];
     for t in [&raw.json, &raw.sse] {
-        for r in t.at_rates.iter().flat_map(|r| [&r.api, &r.bare]) {
+        let pinned = t.pinned.iter().map(|p| &p.at_half);
+        for r in t
+            .at_rates
+            .iter()
+            .chain(pinned)
+            .flat_map(|r| [&r.api, &r.bare])
+        {
             if r.achieved_rps < 0.95 * r.target_rps {
                 notes.push(format!(
                     "The fixed-rate run on {} reached only {} of {} req/s.",
@@ -239,9 +348,11 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
              listed) with `versus-bench`'s own open-loop generator (wrk2 is not in Debian): \
              {} keep-alive connections, requests due at a fixed rate, latency counted from \
              when a request was due if its connection was still busy, else from when it was \
-             sent; HDR histogram; a second of warm-up is not counted. The load generator \
-             shares the 2 cores with the server in every run, so the bare handler's own \
-             figures are the floor this machine allows.",
+             sent; HDR histogram; a second of warm-up is not counted. In those runs the load \
+             generator shares the 2 cores with the server, so the bare handler's own figures \
+             are the floor they allow; the goal is judged on a last run of each with the \
+             server (the API, then the bare handler) pinned to core 0 and wrk and the \
+             generator to core 1 (`taskset`), at half the bare handler's maximum so pinned.",
             l.threads, l.connections, l.secs, l.connections
         ),
         rows,
@@ -284,7 +395,8 @@ fn target_rows(name: &str, t: &Target, l: Load) -> Vec<Row> {
         .into_iter()
         .chain(t.at_rates.iter().filter(|r| r.fraction != 0.5));
     for r in rates {
-        let goal_rate = r.fraction == 0.5;
+        // With a pinned run, the goal is judged there: here the load shares the cores.
+        let goal_rate = r.fraction == 0.5 && t.pinned.is_none();
         let share = if goal_rate {
             "half the bare maximum".to_owned()
         } else {
@@ -308,6 +420,37 @@ fn target_rows(name: &str, t: &Target, l: Load) -> Vec<Row> {
             ratio: format!("{:.2}×", r.api.latency.p99_ms / r.bare.latency.p99_ms),
             goal: if goal_rate { "p99 < 1 ms" } else { "" }.to_owned(),
             met: goal_rate.then_some(r.api.latency.p99_ms < 1.0 && r.api.errors == 0),
+        });
+    }
+    if let Some(p) = &t.pinned {
+        rows.push(Row {
+            what: format!("{name}: throughput, the server on core 0 and wrk on core 1"),
+            measured: format!("{} req/s", fmt_count(p.api.requests_per_sec)),
+            baseline: format!("bare axum: {} req/s", fmt_count(p.bare.requests_per_sec)),
+            ratio: format!("{:.2}×", p.api.requests_per_sec / p.bare.requests_per_sec),
+            goal: String::new(),
+            met: None,
+        });
+        let r = &p.at_half;
+        rows.push(Row {
+            what: format!(
+                "{name}: p99 at {} req/s (half the bare maximum on one core), open loop, the \
+                 server on core 0 and the load on core 1",
+                fmt_count(r.api.target_rps)
+            ),
+            measured: format!(
+                "{} ms (p50 {})",
+                fmt_ms(r.api.latency.p99_ms),
+                fmt_ms(r.api.latency.p50_ms)
+            ),
+            baseline: format!(
+                "bare: {} ms (p50 {})",
+                fmt_ms(r.bare.latency.p99_ms),
+                fmt_ms(r.bare.latency.p50_ms)
+            ),
+            ratio: format!("{:.2}×", r.api.latency.p99_ms / r.bare.latency.p99_ms),
+            goal: "p99 < 1 ms".to_owned(),
+            met: Some(r.api.latency.p99_ms < 1.0 && r.api.errors == 0),
         });
     }
     rows

@@ -8,12 +8,16 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
+use crate::procs::{CpuMeter, Named};
 use crate::report::{Row, Section};
 use crate::sim::Sim;
 use crate::sse::{self, Timeline};
 use crate::stats::{Summary, fmt_ms};
 
+/// The results of P2 and P3 (`--n`, 200 by default, concurrent misses per round).
 const FILE: &str = "miss.json";
+/// The results of P2 one miss at a time (`--n 1`).
+pub const ONE_FILE: &str = "miss-1.json";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,6 +41,14 @@ pub struct Args {
     /// after the measured rounds, say where a miss's time goes.
     #[arg(long = "metrics")]
     pub metrics: Vec<String>,
+    /// Processes whose CPU time over the system sides to report, as NAME=PID (a PID counts
+    /// with its children).
+    #[arg(long = "proc")]
+    pub procs: Vec<Named>,
+    /// Where the results go in `out_dir`: P2 and P3 by default, P2 one miss at a time with
+    /// `miss-1.json` (P3 then reads the other file).
+    #[arg(long, default_value = FILE)]
+    pub file: String,
 }
 
 /// The stages of a miss, as the processes time them (histograms ending in `_seconds`).
@@ -87,6 +99,9 @@ pub struct Raw {
     pub hit_errors: Vec<String>,
     #[serde(default)]
     pub stages: Vec<Stage>,
+    /// CPU seconds of each watched process (and the load client) over the system sides.
+    #[serde(default)]
+    pub cpu: Vec<(String, f64)>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -114,11 +129,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut system = Vec::new();
     let mut last_urls = Vec::new();
     let mut windows = Vec::new();
+    let mut cpu: Vec<(String, f64)> = Vec::new();
     for r in 0..args.rounds {
-        let (d, s, window) = round(&client, &args, &sim, &format!("{run} r{r}")).await;
+        let (d, s, window, used) = round(&client, &args, &sim, &format!("{run} r{r}")).await;
         direct.extend(d);
         system.extend(s);
         windows.push(window);
+        for (name, secs) in used {
+            match cpu.iter_mut().find(|(n, _)| *n == name) {
+                Some(entry) => entry.1 += secs,
+                None => cpu.push((name, secs)),
+            }
+        }
         last_urls = urls(&args.api, &format!("{run} r{r}"), args.n)?;
     }
     let after = scrape(&args.metrics).await;
@@ -172,6 +194,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         hit_done: summary(&hits, |t| t.done),
         hit_errors,
         stages,
+        cpu,
     };
     eprintln!(
         "first token p50/p99: direct {:.2}/{:.2} ms, system {:.2}/{:.2} ms",
@@ -180,17 +203,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         raw.system_first.p50_ms,
         raw.system_first.p99_ms
     );
-    crate::write_json(&args.out_dir.join(FILE), &raw)
+    crate::write_json(&args.out_dir.join(&args.file), &raw)
 }
 
 /// `n` concurrent requests straight to the simulator, then `n` concurrent unique misses
-/// through the API, for matchups named after `tag`.
+/// through the API, for matchups named after `tag`; with the CPU the watched processes used
+/// during the system side.
 async fn round(
     client: &reqwest::Client,
     args: &Args,
     sim: &Sim,
     tag: &str,
-) -> (Vec<Timeline>, Vec<Timeline>, (u64, u64)) {
+) -> (Vec<Timeline>, Vec<Timeline>, (u64, u64), Vec<(String, f64)>) {
     let base = sim.openai_base();
     let direct = join_all((0..args.n).map(|i| {
         let (client, base) = (client.clone(), base.clone());
@@ -203,6 +227,7 @@ async fn round(
     // A pause between the sides, so that the tails of one do not overlap the other.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let system_start = unix_ms();
+    let meter = CpuMeter::start(&args.procs);
     let system = match urls(&args.api, tag, args.n) {
         Ok(urls) => {
             join_all(urls.into_iter().map(|url| {
@@ -219,6 +244,7 @@ async fn round(
         })],
     };
     let system_end = unix_ms();
+    let cpu = meter.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let unwrap = |r: Result<Timeline, tokio::task::JoinError>| {
         r.unwrap_or_else(|e| Timeline {
@@ -230,6 +256,7 @@ async fn round(
         direct.into_iter().map(unwrap).collect(),
         system.into_iter().map(unwrap).collect(),
         (system_start, system_end),
+        cpu,
     )
 }
 
@@ -300,12 +327,27 @@ pub fn errors(timelines: &[Timeline], extra: impl Fn(&Timeline) -> Option<String
 }
 
 pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
+    let mut sections = Vec::new();
+    match crate::report::load::<Raw>(dir, ONE_FILE)? {
+        Some(raw) => sections.push(p2(&raw, "Miss overhead, one miss at a time")),
+        None => sections.push(Section::skipped(
+            "P2",
+            "Miss overhead, one miss at a time",
+            "not in this run",
+        )),
+    }
     let Some(raw) = crate::report::load::<Raw>(dir, FILE)? else {
-        return Ok(vec![
-            Section::skipped("P2", "Miss overhead", "not in this run"),
-            Section::skipped("P3", "Cache value", "not in this run"),
-        ]);
+        sections.push(Section::skipped("P2", "Miss overhead", "not in this run"));
+        sections.push(Section::skipped("P3", "Cache value", "not in this run"));
+        return Ok(sections);
     };
+    sections.push(p2(&raw, "Miss overhead, concurrent misses"));
+    sections.push(p3(&raw));
+    Ok(sections)
+}
+
+/// P2's section for one run of `miss` (one miss at a time, or many at once).
+fn p2(raw: &Raw, title: &'static str) -> Section {
     let total = raw.n * raw.rounds;
     let added = |what: &str, system: f64, direct: f64, goal: f64| Row {
         what: what.to_owned(),
@@ -373,6 +415,12 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
             ),
         ));
     }
+    if !raw.cpu.is_empty() {
+        p2_rows.push(Row::info(
+            "CPU per answer over the system sides",
+            crate::procs::per_answer(&raw.cpu, raw.system_done.count as usize),
+        ));
+    }
     p2_rows.push(Row::info(
         "upstream calls (both sides)",
         format!("{} for {} requests", raw.upstream_calls, 2 * total),
@@ -381,21 +429,29 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
     for e in raw.system_errors.iter().chain(&raw.direct_errors) {
         p2_notes.push(format!("Failed: {e}"));
     }
-    let p2 = Section {
+    let what = if raw.n == 1 {
+        "One unique miss at a time".to_owned()
+    } else {
+        format!("{} concurrent unique misses", raw.n)
+    };
+    let baseline = if raw.n == 1 {
+        "one identical-shape streaming request".to_owned()
+    } else {
+        format!("{} concurrent identical-shape streaming requests", raw.n)
+    };
+    Section {
         id: "P2",
-        title: "Miss overhead",
+        title,
         method: format!(
-            "{n} concurrent unique misses through the API (`/v1/fights/stream`, a Rust SSE \
-             client timing each request from just before it is sent to its first `chunk` \
-             and to `done`), beside {n} concurrent identical-shape streaming requests straight \
-             to the simulator's `/v1/chat/completions` (the worker's request body; timed to \
-             the first non-empty `delta.content` and to `[DONE]`). Simulator: {ttft} ms to \
-             the first token, {tps} tokens/s, {bytes}-byte answers. {rounds} rounds, each the \
-             simulator side then the system side; percentiles over all rounds; added = \
-             system percentile − simulator percentile. A warm-up round (instant simulator, \
-             not measured) first opens the client's, the workers' and Postgres' \
-             connections.",
-            n = raw.n,
+            "{what} through the API (`/v1/fights/stream`, a Rust SSE client timing each \
+             request from just before it is sent to its first `chunk` and to `done`), beside \
+             {baseline} straight to the simulator's `/v1/chat/completions` (the worker's \
+             request body; timed to the first non-empty `delta.content` and to `[DONE]`). \
+             Simulator: {ttft} ms to the first token, {tps} tokens/s, {bytes}-byte answers. \
+             {rounds} rounds, each the simulator side then the system side; percentiles over \
+             all rounds; added = system percentile − simulator percentile. A warm-up round \
+             (instant simulator, not measured) first opens the client's, the workers' and \
+             Postgres' connections.",
             ttft = raw.ttft_ms,
             tps = raw.tokens_per_sec,
             bytes = raw.answer_bytes,
@@ -405,10 +461,13 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         notes: p2_notes,
         skipped: None,
         appendix: String::new(),
-    };
+    }
+}
 
+/// P3: the hits of the concurrent run's last round, against its misses.
+fn p3(raw: &Raw) -> Section {
     let ratio = raw.hit_done.p50_ms / raw.system_done.p50_ms;
-    let p3 = Section {
+    Section {
         id: "P3",
         title: "Cache value",
         method: format!(
@@ -432,6 +491,5 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
             .collect(),
         skipped: None,
         appendix: String::new(),
-    };
-    Ok(vec![p2, p3])
+    }
 }

@@ -121,3 +121,26 @@ impl CpuMeter {
         out
     }
 }
+
+/// "api 0.9 · worker 1.8 · … · total 5.0 ms": CPU milliseconds per answer of each process
+/// (processes of one name added up), from CPU seconds over `answers`.
+pub fn per_answer(cpu: &[(String, f64)], answers: usize) -> String {
+    let mut by_name: Vec<(&str, f64)> = Vec::new();
+    for (name, secs) in cpu {
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 += secs,
+            None => by_name.push((name, *secs)),
+        }
+    }
+    let per = |secs: f64| secs * 1e3 / answers.max(1) as f64;
+    let total: f64 = by_name.iter().map(|(_, s)| s).sum();
+    let parts: Vec<String> = by_name
+        .iter()
+        .map(|(name, secs)| format!("{name} {}", crate::stats::fmt_ms(per(*secs))))
+        .collect();
+    format!(
+        "{} · total {} ms",
+        parts.join(" · "),
+        crate::stats::fmt_ms(per(total))
+    )
+}

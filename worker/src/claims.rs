@@ -310,7 +310,8 @@ pub struct Usage {
     pub completion_tokens: i32,
 }
 
-/// Stores the finished text, fenced on `attempt`; false when the attempt is no longer ours.
+/// Stores the finished text, fenced on `attempt`, and marks the pre-warm items waiting on it
+/// done, in one statement; false when the attempt is no longer ours.
 pub async fn complete_text(
     db: &PgPool,
     job: &Job,
@@ -318,13 +319,19 @@ pub async fn complete_text(
     text: &str,
     usage: Usage,
 ) -> sqlx::Result<bool> {
-    let r = bounded(
-        sqlx::query(
-            "UPDATE generations
-             SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
-                 lease_until = NULL, error = NULL, error_code = NULL, error_message = NULL,
-                 failures = 0, completed_at = now(), updated_at = now()
-             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    let done: i64 = bounded(
+        sqlx::query_scalar(
+            "WITH done AS (
+                 UPDATE generations
+                 SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
+                     lease_until = NULL, error = NULL, error_code = NULL, error_message = NULL,
+                     failures = 0, completed_at = now(), updated_at = now()
+                 WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
+                 RETURNING 1),
+             settled AS (
+                 UPDATE prewarm_items SET text_status = 'done'
+                 WHERE key = $2 AND text_status = 'pending' AND EXISTS (SELECT 1 FROM done))
+             SELECT count(*) FROM done",
         )
         .bind(job.kind.as_str())
         .bind(job.key.as_str())
@@ -332,10 +339,10 @@ pub async fn complete_text(
         .bind(text)
         .bind(usage.prompt_tokens)
         .bind(usage.completion_tokens)
-        .execute(db),
+        .fetch_one(db),
     )
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(done == 1)
 }
 
 /// What a stored picture is.
@@ -347,20 +354,29 @@ pub struct Picture {
     pub content_type: String,
 }
 
-/// Records the stored picture, fenced on `attempt`; false when the attempt is no longer ours.
+/// Records the stored picture, fenced on `attempt`, and marks the pre-warm items waiting on it
+/// done, in one statement; false when the attempt is no longer ours.
 pub async fn complete_image(
     db: &PgPool,
     job: &Job,
     attempt: i32,
     picture: &Picture,
 ) -> sqlx::Result<bool> {
-    let r = bounded(
-        sqlx::query(
-            "UPDATE generations
-             SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
-                 content_type = $7, lease_until = NULL, error = NULL, error_code = NULL,
-                 error_message = NULL, failures = 0, completed_at = now(), updated_at = now()
-             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'",
+    let done: i64 = bounded(
+        sqlx::query_scalar(
+            "WITH done AS (
+                 UPDATE generations
+                 SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
+                     content_type = $7, lease_until = NULL, error = NULL, error_code = NULL,
+                     error_message = NULL, failures = 0, completed_at = now(),
+                     updated_at = now()
+                 WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
+                 RETURNING 1),
+             settled AS (
+                 UPDATE prewarm_items SET image_status = 'done'
+                 WHERE image_key = $2 AND image_status = 'pending'
+                   AND EXISTS (SELECT 1 FROM done))
+             SELECT count(*) FROM done",
         )
         .bind(job.kind.as_str())
         .bind(job.key.as_str())
@@ -369,10 +385,10 @@ pub async fn complete_image(
         .bind(picture.size)
         .bind(&picture.sha256)
         .bind(&picture.content_type)
-        .execute(db),
+        .fetch_one(db),
     )
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(done == 1)
 }
 
 /// How a failure was recorded.

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use versus_shared::{budget::Budget, bus::Bus, config::ModelSettings};
 
-use crate::{claims, moderation, openai};
+use crate::{claims, moderation, openai, spend};
 
 /// What every job handler needs.
 pub struct Ctx {
@@ -28,4 +28,6 @@ pub struct Ctx {
     pub cooldown: claims::Cooldown,
     /// The daily budget: no generation starts once today's spend reached it.
     pub budget: Arc<Budget>,
+    /// Where what each upstream call cost is written.
+    pub ledger: spend::Ledger,
 }

@@ -451,8 +451,8 @@ pub async fn cooling(
         .await
 }
 
-/// What follows the fenced Postgres write of a finished answer: the edge KV bucket, then
-/// `done`, then the progress of pre-warm batches.
+/// What follows the fenced Postgres write of a finished answer (which settled the pre-warm
+/// items waiting on it too): the edge KV bucket, then `done`.
 async fn announce(
     ctx: &Ctx,
     job: &Job,
@@ -462,7 +462,6 @@ async fn announce(
 ) -> anyhow::Result<Outcome> {
     put_answer(ctx, job, answer).await?;
     publisher.done(attempt, &job.model).await?;
-    settle(ctx, job, true).await;
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "done")
         .increment(1);
     tracing::info!(key = %job.key, kind = %job.kind, attempt, "answer stored");

@@ -125,8 +125,10 @@ pub async fn run(
         versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
     versus_shared::db::migrate(&db).await?;
     let worker_id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let ledger = spend::Ledger::start(db.clone(), bus.spend.clone(), budget.clone(), tasks);
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
+        ledger,
         claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id.clone(), tasks),
         db,
         openai: openai::Client::new(&settings.openai)?,

@@ -2,8 +2,22 @@
 //! model), in the `versus_spend` KV bucket that every process watches for the daily budget, and
 //! in this process's own counter. Calls are recorded before their answer is announced, so the
 //! next miss after a `done` is judged against a budget that includes it.
+//!
+//! Every answer of a day adds to the same few rows, whose lock each statement holds until its
+//! commit is durable: one statement per answer would make answers wait on each other's
+//! commits. The [`Ledger`] gathers the records that arrive while a statement runs into the
+//! next one, as [`crate::claims::Claimer`] does with claims, and publishes each day's new
+//! total once per statement.
 
-use versus_shared::budget;
+use std::{collections::HashMap, sync::Arc};
+
+use async_nats::jetstream::kv;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use versus_shared::{
+    budget::{self, Budget},
+    tasks::Tasks,
+};
 
 use crate::{claims::Usage, ctx::Ctx};
 
@@ -73,53 +87,150 @@ impl Call<'_> {
     }
 }
 
-/// Records `call`. Best effort past the local counter: the call is paid for already, and
-/// failing its answer would not get the money back. A record that could not be written is
-/// logged, and the budget then trails by that call.
+/// Records `call`, and returns once it is in Postgres and today's total is published. Best
+/// effort past the local counter: the call is paid for already, and failing its answer would
+/// not get the money back. A record that could not be written is logged, and the budget then
+/// trails by that call.
 pub async fn record(ctx: &Ctx, call: Call<'_>) {
     let cost = call.cost(&ctx.budget.prices);
     ctx.budget.count(cost.kind, cost.model, cost.usd);
-    let day = budget::today();
-    let total = sqlx::query_scalar::<_, f64>(
+    ctx.ledger.add(&cost).await;
+}
+
+/// What one statement adds to one row of `spend`.
+#[derive(Default)]
+struct Sums {
+    usd: f64,
+    calls: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    images: i64,
+    estimated: i64,
+}
+
+/// Writes spend records to Postgres, those that arrive together in one statement.
+#[derive(Clone)]
+pub struct Ledger {
+    records: mpsc::UnboundedSender<(Record, oneshot::Sender<()>)>,
+}
+
+/// One call's cost, on the day it was recorded.
+struct Record {
+    day: u32,
+    kind: &'static str,
+    model: String,
+    sums: Sums,
+}
+
+/// The most records one statement carries.
+const MAX_BATCH: usize = 256;
+
+impl Ledger {
+    /// Starts the task that writes the records, on `tasks`; it ends when every `Ledger` is
+    /// dropped. Each statement's new daily totals go to `budget` and to the `spend` bucket.
+    pub fn start(db: PgPool, spend: kv::Store, budget: Arc<Budget>, tasks: &Tasks) -> Ledger {
+        let (records, mut queue) = mpsc::unbounded_channel::<(Record, oneshot::Sender<()>)>();
+        tasks.spawn(async move {
+            let mut batch = Vec::new();
+            while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                let (records, done): (Vec<Record>, Vec<_>) = batch.drain(..).unzip();
+                match write(&db, records).await {
+                    Ok(totals) => {
+                        for (day, total) in totals {
+                            budget.observe(day, total);
+                            let put = spend.put(budget::kv_key(day), total.to_string().into());
+                            if let Err(e) = put.await {
+                                tracing::warn!(error = %e, "publishing today's spend failed");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "recording spend failed"),
+                }
+                for done in done {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Ledger { records }
+    }
+
+    async fn add(&self, cost: &Cost<'_>) {
+        let record = Record {
+            day: budget::today(),
+            kind: cost.kind,
+            model: cost.model.to_owned(),
+            sums: Sums {
+                usd: cost.usd,
+                calls: 1,
+                input_tokens: cost.input_tokens,
+                output_tokens: cost.output_tokens,
+                images: cost.images,
+                estimated: i64::from(cost.estimated),
+            },
+        };
+        let (done, written) = oneshot::channel();
+        if self.records.send((record, done)).is_ok() {
+            let _ = written.await;
+        }
+    }
+}
+
+/// Adds `records` to their rows in one statement; returns the new total of each day they
+/// touched.
+async fn write(db: &PgPool, records: Vec<Record>) -> sqlx::Result<Vec<(u32, f64)>> {
+    // One row per (day, kind, model): a statement may not update a row twice.
+    let mut rows: HashMap<(u32, &'static str, String), Sums> = HashMap::new();
+    for r in records {
+        let sums = rows.entry((r.day, r.kind, r.model)).or_default();
+        sums.usd += r.sums.usd;
+        sums.calls += r.sums.calls;
+        sums.input_tokens += r.sums.input_tokens;
+        sums.output_tokens += r.sums.output_tokens;
+        sums.images += r.sums.images;
+        sums.estimated += r.sums.estimated;
+    }
+    let column = |f: fn(&Sums) -> i64| rows.values().map(f).collect::<Vec<i64>>();
+    let totals: Vec<(i32, f64)> = sqlx::query_as(
         "WITH up AS (
              INSERT INTO spend AS s
                  (day, kind, model, usd, calls, input_tokens, output_tokens, images, estimated)
-             VALUES (DATE '1970-01-01' + $1::int, $2, $3, $4, 1, $5, $6, $7, $8)
+             SELECT DATE '1970-01-01' + r.day, r.kind, r.model, r.usd, r.calls,
+                    r.input_tokens, r.output_tokens, r.images, r.estimated
+             FROM UNNEST($1::int4[], $2::text[], $3::text[], $4::float8[], $5::int8[],
+                         $6::int8[], $7::int8[], $8::int8[], $9::int8[])
+                  AS r(day, kind, model, usd, calls, input_tokens, output_tokens, images,
+                       estimated)
              ON CONFLICT (day, kind, model) DO UPDATE SET
                  usd = s.usd + excluded.usd,
-                 calls = s.calls + 1,
+                 calls = s.calls + excluded.calls,
                  input_tokens = s.input_tokens + excluded.input_tokens,
                  output_tokens = s.output_tokens + excluded.output_tokens,
                  images = s.images + excluded.images,
                  estimated = s.estimated + excluded.estimated
-             RETURNING usd)
-         SELECT (SELECT usd FROM up) + COALESCE((SELECT sum(usd) FROM spend
-             WHERE day = DATE '1970-01-01' + $1::int AND NOT (kind = $2 AND model = $3)), 0)",
+             RETURNING day, kind, model, usd)
+         -- The rows written, as they are now, and the day's other rows, as they were.
+         SELECT (d.day - DATE '1970-01-01')::int4,
+                (SELECT sum(usd) FROM up WHERE up.day = d.day)
+                + COALESCE((SELECT sum(s.usd) FROM spend s
+                            WHERE s.day = d.day AND NOT EXISTS (
+                                SELECT 1 FROM up
+                                WHERE up.day = s.day AND up.kind = s.kind
+                                  AND up.model = s.model)), 0)
+         FROM (SELECT DISTINCT day FROM up) AS d",
     )
-    .bind(day as i32)
-    .bind(cost.kind)
-    .bind(cost.model)
-    .bind(cost.usd)
-    .bind(cost.input_tokens)
-    .bind(cost.output_tokens)
-    .bind(cost.images)
-    .bind(i64::from(cost.estimated))
-    .fetch_one(&ctx.db)
-    .await;
-    let total = match total {
-        Ok(total) => total,
-        Err(e) => {
-            tracing::warn!(error = %e, usd = cost.usd, "recording spend failed");
-            return;
-        }
-    };
-    ctx.budget.observe(day, total);
-    let put = ctx
-        .bus
-        .spend
-        .put(budget::kv_key(day), total.to_string().into())
-        .await;
-    if let Err(e) = put {
-        tracing::warn!(error = %e, "publishing today's spend failed");
-    }
+    .bind(rows.keys().map(|k| k.0 as i32).collect::<Vec<i32>>())
+    .bind(rows.keys().map(|k| k.1).collect::<Vec<&str>>())
+    .bind(rows.keys().map(|k| k.2.as_str()).collect::<Vec<&str>>())
+    .bind(rows.values().map(|s| s.usd).collect::<Vec<f64>>())
+    .bind(column(|s| s.calls))
+    .bind(column(|s| s.input_tokens))
+    .bind(column(|s| s.output_tokens))
+    .bind(column(|s| s.images))
+    .bind(column(|s| s.estimated))
+    .fetch_all(db)
+    .await?;
+    Ok(totals
+        .into_iter()
+        .map(|(day, total)| (day as u32, total))
+        .collect())
 }

@@ -415,7 +415,9 @@ fn p2(raw: &Raw, title: &'static str) -> Section {
             ),
         ));
     }
-    if !raw.cpu.is_empty() {
+    // One answer at a time leaves the processes mostly idle: their CPU per answer would be
+    // the idle time's.
+    if !raw.cpu.is_empty() && raw.n > 1 {
         p2_rows.push(Row::info(
             "CPU per answer over the system sides",
             crate::procs::per_answer(&raw.cpu, raw.system_done.count as usize),

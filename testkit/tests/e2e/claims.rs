@@ -27,6 +27,15 @@ async fn a_claim_lost_while_its_upstream_request_is_in_flight_publishes_and_stor
     let first = client.next_within(Duration::from_secs(10)).await.unwrap();
     assert_eq!(first.event, "chunk", "{first:?}");
 
+    // The claim's row is locked here for a moment, so that the copy's claim waits while its
+    // upstream request goes out: the loss is seen with the request surely in flight.
+    let db = sys.db.pool().await;
+    let mut lock = db.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM generations WHERE key = $1 FOR UPDATE")
+        .bind(&key)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
     // The same job again, as a copy past the jobs stream's duplicate window would come: a
     // first delivery, so a worker asks the upstream while it claims, and finds the claim held.
     let js = jetstream::new(sys.admin_client().await);
@@ -41,12 +50,23 @@ async fn a_claim_lost_while_its_upstream_request_is_in_flight_publishes_and_stor
         .await
         .unwrap();
     eventually(
+        "the copy's upstream request goes out while its claim waits",
+        Duration::from_secs(10),
+        || async { sys.sim.chat_calls().await == 2 },
+    )
+    .await;
+    assert_eq!(
+        worker_metric(&sys, "versus_upstream_cancelled_total", "").await,
+        0.0
+    );
+    lock.rollback().await.unwrap();
+    eventually(
         "the worker that lost the claim cancels its upstream request",
         Duration::from_secs(10),
         || async { worker_metric(&sys, "versus_upstream_cancelled_total", "").await >= 1.0 },
     )
     .await;
-    // The upstream saw the copy's request, and saw it dropped while it was still answering.
+    // The upstream saw the copy's request dropped while it was still answering.
     eventually(
         "the simulator sees the second request abandoned",
         Duration::from_secs(5),
@@ -102,7 +122,7 @@ async fn a_claim_lost_while_its_upstream_request_is_in_flight_publishes_and_stor
     assert_eq!((starts, dones, end), (1, 1, text.len()), "{stored:?}");
     // And the spend counts the one answer: the dropped request cost nothing it reported.
     let calls: i64 = sqlx::query_scalar("SELECT sum(calls)::int8 FROM spend WHERE kind = 'chat'")
-        .fetch_one(&sys.db.pool().await)
+        .fetch_one(&db)
         .await
         .unwrap();
     assert_eq!(calls, 1);

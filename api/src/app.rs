@@ -239,7 +239,16 @@ impl App {
         if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
             return Ok(waiter);
         }
-        if self.inner.refusals.refused(job.kind, &job.key).await {
+        // Whether the matchup was refused, and, when a new generation would be refused or
+        // counted against the client, whether one is under way already: both reads at once
+        // (the second across the leaf link at an edge, so not while that link is down).
+        let spent = self.inner.budget.exhausted();
+        let gated = spent || self.inner.limits.limited(job.kind);
+        let (refused, in_progress) =
+            tokio::join!(self.inner.refusals.refused(job.kind, &job.key), async {
+                gated && self.inner.bus.hub_up() && self.in_progress(&job).await
+            });
+        if refused {
             metrics::counter!("versus_refused_total", "kind" => job.kind.as_str()).increment(1);
             return Ok(coalesce::Waiter::ended(wire::refused(0)));
         }
@@ -253,8 +262,7 @@ impl App {
                 None,
             )));
         }
-        let spent = self.inner.budget.exhausted();
-        if (spent || self.inner.limits.limited(job.kind)) && !self.in_progress(&job).await {
+        if gated && !in_progress {
             if spent {
                 metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str())
                     .increment(1);

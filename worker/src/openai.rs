@@ -7,7 +7,6 @@ use std::{pin::Pin, time::Duration};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use base64::Engine;
 use bytes::Bytes;
-use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
 use reqwest::{StatusCode, header::HeaderMap};
 use serde::Deserialize;
@@ -185,7 +184,7 @@ impl Client {
             })?;
         let response = checked(sent).await?;
         Ok(ChatStream {
-            events: Box::pin(response.bytes_stream().eventsource()),
+            events: Box::pin(sse_stream::SseByteStream::new(response.bytes_stream())),
             idle: Duration::from_secs(self.settings.idle_timeout_secs.max(1)),
             first_token_by: Some(first_token_by),
             finish_reason: None,
@@ -325,16 +324,7 @@ async fn checked(
     })
 }
 
-type Events = Pin<
-    Box<
-        dyn Stream<
-                Item = Result<
-                    eventsource_stream::Event,
-                    eventsource_stream::EventStreamError<reqwest::Error>,
-                >,
-            > + Send,
-    >,
->;
+type Events = Pin<Box<dyn Stream<Item = Result<sse_stream::Sse, sse_stream::Error>> + Send>>;
 
 /// An open chat completion stream.
 pub struct ChatStream {
@@ -411,7 +401,11 @@ impl ChatStream {
                     ));
                 }
             };
-            if event.data.trim() == "[DONE]" {
+            // A block without data (a comment, a keep-alive) carries nothing.
+            let Some(data) = event.data else {
+                continue;
+            };
+            if data.trim() == "[DONE]" {
                 return match self.finish_reason.as_deref() {
                     Some("stop") | Some("length") => Ok(Piece::End(self.usage)),
                     Some(other) => Err(UpstreamError::Fatal {
@@ -422,7 +416,7 @@ impl ChatStream {
                     )),
                 };
             }
-            let chunk: ChunkBody = serde_json::from_str(&event.data).map_err(|e| {
+            let chunk: ChunkBody = serde_json::from_str(&data).map_err(|e| {
                 UpstreamError::retryable(format!("the upstream sent an unreadable chunk: {e}"))
             })?;
             if chunk.error.is_some() {
@@ -505,9 +499,12 @@ fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-fn describe_stream(e: &eventsource_stream::EventStreamError<reqwest::Error>) -> String {
+fn describe_stream(e: &sse_stream::Error) -> String {
     match e {
-        eventsource_stream::EventStreamError::Transport(e) => describe(e),
+        sse_stream::Error::Body(e) => match e.downcast_ref::<reqwest::Error>() {
+            Some(e) => describe(e),
+            None => e.to_string(),
+        },
         other => other.to_string(),
     }
 }

@@ -430,16 +430,19 @@ impl ChatStream {
                     completion_tokens: u.completion_tokens,
                 };
             }
-            let mut text = String::new();
+            // One choice is the rule: its text is returned as parsed, without a copy.
+            let mut text: Option<String> = None;
             for choice in chunk.choices {
                 if let Some(reason) = choice.finish_reason {
                     self.finish_reason = Some(reason);
                 }
-                if let Some(content) = choice.delta.content {
-                    text.push_str(&content);
+                match (&mut text, choice.delta.content) {
+                    (None, content) => text = content,
+                    (Some(text), Some(content)) => text.push_str(&content),
+                    (Some(_), None) => {}
                 }
             }
-            if !text.is_empty() {
+            if let Some(text) = text.filter(|t| !t.is_empty()) {
                 self.first_token_by = None;
                 return Ok(Piece::Text(text));
             }

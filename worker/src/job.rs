@@ -85,10 +85,7 @@ async fn handle_as<G: Generation>(
     match claim? {
         Claim::Won { .. } => unreachable!("a won claim generates above"),
         Claim::Done(row) => {
-            match job.kind {
-                Kind::Text => generation::reannounce::<Text>(ctx, job, row).await?,
-                Kind::Image => generation::reannounce::<Image>(ctx, job, row).await?,
-            }
+            generation::reannounce::<G>(ctx, job, row).await?;
             Ok(Outcome::Ack)
         }
         // The owner is alive; come back when its lease would have run out, in case it dies.

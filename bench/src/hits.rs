@@ -402,25 +402,11 @@ fn target_rows(name: &str, t: &Target, l: Load) -> Vec<Row> {
         } else {
             format!("{} of the bare maximum", fraction(r.fraction))
         };
-        rows.push(Row {
-            what: format!(
-                "{name}: p99 at {} req/s ({share}), open loop",
-                fmt_count(r.api.target_rps)
-            ),
-            measured: format!(
-                "{} ms (p50 {})",
-                fmt_ms(r.api.latency.p99_ms),
-                fmt_ms(r.api.latency.p50_ms)
-            ),
-            baseline: format!(
-                "bare: {} ms (p50 {})",
-                fmt_ms(r.bare.latency.p99_ms),
-                fmt_ms(r.bare.latency.p50_ms)
-            ),
-            ratio: format!("{:.2}×", r.api.latency.p99_ms / r.bare.latency.p99_ms),
-            goal: if goal_rate { "p99 < 1 ms" } else { "" }.to_owned(),
-            met: goal_rate.then_some(r.api.latency.p99_ms < 1.0 && r.api.errors == 0),
-        });
+        let what = format!(
+            "{name}: p99 at {} req/s ({share}), open loop",
+            fmt_count(r.api.target_rps)
+        );
+        rows.push(rate_row(what, r, goal_rate));
     }
     if let Some(p) = &t.pinned {
         rows.push(Row {
@@ -431,29 +417,35 @@ fn target_rows(name: &str, t: &Target, l: Load) -> Vec<Row> {
             goal: String::new(),
             met: None,
         });
-        let r = &p.at_half;
-        rows.push(Row {
-            what: format!(
-                "{name}: p99 at {} req/s (half the bare maximum on one core), open loop, the \
-                 server on core 0 and the load on core 1",
-                fmt_count(r.api.target_rps)
-            ),
-            measured: format!(
-                "{} ms (p50 {})",
-                fmt_ms(r.api.latency.p99_ms),
-                fmt_ms(r.api.latency.p50_ms)
-            ),
-            baseline: format!(
-                "bare: {} ms (p50 {})",
-                fmt_ms(r.bare.latency.p99_ms),
-                fmt_ms(r.bare.latency.p50_ms)
-            ),
-            ratio: format!("{:.2}×", r.api.latency.p99_ms / r.bare.latency.p99_ms),
-            goal: "p99 < 1 ms".to_owned(),
-            met: Some(r.api.latency.p99_ms < 1.0 && r.api.errors == 0),
-        });
+        let what = format!(
+            "{name}: p99 at {} req/s (half the bare maximum on one core), open loop, the \
+             server on core 0 and the load on core 1",
+            fmt_count(p.at_half.api.target_rps)
+        );
+        rows.push(rate_row(what, &p.at_half, true));
     }
     rows
+}
+
+/// One fixed-rate run's p99 beside the bare handler's; with `goal`, judged against the p99
+/// goal.
+fn rate_row(what: String, r: &AtRate, goal: bool) -> Row {
+    Row {
+        what,
+        measured: format!(
+            "{} ms (p50 {})",
+            fmt_ms(r.api.latency.p99_ms),
+            fmt_ms(r.api.latency.p50_ms)
+        ),
+        baseline: format!(
+            "bare: {} ms (p50 {})",
+            fmt_ms(r.bare.latency.p99_ms),
+            fmt_ms(r.bare.latency.p50_ms)
+        ),
+        ratio: format!("{:.2}×", r.api.latency.p99_ms / r.bare.latency.p99_ms),
+        goal: if goal { "p99 < 1 ms" } else { "" }.to_owned(),
+        met: goal.then_some(r.api.latency.p99_ms < 1.0 && r.api.errors == 0),
+    }
 }
 
 /// 0.25 → "1/4".

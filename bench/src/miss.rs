@@ -99,7 +99,7 @@ pub struct Raw {
     pub hit_errors: Vec<String>,
     #[serde(default)]
     pub stages: Vec<Stage>,
-    /// CPU seconds of each watched process (and the load client) over the system sides.
+    /// CPU seconds of each watched process (and the load client) over each system side.
     #[serde(default)]
     pub cpu: Vec<(String, f64)>,
 }
@@ -135,12 +135,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         direct.extend(d);
         system.extend(s);
         windows.push(window);
-        for (name, secs) in used {
-            match cpu.iter_mut().find(|(n, _)| *n == name) {
-                Some(entry) => entry.1 += secs,
-                None => cpu.push((name, secs)),
-            }
-        }
+        // Every round's readings; the report adds up those of one name.
+        cpu.extend(used);
         last_urls = urls(&args.api, &format!("{run} r{r}"), args.n)?;
     }
     let after = scrape(&args.metrics).await;

@@ -249,9 +249,10 @@ impl Bus {
 const LINK_PROBE_EVERY: Duration = Duration::from_millis(250);
 const LINK_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The link is down once every ask for this long found no route ("no responders": the edge
-/// server has no leaf connection to the hub, whose servers answer `$JS.<hub>.API.>` whatever
-/// their streams are doing). A leaf reconnecting to another hub server after one died takes
-/// half a second when idle and over two on a loaded machine, which must not count.
+/// server has no leaf connection to the hub, or has not yet had the hub's interest back after
+/// reconnecting; the hub's servers answer `$JS.<hub>.API.>` whatever their streams are doing).
+/// A leaf reconnecting to another hub server after one died takes half a second when idle and
+/// over two on a loaded machine, which must not count.
 const LINK_DOWN_NO_ROUTE: Duration = Duration::from_secs(3);
 /// Or once nothing has answered for this long (a link that hangs without closing): longer
 /// than a JetStream meta-leader election, during which the asks go unanswered.

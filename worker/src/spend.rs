@@ -36,26 +36,26 @@ pub enum Call<'a> {
     Image { model: &'a str },
 }
 
+/// What a call cost, and where it is added up: the row of its kind and model.
 struct Cost<'a> {
     kind: &'static str,
     model: &'a str,
-    usd: f64,
-    input_tokens: i64,
-    output_tokens: i64,
-    images: i64,
-    estimated: bool,
+    sums: Sums,
 }
 
 impl Call<'_> {
     fn cost(&self, prices: &budget::Prices) -> Cost<'_> {
-        let chat = |model, input: i64, output: i64, estimated| Cost {
+        let chat = |model, input: i64, output: i64, estimated: bool| Cost {
             kind: "chat",
             model,
-            usd: prices.of(model).tokens(input as u64, output as u64),
-            input_tokens: input,
-            output_tokens: output,
-            images: 0,
-            estimated,
+            sums: Sums {
+                usd: prices.of(model).tokens(input as u64, output as u64),
+                calls: 1,
+                input_tokens: input,
+                output_tokens: output,
+                images: 0,
+                estimated: i64::from(estimated),
+            },
         };
         match *self {
             Call::Chat { model, usage } => chat(
@@ -77,11 +77,12 @@ impl Call<'_> {
             Call::Image { model } => Cost {
                 kind: "image",
                 model,
-                usd: prices.of(model).per_image,
-                input_tokens: 0,
-                output_tokens: 0,
-                images: 1,
-                estimated: false,
+                sums: Sums {
+                    usd: prices.of(model).per_image,
+                    calls: 1,
+                    images: 1,
+                    ..Sums::default()
+                },
             },
         }
     }
@@ -93,12 +94,12 @@ impl Call<'_> {
 /// trails by that call.
 pub async fn record(ctx: &Ctx, call: Call<'_>) {
     let cost = call.cost(&ctx.budget.prices);
-    ctx.budget.count(cost.kind, cost.model, cost.usd);
-    ctx.ledger.add(&cost).await;
+    ctx.budget.count(cost.kind, cost.model, cost.sums.usd);
+    ctx.ledger.add(cost).await;
 }
 
-/// What one statement adds to one row of `spend`.
-#[derive(Default)]
+/// What calls add to one row of `spend`.
+#[derive(Default, Clone, Copy)]
 struct Sums {
     usd: f64,
     calls: i64,
@@ -106,6 +107,17 @@ struct Sums {
     output_tokens: i64,
     images: i64,
     estimated: i64,
+}
+
+impl std::ops::AddAssign for Sums {
+    fn add_assign(&mut self, other: Sums) {
+        self.usd += other.usd;
+        self.calls += other.calls;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.images += other.images;
+        self.estimated += other.estimated;
+    }
 }
 
 /// Writes spend records to Postgres, those that arrive together in one statement.
@@ -154,19 +166,12 @@ impl Ledger {
         Ledger { records }
     }
 
-    async fn add(&self, cost: &Cost<'_>) {
+    async fn add(&self, cost: Cost<'_>) {
         let record = Record {
             day: budget::today(),
             kind: cost.kind,
             model: cost.model.to_owned(),
-            sums: Sums {
-                usd: cost.usd,
-                calls: 1,
-                input_tokens: cost.input_tokens,
-                output_tokens: cost.output_tokens,
-                images: cost.images,
-                estimated: i64::from(cost.estimated),
-            },
+            sums: cost.sums,
         };
         let (done, written) = oneshot::channel();
         if self.records.send((record, done)).is_ok() {
@@ -181,15 +186,10 @@ async fn write(db: &PgPool, records: Vec<Record>) -> sqlx::Result<Vec<(u32, f64)
     // One row per (day, kind, model): a statement may not update a row twice.
     let mut rows: HashMap<(u32, &'static str, String), Sums> = HashMap::new();
     for r in records {
-        let sums = rows.entry((r.day, r.kind, r.model)).or_default();
-        sums.usd += r.sums.usd;
-        sums.calls += r.sums.calls;
-        sums.input_tokens += r.sums.input_tokens;
-        sums.output_tokens += r.sums.output_tokens;
-        sums.images += r.sums.images;
-        sums.estimated += r.sums.estimated;
+        *rows.entry((r.day, r.kind, r.model)).or_default() += r.sums;
     }
-    let column = |f: fn(&Sums) -> i64| rows.values().map(f).collect::<Vec<i64>>();
+    let rows: Vec<_> = rows.into_iter().collect();
+    let column = |f: fn(&Sums) -> i64| rows.iter().map(|(_, s)| f(s)).collect::<Vec<i64>>();
     let totals: Vec<(i32, f64)> = sqlx::query_as(
         "WITH up AS (
              INSERT INTO spend AS s
@@ -218,10 +218,14 @@ async fn write(db: &PgPool, records: Vec<Record>) -> sqlx::Result<Vec<(u32, f64)
                                   AND up.model = s.model)), 0)
          FROM (SELECT DISTINCT day FROM up) AS d",
     )
-    .bind(rows.keys().map(|k| k.0 as i32).collect::<Vec<i32>>())
-    .bind(rows.keys().map(|k| k.1).collect::<Vec<&str>>())
-    .bind(rows.keys().map(|k| k.2.as_str()).collect::<Vec<&str>>())
-    .bind(rows.values().map(|s| s.usd).collect::<Vec<f64>>())
+    .bind(rows.iter().map(|(k, _)| k.0 as i32).collect::<Vec<i32>>())
+    .bind(rows.iter().map(|(k, _)| k.1).collect::<Vec<&str>>())
+    .bind(
+        rows.iter()
+            .map(|(k, _)| k.2.as_str())
+            .collect::<Vec<&str>>(),
+    )
+    .bind(rows.iter().map(|(_, s)| s.usd).collect::<Vec<f64>>())
     .bind(column(|s| s.calls))
     .bind(column(|s| s.input_tokens))
     .bind(column(|s| s.output_tokens))

@@ -438,6 +438,51 @@ ensure_s3s_fs() {
     export S3S_FS_BIN
 }
 
+# The API contract's checkers, from PyPI (pinned), in a virtualenv of their own under the
+# cache folder: schemathesis (a property-based fuzzer of the live API) and
+# openapi-spec-validator (is docs/openapi.json valid OpenAPI 3.1?). Exports SCHEMATHESIS_BIN
+# and OPENAPI_SPEC_VALIDATOR_BIN.
+SCHEMATHESIS_VERSION=4.32.5
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+ensure_openapi_tools() {
+    local dir="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/versus/openapi-tools-$SCHEMATHESIS_VERSION-$OPENAPI_SPEC_VALIDATOR_VERSION"
+    if ! "$dir/bin/schemathesis" --version >/dev/null 2>&1 ||
+        ! [ -x "$dir/bin/openapi-spec-validator" ]; then
+        ensure_pip
+        if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+            say "installing python3-venv (apt), for schemathesis"
+            apt_install python3-venv
+        fi
+        say "installing schemathesis $SCHEMATHESIS_VERSION and openapi-spec-validator $OPENAPI_SPEC_VALIDATOR_VERSION (pip, in $dir)"
+        rm -rf "$dir"
+        python3 -m venv "$dir"
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
+            "schemathesis==$SCHEMATHESIS_VERSION" \
+            "openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION"
+        "$dir/bin/schemathesis" --version >/dev/null 2>&1 ||
+            die "schemathesis was installed but $dir/bin/schemathesis does not run"
+    fi
+    SCHEMATHESIS_BIN="$dir/bin/schemathesis"
+    OPENAPI_SPEC_VALIDATOR_BIN="$dir/bin/openapi-spec-validator"
+    export SCHEMATHESIS_BIN OPENAPI_SPEC_VALIDATOR_BIN
+}
+
+# Prometheus and promtool (apt), to check and evaluate deploy/'s rules. The package's own
+# service is not wanted: tests start their own servers. Exports PROMETHEUS_BIN, PROMTOOL_BIN.
+ensure_prometheus() {
+    if ! [ -x /usr/bin/prometheus ] || ! [ -x /usr/bin/promtool ]; then
+        say "installing prometheus (apt), for the alerting and recording rules' tests"
+        apt_install prometheus
+        # Where the package started its service (no systemd: its init script), stop it.
+        if command -v service >/dev/null 2>&1; then
+            as_root service prometheus stop >/dev/null 2>&1 || true
+        fi
+    fi
+    PROMETHEUS_BIN=/usr/bin/prometheus
+    PROMTOOL_BIN=/usr/bin/promtool
+    export PROMETHEUS_BIN PROMTOOL_BIN
+}
+
 # --- a whole system on this machine: scripts/dev and scripts/cluster ---------------------
 #
 # Both run the programs through `start` and keep them running (`supervise`); both stop them in

@@ -14,15 +14,20 @@ use axum::{
     routing::{delete, get, post},
 };
 use futures::{StreamExt, future::try_join_all, stream};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
 use versus_shared::{
     key::Key,
     wire::{self, Job, Kind, Purge, PurgeReply, PurgeRequest, Purged},
 };
 
-use crate::{app::App, error::ApiError, matchup::FightRequest};
+use crate::{
+    app::App,
+    error::{ApiError, ErrorBody},
+    matchup::FightRequest,
+};
 
 /// The most matchups one batch may hold; larger files are sent in several batches.
 pub const MAX_BATCH: usize = 10_000;
@@ -77,7 +82,56 @@ impl Item {
     }
 }
 
-async fn prewarm(
+/// `POST /v1/admin/prewarm`'s body. The handler reads it by hand, so that a bad entry gets a
+/// message naming it; this type only describes it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct PrewarmRequest {
+    /// The matchups to answer ahead of demand (at most 10,000; duplicates count once).
+    #[schema(max_items = 10_000)]
+    matchups: Vec<crate::openapi::Names>,
+    /// Whether to draw each matchup's picture too.
+    #[schema(default = false)]
+    images: Option<bool>,
+}
+
+/// A batch accepted: what it holds and what had to be queued.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BatchAccepted {
+    /// The batch's id, for `GET /v1/admin/prewarm/{batch}`.
+    #[schema(example = "0b6f8e2c9d4a4f1e8a7b3c2d1e0f9a8b")]
+    batch: String,
+    /// Matchups in the batch, duplicates included.
+    total: i32,
+    /// Of them, those already answered (and drawn, if asked): they cost nothing.
+    already_cached: i32,
+    /// Unique matchups queued for generation.
+    queued: usize,
+}
+
+/// A batch's progress, in matchups (duplicates included).
+#[derive(Serialize, ToSchema)]
+pub(crate) struct BatchStatus {
+    total: i64,
+    done: i64,
+    failed: i64,
+    pending: i64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/admin/prewarm",
+    tag = "admin",
+    security(("admin" = [])),
+    request_body = PrewarmRequest,
+    responses(
+        (status = 202, description = "The batch is queued; uncached matchups are generated in the pre-warm lane.", body = BatchAccepted),
+        (status = 400, description = "The body or one of its matchups is invalid: nothing is queued.", body = ErrorBody),
+        (status = 401, description = "No valid admin bearer token.", body = ErrorBody),
+        (status = 503, description = "Postgres or NATS is unavailable (or `DATABASE_URL` is unset).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn prewarm(
     State(app): State<App>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -171,13 +225,13 @@ async fn prewarm(
     try_join_all(publishes).await?;
     let queued = items.iter().filter(|i| !i.cached()).count();
     metrics::counter!("versus_prewarm_matchups_total").increment(total as u64);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "batch": batch, "total": total, "already_cached": already_cached, "queued": queued,
-        })),
-    )
-        .into_response())
+    let accepted = BatchAccepted {
+        batch,
+        total,
+        already_cached,
+        queued,
+    };
+    Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
 async fn record_batch(
@@ -242,7 +296,20 @@ async fn publish(app: &App, batch: &str, job: Job) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn batch_status(
+#[utoipa::path(
+    get,
+    path = "/v1/admin/prewarm/{batch}",
+    tag = "admin",
+    security(("admin" = [])),
+    params(("batch" = String, Path, description = "The id `POST /v1/admin/prewarm` answered.")),
+    responses(
+        (status = 200, description = "The batch's progress.", body = BatchStatus),
+        (status = 401, description = "No valid admin bearer token.", body = ErrorBody),
+        (status = 404, description = "No such batch.", body = ErrorBody),
+        (status = 503, description = "Postgres is unavailable (or `DATABASE_URL` is unset).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn batch_status(
     State(app): State<App>,
     Path(batch): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -261,20 +328,59 @@ async fn batch_status(
     .await
     .map_err(database)?;
     let (done, failed, total) = row.ok_or(ApiError::NotFound)?;
-    Ok(Json(json!({
-        "total": total, "done": done, "failed": failed, "pending": total - done - failed,
-    }))
+    Ok(Json(BatchStatus {
+        total,
+        done,
+        failed,
+        pending: total - done - failed,
+    })
     .into_response())
 }
 
-#[derive(Deserialize)]
-struct PopularQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PopularQuery {
+    /// How many to list (1 to 1,000; values outside are clamped).
+    #[param(default = 20)]
     limit: Option<i64>,
+    /// Only those not answered yet: what a pre-warm batch would still pay for.
     #[serde(default)]
+    #[param(default = false)]
     pending: bool,
 }
 
-async fn popular(
+/// The most requested matchups, most requested first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Popular {
+    matchups: Vec<PopularMatchup>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct PopularMatchup {
+    /// The text answer's key.
+    key: String,
+    a: String,
+    b: String,
+    /// Requests counted (hits and misses).
+    requests: i64,
+    /// Whether the answer is stored.
+    cached: bool,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/popular",
+    tag = "admin",
+    security(("admin" = [])),
+    params(PopularQuery),
+    responses(
+        (status = 200, description = "The most requested matchups.", body = Popular),
+        (status = 400, description = "A malformed query.", body = ErrorBody),
+        (status = 401, description = "No valid admin bearer token.", body = ErrorBody),
+        (status = 503, description = "Postgres is unavailable (or `DATABASE_URL` is unset).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn popular(
     State(app): State<App>,
     query: Result<Query<PopularQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -293,18 +399,24 @@ async fn popular(
     .fetch_all(app.db()?)
     .await
     .map_err(database)?;
-    let matchups: Vec<Value> = rows
+    let matchups = rows
         .into_iter()
-        .map(|(key, a, b, requests, cached)| {
-            json!({"key": key, "a": a, "b": b, "requests": requests, "cached": cached})
+        .map(|(key, a, b, requests, cached)| PopularMatchup {
+            key,
+            a,
+            b,
+            requests,
+            cached,
         })
         .collect();
-    Ok(Json(json!({ "matchups": matchups })).into_response())
+    Ok(Json(Popular { matchups }).into_response())
 }
 
 /// What one model cost today, as `GET /v1/admin/spend` lists it.
-#[derive(sqlx::FromRow, serde::Serialize)]
-struct ModelSpend {
+#[derive(sqlx::FromRow, Serialize, ToSchema)]
+pub(crate) struct ModelSpend {
+    /// `text` or `image`.
+    #[schema(example = "text")]
     kind: String,
     model: String,
     usd: f64,
@@ -316,8 +428,38 @@ struct ModelSpend {
     estimated_calls: i64,
 }
 
+/// Today's spend against the daily budget.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Spend {
+    /// Today (UTC), `YYYY-MM-DD`.
+    #[schema(example = "2026-11-30")]
+    day: String,
+    /// The daily budget in US dollars (0: no cap).
+    budget_usd: f64,
+    /// Spent today, in US dollars, cluster-wide.
+    spent_usd: f64,
+    /// Left today; null when there is no cap.
+    remaining_usd: Option<f64>,
+    /// Whether new generations are refused (`budget_exhausted`) until tomorrow.
+    exhausted: bool,
+    /// Seconds until the day ends (UTC) and the budget resets.
+    resets_in_secs: u64,
+    by_model: Vec<ModelSpend>,
+}
+
 /// Today's spend (UTC) by kind and model, from Postgres, against the daily budget.
-async fn spend(State(app): State<App>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/admin/spend",
+    tag = "admin",
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "Today's spend by kind and model.", body = Spend),
+        (status = 401, description = "No valid admin bearer token.", body = ErrorBody),
+        (status = 503, description = "Postgres is unavailable (or `DATABASE_URL` is unset).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn spend(State(app): State<App>) -> Result<Response, ApiError> {
     let day = versus_shared::budget::today();
     let models: Vec<ModelSpend> = sqlx::query_as(
         "SELECT kind, model, usd, calls, input_tokens, output_tokens, images,
@@ -330,15 +472,15 @@ async fn spend(State(app): State<App>) -> Result<Response, ApiError> {
     .map_err(database)?;
     let spent: f64 = models.iter().map(|m| m.usd).sum();
     let budget = app.inner.settings.budget.daily_budget_usd;
-    Ok(Json(json!({
-        "day": versus_shared::budget::date_of(day),
-        "budget_usd": budget,
-        "spent_usd": spent,
-        "remaining_usd": (budget > 0.0).then(|| (budget - spent).max(0.0)),
-        "exhausted": budget > 0.0 && spent >= budget,
-        "resets_in_secs": versus_shared::budget::until_tomorrow().as_secs(),
-        "by_model": models,
-    }))
+    Ok(Json(Spend {
+        day: versus_shared::budget::date_of(day),
+        budget_usd: budget,
+        spent_usd: spent,
+        remaining_usd: (budget > 0.0).then(|| (budget - spent).max(0.0)),
+        exhausted: budget > 0.0 && spent >= budget,
+        resets_in_secs: versus_shared::budget::until_tomorrow().as_secs(),
+        by_model: models,
+    })
     .into_response())
 }
 
@@ -348,7 +490,23 @@ const PURGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Purges a text answer and its picture (or their refusals) from Postgres, the object store,
 /// the edge KV bucket, the events stream, and the memory of every API replica. A worker does
 /// the writing (this process may not write to the bus): without one, 503 and nothing is done.
-async fn purge(State(app): State<App>, Path(key): Path<String>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/fights/{key}",
+    tag = "admin",
+    security(("admin" = [])),
+    params(("key" = String, Path, description = "The text answer's key; its picture goes too.")),
+    responses(
+        (status = 204, description = "Purged everywhere: asking again generates a new answer."),
+        (status = 401, description = "No valid admin bearer token.", body = ErrorBody),
+        (status = 404, description = "No such answer.", body = ErrorBody),
+        (status = 503, description = "No worker, Postgres or NATS is available: nothing was purged.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn purge(
+    State(app): State<App>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
     let db = app.db()?;
     let names: Option<(String, String)> =

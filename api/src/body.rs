@@ -3,19 +3,29 @@
 //! the public URL of a stored picture.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 use versus_shared::{
     key::Key,
     wire::{Answer, ImageAnswer},
 };
 
 /// A text answer: `POST /v1/fights`, `GET /v1/fights/{key}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TextBody<'a> {
+    /// The answer's key (the canonical matchup, prompt version and model).
+    #[schema(value_type = String, example = "3f9c2b7e41d0a8c5e6f1b2a3c4d5e6f7")]
     pub key: &'a Key,
+    /// The first opponent's display name (the first request's spelling).
+    #[schema(example = "Batman")]
     pub a: &'a str,
+    #[schema(example = "Superman")]
     pub b: &'a str,
+    /// The whole answer.
     pub text: &'a str,
+    /// The chat model that wrote it.
+    #[schema(example = "gpt-4o-mini")]
     pub model: &'a str,
+    /// Whether it was already stored when asked.
     pub cached: bool,
 }
 
@@ -33,10 +43,15 @@ impl<'a> TextBody<'a> {
 }
 
 /// A stored picture: `POST /v1/images`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ImageBody<'a> {
+    /// The picture's key (the canonical matchup, prompt version, model and size).
+    #[schema(value_type = String, example = "9a8b7c6d5e4f30211a2b3c4d5e6f7081")]
     pub key: &'a Key,
+    /// Where the picture is served: this API's `/v1/images/{file}`, or under
+    /// `VERSUS_PUBLIC_IMAGE_BASE_URL` when set.
     pub url: &'a str,
+    /// Whether it was already stored when asked.
     pub cached: bool,
 }
 

@@ -5,7 +5,8 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 use versus_shared::{
     key::NameError,
     wire::{self, Event},
@@ -95,13 +96,42 @@ impl ApiError {
     }
 }
 
+/// Every error response's body: `{"error":{"code","message"}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// What went wrong, for programs: `missing_name`, `empty_name`, `name_too_long`,
+    /// `control_character`, `invisible_character`, `unassigned_character`, `too_many_marks`,
+    /// `mixed_scripts`, `invalid_body`, `invalid_query`, `not_found`, `unauthorized`,
+    /// `cross_site`, `rate_limited`, `refused`, `busy`, `budget_exhausted`, `unavailable`, or
+    /// the code a generation ended with.
+    #[schema(example = "empty_name")]
+    pub code: &'a str,
+    /// What went wrong, for people.
+    pub message: &'a str,
+    /// For a generation that ended with an error: whether asking again may succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        let mut body = json!({"error": {"code": code, "message": self.to_string()}});
-        if let ApiError::Generation { retryable, .. } = &self {
-            body["error"]["retryable"] = json!(retryable);
-        }
+        let retryable = match &self {
+            ApiError::Generation { retryable, .. } => Some(*retryable),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: &self.to_string(),
+                retryable,
+            },
+        };
         if status.is_client_error() {
             metrics::counter!("versus_bad_requests_total", "code" => code.to_owned()).increment(1);
         } else {

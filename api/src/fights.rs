@@ -21,8 +21,10 @@ use crate::{
     cache::Cached,
     coalesce::Waiter,
     error::ApiError,
+    error::ErrorBody,
     http,
     matchup::{Ask, JsonFight, QueryFight},
+    openapi::{Name, Names, Refusals},
     sse::{self, Resume, Translator},
 };
 
@@ -43,6 +45,22 @@ impl App {
     }
 }
 
+/// The answer, streamed as it is written (a stored one at once).
+#[utoipa::path(
+    get,
+    path = "/v1/fights/stream",
+    tag = "fights",
+    params(
+        ("a" = Name, Query, description = "The first opponent.", example = "Batman"),
+        ("b" = Name, Query, description = "The second opponent.", example = "Superman"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last chunk received: the stream resumes right after it (or says `reset` and starts over if the answer was generated again)."),
+    ),
+    responses(
+        (status = 200, description = "`meta` first; then `chunk` events (each with an `id`) and perhaps `reset`; last `done` or `error`. Comment lines keep an idle stream open.",
+            content_type = "text/event-stream", body = String, headers(("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer the stream."))),
+        Refusals,
+    ),
+)]
 pub(crate) async fn stream_fight(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -125,6 +143,18 @@ impl InProgress {
     }
 }
 
+/// The whole answer, once it is complete.
+#[utoipa::path(
+    post,
+    path = "/v1/fights",
+    tag = "fights",
+    request_body = Names,
+    responses(
+        (status = 200, description = "The complete answer.", body = TextBody),
+        (status = 502, description = "The generation failed and asking again now would not help.", body = ErrorBody),
+        Refusals,
+    ),
+)]
 pub(crate) async fn create_fight(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -190,6 +220,25 @@ fn cached_body(cached: &Cached<Answer>) -> Response {
         .into_response()
 }
 
+/// A stored answer, by key: immutable, so CDNs and browsers may keep it.
+#[utoipa::path(
+    get,
+    path = "/v1/fights/{key}",
+    tag = "fights",
+    params(
+        ("key" = String, Path, description = "An answer's key, as `meta` and the JSON answers give it.", pattern = "^[0-9a-f]{32}$"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag of this answer: 304 if it still is."),
+    ),
+    responses(
+        (status = 200, description = "The stored answer.", body = TextBody, headers(
+            ("ETag" = String, description = "Strong validator of the answer."),
+            ("Cache-Control" = String, description = "`public, max-age=300, s-maxage=86400`."),
+        )),
+        (status = 304, description = "Not modified.", headers(("ETag" = String), ("Cache-Control" = String))),
+        (status = 404, description = "No answer has this key (yet).", body = ErrorBody),
+        (status = 503, description = "The answers bucket is unreachable.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn get_fight(
     State(app): State<App>,
     Path(key): Path<String>,

@@ -23,9 +23,10 @@ use crate::{
     body::{self, ImageBody},
     cache::Cached,
     coalesce::Waiter,
-    error::ApiError,
+    error::{ApiError, ErrorBody},
     http,
     matchup::{JsonFight, QueryFight},
+    openapi::{Name, Names, Refusals},
     sse,
 };
 
@@ -60,6 +61,21 @@ impl App {
     }
 }
 
+/// The picture of a matchup: `meta`, then where it is served once drawn.
+#[utoipa::path(
+    get,
+    path = "/v1/images/stream",
+    tag = "images",
+    params(
+        ("a" = Name, Query, description = "The first opponent.", example = "Batman"),
+        ("b" = Name, Query, description = "The second opponent.", example = "Superman"),
+    ),
+    responses(
+        (status = 200, description = "`meta`, then `done` with the picture's URL, or `error`.",
+            content_type = "text/event-stream", body = String),
+        Refusals,
+    ),
+)]
 pub(crate) async fn stream_image(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -101,6 +117,18 @@ pub(crate) async fn stream_image(
     Ok(app.sse(slot, events))
 }
 
+/// The picture of a matchup, once it is stored.
+#[utoipa::path(
+    post,
+    path = "/v1/images",
+    tag = "images",
+    request_body = Names,
+    responses(
+        (status = 200, description = "Where the stored picture is served.", body = ImageBody),
+        (status = 502, description = "The picture failed and asking again now would not help.", body = ErrorBody),
+        Refusals,
+    ),
+)]
 pub(crate) async fn create_image(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -125,6 +153,24 @@ pub(crate) async fn create_image(
 
 /// `GET|HEAD /v1/images/{key}.{ext}`: the stored bytes. Only paths made from a valid key and
 /// the stored picture's own extension are ever read, so nothing else in the store is reachable.
+#[utoipa::path(
+    get,
+    path = "/v1/images/{file}",
+    tag = "images",
+    params(
+        ("file" = String, Path, description = "`<key>.png`, as a picture's `url` names it.", pattern = "^[0-9a-f]{32}\\.png$"),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag of this picture: 304 if it still is."),
+    ),
+    responses(
+        (status = 200, description = "The picture.", content_type = "image/png", body = Vec<u8>, headers(
+            ("ETag" = String, description = "Strong validator (the picture's SHA-256)."),
+            ("Cache-Control" = String, description = "`public, max-age=31536000, immutable`."),
+        )),
+        (status = 304, description = "Not modified.", headers(("ETag" = String), ("Cache-Control" = String))),
+        (status = 404, description = "No stored picture has this name.", body = ErrorBody),
+        (status = 503, description = "The object store is unreachable.", body = ErrorBody),
+    ),
+)]
 pub(crate) async fn serve_image(
     State(app): State<App>,
     Path(file): Path<String>,

@@ -16,7 +16,8 @@
 //! - [`http`]: conditional GETs (ETag, `Cache-Control`, 304);
 //! - [`popularity`]: counting requests off the request path;
 //! - [`page`]: the fight page at `/`, embedded in the binary;
-//! - [`error`]: the API's error type and its JSON shape.
+//! - [`error`]: the API's error type and its JSON shape;
+//! - [`openapi`]: the OpenAPI 3.1 document of all of the above, at `/openapi.json`.
 
 pub mod admin;
 mod app;
@@ -29,6 +30,7 @@ mod http;
 pub mod images;
 pub mod limits;
 mod matchup;
+pub mod openapi;
 pub mod origin;
 pub mod page;
 pub mod popularity;
@@ -62,6 +64,7 @@ pub fn router(app: &App) -> Router {
         .route("/v1/images/stream", get(images::stream_image))
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{file}", get(images::serve_image))
+        .route("/openapi.json", get(openapi::serve))
         // The public routes read two names at most; the admin routes take whole batches.
         .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
         .merge(admin::routes(app.clone()))

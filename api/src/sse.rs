@@ -18,7 +18,6 @@ use axum::{
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{key::Key, wire::Event};
 
@@ -86,24 +85,97 @@ pub fn chunk_id(attempt: i32, end: usize) -> String {
     format!("{attempt}:{end}")
 }
 
+/// The data of each event, as the contract (and `/openapi.json`) names it.
+pub mod data {
+    use serde::Serialize;
+    use utoipa::ToSchema;
+    use versus_shared::key::Key;
+
+    /// `meta`, first on every stream: which answer this is and whether it was cached.
+    #[derive(Serialize, ToSchema)]
+    pub struct MetaData<'a> {
+        /// The answer's key (the canonical matchup, prompt version and model).
+        #[schema(value_type = String, example = "3f9c2b7e41d0a8c5e6f1b2a3c4d5e6f7")]
+        pub key: &'a Key,
+        /// The first opponent's display name (the first request's spelling).
+        #[schema(example = "Batman")]
+        pub a: &'a str,
+        /// The second opponent's display name.
+        #[schema(example = "Superman")]
+        pub b: &'a str,
+        /// Whether the answer was already stored.
+        pub cached: bool,
+    }
+
+    /// `chunk`: the next piece of the text. Its SSE `id:` is `<attempt>:<end offset>`:
+    /// reconnecting with it as `Last-Event-ID` resumes exactly after it.
+    #[derive(Serialize, ToSchema)]
+    pub struct ChunkData<'a> {
+        pub delta: &'a str,
+    }
+
+    /// `reset`: the generation restarted; drop the text received so far.
+    #[derive(Serialize, ToSchema)]
+    pub struct ResetData<'a> {
+        pub reason: &'a str,
+    }
+
+    /// `done` of a text answer, last: the answer is complete and stored.
+    #[derive(Serialize, ToSchema)]
+    pub struct DoneData<'a> {
+        #[schema(value_type = String)]
+        pub key: &'a Key,
+        /// The chat model that wrote it.
+        #[schema(example = "gpt-4o-mini")]
+        pub model: &'a str,
+    }
+
+    /// `done` of a picture, last: where the stored picture is served.
+    #[derive(Serialize, ToSchema)]
+    pub struct ImageDoneData<'a> {
+        #[schema(value_type = String)]
+        pub key: &'a Key,
+        /// The picture's URL: this API's `/v1/images/{file}`, or under
+        /// `VERSUS_PUBLIC_IMAGE_BASE_URL` when set.
+        pub url: &'a str,
+    }
+
+    /// `error`, last: the generation cannot complete now.
+    #[derive(Serialize, ToSchema)]
+    pub struct ErrorData<'a> {
+        /// `refused` (moderation), `busy`, `budget_exhausted`, `unavailable`,
+        /// `upstream_unavailable`, `upstream_refused`, `storage_unavailable`, `purged`, ...
+        #[schema(example = "unavailable")]
+        pub code: &'a str,
+        pub message: &'a str,
+        /// Whether asking again may succeed.
+        pub retryable: bool,
+        /// Seconds until asking again may succeed, when known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub retry_after: Option<u64>,
+    }
+}
+
 /// One event before it is written: an axum event for streams, or bytes for a whole
 /// pre-rendered body.
 pub struct Frame {
     name: &'static str,
-    data: serde_json::Value,
+    /// The data, as JSON (which never holds a raw newline).
+    data: String,
     id: Option<String>,
 }
 
 impl Frame {
-    fn new(name: &'static str, data: serde_json::Value) -> Frame {
+    fn new(name: &'static str, data: &impl serde::Serialize) -> Frame {
         Frame {
             name,
-            data,
+            // Serializing borrowed strings and plain values cannot fail.
+            data: serde_json::to_string(data).unwrap_or_default(),
             id: None,
         }
     }
 
-    /// Appends the event as the wire has it (JSON data never holds a raw newline).
+    /// Appends the event as the wire has it.
     pub fn write(&self, out: &mut String) {
         use std::fmt::Write;
         let _ = write!(out, "event: {}\ndata: {}\n", self.name, self.data);
@@ -116,9 +188,7 @@ impl Frame {
 
 impl From<Frame> for SseEvent {
     fn from(frame: Frame) -> SseEvent {
-        let event = SseEvent::default()
-            .event(frame.name)
-            .data(frame.data.to_string());
+        let event = SseEvent::default().event(frame.name).data(frame.data);
         match frame.id {
             Some(id) => event.id(id),
             None => event,
@@ -127,26 +197,23 @@ impl From<Frame> for SseEvent {
 }
 
 pub fn meta_frame(key: &Key, a: &str, b: &str, cached: bool) -> Frame {
-    Frame::new(
-        "meta",
-        json!({"key": key, "a": a, "b": b, "cached": cached}),
-    )
+    Frame::new("meta", &data::MetaData { key, a, b, cached })
 }
 
 pub fn chunk_frame(attempt: i32, end: usize, delta: &str) -> Frame {
     Frame {
         id: Some(chunk_id(attempt, end)),
-        ..Frame::new("chunk", json!({ "delta": delta }))
+        ..Frame::new("chunk", &data::ChunkData { delta })
     }
 }
 
 pub fn done_frame(key: &Key, model: &str) -> Frame {
-    Frame::new("done", json!({"key": key, "model": model}))
+    Frame::new("done", &data::DoneData { key, model })
 }
 
 /// The end of a picture's stream: where to fetch it.
 pub fn image_done_frame(key: &Key, url: &str) -> Frame {
-    Frame::new("done", json!({"key": key, "url": url}))
+    Frame::new("done", &data::ImageDoneData { key, url })
 }
 
 pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> SseEvent {
@@ -160,7 +227,9 @@ pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
 pub fn reset() -> SseEvent {
     Frame::new(
         "reset",
-        json!({"reason": "the answer is being generated again"}),
+        &data::ResetData {
+            reason: "the answer is being generated again",
+        },
     )
     .into()
 }
@@ -182,13 +251,15 @@ pub fn error_until(
     code: &str,
     message: &str,
     retryable: bool,
-    retry_after_secs: Option<u64>,
+    retry_after: Option<u64>,
 ) -> SseEvent {
-    let mut data = json!({"code": code, "message": message, "retryable": retryable});
-    if let Some(secs) = retry_after_secs {
-        data["retry_after"] = json!(secs);
-    }
-    Frame::new("error", data).into()
+    let data = data::ErrorData {
+        code,
+        message,
+        retryable,
+        retry_after,
+    };
+    Frame::new("error", &data).into()
 }
 
 /// A whole event stream as one body.

@@ -136,19 +136,19 @@ fn install_crypto_provider() {
 }
 
 /// A directory under the system temp dir, removed with its contents on drop.
-pub(crate) struct TempDir {
+pub struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
-    pub(crate) fn new(prefix: &str) -> TempDir {
+    pub fn new(prefix: &str) -> TempDir {
         let path = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("create temp dir {}: {e}", path.display()));
         TempDir { path }
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 }

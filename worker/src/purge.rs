@@ -56,17 +56,20 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
 async fn purge(ctx: &Ctx, request: &PurgeRequest) -> anyhow::Result<()> {
     let kinds: Vec<&str> = request.answers.iter().map(|a| a.kind.as_str()).collect();
     let keys: Vec<&str> = request.answers.iter().map(|a| a.key.as_str()).collect();
-    let pictures: Vec<Option<String>> = sqlx::query_scalar(
+    let deleted: Vec<(String, Option<String>)> = sqlx::query_as(
         "DELETE FROM generations
          WHERE (kind, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))
-         RETURNING image_path",
+         RETURNING kind, image_path",
     )
     .bind(&kinds)
     .bind(&keys)
     .fetch_all(&ctx.db)
     .await
     .context("deleting the rows")?;
-    for path in pictures.into_iter().flatten() {
+    for (kind, _) in &deleted {
+        metrics::counter!("versus_purged_total", "kind" => kind.clone()).increment(1);
+    }
+    for path in deleted.into_iter().filter_map(|(_, path)| path) {
         if let Err(e) = ctx.objects.delete(&path.as_str().into()).await {
             tracing::warn!(%path, error = %e, "deleting a purged picture failed");
         }

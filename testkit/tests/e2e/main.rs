@@ -20,6 +20,7 @@ mod images;
 mod limits;
 mod moderation;
 mod names;
+mod openapi;
 mod page;
 mod postgres;
 mod prewarm;

@@ -27,10 +27,12 @@ fn tool(var: &str) -> String {
     })
 }
 
-/// Runs `program args` to its end; panics with its output unless it succeeds.
-async fn run_ok(program: &str, args: &[&str]) -> String {
+/// Runs `program args` in the temporary folder `dir` (it may leave files in its working
+/// directory) to its end; panics with its output unless it succeeds.
+async fn run_ok(program: &str, args: &[&str], dir: &TempDir) -> String {
     let output = tokio::process::Command::new(program)
         .args(args)
+        .current_dir(dir.path())
         .stdin(Stdio::null())
         .output()
         .await
@@ -71,6 +73,7 @@ async fn the_served_document_is_the_kept_one_and_valid_openapi_3_1() {
     let validated = run_ok(
         &tool("OPENAPI_SPEC_VALIDATOR_BIN"),
         &[file.to_str().unwrap()],
+        &TempDir::new("versus-openapi"),
     )
     .await;
     assert!(validated.contains("OK"), "{validated}");
@@ -116,6 +119,7 @@ async fn schemathesis_finds_nothing_on_a_live_system() {
             "--report-junit-path",
             junit.to_str().unwrap(),
         ],
+        &report,
     )
     .await;
     eprintln!("schemathesis took {:?}:\n{output}", started.elapsed());

@@ -53,6 +53,10 @@ pub struct Settings {
     pub objects: ObjectStoreSettings,
     #[command(flatten)]
     pub budget: BudgetSettings,
+    /// The site's public address (`https://versus.example`), for the absolute URLs of link
+    /// previews; unset, the `Host` each request was sent to.
+    #[arg(long, env = "VERSUS_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.
     #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
     pub public_image_base_url: Option<String>,

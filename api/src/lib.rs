@@ -15,7 +15,8 @@
 //! - [`body`]: the JSON bodies of finished answers;
 //! - [`http`]: conditional GETs (ETag, `Cache-Control`, 304);
 //! - [`popularity`]: counting requests off the request path;
-//! - [`page`]: the fight page at `/`, embedded in the binary;
+//! - [`page`]: the fight page at `/` and its assets, embedded in the binary;
+//! - [`preview`]: the page's link-preview tags (Open Graph, Twitter card) for `?a=&b=`;
 //! - [`error`]: the API's error type and its JSON shape;
 //! - [`openapi`]: the OpenAPI 3.1 document of all of the above, at `/openapi.json`.
 
@@ -34,6 +35,7 @@ pub mod openapi;
 pub mod origin;
 pub mod page;
 pub mod popularity;
+mod preview;
 mod publish;
 pub mod sse;
 
@@ -65,6 +67,7 @@ pub fn router(app: &App) -> Router {
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{file}", get(images::serve_image))
         .route("/openapi.json", get(openapi::serve))
+        .route("/", get(preview::index))
         // The public routes read two names at most; the admin routes take whole batches.
         .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
         .merge(admin::routes(app.clone()))

@@ -134,7 +134,7 @@ impl Limits {
         }
     }
 
-    fn is_trusted(&self, address: IpAddr) -> bool {
+    pub(crate) fn is_trusted(&self, address: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(&address))
     }
 

@@ -4,10 +4,9 @@
 
 use axum::{
     Json,
-    extract::{FromRequest, FromRequestParts, Query, Request},
+    extract::{FromRequest, FromRequestParts, Request},
     http::request::Parts,
 };
-use serde::Deserialize;
 use serde_json::Value;
 use versus_shared::{
     key::{Key, Matchup},
@@ -22,7 +21,7 @@ use crate::{app::App, error::ApiError};
 pub(crate) const BODY_LIMIT: usize = 4 * 1024;
 
 /// The names of a request, as given (a query string or a JSON body).
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub(crate) struct FightRequest {
     a: Option<String>,
     b: Option<String>,
@@ -72,12 +71,48 @@ pub(crate) struct QueryFight(pub FightRequest);
 impl<S: Send + Sync> FromRequestParts<S> for QueryFight {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<QueryFight, ApiError> {
-        let Query(request) = Query::<FightRequest>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::InvalidQuery(e.body_text()))?;
-        Ok(QueryFight(request))
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<QueryFight, ApiError> {
+        FightRequest::from_query(parts.uri.query().unwrap_or_default()).map(QueryFight)
     }
+}
+
+impl FightRequest {
+    /// Reads `a` and `b` from a query string (other parameters are ignored).
+    pub(crate) fn from_query(query: &str) -> Result<FightRequest, ApiError> {
+        let mut request = FightRequest { a: None, b: None };
+        for (name, value) in query_pairs(query)? {
+            let field = match name.as_str() {
+                "a" => &mut request.a,
+                "b" => &mut request.b,
+                _ => continue,
+            };
+            if field.replace(value).is_some() {
+                return Err(ApiError::InvalidQuery(format!("`{name}` is given twice")));
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// The `name=value` pairs of a query string, decoded (`+` is a space, `%XX` a byte). Decoded
+/// bytes that are not UTF-8 are bad input (400): they are not names, and turning them into
+/// replacement characters would make a matchup of them, and pay for it.
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let decode = |part: &str| {
+        let spaced = part.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .map(|text| text.into_owned())
+            .map_err(|_| ApiError::InvalidQuery("the query string is not valid UTF-8".to_owned()))
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(name)?, decode(value)?))
+        })
+        .collect()
 }
 
 /// What a request asks for: the validated names and the key of the answer of `kind`. Cheap
@@ -106,5 +141,31 @@ impl App {
 
     fn recipe(&self, kind: Kind) -> Recipe<'_> {
         Recipe::of(kind, &self.inner.settings.models)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_pairs;
+
+    #[test]
+    fn a_query_is_decoded_strictly() {
+        let pairs = query_pairs("a=Bat+man&b=Super%20man&b2=%C3%A9&&flag").unwrap();
+        let pairs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("a", "Bat man"),
+                ("b", "Super man"),
+                ("b2", "é"),
+                ("flag", "")
+            ]
+        );
+        assert_eq!(query_pairs("a=%2B").unwrap()[0].1, "+");
+        assert!(query_pairs("a=%ff%fe&b=y").is_err());
+        assert!(query_pairs("a%ff=x").is_err());
     }
 }

@@ -22,7 +22,7 @@ use utoipa::{
     },
 };
 
-use crate::{admin, error::ErrorBody, fights, images, sse::data};
+use crate::{admin, error::ErrorBody, fights, images, preview, sse::data};
 
 /// The names of a matchup, in a JSON body (`POST /v1/fights`, `POST /v1/images`, a pre-warm
 /// batch's entries) as in a query string.
@@ -93,6 +93,7 @@ pub(crate) enum Refusals {
         admin::popular,
         admin::spend,
         admin::purge,
+        preview::index,
     ),
     components(schemas(
         data::MetaData,
@@ -114,7 +115,7 @@ pub(crate) enum Refusals {
 struct ApiDoc;
 
 /// What the derive cannot say: the admin security scheme, the event schemas, and the routes
-/// served by closures (the page, the probes, the metrics, this document).
+/// served by closures (the probes, the metrics, this document).
 struct Additions;
 
 impl Modify for Additions {
@@ -169,12 +170,6 @@ impl Modify for Additions {
             ]),
         );
         for (path, summary, content_type, description) in [
-            (
-                "/",
-                "The fight page",
-                "text/html; charset=utf-8",
-                "The page: ask, watch the answer stream in, share the address.",
-            ),
             (
                 "/healthz",
                 "Liveness",

@@ -6,6 +6,7 @@
 
 use axum::{
     Router,
+    body::Body,
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -26,12 +27,10 @@ struct Asset {
     body: &'static [u8],
 }
 
+/// The page itself, whose head takes a link preview's tags (see `preview`).
+pub const INDEX: &str = include_str!("../assets/index.html");
+
 const ASSETS: &[Asset] = &[
-    Asset {
-        path: "/",
-        content_type: "text/html; charset=utf-8",
-        body: include_bytes!("../assets/index.html"),
-    },
     Asset {
         path: "/assets/app.css",
         content_type: "text/css; charset=utf-8",
@@ -46,6 +45,11 @@ const ASSETS: &[Asset] = &[
         path: "/favicon.svg",
         content_type: "image/svg+xml",
         body: include_bytes!("../assets/favicon.svg"),
+    },
+    Asset {
+        path: crate::preview::SITE_IMAGE,
+        content_type: "image/png",
+        body: include_bytes!("../assets/og.png"),
     },
 ];
 
@@ -66,6 +70,21 @@ fn etag(body: &[u8]) -> String {
 }
 
 fn serve(asset: &Asset, etag: &str, request: &HeaderMap) -> Response {
+    respond(asset.content_type, asset.body.into(), etag, request)
+}
+
+/// The page as `body` (rendered for its query), revalidated like the assets.
+pub(crate) fn html(body: &str, request: &HeaderMap) -> Response {
+    let etag = etag(body.as_bytes());
+    respond(
+        "text/html; charset=utf-8",
+        body.to_owned().into(),
+        &etag,
+        request,
+    )
+}
+
+fn respond(content_type: &'static str, body: Body, etag: &str, request: &HeaderMap) -> Response {
     let mut headers = HeaderMap::new();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(
@@ -78,11 +97,8 @@ fn serve(asset: &Asset, etag: &str, request: &HeaderMap) -> Response {
     if if_none_match(request, etag) {
         return (StatusCode::NOT_MODIFIED, headers).into_response();
     }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(asset.content_type),
-    );
-    if asset.content_type.starts_with("text/html") {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if content_type.starts_with("text/html") {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(CONTENT_SECURITY_POLICY),
@@ -96,7 +112,7 @@ fn serve(asset: &Asset, etag: &str, request: &HeaderMap) -> Response {
             HeaderValue::from_static("DENY"),
         );
     }
-    (headers, asset.body).into_response()
+    (headers, body).into_response()
 }
 
 #[cfg(test)]
@@ -105,7 +121,7 @@ mod tests {
 
     #[test]
     fn every_asset_the_page_links_to_is_served() {
-        let html = std::str::from_utf8(ASSETS[0].body).expect("the page is UTF-8");
+        let html = INDEX;
         for link in ["/assets/app.css", "/assets/app.js", "/favicon.svg"] {
             assert!(html.contains(&format!("\"{link}\"")), "{link}");
             assert!(ASSETS.iter().any(|a| a.path == link), "{link}");
@@ -114,7 +130,7 @@ mod tests {
 
     #[test]
     fn the_page_runs_no_inline_script_the_policy_would_block() {
-        let html = std::str::from_utf8(ASSETS[0].body).expect("the page is UTF-8");
+        let html = INDEX;
         assert_eq!(html.matches("<script").count(), 1);
         assert!(html.contains("<script src=\"/assets/app.js\" defer></script>"));
         let handlers = html.split(" on").skip(1).filter(|rest| {

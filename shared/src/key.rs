@@ -259,6 +259,15 @@ impl Matchup {
         })
     }
 
+    /// The canonical names in order: the same pair whichever order the client gave.
+    pub fn canonical_pair(&self) -> (&str, &str) {
+        if self.a.canonical <= self.b.canonical {
+            (&self.a.canonical, &self.b.canonical)
+        } else {
+            (&self.b.canonical, &self.a.canonical)
+        }
+    }
+
     /// The key of this matchup's answer of `kind`, made with prompt `version` and `model`.
     pub fn key(&self, kind: Kind, version: u32, model: &str) -> Key {
         self.key_of_parts(kind, version, &[model])
@@ -267,11 +276,7 @@ impl Matchup {
     /// [`Matchup::key`] with the model given in parts, hashed as if concatenated (a picture's
     /// `model@size`, without building the string).
     pub(crate) fn key_of_parts(&self, kind: Kind, version: u32, model: &[&str]) -> Key {
-        let (lo, hi) = if self.a.canonical <= self.b.canonical {
-            (&self.a.canonical, &self.b.canonical)
-        } else {
-            (&self.b.canonical, &self.a.canonical)
-        };
+        let (lo, hi) = self.canonical_pair();
         // Names contain no control characters, so the unit separator cannot be forged.
         let mut hash = Sha256::new();
         for part in [kind.as_str(), &version.to_string()] {

@@ -23,6 +23,7 @@ mod names;
 mod openapi;
 mod page;
 mod postgres;
+mod preview;
 mod prewarm;
 mod shutdown;
 mod text;

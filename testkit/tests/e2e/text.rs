@@ -236,6 +236,49 @@ async fn bad_input_gets_a_clear_400_and_costs_nothing() {
 }
 
 #[tokio::test]
+async fn a_query_or_body_that_is_not_utf8_gets_400_and_costs_nothing() {
+    let sys = quick().start().await;
+    let api = sys.api_url();
+    for route in ["/v1/fights/stream", "/v1/images/stream"] {
+        for query in ["a=%ff%fe&b=y", "a=Batman&b=Super%C3", "a=x&b%ff=y"] {
+            let url = format!("{api}{route}?{query}");
+            let response = http().get(&url).send().await.unwrap();
+            assert_eq!(response.status(), 400, "{url}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_query", "{url}: {body}");
+        }
+    }
+    let bodies: [&[u8]; 2] = [
+        b"{\"a\": \"\xff\xfe\", \"b\": \"y\"}",
+        // A lone surrogate is no character either.
+        b"{\"a\": \"\\udcff\", \"b\": \"y\"}",
+    ];
+    for route in ["/v1/fights", "/v1/images"] {
+        for body in bodies {
+            let response = http()
+                .post(format!("{api}{route}"))
+                .header("content-type", "application/json")
+                .body(body.to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{route} {body:?}");
+            let json: Value = response.json().await.unwrap();
+            assert_eq!(json["error"]["code"], "invalid_body", "{json}");
+        }
+    }
+    let stats = sys.sim.stats().await;
+    for calls in ["chat_calls", "image_calls", "moderation_calls"] {
+        assert_eq!(stats[calls], 0, "{calls}");
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM generations")
+        .fetch_one(&sys.db.pool().await)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[tokio::test]
 async fn a_stored_answer_has_a_strong_etag_and_cdn_headers() {
     let sys = quick().start().await;
     let events = fight(&sys, "Cat", "Dog").await;

@@ -1,0 +1,279 @@
+//! What a shared link shows: `GET /?a=A&b=B` renders the page with the tags link previews read
+//! (Open Graph and the Twitter card), on the server, since crawlers run no JavaScript. The
+//! title names the fight, the description starts the answer when it is stored, the image is
+//! the fight's picture when it is drawn (else the site's own), and the address is the
+//! matchup's canonical form. Rendering never starts a generation: it costs the cache look-ups
+//! a hit costs, and nothing when the names are not valid.
+
+use std::{fmt::Write, net::SocketAddr};
+
+use axum::{
+    extract::{ConnectInfo, RawQuery, State},
+    http::{HeaderMap, header},
+    response::Response,
+};
+use versus_shared::wire::Kind;
+
+use crate::{app::App, body::image_url, matchup::FightRequest, page};
+
+/// The page's static image: 1200 × 630, the size link previews crop to.
+pub const SITE_IMAGE: &str = "/assets/og.png";
+/// Where the page's head takes the preview tags.
+const MARKER: &str = "<!-- link preview -->";
+/// The longest description previews show whole.
+const DESCRIPTION_CHARS: usize = 200;
+
+/// `GET /`: the page, with the link preview of the matchup its query names, if any.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    summary = "The fight page",
+    params(
+        ("a" = Option<String>, Query, description = "The first opponent: with `b`, the page opens on this fight, and its link preview (Open Graph and Twitter card tags) names it."),
+        ("b" = Option<String>, Query, description = "The second opponent."),
+        ("If-None-Match" = Option<String>, Header, description = "An ETag of this page: 304 if it still is."),
+    ),
+    responses(
+        (status = 200, description = "The page. Rendering it never starts a generation.", content_type = "text/html; charset=utf-8", body = String),
+        (status = 304, description = "Not modified."),
+    ),
+)]
+pub(crate) async fn index(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let base = app.public_base(peer, &headers);
+    let request = query.as_deref().map(FightRequest::from_query);
+    let preview = match request {
+        Some(Ok(request)) => app.preview(&request, &base).await,
+        _ => None,
+    }
+    .unwrap_or_else(|| Preview::site(&base));
+    page::html(&preview.render(page::INDEX), &headers)
+}
+
+/// The tags of one page.
+struct Preview {
+    title: String,
+    description: String,
+    image: String,
+    image_alt: String,
+    url: String,
+}
+
+impl Preview {
+    /// The site's own: no matchup.
+    fn site(base: &str) -> Preview {
+        Preview {
+            title: "Versus: who would win?".to_owned(),
+            description: "Who would win, A or B? Ask Versus: the answer streams in as it is \
+                          written, with a picture of the fight."
+                .to_owned(),
+            image: format!("{base}{SITE_IMAGE}"),
+            image_alt: "Versus: who would win?".to_owned(),
+            url: format!("{base}/"),
+        }
+    }
+
+    /// The page with these tags in its head, and its title.
+    fn render(&self, page: &str) -> String {
+        let mut tags = String::with_capacity(1024);
+        let title = escape(&self.title);
+        let description = escape(&self.description);
+        let url = escape(&self.url);
+        let image = escape(&self.image);
+        let _ = write!(
+            tags,
+            "<link rel=\"canonical\" href=\"{url}\">\n\
+             <meta property=\"og:site_name\" content=\"Versus\">\n\
+             <meta property=\"og:type\" content=\"website\">\n\
+             <meta property=\"og:title\" content=\"{title}\">\n\
+             <meta property=\"og:description\" content=\"{description}\">\n\
+             <meta property=\"og:url\" content=\"{url}\">\n\
+             <meta property=\"og:image\" content=\"{image}\">\n\
+             <meta property=\"og:image:alt\" content=\"{}\">\n\
+             <meta name=\"twitter:card\" content=\"summary_large_image\">",
+            escape(&self.image_alt),
+        );
+        page.replacen(MARKER, &tags, 1)
+            .replacen("<title>Versus: who would win?</title>", &format!("<title>{title}</title>"), 1)
+            .replacen(
+                "<meta name=\"description\" content=\"Who would win, A or B? Ask Versus: the answer streams in as it is written, with a picture of the fight.\">",
+                &format!("<meta name=\"description\" content=\"{description}\">"),
+                1,
+            )
+    }
+}
+
+impl App {
+    /// The preview of the matchup `request` names, or none if its names are not valid.
+    async fn preview(&self, request: &FightRequest, base: &str) -> Option<Preview> {
+        let text = self.ask(request, Kind::Text).ok()?;
+        let image = self.ask(request, Kind::Image).ok()?;
+        let (answer, picture) = tokio::join!(
+            self.inner.answers.lookup(&text.key),
+            self.inner.images.lookup(&image.key)
+        );
+        let names = &text.matchup;
+        let (a, b) = match &answer {
+            // The names as the answer has them: the first request's spelling.
+            Some(cached) => (cached.value.a.clone(), cached.value.b.clone()),
+            None => (names.a.display().to_owned(), names.b.display().to_owned()),
+        };
+        let description = match &answer {
+            Some(cached) => opening(&cached.value.text),
+            None => format!(
+                "Who would win in a fight between {a} and {b}? Ask Versus and watch the answer \
+                 being written."
+            ),
+        };
+        let image = match &picture {
+            Some(cached) => {
+                let url = image_url(
+                    self.inner.settings.public_image_base_url.as_deref(),
+                    &cached.value,
+                );
+                if url.starts_with('/') {
+                    format!("{base}{url}")
+                } else {
+                    url
+                }
+            }
+            None => format!("{base}{SITE_IMAGE}"),
+        };
+        let (lo, hi) = names.canonical_pair();
+        Some(Preview {
+            title: format!("{a} vs {b}"),
+            description,
+            image_alt: format!("{a} vs {b}, drawn by an AI"),
+            image,
+            url: format!("{base}/?a={}&b={}", encode(lo), encode(hi)),
+        })
+    }
+
+    /// The site's public address, `scheme://host[:port]`: `VERSUS_PUBLIC_URL` when set, else
+    /// the `Host` the request was sent to (and the scheme a trusted proxy says it received).
+    pub(crate) fn public_base(&self, peer: SocketAddr, headers: &HeaderMap) -> String {
+        if let Some(base) = &self.inner.settings.public_url {
+            return base.trim_end_matches('/').to_owned();
+        }
+        let forwarded = self.inner.limits.is_trusted(peer.ip());
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let scheme = match header("x-forwarded-proto") {
+            Some("https") if forwarded => "https",
+            _ => "http",
+        };
+        let host = header("x-forwarded-host")
+            .filter(|_| forwarded)
+            .or_else(|| header(header::HOST.as_str()))
+            .filter(|h| is_host(h))
+            .unwrap_or("localhost");
+        format!("{scheme}://{host}")
+    }
+}
+
+/// A `Host` header's value: a name or an address, and a port.
+fn is_host(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+/// The start of an answer, cut at a word, for a description.
+fn opening(text: &str) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.chars().count() <= DESCRIPTION_CHARS {
+        return text;
+    }
+    let cut: String = text.chars().take(DESCRIPTION_CHARS).collect();
+    let cut = match cut.rfind(' ') {
+        Some(space) if space > DESCRIPTION_CHARS / 2 => &cut[..space],
+        _ => cut.as_str(),
+    };
+    format!(
+        "{}…",
+        cut.trim_end_matches(|c: char| c.is_ascii_punctuation())
+    )
+}
+
+/// Escapes text for an HTML attribute or element.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Percent-encodes a query value (all but unreserved characters).
+fn encode(value: &str) -> String {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    const QUERY_VALUE: &percent_encoding::AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    utf8_percent_encode(value, QUERY_VALUE).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_escaped_in_every_tag() {
+        let preview = Preview {
+            title: "<script>alert(1)</script> vs \"Bob\" & 'Al'".to_owned(),
+            description: "a > b".to_owned(),
+            image: "http://h/x.png?a=\"".to_owned(),
+            image_alt: "<b>".to_owned(),
+            url: "http://h/?a=x&b=y".to_owned(),
+        };
+        let html = preview.render(page::INDEX);
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains("\"Bob\""), "{html}");
+        assert!(html.contains(
+            "&lt;script&gt;alert(1)&lt;/script&gt; vs &quot;Bob&quot; &amp; &#39;Al&#39;"
+        ));
+        assert!(html.contains("<title>&lt;script&gt;"));
+        assert!(html.contains("content=\"a &gt; b\""));
+        assert!(html.contains("href=\"http://h/?a=x&amp;b=y\""));
+    }
+
+    #[test]
+    fn the_site_preview_fills_every_tag_once() {
+        let html = Preview::site("https://versus.example").render(page::INDEX);
+        for tag in [
+            "<link rel=\"canonical\" href=\"https://versus.example/\">",
+            "<meta property=\"og:image\" content=\"https://versus.example/assets/og.png\">",
+            "<meta name=\"twitter:card\" content=\"summary_large_image\">",
+        ] {
+            assert_eq!(html.matches(tag).count(), 1, "{tag}");
+        }
+        assert!(!html.contains(MARKER));
+    }
+
+    #[test]
+    fn a_long_answer_is_cut_at_a_word() {
+        let text = "Batman wins. ".repeat(40);
+        let cut = opening(&text);
+        assert!(cut.ends_with('…'), "{cut}");
+        assert!(cut.chars().count() <= DESCRIPTION_CHARS + 1);
+        assert!(cut.starts_with("Batman wins. Batman wins."));
+        assert_eq!(
+            opening("Short answer.\n\nTwo lines."),
+            "Short answer. Two lines."
+        );
+    }
+}

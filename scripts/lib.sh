@@ -483,6 +483,29 @@ ensure_prometheus() {
     export PROMETHEUS_BIN PROMTOOL_BIN
 }
 
+# Deque's axe-core (npm, pinned), the accessibility checker the browser tests run in the page.
+# npm comes from apt if missing; `--ignore-scripts`: the package needs no install step.
+# Exports AXE_CORE_JS, the path of axe.min.js.
+AXE_CORE_VERSION=4.13.0
+ensure_axe_core() {
+    local dir="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/versus/axe-core-$AXE_CORE_VERSION"
+    local js="$dir/node_modules/axe-core/axe.min.js"
+    if ! [ -s "$js" ]; then
+        if ! command -v npm >/dev/null 2>&1; then
+            say "installing npm (apt), for axe-core"
+            apt_install npm
+        fi
+        say "installing axe-core $AXE_CORE_VERSION (npm, in $dir)"
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        npm install --silent --no-audit --no-fund --ignore-scripts --prefix "$dir" \
+            "axe-core@$AXE_CORE_VERSION" >/dev/null
+        [ -s "$js" ] || die "axe-core was installed but $js is missing"
+    fi
+    AXE_CORE_JS="$js"
+    export AXE_CORE_JS
+}
+
 # --- a whole system on this machine: scripts/dev and scripts/cluster ---------------------
 #
 # Both run the programs through `start` and keep them running (`supervise`); both stop them in

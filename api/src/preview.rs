@@ -57,7 +57,10 @@ pub(crate) async fn index(
 
 /// The tags of one page.
 struct Preview {
+    /// The fight's name, for previews.
     title: String,
+    /// The page's `<title>`, as the page's script sets it.
+    page_title: String,
     description: String,
     image: String,
     image_alt: String,
@@ -69,6 +72,7 @@ impl Preview {
     fn site(base: &str) -> Preview {
         Preview {
             title: "Versus: who would win?".to_owned(),
+            page_title: "Versus: who would win?".to_owned(),
             description: "Who would win, A or B? Ask Versus: the answer streams in as it is \
                           written, with a picture of the fight."
                 .to_owned(),
@@ -99,7 +103,11 @@ impl Preview {
             escape(&self.image_alt),
         );
         page.replacen(MARKER, &tags, 1)
-            .replacen("<title>Versus: who would win?</title>", &format!("<title>{title}</title>"), 1)
+            .replacen(
+                "<title>Versus: who would win?</title>",
+                &format!("<title>{}</title>", escape(&self.page_title)),
+                1,
+            )
             .replacen(
                 "<meta name=\"description\" content=\"Who would win, A or B? Ask Versus: the answer streams in as it is written, with a picture of the fight.\">",
                 &format!("<meta name=\"description\" content=\"{description}\">"),
@@ -147,6 +155,7 @@ impl App {
         let (lo, hi) = names.canonical_pair();
         Some(Preview {
             title: format!("{a} vs {b}"),
+            page_title: format!("{a} vs {b} · Versus"),
             description,
             image_alt: format!("{a} vs {b}, drawn by an AI"),
             image,
@@ -235,6 +244,7 @@ mod tests {
     fn names_are_escaped_in_every_tag() {
         let preview = Preview {
             title: "<script>alert(1)</script> vs \"Bob\" & 'Al'".to_owned(),
+            page_title: "<script>".to_owned(),
             description: "a > b".to_owned(),
             image: "http://h/x.png?a=\"".to_owned(),
             image_alt: "<b>".to_owned(),

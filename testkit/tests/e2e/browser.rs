@@ -122,6 +122,76 @@ impl Browser {
         .await;
     }
 
+    /// Runs Deque's axe-core in the page (WCAG 2.1 A and AA, and best practices) and returns
+    /// its violations, each as `{id, impact, help, nodes: [selector]}`.
+    pub async fn accessibility_violations(&self) -> Vec<Value> {
+        let loaded = self.js("return typeof window.axe === 'object';").await;
+        if loaded != json!(true) {
+            let path = std::env::var("AXE_CORE_JS").unwrap_or_else(|_| {
+                panic!("AXE_CORE_JS is not set: scripts/test installs axe-core and sets it")
+            });
+            let source = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read axe-core at {path}: {e}"));
+            self.client
+                .execute(&source, Vec::new())
+                .await
+                .unwrap_or_else(|e| panic!("load axe-core into the page: {e}"));
+        }
+        let found = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, { runOnly: { type: 'tag', values:
+                     ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice'] } })
+                   .then(r => done(r.violations.map(v => ({ id: v.id, impact: v.impact,
+                       help: v.help, nodes: v.nodes.map(n => n.target.join(' ')) }))))
+                   .catch(e => done({ error: String(e) }));",
+                Vec::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("run axe-core in the page: {e}"));
+        match found {
+            Value::Array(violations) => violations,
+            other => panic!("axe-core failed: {other}"),
+        }
+    }
+
+    /// Presses Tab until the element with `id` has the focus: it must be reachable from the
+    /// keyboard, within `presses`.
+    pub async fn tab_to(&self, id: &str, presses: usize) {
+        let tab = char::from(fantoccini::key::Key::Tab).to_string();
+        for _ in 0..presses {
+            let focused = self.js("return document.activeElement?.id ?? '';").await;
+            if focused == json!(id) {
+                return;
+            }
+            self.client
+                .active_element()
+                .await
+                .unwrap_or_else(|e| panic!("find the focused element: {e}"))
+                .send_keys(&tab)
+                .await
+                .unwrap_or_else(|e| panic!("press Tab: {e}"));
+        }
+        let focused = self.js("return document.activeElement?.id ?? '';").await;
+        assert_eq!(
+            focused,
+            json!(id),
+            "#{id} is not reached with {presses} Tab presses"
+        );
+    }
+
+    /// Types `keys` into the focused element.
+    pub async fn type_keys(&self, keys: &str) {
+        self.client
+            .active_element()
+            .await
+            .unwrap_or_else(|e| panic!("find the focused element: {e}"))
+            .send_keys(keys)
+            .await
+            .unwrap_or_else(|e| panic!("type {keys:?}: {e}"));
+    }
+
     /// Saves a screenshot as `target/screenshots/<name>.png` and returns its path.
     pub async fn screenshot(&self, name: &str) -> PathBuf {
         let png = self

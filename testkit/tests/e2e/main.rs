@@ -6,6 +6,7 @@
 // The ban on a bare spawn is for the services; a test's tasks end with the test.
 #![allow(clippy::disallowed_methods)]
 
+mod accessibility;
 mod browser;
 mod budget;
 mod bus;

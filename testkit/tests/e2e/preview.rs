@@ -104,7 +104,10 @@ async fn a_shared_fight_shows_its_answer_and_picture_in_link_previews() {
     assert_eq!(tag(&html, "og:url"), address);
     assert_eq!(canonical(&html), address);
     assert_eq!(tag(&html, "twitter:card"), "summary_large_image");
-    assert!(html.contains("<title>Batman vs Superman</title>"), "{html}");
+    assert!(
+        html.contains("<title>Batman vs Superman · Versus</title>"),
+        "{html}"
+    );
 }
 
 #[tokio::test]

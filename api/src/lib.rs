@@ -16,6 +16,7 @@
 //! - [`http`]: conditional GETs (ETag, `Cache-Control`, 304);
 //! - [`popularity`]: counting requests off the request path;
 //! - [`page`]: the fight page at `/`, embedded in the binary;
+//! - [`traced`]: the span of each request, when traces are exported;
 //! - [`error`]: the API's error type and its JSON shape.
 
 pub mod admin;
@@ -34,6 +35,7 @@ pub mod page;
 pub mod popularity;
 mod publish;
 pub mod sse;
+mod traced;
 
 use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
@@ -55,7 +57,7 @@ pub use app::{App, Settings};
 
 /// Every route of the API, with `app` as their state: the public contract in one table.
 pub fn router(app: &App) -> Router {
-    Router::new()
+    let mut contract = Router::new()
         .route("/v1/fights/stream", get(fights::stream_fight))
         .route("/v1/fights", post(fights::create_fight))
         .route("/v1/fights/{key}", get(fights::get_fight))
@@ -64,7 +66,12 @@ pub fn router(app: &App) -> Router {
         .route("/v1/images/{file}", get(images::serve_image))
         // The public routes read two names at most; the admin routes take whole batches.
         .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
-        .merge(admin::routes(app.clone()))
+        .merge(admin::routes(app.clone()));
+    // Only when exported: otherwise requests take exactly the path they took before traces.
+    if versus_shared::traces::enabled() {
+        contract = contract.route_layer(axum::middleware::from_fn(traced::request));
+    }
+    contract
         .with_state(app.clone())
         .merge(page::routes())
         .merge(telemetry::ops_router(

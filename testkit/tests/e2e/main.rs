@@ -25,6 +25,7 @@ mod postgres;
 mod prewarm;
 mod shutdown;
 mod text;
+mod traces;
 
 use versus_testkit::{
     System, SystemBuilder,

@@ -242,3 +242,23 @@ async fn a_request_that_joins_a_generation_in_flight_links_to_its_trace() {
         otlp.spans()
     );
 }
+
+#[tokio::test]
+async fn the_last_spans_are_flushed_when_the_programs_stop() {
+    let otlp = Otlp::start().await;
+    // Batches would wait a minute: only the flush at shutdown can send these spans.
+    let mut sys = traced(&otlp)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "60000")
+        .start()
+        .await;
+    let events = fight(&sys, "Alien", "Predator").await;
+    assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+    let key = events[0].json()["key"].as_str().unwrap().to_owned();
+    assert!(otlp.spans().is_empty(), "{:#?}", otlp.spans());
+
+    assert!(sys.api.terminate().await.success());
+    assert!(sys.workers[0].terminate().await.success());
+    let trace = trace_of_flight(&otlp, &key, &["http.request", "job", "upstream.chat"]).await;
+    assert!(trace.iter().any(|s| s.service == "versus-api"));
+    assert!(trace.iter().any(|s| s.service == "versus-worker"));
+}

@@ -34,7 +34,7 @@ use crate::{
 
 /// API settings, from the environment (see `versus-api --help`).
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "versus-api", version, about)]
+#[command(name = "versus-api", version, about, after_help = versus_shared::traces::HELP)]
 pub struct Settings {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "VERSUS_HTTP_ADDR", default_value = "127.0.0.1:8080")]

@@ -17,6 +17,7 @@
 //! - [`popularity`]: counting requests off the request path;
 //! - [`page`]: the fight page at `/` and its assets, embedded in the binary;
 //! - [`preview`]: the page's link-preview tags (Open Graph, Twitter card) for `?a=&b=`;
+//! - [`traced`]: the span of each request, when traces are exported;
 //! - [`error`]: the API's error type and its JSON shape;
 //! - [`openapi`]: the OpenAPI 3.1 document of all of the above, at `/openapi.json`.
 
@@ -38,6 +39,7 @@ pub mod popularity;
 mod preview;
 mod publish;
 pub mod sse;
+mod traced;
 
 use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
@@ -59,7 +61,7 @@ pub use app::{App, Settings};
 
 /// Every route of the API, with `app` as their state: the public contract in one table.
 pub fn router(app: &App) -> Router {
-    Router::new()
+    let mut contract = Router::new()
         .route("/v1/fights/stream", get(fights::stream_fight))
         .route("/v1/fights", post(fights::create_fight))
         .route("/v1/fights/{key}", get(fights::get_fight))
@@ -70,7 +72,12 @@ pub fn router(app: &App) -> Router {
         .route("/", get(preview::index))
         // The public routes read two names at most; the admin routes take whole batches.
         .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
-        .merge(admin::routes(app.clone()))
+        .merge(admin::routes(app.clone()));
+    // Only when exported: otherwise requests take exactly the path they took before traces.
+    if versus_shared::traces::enabled() {
+        contract = contract.route_layer(axum::middleware::from_fn(traced::request));
+    }
+    contract
         .with_state(app.clone())
         .merge(page::routes())
         .merge(telemetry::ops_router(

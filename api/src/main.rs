@@ -1,4 +1,4 @@
-//! `versus-api`: settings, telemetry, bind, serve until SIGTERM.
+//! `versus-api`: settings, telemetry, bind, serve until SIGTERM, flush the traces.
 
 use anyhow::Context;
 use clap::Parser;
@@ -7,7 +7,7 @@ use versus_api::{App, Settings};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    versus_shared::telemetry::init_logs();
+    let traces = versus_shared::telemetry::init("versus-api")?;
     let metrics = versus_shared::telemetry::install_metrics()?;
     let tasks = versus_shared::tasks::Tasks::new();
     versus_shared::shutdown::on_signal(&tasks);
@@ -18,5 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let ran = versus_api::run(listener, app, &tasks).await;
     tasks.shutdown().cancel();
     tasks.wait(std::time::Duration::from_secs(5)).await;
+    // After the tasks: the spans of the last requests (and jobs) go out too.
+    traces.shutdown().await;
     ran
 }

@@ -18,7 +18,8 @@ use async_nats::jetstream::{
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
-use versus_shared::{bus, wire};
+use tracing::{Span, field::Empty};
+use versus_shared::{bus, traces, wire};
 
 /// How long a job is tried for in all: longer than a leader election (up to about 10 s
 /// from the kill, as measured on a loopback hub), well within the duplicate window.
@@ -31,6 +32,20 @@ const TRY_TIMEOUT: Duration = Duration::from_secs(3);
 /// when `live`), trying again with the same id on an error that an outage or an election
 /// explains, for up to [`RETRY_FOR`]. A full stream (`bus::is_full`), a message too big and an
 /// expectation that failed are not retried.
+///
+/// The span `job.publish` is the parent the worker's `job` span continues: its trace context
+/// travels in the message's headers (see `versus_shared::traces`), the same on every try.
+#[tracing::instrument(
+    name = "job.publish",
+    skip_all,
+    fields(
+        otel.kind = "producer",
+        messaging.destination.name = %subject,
+        messaging.message.id = %msg_id,
+        versus.tries = Empty,
+        versus.duplicate = Empty,
+    )
+)]
 pub async fn job(
     js: &jetstream::Context,
     subject: String,
@@ -38,6 +53,8 @@ pub async fn job(
     msg_id: String,
     live: bool,
 ) -> Result<PublishAck, PublishError> {
+    let span = Span::current();
+    let trace = traces::headers(&span);
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -48,14 +65,18 @@ pub async fn job(
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let mut message = PublishMessage::build()
-            .payload(payload.clone())
-            .message_id(msg_id.as_str());
+        let mut message = PublishMessage::build().payload(payload.clone());
+        if let Some(trace) = &trace {
+            message = message.headers(trace.clone());
+        }
+        message = message.message_id(msg_id.as_str());
         if live {
             message = message.header(wire::LIVE_JOB_HEADER, "1");
         }
         let error = match try_once(js, subject.clone(), message).await {
             Ok(ack) => {
+                span.record("versus.tries", tries);
+                span.record("versus.duplicate", ack.duplicate);
                 if tries > 1 {
                     tracing::info!(%subject, tries, duplicate = ack.duplicate, "job published after retrying");
                 }

@@ -12,6 +12,7 @@
 //! - [`objects`]: the object store that holds the pictures;
 //! - [`config`]: settings both binaries read from the environment;
 //! - [`telemetry`]: logs, Prometheus metrics, and the ops routes (`/healthz`, `/readyz`, `/metrics`);
+//! - [`traces`]: spans exported over OTLP when asked, and W3C trace context across NATS and HTTP;
 //! - [`shutdown`]: one signal handler that drives the shutdown token;
 //! - [`tasks`]: every task a process spawns, tracked and waited for;
 //! - [`tls`]: the TLS crypto provider for HTTPS clients.
@@ -29,4 +30,5 @@ pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;
 pub mod tls;
+pub mod traces;
 pub mod wire;

@@ -1,21 +1,43 @@
-//! Logs, Prometheus metrics, and the ops routes both binaries serve.
+//! Logs (and the traces' layer beside them), Prometheus metrics, and the ops routes both
+//! binaries serve.
 
 use std::{io::Write, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{
+    EnvFilter, Layer,
+    filter::{FilterExt, filter_fn},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+};
 
-use crate::{budget::Budget, bus::Bus};
+use crate::{
+    budget::Budget,
+    bus::Bus,
+    traces::{self, Traces},
+};
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logs() {
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); and, when the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, traces exported over OTLP, as `service` unless
+/// `OTEL_SERVICE_NAME` says otherwise (see [`traces`]). Shut the returned [`Traces`] down at
+/// exit. Runs on the tokio runtime.
+///
+/// Our own spans are for traces: log lines never show them, so the logs are the same whether
+/// traces are exported or not, and a span nobody exports is disabled where it is made.
+pub fn init(service: &'static str) -> anyhow::Result<Traces> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let not_our_span = filter_fn(|meta| meta.is_event() || !traces::is_ours(meta.target()));
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(filter.and(not_our_span));
+    let (exported, traces) = traces::layer(service)?;
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(exported)
         .init();
+    Ok(traces)
 }
 
 /// Buckets of every `*_seconds` histogram: from half a millisecond, where the stages of a

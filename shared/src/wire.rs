@@ -168,6 +168,17 @@ pub enum Event {
 }
 
 impl Event {
+    /// The event's `type`, as it is serialized.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Started { .. } => "started",
+            Event::Chunk { .. } => "chunk",
+            Event::Done { .. } => "done",
+            Event::Error { .. } => "error",
+            Event::Purged => "purged",
+        }
+    }
+
     /// Whether this event ends a generation (nothing of this attempt follows).
     pub fn is_terminal(&self) -> bool {
         matches!(

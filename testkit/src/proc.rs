@@ -26,12 +26,14 @@ const READY_PREFIX: &str = "listening on ";
 
 /// Variables of the test's own environment that must not leak into a child: the binaries'
 /// settings are exactly what the test passes (a developer's real `OPENAI_API_KEY` or
-/// `DATABASE_URL` must never reach a binary under test).
+/// `DATABASE_URL` must never reach a binary under test, nor an `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// send the tests' spans to a developer's collector).
 fn is_setting(key: &str) -> bool {
     key.starts_with("VERSUS_")
         || key.starts_with("OPENAI_")
         || key.starts_with("AWS_")
         || key.starts_with("NATS_")
+        || key.starts_with("OTEL_")
         || key == "DATABASE_URL"
         || key == "RUST_LOG"
 }

@@ -36,6 +36,19 @@ pub enum Claim {
     },
 }
 
+impl Claim {
+    /// What the claim found, in a word (for its span).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Claim::Won { .. } => "won",
+            Claim::Done(_) => "done",
+            Claim::Busy { .. } => "busy",
+            Claim::Refused { .. } => "refused",
+            Claim::Cooling { .. } => "cooling",
+        }
+    }
+}
+
 /// When a matchup whose generations keep failing cools down, and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct Cooldown {
@@ -110,12 +123,18 @@ impl Claimer {
     }
 
     /// Claims the job's row: succeeds when the row is new, failed, or its lease has expired.
+    /// Its span (`claim`) says what the claim found.
+    #[tracing::instrument(name = "claim", skip_all, fields(versus.claim = tracing::field::Empty))]
     pub async fn claim(&self, job: &Job) -> sqlx::Result<Claim> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send((job.clone(), reply))
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+        let claim = answer.await.map_err(|_| sqlx::Error::PoolClosed)?;
+        if let Ok(claim) = &claim {
+            tracing::Span::current().record("versus.claim", claim.name());
+        }
+        claim
     }
 }
 

@@ -17,8 +17,9 @@ use async_nats::jetstream::{
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, Span, field::Empty};
 use versus_shared::{
-    recipe,
+    recipe, traces,
     wire::{self, Job},
 };
 
@@ -131,10 +132,14 @@ pub async fn run(
             };
             let ctx = ctx.clone();
             let abandon = abandon.clone();
-            tracker.spawn(async move {
-                process(&ctx, msg, &abandon).await;
-                drop(slot);
-            });
+            let span = job_span(&msg);
+            tracker.spawn(
+                async move {
+                    process(&ctx, msg, &abandon).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
         }
     }
     tracker.close();
@@ -157,6 +162,23 @@ pub async fn run(
     Ok(())
 }
 
+/// The span of one delivery of a job (`job`), continuing the trace of the request that
+/// published it (the `traceparent` in its headers, if any): every span of the job is its child.
+fn job_span(msg: &async_nats::jetstream::Message) -> Span {
+    let span = tracing::info_span!(
+        "job",
+        otel.kind = "consumer",
+        messaging.destination.name = %msg.subject,
+        versus.delivered = msg.info().map_or(0, |info| info.delivered),
+        versus.kind = Empty,
+        versus.key = Empty,
+        versus.outcome = Empty,
+        otel.status_code = Empty,
+    );
+    traces::continue_from(&span, msg.headers.as_ref());
+    span
+}
+
 async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &CancellationToken) {
     let job: Job = match serde_json::from_slice(&msg.payload) {
         Ok(job) => job,
@@ -166,6 +188,9 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
             return;
         }
     };
+    let span = Span::current();
+    span.record("versus.kind", job.kind.as_str());
+    span.record("versus.key", job.key.as_str());
     if let Ok(info) = msg.info() {
         // The stream's clock and ours: the same host here, NTP-close elsewhere.
         let waited = std::time::SystemTime::now()
@@ -207,12 +232,23 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
         }
         return;
     }
-    let ack = match job::handle(ctx, &msg, &job, abandon).await {
+    let handled = job::handle(ctx, &msg, &job, abandon).await;
+    span.record(
+        "versus.outcome",
+        match &handled {
+            Ok(Outcome::Ack) => "ack",
+            Ok(Outcome::Retry(_)) => "retry",
+            Ok(Outcome::Handover) => "handover",
+            Err(_) => "error",
+        },
+    );
+    let ack = match handled {
         Ok(Outcome::Ack) => msg.double_ack().await,
         Ok(Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,
         // Confirmed: the process exits right after, and the next worker must get the job now.
         Ok(Outcome::Handover) => msg.double_ack_with(AckKind::Nak(None)).await,
         Err(e) => {
+            span.record("otel.status_code", "ERROR");
             let delivered = msg.info().map_or(1, |info| info.delivered);
             let delay = retry_delay(delivered);
             if delivered >= MAX_DELIVER {

@@ -4,6 +4,10 @@
 //! per connection, so unbounded generations in parallel would starve each other); every
 //! acknowledgement is awaited before the completion is recorded, so a stored answer always has
 //! all of its chunks on the stream.
+//!
+//! `started` and the terminal event carry the trace context of the span the publisher was made
+//! in (the generation's), so that an API following the key can link to it; chunks carry none,
+//! and cost nothing more.
 
 use std::collections::VecDeque;
 
@@ -11,7 +15,7 @@ use anyhow::Context;
 use async_nats::jetstream::context::PublishAckFuture;
 use versus_shared::{
     bus::Bus,
-    history,
+    history, traces,
     wire::{self, Event, Job},
 };
 
@@ -24,20 +28,25 @@ pub struct Publisher<'a> {
     pending: VecDeque<PublishAckFuture>,
     /// Where the text published in this attempt ends.
     end: usize,
+    /// The trace context `started` and the end carry (None when traces are off).
+    trace: Option<async_nats::HeaderMap>,
 }
 
 impl<'a> Publisher<'a> {
+    /// A publisher of `job`'s events, in the trace of the current span.
     pub fn new(bus: &'a Bus, job: &Job) -> Publisher<'a> {
         Publisher {
             bus,
             subject: wire::events_subject(job.kind, &job.key),
             pending: VecDeque::new(),
             end: 0,
+            trace: traces::headers(&tracing::Span::current()),
         }
     }
 
     /// Starts `attempt`: drops whatever the subject holds from earlier attempts, then
     /// announces the attempt so readers void what they have.
+    #[tracing::instrument(name = "events.start", skip_all, fields(otel.kind = "producer", versus.attempt = attempt))]
     pub async fn start(&mut self, attempt: i32) -> anyhow::Result<()> {
         self.flush().await?;
         // A purge is costly for the server (it locks the stream and visits its consumers);
@@ -76,6 +85,11 @@ impl<'a> Publisher<'a> {
     }
 
     /// Publishes a terminal event once every earlier event is acknowledged.
+    #[tracing::instrument(
+        name = "events.finish",
+        skip_all,
+        fields(otel.kind = "producer", versus.event = event.name())
+    )]
     pub async fn finish(&mut self, event: Event) -> anyhow::Result<()> {
         self.flush().await?;
         self.publish(&event).await?;
@@ -101,13 +115,17 @@ impl<'a> Publisher<'a> {
     }
 
     async fn publish(&mut self, event: &Event) -> anyhow::Result<()> {
-        let payload = serde_json::to_vec(event)?;
-        let ack = self
-            .bus
-            .js
-            .publish(self.subject.clone(), payload.into())
-            .await
-            .context("publishing an event")?;
+        let payload = serde_json::to_vec(event)?.into();
+        let subject = self.subject.clone();
+        let published = match &self.trace {
+            Some(trace) if !matches!(event, Event::Chunk { .. }) => {
+                let js = &self.bus.js;
+                js.publish_with_headers(subject, trace.clone(), payload)
+                    .await
+            }
+            _ => self.bus.js.publish(subject, payload).await,
+        };
+        let ack = published.context("publishing an event")?;
         self.pending.push_back(ack);
         if self.pending.len() > MAX_PENDING_ACKS
             && let Some(oldest) = self.pending.pop_front()

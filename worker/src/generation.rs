@@ -160,7 +160,8 @@ pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Ope
 /// Runs `generation` under the claim on `attempt` that this worker just won, with `opening`
 /// (already under way, or not yet polled) for its first call, which goes on while `started`
 /// is published. When `abandon` fires, the claim is given back and the job handed over
-/// ([`Outcome::Handover`]).
+/// ([`Outcome::Handover`]). Its span (`generate`) is the one the events' trace context names.
+#[tracing::instrument(name = "generate", skip_all, fields(versus.attempt = attempt))]
 pub async fn run<G: Generation>(
     ctx: &Ctx,
     msg: &jetstream::Message,

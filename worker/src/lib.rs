@@ -49,7 +49,7 @@ use versus_shared::{
 
 /// Worker settings, from the environment (see `versus-worker --help`).
 #[derive(clap::Parser, Debug, Clone)]
-#[command(name = "versus-worker", version, about)]
+#[command(name = "versus-worker", version, about, after_help = versus_shared::traces::HELP)]
 pub struct Settings {
     #[command(flatten)]
     pub nats: NatsSettings,

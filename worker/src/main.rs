@@ -1,4 +1,4 @@
-//! `versus-worker`: settings, telemetry, run until SIGTERM, drain.
+//! `versus-worker`: settings, telemetry, run until SIGTERM, drain, flush the traces.
 
 use clap::Parser;
 use versus_worker::Settings;
@@ -6,12 +6,14 @@ use versus_worker::Settings;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    versus_shared::telemetry::init_logs();
+    let traces = versus_shared::telemetry::init("versus-worker")?;
     let metrics = versus_shared::telemetry::install_metrics()?;
     let tasks = versus_shared::tasks::Tasks::new();
     versus_shared::shutdown::on_signal(&tasks);
     let ran = versus_worker::run(settings, metrics, &tasks).await;
     tasks.shutdown().cancel();
     tasks.wait(std::time::Duration::from_secs(5)).await;
+    // After the tasks: the spans of the last requests (and jobs) go out too.
+    traces.shutdown().await;
     ran
 }

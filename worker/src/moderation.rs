@@ -77,6 +77,41 @@ impl Moderator {
         }
     }
 
+    /// The moderation endpoint's flagged categories for each of `inputs`, retried within the
+    /// upstream's retry budget; the span (`moderation`) covers every try.
+    #[tracing::instrument(
+        name = "moderation",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            versus.stage = stage,
+            versus.inputs = inputs.len(),
+            otel.status_code = tracing::field::Empty,
+        )
+    )]
+    async fn ask(
+        &self,
+        ctx: &Ctx,
+        stage: &'static str,
+        inputs: &[&str],
+    ) -> Result<Vec<Vec<String>>, UpstreamError> {
+        let mut backoff = ctx.openai.backoff();
+        loop {
+            match ctx.openai.moderate(&self.model, inputs).await {
+                Ok(flagged) => return Ok(flagged),
+                Err(error) => {
+                    metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
+                        .increment(1);
+                    let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
+                        tracing::Span::current().record("otel.status_code", "ERROR");
+                        return Err(error);
+                    };
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
     /// Whether `category` (`hate/threatening`, say) is blocked.
     fn blocks(&self, category: &str) -> bool {
         self.block.iter().any(|b| {
@@ -105,20 +140,7 @@ impl Moderator {
         if !self.enabled || inputs.is_empty() {
             return Ok(None);
         }
-        let mut backoff = ctx.openai.backoff();
-        let flagged = loop {
-            match ctx.openai.moderate(&self.model, &inputs).await {
-                Ok(flagged) => break flagged,
-                Err(error) => {
-                    metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
-                        .increment(1);
-                    let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
-                        return Err(error);
-                    };
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        };
+        let flagged = self.ask(ctx, stage, &inputs).await?;
         let mut categories = Vec::new();
         for (input, flagged) in inputs.iter().zip(flagged) {
             let blocked: Vec<String> = flagged.into_iter().filter(|c| self.blocks(c)).collect();

@@ -11,7 +11,8 @@ use futures::{Stream, StreamExt};
 use reqwest::{StatusCode, header::HeaderMap};
 use serde::Deserialize;
 use serde_json::json;
-use versus_shared::config::Secret;
+use tracing::{Instrument, Span, field::Empty};
+use versus_shared::{config::Secret, traces};
 
 use crate::claims::Usage;
 
@@ -148,7 +149,38 @@ impl Client {
     }
 
     /// Opens a streaming chat completion. Returns once the server has answered 200.
+    ///
+    /// The call's span (`upstream.chat`) lives as long as the stream: it ends when the stream
+    /// is dropped, holds an event at the first token, and the token usage at the end.
     pub async fn chat_stream(
+        &self,
+        model: &str,
+        messages: &[(&str, String)],
+    ) -> Result<ChatStream, UpstreamError> {
+        let span = tracing::info_span!(
+            "upstream.chat",
+            otel.kind = "client",
+            gen_ai.operation.name = "chat",
+            gen_ai.request.model = model,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        match self
+            .open_chat(model, messages)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(mut stream) => {
+                stream.span = span;
+                Ok(stream)
+            }
+            Err(error) => Err(failed(&span, error)),
+        }
+    }
+
+    async fn open_chat(
         &self,
         model: &str,
         messages: &[(&str, String)],
@@ -189,6 +221,7 @@ impl Client {
             first_token_by: Some(first_token_by),
             finish_reason: None,
             usage: Usage::default(),
+            span: Span::none(),
         })
     }
 
@@ -245,7 +278,30 @@ impl Client {
 
     /// Generates one picture and returns its bytes. When the server answers with a URL (which
     /// expires), the bytes are downloaded at once: only our own copy is ever kept.
+    #[tracing::instrument(
+        name = "upstream.image",
+        skip_all,
+        fields(
+            otel.kind = "client",
+            gen_ai.operation.name = "image",
+            gen_ai.request.model = model,
+            versus.size = size,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        )
+    )]
     pub async fn image(
+        &self,
+        model: &str,
+        prompt: &str,
+        size: &str,
+    ) -> Result<Bytes, UpstreamError> {
+        self.make_image(model, prompt, size)
+            .await
+            .map_err(|error| failed(&Span::current(), error))
+    }
+
+    async fn make_image(
         &self,
         model: &str,
         prompt: &str,
@@ -300,6 +356,13 @@ impl Client {
     }
 }
 
+/// Marks `span` (an upstream call's) as failed with `error`, which holds no URL or key.
+fn failed(span: &Span, error: UpstreamError) -> UpstreamError {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", error.to_string());
+    error
+}
+
 /// Turns a send result into a successful response or a classified error.
 async fn checked(
     sent: Result<reqwest::Response, reqwest::Error>,
@@ -334,6 +397,8 @@ pub struct ChatStream {
     first_token_by: Option<tokio::time::Instant>,
     finish_reason: Option<String>,
     usage: Usage,
+    /// The call's `upstream.chat` span: it ends with the stream.
+    span: Span,
 }
 
 /// What the stream gave next.
@@ -376,6 +441,23 @@ impl ChatStream {
     /// Cancel-safe: between awaits every bit of state lives in `self`, so a caller may poll
     /// it once and drop the future to see whether a piece is already there.
     pub async fn next(&mut self) -> Result<Piece, UpstreamError> {
+        let next = self.read().await;
+        match &next {
+            Ok(Piece::End(usage)) => {
+                self.span
+                    .record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+                self.span
+                    .record("gen_ai.usage.output_tokens", usage.completion_tokens);
+            }
+            Ok(Piece::Text(_)) => {}
+            Err(error) => {
+                failed(&self.span, error.clone());
+            }
+        }
+        next
+    }
+
+    async fn read(&mut self) -> Result<Piece, UpstreamError> {
         loop {
             let idle_until = tokio::time::Instant::now() + self.idle;
             let until = self
@@ -443,7 +525,9 @@ impl ChatStream {
                 }
             }
             if let Some(text) = text.filter(|t| !t.is_empty()) {
-                self.first_token_by = None;
+                if self.first_token_by.take().is_some() {
+                    traces::event(&self.span, "first token");
+                }
                 return Ok(Piece::Text(text));
             }
         }

@@ -21,10 +21,12 @@ use std::{
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span, field::Empty};
 use versus_shared::{
     bus::Bus,
     key::Key,
     tasks::Tasks,
+    traces,
     wire::{Event, Job},
 };
 
@@ -47,6 +49,8 @@ struct Flight {
     waiters: AtomicUsize,
     /// Fires when the last waiter leaves: the reader stops.
     stop: CancellationToken,
+    /// The reader's `flight` span, which requests that join link to (empty without traces).
+    trace: traces::Link,
 }
 
 impl Flights {
@@ -67,6 +71,7 @@ impl Flights {
         flight.waiters.fetch_add(1, Ordering::SeqCst);
         drop(live);
         metrics::counter!("versus_coalesced_total").increment(1);
+        traces::link(&Span::current(), &flight.trace);
         Some(self.waiter(flight, key.clone()))
     }
 
@@ -74,28 +79,38 @@ impl Flights {
     pub fn join(self: &Arc<Self>, job: Job) -> Waiter {
         let mut live = lock(&self.live);
         let (flight, created) = match live.get(&job.key) {
-            Some(flight) => (flight.clone(), false),
+            Some(flight) => (flight.clone(), None),
             None => {
+                // A child of the request that starts the flight: the job it publishes, and
+                // through it the worker's generation, are in that request's trace.
+                let span = tracing::info_span!(
+                    "flight",
+                    versus.kind = %job.kind,
+                    versus.key = %job.key,
+                    versus.outcome = Empty,
+                );
                 let (notify, _) = watch::channel(0);
                 let flight = Arc::new(Flight {
                     log: Mutex::new(Log::default()),
                     notify,
                     waiters: AtomicUsize::new(0),
                     stop: CancellationToken::new(),
+                    trace: traces::Link::of(&span),
                 });
                 live.insert(job.key.clone(), flight.clone());
-                (flight, true)
+                (flight, Some(span))
             }
         };
         flight.waiters.fetch_add(1, Ordering::SeqCst);
         drop(live);
         let key = job.key.clone();
-        if created {
+        if let Some(span) = created {
             metrics::counter!("versus_cache_misses_total").increment(1);
             self.tasks
-                .spawn(reader::run(self.clone(), flight.clone(), job));
+                .spawn(reader::run(self.clone(), flight.clone(), job).instrument(span));
         } else {
             metrics::counter!("versus_coalesced_total").increment(1);
+            traces::link(&Span::current(), &flight.trace);
         }
         self.waiter(flight, key)
     }
@@ -139,6 +154,7 @@ impl Waiter {
             notify,
             waiters: AtomicUsize::new(1),
             stop: CancellationToken::new(),
+            trace: traces::Link::default(),
         });
         flight.close(Some(event));
         Waiter {
@@ -193,6 +209,10 @@ impl Flight {
         };
         if matches!(offer, Offer::Taken { .. }) {
             self.notify.send_replace(len);
+            if len == 1 {
+                // Called by the reader, inside its flight's span.
+                traces::event(&Span::current(), "first event");
+            }
         }
         offer
     }

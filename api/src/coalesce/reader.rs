@@ -25,6 +25,7 @@ use futures::{FutureExt, StreamExt};
 use versus_shared::{
     bus::{self, Bus},
     history::{self, Last},
+    traces,
     wire::{self, Answer, Event, ImageAnswer, Job, Kind},
 };
 
@@ -65,6 +66,15 @@ pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
     };
     flight.close(ending);
     flights.remove(&key, &flight);
+    if traces::enabled() {
+        let outcome = match lock(&flight.log).events.last().map(|e| &**e) {
+            Some(Event::Done { .. }) => "done".to_owned(),
+            Some(Event::Error { code, .. }) => code.clone(),
+            Some(Event::Purged) => "purged".to_owned(),
+            _ => "left".to_owned(),
+        };
+        tracing::Span::current().record("versus.outcome", outcome);
+    }
 }
 
 /// Resolves once a flight at an edge should give up on the hub: at once when the link is found
@@ -203,6 +213,11 @@ async fn read_events(
             }
             msg = live.next() => {
                 let msg = msg.context("the events subscription ended")?;
+                // Only `started` and the end carry a trace context: a generation another
+                // request (on another replica, say) set going is linked to.
+                if let Some(headers) = &msg.headers {
+                    traces::link_foreign(&tracing::Span::current(), headers);
+                }
                 if offer_live(bus, flight, &job, &subject, base, msg.payload).await? {
                     return Ok(());
                 }

@@ -28,6 +28,7 @@ mod preview;
 mod prewarm;
 mod shutdown;
 mod text;
+mod traces;
 
 use versus_testkit::{
     System, SystemBuilder,

@@ -120,7 +120,10 @@ pub async fn run(
     tasks: &Tasks,
 ) -> anyhow::Result<()> {
     let shutdown = tasks.shutdown().clone();
+    openai::zero_counters();
+    generation::zero_counters();
     let budget = Budget::new(&settings.budget)?;
+    spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
     tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
     let db =

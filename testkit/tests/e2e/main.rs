@@ -23,6 +23,7 @@ mod names;
 mod page;
 mod postgres;
 mod prewarm;
+mod prometheus;
 mod shutdown;
 mod text;
 

@@ -148,6 +148,8 @@ impl App {
             Some(hub) => Role::Edge { hub },
             None => Role::Api,
         };
+        cache::zero_counters(matches!(role, Role::Edge { .. }));
+        coalesce::zero_counters();
         let bus = Bus::connect(&settings.nats, role, tasks).await?;
         tasks.spawn(
             budget

@@ -247,6 +247,22 @@ impl Refusals {
     }
 }
 
+/// Puts the hit counters of every kind and layer this replica serves from at zero (the hub's
+/// bucket only at an edge), so that the hit ratio by layer has a value before the first hit.
+pub fn zero_counters(edge: bool) {
+    let layers: &[Layer] = if edge {
+        &[Layer::Memory, Layer::Kv, Layer::Hub]
+    } else {
+        &[Layer::Memory, Layer::Kv]
+    };
+    for kind in [Kind::Text, Kind::Image] {
+        for layer in layers {
+            metrics::counter!("versus_cache_hits_total", "kind" => kind.as_str(), "layer" => layer.as_str())
+                .increment(0);
+        }
+    }
+}
+
 fn hit_from<V>(cached: Arc<Cached<V>>, kind: Kind, layer: Layer) -> (Arc<Cached<V>>, Layer) {
     metrics::counter!("versus_cache_hits_total", "kind" => kind.as_str(), "layer" => layer.as_str())
         .increment(1);

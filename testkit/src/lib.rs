@@ -8,7 +8,8 @@
 //!   `nats.conf`: the programs log in as its users, with passwords made per server);
 //! - `VERSUS_TEST_DATABASE_URL`, a Postgres superuser URL, for [`Database`].
 //!
-//! `scripts/test` provides them (and `S3S_FS_BIN`, for [`S3`]). A typical test:
+//! `scripts/test` provides them (and `S3S_FS_BIN`, for [`S3`]; `PROMETHEUS_BIN` and
+//! `PROMTOOL_BIN`, for [`Prometheus`]). A typical test:
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -31,6 +32,7 @@ mod hub;
 mod nats;
 mod otlp;
 mod proc;
+mod prometheus;
 mod s3;
 mod sim;
 pub mod sse;
@@ -48,6 +50,7 @@ pub use nats::{Nats, NatsUser};
 pub use nix::sys::signal::Signal;
 pub use otlp::{Otlp, ReceivedSpan};
 pub use proc::Proc;
+pub use prometheus::{Prometheus, promtool};
 pub use s3::S3;
 pub use sim::Sim;
 pub use system::{System, SystemBuilder};

@@ -42,8 +42,12 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 const HANDOVER: Duration = Duration::from_secs(5);
 
 /// One lane of jobs.
+#[derive(Debug, Clone)]
 pub struct Lane {
+    /// The durable consumer's name.
     pub name: &'static str,
+    /// The `lane` label of the lane's metrics (`interactive`, `prewarm`).
+    pub label: &'static str,
     pub filter: &'static str,
     /// Jobs this process runs at once from this lane.
     pub concurrency: usize,

@@ -140,6 +140,17 @@ pub enum Ended<T> {
     Refused(Refusal),
 }
 
+/// Puts `versus_generations_total` of every kind and result at zero (see
+/// [`crate::openai::zero_counters`]).
+pub fn zero_counters() {
+    for kind in [wire::Kind::Text, wire::Kind::Image] {
+        for result in ["done", "failed", "refused"] {
+            metrics::counter!("versus_generations_total", "kind" => kind.as_str(), "result" => result)
+                .increment(0);
+        }
+    }
+}
+
 /// What [`opening`] gives: the first call's result, or why the generation ends before it.
 pub type Opening<G> = Result<<G as Generation>::Opened, Ended<<G as Generation>::Made>>;
 

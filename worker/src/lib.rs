@@ -16,8 +16,10 @@
 //! - [`openai`]: the OpenAI client (streaming chat completions, retry classification);
 //! - [`moderation`]: checking names, pictures' prompts and answers before anything is paid
 //!   for or stored;
-//! - [`spend`]: recording what each upstream call cost, for the daily budget.
+//! - [`spend`]: recording what each upstream call cost, for the daily budget;
+//! - [`backlog`]: the jobs queue (waiting jobs and their age, pending acks) as gauges.
 
+pub mod backlog;
 pub mod claims;
 pub mod consumer;
 pub mod ctx;
@@ -118,7 +120,10 @@ pub async fn run(
     tasks: &Tasks,
 ) -> anyhow::Result<()> {
     let shutdown = tasks.shutdown().clone();
+    openai::zero_counters();
+    generation::zero_counters();
     let budget = Budget::new(&settings.budget)?;
+    spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
     tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
     let db =
@@ -146,18 +151,25 @@ pub async fn run(
     });
     let interactive = consumer::Lane {
         name: versus_shared::wire::WORKERS_CONSUMER,
+        label: "interactive",
         filter: versus_shared::wire::JOBS_SUBJECTS,
         concurrency: settings.concurrency,
         max_in_flight: settings.max_in_flight,
     };
     let prewarm = consumer::Lane {
         name: versus_shared::wire::PREWARM_CONSUMER,
+        label: "prewarm",
         filter: versus_shared::wire::PREWARM_SUBJECTS,
         concurrency: settings.prewarm_concurrency,
         max_in_flight: settings.prewarm_max_in_flight,
     };
     let interactive_consumer = consumer::declare(&ctx, &interactive).await?;
     let prewarm_consumer = consumer::declare(&ctx, &prewarm).await?;
+    tasks.spawn(backlog::run(
+        ctx.bus.jobs.clone(),
+        vec![interactive.clone(), prewarm.clone()],
+        shutdown.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(&settings.http_addr)
         .await

@@ -96,6 +96,19 @@ impl UpstreamError {
 }
 
 /// A client for one OpenAI-compatible server.
+/// The kinds of upstream call, as the `kind` label of `versus_upstream_calls_total` and
+/// `versus_upstream_errors_total` names them.
+const CALL_KINDS: [&str; 3] = ["chat", "moderation", "image"];
+
+/// Puts the upstream call and error counters of every kind at zero, so that a rule over them
+/// (the error ratio) has a value before the first call, and the first error shows as a rise.
+pub fn zero_counters() {
+    for kind in CALL_KINDS {
+        metrics::counter!("versus_upstream_calls_total", "kind" => kind).increment(0);
+        metrics::counter!("versus_upstream_errors_total", "kind" => kind).increment(0);
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
     base_url: String,

@@ -88,6 +88,13 @@ impl Call<'_> {
     }
 }
 
+/// Puts this process's spend on the models it generates with at zero in `/metrics`
+/// (`versus_spend_usd_total`), so that a rule over it has a value before the first call.
+pub fn zero_counters(budget: &budget::Budget, models: &versus_shared::config::ModelSettings) {
+    budget.count("chat", &models.chat_model, 0.0);
+    budget.count("image", &models.image_model, 0.0);
+}
+
 /// Records `call`, and returns once it is in Postgres and today's total is published. Best
 /// effort past the local counter: the call is paid for already, and failing its answer would
 /// not get the money back. A record that could not be written is logged, and the budget then

@@ -53,6 +53,13 @@ struct Flight {
     trace: traces::Link,
 }
 
+/// Puts the miss and join counters at zero, so that rules over every lookup (hits, misses,
+/// joins) have a value before the first miss.
+pub fn zero_counters() {
+    metrics::counter!("versus_cache_misses_total").increment(0);
+    metrics::counter!("versus_coalesced_total").increment(0);
+}
+
 impl Flights {
     /// Readers run on `tasks`; a reader gives up on a generation after `timeout`.
     pub fn new(bus: Bus, timeout: Duration, tasks: Tasks) -> Arc<Flights> {

@@ -26,6 +26,7 @@ mod page;
 mod postgres;
 mod preview;
 mod prewarm;
+mod prometheus;
 mod shutdown;
 mod text;
 mod traces;

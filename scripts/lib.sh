@@ -467,6 +467,33 @@ ensure_openapi_tools() {
     export SCHEMATHESIS_BIN OPENAPI_SPEC_VALIDATOR_BIN
 }
 
+# compose.yaml's checker, from PyPI (pinned, with the JSON Schema library it drives), in a
+# virtualenv of its own under the cache folder: check-jsonschema validates the file against
+# testkit/compose-spec/compose-spec.json, the Compose Specification's schema as this version
+# of it ships (vendored from compose-spec/compose-spec; a test checks the copy is that one).
+# Exports CHECK_JSONSCHEMA_BIN.
+CHECK_JSONSCHEMA_VERSION=0.39.0
+JSONSCHEMA_VERSION=4.26.0
+ensure_compose_checker() {
+    local dir="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/versus/check-jsonschema-$CHECK_JSONSCHEMA_VERSION-$JSONSCHEMA_VERSION"
+    if ! "$dir/bin/check-jsonschema" --version >/dev/null 2>&1; then
+        ensure_pip
+        if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+            say "installing python3-venv (apt), for check-jsonschema"
+            apt_install python3-venv
+        fi
+        say "installing check-jsonschema $CHECK_JSONSCHEMA_VERSION (pip, in $dir)"
+        rm -rf "$dir"
+        python3 -m venv "$dir"
+        "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
+            "check-jsonschema==$CHECK_JSONSCHEMA_VERSION" "jsonschema==$JSONSCHEMA_VERSION"
+        "$dir/bin/check-jsonschema" --version >/dev/null 2>&1 ||
+            die "check-jsonschema was installed but $dir/bin/check-jsonschema does not run"
+    fi
+    CHECK_JSONSCHEMA_BIN="$dir/bin/check-jsonschema"
+    export CHECK_JSONSCHEMA_BIN
+}
+
 # Prometheus and promtool (apt), to check and evaluate deploy/'s rules. The package's own
 # service is not wanted: tests start their own servers. Exports PROMETHEUS_BIN, PROMTOOL_BIN.
 ensure_prometheus() {

@@ -95,7 +95,6 @@ impl UpstreamError {
     }
 }
 
-/// A client for one OpenAI-compatible server.
 /// The kinds of upstream call, as the `kind` label of `versus_upstream_calls_total` and
 /// `versus_upstream_errors_total` names them.
 const CALL_KINDS: [&str; 3] = ["chat", "moderation", "image"];
@@ -109,6 +108,7 @@ pub fn zero_counters() {
     }
 }
 
+/// A client for one OpenAI-compatible server.
 pub struct Client {
     http: reqwest::Client,
     base_url: String,

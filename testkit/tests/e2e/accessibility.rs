@@ -1,6 +1,7 @@
 //! The page as everyone uses it: no accessibility violation that Deque's axe-core finds (WCAG
-//! 2.1 A and AA, and best practices) in any state a person sees, on a desktop and a phone, and
-//! every control reachable and usable from the keyboard.
+//! 2.1 A and AA, and best practices) in any state a person sees, on a desktop and a phone, in
+//! the light and the dark colour scheme, and every control reachable and usable from the
+//! keyboard.
 
 use fantoccini::key::Key;
 use serde_json::{Value, json};
@@ -27,6 +28,9 @@ async fn result_state(browser: &Browser) -> Value {
         .await
 }
 
+/// Chromium's flag for the dark colour scheme (`prefers-color-scheme: dark`).
+const DARK: &str = "--blink-settings=preferredColorScheme=0";
+
 #[tokio::test]
 async fn every_state_of_the_page_passes_axe_core_on_a_desktop_and_a_phone() {
     // Slow enough to catch the answer being written: 40 tokens at 20 a second.
@@ -35,21 +39,32 @@ async fn every_state_of_the_page_passes_axe_core_on_a_desktop_and_a_phone() {
         .sim_env("VERSUS_SIM_IMAGE_LATENCY_MS", "100")
         .start()
         .await;
-    let browser = Browser::start().await;
-    for (layout, width, height) in [("desktop", 1280, 900), ("phone", 390, 844)] {
+    let light = Browser::start().await;
+    let dark = Browser::start_with(&[DARK]).await;
+    let scheme = dark
+        .js("return matchMedia('(prefers-color-scheme: dark)').matches;")
+        .await;
+    assert_eq!(
+        scheme,
+        json!(true),
+        "the dark browser prefers the dark scheme"
+    );
+    let runs = [
+        (&light, "desktop", 1280, 900, ("Batman", "Superman")),
+        (&light, "phone", 390, 844, ("Godzilla", "King Kong")),
+        (&dark, "dark desktop", 1280, 900, ("Tortoise", "Hare")),
+        (&dark, "dark phone", 390, 844, ("Cat", "Dog")),
+    ];
+    for (browser, layout, width, height, (a, b)) in runs {
         browser
             .client
             .set_window_size(width, height)
             .await
             .unwrap_or_else(|e| panic!("resize the window: {e}"));
         browser.goto(&format!("{}/", sys.api_url())).await;
-        assert_accessible(&browser, &format!("{layout} empty")).await;
+        assert_accessible(browser, &format!("{layout} empty")).await;
 
-        // A new fight per layout, so that the second one streams too.
-        let (a, b) = match layout {
-            "desktop" => ("Batman", "Superman"),
-            _ => ("Godzilla", "King Kong"),
-        };
+        // A new fight each time, so that every one streams.
         browser.tab_to("a", 10).await;
         browser.type_keys(a).await;
         browser.tab_to("b", 3).await;
@@ -62,7 +77,7 @@ async fn every_state_of_the_page_passes_axe_core_on_a_desktop_and_a_phone() {
                  && document.getElementById('answer').textContent.length > 0",
             )
             .await;
-        assert_accessible(&browser, &format!("{layout} streaming")).await;
+        assert_accessible(browser, &format!("{layout} streaming")).await;
 
         browser
             .wait_for(
@@ -71,10 +86,13 @@ async fn every_state_of_the_page_passes_axe_core_on_a_desktop_and_a_phone() {
                  && document.getElementById('picture').dataset.state === 'ready'",
             )
             .await;
-        assert_accessible(&browser, &format!("{layout} finished")).await;
-        browser.screenshot(&format!("a11y-{layout}-finished")).await;
+        assert_accessible(browser, &format!("{layout} finished")).await;
+        browser
+            .screenshot(&format!("a11y-{}-finished", layout.replace(' ', "-")))
+            .await;
     }
-    browser.close().await;
+    light.close().await;
+    dark.close().await;
 }
 
 #[tokio::test]

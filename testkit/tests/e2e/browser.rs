@@ -47,6 +47,12 @@ impl Browser {
     /// Starts chromedriver and opens a browser session; panics with a hint if either is
     /// missing.
     pub async fn start() -> Browser {
+        Browser::start_with(&[]).await
+    }
+
+    /// [`Browser::start`] with more chromium flags (`--blink-settings=preferredColorScheme=0`
+    /// for the dark colour scheme, say).
+    pub async fn start_with(flags: &[&str]) -> Browser {
         let chromium = tool("VERSUS_CHROMIUM", "/usr/bin/chromium");
         let chromedriver = tool("VERSUS_CHROMEDRIVER", "/usr/bin/chromedriver");
         let profile =
@@ -64,7 +70,11 @@ impl Browser {
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
-        let mut browser_args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| f.to_string()).collect();
+        let mut browser_args: Vec<String> = CHROMIUM_FLAGS
+            .iter()
+            .chain(flags)
+            .map(|f| f.to_string())
+            .collect();
         browser_args.push(format!("--user-data-dir={}", profile.display()));
         let capabilities = json!({
             "browserName": "chrome",

@@ -1,6 +1,6 @@
 //! The OpenAI-compatible simulator (`versus-sim`) as a process, with its control endpoints.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{Proc, http_client};
 
@@ -87,6 +87,14 @@ impl Sim {
     pub async fn fault(&self, fault: Value) {
         self.send(self.http.post(self.control("faults")).json(&fault))
             .await;
+    }
+
+    /// Makes every chat call fail with a 500 until [`Sim::clear_faults`].
+    pub async fn fail_every_chat(&self) {
+        self.fault(
+            json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}),
+        )
+        .await;
     }
 
     /// `DELETE /_sim/faults`.

@@ -101,9 +101,7 @@ async fn an_error_passes_axe_core_and_retry_works_from_the_keyboard() {
         .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "1")
         .start()
         .await;
-    sys.sim
-        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}))
-        .await;
+    sys.sim.fail_every_chat().await;
     let browser = Browser::start().await;
     browser.goto(&format!("{}/", sys.api_url())).await;
     browser.tab_to("a", 10).await;

@@ -133,9 +133,7 @@ async fn an_upstream_failing_every_try_gives_a_retryable_error_and_a_later_reque
         .worker_env("VERSUS_UPSTREAM_BACKOFF_MS", "50")
         .start()
         .await;
-    sys.sim
-        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}))
-        .await;
+    sys.sim.fail_every_chat().await;
     let both = join_all([fight(&sys, "Fire", "Ice"), fight(&sys, "Ice", "Fire")]).await;
     for events in &both {
         assert_eq!(shape(events), ["meta", "error"], "{events:?}");
@@ -227,9 +225,7 @@ async fn a_matchup_that_keeps_failing_cools_down_and_costs_nothing_until_it_is_t
         .worker_env("VERSUS_COOLDOWN_SECS", "3")
         .start()
         .await;
-    sys.sim
-        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}))
-        .await;
+    sys.sim.fail_every_chat().await;
     // Three failed generations in a row, each paid for once; the third starts the cool-down.
     for tries in 1..=3 {
         let events = fight(&sys, "Sun", "Moon").await;

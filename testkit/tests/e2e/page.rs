@@ -336,9 +336,7 @@ async fn a_failed_fight_shows_the_error_and_retry_finishes_it_once_the_upstream_
         .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "1")
         .start()
         .await;
-    sys.sim
-        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 500}, "times": null}))
-        .await;
+    sys.sim.fail_every_chat().await;
     let browser = Browser::start().await;
     // Opening a shared link starts the fight.
     browser

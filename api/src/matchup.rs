@@ -129,8 +129,13 @@ impl App {
     /// [`Recipe`] makes it (workers check every job against the same recipe).
     pub(crate) fn ask(&self, request: &FightRequest, kind: Kind) -> Result<Ask, ApiError> {
         let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
-        let key = self.recipe(kind).key(&matchup);
+        let key = self.key_of(kind, &matchup);
         Ok(Ask { kind, key, matchup })
+    }
+
+    /// The key of the answer of `kind` to a matchup already validated.
+    pub(crate) fn key_of(&self, kind: Kind, matchup: &Matchup) -> Key {
+        self.recipe(kind).key(matchup)
     }
 
     /// The job that generates what `ask` asks for, with the same prompt version and model

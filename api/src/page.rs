@@ -27,7 +27,8 @@ struct Asset {
     body: &'static [u8],
 }
 
-/// The page itself, whose head takes a link preview's tags (see `preview`).
+/// The page itself; `preview` renders its head (the title, the description, the link
+/// preview's tags).
 pub const INDEX: &str = include_str!("../assets/index.html");
 
 const ASSETS: &[Asset] = &[
@@ -74,14 +75,9 @@ fn serve(asset: &Asset, etag: &str, request: &HeaderMap) -> Response {
 }
 
 /// The page as `body` (rendered for its query), revalidated like the assets.
-pub(crate) fn html(body: &str, request: &HeaderMap) -> Response {
+pub(crate) fn html(body: String, request: &HeaderMap) -> Response {
     let etag = etag(body.as_bytes());
-    respond(
-        "text/html; charset=utf-8",
-        body.to_owned().into(),
-        &etag,
-        request,
-    )
+    respond("text/html; charset=utf-8", body.into(), &etag, request)
 }
 
 fn respond(content_type: &'static str, body: Body, etag: &str, request: &HeaderMap) -> Response {

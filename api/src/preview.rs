@@ -18,8 +18,11 @@ use crate::{app::App, body::image_url, matchup::FightRequest, page};
 
 /// The page's static image: 1200 × 630, the size link previews crop to.
 pub const SITE_IMAGE: &str = "/assets/og.png";
-/// Where the page's head takes the preview tags.
-const MARKER: &str = "<!-- link preview -->";
+/// Where the page's head takes its title, its description and the preview tags.
+const MARKER: &str =
+    "<!-- head: the title, the description and the link preview's tags (api/src/preview.rs) -->";
+/// The site's title, in the page and in previews of it.
+const SITE_TITLE: &str = "Versus: who would win?";
 /// The longest description previews show whole.
 const DESCRIPTION_CHARS: usize = 200;
 
@@ -52,7 +55,7 @@ pub(crate) async fn index(
         _ => None,
     }
     .unwrap_or_else(|| Preview::site(&base));
-    page::html(&preview.render(page::INDEX), &headers)
+    page::html(preview.render(page::INDEX), &headers)
 }
 
 /// The tags of one page.
@@ -71,48 +74,41 @@ impl Preview {
     /// The site's own: no matchup.
     fn site(base: &str) -> Preview {
         Preview {
-            title: "Versus: who would win?".to_owned(),
-            page_title: "Versus: who would win?".to_owned(),
+            title: SITE_TITLE.to_owned(),
+            page_title: SITE_TITLE.to_owned(),
             description: "Who would win, A or B? Ask Versus: the answer streams in as it is \
                           written, with a picture of the fight."
                 .to_owned(),
             image: format!("{base}{SITE_IMAGE}"),
-            image_alt: "Versus: who would win?".to_owned(),
+            image_alt: SITE_TITLE.to_owned(),
             url: format!("{base}/"),
         }
     }
 
-    /// The page with these tags in its head, and its title.
+    /// The page with its head's title, description and preview tags.
     fn render(&self, page: &str) -> String {
-        let mut tags = String::with_capacity(1024);
+        let mut head = String::with_capacity(1024);
         let title = escape(&self.title);
         let description = escape(&self.description);
         let url = escape(&self.url);
-        let image = escape(&self.image);
         let _ = write!(
-            tags,
-            "<link rel=\"canonical\" href=\"{url}\">\n\
+            head,
+            "<title>{}</title>\n\
+             <meta name=\"description\" content=\"{description}\">\n\
+             <link rel=\"canonical\" href=\"{url}\">\n\
              <meta property=\"og:site_name\" content=\"Versus\">\n\
              <meta property=\"og:type\" content=\"website\">\n\
              <meta property=\"og:title\" content=\"{title}\">\n\
              <meta property=\"og:description\" content=\"{description}\">\n\
              <meta property=\"og:url\" content=\"{url}\">\n\
-             <meta property=\"og:image\" content=\"{image}\">\n\
+             <meta property=\"og:image\" content=\"{}\">\n\
              <meta property=\"og:image:alt\" content=\"{}\">\n\
              <meta name=\"twitter:card\" content=\"summary_large_image\">",
+            escape(&self.page_title),
+            escape(&self.image),
             escape(&self.image_alt),
         );
-        page.replacen(MARKER, &tags, 1)
-            .replacen(
-                "<title>Versus: who would win?</title>",
-                &format!("<title>{}</title>", escape(&self.page_title)),
-                1,
-            )
-            .replacen(
-                "<meta name=\"description\" content=\"Who would win, A or B? Ask Versus: the answer streams in as it is written, with a picture of the fight.\">",
-                &format!("<meta name=\"description\" content=\"{description}\">"),
-                1,
-            )
+        page.replacen(MARKER, &head, 1)
     }
 }
 
@@ -120,10 +116,10 @@ impl App {
     /// The preview of the matchup `request` names, or none if its names are not valid.
     async fn preview(&self, request: &FightRequest, base: &str) -> Option<Preview> {
         let text = self.ask(request, Kind::Text).ok()?;
-        let image = self.ask(request, Kind::Image).ok()?;
+        let image = self.key_of(Kind::Image, &text.matchup);
         let (answer, picture) = tokio::join!(
             self.inner.answers.lookup(&text.key),
-            self.inner.images.lookup(&image.key)
+            self.inner.images.lookup(&image)
         );
         let names = &text.matchup;
         let (a, b) = match &answer {

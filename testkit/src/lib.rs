@@ -55,6 +55,14 @@ pub use s3::S3;
 pub use sim::Sim;
 pub use system::{System, SystemBuilder};
 
+/// The path of a tool that `scripts/test` installs and names in the variable `var`
+/// (`SCHEMATHESIS_BIN`, `AXE_CORE_JS`, ...); panics with that hint when it is not set.
+pub fn installed(var: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{var} is not set: run the tests with scripts/test, which installs it and sets it")
+    })
+}
+
 /// The binary `name` (e.g. `versus-api`) built in the same target profile directory as the
 /// running test executable (tests live in `target/<profile>/deps/`, binaries one level up).
 /// `VERSUS_BIN_DIR` overrides the directory.

@@ -17,12 +17,7 @@ const SCHEMA: &str = "testkit/compose-spec/compose-spec.json";
 
 /// check-jsonschema from scripts/test (`ensure_compose_checker`).
 fn checker() -> PathBuf {
-    let bin = std::env::var_os("CHECK_JSONSCHEMA_BIN").unwrap_or_else(|| {
-        panic!(
-            "CHECK_JSONSCHEMA_BIN is not set: run the tests with scripts/test, which installs it"
-        )
-    });
-    PathBuf::from(bin)
+    versus_testkit::installed("CHECK_JSONSCHEMA_BIN")
 }
 
 #[test]

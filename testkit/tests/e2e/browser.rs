@@ -137,11 +137,9 @@ impl Browser {
     pub async fn accessibility_violations(&self) -> Vec<Value> {
         let loaded = self.js("return typeof window.axe === 'object';").await;
         if loaded != json!(true) {
-            let path = std::env::var("AXE_CORE_JS").unwrap_or_else(|_| {
-                panic!("AXE_CORE_JS is not set: scripts/test installs axe-core and sets it")
-            });
+            let path = versus_testkit::installed("AXE_CORE_JS");
             let source = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("read axe-core at {path}: {e}"));
+                .unwrap_or_else(|e| panic!("read axe-core at {}: {e}", path.display()));
             self.client
                 .execute(&source, Vec::new())
                 .await

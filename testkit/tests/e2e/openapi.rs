@@ -4,12 +4,12 @@
 //! than one upstream call per unique matchup.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use versus_testkit::{TempDir, eventually};
+use versus_testkit::{TempDir, eventually, installed};
 
 use crate::{http, quick, worker_metric};
 
@@ -21,22 +21,16 @@ fn repo_file(path: &str) -> PathBuf {
         .join(path)
 }
 
-fn tool(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| {
-        panic!("{var} is not set: run the tests with scripts/test, which installs it")
-    })
-}
-
 /// Runs `program args` in the temporary folder `dir` (it may leave files in its working
 /// directory) to its end; panics with its output unless it succeeds.
-async fn run_ok(program: &str, args: &[&str], dir: &TempDir) -> String {
+async fn run_ok(program: &Path, args: &[&str], dir: &TempDir) -> String {
     let output = tokio::process::Command::new(program)
         .args(args)
         .current_dir(dir.path())
         .stdin(Stdio::null())
         .output()
         .await
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -44,7 +38,8 @@ async fn run_ok(program: &str, args: &[&str], dir: &TempDir) -> String {
     );
     assert!(
         output.status.success(),
-        "{program} {args:?} failed ({}):\n{text}",
+        "{} {args:?} failed ({}):\n{text}",
+        program.display(),
         output.status
     );
     text
@@ -71,7 +66,7 @@ async fn the_served_document_is_the_kept_one_and_valid_openapi_3_1() {
 
     let file = repo_file("docs/openapi.json");
     let validated = run_ok(
-        &tool("OPENAPI_SPEC_VALIDATOR_BIN"),
+        &installed("OPENAPI_SPEC_VALIDATOR_BIN"),
         &[file.to_str().unwrap()],
         &TempDir::new("versus-openapi"),
     )
@@ -95,7 +90,7 @@ async fn schemathesis_finds_nothing_on_a_live_system() {
     let junit = report.path().join("junit.xml");
     let started = Instant::now();
     let output = run_ok(
-        &tool("SCHEMATHESIS_BIN"),
+        &installed("SCHEMATHESIS_BIN"),
         &[
             "--config-file",
             repo_file("testkit/schemathesis.toml").to_str().unwrap(),

@@ -20,6 +20,7 @@ use versus_shared::{
     bus::{Bus, Role},
     config::{ModelSettings, NatsSettings, Secret},
     history,
+    key::Key,
     objects::ObjectStoreSettings,
     tasks::Tasks,
     telemetry::PrometheusHandle,
@@ -101,6 +102,21 @@ pub struct Settings {
     /// closes. 0: no cap.
     #[arg(long, env = "VERSUS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+}
+
+/// What [`App::find`] found of a matchup.
+pub(crate) enum Found<V> {
+    /// Its finished answer.
+    Stored(Arc<cache::Cached<V>>),
+    /// No answer: [`App::wait_on`] takes it from there.
+    Missing(Miss),
+}
+
+/// A matchup with no stored answer: whether moderation refused it, and the first steps of its
+/// flight when they were taken meanwhile.
+pub(crate) struct Miss {
+    refused: bool,
+    early: Option<coalesce::Early>,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -231,13 +247,45 @@ impl App {
         sse::live(events, heartbeat, self.inner.shutdown.clone())
     }
 
-    /// Waits on the generation `job` asks for, on a miss. Joining one this process follows
+    /// The stored answer of `key` from this replica's memory; else, all at once, the KV
+    /// bucket, the refusals, and (on the hub, unless this process follows the key already)
+    /// the first steps of the flight a miss starts ([`coalesce::Early`]): a miss then costs
+    /// one round trip before its job is published, not three.
+    pub(crate) async fn find<V: cache::Entry>(
+        &self,
+        cache: &cache::EdgeCache<V>,
+        key: &Key,
+    ) -> Found<V> {
+        if let Some(hit) = cache.in_memory(key) {
+            return Found::Stored(hit);
+        }
+        let bus = &self.inner.bus;
+        // At an edge the events stream is across the leaf link: read only for a miss.
+        let early = !bus.at_edge() && !self.inner.flights.follows(key);
+        let (stored, refused, early) = tokio::join!(
+            cache.lookup(key),
+            self.inner.refusals.refused(V::KIND, key),
+            async {
+                match early {
+                    true => coalesce::Early::read(bus, V::KIND, key).await,
+                    false => None,
+                }
+            },
+        );
+        match stored {
+            Some(hit) => Found::Stored(hit),
+            None => Found::Missing(Miss { refused, early }),
+        }
+    }
+
+    /// Waits on the generation `job` asks for, on a `miss`. Joining one this process follows
     /// already, or one in progress anywhere, is free; starting one is refused to a browser
     /// acting for another site, counts against the client's limit, and, once today's budget
     /// is spent, ends at once with a retryable `budget_exhausted` error (and no job).
     pub(crate) async fn wait_on(
         &self,
         job: Job,
+        miss: Miss,
         headers: &HeaderMap,
         client: IpAddr,
     ) -> Result<coalesce::Waiter, error::ApiError> {
@@ -245,16 +293,7 @@ impl App {
         if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
             return Ok(waiter);
         }
-        // Whether the matchup was refused, and, when a new generation would be refused or
-        // counted against the client, whether one is under way already: both reads at once
-        // (the second across the leaf link at an edge, so not while that link is down).
-        let spent = self.inner.budget.exhausted();
-        let gated = spent || self.inner.limits.limited(job.kind);
-        let (refused, in_progress) =
-            tokio::join!(self.inner.refusals.refused(job.kind, &job.key), async {
-                gated && self.inner.bus.hub_up() && self.in_progress(&job).await
-            });
-        if refused {
+        if miss.refused {
             metrics::counter!("versus_refused_total", "kind" => job.kind.as_str()).increment(1);
             return Ok(coalesce::Waiter::ended(wire::refused(0)));
         }
@@ -268,7 +307,11 @@ impl App {
                 None,
             )));
         }
-        if gated && !in_progress {
+        // A new generation is refused or counted against the client, unless one is under way
+        // already (a join).
+        let spent = self.inner.budget.exhausted();
+        let gated = spent || self.inner.limits.limited(job.kind);
+        if gated && !self.in_progress(&job, miss.early.as_ref()).await {
             if spent {
                 metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str())
                     .increment(1);
@@ -284,20 +327,37 @@ impl App {
             }
             self.inner.limits.admit(job.kind, client)?;
         }
-        Ok(self.inner.flights.join(job))
+        let waiter = self.inner.flights.join(job, miss.early);
+        // A reader spawned from this task waits in this worker thread's LIFO slot until this
+        // task yields: yield now, so that it publishes the job before this task writes the
+        // response's head and first event rather than after.
+        tokio::task::yield_now().await;
+        Ok(waiter)
     }
 
     /// Whether the events stream shows `job` being generated (by a worker that a request to
-    /// another replica, or an operator's pre-warm, set going). Unsure counts as no.
-    async fn in_progress(&self, job: &Job) -> bool {
+    /// another replica, or an operator's pre-warm, set going), as `early` read it or read now.
+    /// Unsure counts as no.
+    async fn in_progress(&self, job: &Job, early: Option<&coalesce::Early>) -> bool {
+        let under_way = |last: Option<&history::Last>| {
+            matches!(
+                last,
+                Some(history::Last {
+                    event: Some(Event::Started { .. } | Event::Chunk { .. }),
+                    ..
+                })
+            )
+        };
+        if let Some(last) = early.and_then(coalesce::Early::last) {
+            return under_way(last.as_ref());
+        }
         let subject = wire::events_subject(job.kind, &job.key);
-        let last = history::last(&self.inner.bus, &subject).await;
-        matches!(
-            last,
-            Ok(Some(history::Last {
-                event: Some(Event::Started { .. } | Event::Chunk { .. }),
-                ..
-            }))
+        under_way(
+            history::last(&self.inner.bus, &subject)
+                .await
+                .ok()
+                .flatten()
+                .as_ref(),
         )
     }
 

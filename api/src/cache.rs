@@ -120,10 +120,16 @@ impl<V: Entry> EdgeCache<V> {
     /// The finished answer for `key`, from memory, else from the edge KV bucket (at an edge,
     /// its mirror).
     pub async fn get(&self, key: &Key) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
-        if let Some(hit) = self.memory.get(key) {
-            return Ok(Some(hit_from(hit, V::KIND, Layer::Memory)));
+        if let Some(hit) = self.in_memory(key) {
+            return Ok(Some((hit, Layer::Memory)));
         }
         self.read(key, &self.bus.nearest_answers, Layer::Kv).await
+    }
+
+    /// The finished answer for `key` if this replica's memory holds it.
+    pub fn in_memory(&self, key: &Key) -> Option<Arc<Cached<V>>> {
+        let hit = self.memory.get(key)?;
+        Some(hit_from(hit, V::KIND, Layer::Memory).0)
     }
 
     /// The answer of a generation that just ended with `done`, which workers announce only

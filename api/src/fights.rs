@@ -1,7 +1,7 @@
 //! The text routes of the public contract: `GET /v1/fights/stream`, `POST /v1/fights`,
 //! `GET /v1/fights/{key}`.
 
-use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{collections::VecDeque, convert::Infallible, net::SocketAddr};
 
 use axum::{
     Json,
@@ -16,7 +16,7 @@ use versus_shared::{
 };
 
 use crate::{
-    app::App,
+    app::{App, Found},
     body::TextBody,
     cache::Cached,
     coalesce::Waiter,
@@ -32,10 +32,6 @@ use crate::{
 const ANSWER_CACHE_CONTROL: &str = "public, max-age=300, s-maxage=86400";
 
 impl App {
-    async fn cached(&self, key: &Key) -> Option<Arc<Cached<Answer>>> {
-        self.inner.answers.lookup(key).await
-    }
-
     /// Counts the request for popularity (in memory; see `popularity`).
     fn count(&self, ask: &Ask) {
         let names = &ask.matchup;
@@ -77,31 +73,34 @@ pub(crate) async fn stream_fight(
     // Who asks matters only to a stream that stays open: a whole hit is never limited.
     let client = || app.client(peer, &headers);
     let mut translator = Translator::new(key.clone(), resume);
-    if let Some(cached) = app.cached(&key).await {
-        let answer = &cached.value;
-        if resume.is_none() {
-            // The common hit: the same bytes every time, rendered once per cached answer.
-            let body = cached.sse.get_or_init(|| {
-                sse::render(&[
-                    sse::meta_frame(&key, &answer.a, &answer.b, true),
-                    sse::chunk_frame(answer.attempt, answer.text.len(), &answer.text),
-                    sse::done_frame(&key, &answer.model),
-                ])
-            });
-            return Ok(sse::body(body.clone()));
+    let miss = match app.find(&app.inner.answers, &key).await {
+        Found::Missing(miss) => miss,
+        Found::Stored(cached) => {
+            let answer = &cached.value;
+            if resume.is_none() {
+                // The common hit: the same bytes every time, rendered once per cached answer.
+                let body = cached.sse.get_or_init(|| {
+                    sse::render(&[
+                        sse::meta_frame(&key, &answer.a, &answer.b, true),
+                        sse::chunk_frame(answer.attempt, answer.text.len(), &answer.text),
+                        sse::done_frame(&key, &answer.model),
+                    ])
+                });
+                return Ok(sse::body(body.clone()));
+            }
+            let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
+            translator.finished_text(answer.attempt, &answer.text, &mut out);
+            out.push(sse::done(&key, &answer.model));
+            let slot = app.stream_slot(client())?;
+            return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
         }
-        let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
-        translator.finished_text(answer.attempt, &answer.text, &mut out);
-        out.push(sse::done(&key, &answer.model));
-        let slot = app.stream_slot(client())?;
-        return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
-    }
+    };
     let client = client();
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
     let meta = sse::meta(&key, &job.a, &job.b, false);
     let generation = InProgress {
-        waiter: app.wait_on(job, &headers, client).await?,
+        waiter: app.wait_on(job, miss, &headers, client).await?,
         translator,
         queue: VecDeque::from([meta]),
         ended: false,
@@ -163,14 +162,15 @@ pub(crate) async fn create_fight(
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Text)?;
     app.count(&ask);
-    if let Some(cached) = app.cached(&ask.key).await {
-        return Ok(cached_body(&cached));
-    }
+    let miss = match app.find(&app.inner.answers, &ask.key).await {
+        Found::Stored(cached) => return Ok(cached_body(&cached)),
+        Found::Missing(miss) => miss,
+    };
     let job = app.job(ask);
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
     let mut waiter = app
-        .wait_on(job, &headers, app.client(peer, &headers))
+        .wait_on(job, miss, &headers, app.client(peer, &headers))
         .await?;
     let mut attempt = None;
     let mut text = String::new();

@@ -19,7 +19,7 @@ use versus_shared::{
 };
 
 use crate::{
-    app::App,
+    app::{App, Found},
     body::{self, ImageBody},
     cache::Cached,
     coalesce::Waiter,
@@ -84,21 +84,24 @@ pub(crate) async fn stream_image(
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
     let key = ask.key.clone();
-    if let Some(cached) = app.inner.images.lookup(&key).await {
-        let v = &cached.value;
-        let body = cached.sse.get_or_init(|| {
-            sse::render(&[
-                sse::meta_frame(&key, &v.a, &v.b, true),
-                sse::image_done_frame(&key, &app.url_of(v)),
-            ])
-        });
-        return Ok(sse::body(body.clone()));
-    }
+    let miss = match app.find(&app.inner.images, &key).await {
+        Found::Missing(miss) => miss,
+        Found::Stored(cached) => {
+            let v = &cached.value;
+            let body = cached.sse.get_or_init(|| {
+                sse::render(&[
+                    sse::meta_frame(&key, &v.a, &v.b, true),
+                    sse::image_done_frame(&key, &app.url_of(v)),
+                ])
+            });
+            return Ok(sse::body(body.clone()));
+        }
+    };
     let client = app.client(peer, &headers);
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
     let meta = sse::meta(&key, &job.a, &job.b, false);
-    let waiter = app.wait_on(job, &headers, client).await?;
+    let waiter = app.wait_on(job, miss, &headers, client).await?;
     let waiting = app.clone();
     let events =
         stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
@@ -136,13 +139,13 @@ pub(crate) async fn create_image(
     JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
-    let (cached, was_cached) = match app.inner.images.lookup(&ask.key).await {
-        Some(cached) => (cached, true),
-        None => {
+    let (cached, was_cached) = match app.find(&app.inner.images, &ask.key).await {
+        Found::Stored(cached) => (cached, true),
+        Found::Missing(miss) => {
             let key = ask.key.clone();
             let job = app.job(ask);
             let waiter = app
-                .wait_on(job, &headers, app.client(peer, &headers))
+                .wait_on(job, miss, &headers, app.client(peer, &headers))
                 .await?;
             (app.drawn(key, waiter).await?, false)
         }

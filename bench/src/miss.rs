@@ -91,8 +91,8 @@ pub struct Raw {
     pub system_errors: Vec<String>,
     /// Chat calls the simulator received during the measured rounds (both sides).
     pub upstream_calls: u64,
-    /// From a system round's start to each of its calls reaching the simulator (ms
-    /// resolution): the dispatch part of the added time.
+    /// From a system round's start to each of its calls reaching the simulator: the dispatch
+    /// part of the added time.
     pub dispatch: Summary,
     /// P3: each system matchup again, one at a time, time to `done`.
     pub hit_done: Summary,
@@ -160,7 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .filter_map(|&at| {
             let (start, _) = windows.iter().find(|(s, e)| at >= *s && at <= *e)?;
-            Some(Duration::from_millis(at - start))
+            Some(Duration::from_micros(at - start))
         })
         .collect();
 
@@ -222,8 +222,9 @@ async fn round(
     .await;
     // A pause between the sides, so that the tails of one do not overlap the other.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let system_start = unix_ms();
     let meter = CpuMeter::start(&args.procs);
+    // After the meter, which reads every watched process tree (milliseconds).
+    let system_start = unix_us();
     let system = match urls(&args.api, tag, args.n) {
         Ok(urls) => {
             join_all(urls.into_iter().map(|url| {
@@ -239,7 +240,7 @@ async fn round(
             ..Timeline::default()
         })],
     };
-    let system_end = unix_ms();
+    let system_end = unix_us();
     let cpu = meter.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let unwrap = |r: Result<Timeline, tokio::task::JoinError>| {
@@ -284,10 +285,10 @@ async fn scrape(urls: &[String]) -> std::collections::HashMap<String, f64> {
     totals
 }
 
-fn unix_ms() -> u64 {
+fn unix_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn names(tag: &str, i: usize) -> (String, String) {
@@ -391,7 +392,7 @@ fn p2(raw: &Raw, title: &'static str) -> Section {
     p2_rows.push(Row::info(
         "where the added time goes: request → upstream call, p50 / p99",
         format!(
-            "{} / {} ms (ms resolution, as the simulator saw the calls arrive)",
+            "{} / {} ms (as the simulator saw the calls arrive)",
             fmt_ms(raw.dispatch.p50_ms),
             fmt_ms(raw.dispatch.p99_ms),
         ),

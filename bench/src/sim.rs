@@ -61,7 +61,7 @@ impl Sim {
             .context("/_sim/stats has no chat_calls")
     }
 
-    /// Arrival times (Unix milliseconds) of the chat calls since the last reset.
+    /// Arrival times (Unix microseconds) of the chat calls since the last reset.
     pub async fn chat_arrivals(&self) -> anyhow::Result<Vec<u64>> {
         let stats = self.stats().await?;
         Ok(stats["calls"]
@@ -69,7 +69,7 @@ impl Sim {
             .context("/_sim/stats has no calls")?
             .iter()
             .filter(|c| c["kind"] == "chat")
-            .filter_map(|c| c["at_ms"].as_u64())
+            .filter_map(|c| c["at_us"].as_u64())
             .collect())
     }
 

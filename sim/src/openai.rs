@@ -86,9 +86,13 @@ pub fn unix_secs() -> u64 {
 }
 
 pub fn unix_ms() -> u64 {
+    unix_us() / 1000
+}
+
+pub fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// SHA-256 of the parts, each followed by a NUL so that ("ab","c") and ("a","bc") differ.

@@ -27,6 +27,8 @@ pub struct Call {
     pub kind: CallKind,
     /// Unix milliseconds when the request arrived.
     pub at_ms: u64,
+    /// The same in microseconds, for timings finer than a millisecond.
+    pub at_us: u64,
     /// Status answered; 0 when no response was given (a non-streaming cut, or a stall).
     pub status: u16,
     pub fault: Option<&'static str>,
@@ -83,6 +85,7 @@ impl Call {
         Self {
             kind,
             at_ms: crate::openai::unix_ms(),
+            at_us: crate::openai::unix_us(),
             status: 0,
             fault: None,
             prompt_sha256: String::new(),

@@ -10,6 +10,8 @@
 mod log;
 mod reader;
 
+pub use reader::Early;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -82,8 +84,14 @@ impl Flights {
         Some(self.waiter(flight, key.clone()))
     }
 
-    /// Waits on the generation of `job.key`, starting a reader if this process has none yet.
-    pub fn join(self: &Arc<Self>, job: Job) -> Waiter {
+    /// Whether this process follows the generation of `key`.
+    pub fn follows(&self, key: &Key) -> bool {
+        lock(&self.live).contains_key(key)
+    }
+
+    /// Waits on the generation of `job.key`, starting a reader if this process has none yet
+    /// (which takes over `early`, when the request read it).
+    pub fn join(self: &Arc<Self>, job: Job, early: Option<Early>) -> Waiter {
         let mut live = lock(&self.live);
         let (flight, created) = match live.get(&job.key) {
             Some(flight) => (flight.clone(), None),
@@ -114,7 +122,7 @@ impl Flights {
         if let Some(span) = created {
             metrics::counter!("versus_cache_misses_total").increment(1);
             self.tasks
-                .spawn(reader::run(self.clone(), flight.clone(), job).instrument(span));
+                .spawn(reader::run(self.clone(), flight.clone(), job, early).instrument(span));
         } else {
             metrics::counter!("versus_coalesced_total").increment(1);
             traces::link(&Span::current(), &flight.trace);

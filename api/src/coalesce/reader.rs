@@ -15,30 +15,73 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use async_nats::jetstream;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
 use versus_shared::{
     bus::{self, Bus},
     history::{self, Last},
+    key::Key,
     traces,
     wire::{self, Answer, Event, ImageAnswer, Job, Kind},
 };
 
 use super::{Flight, Flights, Offer, lock};
 
+/// A flight's first two steps, which a request takes while it reads the caches, before it
+/// knows it will wait (one round trip on a miss rather than two after the caches' one): the
+/// key's subscription, then its last stored event. Dropped unused (a hit, a refusal), it
+/// unsubscribes.
+pub struct Early {
+    began: Instant,
+    live: async_nats::Subscriber,
+    /// Moves when messages may have been lost since the subscription was made.
+    losses: watch::Receiver<u64>,
+    last: anyhow::Result<Option<Last>>,
+}
+
+impl Early {
+    /// Subscribes to the events of `key`, then reads the last one stored. None when the
+    /// subscription fails: the reader then tries again itself.
+    pub async fn read(bus: &Bus, kind: Kind, key: &Key) -> Option<Early> {
+        let began = Instant::now();
+        let subject = wire::events_subject(kind, key);
+        let mut losses = bus.losses.clone();
+        losses.mark_unchanged();
+        let live = bus.client.subscribe(subject.clone()).await.ok()?;
+        let last = history::last(bus, &subject).await;
+        Some(Early {
+            began,
+            live,
+            losses,
+            last,
+        })
+    }
+
+    /// The last event stored when the subscription was in place, if it was read.
+    pub fn last(&self) -> Option<&Option<Last>> {
+        self.last.as_ref().ok()
+    }
+}
+
 /// Follows one flight until a terminal event, the timeout, or the last waiter leaves; then
 /// closes its log and forgets it.
-pub(super) async fn run(flights: Arc<Flights>, flight: Arc<Flight>, job: Job) {
+pub(super) async fn run(
+    flights: Arc<Flights>,
+    flight: Arc<Flight>,
+    job: Job,
+    early: Option<Early>,
+) {
     let key = job.key.clone();
     let queued = AtomicBool::new(false);
     let reading = tokio::time::timeout(
         flights.timeout,
-        read_events(&flights.bus, &flight, job, &queued),
+        read_events(&flights.bus, &flight, job, early, &queued),
     );
     let ending = tokio::select! {
         () = flight.stop.cancelled() => None,
@@ -103,40 +146,52 @@ const EDGE_IDLE_CHECK: Duration = Duration::from_secs(1);
 const RESYNC_TRIES: u32 = 4;
 const RESYNC_PAUSE: Duration = Duration::from_millis(2);
 
-/// Logs the generation's events until it ends.
-/// `queued` is set once the jobs stream acknowledged the job.
+/// Logs the generation's events until it ends, starting from `early` when the request took
+/// the first steps. `queued` is set once the jobs stream acknowledged the job.
 async fn read_events(
     bus: &Bus,
     flight: &Flight,
     job: Job,
+    early: Option<Early>,
     queued: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let began = std::time::Instant::now();
     let subject = wire::events_subject(job.kind, &job.key);
-    let mut losses = bus.losses.clone();
-    losses.mark_unchanged();
     // Subscribe first: the server takes this connection's messages in order, so the
     // subscription is in place before the history is read and before the job is published.
-    let mut live = bus.client.subscribe(subject.clone()).await?;
+    let (began, mut live, mut losses, last) = match early {
+        Some(early) => (early.began, early.live, early.losses, early.last.ok()),
+        None => {
+            let began = Instant::now();
+            let mut losses = bus.losses.clone();
+            losses.mark_unchanged();
+            let live = bus.client.subscribe(subject.clone()).await?;
+            (began, live, losses, None)
+        }
+    };
     // The rare or one-off steps are boxed: the reader's future stays small while it waits,
     // which is most of its life (M1 in BENCHMARKS.md).
     // Through a NATS outage or an election of the events stream's leader, the read is tried
     // again for as long as a job publish would be.
-    let last = Box::pin(
-        (|| history::last(bus, &subject))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(1))
-                    .with_jitter()
-                    .without_max_times()
-                    .with_total_delay(Some(crate::publish::RETRY_FOR)),
+    let last = match last {
+        Some(last) => last,
+        None => {
+            Box::pin(
+                (|| history::last(bus, &subject))
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(50))
+                            .with_max_delay(Duration::from_secs(1))
+                            .with_jitter()
+                            .without_max_times()
+                            .with_total_delay(Some(crate::publish::RETRY_FOR)),
+                    )
+                    .notify(|e, delay| {
+                        tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading the last event failed; retrying");
+                    }),
             )
-            .notify(|e, delay| {
-                tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading the last event failed; retrying");
-            }),
-    )
-    .await?;
+            .await?
+        }
+    };
     // A matchup cooling down after repeated failures (or refused for the day's budget) says
     // until when; before then a worker would only refuse again, so no job is published.
     if let Some(Last {

@@ -121,8 +121,10 @@ impl Flights {
         let key = job.key.clone();
         if let Some(span) = created {
             metrics::counter!("versus_cache_misses_total").increment(1);
-            self.tasks
-                .spawn(reader::run(self.clone(), flight.clone(), job, early).instrument(span));
+            self.tasks.spawn(
+                reader::run(self.clone(), flight.clone(), job, early.map(Box::new))
+                    .instrument(span),
+            );
         } else {
             metrics::counter!("versus_coalesced_total").increment(1);
             traces::link(&Span::current(), &flight.trace);

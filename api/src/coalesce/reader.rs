@@ -75,7 +75,7 @@ pub(super) async fn run(
     flights: Arc<Flights>,
     flight: Arc<Flight>,
     job: Job,
-    early: Option<Early>,
+    early: Option<Box<Early>>,
 ) {
     let key = job.key.clone();
     let queued = AtomicBool::new(false);
@@ -152,14 +152,22 @@ async fn read_events(
     bus: &Bus,
     flight: &Flight,
     job: Job,
-    early: Option<Early>,
+    early: Option<Box<Early>>,
     queued: &AtomicBool,
 ) -> anyhow::Result<()> {
     let subject = wire::events_subject(job.kind, &job.key);
     // Subscribe first: the server takes this connection's messages in order, so the
     // subscription is in place before the history is read and before the job is published.
     let (began, mut live, mut losses, last) = match early {
-        Some(early) => (early.began, early.live, early.losses, early.last.ok()),
+        Some(early) => {
+            let Early {
+                began,
+                live,
+                losses,
+                last,
+            } = *early;
+            (began, live, losses, last.ok())
+        }
         None => {
             let began = Instant::now();
             let mut losses = bus.losses.clone();

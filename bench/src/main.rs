@@ -24,6 +24,7 @@ mod capacity;
 mod coalesce;
 mod edge;
 mod hits;
+mod hops;
 mod load;
 mod memory;
 mod miss;

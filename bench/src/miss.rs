@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
+use crate::hops::{self, Hops};
 use crate::procs::{CpuMeter, Named};
 use crate::report::{Row, Section};
 use crate::sim::Sim;
@@ -49,6 +50,12 @@ pub struct Args {
     /// `miss-1.json` (P3 then reads the other file).
     #[arg(long, default_value = FILE)]
     pub file: String,
+    /// NATS, where `versus-admin` logs in with `nats_password`: the hops a miss makes are
+    /// then also timed alone (see `hops`), after the rounds.
+    #[arg(long, requires = "nats_password")]
+    pub nats_url: Option<String>,
+    #[arg(long)]
+    pub nats_password: Option<String>,
 }
 
 /// The stages of a miss, as the processes time them (histograms ending in `_seconds`).
@@ -102,6 +109,9 @@ pub struct Raw {
     /// CPU seconds of each watched process (and the load client) over each system side.
     #[serde(default)]
     pub cpu: Vec<(String, f64)>,
+    /// The same hops without Versus, when they were timed.
+    #[serde(default)]
+    pub hops: Option<Hops>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -172,6 +182,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let hit_errors = errors(&hits, |t| {
         (t.cached != Some(true)).then(|| "not served from the cache".to_owned())
     });
+    let hops = match (&args.nats_url, &args.nats_password) {
+        (Some(url), Some(password)) => {
+            Some(hops::measure(url, password, &sim.openai_base(), 100).await?)
+        }
+        _ => None,
+    };
 
     let raw = Raw {
         n: args.n,
@@ -191,6 +207,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         hit_errors,
         stages,
         cpu,
+        hops,
     };
     eprintln!(
         "first token p50/p99: direct {:.2}/{:.2} ms, system {:.2}/{:.2} ms",
@@ -418,6 +435,32 @@ fn p2(raw: &Raw, title: &'static str) -> Section {
         p2_rows.push(Row::info(
             "CPU per answer over the system sides",
             crate::procs::per_answer(&raw.cpu, raw.system_done.count as usize),
+        ));
+    }
+    if let Some(hops) = &raw.hops {
+        p2_rows.push(Row::info(
+            "the same hops without Versus, p50 / p99 (100 each, idle between)",
+            format!(
+                "a direct get {} / {} ms · JetStream publish → a waiting pull consumer {} / {} \
+                 ms · core publish → subscriber {} / {} ms · an HTTP call to the simulator \
+                 {} / {} ms",
+                fmt_ms(hops.direct_get.p50_ms),
+                fmt_ms(hops.direct_get.p99_ms),
+                fmt_ms(hops.queue.p50_ms),
+                fmt_ms(hops.queue.p99_ms),
+                fmt_ms(hops.core.p50_ms),
+                fmt_ms(hops.core.p99_ms),
+                fmt_ms(hops.http.p50_ms),
+                fmt_ms(hops.http.p99_ms),
+            ),
+        ));
+        p2_rows.push(Row::info(
+            "their sum: the floor under this design's added time, p50",
+            format!(
+                "{} ms (the client's exchange with the API, the reads, the job, the names' \
+                 moderation, the first token's event; the HTTP call counted twice)",
+                fmt_ms(hops.floor_ms())
+            ),
         ));
     }
     p2_rows.push(Row::info(

@@ -5,6 +5,7 @@ use std::{
     convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
+    pin::pin,
     sync::Arc,
     time::Duration,
 };
@@ -13,7 +14,10 @@ use axum::{
     http::HeaderMap,
     response::{Response, sse::Event as SseEvent},
 };
-use futures::{Stream, StreamExt};
+use futures::{
+    Stream, StreamExt,
+    future::{self, Either},
+};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     budget::{Budget, BudgetSettings},
@@ -248,9 +252,11 @@ impl App {
     }
 
     /// The stored answer of `key` from this replica's memory; else, all at once, the KV
-    /// bucket, the refusals, and (on the hub, unless this process follows the key already)
-    /// the first steps of the flight a miss starts ([`coalesce::Early`]): a miss then costs
-    /// one round trip before its job is published, not three.
+    /// bucket and, unless this process follows the key already (its flight's first request
+    /// read them), the refusals and the first steps of the flight a miss starts
+    /// ([`coalesce::Early`]; not while an edge's link to the hub is down, when a miss is
+    /// refused anyway): a miss then costs one round trip before its job is published, not
+    /// three. A hit is answered as soon as the KV bucket has it; the other reads are dropped.
     pub(crate) async fn find<V: cache::Entry>(
         &self,
         cache: &cache::EdgeCache<V>,
@@ -260,18 +266,25 @@ impl App {
             return Found::Stored(hit);
         }
         let bus = &self.inner.bus;
-        // At an edge the events stream is across the leaf link: read only for a miss.
-        let early = !bus.at_edge() && !self.inner.flights.follows(key);
-        let (stored, refused, early) = tokio::join!(
-            cache.lookup(key),
-            self.inner.refusals.refused(V::KIND, key),
-            async {
-                match early {
-                    true => coalesce::Early::read(bus, V::KIND, key).await,
-                    false => None,
-                }
-            },
-        );
+        let following = self.inner.flights.follows(key);
+        let stored = pin!(cache.lookup(key));
+        let rest = pin!(async {
+            tokio::join!(
+                async { !following && self.inner.refusals.refused(V::KIND, key).await },
+                async {
+                    if following || !bus.hub_up() {
+                        None
+                    } else {
+                        coalesce::Early::read(bus, V::KIND, key).await
+                    }
+                },
+            )
+        });
+        let (stored, (refused, early)) = match future::select(stored, rest).await {
+            Either::Left((Some(hit), _)) => return Found::Stored(hit),
+            Either::Left((None, rest)) => (None, rest.await),
+            Either::Right((rest, stored)) => (stored.await, rest),
+        };
         match stored {
             Some(hit) => Found::Stored(hit),
             None => Found::Missing(Miss { refused, early }),

@@ -1,11 +1,18 @@
 //! Text answers end to end: misses, hits, key variants, coalescing, late joiners and resume,
 //! bad input, and hits with the back end gone.
 
+use std::time::Duration;
+
 use futures::future::join_all;
 use serde_json::{Value, json};
-use versus_testkit::{Proc, sse};
+use versus_testkit::{Proc, System, eventually, sse};
 
-use crate::{fight, http, json_of, quick, rows, shape, stream_url, text_of};
+use crate::{
+    fight, fight_at, http, json_of, metric, metrics_of, quick, rows, shape, stream_url, text_of,
+};
+
+/// How long an unsubscription may take to reach nats-server.
+const SETTLE: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn a_miss_streams_the_answer_and_the_repeat_is_served_from_cache() {
@@ -421,4 +428,72 @@ async fn metrics_count_hits_misses_coalescing_and_upstream_calls() {
             .unwrap();
         assert_eq!(r.status(), 200, "{ops}");
     }
+}
+
+/// How many subscriptions nats-server holds on the events of `key` (the API's flights are the
+/// only subscribers of events subjects).
+async fn events_subscriptions(sys: &System, key: &str) -> usize {
+    let subject = format!("versus.events.text.{key}");
+    let connz: Value = json_of(http().get(format!(
+        "http://127.0.0.1:{}/connz?subs=1&limit=1024",
+        sys.nats.monitor_port
+    )))
+    .await;
+    connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| {
+            c["subscriptions_list"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|s| *s == json!(subject))
+        .count()
+}
+
+#[tokio::test]
+async fn a_miss_holds_one_subscription_while_it_streams_and_hits_leave_none() {
+    // A slow first token: the stream is open for a while before any text.
+    let sys = quick()
+        .workers(1)
+        .sim_env("VERSUS_SIM_TTFT_MS", "1500")
+        .start()
+        .await;
+    let mut miss = sse::open(&stream_url(&sys, "Subscribed", "Once"), None).await;
+    let meta = miss.next().await.unwrap();
+    assert_eq!(meta.event, "meta");
+    let key = meta.json()["key"].as_str().unwrap().to_owned();
+    // The subscription the request made while it read the caches is the reader's: one.
+    assert_eq!(events_subscriptions(&sys, &key).await, 1);
+    let rest = miss.collect_all().await;
+    assert_eq!(shape(&rest), ["chunk*", "done"]);
+    eventually(
+        "the finished flight's subscription is gone",
+        SETTLE,
+        || async { events_subscriptions(&sys, &key).await == 0 },
+    )
+    .await;
+
+    // A replica that never saw the answer reads it from KV (and subscribed meanwhile, in
+    // case it was a miss): every hit gets the whole answer and leaves no subscription.
+    let replica = sys.spawn_api().await;
+    for _ in 0..3 {
+        let hit = fight_at(&replica.url, "Subscribed", "Once").await;
+        assert_eq!(shape(&hit), ["meta", "chunk*", "done"]);
+        assert_eq!(hit[0].json()["cached"], json!(true));
+        assert_eq!(text_of(&hit), text_of(&rest));
+    }
+    let metrics = metrics_of(&replica.url).await;
+    assert_eq!(
+        metric(&metrics, "versus_cache_hits_total", "layer=\"kv\""),
+        1.0
+    );
+    assert_eq!(metric(&metrics, "versus_cache_misses_total", ""), 0.0);
+    eventually("the hits' subscriptions are gone", SETTLE, || async {
+        events_subscriptions(&sys, &key).await == 0
+    })
+    .await;
+    assert_eq!(sys.sim.chat_calls().await, 1);
 }

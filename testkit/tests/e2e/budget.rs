@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::{fight, http, json_of, metric, metrics_of, quick};
+use crate::{fight, http, json_of, metric, metrics_of, quick, shape};
 
 const TOKEN: &str = "budget-admin-token";
 
@@ -35,14 +35,19 @@ async fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_
         let last = events.last().unwrap();
         if i < 3 {
             assert_eq!(last.event, "done", "miss {i}: {events:?}");
+            if i == 2 {
+                // From here on an answer would take seconds: a refusal that waited for
+                // anything would show (how fast a refusal is, R1 in BENCHMARKS.md measures).
+                sys.sim.config(json!({"ttft_ms": 10_000})).await;
+            }
             continue;
         }
         refused += 1;
-        assert_eq!(last.event, "error", "miss {i}: {events:?}");
+        assert_eq!(shape(&events), ["meta", "error"], "miss {i}");
         let error = last.json();
         assert_eq!(error["code"], json!("budget_exhausted"), "{error}");
         assert_eq!(error["retryable"], json!(true), "{error}");
-        assert!(took < Duration::from_millis(100), "a refusal took {took:?}");
+        assert!(took < Duration::from_secs(5), "a refusal took {took:?}");
     }
     assert_eq!(refused, 3);
     assert_eq!(

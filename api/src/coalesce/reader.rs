@@ -42,30 +42,38 @@ pub struct Early {
     live: async_nats::Subscriber,
     /// Moves when messages may have been lost since the subscription was made.
     losses: watch::Receiver<u64>,
-    last: anyhow::Result<Option<Last>>,
+    /// The last event stored once the subscription was in place; None until it is read.
+    last: Option<Option<Last>>,
 }
 
 impl Early {
     /// Subscribes to the events of `key`, then reads the last one stored. None when the
-    /// subscription fails: the reader then tries again itself.
+    /// subscription fails: the reader then tries again itself (and reads the last event again
+    /// when this read failed).
     pub async fn read(bus: &Bus, kind: Kind, key: &Key) -> Option<Early> {
-        let began = Instant::now();
         let subject = wire::events_subject(kind, key);
+        let mut early = Early::subscribe(bus, &subject).await.ok()?;
+        early.last = history::last(bus, &subject).await.ok();
+        Some(early)
+    }
+
+    /// The first step alone: the subscription, from which lost messages are counted.
+    async fn subscribe(bus: &Bus, subject: &str) -> anyhow::Result<Early> {
+        let began = Instant::now();
         let mut losses = bus.losses.clone();
         losses.mark_unchanged();
-        let live = bus.client.subscribe(subject.clone()).await.ok()?;
-        let last = history::last(bus, &subject).await;
-        Some(Early {
+        let live = bus.client.subscribe(subject.to_owned()).await?;
+        Ok(Early {
             began,
             live,
             losses,
-            last,
+            last: None,
         })
     }
 
     /// The last event stored when the subscription was in place, if it was read.
     pub fn last(&self) -> Option<&Option<Last>> {
-        self.last.as_ref().ok()
+        self.last.as_ref()
     }
 }
 
@@ -158,23 +166,14 @@ async fn read_events(
     let subject = wire::events_subject(job.kind, &job.key);
     // Subscribe first: the server takes this connection's messages in order, so the
     // subscription is in place before the history is read and before the job is published.
-    let (began, mut live, mut losses, last) = match early {
-        Some(early) => {
-            let Early {
-                began,
-                live,
-                losses,
-                last,
-            } = *early;
-            (began, live, losses, last.ok())
-        }
-        None => {
-            let began = Instant::now();
-            let mut losses = bus.losses.clone();
-            losses.mark_unchanged();
-            let live = bus.client.subscribe(subject.clone()).await?;
-            (began, live, losses, None)
-        }
+    let Early {
+        began,
+        mut live,
+        mut losses,
+        last,
+    } = match early {
+        Some(early) => *early,
+        None => Early::subscribe(bus, &subject).await?,
     };
     // The rare or one-off steps are boxed: the reader's future stays small while it waits,
     // which is most of its life (M1 in BENCHMARKS.md).

@@ -788,6 +788,24 @@ start_dev_postgres() {
     DATABASE_URL="postgres://postgres@127.0.0.1:$port/versus"
 }
 
+# migrate_as_owner WORKER_BIN PORT LOG: runs the migrations on the database `versus` at PORT
+# as its owner (the superuser, DATABASE_URL) with `versus-worker --migrate-only`, its output
+# in LOG, and sets API_DATABASE_URL and WORKER_DATABASE_URL: the same database as the roles the
+# migrations make, which the programs connect as (the API may not change or delete answers;
+# neither may change the schema). The cluster trusts logins from 127.0.0.1 (pg_init), so the
+# roles need no password.
+# shellcheck disable=SC2034  # it sets variables for the caller
+migrate_as_owner() {
+    local bin=$1 port=$2 log=$3
+    say "running the migrations as the owner (versus-worker --migrate-only)"
+    if ! DATABASE_URL=$DATABASE_URL "$bin" --migrate-only >>"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        die "the migrations failed (log: $log)"
+    fi
+    API_DATABASE_URL="postgres://versus_api@127.0.0.1:$port/versus"
+    WORKER_DATABASE_URL="postgres://versus_worker@127.0.0.1:$port/versus"
+}
+
 # start_sim_unless_upstream: with neither OPENAI_API_KEY nor OPENAI_BASE_URL set, starts the
 # simulator (`launch sim`, at SIM_ADDR) and points the workers at it (exports OPENAI_*). Sets
 # USING_SIM to 1 if it did, else 0.
@@ -806,16 +824,22 @@ start_sim_unless_upstream() {
     fi
 }
 
-# admin_token DATA: the admin routes (pre-warm, popular, purge) need a token: keep one per data
-# folder (DATA/admin-token) unless the caller brings their own VERSUS_ADMIN_TOKEN. Exports
-# VERSUS_ADMIN_TOKEN and sets ADMIN_NOTE, a line that says where it is.
+# random_hex N: N random bytes from /dev/urandom, as 2N hex digits.
+random_hex() {
+    od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'
+}
+
+# admin_token DATA: the admin routes (pre-warm, popular, purge) need a token of at least 32
+# characters: keep one per data folder (DATA/admin-token, 64 hex digits) unless the caller brings
+# their own VERSUS_ADMIN_TOKEN. Exports VERSUS_ADMIN_TOKEN and sets ADMIN_NOTE, a line that says
+# where it is.
 # shellcheck disable=SC2034  # it sets variables for the caller
 admin_token() {
     local data=$1
     ADMIN_NOTE="VERSUS_ADMIN_TOKEN as you set it"
     if [ -z "${VERSUS_ADMIN_TOKEN:-}" ]; then
         ADMIN_NOTE="export VERSUS_ADMIN_TOKEN=\$(cat $data/admin-token)   (for the versus CLI)"
-        [ -s "$data/admin-token" ] || (umask 077 && od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$data/admin-token")
+        [ -s "$data/admin-token" ] || (umask 077 && random_hex 32 >"$data/admin-token")
         VERSUS_ADMIN_TOKEN=$(cat "$data/admin-token")
     fi
     export VERSUS_ADMIN_TOKEN

@@ -1,6 +1,7 @@
-//! Operator routes, behind `Authorization: Bearer $VERSUS_ADMIN_TOKEN` (compared in constant
-//! time): pre-warm batches, their progress, popularity, today's spend against the budget, and
-//! purging an answer everywhere.
+//! Operator routes, behind `Authorization: Bearer $VERSUS_ADMIN_TOKEN` (at least 32 characters,
+//! compared as SHA-256 digests in constant time): pre-warm batches, their progress, popularity,
+//! today's spend against the budget, and purging an answer everywhere. With `VERSUS_OPS_ADDR`
+//! set they are served on that listener alone.
 //! These are the only routes that read Postgres; none of them is on the request path.
 
 use std::collections::HashMap;
@@ -16,9 +17,11 @@ use axum::{
 use futures::{StreamExt, future::try_join_all, stream};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, ToSchema};
 use versus_shared::{
+    config::{ADMIN_TOKEN_MIN_CHARS, ADMIN_TOKEN_VAR, Secret, trimmed_admin_token},
     key::Key,
     wire::{self, Job, Kind, Purge, PurgeReply, PurgeRequest, Purged},
 };
@@ -42,19 +45,56 @@ pub fn routes(app: App) -> Router<App> {
         .route_layer(middleware::from_fn_with_state(app, require_token))
 }
 
+/// The admin token, kept as its SHA-256 digest: a request's token is compared digest to
+/// digest, in constant time, so that neither the time taken nor the length compared says
+/// anything about the token.
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl AdminToken {
+    /// The token `VERSUS_ADMIN_TOKEN` holds, trimmed as the CLI trims it: None when unset or
+    /// empty (the admin routes refuse everything); an error, which never quotes it, when it
+    /// is shorter than [`ADMIN_TOKEN_MIN_CHARS`].
+    pub fn parse(raw: Option<&Secret>) -> anyhow::Result<Option<AdminToken>> {
+        let Some(token) = raw
+            .map(|t| trimmed_admin_token(t.expose()))
+            .filter(|t| !t.is_empty())
+        else {
+            return Ok(None);
+        };
+        let chars = token.chars().count();
+        anyhow::ensure!(
+            chars >= ADMIN_TOKEN_MIN_CHARS,
+            "{ADMIN_TOKEN_VAR} is too short ({chars} characters): it must hold at least \
+             {ADMIN_TOKEN_MIN_CHARS} once trimmed, such as the 64 that `openssl rand -hex 32` \
+             prints; or leave it unset to turn the admin routes off"
+        );
+        Ok(Some(AdminToken {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        }))
+    }
+
+    /// Whether `given` (trimmed likewise) is the token.
+    fn accepts(&self, given: &str) -> bool {
+        let given = Sha256::digest(trimmed_admin_token(given).as_bytes());
+        bool::from(given.as_slice().ct_eq(&self.digest))
+    }
+}
+
+/// Lets a request through only with the admin token. The refusal is the same whether the
+/// token is wrong, missing, or the admin routes are off, so that it tells a caller nothing.
 async fn require_token(State(app): State<App>, request: Request, next: Next) -> Response {
-    let expected = app.inner.settings.admin_token.as_ref();
-    let Some(expected) = expected.filter(|t| !t.expose().is_empty()) else {
-        return ApiError::Unauthorized("admin routes are disabled: VERSUS_ADMIN_TOKEN is not set")
-            .into_response();
-    };
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) && !given.is_empty() {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let accepted = match (&app.inner.admin_token, given) {
+        (Some(token), Some(given)) => token.accepts(given),
+        _ => false,
+    };
+    if accepted {
         next.run(request).await
     } else {
         ApiError::Unauthorized("a valid admin bearer token is required").into_response()
@@ -183,6 +223,8 @@ pub(crate) async fn prewarm(
         });
     }
 
+    // Without NATS nothing could be queued: refuse before anything is recorded.
+    app.bus()?;
     // What is already cached costs nothing and gets no job.
     let wanted: Vec<(Key, Option<Key>)> = items
         .iter()
@@ -285,7 +327,7 @@ async fn publish(app: &App, batch: &str, job: Job) -> Result<(), ApiError> {
     let payload = serde_json::to_vec(&job).map_err(|_| ApiError::Unavailable)?;
     // Retried with the same message id through an outage or a leader election.
     crate::publish::job(
-        &app.inner.bus.js,
+        &app.bus()?.js,
         wire::prewarm_subject(job.kind),
         payload.into(),
         wire::prewarm_msg_id(job.kind, &job.key, batch),
@@ -509,6 +551,7 @@ pub(crate) async fn purge(
 ) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
     let db = app.db()?;
+    app.bus()?;
     let names: Option<(String, String)> =
         sqlx::query_as("SELECT a, b FROM generations WHERE kind = 'text' AND key = $1")
             .bind(key.as_str())
@@ -540,7 +583,7 @@ pub(crate) async fn purge(
         ],
     };
     let payload = serde_json::to_vec(&request).map_err(|_| ApiError::Unavailable)?;
-    let bus = &app.inner.bus;
+    let bus = app.bus()?;
     // No worker up: "no responders" at once.
     let ask = async_nats::Request::new()
         .payload(payload.into())
@@ -573,4 +616,40 @@ fn database(e: sqlx::Error) -> ApiError {
 fn nats(e: &dyn std::fmt::Display) -> ApiError {
     tracing::warn!(error = %e, "admin NATS operation failed");
     ApiError::Unavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AdminToken, Secret};
+
+    #[test]
+    fn a_short_token_is_refused_with_its_variable_named_and_never_quoted() {
+        let short = "  0123456789abcdef0123456789abcde \n";
+        let error = AdminToken::parse(Some(&Secret::new(short))).err().unwrap();
+        let text = format!("{error:#}");
+        assert!(text.contains("VERSUS_ADMIN_TOKEN"), "{text}");
+        assert!(!text.contains("0123456789abcdef"), "{text}");
+        for off in [None, Some(Secret::new("")), Some(Secret::new(" \n"))] {
+            assert!(AdminToken::parse(off.as_ref()).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn the_token_is_trimmed_and_only_the_whole_of_it_is_accepted() {
+        let token = "0123456789abcdef0123456789abcdef";
+        let parsed = AdminToken::parse(Some(&Secret::new(format!(" {token}\n"))))
+            .unwrap()
+            .unwrap();
+        assert!(parsed.accepts(token));
+        assert!(parsed.accepts(&format!("{token} ")));
+        for wrong in [
+            "",
+            &token[..31],
+            &format!("{token}0"),
+            &"f".repeat(32),
+            &"f".repeat(500),
+        ] {
+            assert!(!parsed.accepts(wrong), "{wrong}");
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::{
     future::Future,
     net::{IpAddr, SocketAddr},
     pin::pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -21,7 +21,7 @@ use futures::{
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     budget::{Budget, BudgetSettings},
-    bus::{Bus, Role},
+    bus::Bus,
     config::{ModelSettings, NatsSettings, Secret},
     history,
     key::Key,
@@ -32,8 +32,10 @@ use versus_shared::{
 };
 
 use crate::{
+    admin::AdminToken,
     body, cache, coalesce, error,
     limits::{self, StreamSlot},
+    nats::LazyBus,
     origin, popularity, sse,
 };
 
@@ -44,6 +46,12 @@ pub struct Settings {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, env = "VERSUS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: String,
+    /// A second address, for the operator's routes alone (`/metrics` and `/v1/admin/*`, which
+    /// then answer 404 on `VERSUS_HTTP_ADDR`): a private one, such as `127.0.0.1:9090` or an
+    /// internal network's. `/healthz` and `/readyz` answer on both. Unset: everything is served
+    /// on `VERSUS_HTTP_ADDR`.
+    #[arg(long, env = "VERSUS_OPS_ADDR")]
+    pub ops_addr: Option<String>,
     #[command(flatten)]
     pub nats: NatsSettings,
     /// Run at an edge: `NATS_URL` is this edge's nats-server (`nats-edge.conf`), a leaf node
@@ -65,7 +73,8 @@ pub struct Settings {
     /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.
     #[arg(long, env = "VERSUS_PUBLIC_IMAGE_BASE_URL")]
     pub public_image_base_url: Option<String>,
-    /// Bearer token of the admin routes; unset, they refuse every request.
+    /// Bearer token of the admin routes, at least 32 characters once trimmed (e.g.
+    /// `openssl rand -hex 32`); unset or empty, they refuse every request.
     #[arg(long, env = "VERSUS_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
     /// Postgres URL, used only by the admin routes (never by answers).
@@ -130,7 +139,8 @@ pub struct App {
 }
 
 pub struct Inner {
-    pub bus: Bus,
+    /// NATS: the client at once, the streams and buckets once found (see [`LazyBus`]).
+    pub bus: LazyBus,
     pub answers: cache::EdgeCache<Answer>,
     pub images: cache::EdgeCache<ImageAnswer>,
     /// Matchups moderation refused: answered `refused` at no cost.
@@ -139,6 +149,10 @@ pub struct Inner {
     pub popularity: popularity::Popularity,
     /// For the admin routes only; connects on first use.
     pub db: Option<sqlx::PgPool>,
+    /// The admin routes' token (its digest); None: they refuse every request.
+    pub admin_token: Option<AdminToken>,
+    /// Purge notices from every replica, until `run` takes them (see `LazyBus::start`).
+    pub(crate) purges: Mutex<Option<async_nats::Subscriber>>,
     pub flights: Arc<coalesce::Flights>,
     /// Who may start a generation (see `origin` and `limits`).
     pub origins: origin::Origins,
@@ -152,30 +166,30 @@ pub struct Inner {
 }
 
 impl App {
-    /// Connects to NATS and looks up what the API uses (waiting until a worker declared it).
+    /// Everything the handlers share, at once: NATS is dialled, and what the API uses on it
+    /// looked up in the background (see [`LazyBus`]), so that the API serves meanwhile.
     pub async fn build(
         settings: Settings,
         metrics: PrometheusHandle,
         tasks: &Tasks,
     ) -> anyhow::Result<App> {
+        let admin_token = AdminToken::parse(settings.admin_token.as_ref())?;
         let budget = Budget::new(&settings.budget)?;
         for model in [&settings.models.chat_model, &settings.models.image_model] {
             if budget.capped() && !budget.prices.knows(model) {
                 tracing::warn!(%model, "no price for this model (VERSUS_PRICES): it is counted at the dearest known price");
             }
         }
-        let role = match &settings.hub_domain {
-            Some(hub) => Role::Edge { hub },
-            None => Role::Api,
-        };
-        cache::zero_counters(matches!(role, Role::Edge { .. }));
+        cache::zero_counters(settings.hub_domain.is_some());
         coalesce::zero_counters();
-        let bus = Bus::connect(&settings.nats, role, tasks).await?;
-        tasks.spawn(
-            budget
-                .clone()
-                .follow(bus.spend.clone(), tasks.shutdown().clone()),
-        );
+        let (bus, purges) =
+            LazyBus::start(&settings.nats, settings.hub_domain.as_deref(), tasks).await?;
+        let (following, spend, shutdown) = (budget.clone(), bus.clone(), tasks.shutdown().clone());
+        tasks.spawn(async move {
+            if let Some(bus) = spend.attached(&shutdown).await {
+                following.follow(bus.spend.clone(), shutdown).await;
+            }
+        });
         let flights = coalesce::Flights::new(
             bus.clone(),
             Duration::from_secs(settings.stream_timeout_secs.max(1)),
@@ -207,12 +221,14 @@ impl App {
                 )?,
                 budget,
                 objects: settings.objects.open()?,
-                popularity: popularity::Popularity::new(bus.client.clone()),
+                popularity: popularity::Popularity::new(bus.client().clone()),
                 db: settings
                     .database_url
                     .as_ref()
                     .map(|url| versus_shared::db::connect_lazy(url, 4))
                     .transpose()?,
+                admin_token,
+                purges: Mutex::new(Some(purges)),
                 answers,
                 images,
                 refusals: cache::Refusals::new(bus.clone(), 100_000),
@@ -223,6 +239,11 @@ impl App {
                 metrics,
             }),
         })
+    }
+
+    /// The bus, if it was found and is connected now; else `unavailable` (503).
+    pub(crate) fn bus(&self) -> Result<&Bus, error::ApiError> {
+        self.inner.bus.now().ok_or(error::ApiError::Unavailable)
     }
 
     /// Who sent the request (see [`limits::Limits::client`]).
@@ -265,8 +286,21 @@ impl App {
         if let Some(hit) = cache.in_memory(key) {
             return Found::Stored(hit);
         }
-        let bus = &self.inner.bus;
         let following = self.inner.flights.follows(key);
+        // While NATS is not connected, a reconnect may be moments away (a restart, a failover);
+        // past that, the miss is refused at once (`wait_on`). Joining a flight of this process
+        // needs no NATS.
+        let bus = if following {
+            self.inner.bus.now()
+        } else {
+            self.inner.bus.within_grace().await
+        };
+        let Some(bus) = bus else {
+            return Found::Missing(Miss {
+                refused: false,
+                early: None,
+            });
+        };
         let stored = pin!(cache.lookup(key));
         let rest = pin!(async {
             tokio::join!(
@@ -310,7 +344,17 @@ impl App {
             metrics::counter!("versus_refused_total", "kind" => job.kind.as_str()).increment(1);
             return Ok(coalesce::Waiter::ended(wire::refused(0)));
         }
-        if !self.inner.bus.hub_up() {
+        let Some(bus) = self.inner.bus.now() else {
+            metrics::counter!("versus_nats_refusals_total", "kind" => job.kind.as_str())
+                .increment(1);
+            return Ok(coalesce::Waiter::ended(Event::retryable(
+                "unavailable",
+                "This server cannot reach its message bus right now. Answers already written \
+                 still work; please try again shortly.",
+                None,
+            )));
+        };
+        if !bus.hub_up() {
             metrics::counter!("versus_edge_refusals_total", "kind" => job.kind.as_str())
                 .increment(1);
             return Ok(coalesce::Waiter::ended(Event::retryable(
@@ -324,7 +368,7 @@ impl App {
         // already (a join).
         let spent = self.inner.budget.exhausted();
         let gated = spent || self.inner.limits.limited(job.kind);
-        if gated && !self.in_progress(&job, miss.early.as_ref()).await {
+        if gated && !self.in_progress(bus, &job, miss.early.as_ref()).await {
             if spent {
                 metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str())
                     .increment(1);
@@ -351,7 +395,7 @@ impl App {
     /// Whether the events stream shows `job` being generated (by a worker that a request to
     /// another replica, or an operator's pre-warm, set going), as `early` read it or read now.
     /// Unsure counts as no.
-    async fn in_progress(&self, job: &Job, early: Option<&coalesce::Early>) -> bool {
+    async fn in_progress(&self, bus: &Bus, job: &Job, early: Option<&coalesce::Early>) -> bool {
         let under_way = |last: Option<&history::Last>| {
             matches!(
                 last,
@@ -365,13 +409,7 @@ impl App {
             return under_way(last.as_ref());
         }
         let subject = wire::events_subject(job.kind, &job.key);
-        under_way(
-            history::last(&self.inner.bus, &subject)
-                .await
-                .ok()
-                .flatten()
-                .as_ref(),
-        )
+        under_way(history::last(bus, &subject).await.ok().flatten().as_ref())
     }
 
     /// Waits for `wait` unless this process stops first: then the client is told to retry

@@ -14,10 +14,11 @@ use quick_cache::{Weighter, sync::Cache};
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use versus_shared::{
-    bus::Bus,
     key::Key,
     wire::{self, Answer, ImageAnswer, Kind},
 };
+
+use crate::nats::LazyBus;
 
 /// A value of the edge KV bucket.
 pub trait Entry: DeserializeOwned + Send + Sync + 'static {
@@ -76,7 +77,7 @@ type Render<V> = Box<dyn Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync>;
 
 pub struct EdgeCache<V> {
     memory: Cache<Key, Arc<Cached<V>>, BodyWeight>,
-    bus: Bus,
+    bus: LazyBus,
     render: Render<V>,
     purges: Purges,
 }
@@ -104,7 +105,7 @@ impl Purges {
 impl<V: Entry> EdgeCache<V> {
     /// A cache of at most about `bytes`, whose public JSON is made by `render`.
     pub fn new(
-        bus: Bus,
+        bus: LazyBus,
         bytes: u64,
         render: impl Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
     ) -> EdgeCache<V> {
@@ -118,12 +119,18 @@ impl<V: Entry> EdgeCache<V> {
     }
 
     /// The finished answer for `key`, from memory, else from the edge KV bucket (at an edge,
-    /// its mirror).
+    /// its mirror). An error, without a wait, while NATS is not connected.
     pub async fn get(&self, key: &Key) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
         if let Some(hit) = self.in_memory(key) {
             return Ok(Some((hit, Layer::Memory)));
         }
-        self.read(key, &self.bus.nearest_answers, Layer::Kv).await
+        let bus = self.bus.now().ok_or_else(not_connected)?;
+        self.read(key, &bus.nearest_answers, Layer::Kv).await
+    }
+
+    /// How many answers this replica's memory holds.
+    pub fn entries(&self) -> usize {
+        self.memory.len()
     }
 
     /// The finished answer for `key` if this replica's memory holds it.
@@ -142,7 +149,8 @@ impl<V: Entry> EdgeCache<V> {
         if !self.bus.at_edge() {
             return None;
         }
-        match self.read(key, &self.bus.answers, Layer::Hub).await {
+        let bus = self.bus.now()?;
+        match self.read(key, &bus.answers, Layer::Hub).await {
             Ok(hit) => hit.map(|(cached, _)| cached),
             Err(e) => {
                 tracing::warn!(%key, error = format!("{e:#}"), "reading the hub's bucket failed");
@@ -189,6 +197,10 @@ impl<V: Entry> EdgeCache<V> {
     /// Like [`EdgeCache::get`], but a failing KV read counts as a miss (logged): the
     /// generation path then either repairs it or reports the outage.
     pub async fn lookup(&self, key: &Key) -> Option<Arc<Cached<V>>> {
+        // While NATS is down, that is all there is to it; `/readyz` says so, not each request.
+        if self.bus.now().is_none() {
+            return self.in_memory(key);
+        }
         match self.get(key).await {
             Ok(hit) => hit.map(|(cached, _)| cached),
             Err(e) => {
@@ -203,12 +215,12 @@ impl<V: Entry> EdgeCache<V> {
 /// matchup is answered `refused` at no cost, like a hit.
 pub struct Refusals {
     memory: Cache<(Kind, Key), ()>,
-    bus: Bus,
+    bus: LazyBus,
     purges: Purges,
 }
 
 impl Refusals {
-    pub fn new(bus: Bus, entries: usize) -> Refusals {
+    pub fn new(bus: LazyBus, entries: usize) -> Refusals {
         Refusals {
             memory: Cache::new(entries.max(16)),
             bus,
@@ -222,9 +234,11 @@ impl Refusals {
         if self.memory.get(&(kind, key.clone())).is_some() {
             return true;
         }
+        let Some(bus) = self.bus.now() else {
+            return false;
+        };
         let purges = self.purges.count();
-        match self
-            .bus
+        match bus
             .nearest_answers
             .get(wire::refusal_kv_key(kind, key))
             .await
@@ -251,6 +265,10 @@ impl Refusals {
             self.memory.remove(&(kind, key.clone()));
         }
     }
+}
+
+fn not_connected() -> anyhow::Error {
+    anyhow::anyhow!("NATS is not connected (or its streams were not found yet)")
 }
 
 /// Puts the hit counters of every kind and layer this replica serves from at zero (the hub's

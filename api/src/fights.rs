@@ -249,7 +249,10 @@ pub(crate) async fn get_fight(
         Ok(Some((cached, _))) => cached,
         Ok(None) => return Err(ApiError::NotFound),
         Err(e) => {
-            tracing::warn!(%key, error = format!("{e:#}"), "edge cache read failed");
+            // While NATS is down every such read fails: `/readyz` says so, not each request.
+            if app.inner.bus.now().is_some() {
+                tracing::warn!(%key, error = format!("{e:#}"), "edge cache read failed");
+            }
             return Err(ApiError::Unavailable);
         }
     };

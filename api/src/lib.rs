@@ -2,6 +2,8 @@
 //! on a miss publishes a generation job and streams its events over SSE.
 //!
 //! - [`app`]: the state every handler shares ([`App`]) and the settings;
+//! - [`nats`]: the hold on NATS, which serves before NATS is up and while it is down;
+//! - [`ready`]: `/readyz`, from what this process knows, never a request to NATS;
 //! - [`fights`]: the text routes of the public contract;
 //! - [`images`]: the picture routes, and serving stored pictures from object storage;
 //! - [`admin`]: operator routes (pre-warm batches, popularity, purge);
@@ -32,12 +34,14 @@ mod http;
 pub mod images;
 pub mod limits;
 mod matchup;
+pub mod nats;
 pub mod openapi;
 pub mod origin;
 pub mod page;
 pub mod popularity;
 mod preview;
 mod publish;
+mod ready;
 pub mod sse;
 mod traced;
 
@@ -59,9 +63,12 @@ use versus_shared::{tasks::Tasks, telemetry, wire};
 
 pub use app::{App, Settings};
 
-/// Every route of the API, with `app` as their state: the public contract in one table.
-pub fn router(app: &App) -> Router {
-    let mut contract = Router::new()
+/// Every route of the API, with `app` as their state: the public contract in one table. The
+/// operator's routes (`/metrics`, `/v1/admin/*`) are in the public router unless
+/// `VERSUS_OPS_ADDR` is set; then they are in the second one, for that listener alone. Both
+/// answer `/healthz` and `/readyz`.
+pub fn routers(app: &App) -> (Router, Option<Router>) {
+    let contract = Router::new()
         .route("/v1/fights/stream", get(fights::stream_fight))
         .route("/v1/fights", post(fights::create_fight))
         .route("/v1/fights/{key}", get(fights::get_fight))
@@ -71,33 +78,76 @@ pub fn router(app: &App) -> Router {
         .route("/openapi.json", get(openapi::serve))
         .route("/", get(preview::index))
         // The public routes read two names at most; the admin routes take whole batches.
-        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT))
-        .merge(admin::routes(app.clone()));
-    // Only when exported: otherwise requests take exactly the path they took before traces.
-    if versus_shared::traces::enabled() {
-        contract = contract.route_layer(axum::middleware::from_fn(traced::request));
+        .layer(DefaultBodyLimit::max(matchup::BODY_LIMIT));
+    let admin = admin::routes(app.clone());
+    // `/healthz` answers as long as the process serves; `/readyz` from what it knows.
+    let probes = || {
+        telemetry::healthz_router().merge(
+            Router::new()
+                .route("/readyz", get(ready::readyz))
+                .with_state(app.clone()),
+        )
+    };
+    let metrics = telemetry::metrics_router(app.inner.metrics.clone(), app.inner.budget.clone());
+    let finish = |routes: Router<App>| traced(routes, app).with_state(app.clone()).merge(probes());
+    if app.inner.settings.ops_addr.is_some() {
+        let public = finish(contract).merge(page::routes());
+        (public, Some(finish(admin).merge(metrics)))
+    } else {
+        let public = finish(contract.merge(admin))
+            .merge(page::routes())
+            .merge(metrics);
+        (public, None)
     }
-    contract
-        .with_state(app.clone())
-        .merge(page::routes())
-        .merge(telemetry::ops_router(
-            app.inner.metrics.clone(),
-            app.inner.bus.clone(),
-            app.inner.budget.clone(),
-        ))
 }
 
-/// Serves `app` on `listener` until the shutdown token of `tasks` fires.
-pub async fn run(listener: TcpListener, app: App, tasks: &Tasks) -> anyhow::Result<()> {
+/// `routes` inside a span each (see [`traced`]) when traces are exported; otherwise requests
+/// take exactly the path they took before traces.
+fn traced(routes: Router<App>, app: &App) -> Router<App> {
+    if versus_shared::traces::enabled() {
+        routes.route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            traced::request,
+        ))
+    } else {
+        routes
+    }
+}
+
+/// Serves `app` on `listener`, and its operator's routes on `ops` when `VERSUS_OPS_ADDR` gave
+/// one, until the shutdown token of `tasks` fires. Nothing here waits for NATS: the probes
+/// and memory hits are served at once, the rest once NATS answers (see [`nats::LazyBus`]).
+pub async fn run(
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    app: App,
+    tasks: &Tasks,
+) -> anyhow::Result<()> {
     let shutdown = tasks.shutdown().clone();
     let addr = listener.local_addr()?;
-    let purges = app.inner.bus.client.subscribe(wire::PURGE_SUBJECT).await?;
+    let (public, ops_routes) = routers(&app);
+    let ops = match (ops, ops_routes) {
+        (Some(listener), Some(routes)) => {
+            let ops_addr = listener.local_addr()?;
+            telemetry::announce_ops(ops_addr);
+            tracing::info!(%ops_addr, "the operator's routes (/metrics, /v1/admin/*) are served here only");
+            Some((listener, routes))
+        }
+        _ => None,
+    };
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");
+    let serve_ops = async {
+        if let Some((listener, routes)) = ops {
+            serve(listener, routes, &app.inner.settings, tasks).await;
+        }
+    };
     tokio::join!(
-        serve(listener, router(&app), &app.inner.settings, tasks),
+        serve(listener, public, &app.inner.settings, tasks),
+        serve_ops,
+        app.inner.bus.probe(shutdown.clone()),
         app.inner.popularity.run(shutdown.clone()),
-        apply_purges(&app, purges, shutdown.clone()),
+        apply_purges(&app, shutdown.clone()),
         follow_mirror_purges(&app, shutdown.clone()),
         app.inner.limits.housekeep(shutdown.clone()),
     );
@@ -216,8 +266,17 @@ impl Service<Request<Incoming>> for PeerService {
 }
 
 /// Applies every replica's purges to this one's memory, until `shutdown`.
-async fn apply_purges(app: &App, mut purges: async_nats::Subscriber, shutdown: CancellationToken) {
+async fn apply_purges(app: &App, shutdown: CancellationToken) {
     use futures::StreamExt;
+    let taken = app
+        .inner
+        .purges
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let Some(mut purges) = taken else {
+        return;
+    };
     loop {
         let msg = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -238,10 +297,12 @@ async fn apply_purges(app: &App, mut purges: async_nats::Subscriber, shutdown: C
 async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
-    let bus = &app.inner.bus;
-    if !bus.at_edge() {
+    if !app.inner.bus.at_edge() {
         return;
     }
+    let Some(bus) = app.inner.bus.attached(&shutdown).await else {
+        return;
+    };
     let follow = async {
         loop {
             match bus.nearest_answers.watch_all().await {

@@ -22,7 +22,7 @@ use utoipa::{
     },
 };
 
-use crate::{admin, error::ErrorBody, fights, images, preview, sse::data};
+use crate::{admin, error::ErrorBody, fights, images, preview, ready, sse::data};
 
 /// The names of a matchup, in a JSON body (`POST /v1/fights`, `POST /v1/images`, a pre-warm
 /// batch's entries) as in a query string.
@@ -94,6 +94,7 @@ pub(crate) enum Refusals {
         admin::spend,
         admin::purge,
         preview::index,
+        ready::readyz,
     ),
     components(schemas(
         data::MetaData,
@@ -108,7 +109,8 @@ pub(crate) enum Refusals {
         (name = "fights", description = "Text answers: streamed, whole, or by key."),
         (name = "images", description = "Pictures of a matchup."),
         (name = "admin", description = "Operators: pre-warm batches, popularity, spend, purges. \
-            Every route needs `Authorization: Bearer $VERSUS_ADMIN_TOKEN`."),
+            Every route needs `Authorization: Bearer $VERSUS_ADMIN_TOKEN`. With `VERSUS_OPS_ADDR` \
+            set, these routes and `/metrics` are served on that address only."),
         (name = "operations", description = "Probes, metrics, this document and the page."),
     ),
 )]
@@ -127,7 +129,8 @@ impl Modify for Additions {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "`VERSUS_ADMIN_TOKEN`; unset, every admin route answers 401.",
+                        "`VERSUS_ADMIN_TOKEN` (at least 32 characters); unset, every admin \
+                         route answers 401.",
                     ))
                     .build(),
             ),
@@ -188,15 +191,6 @@ impl Modify for Additions {
                 plain(summary, content_type, description, &[]),
             );
         }
-        doc.paths.paths.insert(
-            "/readyz".to_owned(),
-            plain(
-                "Readiness",
-                "text/plain; charset=utf-8",
-                "NATS and its streams answer: this replica can serve.",
-                &[(503, "NATS or its streams are unreachable.")],
-            ),
-        );
         doc.paths.paths.insert(
             "/openapi.json".to_owned(),
             plain(

@@ -44,8 +44,12 @@ impl Popularity {
         }
     }
 
-    /// Publishes the counts gathered since the last flush.
+    /// Publishes the counts gathered since the last flush. While NATS is not connected they
+    /// keep adding up here, rather than in the client's queue (whose end would stall this).
     async fn flush(&self) {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
         let batch: Vec<Requests> = {
             let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
             counts.drain().map(|(_, r)| r).collect()

@@ -15,7 +15,7 @@ use crate::Error;
 use crate::input::Pair;
 
 /// The variable that holds the admin token (the API reads the same one).
-pub const TOKEN_VAR: &str = "VERSUS_ADMIN_TOKEN";
+pub const TOKEN_VAR: &str = versus_shared::config::ADMIN_TOKEN_VAR;
 
 /// `POST /v1/admin/prewarm`'s answer.
 #[derive(Debug, Clone, Deserialize)]
@@ -59,13 +59,15 @@ pub struct Admin {
 impl Admin {
     /// A client for the API at `api`, with the token from [`TOKEN_VAR`].
     pub fn from_env(api: &str) -> Result<Admin, Error> {
-        let token = std::env::var(TOKEN_VAR).unwrap_or_default();
-        if token.trim().is_empty() {
+        let raw = std::env::var(TOKEN_VAR).unwrap_or_default();
+        // Trimmed as the API trims its own.
+        let token = versus_shared::config::trimmed_admin_token(&raw);
+        if token.is_empty() {
             return Err(Error::BadInput(format!(
                 "{TOKEN_VAR} is not set: export the API's admin token in it"
             )));
         }
-        Admin::new(api, token.trim())
+        Admin::new(api, token)
     }
 
     pub fn new(api: &str, token: &str) -> Result<Admin, Error> {

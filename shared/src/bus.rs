@@ -2,9 +2,10 @@
 //! spend KV buckets).
 //!
 //! Each process connects as its own NATS user (`nats.conf`), and only workers may change the
-//! streams: a worker declares them (idempotently, at start-up, and the in-memory events
-//! stream again after every reconnect), while the API only looks them up, waiting until a
-//! worker has declared them.
+//! streams: a worker declares them (idempotently, at start-up, and again whenever one goes
+//! missing: see `keep_declared`), while the API only looks them up, waiting until a
+//! worker has declared them. The API does that in the background ([`Bus::dial`] returns at
+//! once, [`Bus::attach`] waits), so that it serves before NATS is up.
 //!
 //! An API at an edge ([`Role::Edge`]) connects to its edge's nats-server, a leaf node of the
 //! hub with a JetStream domain of its own (`nats-edge.conf`): it reaches the streams and the
@@ -57,6 +58,16 @@ impl Role<'_> {
             Role::Worker => "versus-worker",
         }
     }
+
+    /// Where this process's requests get their answers (its `_INBOX`): one prefix per role, so
+    /// that each role may subscribe to its own answers only (`nats.conf`), and a worker
+    /// answers a purge request only on the API's ([`wire::API_INBOX_PREFIX`]).
+    pub fn inbox_prefix(self) -> &'static str {
+        match self {
+            Role::Api | Role::Edge { .. } => wire::API_INBOX_PREFIX,
+            Role::Worker => wire::WORKER_INBOX_PREFIX,
+        }
+    }
 }
 
 /// A connected client with handles on everything Versus uses. Cheap to clone.
@@ -85,6 +96,14 @@ pub struct Bus {
     pub hub_link: Option<watch::Receiver<HubLink>>,
 }
 
+/// A client that connects in the background ([`Bus::dial`]), before [`Bus::attach`] finds
+/// the streams and buckets.
+pub struct Dialed {
+    pub client: async_nats::Client,
+    losses: watch::Receiver<u64>,
+    reconnects: watch::Receiver<u64>,
+}
+
 /// What an edge knows of its leaf link to the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubLink {
@@ -97,18 +116,27 @@ pub enum HubLink {
 
 impl Bus {
     /// Connects (retrying until NATS is up) as `role`: a worker declares the streams and
-    /// buckets (and runs, on `tasks`, the task that declares the events stream again after
-    /// reconnects); the API looks them up, waiting until they are there.
+    /// buckets (and runs, on `tasks`, the watchdog that declares again any that goes missing:
+    /// `keep_declared`); the API looks them up, waiting until they are there.
     pub async fn connect(
         settings: &NatsSettings,
         role: Role<'_>,
         tasks: &Tasks,
     ) -> anyhow::Result<Bus> {
+        let dialed = Bus::dial(settings, role).await?;
+        Bus::attach(dialed, settings, role, tasks).await
+    }
+
+    /// The first half of [`Bus::connect`], which returns at once: a client that connects (and
+    /// reconnects) in the background. Requests made on it before it connects wait in its
+    /// queue, and its subscriptions are made once it connects.
+    pub async fn dial(settings: &NatsSettings, role: Role<'_>) -> anyhow::Result<Dialed> {
         let (lost, losses) = watch::channel(0u64);
         let (reconnected, reconnects) = watch::channel(0u64);
         let (options, servers) = connect_options(settings).await?;
         let client = options
             .name(role.client_name())
+            .custom_inbox_prefix(role.inbox_prefix())
             .event_callback(move |event| {
                 use async_nats::Event;
                 match &event {
@@ -128,6 +156,27 @@ impl Bus {
             .connect(servers)
             .await
             .context("connecting to NATS (NATS_URL)")?;
+        Ok(Dialed {
+            client,
+            losses,
+            reconnects,
+        })
+    }
+
+    /// The second half of [`Bus::connect`]: waits for the connection `dialed` makes, then
+    /// declares or looks up the streams and buckets as `role` does, retrying until that works
+    /// or `tasks` shut down.
+    pub async fn attach(
+        dialed: Dialed,
+        settings: &NatsSettings,
+        role: Role<'_>,
+        tasks: &Tasks,
+    ) -> anyhow::Result<Bus> {
+        let Dialed {
+            client,
+            losses,
+            reconnects,
+        } = dialed;
         let (js, api_prefix) = match role {
             Role::Edge { hub } => (
                 jetstream::with_domain(client.clone(), hub),
@@ -137,17 +186,18 @@ impl Bus {
         };
         let (jobs, events, answers, spend) = match role {
             Role::Worker => {
+                let topology = Topology::of(settings);
                 let declared = until_done(
                     "declaring the streams and buckets failed (JetStream not ready?)",
                     tasks.shutdown(),
-                    || declare(&js, settings),
+                    || declare(&js, &topology),
                 )
                 .await?;
-                tasks.spawn(redeclare_events(
+                zero_counters(&topology);
+                tasks.spawn(keep_declared(
                     js.clone(),
+                    topology,
                     reconnects,
-                    events_stream(settings.events_max_age()),
-                    settings.replicas.map(usize::from),
                     tasks.shutdown().clone(),
                 ));
                 declared
@@ -163,7 +213,13 @@ impl Bus {
         };
         let (nearest_answers, hub_link) = match role {
             Role::Edge { hub } => {
-                let mirror = declare_mirror(&jetstream::new(client.clone()), hub).await?;
+                let local = jetstream::new(client.clone());
+                let mirror = until_done(
+                    "declaring the edge's mirror of the answers bucket",
+                    tasks.shutdown(),
+                    || declare_mirror(&local, hub),
+                )
+                .await?;
                 let (link, hub_link) = watch::channel(HubLink::Up);
                 tasks.spawn(watch_link(
                     client.clone(),
@@ -355,13 +411,78 @@ async fn declare_mirror(local: &jetstream::Context, hub: &str) -> anyhow::Result
 /// The streams and buckets: jobs, events, answers, spend.
 type Handles = (stream::Stream, stream::Stream, kv::Store, kv::Store);
 
+/// What a worker declares: the streams and buckets as its settings make them, and their
+/// replicas. The watchdog declares a missing one again from the same.
+#[derive(Debug, Clone)]
+struct Topology {
+    jobs: stream::Config,
+    events: stream::Config,
+    answers: kv::Config,
+    spend: kv::Config,
+    replicas: Option<usize>,
+}
+
+impl Topology {
+    fn of(settings: &NatsSettings) -> Topology {
+        Topology {
+            jobs: jobs_stream(settings.max_queued_jobs),
+            events: events_stream(settings.events_max_age()),
+            answers: answers_bucket(),
+            spend: spend_bucket(),
+            replicas: settings.replicas.map(usize::from),
+        }
+    }
+
+    /// Each stream, a bucket's included, in the order they are declared.
+    fn parts(&self) -> [Part<'_>; 4] {
+        [
+            Part::Stream(&self.jobs),
+            Part::Stream(&self.events),
+            Part::Bucket(&self.answers),
+            Part::Bucket(&self.spend),
+        ]
+    }
+}
+
+/// One stream of the [`Topology`]: a stream, or the stream behind a KV bucket.
+#[derive(Debug, Clone, Copy)]
+enum Part<'a> {
+    Stream(&'a stream::Config),
+    Bucket(&'a kv::Config),
+}
+
+impl Part<'_> {
+    /// The stream's name (`KV_<bucket>` for a bucket).
+    fn stream_name(self) -> String {
+        match self {
+            Part::Stream(config) => config.name.clone(),
+            Part::Bucket(config) => format!("KV_{}", config.bucket),
+        }
+    }
+
+    fn in_memory(self) -> bool {
+        let storage = match self {
+            Part::Stream(config) => config.storage,
+            Part::Bucket(config) => config.storage,
+        };
+        storage == stream::StorageType::Memory
+    }
+
+    async fn declare(self, js: &jetstream::Context, replicas: Option<usize>) -> anyhow::Result<()> {
+        match self {
+            Part::Stream(config) => declare_stream(js, config.clone(), replicas).await.map(drop),
+            Part::Bucket(config) => declare_bucket(js, config.clone(), replicas).await.map(drop),
+        }
+    }
+}
+
 /// Declares the streams and buckets (a worker's part): idempotent, so every worker does it.
-async fn declare(js: &jetstream::Context, settings: &NatsSettings) -> anyhow::Result<Handles> {
-    let replicas = settings.replicas.map(usize::from);
-    let jobs = declare_stream(js, jobs_stream(settings.max_queued_jobs), replicas).await?;
-    let events = declare_stream(js, events_stream(settings.events_max_age()), replicas).await?;
-    let answers = declare_bucket(js, answers_bucket(), replicas).await?;
-    let spend = declare_bucket(js, spend_bucket(), replicas).await?;
+async fn declare(js: &jetstream::Context, topology: &Topology) -> anyhow::Result<Handles> {
+    let replicas = topology.replicas;
+    let jobs = declare_stream(js, topology.jobs.clone(), replicas).await?;
+    let events = declare_stream(js, topology.events.clone(), replicas).await?;
+    let answers = declare_bucket(js, topology.answers.clone(), replicas).await?;
+    let spend = declare_bucket(js, topology.spend.clone(), replicas).await?;
     Ok((jobs, events, answers, spend))
 }
 
@@ -582,26 +703,108 @@ fn events_stream(max_age: Duration) -> stream::Config {
     }
 }
 
-/// The events stream lives in memory, and a restarted nats-server comes back without it:
-/// declare it again after every reconnect (idempotent when it is there), until it takes.
-async fn redeclare_events(
+/// How often a worker's watchdog looks for each stream.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+/// Streams (a bucket's included) this worker found missing and declared again, by `stream`.
+const REDECLARED: &str = "versus_bus_redeclared_total";
+
+/// The counter of streams declared again, at zero for each stream: an alert sees the first
+/// increase.
+fn zero_counters(topology: &Topology) {
+    for part in topology.parts() {
+        metrics::counter!(REDECLARED, "stream" => part.stream_name()).increment(0);
+    }
+}
+
+/// A worker's watchdog: every [`WATCH_EVERY`], and at once after a reconnect, looks each stream
+/// of `topology` up (one `STREAM.INFO` each, all at once), and declares any that is missing
+/// again, as at start-up. Nothing else repairs a stream an operator (or anyone with the rights)
+/// deleted while the workers run: misses would fail until a worker restarts. A missing stream
+/// is logged as an error and counted in [`REDECLARED`], except one kept in memory that is
+/// missing right after a reconnect: a restarted nats-server comes back without it (the events
+/// stream, unless replicated).
+async fn keep_declared(
     js: jetstream::Context,
+    topology: Topology,
     mut reconnects: watch::Receiver<u64>,
-    config: stream::Config,
-    replicas: Option<usize>,
     shutdown: CancellationToken,
 ) {
-    let redeclare = async {
-        while reconnects.changed().await.is_ok() {
-            while let Err(e) = declare_stream(&js, config.clone(), replicas).await {
-                tracing::info!(error = %e, "declaring the events stream again failed; retrying");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+    let parts = topology.parts();
+    let mut watched = [Watched::default(); 4];
+    let mut seen = *reconnects.borrow_and_update();
+    let watch = async {
+        loop {
+            let connection = *reconnects.borrow_and_update();
+            let reconnected = connection != seen;
+            seen = connection;
+            let looks = parts.iter().zip(&mut watched).map(|(part, watched)| {
+                watched.reconnected |= reconnected;
+                look_after(&js, *part, topology.replicas, watched)
+            });
+            futures::future::join_all(looks).await;
+            // A closed channel (the client is gone) leaves the timer.
+            tokio::select! {
+                () = tokio::time::sleep(WATCH_EVERY) => {}
+                Ok(()) = reconnects.changed() => {}
             }
         }
     };
     tokio::select! {
         () = shutdown.cancelled() => {}
-        () = redeclare => {}
+        () = watch => {}
+    }
+}
+
+/// What the watchdog remembers of one stream: whether looking it up, or declaring it again,
+/// failed last time (each is logged once per run of failures), and whether the connection
+/// came back since it last got an answer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Watched {
+    look_failed: bool,
+    declare_failed: bool,
+    reconnected: bool,
+}
+
+/// One look at `part`, and its declaration again if it is missing.
+async fn look_after(
+    js: &jetstream::Context,
+    part: Part<'_>,
+    replicas: Option<usize>,
+    watched: &mut Watched,
+) {
+    let name = part.stream_name();
+    match existing_config(js, &name).await {
+        Ok(Some(_)) => *watched = Watched::default(),
+        Err(e) => {
+            if !watched.look_failed {
+                tracing::info!(stream = %name, error = format!("{e:#}"), "looking the stream up failed; trying again");
+            }
+            watched.look_failed = true;
+        }
+        Ok(None) => {
+            watched.look_failed = false;
+            // Told once per absence, however many tries declaring it takes.
+            if !watched.declare_failed {
+                if std::mem::take(&mut watched.reconnected) && part.in_memory() {
+                    tracing::info!(stream = %name, "the server came back without the stream, which it keeps in memory: declaring it again");
+                } else {
+                    tracing::error!(stream = %name, "the stream is missing (deleted while the workers run?): declaring it again");
+                    metrics::counter!(REDECLARED, "stream" => name.clone()).increment(1);
+                }
+            }
+            match part.declare(js, replicas).await {
+                Ok(()) => {
+                    tracing::info!(stream = %name, "declared the stream again");
+                    watched.declare_failed = false;
+                }
+                Err(e) => {
+                    if !watched.declare_failed {
+                        tracing::warn!(stream = %name, error = format!("{e:#}"), "declaring the stream again failed; trying again");
+                    }
+                    watched.declare_failed = true;
+                }
+            }
+        }
     }
 }
 
@@ -662,15 +865,9 @@ async fn existing_config(
     name: &str,
 ) -> anyhow::Result<Option<stream::Config>> {
     use jetstream::context::GetStreamErrorKind;
+    // The lookup answers with the stream's info: one request.
     match js.get_stream(name).await {
-        Ok(mut stream) => Ok(Some(
-            stream
-                .info()
-                .await
-                .with_context(|| format!("reading stream {name}"))?
-                .config
-                .clone(),
-        )),
+        Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
         Err(e) => match e.kind() {
             GetStreamErrorKind::JetStream(error)
                 if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
@@ -810,6 +1007,31 @@ mod tests {
         let mut memory = wanted.clone();
         memory.storage = stream::StorageType::Memory;
         assert_eq!(reconcile(&memory, &wanted, None).conflicts.len(), 1);
+    }
+
+    #[test]
+    fn the_watchdog_looks_after_the_four_streams_and_only_the_events_live_in_memory() {
+        let topology = Topology::of(&NatsSettings {
+            url: Secret::new("nats://127.0.0.1:4222"),
+            creds: None,
+            tls_ca: None,
+            replicas: None,
+            events_max_age_secs: 600,
+            max_queued_jobs: 10_000,
+        });
+        let parts = topology.parts();
+        let names = parts.map(Part::stream_name);
+        assert_eq!(
+            names,
+            [
+                wire::JOBS_STREAM.to_owned(),
+                wire::EVENTS_STREAM.to_owned(),
+                format!("KV_{}", wire::ANSWERS_BUCKET),
+                format!("KV_{}", wire::SPEND_BUCKET),
+            ]
+        );
+        // Only a stream a restarted server loses is expected to be missing after a reconnect.
+        assert_eq!(parts.map(Part::in_memory), [false, true, false, false]);
     }
 
     fn parsed(url: &str) -> (Vec<String>, Option<Login>) {

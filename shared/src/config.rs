@@ -30,6 +30,19 @@ impl FromStr for Secret {
     }
 }
 
+/// The variable that holds the admin token: the API checks it, the operator CLI sends it.
+pub const ADMIN_TOKEN_VAR: &str = "VERSUS_ADMIN_TOKEN";
+
+/// The fewest characters an admin token may hold once trimmed: a token that short is guessed
+/// by trying, one that long (`openssl rand -hex 32` gives 64) is not.
+pub const ADMIN_TOKEN_MIN_CHARS: usize = 32;
+
+/// An admin token as the API and the CLI both read it, so that they always agree: without the
+/// white space around it (the newline a file or `echo` leaves, say).
+pub fn trimmed_admin_token(raw: &str) -> &str {
+    raw.trim()
+}
+
 /// Where NATS is, who this process is on it, and how long generation events stay replayable.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsSettings {

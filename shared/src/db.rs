@@ -1,4 +1,6 @@
-//! The Postgres pool and the migrations, embedded in the binary from `migrations/`.
+//! The Postgres pool and the migrations, embedded in the binary from `migrations/`. The
+//! migrations run as the database's owner; the programs connect as the roles they make
+//! (`versus_api`, `versus_worker`), which may not change the schema ([`migrate`]).
 //!
 //! Every connection is bounded in time, so that a Postgres that is slow, stopped or cut off
 //! never holds a job (or an admin request) for long:
@@ -100,11 +102,32 @@ fn options(url: &Secret) -> anyhow::Result<PgConnectOptions> {
     ))
 }
 
-/// Applies pending migrations. sqlx serialises concurrent runs with an advisory lock, so every
-/// worker can call this at start-up. They run on a connection of their own without the
-/// statement timeout (waiting for another worker's migrations, or building an index, may take
-/// longer), which is closed afterwards rather than given back to the pool.
+/// Applies pending migrations, if any, at a worker's start-up. When every migration this
+/// build embeds is already applied (with the same checksum) nothing is run: a worker connected
+/// as `versus_worker`, which may not change the schema, starts on a database the owner has
+/// migrated. Otherwise they run as [`migrate_all`] runs them, which needs the owner.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    if pending(pool).await? == 0 {
+        return Ok(());
+    }
+    match migrate_all(pool).await {
+        // The owner's run finished while this one waited for its lock: everything is applied,
+        // which is all a worker needs (sqlx's run fails at once for a role that may not create
+        // its table).
+        Err(e) if pending(pool).await.is_ok_and(|n| n == 0) => {
+            tracing::info!(error = %format!("{e:#}"), "the migrations were applied meanwhile");
+            Ok(())
+        }
+        ran => ran,
+    }
+}
+
+/// Runs the migrations (checking the applied ones against those embedded). sqlx serialises
+/// concurrent runs with an advisory lock, so every worker can call this at start-up. They run
+/// on a connection of their own without the statement timeout (waiting for another worker's
+/// migrations, or building an index, may take longer), which is closed afterwards rather than
+/// given back to the pool.
+pub async fn migrate_all(pool: &PgPool) -> anyhow::Result<()> {
     let mut conn = pool
         .acquire()
         .await
@@ -114,12 +137,56 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .execute(&mut conn)
         .await
         .context("lifting the statement timeout for the migrations")?;
-    MIGRATOR
-        .run(&mut conn)
-        .await
-        .context("running database migrations")?;
+    let ran = MIGRATOR.run(&mut conn).await;
     let _ = conn.close().await;
-    Ok(())
+    match ran {
+        Ok(()) => Ok(()),
+        Err(e) if denied(&e) => Err(anyhow::Error::new(e).context(
+            "running database migrations: this DATABASE_URL's role may not change the schema \
+             (versus_worker may not); run them as the database's owner first: \
+             versus-worker --migrate-only with the owner's DATABASE_URL",
+        )),
+        Err(e) => Err(anyhow::Error::new(e).context("running database migrations")),
+    }
+}
+
+/// How many of the embedded migrations the database lacks (or has in another version).
+async fn pending(pool: &PgPool) -> anyhow::Result<usize> {
+    let applied: Vec<(i64, Vec<u8>)> =
+        match sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(applied) => applied,
+            // A new database: nothing is applied yet.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => {
+                Vec::new()
+            }
+            Err(e) => return Err(e).context("reading the applied migrations"),
+        };
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .filter(|m| {
+            !applied
+                .iter()
+                .any(|(version, checksum)| *version == m.version && **checksum == *m.checksum)
+        })
+        .count())
+}
+
+/// Postgres's `undefined_table`.
+const UNDEFINED_TABLE: &str = "42P01";
+/// Postgres's `insufficient_privilege`.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// Whether a migration failed because the role may not do what it says.
+fn denied(e: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let (MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) = e else {
+        return false;
+    };
+    matches!(e, sqlx::Error::Database(e) if e.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Logs (and the traces' layer beside them), Prometheus metrics, and the ops routes both
-//! binaries serve.
+//! binaries serve (the API answers `/readyz` itself: see `versus-api`'s `ready`).
 
 use std::{io::Write, sync::Arc};
 
@@ -61,25 +61,75 @@ pub fn announce(addr: std::net::SocketAddr) {
     let _ = out.flush();
 }
 
-/// `/healthz` (the process is alive), `/readyz` (NATS and its streams answer), `/metrics`
-/// (the recorder's metrics, then the budget's).
-pub fn ops_router(metrics: PrometheusHandle, bus: Bus, budget: Arc<Budget>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(bus)
-        .route(
-            "/metrics",
-            get(move || async move {
-                let mut out = metrics.render();
-                budget.render_metrics(&mut out);
-                out
-            }),
-        )
+/// Prints where the operator's routes are served when they have a listener of their own (the
+/// API's `VERSUS_OPS_ADDR`); before [`announce`], so that whoever waits for that line has
+/// this one too.
+pub fn announce_ops(addr: std::net::SocketAddr) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ops listening on http://{addr}");
+    let _ = out.flush();
 }
 
-async fn readyz(State(bus): State<Bus>) -> (StatusCode, &'static str) {
-    if bus.ready().await {
+/// `/healthz`: answers 200 as long as the process serves.
+pub fn healthz_router() -> Router {
+    Router::new().route("/healthz", get(|| async { "ok" }))
+}
+
+/// `/metrics`: the recorder's metrics, then the budget's.
+pub fn metrics_router(metrics: PrometheusHandle, budget: Arc<Budget>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || async move {
+            let mut out = metrics.render();
+            budget.render_metrics(&mut out);
+            out
+        }),
+    )
+}
+
+/// A worker's ops routes: `/healthz` (the process is alive), `/readyz` (NATS and its streams
+/// answer, as found at most a second ago) and `/metrics`.
+pub fn ops_router(metrics: PrometheusHandle, bus: Bus, budget: Arc<Budget>) -> Router {
+    let readiness = Arc::new(Readiness {
+        bus,
+        last: tokio::sync::Mutex::new(None),
+    });
+    Router::new()
+        .route("/readyz", get(readyz))
+        .with_state(readiness)
+        .merge(healthz_router())
+        .merge(metrics_router(metrics, budget))
+}
+
+/// How long a readiness probe's answer is reused: a probe is two JetStream requests, which a
+/// load balancer's checks, however frequent, must not multiply.
+const READINESS_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a probe may take: a JetStream that answers later than this is not ready.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+struct Readiness {
+    bus: Bus,
+    /// When the last probe was made, and what it found. Behind an async lock, so that the
+    /// checks that come while a probe is out wait for its answer rather than make their own.
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>,
+}
+
+async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, &'static str) {
+    let ready = {
+        let mut last = readiness.last.lock().await;
+        match *last {
+            Some((at, ready)) if at.elapsed() < READINESS_FOR => ready,
+            _ => {
+                let ready = tokio::time::timeout(PROBE_TIMEOUT, readiness.bus.ready())
+                    .await
+                    .unwrap_or(false);
+                *last = Some((tokio::time::Instant::now(), ready));
+                ready
+            }
+        }
+    };
+    if ready {
         (StatusCode::OK, "ready")
     } else {
         (

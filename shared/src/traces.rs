@@ -225,10 +225,13 @@ pub fn continue_from(span: &Span, headers: Option<&async_nats::HeaderMap>) {
     );
 }
 
-/// Makes `span` continue the trace of an HTTP request's `traceparent` (a browser's or a
-/// proxy's), if any. Call it before the span is first entered.
-pub fn continue_http(span: &Span, headers: &axum::http::HeaderMap) {
-    if !enabled() || !headers.contains_key("traceparent") {
+/// Makes `span` continue the trace of an HTTP request's `traceparent` (and `tracestate`) when
+/// `trusted` (the request came from a proxy the operator trusts); from anyone else, they are
+/// ignored and the span starts a trace of its own, so that no client can put its spans in
+/// another's trace, or pick the ids and sampling of ours. Call it before the span is first
+/// entered.
+pub fn continue_http(span: &Span, headers: &axum::http::HeaderMap, trusted: bool) {
+    if !enabled() || !trusted || !headers.contains_key("traceparent") {
         return;
     }
     set_parent(

@@ -52,6 +52,27 @@ pub const PURGE_SUBJECT: &str = "versus.cache.purge";
 /// replica ([`PURGE_SUBJECT`]).
 pub const PURGE_REQUEST_SUBJECT: &str = "versus.admin.purge";
 pub const PURGE_REQUEST_QUEUE: &str = "versus-purge";
+/// Where the API's requests get their answers (its inbox prefix): a worker answers a purge
+/// request only on a reply subject under it ([`is_api_inbox`]), and its NATS user may publish
+/// nowhere else outside its own subjects.
+pub const API_INBOX_PREFIX: &str = "_INBOX.api";
+/// Where a worker's requests (JetStream's acknowledgements and API answers) get their answers.
+pub const WORKER_INBOX_PREFIX: &str = "_INBOX.worker";
+
+/// Whether `reply` is an inbox of the API's ([`API_INBOX_PREFIX`]`.<token>…`): the only reply
+/// subject a worker answers a purge request on. Any other one is a requester trying to make
+/// the worker publish where it chose (a stream's delete API, a KV key), and is refused.
+pub fn is_api_inbox(reply: &str) -> bool {
+    reply
+        .strip_prefix(API_INBOX_PREFIX)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .split('.')
+                    .all(|token| !token.is_empty() && !token.contains(['*', '>', ' ', '\t']))
+        })
+}
 
 /// What kind of answer a job asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -316,4 +337,28 @@ pub struct PurgeReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Purge {
     pub keys: Vec<Key>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_purge_is_answered_on_an_api_inbox_only() {
+        assert!(is_api_inbox("_INBOX.api.abc123.7"));
+        for reply in [
+            "$JS.API.STREAM.DELETE.KV_versus_answers",
+            "$KV.versus_answers.refused.text.abc",
+            "_INBOX.api",
+            "_INBOX.api.",
+            "_INBOX.apix.abc",
+            "_INBOX.worker.abc",
+            "_INBOX.abc",
+            "_INBOX.api..x",
+            "_INBOX.api.>",
+            "_INBOX.api.*.x",
+        ] {
+            assert!(!is_api_inbox(reply), "{reply}");
+        }
+    }
 }

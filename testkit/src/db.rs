@@ -102,6 +102,21 @@ impl Database {
             .expect("only a database made by Database::on_own_server has a server to stop")
     }
 
+    /// This database's URL with `role` for its user and no password (`versus_api`,
+    /// `versus_worker`: the roles the migrations make). The test servers trust every login
+    /// from 127.0.0.1, so the roles need none.
+    pub fn url_as(&self, role: &str) -> String {
+        with_user(&self.url, role)
+    }
+
+    /// Runs the migrations as the superuser, as an operator runs them as the owner before
+    /// starting the programs.
+    pub async fn migrate(&self) {
+        versus_shared::db::migrate_all(&self.pool().await)
+            .await
+            .unwrap_or_else(|e| panic!("migrate {}: {e:#}", self.name));
+    }
+
     /// A small pool on this database, for assertions (made on first use, then shared).
     pub async fn pool(&self) -> PgPool {
         self.pool
@@ -351,9 +366,39 @@ fn with_database(url: &str, name: &str) -> String {
     }
 }
 
+/// `url` with its user (and password) replaced by `user`.
+fn with_user(url: &str, user: &str) -> String {
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[authority_start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| authority_start + i);
+    let host = match url[authority_start..authority_end].rsplit_once('@') {
+        Some((_, host)) => host,
+        None => &url[authority_start..authority_end],
+    };
+    format!(
+        "{}{user}@{host}{}",
+        &url[..authority_start],
+        &url[authority_end..]
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{with_database, with_user};
+
+    #[test]
+    fn replaces_the_user_of_a_url() {
+        assert_eq!(
+            with_user("postgres://postgres@127.0.0.1:5433/x", "versus_api"),
+            "postgres://versus_api@127.0.0.1:5433/x"
+        );
+        assert_eq!(
+            with_user("postgres://u:p@h:1/x?sslmode=disable", "versus_worker"),
+            "postgres://versus_worker@h:1/x?sslmode=disable"
+        );
+        assert_eq!(with_user("postgres://h:1/x", "r"), "postgres://r@h:1/x");
+    }
 
     #[test]
     fn replaces_the_database_of_a_url() {

@@ -21,6 +21,9 @@ pub struct Edge {
     pub api: Proc,
     pub link: LinkProxy,
     pub nats: Nats,
+    /// The user and password its server logs in to the hub with: this edge's alone, with what
+    /// an edge may do there (`nats-hub.conf`).
+    pub leaf_login: (String, String),
 }
 
 impl Edge {
@@ -43,15 +46,14 @@ impl Edge {
     }
 }
 
-/// Starts edge `name`'s nats-server, its leaf link to the hub's leaf-node `leaf_ports`
-/// (logging in with `leaf_password`) through a new [`LinkProxy`], and waits until it is
-/// joined.
+/// Starts edge `name`'s nats-server, its leaf link to the hub's leaf-node ports (logging in
+/// with the edge's own leaf login) through a new [`LinkProxy`], and waits until it is joined.
 pub(crate) async fn start_server(
     name: &str,
-    leaf_password: &str,
-    leaf_ports: &[u16],
-) -> (Nats, LinkProxy) {
-    let link = LinkProxy::start(leaf_ports.to_vec()).await;
+    hub: &crate::Hub,
+) -> (Nats, LinkProxy, (String, String)) {
+    let link = LinkProxy::start(hub.leaf_ports.clone()).await;
+    let (leaf_user, leaf_password) = hub.leaf_login(name);
     let passwords = NatsUser::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string());
     let launch = Launch {
         conf: crate::nats::repo_file("nats-edge.conf"),
@@ -60,9 +62,10 @@ pub(crate) async fn start_server(
             ("VERSUS_NATS_DOMAIN".to_owned(), name.to_owned()),
             (
                 "VERSUS_NATS_HUB_LEAF_URLS".to_owned(),
-                crate::hub::leaf_urls(leaf_password, &[link.port]),
+                crate::hub::leaf_urls(&leaf_user, leaf_password, &[link.port]),
             ),
         ],
+        _conf_dir: None,
     };
     let mut last_error = String::new();
     for _ in 0..5 {
@@ -73,7 +76,7 @@ pub(crate) async fn start_server(
         match Nats::start_member(port, monitor_port, passwords.clone(), launch.clone()).await {
             Ok(nats) => {
                 wait_leafs(&nats, true).await;
-                return (nats, link);
+                return (nats, link, (leaf_user, leaf_password.to_owned()));
             }
             Err(e) => last_error = e,
         }

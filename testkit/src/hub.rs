@@ -1,12 +1,14 @@
 //! A real 3-node JetStream cluster on loopback (`hub1`..`hub3`, cluster `hub`, JetStream
 //! domain `hub`, `sync_interval: always`), each server run with the repository's
-//! `nats-hub.conf` (`nats.conf`'s users and permissions, and a leaf-node listener for edges)
-//! and the same fresh passwords, each with its own store. A test can SIGKILL a node and start
-//! it again, and ask which node leads a stream.
+//! `nats-hub.conf` (`nats.conf`'s users and permissions, a leaf-node listener for edges, and
+//! what an edge may do there) and the same fresh passwords, each with its own store. As a
+//! deployment does, the kit writes the hub's configuration beside it: `nats-hub.conf` with
+//! one leaf login per edge (`versus-leaf-edge1`.., each its own password). A test can SIGKILL a
+//! node and start it again, and ask which node leads a stream.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use crate::{Nats, NatsUser, free_port, nats::Launch};
+use crate::{Nats, NatsUser, TempDir, free_port, nats::Launch};
 
 /// How long the cluster may take to elect its JetStream meta leader.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -14,6 +16,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const PORT_ATTEMPTS: usize = 5;
 /// How many servers.
 pub const HUB_NODES: usize = 3;
+/// How many edges may join: each has a leaf login of its own (`versus-leaf-edge<i>`).
+pub const MAX_EDGES: usize = 4;
 
 /// The three servers of the hub. Killed, and their stores removed, when dropped.
 pub struct Hub {
@@ -21,8 +25,8 @@ pub struct Hub {
     pub nodes: Vec<Nats>,
     /// Each node's leaf-node port, in the same order.
     pub leaf_ports: Vec<u16>,
-    /// The password edges' servers log in with (`versus-leaf`).
-    pub leaf_password: String,
+    /// The password of each edge's leaf login, `versus-leaf-edge1`.. in that order.
+    pub leaf_passwords: Vec<String>,
 }
 
 impl Hub {
@@ -30,10 +34,13 @@ impl Hub {
     /// meta leader is elected).
     pub async fn start() -> Hub {
         let passwords = NatsUser::ALL.map(|_| uuid::Uuid::new_v4().simple().to_string());
-        let leaf_password = uuid::Uuid::new_v4().simple().to_string();
+        let leaf_passwords: Vec<String> = (0..MAX_EDGES)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        let conf = Arc::new(hub_conf());
         let mut last_error = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            match try_start(&passwords, &leaf_password).await {
+            match try_start(&passwords, &leaf_passwords, &conf).await {
                 Ok(hub) => {
                     hub.wait_ready().await;
                     return hub;
@@ -77,10 +84,22 @@ impl Hub {
         .await
     }
 
-    /// `["nats-leaf://versus-leaf:PASSWORD@127.0.0.1:L1", …]`: every node's leaf-node URL, as
-    /// an edge's server takes them in `VERSUS_NATS_HUB_LEAF_URLS` (see `nats-edge.conf`).
-    pub fn leaf_urls(&self) -> String {
-        leaf_urls(&self.leaf_password, &self.leaf_ports)
+    /// The leaf login of edge `name` (`edge1`..): its user and password.
+    pub fn leaf_login(&self, name: &str) -> (String, &str) {
+        let i = name
+            .strip_prefix("edge")
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| (1..=MAX_EDGES).contains(n))
+            .unwrap_or_else(|| panic!("no leaf login for {name:?} (edge1..edge{MAX_EDGES})"));
+        (leaf_user(i), &self.leaf_passwords[i - 1])
+    }
+
+    /// `["nats-leaf://versus-leaf-NAME:PASSWORD@127.0.0.1:L1", …]`: every node's leaf-node URL
+    /// with edge `name`'s login, as its server takes them in `VERSUS_NATS_HUB_LEAF_URLS` (see
+    /// `nats-edge.conf`).
+    pub fn leaf_urls(&self, name: &str) -> String {
+        let (user, password) = self.leaf_login(name);
+        leaf_urls(&user, password, &self.leaf_ports)
     }
 
     /// A client with every right (`versus-admin`).
@@ -180,17 +199,63 @@ pub async fn move_leader(client: &async_nats::Client, stream: &str, to: &str) ->
     false
 }
 
-/// `["nats-leaf://versus-leaf:PASSWORD@127.0.0.1:P", …]` for the leaf-node `ports`.
-pub(crate) fn leaf_urls(password: &str, ports: &[u16]) -> String {
+/// `["nats-leaf://USER:PASSWORD@127.0.0.1:P", …]` for the leaf-node `ports`.
+pub(crate) fn leaf_urls(user: &str, password: &str, ports: &[u16]) -> String {
     let urls: Vec<String> = ports
         .iter()
-        .map(|port| format!("\"nats-leaf://versus-leaf:{password}@127.0.0.1:{port}\""))
+        .map(|port| format!("\"nats-leaf://{user}:{password}@127.0.0.1:{port}\""))
         .collect();
     format!("[{}]", urls.join(", "))
 }
 
+/// The leaf login of the `i`th edge (from 1).
+fn leaf_user(i: usize) -> String {
+    format!("versus-leaf-edge{i}")
+}
+
+/// The variable the hub's configuration reads the `i`th edge's leaf password from.
+fn leaf_password_var(i: usize) -> String {
+    format!("VERSUS_NATS_LEAF_EDGE{i}_PASSWORD")
+}
+
+/// The hub's configuration, as `nats-hub.conf` says a deployment writes it: a `hub.conf` in a
+/// folder of its own, beside links to the repository's `nats-hub.conf` and `nats.conf` (which
+/// it includes), listing `nats.conf`'s users and one leaf login per edge, which gets the
+/// edges' permissions (the users' default there).
+fn hub_conf() -> TempDir {
+    let dir = TempDir::new("versus-hub-conf");
+    for file in ["nats.conf", "nats-hub.conf"] {
+        std::os::unix::fs::symlink(crate::nats::repo_file(file), dir.path().join(file))
+            .unwrap_or_else(|e| panic!("linking {file} into {}: {e}", dir.path().display()));
+    }
+    let edges: Vec<String> = (1..=MAX_EDGES)
+        .map(|i| {
+            format!(
+                "    {{ user: {}, password: ${}, allowed_connection_types: [\"LEAFNODE\"] }}",
+                leaf_user(i),
+                leaf_password_var(i)
+            )
+        })
+        .collect();
+    let conf = format!(
+        "include ./nats-hub.conf\n\
+         authorization {{\n  \
+           default_permissions: $VERSUS_LEAF_PERMISSIONS\n  \
+           users = [\n    \
+             $VERSUS_ADMIN_USER, $VERSUS_API_USER, $VERSUS_WORKER_USER,\n{}\n  ]\n}}\n",
+        edges.join(",\n")
+    );
+    std::fs::write(dir.path().join("hub.conf"), conf)
+        .unwrap_or_else(|e| panic!("writing the hub's configuration: {e}"));
+    dir
+}
+
 /// Starts the three servers on fresh ports, as `nats-hub.conf` says to run them.
-async fn try_start(passwords: &[String; 3], leaf_password: &str) -> Result<Hub, String> {
+async fn try_start(
+    passwords: &[String; 3],
+    leaf_passwords: &[String],
+    conf: &Arc<TempDir>,
+) -> Result<Hub, String> {
     // Each node's client, monitoring, cluster and leaf-node ports.
     let ports: Vec<[u16; 4]> = (0..HUB_NODES)
         .map(|_| [free_port(), free_port(), free_port(), free_port()])
@@ -209,8 +274,16 @@ async fn try_start(passwords: &[String; 3], leaf_password: &str) -> Result<Hub, 
             .filter(|(j, _)| *j != i)
             .map(|(_, p)| format!("nats://127.0.0.1:{}", p[2]))
             .collect();
+        let mut envs = vec![("VERSUS_NATS_LEAF_PORT".to_owned(), leaf_port.to_string())];
+        envs.extend(
+            leaf_passwords
+                .iter()
+                .enumerate()
+                .map(|(i, password)| (leaf_password_var(i + 1), password.clone())),
+        );
         let launch = Launch {
-            conf: crate::nats::repo_file("nats-hub.conf"),
+            conf: conf.path().join("hub.conf"),
+            _conf_dir: Some(conf.clone()),
             args: vec![
                 "-n".to_owned(),
                 format!("hub{}", i + 1),
@@ -221,13 +294,7 @@ async fn try_start(passwords: &[String; 3], leaf_password: &str) -> Result<Hub, 
                 "--routes".to_owned(),
                 routes.join(","),
             ],
-            envs: vec![
-                ("VERSUS_NATS_LEAF_PORT".to_owned(), leaf_port.to_string()),
-                (
-                    "VERSUS_NATS_LEAF_PASSWORD".to_owned(),
-                    leaf_password.to_owned(),
-                ),
-            ],
+            envs,
         };
         starting.push(Nats::start_member(
             port,
@@ -251,7 +318,7 @@ async fn try_start(passwords: &[String; 3], leaf_password: &str) -> Result<Hub, 
     Ok(Hub {
         nodes,
         leaf_ports: ports.iter().map(|p| p[3]).collect(),
-        leaf_password: leaf_password.to_owned(),
+        leaf_passwords: leaf_passwords.to_vec(),
     })
 }
 

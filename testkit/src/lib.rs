@@ -45,7 +45,7 @@ use std::time::Duration;
 
 pub use db::Database;
 pub use edge::{Edge, LinkProxy};
-pub use hub::{HUB_NODES, Hub, move_leader, stream_leader};
+pub use hub::{HUB_NODES, Hub, MAX_EDGES, move_leader, stream_leader};
 pub use nats::{Nats, NatsUser};
 pub use nix::sys::signal::Signal;
 pub use otlp::{Otlp, ReceivedSpan};

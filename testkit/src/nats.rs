@@ -41,6 +41,16 @@ impl NatsUser {
         }
     }
 
+    /// Where its requests get their answers: the program's own inbox prefix
+    /// (`versus_shared::bus::Role::inbox_prefix`), the only one `nats.conf` lets it read.
+    pub fn inbox_prefix(self) -> &'static str {
+        match self {
+            NatsUser::Admin => "_INBOX",
+            NatsUser::Api => "_INBOX.api",
+            NatsUser::Worker => "_INBOX.worker",
+        }
+    }
+
     /// The variable `nats.conf` reads its password from.
     pub fn password_var(self) -> &'static str {
         match self {
@@ -77,6 +87,9 @@ pub(crate) struct Launch {
     pub(crate) conf: PathBuf,
     pub(crate) args: Vec<String>,
     pub(crate) envs: Vec<(String, String)>,
+    /// The folder `conf` was written to, when the kit wrote it (a hub's, with its edges'
+    /// logins): kept as long as a server may start again with it.
+    pub(crate) _conf_dir: Option<Arc<TempDir>>,
 }
 
 impl Launch {
@@ -86,6 +99,7 @@ impl Launch {
             conf: repo_file("nats.conf"),
             args: Vec::new(),
             envs: Vec::new(),
+            _conf_dir: None,
         }
     }
 }
@@ -184,6 +198,7 @@ impl Nats {
             user.name().to_owned(),
             self.password(user).to_owned(),
         )
+        .custom_inbox_prefix(user.inbox_prefix())
         .connect(&self.url)
         .await
     }
@@ -207,6 +222,25 @@ impl Nats {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
+    }
+
+    /// Freezes the server (SIGSTOP): its connections stay open but nothing answers, as a hung
+    /// server or a network that drops everything would, until [`Nats::resume`].
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Nats::pause`].
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("nats-server runs");
+        let pid = child.id().expect("a running nats-server has a pid");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
+        nix::sys::signal::kill(pid, signal)
+            .unwrap_or_else(|e| panic!("send {signal} to nats-server: {e}"));
     }
 
     /// Kills the server if it runs, then starts it again on the same port with the same store.

@@ -1,5 +1,6 @@
 //! A Versus binary run as a child process: started with its environment, ready once it prints
-//! `listening on http://IP:PORT`, its output echoed to the test's stderr.
+//! `listening on http://IP:PORT` (after `ops listening on http://IP:PORT` when it serves its
+//! operator's routes apart), its output echoed to the test's stderr.
 
 use std::collections::VecDeque;
 use std::process::{ExitStatus, Stdio};
@@ -23,6 +24,10 @@ const TERMINATE_TIMEOUT: Duration = Duration::from_secs(60);
 const TAIL_LINES: usize = 80;
 /// The readiness line every Versus binary prints on stdout.
 const READY_PREFIX: &str = "listening on ";
+/// The line the API prints first when it serves its operator's routes on `VERSUS_OPS_ADDR`.
+const OPS_PREFIX: &str = "ops listening on ";
+/// How long [`Proc::until_ready`] waits for `/readyz` to answer 200.
+const READYZ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Variables of the test's own environment that must not leak into a child: the binaries'
 /// settings are exactly what the test passes (a developer's real `OPENAI_API_KEY` or
@@ -42,6 +47,9 @@ fn is_setting(key: &str) -> bool {
 pub struct Proc {
     /// `http://IP:PORT` from the binary's `listening on` line.
     pub url: String,
+    /// `http://IP:PORT` from the API's `ops listening on` line: where `/metrics` and the admin
+    /// routes are when `VERSUS_OPS_ADDR` is set.
+    pub ops_url: Option<String>,
     label: String,
     pid: u32,
     child: Child,
@@ -78,14 +86,21 @@ impl Proc {
         let label = format!("{name} {pid}");
 
         let (ready_tx, mut ready_rx) = oneshot::channel();
+        let ops_url = Arc::new(Mutex::new(None));
         let stdout = child.stdout.take().expect("stdout is piped");
-        tokio::spawn(drain_stdout(stdout, label.clone(), ready_tx));
+        tokio::spawn(drain_stdout(
+            stdout,
+            label.clone(),
+            ready_tx,
+            ops_url.clone(),
+        ));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let stderr = child.stderr.take().expect("stderr is piped");
         let stderr_drain = tokio::spawn(drain_stderr(stderr, label.clone(), stderr_tail.clone()));
 
         let mut proc = Proc {
             url: String::new(),
+            ops_url: None,
             label,
             pid,
             child,
@@ -96,7 +111,11 @@ impl Proc {
         let timeout = tokio::time::sleep(READY_TIMEOUT);
         tokio::select! {
             url = &mut ready_rx => match url {
-                Ok(url) => proc.url = url,
+                Ok(url) => {
+                    proc.url = url;
+                    // Printed before the `listening on` line, by the same reader.
+                    proc.ops_url = ops_url.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                }
                 Err(_) => proc.fail("closed its stdout without printing `listening on http://…`").await,
             },
             status = proc.child.wait() => {
@@ -108,6 +127,29 @@ impl Proc {
             }
         }
         proc
+    }
+
+    /// Waits (up to 30 s, else panics) until `/readyz` answers 200: for the API, until it has
+    /// found the streams and buckets (it serves its probes before).
+    pub async fn until_ready(&self) {
+        let http = crate::http_client();
+        let url = format!("{}/readyz", self.url);
+        let deadline = tokio::time::Instant::now() + READYZ_TIMEOUT;
+        loop {
+            let status = http.get(&url).send().await.map(|r| r.status().as_u16());
+            if matches!(status, Ok(200)) {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "{} did not answer 200 on /readyz within {READYZ_TIMEOUT:?} (last: {status:?}); \
+                     stderr tail:\n{}",
+                    self.label,
+                    self.stderr_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The process id.
@@ -239,15 +281,25 @@ impl std::fmt::Debug for Proc {
     }
 }
 
-/// Reads stdout: the first `listening on http://…` line goes to `ready`, the rest is echoed.
+/// Reads stdout: the first `listening on http://…` line goes to `ready`, an `ops listening on
+/// http://…` line to `ops`, the rest is echoed.
 async fn drain_stdout(
     stdout: impl AsyncRead + Unpin,
     label: String,
     ready: oneshot::Sender<String>,
+    ops: Arc<Mutex<Option<String>>>,
 ) {
     let mut ready = Some(ready);
     let mut lines = BufReader::new(stdout).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(url) = line
+            .trim()
+            .strip_prefix(OPS_PREFIX)
+            .filter(|url| url.starts_with("http://"))
+        {
+            *ops.lock().unwrap_or_else(|e| e.into_inner()) = Some(url.to_owned());
+            continue;
+        }
         let url = line
             .trim()
             .strip_prefix(READY_PREFIX)

@@ -61,8 +61,7 @@ impl Default for SystemBuilder {
 }
 
 impl SystemBuilder {
-    /// How many workers to start (default 1; 0 starts none, and then nothing runs the
-    /// migrations).
+    /// How many workers to start (default 1; 0 starts none).
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
         self
@@ -118,8 +117,10 @@ impl SystemBuilder {
         built
     }
 
-    /// Starts nats-server, the database and the simulator, then the first worker alone (it
-    /// runs the migrations), the other workers together, and finally the API.
+    /// Starts nats-server, the database (migrated as the superuser, as an operator migrates
+    /// as the owner) and the simulator, then the first worker alone, the other workers
+    /// together, and finally the API. The API connects to Postgres as the role `versus_api`
+    /// and the workers as `versus_worker` (unless a test sets `DATABASE_URL`).
     pub async fn start(self) -> System {
         let sim_env = borrowed(&self.sim_env);
         let servers = async {
@@ -128,9 +129,8 @@ impl SystemBuilder {
                 let mut edges = Vec::with_capacity(self.edges);
                 for i in 1..=self.edges {
                     let name = format!("edge{i}");
-                    let (nats, link) =
-                        crate::edge::start_server(&name, &hub.leaf_password, &hub.leaf_ports).await;
-                    edges.push((name, nats, link));
+                    let (nats, link, leaf_login) = crate::edge::start_server(&name, &hub).await;
+                    edges.push((name, nats, link, leaf_login));
                 }
                 let mut nodes = hub.nodes;
                 let first = nodes.remove(0);
@@ -139,8 +139,13 @@ impl SystemBuilder {
                 (Nats::start().await, Vec::new(), Vec::new())
             }
         };
+        let db = async {
+            let db = Database::fresh().await;
+            db.migrate().await;
+            db
+        };
         let ((nats, hub_peers, edge_servers), db, sim) =
-            tokio::join!(servers, Database::fresh(), Sim::start(&sim_env));
+            tokio::join!(servers, db, Sim::start(&sim_env));
         // Every server of the hub, or the one server, as the programs' NATS_URL.
         let url_as = |user: NatsUser| {
             std::iter::once(&nats)
@@ -167,7 +172,7 @@ impl SystemBuilder {
             ("NATS_URL".to_owned(), url_as(NatsUser::Api)),
             ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             // Only the admin routes use it; answers never touch Postgres.
-            ("DATABASE_URL".to_owned(), db.url.clone()),
+            ("DATABASE_URL".to_owned(), db.url_as("versus_api")),
         ];
         // Every test client is 127.0.0.1: the per-client limits (new generations, open
         // streams) are off unless a test of them sets them.
@@ -188,7 +193,7 @@ impl SystemBuilder {
 
         let mut worker_envs = vec![
             ("NATS_URL".to_owned(), url_as(NatsUser::Worker)),
-            ("DATABASE_URL".to_owned(), db.url.clone()),
+            ("DATABASE_URL".to_owned(), db.url_as("versus_worker")),
             ("OPENAI_BASE_URL".to_owned(), sim.openai_base_url()),
             ("OPENAI_API_KEY".to_owned(), "test-key".to_owned()),
             (
@@ -215,17 +220,21 @@ impl SystemBuilder {
             declare_streams(&nats, &worker_envs).await;
         }
         let api = Proc::spawn("versus-api", &borrowed(&api_envs)).await;
+        // The API serves at once, and misses once it has found the streams and buckets.
+        api.until_ready().await;
         let mut edges = Vec::with_capacity(edge_servers.len());
-        for (name, edge_nats, link) in edge_servers {
+        for (name, edge_nats, link, leaf_login) in edge_servers {
             let mut envs = api_envs.clone();
             envs.push(("NATS_URL".to_owned(), edge_nats.url_as(NatsUser::Api)));
             envs.push(("VERSUS_NATS_HUB_DOMAIN".to_owned(), "hub".to_owned()));
             let api = Proc::spawn("versus-api", &borrowed(&envs)).await;
+            api.until_ready().await;
             edges.push(Edge {
                 name,
                 api,
                 link,
                 nats: edge_nats,
+                leaf_login,
             });
         }
 
@@ -313,9 +322,11 @@ impl System {
     }
 
     /// Starts another API replica with the same environment as [`System::api`] (on its own
-    /// port); the caller owns it.
+    /// port), and waits until it is ready (`/readyz`); the caller owns it.
     pub async fn spawn_api(&self) -> Proc {
-        Proc::spawn("versus-api", &borrowed(&self.api_envs)).await
+        let api = Proc::spawn("versus-api", &borrowed(&self.api_envs)).await;
+        api.until_ready().await;
+        api
     }
 
     /// The environment the API was started with (later entries win).

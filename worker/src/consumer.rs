@@ -2,6 +2,8 @@
 //! worker, each lane with its own local concurrency limit, and a drain on shutdown (stop
 //! fetching, let jobs in flight finish within the grace period, then hand the unfinished ones
 //! over to other workers at once). A pull asks for as many jobs as the lane has free slots.
+//! A consumer found gone after a failed pull (deleted, alone or with its stream) is declared
+//! again.
 //!
 //! Architecture Invariant: the lanes share nothing but the process. A pre-warm batch of ten
 //! thousand jobs holds at most the pre-warm permits, so interactive misses never queue
@@ -37,6 +39,9 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(16);
 /// How long one pull request waits for jobs before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long a lane waits after a failed pull, or a failed declaration of its consumer, before
+/// it tries again.
+const PULL_RETRY: Duration = Duration::from_millis(250);
 /// How long jobs still running after the grace period get to give their claims back and nak:
 /// a Postgres update and a confirmed nak each.
 const HANDOVER: Duration = Duration::from_secs(5);
@@ -81,17 +86,18 @@ pub async fn declare(ctx: &Ctx, lane: &Lane) -> anyhow::Result<PullConsumer> {
     }
 }
 
-/// Pulls and runs jobs until `shutdown`, then waits up to `grace` for the ones in flight. Those
-/// still running then give their claims back and are nak'd without delay, so that another
-/// worker starts them at once rather than when their lease runs out.
+/// Pulls and runs jobs of `lane` from `consumer` (its declared consumer) until `shutdown`,
+/// then waits up to `grace` for the ones in flight. Those still running then give their
+/// claims back and are nak'd without delay, so that another worker starts them at once rather
+/// than when their lease runs out.
 pub async fn run(
     ctx: Arc<Ctx>,
-    consumer: PullConsumer,
-    concurrency: usize,
+    lane: &Lane,
+    mut consumer: PullConsumer,
     grace: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let permits = Arc::new(Semaphore::new(lane.concurrency.max(1)));
     let tracker = TaskTracker::new();
     let abandon = CancellationToken::new();
     'pulling: loop {
@@ -115,8 +121,8 @@ pub async fn run(
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(e) => {
-                tracing::warn!(error = %e, "pulling jobs failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tracing::warn!(lane = lane.label, error = %e, "pulling jobs failed; retrying");
+                recover(&ctx, lane, &mut consumer, &shutdown).await;
                 continue;
             }
         };
@@ -128,7 +134,8 @@ pub async fn run(
             let msg = match msg {
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pulling jobs failed; retrying");
+                    tracing::warn!(lane = lane.label, error = %e, "pulling jobs failed; retrying");
+                    recover(&ctx, lane, &mut consumer, &shutdown).await;
                     break;
                 }
                 // The request expired with slots to spare: ask again.
@@ -164,6 +171,72 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// After a failed pull: waits [`PULL_RETRY`], then asks whether the consumer is still there
+/// (one `CONSUMER.INFO`). When it is gone, or its stream is (an operator deleted either; a
+/// worker's watchdog declares the stream again within seconds, see `versus_shared::bus`), the
+/// consumer is declared again, every [`PULL_RETRY`] until that works or `shutdown` fires; a
+/// consumer created anew delivers the jobs its stream still holds from the first. Any other
+/// answer, or none, leaves it to the next pull.
+async fn recover(
+    ctx: &Ctx,
+    lane: &Lane,
+    consumer: &mut PullConsumer,
+    shutdown: &CancellationToken,
+) {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    let recovered = async {
+        let (mut gone, mut failed) = (false, false);
+        loop {
+            tokio::time::sleep(PULL_RETRY).await;
+            if !gone {
+                match consumer.get_info().await {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                        ) =>
+                    {
+                        tracing::error!(
+                            lane = lane.label,
+                            consumer = lane.name,
+                            error = %e,
+                            "the lane's consumer is gone (deleted, or its stream was): declaring it again"
+                        );
+                        gone = true;
+                    }
+                    _ => return,
+                }
+            }
+            match declare(ctx, lane).await {
+                Ok(declared) => {
+                    tracing::info!(
+                        lane = lane.label,
+                        consumer = lane.name,
+                        "declared the consumer again"
+                    );
+                    *consumer = declared;
+                    return;
+                }
+                Err(e) => {
+                    if !failed {
+                        tracing::warn!(
+                            lane = lane.label,
+                            error = format!("{e:#}"),
+                            "declaring the consumer again failed (its stream is not back yet?); trying again"
+                        );
+                    }
+                    failed = true;
+                }
+            }
+        }
+    };
+    // A lookup or declaration waits for JetStream's answer: not past shutdown.
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = recovered => {}
+    }
 }
 
 /// The span of one delivery of a job (`job`), continuing the trace of the request that

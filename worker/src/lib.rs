@@ -55,9 +55,16 @@ use versus_shared::{
 pub struct Settings {
     #[command(flatten)]
     pub nats: NatsSettings,
-    /// Postgres URL.
+    /// Postgres URL: as the role `versus_worker` once the owner has migrated the database
+    /// (see --migrate-only); as the owner, the worker also runs any migrations pending at
+    /// start-up.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Secret,
+    /// Run the pending database migrations, then exit (no NATS, no jobs): how an operator
+    /// migrates, with the database owner's DATABASE_URL, before starting workers and APIs
+    /// that connect as the roles `versus_worker` and `versus_api`.
+    #[arg(long, env = "VERSUS_MIGRATE_ONLY")]
+    pub migrate_only: bool,
     #[command(flatten)]
     pub openai: openai::OpenAiSettings,
     #[command(flatten)]
@@ -113,15 +120,20 @@ impl Settings {
     }
 }
 
-/// Connects, migrates, serves the ops routes and consumes jobs until `shutdown` fires.
+/// Connects, migrates (if it must), serves the ops routes and consumes jobs until `shutdown`
+/// fires; with `--migrate-only`, only runs the migrations.
 pub async fn run(
     settings: Settings,
     metrics: PrometheusHandle,
     tasks: &Tasks,
 ) -> anyhow::Result<()> {
+    if settings.migrate_only {
+        return migrate_only(&settings.database_url).await;
+    }
     let shutdown = tasks.shutdown().clone();
     openai::zero_counters();
     generation::zero_counters();
+    purge::zero_counters();
     let budget = Budget::new(&settings.budget)?;
     spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
@@ -191,8 +203,8 @@ pub async fn run(
             &shutdown,
             consumer::run(
                 ctx.clone(),
+                &interactive,
                 interactive_consumer,
-                interactive.concurrency,
                 grace,
                 shutdown.clone()
             ),
@@ -201,8 +213,8 @@ pub async fn run(
             &shutdown,
             consumer::run(
                 ctx.clone(),
+                &prewarm,
                 prewarm_consumer,
-                prewarm.concurrency,
                 grace,
                 shutdown.clone()
             ),
@@ -218,6 +230,15 @@ pub async fn run(
     popularity?;
     purges?;
     ops.await??;
+    Ok(())
+}
+
+/// Runs every pending migration (and checks the applied ones), as the role of `url`.
+async fn migrate_only(url: &Secret) -> anyhow::Result<()> {
+    let db = versus_shared::db::connect(url, 1).await?;
+    versus_shared::db::migrate_all(&db).await?;
+    db.close().await;
+    tracing::info!("the database is migrated");
     Ok(())
 }
 

@@ -34,6 +34,20 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
                 None => return Ok(()),
             },
         };
+        // Answered only on the API's inbox: any other reply subject (a stream's delete API, a
+        // KV key) would have this worker publish there on the requester's behalf. Refused
+        // before anything is done.
+        let reply_to = match msg.reply {
+            Some(to) if wire::is_api_inbox(to.as_str()) => to,
+            Some(_) => {
+                refuse("reply_subject");
+                continue;
+            }
+            None => {
+                refuse("no_reply");
+                continue;
+            }
+        };
         let outcome = match serde_json::from_slice::<PurgeRequest>(&msg.payload) {
             Ok(request) => purge(&ctx, &request).await,
             Err(e) => Err(anyhow::Error::new(e).context("an unreadable purge request")),
@@ -44,12 +58,24 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<(
                 format!("{e:#}")
             }),
         };
-        if let Some(to) = msg.reply {
-            let payload = serde_json::to_vec(&reply)?;
-            if let Err(e) = ctx.bus.client.publish(to, payload.into()).await {
-                tracing::warn!(error = %e, "answering a purge request failed");
-            }
+        let payload = serde_json::to_vec(&reply)?;
+        if let Err(e) = ctx.bus.client.publish(reply_to, payload.into()).await {
+            tracing::warn!(error = %e, "answering a purge request failed");
         }
+    }
+}
+
+/// Counts and logs a request refused before anything was done for it: one whose reply subject
+/// is not an API inbox, or that has none (the API always asks with a reply).
+fn refuse(reason: &'static str) {
+    metrics::counter!("versus_bus_refused_total", "reason" => reason).increment(1);
+    tracing::error!(reason, "refused a purge request; nothing was done");
+}
+
+/// The refusal counter's series, at zero from the start (an alert divides nothing).
+pub fn zero_counters() {
+    for reason in ["no_reply", "reply_subject"] {
+        metrics::counter!("versus_bus_refused_total", "reason" => reason).absolute(0);
     }
 }
 

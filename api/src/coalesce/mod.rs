@@ -25,7 +25,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, field::Empty};
 use versus_shared::{
-    bus::Bus,
     key::Key,
     tasks::Tasks,
     traces,
@@ -34,9 +33,11 @@ use versus_shared::{
 
 use log::{Log, Offer};
 
+use crate::nats::LazyBus;
+
 /// Every flight of this process, by key.
 pub struct Flights {
-    bus: Bus,
+    bus: LazyBus,
     timeout: Duration,
     tasks: Tasks,
     live: Mutex<HashMap<Key, Arc<Flight>>>,
@@ -64,7 +65,7 @@ pub fn zero_counters() {
 
 impl Flights {
     /// Readers run on `tasks`; a reader gives up on a generation after `timeout`.
-    pub fn new(bus: Bus, timeout: Duration, tasks: Tasks) -> Arc<Flights> {
+    pub fn new(bus: LazyBus, timeout: Duration, tasks: Tasks) -> Arc<Flights> {
         Arc::new(Flights {
             bus,
             timeout,

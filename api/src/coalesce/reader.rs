@@ -87,13 +87,23 @@ pub(super) async fn run(
 ) {
     let key = job.key.clone();
     let queued = AtomicBool::new(false);
+    // Flights start once the bus is found (`App::wait_on`), and it stays.
+    let Some(bus) = flights.bus.get() else {
+        flight.close(Some(Event::retryable(
+            "unavailable",
+            "This server cannot reach its message bus right now. Please try again shortly.",
+            None,
+        )));
+        flights.remove(&key, &flight);
+        return;
+    };
     let reading = tokio::time::timeout(
         flights.timeout,
-        read_events(&flights.bus, &flight, job, early, &queued),
+        read_events(bus, &flight, job, early, &queued),
     );
     let ending = tokio::select! {
         () = flight.stop.cancelled() => None,
-        () = link_lost(&flights.bus, &queued) => Some(Event::retryable(
+        () = link_lost(bus, &queued) => Some(Event::retryable(
             "unavailable",
             "This server lost its link to the one that writes new answers. Please try again shortly.",
             None,

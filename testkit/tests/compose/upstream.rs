@@ -20,8 +20,8 @@ struct Started {
 }
 
 /// Runs `service`'s command as its container would, with the environment Compose gives it
-/// (interpolated with `shell`), its NATS file in a temporary folder, and on `PATH` a
-/// `versus-worker` that prints the environment it was started with.
+/// (interpolated with `shell`), its NATS and Postgres files in a temporary folder, and on
+/// `PATH` a `versus-worker` that prints the environment it was started with.
 fn start(service: &Value, shell: &HashMap<&str, &str>) -> Started {
     let dir = TempDir::new("versus-compose-worker");
     let fake = dir.path().join("versus-worker");
@@ -33,17 +33,24 @@ fn start(service: &Value, shell: &HashMap<&str, &str>) -> Started {
         "NATS_URL=nats://versus-worker:secret@nats:4222\n",
     )
     .unwrap();
+    let db_env = dir.path().join("db.env");
+    std::fs::write(
+        &db_env,
+        "DATABASE_URL=postgres://versus_worker:secret@postgres:5432/versus\n",
+    )
+    .unwrap();
 
     let command: Vec<String> = words(&service["command"])
         .iter()
         .map(|word| interpolate(word, shell))
         .collect();
-    let [sh, flag, script, arg0, _file] = command.as_slice() else {
-        panic!("a worker runs /bin/sh -c SCRIPT NAME FILE, not {command:?}");
+    let [sh, flag, script, arg0, _nats_file, _db_file] = command.as_slice() else {
+        panic!("a worker runs /bin/sh -c SCRIPT NAME NATS_FILE DB_FILE, not {command:?}");
     };
     let output = Command::new(sh)
         .args([flag, script, arg0])
         .arg(&nats_env)
+        .arg(&db_env)
         .env_clear()
         .envs(
             environment(service)
@@ -76,10 +83,13 @@ fn sim_url(compose: &Value) -> String {
     format!("http://sim:{port}/v1")
 }
 
+/// The services that run workers (not the one-shot migrate, which runs `versus-worker` too).
 fn workers(compose: &Value) -> Vec<(&String, &Value)> {
     let workers: Vec<_> = services(compose)
         .iter()
-        .filter(|(_, service)| program(service) == Some("versus-worker"))
+        .filter(|(_, service)| {
+            program(service) == Some("versus-worker") && service["restart"] != "no"
+        })
         .collect();
     assert!(workers.len() >= 2, "worker and hub-worker");
     workers
@@ -107,6 +117,10 @@ fn without_a_key_a_worker_calls_the_simulator_and_says_so_loudly() {
             assert_eq!(
                 started.env["NATS_URL"], "nats://versus-worker:secret@nats:4222",
                 "{name}: NATS_URL comes from its file"
+            );
+            assert_eq!(
+                started.env["DATABASE_URL"], "postgres://versus_worker:secret@postgres:5432/versus",
+                "{name}: DATABASE_URL comes from its file"
             );
             assert!(
                 started.log.contains("ANSWERS COME FROM THE SIMULATOR"),
@@ -191,7 +205,8 @@ async fn the_programs_healthcheck_passes_on_200_only() {
     let compose = compose();
     // Each Versus program's probe asks the port its address variable names.
     for (name, service) in services(&compose) {
-        let Some(program) = program(service) else {
+        // A one-shot run (migrate) has no healthcheck: it exits.
+        let Some(program) = program(service).filter(|_| service["restart"] != "no") else {
             continue;
         };
         let check = healthcheck(service);

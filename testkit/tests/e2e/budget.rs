@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{fight, http, json_of, metric, metrics_of, quick, shape};
 
-const TOKEN: &str = "budget-admin-token";
+const TOKEN: &str = "budget-admin-token-0123456789abcdef";
 
 #[tokio::test]
 async fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_served() {

@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
+use futures::StreamExt;
 use serde_json::json;
 use versus_testkit::{NatsUser, System};
 
-use crate::{fight, http, quick};
+use crate::{fight, http, quick, worker_metric};
 
-const TOKEN: &str = "bus-admin-token";
+const TOKEN: &str = "bus-admin-token-0123456789abcdef";
 
 /// A JetStream context that gives up on an acknowledgement soon: a refused publish gets none.
 fn jetstream_of(client: async_nats::Client) -> jetstream::Context {
@@ -63,6 +64,7 @@ async fn nobody_connects_anonymously_and_the_api_may_not_write_events_answers_or
         sys.nats.password(NatsUser::Api).to_owned(),
     )
     .name("forger")
+    .custom_inbox_prefix(NatsUser::Api.inbox_prefix())
     .connect(&sys.nats.url)
     .await
     .unwrap();
@@ -285,4 +287,244 @@ async fn a_worker_start_puts_back_only_the_stream_settings_versus_owns() {
     // And the system works as before.
     let events = fight(&sys, "Lion", "Tiger").await;
     assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+}
+
+/// Every stream, bucket and durable consumer of ours, as (stream, consumer) pairs; the
+/// consumer is "" for the stream itself.
+const TOPOLOGY: [(&str, &str); 6] = [
+    ("VERSUS_JOBS", ""),
+    ("VERSUS_EVENTS", ""),
+    ("KV_versus_answers", ""),
+    ("KV_versus_spend", ""),
+    ("VERSUS_JOBS", "versus-workers"),
+    ("VERSUS_JOBS", "versus-prewarm"),
+];
+
+/// Whether every stream, bucket and durable consumer of ours exists, as the admin sees them.
+async fn topology_is_whole(admin: &jetstream::Context) -> Result<(), String> {
+    for (stream, consumer) in TOPOLOGY {
+        let found = admin
+            .get_stream(stream)
+            .await
+            .map_err(|e| format!("stream {stream}: {e}"))?;
+        if !consumer.is_empty() {
+            found
+                .consumer_info(consumer)
+                .await
+                .map_err(|e| format!("consumer {stream}.{consumer}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_purge_request_never_makes_a_worker_publish_where_the_requester_chose() {
+    let sys = quick().workers(1).start().await;
+    let events = fight(&sys, "Batman", "Superman").await;
+    assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+    let key = events[0].json()["key"].as_str().unwrap().to_owned();
+    let admin = jetstream_of(sys.nats.client().await);
+    topology_is_whole(&admin).await.unwrap();
+    let answers = admin.get_key_value("versus_answers").await.unwrap();
+    let stored = answers.get(format!("text.{key}")).await.unwrap().unwrap();
+
+    // As a compromised API would: purge requests (an empty purge, which a worker would carry
+    // out and answer with `{}`) whose reply subject is a stream's or a consumer's delete API,
+    // or a KV key (a refusal, an answer).
+    let api = sys.nats.connect_as(NatsUser::Api).await.unwrap();
+    let mut replies: Vec<String> = ["VERSUS_JOBS", "VERSUS_EVENTS", "KV_versus_answers"]
+        .iter()
+        .chain(&["KV_versus_spend"])
+        .map(|stream| format!("$JS.API.STREAM.DELETE.{stream}"))
+        .collect();
+    replies.extend(
+        ["versus-workers", "versus-prewarm"]
+            .map(|consumer| format!("$JS.API.CONSUMER.DELETE.VERSUS_JOBS.{consumer}")),
+    );
+    replies.push(format!("$KV.versus_answers.refused.text.{key}"));
+    replies.push(format!("$KV.versus_answers.text.{key}"));
+    for reply in &replies {
+        api.publish_with_reply(
+            "versus.admin.purge",
+            reply.clone(),
+            r#"{"answers":[]}"#.into(),
+        )
+        .await
+        .unwrap();
+    }
+    api.flush().await.unwrap();
+
+    // The worker refuses each one before doing anything, and counts it.
+    let refused = replies.len() as f64;
+    versus_testkit::eventually(
+        "the worker to refuse every request",
+        Duration::from_secs(10),
+        || async {
+            worker_metric(&sys, "versus_bus_refused_total", "reply_subject").await >= refused
+        },
+    )
+    .await;
+    assert_eq!(
+        worker_metric(&sys, "versus_bus_refused_total", "reply_subject").await,
+        refused
+    );
+
+    // Afterwards every stream, bucket and consumer is there, the answer is the genuine one,
+    // no refusal was written, and the key is still answered, and new misses work.
+    topology_is_whole(&admin).await.unwrap();
+    assert_eq!(
+        answers.get(format!("text.{key}")).await.unwrap(),
+        Some(stored)
+    );
+    assert_eq!(
+        answers.get(format!("refused.text.{key}")).await.unwrap(),
+        None
+    );
+    let hit = fight(&sys, "Superman", "Batman").await;
+    assert_eq!(hit[0].json()["cached"], json!(true), "{hit:?}");
+    assert_eq!(hit.last().unwrap().event, "done", "{hit:?}");
+    let miss = fight(&sys, "Lion", "Tiger").await;
+    assert_eq!(miss.last().unwrap().event, "done", "{miss:?}");
+
+    // Nor would the worker's NATS user have let it: with no `allow_responses`, its answer to
+    // a request is refused by the server whatever reply subject the request names, unless its
+    // own permissions allow it (the API's inbox).
+    let worker = sys.nats.connect_as(NatsUser::Worker).await.unwrap();
+    let mut requests = worker.subscribe("versus.admin.purge").await.unwrap();
+    worker.flush().await.unwrap();
+    api.publish_with_reply(
+        "versus.admin.purge",
+        "$JS.API.STREAM.DELETE.VERSUS_JOBS",
+        r#"{"answers":[]}"#.into(),
+    )
+    .await
+    .unwrap();
+    api.flush().await.unwrap();
+    let request = tokio::time::timeout(Duration::from_secs(5), requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    worker
+        .publish(request.reply.unwrap(), "{}".into())
+        .await
+        .unwrap();
+    worker.flush().await.unwrap();
+    versus_testkit::eventually(
+        "the server to refuse the worker's answer",
+        Duration::from_secs(5),
+        || async {
+            sys.nats
+                .violations()
+                .iter()
+                .any(|v| v.contains("$JS.API.STREAM.DELETE.VERSUS_JOBS"))
+        },
+    )
+    .await;
+    topology_is_whole(&admin).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_edge_leaf_login_can_neither_write_nor_delete_on_the_hub() {
+    let sys = System::builder().workers(1).edges(1).start().await;
+    let edge = &sys.edges[0];
+    // The edge serves a miss and then a hit, across its leaf link, as ever.
+    let first = crate::fight_at(edge.api_url(), "Batman", "Superman").await;
+    assert_eq!(first.last().unwrap().event, "done", "{first:?}");
+    let key = first[0].json()["key"].as_str().unwrap().to_owned();
+    let admin = jetstream_of(sys.nats.client().await);
+    topology_is_whole(&admin).await.unwrap();
+    let answers = admin.get_key_value("versus_answers").await.unwrap();
+    let stored = answers.get(format!("text.{key}")).await.unwrap().unwrap();
+    let events_subject = format!("versus.events.text.{key}");
+    let last_event = last_seq(&admin, "VERSUS_EVENTS", &events_subject).await;
+
+    // The leaf login is no client's: nats-server refuses it on the client port.
+    let (user, password) = edge.leaf_login.clone();
+    let as_client = async_nats::ConnectOptions::with_user_and_password(user, password)
+        .connect(&sys.nats.url)
+        .await;
+    assert!(as_client.is_err(), "the leaf login connected as a client");
+
+    // A compromised edge: its server's own admin may do anything there, and the hub lets
+    // through only what its leaf login allows. Asking on the edge API's inbox, whose answers
+    // the hub does send back (a stream's info comes back), every write and delete below finds
+    // no route to the hub's JetStream, or is dropped at the link.
+    let rogue = async_nats::ConnectOptions::with_user_and_password(
+        NatsUser::Admin.name().to_owned(),
+        edge.nats.password(NatsUser::Admin).to_owned(),
+    )
+    .custom_inbox_prefix(NatsUser::Api.inbox_prefix())
+    .connect(&edge.nats.url)
+    .await
+    .unwrap();
+    let info = rogue
+        .request("$JS.hub.API.STREAM.INFO.VERSUS_JOBS", "".into())
+        .await
+        .expect("an edge may read a stream's info on the hub");
+    assert!(
+        String::from_utf8_lossy(&info.payload).contains("VERSUS_JOBS"),
+        "{info:?}"
+    );
+    let hub_api = |what: &str| format!("$JS.hub.API.{what}");
+    for (what, payload) in [
+        (format!("$KV.versus_answers.text.{key}"), "forged"),
+        (hub_api(&format!("$KV.versus_answers.text.{key}")), "forged"),
+        (
+            hub_api(&format!("$KV.versus_answers.refused.text.{key}")),
+            "{}",
+        ),
+        (hub_api("STREAM.DELETE.KV_versus_answers"), ""),
+        (hub_api("STREAM.PURGE.KV_versus_answers"), ""),
+        (hub_api("STREAM.DELETE.VERSUS_JOBS"), ""),
+        (hub_api("STREAM.DELETE.VERSUS_EVENTS"), ""),
+        (hub_api("CONSUMER.DELETE.VERSUS_JOBS.versus-workers"), ""),
+        (hub_api("CONSUMER.DELETE.VERSUS_JOBS.versus-prewarm"), ""),
+    ] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(3),
+            rogue.request(what.clone(), payload.to_owned().into()),
+        )
+        .await;
+        assert!(
+            !matches!(answer, Ok(Ok(_))),
+            "the hub answered {what}: {answer:?}"
+        );
+    }
+    // A forged event, published as a plain message.
+    let forged = json!({"type": "done", "attempt": 99, "model": "forged", "length": 0});
+    rogue
+        .publish(events_subject.clone(), forged.to_string().into())
+        .await
+        .unwrap();
+    rogue.flush().await.unwrap();
+
+    // Nothing of it reached the hub.
+    topology_is_whole(&admin).await.unwrap();
+    assert_eq!(
+        answers.get(format!("text.{key}")).await.unwrap(),
+        Some(stored)
+    );
+    assert_eq!(
+        answers.get(format!("refused.text.{key}")).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        last_seq(&admin, "VERSUS_EVENTS", &events_subject).await,
+        last_event,
+        "no forged event was stored"
+    );
+
+    // And the edge still serves hits (from its mirror, once it has the answer) and misses.
+    versus_testkit::eventually(
+        "the edge to serve the answer as a hit",
+        Duration::from_secs(10),
+        || async {
+            let hit = crate::fight_at(edge.api_url(), "Superman", "Batman").await;
+            hit[0].json()["cached"] == json!(true) && hit.last().unwrap().event == "done"
+        },
+    )
+    .await;
+    let miss = crate::fight_at(edge.api_url(), "Lion", "Tiger").await;
+    assert_eq!(miss.last().unwrap().event, "done", "{miss:?}");
+    assert_ne!(crate::text_of(&miss), "");
 }

@@ -11,7 +11,7 @@ use versus_testkit::{System, bin_path, eventually};
 
 use crate::{fight, http, json_of, quick};
 
-const TOKEN: &str = "t0ken";
+const TOKEN: &str = "t0ken-for-the-cli-0123456789abcdef";
 
 /// What one run of `versus` left behind.
 struct Run {

@@ -94,14 +94,32 @@ async fn scripts_cluster_answers_at_one_edge_hits_at_the_other_and_stops_on_ctrl
         assert!(runs(pid, &path), "{name} (pid {pid}) does not run");
     }
     assert!(cluster.postmaster().is_some(), "Postgres runs");
-    // The leaf login's password is kept with the others, and no log shows one.
+    // Each edge's own leaf login's password is kept with the others, and no log shows one.
     let users: Vec<String> = cluster
         .nats_passwords()
         .into_iter()
         .map(|(user, _)| user)
         .collect();
-    assert_eq!(users, ["ADMIN", "API", "WORKER", "LEAF"]);
+    assert_eq!(
+        users,
+        ["ADMIN", "API", "WORKER", "LEAF_EDGE1", "LEAF_EDGE2"]
+    );
     cluster.assert_no_password_shown();
+    // The hub's configuration lists each edge's login, and reads its password from the
+    // environment rather than holding it.
+    let hub_conf = std::fs::read_to_string(cluster.data.join("nats/conf/hub.conf")).unwrap();
+    for edge in ["edge1", "edge2"] {
+        assert!(
+            hub_conf.contains(&format!("versus-leaf-{edge}")),
+            "{hub_conf}"
+        );
+    }
+    for (user, password) in cluster.nats_passwords() {
+        assert!(
+            !hub_conf.contains(&password),
+            "hub.conf holds {user}'s password"
+        );
+    }
 
     // A new answer through edge 1.
     let events = fight_at(&apis[0], "Cluster Knight", "Hub Dragon").await;

@@ -94,6 +94,15 @@ async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stop
             .fetch_one(&db)
             .await
             .unwrap();
+    // The workers log in as their role, not as the owner the migrations ran as.
+    let users: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT usename::text FROM pg_stat_activity
+         WHERE datname = 'versus' AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(users, ["versus_worker"]);
     let victim: i32 = owner
         .split('-')
         .next()

@@ -10,7 +10,7 @@ use versus_testkit::{Edge, NatsUser, System, eventually};
 
 use crate::{fight_at, http, metric, metrics_of, quick, rows, shape, text_of};
 
-const TOKEN: &str = "edge-admin-token";
+const TOKEN: &str = "edge-admin-token-0123456789abcdef";
 
 async fn edges() -> System {
     quick()

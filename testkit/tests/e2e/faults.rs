@@ -1,13 +1,16 @@
 //! Faults: a worker killed mid-stream, NATS restarted mid-stream, a rate-limited upstream, a
-//! stream cut mid-way, an upstream that fails every try, and a matchup that keeps failing.
+//! stream cut mid-way, an upstream that fails every try, a matchup that keeps failing, and
+//! streams and consumers deleted under the workers.
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use futures::future::join_all;
 use serde_json::{Value, json};
-use versus_testkit::sse;
+use versus_shared::wire;
+use versus_testkit::{System, eventually, sse};
 
-use crate::{fight, http, quick, rows, shape, stream_url, text_of};
+use crate::{fight, http, quick, rows, shape, stream_url, text_of, worker_metric};
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_is_replaced_and_every_client_gets_the_whole_answer() {
@@ -293,4 +296,109 @@ async fn a_miss_asked_while_nats_is_down_is_published_once_it_is_back() {
     let text = text_of(&events);
     let key = events[0].json()["key"].as_str().unwrap().to_owned();
     assert_eq!(rows(&sys, &key).await, [("done".to_owned(), Some(text))]);
+}
+
+/// How soon a worker declares again what an operator deleted.
+const REDECLARED_WITHIN: Duration = Duration::from_secs(10);
+
+/// Waits until the jobs stream and both lanes' consumers are there, as the admin sees them.
+async fn jobs_declared(admin: &jetstream::Context) {
+    eventually(
+        "a worker to declare the jobs stream and its consumers again",
+        REDECLARED_WITHIN,
+        || async {
+            let Ok(jobs) = admin.get_stream(wire::JOBS_STREAM).await else {
+                return false;
+            };
+            jobs.consumer_info(wire::WORKERS_CONSUMER).await.is_ok()
+                && jobs.consumer_info(wire::PREWARM_CONSUMER).await.is_ok()
+        },
+    )
+    .await;
+}
+
+/// Deletes `stream` as the admin, and waits until a worker has declared it again.
+async fn delete_and_wait(sys: &System, admin: &jetstream::Context, stream: &str) {
+    assert!(admin.delete_stream(stream).await.unwrap().success);
+    eventually(
+        &format!("a worker to declare {stream} again"),
+        REDECLARED_WITHIN,
+        || async { admin.get_stream(stream).await.is_ok() },
+    )
+    .await;
+    let counted = worker_metric(
+        sys,
+        "versus_bus_redeclared_total",
+        &format!("stream=\"{stream}\""),
+    )
+    .await;
+    assert!(counted >= 1.0, "{stream} declared again {counted} times");
+}
+
+/// A fight that must end in an answer.
+async fn answered(sys: &System, a: &str, b: &str) -> Vec<sse::SseEvent> {
+    let events = fight(sys, a, b).await;
+    assert_eq!(
+        shape(&events),
+        ["meta", "chunk*", "done"],
+        "{a} vs {b}: {events:?}"
+    );
+    events
+}
+
+#[tokio::test]
+async fn deleted_streams_and_consumers_are_declared_again_and_misses_work() {
+    let sys = quick().start().await;
+    let admin = jetstream::new(sys.nats.client().await);
+    let first = answered(&sys, "Kraken", "Leviathan").await;
+    let first_key = first[0].json()["key"].as_str().unwrap().to_owned();
+
+    // The jobs stream, and its consumers with it: both come back, and a new miss is served.
+    delete_and_wait(&sys, &admin, wire::JOBS_STREAM).await;
+    jobs_declared(&admin).await;
+    answered(&sys, "Golem", "Gargoyle").await;
+
+    // The answers bucket: its answers are gone, but new ones are stored and served, and an old
+    // one is served again.
+    let bucket = format!("KV_{}", wire::ANSWERS_BUCKET);
+    delete_and_wait(&sys, &admin, &bucket).await;
+    let answers = admin.get_key_value(wire::ANSWERS_BUCKET).await.unwrap();
+    assert_eq!(
+        answers.get(format!("text.{first_key}")).await.unwrap(),
+        None
+    );
+    let stored = answered(&sys, "Wyvern", "Basilisk").await;
+    let key = stored[0].json()["key"].as_str().unwrap().to_owned();
+    assert!(answers.get(format!("text.{key}")).await.unwrap().is_some());
+    let served = http()
+        .get(format!("{}/v1/fights/{key}", sys.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let calls = sys.sim.chat_calls().await;
+    let again = answered(&sys, "Kraken", "Leviathan").await;
+    assert_eq!(text_of(&again), text_of(&first));
+    assert_eq!(
+        sys.sim.chat_calls().await,
+        calls,
+        "the stored answer was not paid again"
+    );
+
+    // The events stream and the spend bucket.
+    delete_and_wait(&sys, &admin, wire::EVENTS_STREAM).await;
+    answered(&sys, "Hydra", "Chimera").await;
+    delete_and_wait(&sys, &admin, &format!("KV_{}", wire::SPEND_BUCKET)).await;
+    answered(&sys, "Cerberus", "Griffin").await;
+
+    // A lane's consumer alone: the workers declare it again and pull from it.
+    let jobs = admin.get_stream(wire::JOBS_STREAM).await.unwrap();
+    assert!(
+        jobs.delete_consumer(wire::WORKERS_CONSUMER)
+            .await
+            .unwrap()
+            .success
+    );
+    jobs_declared(&admin).await;
+    answered(&sys, "Phoenix", "Roc").await;
 }

@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod accessibility;
+mod availability;
 mod browser;
 mod budget;
 mod bus;
@@ -22,11 +23,13 @@ mod limits;
 mod moderation;
 mod names;
 mod openapi;
+mod ops;
 mod page;
 mod postgres;
 mod preview;
 mod prewarm;
 mod prometheus;
+mod roles;
 mod shutdown;
 mod text;
 mod traces;

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::{fight, http, quick, shape, stream_url};
 use versus_testkit::{System, sse};
 
-const TOKEN: &str = "moderation-admin-token";
+const TOKEN: &str = "moderation-admin-token-0123456789abcdef";
 
 async fn calls(sys: &System) -> (u64, u64, u64) {
     let stats = sys.sim.stats().await;

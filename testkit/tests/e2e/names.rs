@@ -160,7 +160,7 @@ async fn the_upstream_gets_the_names_as_quoted_data_under_the_new_prompt_version
 
 /// A NATS client logged in as the API is: with the user and password of its `NATS_URL`
 /// (`nats://USER:PASSWORD@HOST:PORT`; the Rust client takes them apart from the URL), or
-/// anonymously when the URL has none.
+/// anonymously when the URL has none, reading answers on the API's inbox.
 async fn connect_as_api(sys: &System) -> async_nats::Client {
     let url = sys
         .api_envs()
@@ -174,12 +174,18 @@ async fn connect_as_api(sys: &System) -> async_nats::Client {
         parsed.username().to_owned(),
         parsed.password().unwrap_or_default().to_owned(),
     );
+    let inbox = versus_testkit::NatsUser::Api.inbox_prefix();
     if user.is_empty() {
-        return async_nats::connect(url).await.unwrap();
+        return async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(inbox)
+            .connect(url)
+            .await
+            .unwrap();
     }
     parsed.set_username("").unwrap();
     parsed.set_password(None).unwrap();
     async_nats::ConnectOptions::with_user_and_password(user, password)
+        .custom_inbox_prefix(inbox)
         .connect(parsed.as_str())
         .await
         .unwrap()

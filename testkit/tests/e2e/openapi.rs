@@ -13,7 +13,7 @@ use versus_testkit::{TempDir, eventually, installed};
 
 use crate::{http, quick, worker_metric};
 
-const TOKEN: &str = "fuzz-admin-token";
+const TOKEN: &str = "fuzz-admin-token-0123456789abcdef";
 
 fn repo_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

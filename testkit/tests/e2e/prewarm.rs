@@ -8,7 +8,7 @@ use versus_testkit::{System, eventually};
 
 use crate::{fight, http, json_of, quick, text_of};
 
-const TOKEN: &str = "s3cret-admin-token";
+const TOKEN: &str = "s3cret-admin-token-0123456789abcdef";
 
 fn admin() -> versus_testkit::SystemBuilder {
     quick().env("VERSUS_ADMIN_TOKEN", TOKEN)
@@ -124,7 +124,22 @@ async fn admin_routes_refuse_requests_without_the_token() {
     let sys = admin().start().await;
     let api = sys.api_url();
     let key = "0".repeat(32);
-    for token in [None, Some("wrong"), Some("")] {
+    // Wrong tokens of every length: shorter, as long, a prefix, the token and more, and long.
+    let (as_long, longer, long) = (
+        "x".repeat(TOKEN.len()),
+        format!("{TOKEN}x"),
+        "x".repeat(4096),
+    );
+    let wrong = [
+        None,
+        Some("wrong"),
+        Some(""),
+        Some(&TOKEN[..TOKEN.len() - 1]),
+        Some(as_long.as_str()),
+        Some(longer.as_str()),
+        Some(long.as_str()),
+    ];
+    for token in wrong {
         let requests = [
             http()
                 .post(format!("{api}/v1/admin/prewarm"))

@@ -81,7 +81,14 @@ fn ancestors(trace: &[ReceivedSpan], span: &ReceivedSpan) -> Vec<String> {
 async fn one_miss_is_one_trace_from_the_api_through_the_worker_to_the_upstream() {
     let otlp = Otlp::start().await;
     let sys = traced(&otlp).start().await;
-    let events = fight(&sys, "Batman", "Superman").await;
+    // A client's own trace context is not continued: it is no trusted proxy.
+    let foreign_trace = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{foreign_trace}-b7ad6b7169203331-01");
+    let url = stream_url(&sys, "Batman", "Superman");
+    let events = sse::open_with(&url, None, &[("traceparent", &traceparent)])
+        .await
+        .collect_all()
+        .await;
     assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
     let key = events[0].json()["key"].as_str().unwrap().to_owned();
 
@@ -117,6 +124,10 @@ async fn one_miss_is_one_trace_from_the_api_through_the_worker_to_the_upstream()
     let request = one(&trace, "http.request");
     assert_eq!(request.service, "versus-api");
     assert_eq!(request.parent_span_id, "", "the request started the trace");
+    assert_ne!(
+        trace_id, foreign_trace,
+        "the client's traceparent was ignored"
+    );
     assert_eq!(request.attribute("http.route"), Some("/v1/fights/stream"));
     assert_eq!(request.attribute("http.request.method"), Some("GET"));
     assert_eq!(request.attribute("http.response.status_code"), Some("200"));
@@ -180,13 +191,15 @@ async fn one_miss_is_one_trace_from_the_api_through_the_worker_to_the_upstream()
 #[tokio::test]
 async fn a_request_that_joins_a_generation_in_flight_links_to_its_trace() {
     let otlp = Otlp::start().await;
-    // Slow enough (40 tokens at 20 a second) for a second request to join mid-way.
+    // Slow enough (40 tokens at 20 a second) for a second request to join mid-way. The test's
+    // client is a trusted proxy, whose trace context is continued.
     let sys = traced(&otlp)
         .sim_env("VERSUS_SIM_TOKENS_PER_SEC", "20")
+        .api_env("VERSUS_TRUSTED_PROXIES", "127.0.0.1")
         .start()
         .await;
     let url = stream_url(&sys, "Godzilla", "King Kong");
-    // The first request continues a browser's trace.
+    // The first request continues the trace a proxy passes on (a browser's, say).
     let browser_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let browser_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{browser_trace}-{browser_span}-01");

@@ -317,6 +317,20 @@ async fn topology_is_whole(admin: &jetstream::Context) -> Result<(), String> {
     Ok(())
 }
 
+/// That the bucket still holds `stored` as `key`'s answer, and no refusal of it.
+async fn answer_is_untouched(answers: &jetstream::kv::Store, key: &str, stored: &[u8]) {
+    assert_eq!(
+        answers.get(format!("text.{key}")).await.unwrap().as_deref(),
+        Some(stored),
+        "the answer is the genuine one"
+    );
+    assert_eq!(
+        answers.get(format!("refused.text.{key}")).await.unwrap(),
+        None,
+        "no refusal was written"
+    );
+}
+
 #[tokio::test]
 async fn a_purge_request_never_makes_a_worker_publish_where_the_requester_chose() {
     let sys = quick().workers(1).start().await;
@@ -372,14 +386,7 @@ async fn a_purge_request_never_makes_a_worker_publish_where_the_requester_chose(
     // Afterwards every stream, bucket and consumer is there, the answer is the genuine one,
     // no refusal was written, and the key is still answered, and new misses work.
     topology_is_whole(&admin).await.unwrap();
-    assert_eq!(
-        answers.get(format!("text.{key}")).await.unwrap(),
-        Some(stored)
-    );
-    assert_eq!(
-        answers.get(format!("refused.text.{key}")).await.unwrap(),
-        None
-    );
+    answer_is_untouched(&answers, &key, &stored).await;
     let hit = fight(&sys, "Superman", "Batman").await;
     assert_eq!(hit[0].json()["cached"], json!(true), "{hit:?}");
     assert_eq!(hit.last().unwrap().event, "done", "{hit:?}");
@@ -500,14 +507,7 @@ async fn an_edge_leaf_login_can_neither_write_nor_delete_on_the_hub() {
 
     // Nothing of it reached the hub.
     topology_is_whole(&admin).await.unwrap();
-    assert_eq!(
-        answers.get(format!("text.{key}")).await.unwrap(),
-        Some(stored)
-    );
-    assert_eq!(
-        answers.get(format!("refused.text.{key}")).await.unwrap(),
-        None
-    );
+    answer_is_untouched(&answers, &key, &stored).await;
     assert_eq!(
         last_seq(&admin, "VERSUS_EVENTS", &events_subject).await,
         last_event,

@@ -552,22 +552,28 @@ pub(crate) async fn purge(
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
     let db = app.db()?;
     app.bus()?;
-    let names: Option<(String, String)> =
-        sqlx::query_as("SELECT a, b FROM generations WHERE kind = 'text' AND key = $1")
-            .bind(key.as_str())
-            .fetch_optional(db)
-            .await
-            .map_err(database)?;
-    let names = match names {
-        Some(names) => Some(names),
-        None => app
-            .inner
-            .answers
-            .lookup(&key)
-            .await
-            .map(|c| (c.value.a.clone(), c.value.b.clone())),
+    // A purged row is no answer (it keeps its names and attempt): once its purge finished
+    // (`completed_at`), purging it again finds nothing; a purge that failed half-way is
+    // carried out again.
+    let row: Option<(String, String, bool)> = sqlx::query_as(
+        "SELECT a, b, status = 'purged' AND completed_at IS NOT NULL
+         FROM generations WHERE kind = 'text' AND key = $1",
+    )
+    .bind(key.as_str())
+    .fetch_optional(db)
+    .await
+    .map_err(database)?;
+    let (a, b) = match row {
+        Some((_, _, true)) => return Err(ApiError::NotFound),
+        Some((a, b, false)) => (a, b),
+        // An answer in the bucket with no row (Postgres was restored, say): unless the bucket
+        // cannot be read now, which is no reason to say there is no such answer.
+        None => match app.inner.answers.get(&key).await {
+            Ok(Some((cached, _))) => (cached.value.a.clone(), cached.value.b.clone()),
+            Ok(None) => return Err(ApiError::NotFound),
+            Err(e) => return Err(nats(&format!("reading the answer's names: {e:#}"))),
+        },
     };
-    let (a, b) = names.ok_or(ApiError::NotFound)?;
     let image = app.ask(&FightRequest::new(a, b), Kind::Image)?.key;
 
     let request = PurgeRequest {
@@ -597,13 +603,21 @@ pub(crate) async fn purge(
     if let Some(error) = reply.error {
         return Err(nats(&format!("the worker's purge failed: {error}")));
     }
-    let keys = vec![key.clone(), image.clone()];
-    app.forget(&keys);
-    let broadcast = serde_json::to_vec(&Purge { keys }).map_err(|_| ApiError::Unavailable)?;
+    // This replica first, then every other one, before the 204: each forgets the keys and
+    // holds any entry older than the markers for stale, whatever its replica or mirror lags.
+    let purge = Purge {
+        keys: vec![key.clone(), image.clone()],
+        markers: reply.markers,
+    };
+    app.forget(&purge);
+    let broadcast = serde_json::to_vec(&purge).map_err(|_| ApiError::Unavailable)?;
     bus.client
         .publish(wire::PURGE_SUBJECT, broadcast.into())
         .await
         .map_err(|e| nats(&e))?;
+    // Out of this process before the answer: replicas hear of it as soon as the server routes
+    // it (a lost connection would have lost it; the replicas' own catch-up covers that).
+    bus.client.flush().await.map_err(|e| nats(&e))?;
     tracing::info!(%key, "answer purged");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -145,6 +145,8 @@ pub struct Inner {
     pub images: cache::EdgeCache<ImageAnswer>,
     /// Matchups moderation refused: answered `refused` at no cost.
     pub refusals: cache::Refusals,
+    /// The purges this replica heard of: what the bucket may still hold of them is stale.
+    pub floors: Arc<cache::Floors>,
     pub objects: Arc<dyn object_store::ObjectStore>,
     pub popularity: popularity::Popularity,
     /// For the admin routes only; connects on first use.
@@ -196,15 +198,19 @@ impl App {
             tasks.clone(),
         );
         let public_base = settings.public_image_base_url.clone();
+        // Every purged entry this replica heard of (a few dozen bytes each).
+        let floors = Arc::new(cache::Floors::new(PURGE_FLOORS));
         let answers = cache::EdgeCache::new(
             bus.clone(),
             settings.memory_cache_mib << 20,
+            floors.clone(),
             |a: &Answer| serde_json::to_vec(&body::TextBody::of(a, true)),
         );
         // Picture entries are small: a sixteenth of the budget holds very many.
         let images = cache::EdgeCache::new(
             bus.clone(),
             settings.memory_cache_mib << 16,
+            floors.clone(),
             move |i: &ImageAnswer| {
                 let url = body::image_url(public_base.as_deref(), i);
                 serde_json::to_vec(&body::ImageBody::of(i, &url, true))
@@ -231,7 +237,8 @@ impl App {
                 purges: Mutex::new(Some(purges)),
                 answers,
                 images,
-                refusals: cache::Refusals::new(bus.clone(), 100_000),
+                refusals: cache::Refusals::new(bus.clone(), 100_000, floors.clone()),
+                floors,
                 bus,
                 flights,
                 shutdown: tasks.shutdown().clone(),
@@ -424,12 +431,30 @@ impl App {
         }
     }
 
-    /// Drops `keys` from this replica's memory caches.
-    pub(crate) fn forget(&self, keys: &[versus_shared::key::Key]) {
-        for key in keys {
+    /// Applies a purge to this replica: its markers' revisions become the floors of their
+    /// entries (an older value read from the bucket or a mirror is stale, for good), then its
+    /// keys leave memory. In this order, a read under way either sees the floor or has what it
+    /// read taken back out of memory.
+    pub(crate) fn forget(&self, purge: &wire::Purge) {
+        for marker in &purge.markers {
+            self.inner.floors.raise(&marker.entry, marker.revision);
+        }
+        for key in &purge.keys {
             self.inner.answers.remove(key);
             self.inner.images.remove(key);
             self.inner.refusals.remove(key);
         }
     }
+
+    /// Drops every answer and refusal from this replica's memory: purge notices may have been
+    /// lost (the connection dropped, or a subscription overflowed), and what memory holds is
+    /// read again from the bucket, where purges are kept.
+    pub(crate) fn forget_all(&self) {
+        self.inner.answers.clear();
+        self.inner.images.clear();
+        self.inner.refusals.clear();
+    }
 }
+
+/// How many purged entries each replica remembers ([`cache::Floors`]).
+const PURGE_FLOORS: usize = 100_000;

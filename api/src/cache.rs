@@ -2,9 +2,13 @@
 //! answer, and [`Refusals`], the matchups moderation refused. A hit here or in KV touches
 //! neither the workers nor Postgres. Values are rendered once, on insert, so a hit only copies
 //! bytes.
+//!
+//! A purge is final ([`Floors`]): each replica knows, per entry, the revision of the last purge
+//! marker it heard of, and takes an older value read from the bucket (a lagging replica of the
+//! hub's, or an edge's lagging mirror) for a miss, which it never keeps.
 
 use std::sync::{
-    Arc, OnceLock,
+    Arc, Mutex, OnceLock,
     atomic::{AtomicU64, Ordering},
 };
 
@@ -80,6 +84,70 @@ pub struct EdgeCache<V> {
     bus: LazyBus,
     render: Render<V>,
     purges: Purges,
+    floors: Arc<Floors>,
+}
+
+/// Per entry of the answers bucket (`<kind>.<key>`, `refused.<kind>.<key>`), the revision of
+/// the last purge marker this replica heard of: from the purge notice (the worker's reply
+/// carries the revisions) or, at an edge, from its mirror. A value at or below it was purged,
+/// whatever a lagging replica or mirror still answers; any value written after the purge has
+/// a higher revision (the bucket's stream sequence, which a mirror keeps). Bounded: a floor
+/// forgotten early only lets a lagging copy serve what it holds, as before floors existed.
+pub struct Floors {
+    floors: Cache<String, u64>,
+    /// Raises are read-modify-writes; they are rare (one per purged entry).
+    raising: Mutex<()>,
+}
+
+impl Floors {
+    pub fn new(entries: usize) -> Floors {
+        Floors {
+            floors: Cache::new(entries.max(16)),
+            raising: Mutex::new(()),
+        }
+    }
+
+    /// Notes that `entry` was purged at `revision`.
+    pub fn raise(&self, entry: &str, revision: u64) {
+        let _raising = self
+            .raising
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.floors.get(entry).is_none_or(|floor| floor < revision) {
+            self.floors.insert(entry.to_owned(), revision);
+        }
+    }
+
+    /// Whether `entry`'s value at `revision` was purged since.
+    pub fn stale(&self, entry: &str, revision: u64) -> bool {
+        self.floors
+            .get(entry)
+            .is_some_and(|floor| revision <= floor)
+    }
+}
+
+/// The value of `entry` in `store`, unless it was purged ([`Floors`]); counted when a stale one
+/// is skipped.
+async fn fresh(
+    store: &kv::Store,
+    entry: String,
+    floors: &Floors,
+    kind: Kind,
+    layer: Layer,
+) -> anyhow::Result<Option<Bytes>> {
+    let Some(found) = store.entry(entry.as_str()).await? else {
+        return Ok(None);
+    };
+    if found.operation != kv::Operation::Put {
+        return Ok(None);
+    }
+    if floors.stale(&entry, found.revision) {
+        metrics::counter!("versus_cache_stale_total", "kind" => kind.as_str(), "layer" => layer.as_str())
+            .increment(1);
+        tracing::debug!(%entry, revision = found.revision, "skipped a purged value a lagging copy still holds");
+        return Ok(None);
+    }
+    Ok(Some(found.value))
 }
 
 /// Counts purges, so that a value read from KV just before a purge is not kept in memory
@@ -103,10 +171,12 @@ impl Purges {
 }
 
 impl<V: Entry> EdgeCache<V> {
-    /// A cache of at most about `bytes`, whose public JSON is made by `render`.
+    /// A cache of at most about `bytes`, whose public JSON is made by `render`, which takes
+    /// values older than `floors` for misses.
     pub fn new(
         bus: LazyBus,
         bytes: u64,
+        floors: Arc<Floors>,
         render: impl Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
     ) -> EdgeCache<V> {
         let bytes = bytes.max(1 << 16);
@@ -115,6 +185,7 @@ impl<V: Entry> EdgeCache<V> {
             bus,
             render: Box::new(render),
             purges: Purges::default(),
+            floors,
         }
     }
 
@@ -167,7 +238,8 @@ impl<V: Entry> EdgeCache<V> {
         layer: Layer,
     ) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
         let purges = self.purges.count();
-        let Some(bytes) = store.get(wire::kv_key(V::KIND, key)).await? else {
+        let entry = wire::kv_key(V::KIND, key);
+        let Some(bytes) = fresh(store, entry, &self.floors, V::KIND, layer).await? else {
             return Ok(None);
         };
         let value: V = serde_json::from_slice(&bytes)?;
@@ -188,10 +260,17 @@ impl<V: Entry> EdgeCache<V> {
 }
 
 impl<V: Entry> EdgeCache<V> {
-    /// Drops `key` from memory (after a purge; KV is purged by whoever purges).
+    /// Drops `key` from memory (after a purge; KV is purged by whoever purges). Raise the
+    /// purge's [`Floors`] first: a read under way then either sees them or is taken back.
     pub fn remove(&self, key: &Key) {
         self.purges.note();
         self.memory.remove(key);
+    }
+
+    /// Drops everything from memory: purge notices may have been lost (see `App::forget_all`).
+    pub fn clear(&self) {
+        self.purges.note();
+        self.memory.clear();
     }
 
     /// Like [`EdgeCache::get`], but a failing KV read counts as a miss (logged): the
@@ -217,14 +296,16 @@ pub struct Refusals {
     memory: Cache<(Kind, Key), ()>,
     bus: LazyBus,
     purges: Purges,
+    floors: Arc<Floors>,
 }
 
 impl Refusals {
-    pub fn new(bus: LazyBus, entries: usize) -> Refusals {
+    pub fn new(bus: LazyBus, entries: usize, floors: Arc<Floors>) -> Refusals {
         Refusals {
             memory: Cache::new(entries.max(16)),
             bus,
             purges: Purges::default(),
+            floors,
         }
     }
 
@@ -238,11 +319,8 @@ impl Refusals {
             return false;
         };
         let purges = self.purges.count();
-        match bus
-            .nearest_answers
-            .get(wire::refusal_kv_key(kind, key))
-            .await
-        {
+        let entry = wire::refusal_kv_key(kind, key);
+        match fresh(&bus.nearest_answers, entry, &self.floors, kind, Layer::Kv).await {
             Ok(Some(_)) => {
                 self.memory.insert((kind, key.clone()), ());
                 if self.purges.moved_since(purges) {
@@ -252,7 +330,7 @@ impl Refusals {
             }
             Ok(None) => false,
             Err(e) => {
-                tracing::warn!(%key, error = %e, "edge cache read of a refusal failed");
+                tracing::warn!(%key, error = format!("{e:#}"), "edge cache read of a refusal failed");
                 false
             }
         }
@@ -264,6 +342,12 @@ impl Refusals {
         for kind in [Kind::Text, Kind::Image] {
             self.memory.remove(&(kind, key.clone()));
         }
+    }
+
+    /// Drops everything from memory (see [`EdgeCache::clear`]).
+    pub fn clear(&self) {
+        self.purges.note();
+        self.memory.clear();
     }
 }
 
@@ -283,6 +367,10 @@ pub fn zero_counters(edge: bool) {
         for layer in layers {
             metrics::counter!("versus_cache_hits_total", "kind" => kind.as_str(), "layer" => layer.as_str())
                 .increment(0);
+            if *layer != Layer::Memory {
+                metrics::counter!("versus_cache_stale_total", "kind" => kind.as_str(), "layer" => layer.as_str())
+                    .increment(0);
+            }
         }
     }
 }

@@ -154,14 +154,15 @@ pub(crate) async fn create_image(
     Ok(Json(ImageBody::of(&cached.value, &url, was_cached)).into_response())
 }
 
-/// `GET|HEAD /v1/images/{key}.{ext}`: the stored bytes. Only paths made from a valid key and
-/// the stored picture's own extension are ever read, so nothing else in the store is reachable.
+/// `GET|HEAD /v1/images/{key}-{digest}.{ext}`: the stored bytes. Only the path the key's
+/// stored picture records is ever read, and only when the name rebuilds it from a valid key, a
+/// digest and an extension, so nothing else in the store is reachable.
 #[utoipa::path(
     get,
     path = "/v1/images/{file}",
     tag = "images",
     params(
-        ("file" = String, Path, description = "`<key>.png`, as a picture's `url` names it.", pattern = "^[0-9a-f]{32}\\.png$"),
+        ("file" = String, Path, description = "`<key>-<digest>.png`, as a picture's `url` names it (`<key>.png` for pictures stored before names carried their content).", pattern = "^[0-9a-f]{32}(-[0-9a-f]{16})?\\.(png|jpg|webp)$"),
         ("If-None-Match" = Option<String>, Header, description = "An ETag of this picture: 304 if it still is."),
     ),
     responses(
@@ -179,8 +180,7 @@ pub(crate) async fn serve_image(
     Path(file): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (key, extension) = file.split_once('.').ok_or(ApiError::NotFound)?;
-    let key = Key::parse(key).ok_or(ApiError::NotFound)?;
+    let (key, path) = objects::picture_file(&file).ok_or(ApiError::NotFound)?;
     let cached = app
         .inner
         .images
@@ -188,7 +188,6 @@ pub(crate) async fn serve_image(
         .await
         .ok_or(ApiError::NotFound)?;
     let picture = &cached.value;
-    let path = objects::image_path(&key, extension);
     if path.as_ref() != picture.path {
         return Err(ApiError::NotFound);
     }

@@ -148,6 +148,7 @@ pub async fn run(
         app.inner.bus.probe(shutdown.clone()),
         app.inner.popularity.run(shutdown.clone()),
         apply_purges(&app, shutdown.clone()),
+        forget_after_losses(&app, shutdown.clone()),
         follow_mirror_purges(&app, shutdown.clone()),
         app.inner.limits.housekeep(shutdown.clone()),
     );
@@ -283,17 +284,43 @@ async fn apply_purges(app: &App, shutdown: CancellationToken) {
             msg = purges.next() => match msg { Some(m) => m, None => return },
         };
         match serde_json::from_slice::<wire::Purge>(&msg.payload) {
-            Ok(purge) => app.forget(&purge.keys),
+            Ok(purge) => app.forget(&purge),
             Err(e) => tracing::warn!(error = %e, "skipping an unreadable purge"),
         }
     }
 }
 
+/// Empties this replica's memory whenever purge notices may have been lost (a reconnect, or a
+/// subscription that overflowed: `Bus::losses`), until `shutdown`: what it held is read again
+/// from the bucket (or an edge's mirror), where the purges are, rather than served from memory
+/// after a purge this replica never heard of.
+async fn forget_after_losses(app: &App, shutdown: CancellationToken) {
+    let Some(bus) = app.inner.bus.attached(&shutdown).await else {
+        return;
+    };
+    let mut losses = bus.losses.clone();
+    losses.mark_unchanged();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = losses.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tracing::info!("purge notices may have been lost: memory is emptied, answers are read from the bucket again");
+                app.forget_all();
+            }
+        }
+    }
+}
+
 /// At an edge, applies the purges its mirror of the answers bucket receives (delete and purge
-/// markers, which mirrors replicate) to this replica's memory, until `shutdown`. The purge
+/// markers, which mirrors replicate) to this replica, until `shutdown`: each marker's revision
+/// becomes its entry's floor (see `cache::Floors`), and its key leaves memory. The purge
 /// notices above may come first, or never (they are lost while the leaf link is down): a purge
-/// leaves this replica's memory once its mirror has it, so a purged answer cannot come back
-/// from the mirror, nor survive a cut link in memory.
+/// applies here once the mirror has it, so a purged answer cannot come back from the mirror,
+/// nor survive a cut link in memory. A watch that breaks starts again after the last change it
+/// gave, so no marker is missed meanwhile.
 async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
     use async_nats::jetstream::kv::Operation;
     use futures::StreamExt;
@@ -304,22 +331,23 @@ async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
         return;
     };
     let follow = async {
+        // The revision to start from again: after the last change seen.
+        let mut next = None;
         loop {
-            match bus.nearest_answers.watch_all().await {
+            let watch = match next {
+                Some(revision) => bus.nearest_answers.watch_all_from_revision(revision).await,
+                None => bus.nearest_answers.watch_all().await,
+            };
+            match watch {
                 Ok(mut changes) => {
                     while let Some(change) = changes.next().await {
                         match change {
-                            Ok(entry) if entry.operation != Operation::Put => {
-                                if let Some(key) = entry
-                                    .key
-                                    .rsplit('.')
-                                    .next()
-                                    .and_then(versus_shared::key::Key::parse)
-                                {
-                                    app.forget(&[key]);
+                            Ok(entry) => {
+                                next = Some(entry.revision + 1);
+                                if entry.operation != Operation::Put {
+                                    forget_marker(app, entry.key, entry.revision);
                                 }
                             }
-                            Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(error = %e, "watching the mirror for purges failed");
                                 break;
@@ -336,6 +364,21 @@ async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
         () = shutdown.cancelled() => {}
         () = follow => {}
     }
+}
+
+/// Applies the marker of `entry` (`<kind>.<key>` or `refused.<kind>.<key>`) at `revision`.
+fn forget_marker(app: &App, entry: String, revision: u64) {
+    let Some(key) = entry
+        .rsplit('.')
+        .next()
+        .and_then(versus_shared::key::Key::parse)
+    else {
+        return;
+    };
+    app.forget(&wire::Purge {
+        keys: vec![key],
+        markers: vec![wire::Marker { entry, revision }],
+    });
 }
 
 #[cfg(test)]

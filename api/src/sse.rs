@@ -365,3 +365,87 @@ impl Translator {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The events as the wire has them: `name data` per event (axum's events only show their
+    /// bytes through `Debug`).
+    fn wire(events: &[SseEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                let debug = format!("{e:?}");
+                let field = |name: &str| {
+                    debug
+                        .split(&format!("{name}: "))
+                        .nth(1)
+                        .and_then(|rest| rest.split("\\n").next())
+                        .unwrap_or_default()
+                        .replace("\\\"", "\"")
+                };
+                format!("{} {} {}", field("event"), field("data"), field("id"))
+                    .trim_end()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn key() -> Key {
+        Key::parse(&"a".repeat(32)).unwrap()
+    }
+
+    #[test]
+    fn a_resume_of_the_answer_served_gets_exactly_the_rest() {
+        let mut translator = Translator::new(key(), Resume::parse("7:5"));
+        let mut out = Vec::new();
+        translator.finished_text(7, "Hello, world", &mut out);
+        assert_eq!(wire(&out), [r#"chunk {"delta":", world"} 7:12"#]);
+    }
+
+    #[test]
+    fn a_resume_naming_another_answer_gets_reset_and_the_whole_stored_one() {
+        // The client holds 5 bytes of attempt 1; the stored answer is attempt 2's (after a
+        // purge, attempts go on from the purged one's).
+        let mut translator = Translator::new(key(), Resume::parse("1:5"));
+        let mut out = Vec::new();
+        translator.finished_text(2, "Hello, world", &mut out);
+        assert_eq!(
+            wire(&out),
+            [
+                r#"reset {"reason":"the answer is being generated again"}"#,
+                r#"chunk {"delta":"Hello, world"} 2:12"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resume_naming_another_answer_gets_reset_and_the_whole_live_one() {
+        let mut translator = Translator::new(key(), Resume::parse("1:5"));
+        let mut out = Vec::new();
+        for event in [
+            Event::Started { attempt: 2 },
+            Event::Chunk {
+                attempt: 2,
+                offset: 0,
+                delta: "Hello".to_owned(),
+            },
+            Event::Chunk {
+                attempt: 2,
+                offset: 5,
+                delta: ", world".to_owned(),
+            },
+        ] {
+            assert!(!translator.translate(&event, &mut out));
+        }
+        assert_eq!(
+            wire(&out),
+            [
+                r#"reset {"reason":"the answer is being generated again"}"#,
+                r#"chunk {"delta":"Hello"} 2:5"#,
+                r#"chunk {"delta":", world"} 2:12"#,
+            ]
+        );
+    }
+}

@@ -6,7 +6,8 @@
 //! - P8: one miss at a time through an edge, beside the same at the hub's API and straight to
 //!   the simulator: what the leaf link adds to the first token.
 //! - P9 ([`run_failover`]): the jobs stream's leader SIGKILLed under load: acknowledged jobs
-//!   lost, the time until a miss asked after the kill streams, and how many streams completed.
+//!   lost, the time until a miss asked after the kill streams, how many streams completed,
+//!   the clients' longest wait, and the keys paid for twice.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -187,6 +188,18 @@ pub struct FailoverRaw {
     pub mismatched: usize,
     pub first_token_before: Summary,
     pub first_token_after: Summary,
+    /// The longest a client waited for an event, over every stream.
+    #[serde(default)]
+    pub longest_wait_ms: Option<f64>,
+    /// Streams that got `reset` (a generation started again).
+    #[serde(default)]
+    pub reset: usize,
+    /// Upstream calls beyond one per key asked: keys paid for twice.
+    #[serde(default)]
+    pub paid_twice: Option<u64>,
+    /// The streams whose leadership moved to the killed server before the kill.
+    #[serde(default)]
+    pub moved: Vec<String>,
 }
 
 pub async fn run_failover(args: FailoverArgs) -> anyhow::Result<()> {
@@ -230,6 +243,17 @@ pub async fn run_failover(args: FailoverArgs) -> anyhow::Result<()> {
     let leader = jobs_leader(&nats)
         .await
         .context("the jobs stream has no leader")?;
+    // The same server leads the events stream and the answers bucket, when they can move
+    // there: its death then interrupts the workers' event publishes and KV writes too.
+    let mut moved = Vec::new();
+    for stream in [
+        versus_shared::wire::EVENTS_STREAM.to_owned(),
+        format!("KV_{}", versus_shared::wire::ANSWERS_BUCKET),
+    ] {
+        if move_leader(&nats, &stream, &leader).await {
+            moved.push(stream);
+        }
+    }
     let pid = args
         .nodes
         .iter()
@@ -261,6 +285,11 @@ pub async fn run_failover(args: FailoverArgs) -> anyhow::Result<()> {
         })
         .collect();
     let (before, after) = timelines.split_at(args.n);
+    let keys = timelines
+        .iter()
+        .filter_map(|t| t.key.as_deref())
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let first_token_after_kill_ms = after
         .iter()
         .filter_map(|t| t.first_token_at)
@@ -299,13 +328,24 @@ pub async fn run_failover(args: FailoverArgs) -> anyhow::Result<()> {
         mismatched,
         first_token_before: first(before),
         first_token_after: first(after),
+        longest_wait_ms: timelines
+            .iter()
+            .map(|t| t.longest_wait.as_secs_f64() * 1e3)
+            .reduce(f64::max),
+        reset: timelines.iter().filter(|t| t.reset).count(),
+        paid_twice: sim
+            .chat_calls()
+            .await
+            .ok()
+            .map(|now| (now - calls).saturating_sub(keys as u64)),
+        moved,
     };
     crate::write_json(&args.out, &raw)
 }
 
-/// The server that leads the jobs stream, if any answers.
-async fn jobs_leader(nats: &async_nats::Client) -> Option<String> {
-    let subject = format!("$JS.API.STREAM.INFO.{}", versus_shared::wire::JOBS_STREAM);
+/// The server that leads `stream`, if any answers.
+async fn leader_of(nats: &async_nats::Client, stream: &str) -> Option<String> {
+    let subject = format!("$JS.API.STREAM.INFO.{stream}");
     let reply = tokio::time::timeout(
         Duration::from_secs(2),
         nats.request(subject, Default::default()),
@@ -315,6 +355,36 @@ async fn jobs_leader(nats: &async_nats::Client) -> Option<String> {
     .ok()?;
     let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
     info.pointer("/cluster/leader")?.as_str().map(str::to_owned)
+}
+
+/// Asks the leader of `stream` to step down in favour of `to`, until `to` leads it (up to
+/// 10 s); false if it did not move.
+async fn move_leader(nats: &async_nats::Client, stream: &str, to: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match leader_of(nats, stream).await {
+            Some(leader) if leader == to => return true,
+            Some(_) => {
+                let request = serde_json::json!({"placement": {"preferred": to}});
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    nats.request(
+                        format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                        request.to_string().into(),
+                    ),
+                )
+                .await;
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
+/// The server that leads the jobs stream, if any answers.
+async fn jobs_leader(nats: &async_nats::Client) -> Option<String> {
+    leader_of(nats, versus_shared::wire::JOBS_STREAM).await
 }
 
 pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
@@ -457,11 +527,18 @@ fn failover_section(raw: &FailoverRaw) -> Section {
         method: format!(
             "On the cluster of P7, {n} unique misses are asked at the two edges in turn; once \
              the simulator (200 ms to the first token, then 20 tokens a second) has all of \
-             them, the server that leads the jobs stream ({killed} this run) is SIGKILLed and \
-             {n} more misses are asked at once, during the election. Every stream is read to \
-             its end; every finished answer is read back from the hub's API.",
+             them, the server that leads the jobs stream ({killed} this run; moved there \
+             first: {moved}) is SIGKILLed and {n} more misses are asked at once, during the \
+             election. Every stream is read to its end; every finished answer is read back \
+             from the hub's API. A client's wait is the longest time between two events of \
+             its stream; keys paid twice are the simulator's chat calls beyond one per key.",
             n = raw.n,
-            killed = raw.killed
+            killed = raw.killed,
+            moved = if raw.moved.is_empty() {
+                "nothing".to_owned()
+            } else {
+                raw.moved.join(", ")
+            }
         ),
         rows: vec![
             Row {
@@ -493,6 +570,15 @@ fn failover_section(raw: &FailoverRaw) -> Section {
             Row::info(
                 "stored answers that differ from what their client was streamed",
                 raw.mismatched.to_string(),
+            ),
+            Row::info(
+                "the clients' longest wait for an event; streams reset",
+                format!("{}; {} of {total}", ms(raw.longest_wait_ms), raw.reset),
+            ),
+            Row::info(
+                "keys paid for twice (upstream calls beyond one per key)",
+                raw.paid_twice
+                    .map_or("not measured".to_owned(), |n| format!("{n} of {total}")),
             ),
         ],
         notes,

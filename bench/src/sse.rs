@@ -29,6 +29,11 @@ pub struct Timeline {
     pub cached: Option<bool>,
     /// Why the answer is incomplete, if it is.
     pub error: Option<String>,
+    /// The longest the client waited for an event of the API's (from the request to the
+    /// first, then between two).
+    pub longest_wait: Duration,
+    /// Whether the API sent `reset` (the generation started again).
+    pub reset: bool,
 }
 
 impl Timeline {
@@ -102,8 +107,11 @@ async fn read_api(
 ) -> anyhow::Result<()> {
     let mut events = open(client.get(url)).await?;
     let mut text = String::new();
+    let mut last = start;
     while let Some(event) = events.next().await {
         let event = event?;
+        t.longest_wait = t.longest_wait.max(last.elapsed());
+        last = Instant::now();
         match event.event.as_str() {
             "meta" => {
                 let meta: Value = serde_json::from_str(&event.data)?;
@@ -119,7 +127,10 @@ async fn read_api(
                 let chunk: Value = serde_json::from_str(&event.data)?;
                 text.push_str(chunk["delta"].as_str().unwrap_or_default());
             }
-            "reset" => text.clear(),
+            "reset" => {
+                t.reset = true;
+                text.clear();
+            }
             "done" => {
                 t.done = Some(start.elapsed());
                 t.text_bytes = text.len();

@@ -104,6 +104,11 @@ pub struct Dialed {
     reconnects: watch::Receiver<u64>,
 }
 
+/// How often a client pings a server that has sent nothing. The client gives the server up at
+/// the third tick without a word from it: after 15 s (async-nats's default of a minute made a
+/// hung server look alive for three).
+const PING_EVERY: Duration = Duration::from_secs(5);
+
 /// What an edge knows of its leaf link to the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HubLink {
@@ -153,6 +158,11 @@ impl Bus {
             })
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
+            // A server that hangs (stopped, or a link that drops packets without closing)
+            // answers no ping: the client reconnects, and the API refuses misses at once
+            // meanwhile, rather than after each request's own timeouts. Anything the server
+            // sends counts as an answer, so a busy one never trips it.
+            .ping_interval(PING_EVERY)
             .connect(servers)
             .await
             .context("connecting to NATS (NATS_URL)")?;

@@ -4,7 +4,8 @@
 //! or `memory://` (for tests).
 //!
 //! Architecture Invariant: every picture lives under [`IMAGES_PREFIX`], at a path derived from
-//! its key alone, so a URL can name nothing else in the store.
+//! its key and its content ([`picture_path`]), so a URL can name nothing else in the store,
+//! and a picture once served is never overwritten by another attempt's.
 
 use std::sync::Arc;
 
@@ -18,9 +19,45 @@ use crate::key::Key;
 
 pub const IMAGES_PREFIX: &str = "images";
 
-/// Where the picture of `key` lives in the store, given its file extension.
+/// Hex digits of a picture's SHA-256 in its name: enough to tell apart the pictures of one key.
+const DIGEST_CHARS: usize = 16;
+
+/// Where the picture of `key` whose SHA-256 is `sha256` (hex) lives in the store, given its
+/// file extension: `images/<key>-<first 16 hex digits of the SHA-256>.<ext>`. Named by its
+/// content, a picture is never overwritten: an attempt that draws the key again stores its
+/// picture beside the one already served.
+pub fn picture_path(key: &Key, sha256: &str, extension: &str) -> Path {
+    let digest = sha256.get(..DIGEST_CHARS).unwrap_or(sha256);
+    Path::from(format!("{IMAGES_PREFIX}/{key}-{digest}.{extension}"))
+}
+
+/// Where the pictures stored before names carried their content live: `images/<key>.<ext>`.
 pub fn image_path(key: &Key, extension: &str) -> Path {
     Path::from(format!("{IMAGES_PREFIX}/{key}.{extension}"))
+}
+
+/// The key and the store path that a picture URL's file name names: `<key>-<digest>.<ext>`
+/// ([`picture_path`]) or `<key>.<ext>` ([`image_path`]); None for any other name.
+pub fn picture_file(file: &str) -> Option<(Key, Path)> {
+    let (name, extension) = file.split_once('.')?;
+    let (key, digest) = match name.split_once('-') {
+        Some((key, digest)) => (key, Some(digest)),
+        None => (name, None),
+    };
+    let key = Key::parse(key)?;
+    let path = match digest {
+        None => image_path(&key, extension),
+        Some(digest)
+            if digest.len() == DIGEST_CHARS
+                && digest
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            picture_path(&key, digest, extension)
+        }
+        Some(_) => return None,
+    };
+    Some((key, path))
 }
 
 /// Opens the store named by `url`.
@@ -81,3 +118,31 @@ impl ObjectStoreSettings {
 
 /// Pictures never change under a URL: a CDN and browsers may keep them for a year.
 pub const IMAGE_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_picture_file_names_a_path_under_images_or_nothing() {
+        let key = "0123456789abcdef0123456789abcdef";
+        let sha = "fedcba9876543210".repeat(4);
+        let (parsed, path) = picture_file(&format!("{key}-fedcba9876543210.png")).unwrap();
+        assert_eq!(parsed.as_str(), key);
+        assert_eq!(path, picture_path(&parsed, &sha, "png"));
+        assert_eq!(path.as_ref(), format!("images/{key}-fedcba9876543210.png"));
+        // A picture stored before names carried their content.
+        let (_, old) = picture_file(&format!("{key}.png")).unwrap();
+        assert_eq!(old.as_ref(), format!("images/{key}.png"));
+        for bad in [
+            format!("{key}-FEDCBA9876543210.png"),
+            format!("{key}-fedcba987654321.png"),
+            format!("{key}-../../etc.png"),
+            "../etc/passwd".to_owned(),
+            key.to_owned(),
+            "0123.png".to_owned(),
+        ] {
+            assert!(picture_file(&bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -299,6 +299,7 @@ pub struct Answer {
     pub text: String,
     pub model: String,
     /// The attempt that produced the text; SSE ids carry it so resumes never mix attempts.
+    /// Attempts never repeat for a key, across purges too: it names this answer.
     pub attempt: i32,
 }
 
@@ -311,7 +312,8 @@ pub struct Requests {
     pub count: u64,
 }
 
-/// The answers an operator purges (a text answer and its picture): their rows and pictures,
+/// The answers an operator purges (a text answer and its picture): their rows (kept as
+/// `purged`, with their attempt, so that the next answer's attempt is a new one) and pictures,
 /// their KV entries (answer and refusal), and their events, which end with [`Event::Purged`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurgeRequest {
@@ -326,17 +328,32 @@ pub struct Purged {
 }
 
 /// A worker's answer to a [`PurgeRequest`]: `error` says what failed (a purge is idempotent:
-/// asking again finishes it).
+/// asking again finishes it); otherwise `markers` are the purge markers it wrote.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurgeReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub markers: Vec<Marker>,
 }
 
-/// Keys every API replica must drop from its in-memory caches.
+/// A purge marker a worker wrote in the answers bucket: the entry `entry` ([`kv_key`] or
+/// [`refusal_kv_key`]) was purged at `revision`, the bucket's stream sequence (which an edge's
+/// mirror keeps, and a lagging replica or mirror has not reached yet). A value of `entry` at a
+/// lower revision is the purged one, and is never served again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub entry: String,
+    pub revision: u64,
+}
+
+/// Keys every API replica must drop from its in-memory caches, and the purge markers below
+/// which the entries it reads from the bucket (or its mirror) are stale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Purge {
     pub keys: Vec<Key>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub markers: Vec<Marker>,
 }
 
 #[cfg(test)]

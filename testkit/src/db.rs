@@ -96,6 +96,19 @@ impl Database {
         self.own_server().start_again().await;
     }
 
+    /// Freezes this database's own server (SIGSTOP to the postmaster and every backend it
+    /// forked): connections stay open but nothing answers, until [`Database::resume_server`].
+    pub fn pause_server(&self) {
+        self.own_server()
+            .signal_all(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Database::pause_server`].
+    pub fn resume_server(&self) {
+        self.own_server()
+            .signal_all(nix::sys::signal::Signal::SIGCONT);
+    }
+
     fn own_server(&self) -> &Server {
         self.server
             .as_ref()
@@ -252,6 +265,38 @@ impl Server {
             .status()
             .await
             .is_ok_and(|status| status.success())
+    }
+
+    /// Sends `signal` to the postmaster (its pid is the first line of `postmaster.pid`), then
+    /// to every process whose parent it is (its backends and helpers).
+    fn signal_all(&self, signal: nix::sys::signal::Signal) {
+        let pid_file = self.data.join("postmaster.pid");
+        let postmaster: i32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no postmaster pid in {}", pid_file.display()));
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: the command may hold spaces and parentheses.
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            // A backend that exited in between is no matter.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
     }
 
     /// The last lines of the server's log.

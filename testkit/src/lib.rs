@@ -26,6 +26,7 @@
 // services.
 #![allow(clippy::disallowed_methods)]
 
+pub mod chaos;
 mod db;
 mod edge;
 mod hub;

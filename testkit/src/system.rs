@@ -43,6 +43,7 @@ pub struct SystemBuilder {
     s3: bool,
     hub: bool,
     edges: usize,
+    own_postgres: bool,
 }
 
 impl Default for SystemBuilder {
@@ -56,6 +57,7 @@ impl Default for SystemBuilder {
             s3: false,
             hub: false,
             edges: 0,
+            own_postgres: false,
         }
     }
 }
@@ -117,6 +119,13 @@ impl SystemBuilder {
         built
     }
 
+    /// Puts the database on a Postgres server of its own ([`Database::on_own_server`]) rather
+    /// than the one every test shares, so that the test may stop, pause and resume it.
+    pub fn own_postgres(mut self) -> Self {
+        self.own_postgres = true;
+        self
+    }
+
     /// Starts nats-server, the database (migrated as the superuser, as an operator migrates
     /// as the owner) and the simulator, then the first worker alone, the other workers
     /// together, and finally the API. The API connects to Postgres as the role `versus_api`
@@ -140,7 +149,11 @@ impl SystemBuilder {
             }
         };
         let db = async {
-            let db = Database::fresh().await;
+            let db = if self.own_postgres {
+                Database::on_own_server().await
+            } else {
+                Database::fresh().await
+            };
             db.migrate().await;
             db
         };

@@ -122,7 +122,8 @@ impl Claimer {
         Claimer { requests }
     }
 
-    /// Claims the job's row: succeeds when the row is new, failed, or its lease has expired.
+    /// Claims the job's row: succeeds when the row is new, failed, purged, or its lease has
+    /// expired.
     /// Its span (`claim`) says what the claim found.
     #[tracing::instrument(name = "claim", skip_all, fields(versus.claim = tracing::field::Empty))]
     pub async fn claim(&self, job: &Job) -> sqlx::Result<Claim> {
@@ -174,6 +175,7 @@ async fn claim_all(
                      retry_at = NULL, updated_at = now()
                  WHERE (g.status = 'failed' AND (g.retry_at IS NULL OR g.retry_at <= now()))
                     OR (g.status = 'running' AND g.lease_until < now())
+                    OR g.status = 'purged'
              RETURNING kind, key, attempt",
         )
         .bind(column(|j| j.kind.as_str()))
@@ -462,7 +464,7 @@ pub async fn fail(
 }
 
 /// Records that moderation refused the attempt, fenced: no text is kept, and no claim
-/// succeeds again (an operator's purge deletes the row). False when the attempt is not ours.
+/// succeeds again (until an operator's purge). False when the attempt is not ours.
 pub async fn refuse(db: &PgPool, job: &Job, attempt: i32, reason: &str) -> sqlx::Result<bool> {
     let r = bounded(
         sqlx::query(

@@ -24,6 +24,9 @@ pub struct Ctx {
     pub claimer: claims::Claimer,
     /// What may be generated and stored.
     pub moderator: moderation::Moderator,
+    /// How long what was paid for (a picture's bytes, a finished answer) is kept and its
+    /// storage tried again, while the lease is kept, before the generation gives up.
+    pub store_retry: Duration,
     /// When a matchup that keeps failing cools down.
     pub cooldown: claims::Cooldown,
     /// The daily budget: no generation starts once today's spend reached it.

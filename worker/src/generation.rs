@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::Context;
 use async_nats::jetstream::{self, AckKind};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
@@ -22,7 +24,7 @@ use versus_shared::{
 use crate::{
     claims::{self, Failed, Stored},
     ctx::Ctx,
-    events::Publisher,
+    events::{self, Publisher},
     moderation::Refusal,
     openai::UpstreamError,
 };
@@ -75,13 +77,13 @@ pub trait Generation: Sync + Sized {
     ) -> impl Future<Output = anyhow::Result<Ended<Self::Made>>> + Send;
 
     /// Records what was made in Postgres, fenced on `attempt`; None when the attempt is no
-    /// longer ours.
+    /// longer ours. [`run`] tries it again when it fails: what was made is paid for.
     fn complete(
         &self,
         ctx: &Ctx,
         job: &Job,
         attempt: i32,
-        made: Self::Made,
+        made: &Self::Made,
     ) -> impl Future<Output = anyhow::Result<Option<Self::Answer>>> + Send;
 
     /// The answer a done row holds.
@@ -105,6 +107,22 @@ pub struct Failure {
     pub retryable: bool,
     /// For logs and the row's `error` column; never a secret.
     pub detail: String,
+    /// Whether it says something about the matchup, and so counts towards its cool-down: a
+    /// refusal of the upstream (a content filter, a 4xx other than 408, 409 and 429), bytes
+    /// that are not a picture. An outage says nothing about it: 429s, 5xx, timeouts, a
+    /// moderation endpoint that fails, our own storage.
+    pub counts: bool,
+}
+
+impl Failure {
+    /// A failure of the moderation endpoint: nothing unchecked is generated, and nothing is
+    /// said about the matchup.
+    fn moderation(error: UpstreamError) -> Failure {
+        Failure {
+            counts: false,
+            ..error.into()
+        }
+    }
 }
 
 impl From<UpstreamError> for Failure {
@@ -115,12 +133,14 @@ impl From<UpstreamError> for Failure {
                 message: "The AI model is unavailable right now. Please try again.",
                 retryable: true,
                 detail: message,
+                counts: false,
             },
             UpstreamError::Fatal { message } => Failure {
                 code: "upstream_refused",
                 message: "The AI model refused to answer this matchup.",
                 retryable: false,
                 detail: message,
+                counts: true,
             },
         }
     }
@@ -164,7 +184,7 @@ pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Ope
     {
         Ok(None) => Ok(generation.open(ctx, job).await),
         Ok(Some(refusal)) => Err(Ended::Refused(refusal)),
-        Err(error) => Err(Ended::GaveUp(error.into())),
+        Err(error) => Err(Ended::GaveUp(Failure::moderation(error))),
     }
 }
 
@@ -190,21 +210,25 @@ pub async fn run<G: Generation>(
     let work = async {
         let (started, opened) = tokio::join!(publisher.start(attempt), opening);
         started?;
-        match opened {
+        let ended = match opened {
             Ok(opened) => {
                 generation
                     .work(ctx, job, opened, &cell, &mut publisher)
-                    .await
+                    .await?
             }
-            Err(ended) => Ok(ended),
+            Err(ended) => ended,
+        };
+        if let Ended::Finished(_) = ended {
+            // A stored answer always has all of its events on the stream. Waiting for them
+            // (through a leader election, say) keeps the lease.
+            publisher.flush().await?;
         }
+        Ok(ended)
     };
     let ended = guarded(ctx, msg, job, &cell, abandon, work).await?;
     let attempt = cell.load(Ordering::SeqCst);
     match ended {
         Ended::Finished(made) => {
-            // A stored answer always has all of its events on the stream.
-            publisher.flush().await?;
             if let Some(text) = G::screened_made(&made) {
                 match ctx.moderator.check(ctx, "answer", &[text]).await {
                     Ok(None) => {}
@@ -212,11 +236,12 @@ pub async fn run<G: Generation>(
                         return refuse(ctx, job, attempt, &refusal, &mut publisher).await;
                     }
                     Err(error) => {
-                        return give_up(ctx, job, attempt, &error.into(), &mut publisher).await;
+                        let failure = Failure::moderation(error);
+                        return give_up(ctx, job, attempt, &failure, &mut publisher).await;
                     }
                 }
             }
-            let Some(answer) = generation.complete(ctx, job, attempt, made).await? else {
+            let Some(answer) = store(ctx, msg, job, attempt, generation, &made).await? else {
                 tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
                 return Ok(Outcome::Ack);
             };
@@ -226,6 +251,77 @@ pub async fn run<G: Generation>(
         Ended::Refused(refusal) => refuse(ctx, job, attempt, &refusal, &mut publisher).await,
         Ended::Lost => Ok(Outcome::Ack),
         Ended::HandedOver => Ok(Outcome::Handover),
+    }
+}
+
+/// Records what was made in Postgres, fenced on `attempt`; None when the attempt is no longer
+/// ours. What was made is paid for: a write that fails (Postgres refused it, or is out of
+/// reach) is made again, not the generation. Between tries the lease is extended (fenced) and
+/// the job kept alive, as [`keep_alive`] does while the work runs. The tries stop when a
+/// heartbeat finds the attempt taken over, when no heartbeat was confirmed for a whole lease
+/// (another worker may claim the row by then: the job is retried), and after
+/// `VERSUS_STORE_RETRY_SECS`. A try whose answer was lost may have landed: when a later try or
+/// a heartbeat finds the attempt no longer running, the row tells whether it holds our answer.
+async fn store<G: Generation>(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    job: &Job,
+    attempt: i32,
+    generation: &G,
+    made: &G::Made,
+) -> anyhow::Result<Option<G::Answer>> {
+    let began = Instant::now();
+    // The work's keep-alive confirmed a heartbeat at most a third of a lease ago, unless
+    // Postgres was failing already; every write is fenced either way.
+    let mut confirmed = began;
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut failed = false;
+    loop {
+        let error = match generation.complete(ctx, job, attempt, made).await {
+            Ok(Some(answer)) => return Ok(Some(answer)),
+            Ok(None) if !failed => return Ok(None),
+            Ok(None) => return stored_by::<G>(ctx, job, attempt).await,
+            Err(e) => e,
+        };
+        failed = true;
+        let delay = delays.next().unwrap_or(Duration::from_secs(2));
+        if began.elapsed() + delay > ctx.store_retry || confirmed.elapsed() + delay >= ctx.lease {
+            return Err(error.context("storing the answer in Postgres"));
+        }
+        metrics::counter!("versus_store_retries_total", "what" => "answer").increment(1);
+        tracing::warn!(key = %job.key, attempt, error = format!("{error:#}"), ?delay, "storing the answer failed; trying the write again, not the generation");
+        tokio::time::sleep(delay).await;
+        let sent = Instant::now();
+        let beat = claims::heartbeat(&ctx.db, job, attempt, ctx.lease);
+        match tokio::time::timeout(ctx.lease / 3, beat).await {
+            Ok(Ok(true)) => {
+                confirmed = sent;
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::warn!(key = %job.key, error = %e, "progress ack failed");
+                }
+            }
+            Ok(Ok(false)) => return stored_by::<G>(ctx, job, attempt).await,
+            Ok(Err(e)) => tracing::warn!(key = %job.key, error = %e, "lease heartbeat failed"),
+            Err(_) => tracing::warn!(key = %job.key, "lease heartbeat timed out"),
+        }
+    }
+}
+
+/// The answer the row holds if `attempt` stored it (a write whose answer was lost had landed);
+/// None when the attempt is no longer ours.
+async fn stored_by<G: Generation>(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+) -> anyhow::Result<Option<G::Answer>> {
+    match claims::stored(&ctx.db, job).await? {
+        Some(row) if row.attempt == attempt => Ok(Some(G::stored_answer(job, row)?)),
+        _ => Ok(None),
     }
 }
 
@@ -266,14 +362,22 @@ async fn put_refusal(ctx: &Ctx, job: &Job) -> anyhow::Result<()> {
         key: job.key.clone(),
         kind: job.kind,
     };
-    ctx.bus
-        .answers
-        .put(
-            wire::refusal_kv_key(job.kind, &job.key),
-            serde_json::to_vec(&value)?.into(),
-        )
+    let entry = wire::refusal_kv_key(job.kind, &job.key);
+    put(ctx, &entry, serde_json::to_vec(&value)?.into())
         .await
-        .context("writing the refusal to the edge KV bucket")?;
+        .context("writing the refusal to the edge KV bucket")
+}
+
+/// Puts `value` at `entry` in the edge KV bucket, through an outage or a leader election (a
+/// put is idempotent).
+async fn put(ctx: &Ctx, entry: &str, value: Bytes) -> anyhow::Result<()> {
+    let answers = &ctx.bus.answers;
+    events::through_election(
+        "writing to the edge KV bucket",
+        |_| true,
+        || answers.put(entry, value.clone()),
+    )
+    .await?;
     Ok(())
 }
 
@@ -300,6 +404,7 @@ async fn over_budget(
                   still work; new ones start again after midnight UTC.",
         retryable: true,
         detail: "the daily budget is spent".to_owned(),
+        counts: false,
     };
     give_up(ctx, job, attempt, &failure, publisher).await
 }
@@ -418,10 +523,7 @@ async fn give_up(
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "failed")
         .increment(1);
     let what = (failure.code, failure.message, failure.detail.as_str());
-    // A refusal for the day's budget says nothing about the matchup: it does not count
-    // towards its cool-down.
-    let counts = failure.code != BUDGET_EXHAUSTED;
-    let failed = claims::fail(&ctx.db, job, attempt, what, counts, ctx.cooldown).await?;
+    let failed = claims::fail(&ctx.db, job, attempt, what, failure.counts, ctx.cooldown).await?;
     if let Failed::Recorded { retry_at_ms } = failed {
         if retry_at_ms.is_some() {
             tracing::warn!(key = %job.key, kind = %job.kind, "failed too often in a row; cooling down");
@@ -433,7 +535,8 @@ async fn give_up(
                 attempt,
                 code: failure.code.to_owned(),
                 message: failure.message.to_owned(),
-                retryable: failure.retryable,
+                // Once it has cooled down, the matchup is tried again.
+                retryable: failure.retryable || retry_at_ms.is_some(),
                 retry_at_ms,
             })
             .await?;
@@ -511,13 +614,8 @@ async fn settle(ctx: &Ctx, job: &Job, done: bool) {
 
 /// Writes a finished answer to the edge KV bucket.
 async fn put_answer(ctx: &Ctx, job: &Job, answer: &impl Serialize) -> anyhow::Result<()> {
-    ctx.bus
-        .answers
-        .put(
-            wire::kv_key(job.kind, &job.key),
-            serde_json::to_vec(answer)?.into(),
-        )
+    let entry = wire::kv_key(job.kind, &job.key);
+    put(ctx, &entry, serde_json::to_vec(answer)?.into())
         .await
-        .context("writing the answer to the edge KV bucket")?;
-    Ok(())
+        .context("writing the answer to the edge KV bucket")
 }

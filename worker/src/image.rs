@@ -1,9 +1,14 @@
 //! Pictures: generate once, check that the bytes are an image, upload them to our object store
-//! under a path derived from the key, then record path, size, hash and type in Postgres
-//! (fenced). Nothing is marked done before the bytes are stored, and provider URLs are never
-//! kept. The skeleton around it (claim, lease, KV, `done`, failures) is [`crate::generation`].
+//! under a path derived from the key and the picture's content, then record path, size, hash
+//! and type in Postgres (fenced). Nothing is marked done before the bytes are stored, and
+//! provider URLs are never kept. A picture is paid for: an upload that fails is tried again
+//! from the bytes in hand, never drawn again. The skeleton around it (claim, lease, KV, `done`,
+//! failures) is [`crate::generation`].
 
-use std::sync::atomic::AtomicI32;
+use std::{
+    sync::atomic::AtomicI32,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
@@ -74,23 +79,47 @@ impl Generation for Image {
             if result.is_ok() {
                 spend::record(ctx, Call::Image { model: &job.model }).await;
             }
-            let error = match result.and_then(|bytes| Ok((sniff(&bytes)?, bytes))) {
-                Ok((format, bytes)) => break (bytes, format),
-                Err(error) => error,
+            // Bytes that are not a picture say something about the matchup (they count
+            // towards its cool-down); an upstream that fails does not.
+            let (error, not_a_picture) = match result {
+                Ok(bytes) => match sniff(&bytes) {
+                    Ok(format) => break (bytes, format),
+                    Err(error) => (error, true),
+                },
+                Err(error) => (error, false),
             };
             metrics::counter!("versus_upstream_errors_total", "kind" => "image").increment(1);
             let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
-                return Ok(Ended::GaveUp(error.into()));
+                let failure = Failure::from(error);
+                return Ok(Ended::GaveUp(Failure {
+                    counts: failure.counts || not_a_picture,
+                    ..failure
+                }));
             };
             tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
             tokio::time::sleep(delay).await;
             result = ctx.openai.image(&job.model, &self.prompt, size).await;
         };
-        let path = objects::image_path(&job.key, format.extension);
-        // The picture is paid for: try the store a few times before giving it up.
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let path = objects::picture_path(&job.key, &sha256, format.extension);
+        // The picture is paid for: it is kept, and its upload tried again from these bytes for
+        // up to VERSUS_STORE_RETRY_SECS, for as long as the skeleton's keep-alive holds the
+        // lease. Named by its content, it cannot overwrite a picture another attempt stored.
+        let began = Instant::now();
         let upload = || upload(ctx, &path, bytes.clone(), format.mime);
         let stored = upload
-            .retry(ExponentialBuilder::default().with_max_times(2))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .when(|_| began.elapsed() < ctx.store_retry)
+            .notify(|error, delay| {
+                metrics::counter!("versus_store_retries_total", "what" => "picture").increment(1);
+                tracing::warn!(key = %job.key, %error, ?delay, "uploading the picture failed; trying again with the same bytes");
+            })
             .await;
         if let Err(e) = stored {
             return Ok(Ended::GaveUp(Failure {
@@ -98,12 +127,13 @@ impl Generation for Image {
                 message: "The picture could not be stored. Please try again.",
                 retryable: true,
                 detail: format!("uploading to the object store failed: {e}"),
+                counts: false,
             }));
         }
         Ok(Ended::Finished(Picture {
             path: path.to_string(),
             size: bytes.len() as i64,
-            sha256: hex::encode(Sha256::digest(&bytes)),
+            sha256,
             content_type: format.mime.to_owned(),
         }))
     }
@@ -113,8 +143,9 @@ impl Generation for Image {
         ctx: &Ctx,
         job: &Job,
         attempt: i32,
-        picture: Picture,
+        picture: &Picture,
     ) -> anyhow::Result<Option<ImageAnswer>> {
+        let picture = picture.clone();
         if !claims::complete_image(&ctx.db, job, attempt, &picture).await? {
             return Ok(None);
         }

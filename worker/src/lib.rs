@@ -106,6 +106,11 @@ pub struct Settings {
     /// hour.
     #[arg(long, env = "VERSUS_COOLDOWN_SECS", default_value_t = 60)]
     pub cooldown_secs: u64,
+    /// How long a picture's upload, and the Postgres write of a finished answer, are tried
+    /// again (in seconds, the lease kept meanwhile) before the generation gives up: what was
+    /// paid for is kept, not made again.
+    #[arg(long, env = "VERSUS_STORE_RETRY_SECS", default_value_t = 180)]
+    pub store_retry_secs: u64,
     /// How long a SIGTERM waits for jobs in flight before exiting, in seconds.
     #[arg(long, env = "VERSUS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -152,6 +157,7 @@ pub async fn run(
         objects: settings.objects.open()?,
         lease: settings.lease(),
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
+        store_retry: Duration::from_secs(settings.store_retry_secs),
         models: settings.models.clone(),
         worker_id,
         budget: budget.clone(),

@@ -153,16 +153,16 @@ impl Generation for Text {
         ctx: &Ctx,
         job: &Job,
         attempt: i32,
-        (text, usage): Self::Made,
+        (text, usage): &Self::Made,
     ) -> anyhow::Result<Option<Answer>> {
-        if !claims::complete_text(&ctx.db, job, attempt, &text, usage).await? {
+        if !claims::complete_text(&ctx.db, job, attempt, text, *usage).await? {
             return Ok(None);
         }
         Ok(Some(Answer {
             key: job.key.clone(),
             a: self.a.clone(),
             b: self.b.clone(),
-            text,
+            text: text.clone(),
             model: job.model.clone(),
             attempt,
         }))

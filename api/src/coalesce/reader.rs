@@ -376,8 +376,10 @@ async fn finish_from_store(
 }
 
 /// Offers the stored events after sequence `after` to the log. True once the generation has
-/// ended. A hole stops the replay: what follows it waits for a new attempt, or for a `done`
-/// the stored answer completes.
+/// ended. An event that does not follow yet is offered again once what came before it is
+/// taken: a worker publishes an event again (with the same message id) when a leader election
+/// left it unacknowledged, and the stream may store it after later ones. A hole that nothing
+/// fills waits for a new attempt, or for a `done` the stored answer completes.
 async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow::Result<bool> {
     // Mid-generation, a NATS outage is worth waiting out (JetStream answers 503 for a moment
     // after a restart); the flight's own timeout bounds the wait.
@@ -392,15 +394,31 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
             tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading stored events failed; retrying");
         })
         .await?;
+    let mut early: Vec<Event> = Vec::new();
     for event in stored {
-        match flight.offer(event, true) {
+        match flight.offer(event.clone(), true) {
             Offer::Taken { ended: true } => return Ok(true),
-            Offer::Gap => {
-                tracing::debug!(%subject, "the stored events have a hole");
-                return Ok(false);
+            Offer::Gap => early.push(event),
+            Offer::Known => {}
+            Offer::Taken { ended: false } => {
+                // What waited for this event may follow now, and what waited for that.
+                let mut taken = true;
+                while taken && !early.is_empty() {
+                    taken = false;
+                    for event in std::mem::take(&mut early) {
+                        match flight.offer(event.clone(), true) {
+                            Offer::Taken { ended: true } => return Ok(true),
+                            Offer::Taken { ended: false } => taken = true,
+                            Offer::Gap => early.push(event),
+                            Offer::Known => {}
+                        }
+                    }
+                }
             }
-            Offer::Taken { ended: false } | Offer::Known => {}
         }
+    }
+    if !early.is_empty() {
+        tracing::debug!(%subject, "the stored events have a hole");
     }
     Ok(false)
 }

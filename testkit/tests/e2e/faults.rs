@@ -228,14 +228,18 @@ async fn a_matchup_that_keeps_failing_cools_down_and_costs_nothing_until_it_is_t
         .worker_env("VERSUS_COOLDOWN_SECS", "3")
         .start()
         .await;
-    sys.sim.fail_every_chat().await;
-    // Three failed generations in a row, each paid for once; the third starts the cool-down.
+    // The upstream refuses the matchup itself (a 400): a failure that belongs to it.
+    sys.sim
+        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 400}, "times": null}))
+        .await;
+    // Three failed generations in a row, each paid for once; the third starts the cool-down,
+    // after which asking again may succeed.
     for tries in 1..=3 {
         let events = fight(&sys, "Sun", "Moon").await;
         assert_eq!(shape(&events), ["meta", "error"], "{events:?}");
         let error = events[1].json();
-        assert_eq!(error["code"], json!("upstream_unavailable"), "{error}");
-        assert_eq!(error["retryable"], json!(true), "{error}");
+        assert_eq!(error["code"], json!("upstream_refused"), "{error}");
+        assert_eq!(error["retryable"], json!(tries == 3), "{error}");
         assert_eq!(error.get("retry_after").is_some(), tries == 3, "{error}");
         assert_eq!(sys.sim.chat_calls().await, tries);
     }
@@ -247,7 +251,7 @@ async fn a_matchup_that_keeps_failing_cools_down_and_costs_nothing_until_it_is_t
         let events = fight(&sys, "Moon", "Sun").await;
         assert_eq!(shape(&events), ["meta", "error"], "{events:?}");
         let error = events[1].json();
-        assert_eq!(error["code"], json!("upstream_unavailable"), "{error}");
+        assert_eq!(error["code"], json!("upstream_refused"), "{error}");
         let after = error["retry_after"].as_u64().unwrap();
         assert!((1..=3).contains(&after), "{error}");
     }
@@ -277,6 +281,32 @@ async fn a_matchup_that_keeps_failing_cools_down_and_costs_nothing_until_it_is_t
     // Once it has cooled down, the next request tries again.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(cooling.elapsed())).await;
     let again = fight(&sys, "Sun", "Moon").await;
+    assert_eq!(shape(&again), ["meta", "chunk*", "done"], "{again:?}");
+    assert_eq!(sys.sim.chat_calls().await, 4);
+}
+
+#[tokio::test]
+async fn an_upstream_outage_does_not_cool_a_matchup_down() {
+    let sys = quick()
+        .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "1")
+        .worker_env("VERSUS_COOLDOWN_AFTER_FAILURES", "2")
+        .worker_env("VERSUS_COOLDOWN_SECS", "600")
+        .start()
+        .await;
+    // A storm of 500s says nothing about the matchup: however many generations it fails, the
+    // next request after it is answered.
+    sys.sim.fail_every_chat().await;
+    for tries in 1..=3 {
+        let events = fight(&sys, "Rain", "Snow").await;
+        assert_eq!(shape(&events), ["meta", "error"], "{events:?}");
+        let error = events[1].json();
+        assert_eq!(error["code"], json!("upstream_unavailable"), "{error}");
+        assert_eq!(error["retryable"], json!(true), "{error}");
+        assert!(error.get("retry_after").is_none(), "{error}");
+        assert_eq!(sys.sim.chat_calls().await, tries);
+    }
+    sys.sim.clear_faults().await;
+    let again = fight(&sys, "Snow", "Rain").await;
     assert_eq!(shape(&again), ["meta", "chunk*", "done"], "{again:?}");
     assert_eq!(sys.sim.chat_calls().await, 4);
 }

@@ -174,6 +174,8 @@ async fn a_provider_url_is_downloaded_and_never_stored_or_returned() {
 async fn an_object_store_outage_marks_nothing_done_and_a_later_request_succeeds() {
     let mut sys = pictures(quick())
         .worker_env("VERSUS_UPSTREAM_MAX_TRIES", "1")
+        // The picture is kept and its upload tried again for this long (3 minutes unless set).
+        .worker_env("VERSUS_STORE_RETRY_SECS", "2")
         .s3()
         .start()
         .await;

@@ -147,12 +147,13 @@ async fn schemathesis_finds_nothing_on_a_live_system() {
     let generated = |kind: &'static str| {
         let (pool, sys) = (pool.clone(), &sys);
         async move {
-            let (rows,): (i64,) =
-                sqlx::query_as("SELECT count(*) FROM generations WHERE kind = $1")
-                    .bind(kind)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+            let (rows,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM generations WHERE kind = $1 AND status <> 'purged'",
+            )
+            .bind(kind)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
             let label = format!("kind=\"{kind}\"");
             rows as u64 + worker_metric(sys, "versus_purged_total", &label).await as u64
         }

@@ -234,7 +234,8 @@ async fn a_purged_answer_is_gone_from_every_layer_and_regenerated_on_the_next_re
         )
         .await;
     }
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM generations")
+    // The row keeps only its attempt (the next answer's is a new one): no answer is left.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM generations WHERE status <> 'purged'")
         .fetch_one(&sys.db.pool().await)
         .await
         .unwrap();

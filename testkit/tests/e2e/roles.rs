@@ -121,7 +121,8 @@ async fn the_api_role_cannot_change_or_delete_generations() {
         json!({"total": 1, "done": 1, "failed": 0, "pending": 0})
     );
 
-    // An operator's purge still deletes the row: a worker, as its role, does the deleting.
+    // An operator's purge still removes the answer: a worker, as its role, marks the row
+    // purged (it keeps only its attempt).
     let purge = http()
         .delete(format!("{}/v1/admin/fights/{key}", sys.api_url()))
         .bearer_auth(TOKEN)
@@ -129,7 +130,7 @@ async fn the_api_role_cannot_change_or_delete_generations() {
         .await
         .unwrap();
     assert_eq!(purge.status(), 204);
-    assert!(rows(&sys, &key).await.is_empty());
+    assert_eq!(rows(&sys, &key).await, [("purged".to_owned(), None)]);
 }
 
 #[tokio::test]

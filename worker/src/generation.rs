@@ -575,7 +575,11 @@ async fn announce(
     answer: &impl Serialize,
     publisher: &mut Publisher<'_>,
 ) -> anyhow::Result<Outcome> {
-    put_answer(ctx, job, answer).await?;
+    if !put_answer(ctx, job, attempt, answer).await? {
+        // A purge overtook the answer: its `purged` ends the readers, and nothing is told.
+        tracing::info!(key = %job.key, kind = %job.kind, attempt, "purged as it was stored");
+        return Ok(Outcome::Ack);
+    }
     publisher.done(attempt, &job.model).await?;
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "done")
         .increment(1);
@@ -589,10 +593,20 @@ async fn announce(
 pub async fn reannounce<G: Generation>(ctx: &Ctx, job: &Job, row: Stored) -> anyhow::Result<()> {
     let attempt = row.attempt;
     let answer = G::stored_answer(job, row)?;
-    put_answer(ctx, job, &answer).await?;
+    if !put_answer(ctx, job, attempt, &answer).await? {
+        return Ok(());
+    }
     settle(ctx, job, true).await;
     let last = history::last(&ctx.bus, &wire::events_subject(job.kind, &job.key)).await?;
-    if matches!(last.and_then(|l| l.event), Some(Event::Done { .. })) {
+    if matches!(
+        last.and_then(|l| l.event),
+        Some(Event::Done { .. } | Event::Purged)
+    ) {
+        return Ok(());
+    }
+    // Told again only while the row is still this answer's: a purge that marks it from here
+    // on purges what follows from the subject, and ends with `purged`.
+    if !still_done(ctx, job, attempt).await? {
         return Ok(());
     }
     let mut publisher = Publisher::new(&ctx.bus, job);
@@ -612,10 +626,69 @@ async fn settle(ctx: &Ctx, job: &Job, done: bool) {
     }
 }
 
-/// Writes a finished answer to the edge KV bucket.
-async fn put_answer(ctx: &Ctx, job: &Job, answer: &impl Serialize) -> anyhow::Result<()> {
+/// Writes a finished answer of `attempt` to the edge KV bucket unless a purge overtook it, and
+/// says whether it did. The entry's revision is read first, then the row is found still done
+/// with `attempt`: a purge marks the row before it writes its KV marker, so the marker of any
+/// purge not seen here comes after that read, and the write, conditional on the revision read,
+/// either lands before the marker (which then removes it) or is refused. So a purged answer is
+/// never written back above its purge's marker, where every replica would take it for a new
+/// one (`cache::Floors`), however long an election held the write back.
+async fn put_answer(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    answer: &impl Serialize,
+) -> anyhow::Result<bool> {
+    use async_nats::jetstream::kv::UpdateErrorKind;
     let entry = wire::kv_key(job.kind, &job.key);
-    put(ctx, &entry, serde_json::to_vec(answer)?.into())
-        .await
-        .context("writing the answer to the edge KV bucket")
+    let value = Bytes::from(serde_json::to_vec(answer)?);
+    let answers = &ctx.bus.answers;
+    let revision = events::through_election(
+        "reading the edge KV bucket",
+        |_| true,
+        || async {
+            answers
+                .entry(entry.clone())
+                .await
+                .map(|found| found.map_or(0, |e| e.revision))
+        },
+    )
+    .await
+    .context("reading the answer's entry in the edge KV bucket")?;
+    if !still_done(ctx, job, attempt).await? {
+        return Ok(false);
+    }
+    let written = events::through_election(
+        "writing to the edge KV bucket",
+        |e: &async_nats::jetstream::kv::UpdateError| e.kind() != UpdateErrorKind::WrongLastRevision,
+        || answers.update(&entry, value.clone(), revision),
+    )
+    .await;
+    match written {
+        Ok(_) => Ok(true),
+        // Another write came first: a purge's marker, or an earlier try of this one whose
+        // acknowledgement was lost (then the entry holds this very answer).
+        Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+            let now = answers
+                .get(&entry)
+                .await
+                .context("reading the answer back from the edge KV bucket")?;
+            Ok(now.as_deref() == Some(&value[..]))
+        }
+        Err(e) => Err(e).context("writing the answer to the edge KV bucket"),
+    }
+}
+
+/// Whether `job`'s row is still done with `attempt` (a purge marks it `purged`).
+async fn still_done(ctx: &Ctx, job: &Job, attempt: i32) -> anyhow::Result<bool> {
+    let done: Option<bool> = sqlx::query_scalar(
+        "SELECT status = 'done' AND attempt = $3 FROM generations WHERE kind = $1 AND key = $2",
+    )
+    .bind(job.kind.as_str())
+    .bind(job.key.as_str())
+    .bind(attempt)
+    .fetch_optional(&ctx.db)
+    .await
+    .context("reading whether the answer is still stored")?;
+    Ok(done == Some(true))
 }

@@ -8,8 +8,9 @@
 //! that began after it was last seen, or one that purged that very text (read just before it
 //! began) and ended after it was last seen (its *window*). A `done` must carry one of its key's
 //! stored texts whose window overlaps the operation: never a splice of two, never one purged
-//! before it began, except at an edge that was cut off while the purge ran, until it has
-//! caught up (the guarantee ARCHITECTURE.md states: such an edge cannot know).
+//! before it began, except from a replica cut off from the purge while it ran (an edge whose
+//! link was cut, a replica stopped, or whose server was), until it has caught up (the
+//! guarantee ARCHITECTURE.md states: such a replica cannot know).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -145,7 +146,7 @@ fn identities(history: &History) -> Vec<Violation> {
             let (lo, hi) = window(s, key_purges);
             op.start_ms <= hi && op.end_ms >= lo
         });
-        if !current && !at_cut_off_edge(op, text, key_purges, &history.faults) {
+        if !current && !cut_off_from_the_purge(op, text, key_purges, &history.faults) {
             let ended = key_purges
                 .iter()
                 .filter(|p| p.end_ms <= op.start_ms)
@@ -180,7 +181,7 @@ fn one_text_per_epoch(history: &History) -> Vec<Violation> {
         let overlaps = key_purges
             .iter()
             .any(|p| p.start_ms < op.end_ms && p.end_ms > op.start_ms);
-        if overlaps || at_cut_off_edge(op, text, key_purges, &history.faults) {
+        if overlaps || cut_off_from_the_purge(op, text, key_purges, &history.faults) {
             continue;
         }
         let epoch = key_purges
@@ -374,30 +375,47 @@ fn hits(last: &Final) -> Vec<Violation> {
 /// changed leader meanwhile, when the mirror finds it after a back-off (ARCHITECTURE.md, "A
 /// purge is final": measured past 15 s).
 const EDGE_CATCH_UP_MS: u64 = 30_000;
+/// How long after it runs again (or its server does) a replica may still serve what a purge
+/// removed: the notice waiting for it is read in milliseconds, a reconnect takes seconds.
+const REPLICA_CATCH_UP_MS: u64 = 5_000;
 
-/// Whether `op` got `text` from an edge that could not hear of the purge that removed it, and
-/// within the time the guarantee gives such an edge: its leaf link was cut, or its server (or
-/// the hub server its leaf was on) down or stopped, at some moment while the purge ran, and
-/// `op` began before [`EDGE_CATCH_UP_MS`] after that fault was healed. A cut-off edge serves
-/// what it holds, as it serves every hit: it cannot know (ARCHITECTURE.md, "A purge is final").
-fn at_cut_off_edge(op: &Op, text: &str, purges: &[&Purge], faults: &[FaultRecord]) -> bool {
-    let Some(Site::Edge(edge)) = op.attempts.last().map(|a| a.site) else {
+/// Whether `op` got `text` from a replica that could not hear of the purge that removed it,
+/// within the time the guarantee gives such a replica: at some moment while the purge ran, an
+/// edge's leaf link was cut, or its server (or the hub server its leaf was on) was down or
+/// stopped; or the replica itself, or the hub server it is connected to, was stopped or down;
+/// and `op` began before the catch-up after that fault was healed. Such a replica serves what
+/// it holds, as it serves every hit: it cannot know (ARCHITECTURE.md, "A purge is final").
+fn cut_off_from_the_purge(op: &Op, text: &str, purges: &[&Purge], faults: &[FaultRecord]) -> bool {
+    let Some(site) = op.attempts.last().map(|a| a.site) else {
         return false;
     };
-    let cuts = |fault: &Fault| match *fault {
-        Fault::CutLink { edge: e }
-        | Fault::KillEdgeNats { edge: e }
-        | Fault::PauseEdgeNats { edge: e } => e == edge,
-        // The edge's leaf may have been on that server, and reconnects to another.
-        Fault::KillHubNode { .. } | Fault::PauseHubNode { .. } => true,
-        _ => false,
+    let catch_up = |fault: &Fault| -> Option<u64> {
+        match (*fault, site) {
+            (
+                Fault::CutLink { edge }
+                | Fault::KillEdgeNats { edge }
+                | Fault::PauseEdgeNats { edge },
+                Site::Edge(e),
+            ) if edge == e => Some(EDGE_CATCH_UP_MS),
+            // An edge's leaf may have been on that server, and reconnects to another.
+            (Fault::KillHubNode { .. } | Fault::PauseHubNode { .. }, Site::Edge(_)) => {
+                Some(EDGE_CATCH_UP_MS)
+            }
+            // The hub's API may have been connected to that server.
+            (Fault::KillHubNode { .. } | Fault::PauseHubNode { .. }, Site::Hub) => {
+                Some(REPLICA_CATCH_UP_MS)
+            }
+            (Fault::PauseApi { site: paused }, _) if paused == site => Some(REPLICA_CATCH_UP_MS),
+            _ => None,
+        }
     };
     purges.iter().filter(|p| p.purged == text).any(|p| {
         faults.iter().any(|f| {
-            cuts(&f.fault)
-                && f.start_ms <= p.end_ms
-                && f.end_ms >= p.start_ms
-                && op.start_ms <= f.end_ms + EDGE_CATCH_UP_MS
+            catch_up(&f.fault).is_some_and(|catch_up| {
+                f.start_ms <= p.end_ms
+                    && f.end_ms >= p.start_ms
+                    && op.start_ms <= f.end_ms + catch_up
+            })
         })
     })
 }

@@ -229,6 +229,32 @@ fn an_edge_cut_off_while_the_purge_ran_may_serve_the_old_answer_until_it_catches
 }
 
 #[test]
+fn a_replica_stopped_while_the_purge_ran_may_serve_the_old_answer_just_after_it_runs_again() {
+    use crate::chaos::{history::FaultRecord, schedule::Fault};
+    let (mut history, last) = good();
+    // The hub's API was stopped from 9.5 s to 11 s, across the purge (10..10.5 s).
+    history.faults.push(FaultRecord {
+        start_ms: 9_500,
+        end_ms: 11_000,
+        fault: Fault::PauseApi { site: Site::Hub },
+        trouble: None,
+    });
+    history.ops.push(done(9, "k", 10_800, 11_010, OLD));
+    assert_eq!(check(&history, &last, TOKENS), Vec::new());
+    // Once it has caught up, the purge is final there too.
+    history
+        .ops
+        .push(done(10, "k", 11_000 + REPLICA_CATCH_UP_MS + 1, 16_100, OLD));
+    let violations = check(&history, &last, TOKENS);
+    assert!(
+        violations
+            .iter()
+            .any(|v| v.invariant == "no purged answer is served after its purge" && v.ops == [10]),
+        "{violations:?}"
+    );
+}
+
+#[test]
 fn an_operation_across_a_purge_may_get_either_answer() {
     let (mut history, last) = good();
     history.ops.push(done(9, "k", 9_900, 12_000, OLD));

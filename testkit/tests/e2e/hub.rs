@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use versus_shared::wire;
-use versus_testkit::{System, eventually, move_leader, sse, stream_leader};
+use versus_testkit::{System, eventually, sse, stream_leader};
 
 use crate::{quick, rows, stream_url_at, text_of};
 
@@ -70,18 +70,9 @@ async fn the_jobs_leader_killed_under_load_loses_no_answer() {
             .clone();
         assert_eq!(info.config.num_replicas, 3, "{name}");
     }
-    let leader = stream_leader(&admin, wire::JOBS_STREAM)
-        .await
-        .expect("the jobs stream has a leader");
     // Where they are replicated, the same node leads the events stream and the answers bucket
     // too: its death then also interrupts the workers' event publishes and KV writes.
-    for stream in [
-        wire::EVENTS_STREAM.to_owned(),
-        format!("KV_{}", wire::ANSWERS_BUCKET),
-    ] {
-        let moved = move_leader(&admin, &stream, &leader).await;
-        eprintln!("{stream} led by {leader}: {moved}");
-    }
+    let (leader, _) = crate::one_leader_for_every_write(&admin).await;
     let mut streams: Vec<_> = (0..WAVE).map(|i| miss(&sys, i)).collect();
     // The first wave is being generated: its jobs are delivered and unacknowledged, and their
     // events are streaming.

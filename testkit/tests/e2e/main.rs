@@ -155,3 +155,23 @@ pub fn metric(metrics: &str, name: &str, label: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The hub server that leads the jobs stream, with the events stream's and the answers
+/// bucket's leaders moved to it (where they are replicated): its death interrupts every write
+/// a worker makes at once. Also whether both moved.
+pub async fn one_leader_for_every_write(admin: &async_nats::Client) -> (String, bool) {
+    use versus_shared::wire;
+    let leader = versus_testkit::stream_leader(admin, wire::JOBS_STREAM)
+        .await
+        .expect("the jobs stream has a leader");
+    let mut moved = true;
+    for stream in [
+        wire::EVENTS_STREAM.to_owned(),
+        format!("KV_{}", wire::ANSWERS_BUCKET),
+    ] {
+        let here = versus_testkit::move_leader(admin, &stream, &leader).await;
+        eprintln!("{stream} led by {leader}: {here}");
+        moved &= here;
+    }
+    (leader, moved)
+}

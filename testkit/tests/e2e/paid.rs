@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use sha2::{Digest, Sha256};
 use versus_shared::wire;
-use versus_testkit::{eventually, move_leader, sse, stream_leader};
+use versus_testkit::{eventually, sse, stream_leader};
 
 use crate::{fight, http, quick, rows, shape, stream_url, text_of, worker_metric};
 
@@ -162,20 +162,13 @@ async fn generations_under_way_when_the_hub_leader_dies_pause_for_the_election_a
         .start()
         .await;
     let admin = sys.admin_client().await;
-    let leader = stream_leader(&admin, wire::JOBS_STREAM)
-        .await
-        .expect("the jobs stream has a leader");
     // The same node leads the events stream and the answers bucket: its death interrupts the
     // workers' event publishes, KV writes, progress acks and acks at once.
-    for stream in [
-        wire::EVENTS_STREAM.to_owned(),
-        format!("KV_{}", wire::ANSWERS_BUCKET),
-    ] {
-        assert!(
-            move_leader(&admin, &stream, &leader).await,
-            "{stream} did not move to {leader}"
-        );
-    }
+    let (leader, moved) = crate::one_leader_for_every_write(&admin).await;
+    assert!(
+        moved,
+        "the events stream and the answers bucket did not move to {leader}"
+    );
     let streams: Vec<_> = (0..IN_FLIGHT)
         .map(|i| {
             tokio::spawn(timed(stream_url(

@@ -36,6 +36,19 @@ async fn spawn_unready_api(sys: &System) -> Proc {
     Proc::spawn("versus-api", &envs).await
 }
 
+/// That a miss asked at `asked` was refused with a retryable `unavailable`, within seconds.
+fn refused_unavailable_within_seconds(refused: &[versus_testkit::sse::SseEvent], asked: Instant) {
+    assert_eq!(shape(refused), ["meta", "error"], "{refused:?}");
+    let error = refused[1].json();
+    assert_eq!(error["code"], "unavailable", "{error}");
+    assert_eq!(error["retryable"], true, "{error}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "refused after {:?}",
+        asked.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn an_api_started_while_nats_is_down_answers_its_probes_and_serves_once_nats_is_back() {
     let mut sys = quick().workers(1).start().await;
@@ -64,15 +77,7 @@ async fn an_api_started_while_nats_is_down_answers_its_probes_and_serves_once_na
         .await
         .collect_all()
         .await;
-    assert_eq!(shape(&refused), ["meta", "error"], "{refused:?}");
-    let error = refused[1].json();
-    assert_eq!(error["code"], "unavailable", "{error}");
-    assert_eq!(error["retryable"], true, "{error}");
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "refused after {:?}",
-        asked.elapsed()
-    );
+    refused_unavailable_within_seconds(&refused, asked);
 
     // NATS comes back (the worker declares the events stream again, which lives in memory).
     sys.nats.restart().await;
@@ -102,15 +107,7 @@ async fn a_miss_while_nats_is_down_gets_a_retryable_error_within_seconds_and_hit
 
     let asked = Instant::now();
     let refused = fight(&sys, "Ares", "Athena").await;
-    assert_eq!(shape(&refused), ["meta", "error"], "{refused:?}");
-    let error = refused[1].json();
-    assert_eq!(error["code"], "unavailable", "{error}");
-    assert_eq!(error["retryable"], true, "{error}");
-    assert!(
-        asked.elapsed() < Duration::from_secs(10),
-        "refused after {:?}",
-        asked.elapsed()
-    );
+    refused_unavailable_within_seconds(&refused, asked);
     // The answer this replica read before is served from memory, and it stays ready.
     let hit = fight(&sys, "Thor", "Loki").await;
     assert_eq!(hit[0].json()["cached"], true, "{hit:?}");

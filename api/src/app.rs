@@ -5,7 +5,6 @@ use std::{
     convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
-    pin::pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -14,27 +13,23 @@ use axum::{
     http::HeaderMap,
     response::{Response, sse::Event as SseEvent},
 };
-use futures::{
-    Stream, StreamExt,
-    future::{self, Either},
-};
+use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     budget::{Budget, BudgetSettings},
     bus::Bus,
     config::{ModelSettings, NatsSettings, Secret},
-    history,
-    key::Key,
     objects::ObjectStoreSettings,
     tasks::Tasks,
     telemetry::PrometheusHandle,
-    wire::{self, Answer, Event, ImageAnswer, Job},
+    wire::{self, Answer, ImageAnswer},
 };
 
 use crate::{
-    admin::AdminToken,
-    body, cache, coalesce, error,
+    admin::token::AdminToken,
+    body, cache, error,
     limits::{self, StreamSlot},
+    miss,
     nats::LazyBus,
     origin, popularity, sse,
 };
@@ -117,21 +112,6 @@ pub struct Settings {
     pub max_connections: usize,
 }
 
-/// What [`App::find`] found of a matchup.
-pub(crate) enum Found<V> {
-    /// Its finished answer.
-    Stored(Arc<cache::Cached<V>>),
-    /// No answer: [`App::wait_on`] takes it from there.
-    Missing(Miss),
-}
-
-/// A matchup with no stored answer: whether moderation refused it, and the first steps of its
-/// flight when they were taken meanwhile.
-pub(crate) struct Miss {
-    refused: bool,
-    early: Option<coalesce::Early>,
-}
-
 /// Everything a request handler needs. Cheap to clone.
 #[derive(Clone)]
 pub struct App {
@@ -155,7 +135,7 @@ pub struct Inner {
     pub admin_token: Option<AdminToken>,
     /// Purge notices from every replica, until `run` takes them (see `LazyBus::start`).
     pub(crate) purges: Mutex<Option<async_nats::Subscriber>>,
-    pub flights: Arc<coalesce::Flights>,
+    pub flights: Arc<miss::Flights>,
     /// Who may start a generation (see `origin` and `limits`).
     pub origins: origin::Origins,
     pub limits: limits::Limits,
@@ -183,7 +163,7 @@ impl App {
             }
         }
         cache::zero_counters(settings.hub_domain.is_some());
-        coalesce::zero_counters();
+        miss::zero_counters();
         let (bus, purges) =
             LazyBus::start(&settings.nats, settings.hub_domain.as_deref(), tasks).await?;
         let (following, spend, shutdown) = (budget.clone(), bus.clone(), tasks.shutdown().clone());
@@ -192,7 +172,7 @@ impl App {
                 following.follow(bus.spend.clone(), shutdown).await;
             }
         });
-        let flights = coalesce::Flights::new(
+        let flights = miss::Flights::new(
             bus.clone(),
             Duration::from_secs(settings.stream_timeout_secs.max(1)),
             tasks.clone(),
@@ -231,13 +211,13 @@ impl App {
                 db: settings
                     .database_url
                     .as_ref()
-                    .map(|url| versus_shared::db::connect_lazy(url, 4))
+                    .map(|url| versus_shared::db::connect_lazy(url, ADMIN_DB_POOL))
                     .transpose()?,
                 admin_token,
                 purges: Mutex::new(Some(purges)),
                 answers,
                 images,
-                refusals: cache::Refusals::new(bus.clone(), 100_000, floors.clone()),
+                refusals: cache::Refusals::new(bus.clone(), REFUSALS_IN_MEMORY, floors.clone()),
                 floors,
                 bus,
                 flights,
@@ -279,144 +259,17 @@ impl App {
         sse::live(events, heartbeat, self.inner.shutdown.clone())
     }
 
-    /// The stored answer of `key` from this replica's memory; else, all at once, the KV
-    /// bucket and, unless this process follows the key already (its flight's first request
-    /// read them), the refusals and the first steps of the flight a miss starts
-    /// ([`coalesce::Early`]; not while an edge's link to the hub is down, when a miss is
-    /// refused anyway): a miss then costs one round trip before its job is published, not
-    /// three. A hit is answered as soon as the KV bucket has it; the other reads are dropped.
-    pub(crate) async fn find<V: cache::Entry>(
-        &self,
-        cache: &cache::EdgeCache<V>,
-        key: &Key,
-    ) -> Found<V> {
-        if let Some(hit) = cache.in_memory(key) {
-            return Found::Stored(hit);
+    /// The miss path (see [`miss`]), over this replica's state.
+    pub(crate) fn misses(&self) -> miss::Path<'_> {
+        let inner = &self.inner;
+        miss::Path {
+            bus: &inner.bus,
+            flights: &inner.flights,
+            refusals: &inner.refusals,
+            origins: &inner.origins,
+            limits: &inner.limits,
+            budget: &inner.budget,
         }
-        let following = self.inner.flights.follows(key);
-        // While NATS is not connected, a reconnect may be moments away (a restart, a failover);
-        // past that, the miss is refused at once (`wait_on`). Joining a flight of this process
-        // needs no NATS.
-        let bus = if following {
-            self.inner.bus.now()
-        } else {
-            self.inner.bus.within_grace().await
-        };
-        let Some(bus) = bus else {
-            return Found::Missing(Miss {
-                refused: false,
-                early: None,
-            });
-        };
-        let stored = pin!(cache.lookup(key));
-        let rest = pin!(async {
-            tokio::join!(
-                async { !following && self.inner.refusals.refused(V::KIND, key).await },
-                async {
-                    if following || !bus.hub_up() {
-                        None
-                    } else {
-                        coalesce::Early::read(bus, V::KIND, key).await
-                    }
-                },
-            )
-        });
-        let (stored, (refused, early)) = match future::select(stored, rest).await {
-            Either::Left((Some(hit), _)) => return Found::Stored(hit),
-            Either::Left((None, rest)) => (None, rest.await),
-            Either::Right((rest, stored)) => (stored.await, rest),
-        };
-        match stored {
-            Some(hit) => Found::Stored(hit),
-            None => Found::Missing(Miss { refused, early }),
-        }
-    }
-
-    /// Waits on the generation `job` asks for, on a `miss`. Joining one this process follows
-    /// already, or one in progress anywhere, is free; starting one is refused to a browser
-    /// acting for another site, counts against the client's limit, and, once today's budget
-    /// is spent, ends at once with a retryable `budget_exhausted` error (and no job).
-    pub(crate) async fn wait_on(
-        &self,
-        job: Job,
-        miss: Miss,
-        headers: &HeaderMap,
-        client: IpAddr,
-    ) -> Result<coalesce::Waiter, error::ApiError> {
-        self.inner.origins.check(headers)?;
-        if let Some(waiter) = self.inner.flights.join_existing(&job.key) {
-            return Ok(waiter);
-        }
-        if miss.refused {
-            metrics::counter!("versus_refused_total", "kind" => job.kind.as_str()).increment(1);
-            return Ok(coalesce::Waiter::ended(wire::refused(0)));
-        }
-        let Some(bus) = self.inner.bus.now() else {
-            metrics::counter!("versus_nats_refusals_total", "kind" => job.kind.as_str())
-                .increment(1);
-            return Ok(coalesce::Waiter::ended(Event::retryable(
-                "unavailable",
-                "This server cannot reach its message bus right now. Answers already written \
-                 still work; please try again shortly.",
-                None,
-            )));
-        };
-        if !bus.hub_up() {
-            metrics::counter!("versus_edge_refusals_total", "kind" => job.kind.as_str())
-                .increment(1);
-            return Ok(coalesce::Waiter::ended(Event::retryable(
-                "unavailable",
-                "This server cannot reach the one that writes new answers right now. Answers \
-                 already written still work; please try again shortly.",
-                None,
-            )));
-        }
-        // A new generation is refused or counted against the client, unless one is under way
-        // already (a join).
-        let spent = self.inner.budget.exhausted();
-        let gated = spent || self.inner.limits.limited(job.kind);
-        if gated && !self.in_progress(bus, &job, miss.early.as_ref()).await {
-            if spent {
-                metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str())
-                    .increment(1);
-                return Ok(coalesce::Waiter::ended(Event::retryable(
-                    error::BUDGET_EXHAUSTED,
-                    "Versus has spent today's budget for new answers. Answers already written \
-                     still work; new ones start again after midnight UTC.",
-                    Some(
-                        wire::unix_ms()
-                            + versus_shared::budget::until_tomorrow().as_millis() as u64,
-                    ),
-                )));
-            }
-            self.inner.limits.admit(job.kind, client)?;
-        }
-        let waiter = self.inner.flights.join(job, miss.early);
-        // A reader spawned from this task waits in this worker thread's LIFO slot until this
-        // task yields: yield now, so that it publishes the job before this task writes the
-        // response's head and first event rather than after.
-        tokio::task::yield_now().await;
-        Ok(waiter)
-    }
-
-    /// Whether the events stream shows `job` being generated (by a worker that a request to
-    /// another replica, or an operator's pre-warm, set going), as `early` read it or read now.
-    /// Unsure counts as no.
-    async fn in_progress(&self, bus: &Bus, job: &Job, early: Option<&coalesce::Early>) -> bool {
-        let under_way = |last: Option<&history::Last>| {
-            matches!(
-                last,
-                Some(history::Last {
-                    event: Some(Event::Started { .. } | Event::Chunk { .. }),
-                    ..
-                })
-            )
-        };
-        if let Some(last) = early.and_then(coalesce::Early::last) {
-            return under_way(last.as_ref());
-        }
-        let subject = wire::events_subject(job.kind, &job.key);
-        under_way(history::last(bus, &subject).await.ok().flatten().as_ref())
     }
 
     /// Waits for `wait` unless this process stops first: then the client is told to retry
@@ -455,6 +308,13 @@ impl App {
         self.inner.refusals.clear();
     }
 }
+
+/// Postgres connections of the admin routes: operators' requests, a few at a time.
+const ADMIN_DB_POOL: u32 = 4;
+
+/// How many refused matchups each replica remembers (a few dozen bytes each); beyond that,
+/// the least used are read from the bucket again.
+const REFUSALS_IN_MEMORY: usize = 100_000;
 
 /// How many purged entries each replica remembers ([`cache::Floors`]).
 const PURGE_FLOORS: usize = 100_000;

@@ -9,17 +9,26 @@ use versus_shared::{
     wire::{Answer, ImageAnswer},
 };
 
-/// A text answer: `POST /v1/fights`, `GET /v1/fights/{key}`.
+/// Which answer a body is about: its key and the opponents' names as shown. Text bodies and
+/// the streams' `meta` event share it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TextBody<'a> {
+pub struct Fight<'a> {
     /// The answer's key (the canonical matchup, prompt version and model).
     #[schema(value_type = String, example = "3f9c2b7e41d0a8c5e6f1b2a3c4d5e6f7")]
     pub key: &'a Key,
     /// The first opponent's display name (the first request's spelling).
     #[schema(example = "Batman")]
     pub a: &'a str,
+    /// The second opponent's display name.
     #[schema(example = "Superman")]
     pub b: &'a str,
+}
+
+/// A text answer: `POST /v1/fights`, `GET /v1/fights/{key}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TextBody<'a> {
+    #[serde(flatten)]
+    pub fight: Fight<'a>,
     /// The whole answer.
     pub text: &'a str,
     /// The chat model that wrote it.
@@ -32,9 +41,11 @@ pub struct TextBody<'a> {
 impl<'a> TextBody<'a> {
     pub fn of(answer: &'a Answer, cached: bool) -> TextBody<'a> {
         TextBody {
-            key: &answer.key,
-            a: &answer.a,
-            b: &answer.b,
+            fight: Fight {
+                key: &answer.key,
+                a: &answer.a,
+                b: &answer.b,
+            },
             text: &answer.text,
             model: &answer.model,
             cached,

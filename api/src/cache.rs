@@ -47,9 +47,9 @@ pub struct Cached<V> {
     pub sse: OnceLock<Bytes>,
 }
 
-/// Where a hit came from.
+/// Where a hit came from: the `layer` of the hit and stale counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layer {
+enum Layer {
     Memory,
     /// The KV bucket (its mirror, at an edge).
     Kv,
@@ -67,13 +67,25 @@ impl Layer {
     }
 }
 
+/// An entry holds its body twice over: the body itself, and the value it was rendered from,
+/// which holds about as much (the answer's text, or the picture's path).
+const COPIES_OF_BODY: usize = 2;
+/// What an entry holds besides: its key, its ETag, the `Arc`, and the cache's own bookkeeping.
+const ENTRY_OVERHEAD: usize = 256;
+/// What an entry is taken to weigh when the cache sizes its table (a body of about 900 bytes,
+/// by the weight above): only that estimate depends on it, not what the cache may hold.
+const TYPICAL_ENTRY_BYTES: u64 = 2048;
+/// The smallest cache, however little it is given: a few dozen entries.
+const MIN_CACHE_BYTES: u64 = 1 << 16;
+/// The fewest entries a cache of keys (floors, refusals) holds, however few it is given.
+const MIN_ENTRIES: usize = 16;
+
 #[derive(Clone)]
 struct BodyWeight;
 
 impl<V> Weighter<Key, Arc<Cached<V>>> for BodyWeight {
     fn weight(&self, _key: &Key, value: &Arc<Cached<V>>) -> u64 {
-        // The value holds about what the body holds, plus fixed overhead.
-        (value.body.len() * 2 + 256) as u64
+        (value.body.len() * COPIES_OF_BODY + ENTRY_OVERHEAD) as u64
     }
 }
 
@@ -102,7 +114,7 @@ pub struct Floors {
 impl Floors {
     pub fn new(entries: usize) -> Floors {
         Floors {
-            floors: Cache::new(entries.max(16)),
+            floors: Cache::new(entries.max(MIN_ENTRIES)),
             raising: Mutex::new(()),
         }
     }
@@ -179,9 +191,9 @@ impl<V: Entry> EdgeCache<V> {
         floors: Arc<Floors>,
         render: impl Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
     ) -> EdgeCache<V> {
-        let bytes = bytes.max(1 << 16);
+        let bytes = bytes.max(MIN_CACHE_BYTES);
         EdgeCache {
-            memory: Cache::with_weighter((bytes / 2048) as usize, bytes, BodyWeight),
+            memory: Cache::with_weighter((bytes / TYPICAL_ENTRY_BYTES) as usize, bytes, BodyWeight),
             bus,
             render: Box::new(render),
             purges: Purges::default(),
@@ -191,9 +203,9 @@ impl<V: Entry> EdgeCache<V> {
 
     /// The finished answer for `key`, from memory, else from the edge KV bucket (at an edge,
     /// its mirror). An error, without a wait, while NATS is not connected.
-    pub async fn get(&self, key: &Key) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
+    pub async fn get(&self, key: &Key) -> anyhow::Result<Option<Arc<Cached<V>>>> {
         if let Some(hit) = self.in_memory(key) {
-            return Ok(Some((hit, Layer::Memory)));
+            return Ok(Some(hit));
         }
         let bus = self.bus.now().ok_or_else(not_connected)?;
         self.read(key, &bus.nearest_answers, Layer::Kv).await
@@ -207,7 +219,7 @@ impl<V: Entry> EdgeCache<V> {
     /// The finished answer for `key` if this replica's memory holds it.
     pub fn in_memory(&self, key: &Key) -> Option<Arc<Cached<V>>> {
         let hit = self.memory.get(key)?;
-        Some(hit_from(hit, V::KIND, Layer::Memory).0)
+        Some(hit_from(hit, V::KIND, Layer::Memory))
     }
 
     /// The answer of a generation that just ended with `done`, which workers announce only
@@ -222,7 +234,7 @@ impl<V: Entry> EdgeCache<V> {
         }
         let bus = self.bus.now()?;
         match self.read(key, &bus.answers, Layer::Hub).await {
-            Ok(hit) => hit.map(|(cached, _)| cached),
+            Ok(hit) => hit,
             Err(e) => {
                 tracing::warn!(%key, error = format!("{e:#}"), "reading the hub's bucket failed");
                 None
@@ -236,7 +248,7 @@ impl<V: Entry> EdgeCache<V> {
         key: &Key,
         store: &kv::Store,
         layer: Layer,
-    ) -> anyhow::Result<Option<(Arc<Cached<V>>, Layer)>> {
+    ) -> anyhow::Result<Option<Arc<Cached<V>>>> {
         let purges = self.purges.count();
         let entry = wire::kv_key(V::KIND, key);
         let Some(bytes) = fresh(store, entry, &self.floors, V::KIND, layer).await? else {
@@ -281,7 +293,7 @@ impl<V: Entry> EdgeCache<V> {
             return self.in_memory(key);
         }
         match self.get(key).await {
-            Ok(hit) => hit.map(|(cached, _)| cached),
+            Ok(hit) => hit,
             Err(e) => {
                 tracing::warn!(%key, error = format!("{e:#}"), "edge cache read failed");
                 None
@@ -302,7 +314,7 @@ pub struct Refusals {
 impl Refusals {
     pub fn new(bus: LazyBus, entries: usize, floors: Arc<Floors>) -> Refusals {
         Refusals {
-            memory: Cache::new(entries.max(16)),
+            memory: Cache::new(entries.max(MIN_ENTRIES)),
             bus,
             purges: Purges::default(),
             floors,
@@ -375,8 +387,9 @@ pub fn zero_counters(edge: bool) {
     }
 }
 
-fn hit_from<V>(cached: Arc<Cached<V>>, kind: Kind, layer: Layer) -> (Arc<Cached<V>>, Layer) {
+/// `cached`, counted as a hit in `layer`.
+fn hit_from<V>(cached: Arc<Cached<V>>, kind: Kind, layer: Layer) -> Arc<Cached<V>> {
     metrics::counter!("versus_cache_hits_total", "kind" => kind.as_str(), "layer" => layer.as_str())
         .increment(1);
-    (cached, layer)
+    cached
 }

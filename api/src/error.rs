@@ -9,13 +9,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use versus_shared::{
     key::NameError,
-    wire::{self, Event},
+    wire::{ErrorCode, Event},
 };
 
-/// The code of a miss refused because today's budget is spent.
-pub const BUDGET_EXHAUSTED: &str = "budget_exhausted";
-
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
     InvalidName(#[from] NameError),
@@ -23,7 +20,7 @@ pub enum ApiError {
     InvalidBody(String),
     #[error("{0}")]
     InvalidQuery(String),
-    #[error("no such answer")]
+    #[error("{}", ErrorCode::NotFound.message())]
     NotFound,
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -45,7 +42,7 @@ pub enum ApiError {
     #[error("you have too many answers open at once; close some and try again")]
     TooManyStreams,
     /// A browser asked for a new answer on behalf of another site.
-    #[error("a new answer cannot be started from another site; open Versus itself to ask")]
+    #[error("{}", ErrorCode::CrossSite.message())]
     CrossSite,
 }
 
@@ -69,16 +66,17 @@ impl ApiError {
     }
 
     fn status_and_code(&self) -> (StatusCode, &str) {
+        let of = |status, code: ErrorCode| (status, code.as_str());
         match self {
-            ApiError::InvalidName(e) => (StatusCode::BAD_REQUEST, e.code()),
-            ApiError::InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
-            ApiError::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
-            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidName(e) => of(StatusCode::BAD_REQUEST, e.code()),
+            ApiError::InvalidBody(_) => of(StatusCode::BAD_REQUEST, ErrorCode::InvalidBody),
+            ApiError::InvalidQuery(_) => of(StatusCode::BAD_REQUEST, ErrorCode::InvalidQuery),
+            ApiError::NotFound => of(StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            ApiError::Unauthorized(_) => of(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             ApiError::Generation {
                 code, retryable, ..
             } => {
-                let status = if code == wire::REFUSED {
+                let status = if *code == ErrorCode::Refused {
                     StatusCode::UNPROCESSABLE_ENTITY
                 } else if *retryable {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -87,14 +85,18 @@ impl ApiError {
                 };
                 (status, code.as_str())
             }
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            ApiError::CrossSite => (StatusCode::FORBIDDEN, "cross_site"),
+            ApiError::Unavailable => of(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::CrossSite => of(StatusCode::FORBIDDEN, ErrorCode::CrossSite),
             ApiError::RateLimited { .. } | ApiError::TooManyStreams => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+                of(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited)
             }
         }
     }
 }
+
+/// When a client at its cap of open streams may try again: a slot frees as soon as any of
+/// its streams ends, so soon.
+const STREAM_SLOT_RETRY_SECS: u64 = 1;
 
 /// Every error response's body: `{"error":{"code","message"}}`.
 #[derive(Serialize, ToSchema)]
@@ -104,18 +106,27 @@ pub struct ErrorBody<'a> {
 
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail<'a> {
-    /// What went wrong, for programs: `missing_name`, `empty_name`, `name_too_long`,
-    /// `control_character`, `invisible_character`, `unassigned_character`, `too_many_marks`,
-    /// `mixed_scripts`, `invalid_body`, `invalid_query`, `not_found`, `unauthorized`,
-    /// `cross_site`, `rate_limited`, `refused`, `busy`, `budget_exhausted`, `unavailable`, or
-    /// the code a generation ended with.
-    #[schema(example = "empty_name")]
+    /// What went wrong, for programs (`ErrorCode` in the shared crate lists them all).
+    #[schema(schema_with = code_schema, example = "empty_name")]
     pub code: &'a str,
     /// What went wrong, for people.
     pub message: &'a str,
     /// For a generation that ended with an error: whether asking again may succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retryable: Option<bool>,
+}
+
+/// The schema of an error's `code`: one of every code there is, so a client can match on
+/// them exhaustively and the document cannot miss one.
+pub(crate) fn code_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(
+            "What went wrong, for programs: one code of the README's table of codes, which says \
+             what each means and whether asking again may help.",
+        ))
+        .enum_values(Some(ErrorCode::ALL.map(ErrorCode::as_str)))
+        .build()
 }
 
 impl IntoResponse for ApiError {
@@ -140,7 +151,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
             ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            ApiError::TooManyStreams => Some(1),
+            ApiError::TooManyStreams => Some(STREAM_SLOT_RETRY_SECS),
             ApiError::Generation {
                 retry_after_secs, ..
             } => *retry_after_secs,
@@ -153,4 +164,25 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The refusals a request that may start a generation can get before its stream opens.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // describes the responses `ApiError` builds, for the OpenAPI document
+pub(crate) enum Refusals {
+    /// A missing or invalid name (`code` says which rule), or a malformed query or body.
+    #[response(status = 400)]
+    BadRequest(ErrorBody<'static>),
+    /// `cross_site`: a browser asked for a new answer on behalf of another site.
+    #[response(status = 403)]
+    CrossSite(ErrorBody<'static>),
+    /// `refused`: moderation refused this matchup (asking again costs nothing).
+    #[response(status = 422)]
+    Refused(ErrorBody<'static>),
+    /// `rate_limited`: this client started many new answers, or holds many streams.
+    #[response(status = 429, headers(("Retry-After" = u64, description = "Seconds to wait.")))]
+    RateLimited(ErrorBody<'static>),
+    /// `busy`, `budget_exhausted` or `unavailable`: retry later.
+    #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds to wait, when known.")))]
+    Unavailable(ErrorBody<'static>),
 }

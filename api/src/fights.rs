@@ -12,19 +12,18 @@ use axum::{
 use futures::stream;
 use versus_shared::{
     key::Key,
-    wire::{Answer, Event, Kind},
+    wire::{Answer, ErrorCode, Event, Kind},
 };
 
 use crate::{
-    app::{App, Found},
-    body::TextBody,
+    app::App,
+    body::{Fight, TextBody},
     cache::Cached,
-    coalesce::Waiter,
     error::ApiError,
-    error::ErrorBody,
+    error::{ErrorBody, Refusals},
     http,
-    matchup::{Ask, JsonFight, QueryFight},
-    openapi::{Name, Names, Refusals},
+    matchup::{Ask, JsonFight, Name, Names, QueryFight},
+    miss::{Found, Waiter},
     sse::{self, Resume, Translator},
 };
 
@@ -73,7 +72,7 @@ pub(crate) async fn stream_fight(
     // Who asks matters only to a stream that stays open: a whole hit is never limited.
     let client = || app.client(peer, &headers);
     let mut translator = Translator::new(key.clone(), resume);
-    let miss = match app.find(&app.inner.answers, &key).await {
+    let miss = match app.misses().find(&app.inner.answers, &key).await {
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
             let answer = &cached.value;
@@ -81,16 +80,16 @@ pub(crate) async fn stream_fight(
                 // The common hit: the same bytes every time, rendered once per cached answer.
                 let body = cached.sse.get_or_init(|| {
                     sse::render(&[
-                        sse::meta_frame(&key, &answer.a, &answer.b, true),
-                        sse::chunk_frame(answer.attempt, answer.text.len(), &answer.text),
-                        sse::done_frame(&key, &answer.model),
+                        sse::meta(&key, &answer.a, &answer.b, true),
+                        sse::chunk(answer.attempt, answer.text.len(), &answer.text),
+                        sse::done(&key, &answer.model),
                     ])
                 });
                 return Ok(sse::body(body.clone()));
             }
-            let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true)];
+            let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true).into()];
             translator.finished_text(answer.attempt, &answer.text, &mut out);
-            out.push(sse::done(&key, &answer.model));
+            out.push(sse::done(&key, &answer.model).into());
             let slot = app.stream_slot(client())?;
             return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
         }
@@ -98,9 +97,9 @@ pub(crate) async fn stream_fight(
     let client = client();
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
-    let meta = sse::meta(&key, &job.a, &job.b, false);
+    let meta = sse::meta(&key, &job.a, &job.b, false).into();
     let generation = InProgress {
-        waiter: app.wait_on(job, miss, &headers, client).await?,
+        waiter: app.misses().wait_on(job, miss, &headers, client).await?,
         translator,
         queue: VecDeque::from([meta]),
         ended: false,
@@ -130,9 +129,8 @@ impl InProgress {
                 Some(event) => self.ended = self.translator.translate(&event, &mut out),
                 None => {
                     out.push(sse::error(
-                        "unavailable",
+                        ErrorCode::Unavailable,
                         "The answer stream was interrupted. Please try again.",
-                        true,
                     ));
                     self.ended = true;
                 }
@@ -162,7 +160,7 @@ pub(crate) async fn create_fight(
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Text)?;
     app.count(&ask);
-    let miss = match app.find(&app.inner.answers, &ask.key).await {
+    let miss = match app.misses().find(&app.inner.answers, &ask.key).await {
         Found::Stored(cached) => return Ok(cached_body(&cached)),
         Found::Missing(miss) => miss,
     };
@@ -170,6 +168,7 @@ pub(crate) async fn create_fight(
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
     let mut waiter = app
+        .misses()
         .wait_on(job, miss, &headers, app.client(peer, &headers))
         .await?;
     let mut attempt = None;
@@ -194,9 +193,11 @@ pub(crate) async fn create_fight(
                 let body = match app.inner.answers.finished(&key).await {
                     Some(cached) => Json(TextBody::of(&cached.value, false)).into_response(),
                     None => Json(TextBody {
-                        key: &key,
-                        a: &a,
-                        b: &b,
+                        fight: Fight {
+                            key: &key,
+                            a: &a,
+                            b: &b,
+                        },
                         text: &text,
                         model,
                         cached: false,
@@ -246,7 +247,7 @@ pub(crate) async fn get_fight(
 ) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
     let cached = match app.inner.answers.get(&key).await {
-        Ok(Some((cached, _))) => cached,
+        Ok(Some(cached)) => cached,
         Ok(None) => return Err(ApiError::NotFound),
         Err(e) => {
             // While NATS is down every such read fails: `/readyz` says so, not each request.

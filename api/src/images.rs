@@ -8,25 +8,24 @@ use axum::{
     body::Body,
     extract::{ConnectInfo, Path, State},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::{IntoResponse, Response, sse::Event as SseEvent},
 };
 use futures::{StreamExt, stream};
 use object_store::ObjectStoreExt;
 use versus_shared::{
     key::Key,
     objects::{self, IMAGE_CACHE_CONTROL},
-    wire::{Event, ImageAnswer, Kind},
+    wire::{ErrorCode, Event, ImageAnswer, Kind},
 };
 
 use crate::{
-    app::{App, Found},
+    app::App,
     body::{self, ImageBody},
     cache::Cached,
-    coalesce::Waiter,
-    error::{ApiError, ErrorBody},
+    error::{ApiError, ErrorBody, Refusals},
     http,
-    matchup::{JsonFight, QueryFight},
-    openapi::{Name, Names, Refusals},
+    matchup::{JsonFight, Name, Names, QueryFight},
+    miss::{Found, Waiter},
     sse,
 };
 
@@ -84,14 +83,14 @@ pub(crate) async fn stream_image(
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
     let key = ask.key.clone();
-    let miss = match app.find(&app.inner.images, &key).await {
+    let miss = match app.misses().find(&app.inner.images, &key).await {
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
             let v = &cached.value;
             let body = cached.sse.get_or_init(|| {
                 sse::render(&[
-                    sse::meta_frame(&key, &v.a, &v.b, true),
-                    sse::image_done_frame(&key, &app.url_of(v)),
+                    sse::meta(&key, &v.a, &v.b, true),
+                    sse::image_done(&key, &app.url_of(v)),
                 ])
             });
             return Ok(sse::body(body.clone()));
@@ -100,20 +99,20 @@ pub(crate) async fn stream_image(
     let client = app.client(peer, &headers);
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
-    let meta = sse::meta(&key, &job.a, &job.b, false);
-    let waiter = app.wait_on(job, miss, &headers, client).await?;
+    let meta: SseEvent = sse::meta(&key, &job.a, &job.b, false).into();
+    let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
     let waiting = app.clone();
     let events =
         stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
             let end = match waiting.drawn(key.clone(), waiter).await {
-                Ok(cached) => sse::image_done(&key, &waiting.url_of(&cached.value)),
+                Ok(cached) => sse::image_done(&key, &waiting.url_of(&cached.value)).into(),
                 Err(ApiError::Generation {
                     code,
                     message,
                     retryable,
                     retry_after_secs,
                 }) => sse::error_until(&code, &message, retryable, retry_after_secs),
-                Err(other) => sse::error("unavailable", &other.to_string(), true),
+                Err(other) => sse::error(ErrorCode::Unavailable, &other.to_string()),
             };
             Ok(end)
         }));
@@ -139,12 +138,13 @@ pub(crate) async fn create_image(
     JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
-    let (cached, was_cached) = match app.find(&app.inner.images, &ask.key).await {
+    let (cached, was_cached) = match app.misses().find(&app.inner.images, &ask.key).await {
         Found::Stored(cached) => (cached, true),
         Found::Missing(miss) => {
             let key = ask.key.clone();
             let job = app.job(ask);
             let waiter = app
+                .misses()
                 .wait_on(job, miss, &headers, app.client(peer, &headers))
                 .await?;
             (app.drawn(key, waiter).await?, false)

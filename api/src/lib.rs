@@ -11,8 +11,8 @@
 //! - [`origin`]: refusing generations that browsers start for other sites;
 //! - [`limits`]: per-client limits on new generations;
 //! - [`cache`]: the bounded in-memory caches in front of the KV bucket (hits);
-//! - [`coalesce`]: the miss path: one events reader per key in this process, feeding every
-//!   local waiter;
+//! - [`miss`]: the miss path: the lookup, the admission of a miss (a pure decision), and one
+//!   events reader per key in this process, feeding every local waiter;
 //! - [`sse`]: the SSE events clients see, with resume, and the responses that carry them;
 //! - [`body`]: the JSON bodies of finished answers;
 //! - [`http`]: conditional GETs (ETag, `Cache-Control`, 304);
@@ -27,13 +27,13 @@ pub mod admin;
 mod app;
 pub mod body;
 pub mod cache;
-pub mod coalesce;
 pub mod error;
 pub mod fights;
 mod http;
 pub mod images;
 pub mod limits;
 mod matchup;
+pub mod miss;
 pub mod nats;
 pub mod openapi;
 pub mod origin;
@@ -243,9 +243,17 @@ async fn pause_after(error: std::io::Error, shutdown: &CancellationToken) {
     tracing::error!(%error, "cannot accept a connection; retrying in a second");
     tokio::select! {
         () = shutdown.cancelled() => {}
-        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        () = tokio::time::sleep(ACCEPT_RETRY) => {}
     }
 }
+
+/// How long the listener rests after an accept failed for want of resources (descriptors,
+/// memory): long enough for connections to close, short enough to be unseen.
+const ACCEPT_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a mirror's purge watch waits before it watches again after it failed: the mirror
+/// is usually back within that, and floors heard meanwhile on the purge subject still apply.
+const MIRROR_WATCH_RETRY: Duration = Duration::from_millis(500);
 
 /// The router for one connection: every request carries the peer's address for the
 /// `ConnectInfo<SocketAddr>` extractor, as `into_make_service_with_connect_info` would add it.
@@ -357,7 +365,7 @@ async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
                 }
                 Err(e) => tracing::warn!(error = %e, "watching the mirror for purges failed"),
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::time::sleep(MIRROR_WATCH_RETRY).await;
         }
     };
     tokio::select! {

@@ -7,9 +7,11 @@ use axum::{
     extract::{FromRequest, FromRequestParts, Request},
     http::request::Parts,
 };
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
 use versus_shared::{
-    key::{Key, Matchup},
+    key::{Key, Matchup, NameError},
     recipe::Recipe,
     wire::{Job, Kind},
 };
@@ -20,77 +22,105 @@ use crate::{app::App, error::ApiError};
 /// many times over; anything larger is refused before it is read whole.
 pub(crate) const BODY_LIMIT: usize = 4 * 1024;
 
-/// The names of a request, as given (a query string or a JSON body).
-#[derive(Debug)]
-pub(crate) struct FightRequest {
-    a: Option<String>,
-    b: Option<String>,
+/// The names of a matchup, in a JSON body (`POST /v1/fights`, `POST /v1/images`, a pre-warm
+/// batch's entries) as in a query string.
+// As given: a name missing or null is `missing_name` when the names are validated (`App::ask`),
+// not a malformed body. The schema says what a valid request holds.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct Names {
+    #[schema(value_type = Name, example = "Batman")]
+    a: Option<Name>,
+    #[schema(value_type = Name, example = "Superman")]
+    b: Option<Name>,
 }
 
-impl FightRequest {
-    pub(crate) fn new(a: String, b: String) -> FightRequest {
-        FightRequest {
-            a: Some(a),
-            b: Some(b),
+/// An opponent's name: 1 to 100 characters after trimming (1,024 bytes at most), without
+/// control, invisible, unassigned or private-use characters, at most 4 combining marks in a
+/// row, and not mixing scripts the way look-alikes do. "A vs B" and "B vs A" are the same
+/// matchup, and so are names that differ only in case, white space or Unicode form.
+///
+/// JSON Schema can say only some of it (the pattern: something besides white space, no
+/// control characters); the API checks the rest and answers 400 with the rule's code.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(
+    min_length = 1,
+    max_length = 1024,
+    pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$",
+    example = "Batman"
+)]
+pub(crate) struct Name(String);
+
+impl Name {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Names {
+    pub(crate) fn new(a: String, b: String) -> Names {
+        Names {
+            a: Some(Name(a)),
+            b: Some(Name(b)),
         }
     }
 
-    /// Reads `{"a","b"}` from a JSON object; anything else in a name's place is refused.
-    pub(crate) fn from_json(
-        body: &serde_json::Map<String, Value>,
-    ) -> Result<FightRequest, ApiError> {
-        let field = |name: &str| match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(ApiError::InvalidBody(format!("`{name}` must be a string"))),
-        };
-        Ok(FightRequest {
-            a: field("a")?,
-            b: field("b")?,
-        })
+    /// Reads `{"a","b"}` from a JSON object (other members are ignored): anything but a string
+    /// or null in a name's place is refused, naming the member.
+    pub(crate) fn from_object(body: Map<String, Value>) -> Result<Names, ApiError> {
+        // From an object only: serde would read a derived struct from an array `["A","B"]` too.
+        // Only a name's value can be wrong, so the error's path is that name.
+        serde_path_to_error::deserialize(body)
+            .map_err(|e| ApiError::InvalidBody(format!("`{}` must be a string", e.path())))
+    }
+
+    /// The names, validated (each with the code of the rule it breaks, `a` first).
+    pub(crate) fn matchup(&self) -> Result<Matchup, NameError> {
+        Matchup::parse(
+            self.a.as_ref().map(Name::as_str),
+            self.b.as_ref().map(Name::as_str),
+        )
+    }
+
+    /// Reads `a` and `b` from a query string (other parameters are ignored).
+    pub(crate) fn from_query(query: &str) -> Result<Names, ApiError> {
+        let mut names = Names { a: None, b: None };
+        for (name, value) in query_pairs(query)? {
+            let field = match name.as_str() {
+                "a" => &mut names.a,
+                "b" => &mut names.b,
+                _ => continue,
+            };
+            if field.replace(Name(value)).is_some() {
+                return Err(ApiError::InvalidQuery(format!("`{name}` is given twice")));
+            }
+        }
+        Ok(names)
     }
 }
 
 /// The names of a JSON body `{"a","b"}`; anything else is bad input (400), like a bad name.
-pub(crate) struct JsonFight(pub FightRequest);
+pub(crate) struct JsonFight(pub Names);
 
 impl<S: Send + Sync> FromRequest<S> for JsonFight {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<JsonFight, ApiError> {
-        let Json(body) = Json::<serde_json::Map<String, Value>>::from_request(request, state)
+        let Json(body) = Json::<Map<String, Value>>::from_request(request, state)
             .await
             .map_err(|e| ApiError::InvalidBody(e.body_text()))?;
-        Ok(JsonFight(FightRequest::from_json(&body)?))
+        Ok(JsonFight(Names::from_object(body)?))
     }
 }
 
 /// The names of a query string `?a=A&b=B`; a malformed one is bad input (400).
-pub(crate) struct QueryFight(pub FightRequest);
+pub(crate) struct QueryFight(pub Names);
 
 impl<S: Send + Sync> FromRequestParts<S> for QueryFight {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<QueryFight, ApiError> {
-        FightRequest::from_query(parts.uri.query().unwrap_or_default()).map(QueryFight)
-    }
-}
-
-impl FightRequest {
-    /// Reads `a` and `b` from a query string (other parameters are ignored).
-    pub(crate) fn from_query(query: &str) -> Result<FightRequest, ApiError> {
-        let mut request = FightRequest { a: None, b: None };
-        for (name, value) in query_pairs(query)? {
-            let field = match name.as_str() {
-                "a" => &mut request.a,
-                "b" => &mut request.b,
-                _ => continue,
-            };
-            if field.replace(value).is_some() {
-                return Err(ApiError::InvalidQuery(format!("`{name}` is given twice")));
-            }
-        }
-        Ok(request)
+        Names::from_query(parts.uri.query().unwrap_or_default()).map(QueryFight)
     }
 }
 
@@ -127,8 +157,8 @@ impl App {
     /// Validates the names and derives the key of the answer of `kind`: the canonical pair,
     /// the prompt version and the model (with the picture size, for pictures), as
     /// [`Recipe`] makes it (workers check every job against the same recipe).
-    pub(crate) fn ask(&self, request: &FightRequest, kind: Kind) -> Result<Ask, ApiError> {
-        let matchup = Matchup::parse(request.a.as_deref(), request.b.as_deref())?;
+    pub(crate) fn ask(&self, names: &Names, kind: Kind) -> Result<Ask, ApiError> {
+        let matchup = names.matchup()?;
         let key = self.key_of(kind, &matchup);
         Ok(Ask { kind, key, matchup })
     }
@@ -151,7 +181,32 @@ impl App {
 
 #[cfg(test)]
 mod tests {
-    use super::query_pairs;
+    use serde_json::{Value, json};
+
+    use super::{Names, query_pairs};
+
+    #[test]
+    fn a_body_names_the_member_that_is_not_a_string() {
+        let read = |body: Value| {
+            let Value::Object(body) = body else {
+                panic!("not an object")
+            };
+            Names::from_object(body).map_err(|e| e.to_string())
+        };
+        let names = read(json!({"a": "Batman", "b": null, "c": 1})).unwrap();
+        assert_eq!(names.a.unwrap().0, "Batman");
+        assert!(names.b.is_none());
+        assert!(read(json!({})).is_ok());
+        assert_eq!(read(json!({"a": 1})).unwrap_err(), "`a` must be a string");
+        assert_eq!(
+            read(json!({"a": "x", "b": []})).unwrap_err(),
+            "`b` must be a string"
+        );
+        assert_eq!(
+            read(json!({"b": {}, "a": true})).unwrap_err(),
+            "`a` must be a string"
+        );
+    }
 
     #[test]
     fn a_query_is_decoded_strictly() {

@@ -27,6 +27,8 @@ use versus_shared::{
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// How often JetStream is probed, and how long a probe may take.
+/// How often a miss waiting for a reconnect looks at the client's state.
+const RECONNECT_POLL: Duration = Duration::from_millis(50);
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -131,8 +133,8 @@ impl LazyBus {
         }
         let deadline = tokio::time::Instant::now() + RECONNECT_GRACE;
         loop {
-            // The client says when it connects only through its state: look every 50 ms.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The client says when it connects only through its state: look often.
+            tokio::time::sleep(RECONNECT_POLL).await;
             if let Some(bus) = self.now() {
                 return Some(bus);
             }

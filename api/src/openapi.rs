@@ -1,6 +1,7 @@
 //! The API's OpenAPI 3.1 document, derived from the handlers' annotations and the body types
-//! they serialize: served at `/openapi.json` and kept in `docs/openapi.json` (a test fails
-//! when the two differ).
+//! they read and write: served at `/openapi.json` and kept in `docs/openapi.json` (a test fails
+//! when the two differ). It only gathers: every type it names lives beside the code that reads
+//! or builds it, and no module but the router imports this one.
 //!
 //! Event streams are described as OpenAPI 3.1 can: the `text/event-stream` schema is one event
 //! (`event`, `data`, `id`, as an SSE parser yields it), its `data` a JSON string whose
@@ -13,7 +14,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use utoipa::{
-    IntoResponses, Modify, OpenApi, ToSchema,
+    Modify, OpenApi,
     openapi::{
         self, ContentBuilder, HttpMethod, PathItem, RefOr, ResponseBuilder, Schema,
         path::OperationBuilder,
@@ -22,56 +23,7 @@ use utoipa::{
     },
 };
 
-use crate::{admin, error::ErrorBody, fights, images, preview, ready, sse::data};
-
-/// The names of a matchup, in a JSON body (`POST /v1/fights`, `POST /v1/images`, a pre-warm
-/// batch's entries) as in a query string.
-#[derive(ToSchema)]
-#[allow(dead_code)] // describes bodies; the handlers read them by hand, to name what is wrong
-pub(crate) struct Names {
-    #[schema(example = "Batman")]
-    a: Name,
-    #[schema(example = "Superman")]
-    b: Name,
-}
-
-/// An opponent's name: 1 to 100 characters after trimming (1,024 bytes at most), without
-/// control, invisible, unassigned or private-use characters, at most 4 combining marks in a
-/// row, and not mixing scripts the way look-alikes do. "A vs B" and "B vs A" are the same
-/// matchup, and so are names that differ only in case, white space or Unicode form.
-///
-/// JSON Schema can say only some of it (the pattern: something besides white space, no
-/// control characters); the API checks the rest and answers 400 with the rule's code.
-#[derive(ToSchema)]
-#[schema(
-    min_length = 1,
-    max_length = 1024,
-    pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$",
-    example = "Batman"
-)]
-#[allow(dead_code)]
-pub(crate) struct Name(String);
-
-/// The refusals a request that may start a generation can get before its stream opens.
-#[derive(IntoResponses)]
-#[allow(dead_code)] // describes responses; they are built by `ApiError`
-pub(crate) enum Refusals {
-    /// A missing or invalid name (`code` says which rule), or a malformed query or body.
-    #[response(status = 400)]
-    BadRequest(ErrorBody<'static>),
-    /// `cross_site`: a browser asked for a new answer on behalf of another site.
-    #[response(status = 403)]
-    CrossSite(ErrorBody<'static>),
-    /// `refused`: moderation refused this matchup (asking again costs nothing).
-    #[response(status = 422)]
-    Refused(ErrorBody<'static>),
-    /// `rate_limited`: this client started many new answers, or holds many streams.
-    #[response(status = 429, headers(("Retry-After" = u64, description = "Seconds to wait.")))]
-    RateLimited(ErrorBody<'static>),
-    /// `busy`, `budget_exhausted` or `unavailable`: retry later.
-    #[response(status = 503, headers(("Retry-After" = u64, description = "Seconds to wait, when known.")))]
-    Unavailable(ErrorBody<'static>),
-}
+use crate::{admin, fights, images, preview, ready, sse::data};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -88,11 +40,11 @@ pub(crate) enum Refusals {
         images::stream_image,
         images::create_image,
         images::serve_image,
-        admin::prewarm,
-        admin::batch_status,
-        admin::popular,
-        admin::spend,
-        admin::purge,
+        admin::prewarm::prewarm,
+        admin::prewarm::batch_status,
+        admin::popular::popular,
+        admin::spend::spend,
+        admin::purge::purge,
         preview::index,
         ready::readyz,
     ),

@@ -31,6 +31,10 @@ struct Asset {
 /// preview's tags).
 pub const INDEX: &str = include_str!("../assets/index.html");
 
+/// The page's static image: 1200 × 630, the size link previews crop to (`preview` points the
+/// site's own preview at it).
+pub const SITE_IMAGE: &str = "/assets/og.png";
+
 const ASSETS: &[Asset] = &[
     Asset {
         path: "/assets/app.css",
@@ -48,7 +52,7 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../assets/favicon.svg"),
     },
     Asset {
-        path: crate::preview::SITE_IMAGE,
+        path: SITE_IMAGE,
         content_type: "image/png",
         body: include_bytes!("../assets/og.png"),
     },

@@ -14,10 +14,13 @@ use axum::{
 };
 use versus_shared::wire::Kind;
 
-use crate::{app::App, body::image_url, matchup::FightRequest, page};
+use crate::{
+    app::App,
+    body::image_url,
+    matchup::Names,
+    page::{self, SITE_IMAGE},
+};
 
-/// The page's static image: 1200 × 630, the size link previews crop to.
-pub const SITE_IMAGE: &str = "/assets/og.png";
 /// Where the page's head takes its title, its description and the preview tags.
 const MARKER: &str =
     "<!-- head: the title, the description and the link preview's tags (api/src/preview.rs) -->";
@@ -49,7 +52,7 @@ pub(crate) async fn index(
     headers: HeaderMap,
 ) -> Response {
     let base = app.public_base(peer, &headers);
-    let request = query.as_deref().map(FightRequest::from_query);
+    let request = query.as_deref().map(Names::from_query);
     let preview = match request {
         Some(Ok(request)) => app.preview(&request, &base).await,
         _ => None,
@@ -114,7 +117,7 @@ impl Preview {
 
 impl App {
     /// The preview of the matchup `request` names, or none if its names are not valid.
-    async fn preview(&self, request: &FightRequest, base: &str) -> Option<Preview> {
+    async fn preview(&self, request: &Names, base: &str) -> Option<Preview> {
         let text = self.ask(request, Kind::Text).ok()?;
         let image = self.key_of(Kind::Image, &text.matchup);
         let (answer, picture) = tokio::join!(

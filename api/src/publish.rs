@@ -16,21 +16,17 @@ use async_nats::jetstream::{
     message::PublishMessage,
     publish::PublishAck,
 };
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use tracing::{Span, field::Empty};
-use versus_shared::{bus, traces, wire};
+use versus_shared::{bus, retry, traces, wire};
 
-/// How long a job is tried for in all: longer than a leader election (up to about 10 s
-/// from the kill, as measured on a loopback hub), well within the duplicate window.
-pub const RETRY_FOR: Duration = Duration::from_secs(20);
 /// How long one try waits for its acknowledgement before the next try (the context's own
 /// timeout is longer than an election leaves room for).
 const TRY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Publishes `payload` on `subject` with message id `msg_id` (and [`wire::LIVE_JOB_HEADER`]
-/// when `live`), trying again with the same id on an error that an outage or an election
-/// explains, for up to [`RETRY_FOR`]. A full stream (`bus::is_full`), a message too big and an
+/// Publishes `payload` on `subject` with message id `msg_id` (and [`wire::UNDER_WAY_HEADER`]
+/// when `under_way`), trying again with the same id on an error that an outage or an election
+/// explains, for up to [`retry::BUS_WRITE_FOR`]. A full stream (`bus::is_full`), a message too big and an
 /// expectation that failed are not retried.
 ///
 /// The span `job.publish` is the parent the worker's `job` span continues: its trace context
@@ -51,17 +47,12 @@ pub async fn job(
     subject: String,
     payload: Bytes,
     msg_id: String,
-    live: bool,
+    under_way: bool,
 ) -> Result<PublishAck, PublishError> {
     let span = Span::current();
     let trace = traces::headers(&span);
-    let deadline = tokio::time::Instant::now() + RETRY_FOR;
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let deadline = tokio::time::Instant::now() + retry::BUS_WRITE_FOR;
+    let mut delays = retry::bus_write().delays();
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -70,8 +61,8 @@ pub async fn job(
             message = message.headers(trace.clone());
         }
         message = message.message_id(msg_id.as_str());
-        if live {
-            message = message.header(wire::LIVE_JOB_HEADER, "1");
+        if under_way {
+            message = message.header(wire::UNDER_WAY_HEADER, "1");
         }
         let error = match try_once(js, subject.clone(), message).await {
             Ok(ack) => {

@@ -19,7 +19,10 @@ use axum::{
 use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
 use tokio_util::sync::CancellationToken;
-use versus_shared::{key::Key, wire::Event};
+use versus_shared::{
+    key::Key,
+    wire::{ErrorCode, Event},
+};
 
 /// How soon a client whose stream this replica ended at shutdown should reconnect.
 pub const HANDOVER_RETRY: Duration = Duration::from_millis(500);
@@ -91,18 +94,13 @@ pub mod data {
     use utoipa::ToSchema;
     use versus_shared::key::Key;
 
+    pub use crate::body::Fight;
+
     /// `meta`, first on every stream: which answer this is and whether it was cached.
     #[derive(Serialize, ToSchema)]
     pub struct MetaData<'a> {
-        /// The answer's key (the canonical matchup, prompt version and model).
-        #[schema(value_type = String, example = "3f9c2b7e41d0a8c5e6f1b2a3c4d5e6f7")]
-        pub key: &'a Key,
-        /// The first opponent's display name (the first request's spelling).
-        #[schema(example = "Batman")]
-        pub a: &'a str,
-        /// The second opponent's display name.
-        #[schema(example = "Superman")]
-        pub b: &'a str,
+        #[serde(flatten)]
+        pub fight: Fight<'a>,
         /// Whether the answer was already stored.
         pub cached: bool,
     }
@@ -143,9 +141,10 @@ pub mod data {
     /// `error`, last: the generation cannot complete now.
     #[derive(Serialize, ToSchema)]
     pub struct ErrorData<'a> {
-        /// `refused` (moderation), `busy`, `budget_exhausted`, `unavailable`,
-        /// `upstream_unavailable`, `upstream_refused`, `storage_unavailable`, `purged`, ...
-        #[schema(example = "unavailable")]
+        /// Why (`ErrorCode` in the shared crate): `refused` (moderation), `busy`,
+        /// `budget_exhausted`, `unavailable`, `timeout`, `purged`, `upstream_unavailable`,
+        /// `upstream_refused`, `storage_unavailable`.
+        #[schema(schema_with = crate::error::code_schema, example = "unavailable")]
         pub code: &'a str,
         pub message: &'a str,
         /// Whether asking again may succeed.
@@ -196,32 +195,30 @@ impl From<Frame> for SseEvent {
     }
 }
 
-pub fn meta_frame(key: &Key, a: &str, b: &str, cached: bool) -> Frame {
-    Frame::new("meta", &data::MetaData { key, a, b, cached })
+pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> Frame {
+    Frame::new(
+        "meta",
+        &data::MetaData {
+            fight: data::Fight { key, a, b },
+            cached,
+        },
+    )
 }
 
-pub fn chunk_frame(attempt: i32, end: usize, delta: &str) -> Frame {
+pub fn chunk(attempt: i32, end: usize, delta: &str) -> Frame {
     Frame {
         id: Some(chunk_id(attempt, end)),
         ..Frame::new("chunk", &data::ChunkData { delta })
     }
 }
 
-pub fn done_frame(key: &Key, model: &str) -> Frame {
+pub fn done(key: &Key, model: &str) -> Frame {
     Frame::new("done", &data::DoneData { key, model })
 }
 
 /// The end of a picture's stream: where to fetch it.
-pub fn image_done_frame(key: &Key, url: &str) -> Frame {
+pub fn image_done(key: &Key, url: &str) -> Frame {
     Frame::new("done", &data::ImageDoneData { key, url })
-}
-
-pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> SseEvent {
-    meta_frame(key, a, b, cached).into()
-}
-
-pub fn chunk(attempt: i32, end: usize, delta: &str) -> SseEvent {
-    chunk_frame(attempt, end, delta).into()
 }
 
 pub fn reset() -> SseEvent {
@@ -234,16 +231,9 @@ pub fn reset() -> SseEvent {
     .into()
 }
 
-pub fn done(key: &Key, model: &str) -> SseEvent {
-    done_frame(key, model).into()
-}
-
-pub fn image_done(key: &Key, url: &str) -> SseEvent {
-    image_done_frame(key, url).into()
-}
-
-pub fn error(code: &str, message: &str, retryable: bool) -> SseEvent {
-    error_until(code, message, retryable, None)
+/// An `error` event of this process's own, as retryable as `code` is.
+pub fn error(code: ErrorCode, message: &str) -> SseEvent {
+    error_until(code.as_str(), message, code.retryable(), None)
 }
 
 /// An `error` event that also says in how many seconds asking again may succeed.
@@ -302,7 +292,7 @@ impl Translator {
                 self.chunk(*attempt, *offset, delta, out);
             }
             Event::Done { model, .. } => {
-                out.push(done(&self.key, model));
+                out.push(done(&self.key, model).into());
                 return true;
             }
             Event::Error {
@@ -316,11 +306,7 @@ impl Translator {
                 return true;
             }
             Event::Purged => {
-                out.push(error(
-                    "purged",
-                    "This answer was withdrawn while it was being generated. Please ask again.",
-                    true,
-                ));
+                out.push(error(ErrorCode::Purged, ErrorCode::Purged.message()));
                 return true;
             }
         }
@@ -357,7 +343,7 @@ impl Translator {
             delta.get(held - offset..).unwrap_or(delta)
         };
         if !rest.is_empty() {
-            out.push(chunk(attempt, end, rest));
+            out.push(chunk(attempt, end, rest).into());
         }
         self.holds = Some(Resume {
             attempt,

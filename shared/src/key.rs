@@ -22,7 +22,7 @@ use unicode_script::Script;
 use unicode_security::mixed_script::AugmentedScriptSet;
 use unicode_segmentation::UnicodeSegmentation;
 
-use crate::wire::Kind;
+use crate::{error_code::ErrorCode, kind::Kind};
 
 /// The longest name we accept, in user-perceived characters (grapheme clusters), after
 /// trimming.
@@ -65,16 +65,16 @@ pub enum NameError {
 
 impl NameError {
     /// A stable, machine-readable code for clients.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            NameError::Missing(_) => "missing_name",
-            NameError::Empty(_) => "empty_name",
-            NameError::TooLong(_) | NameError::TooManyBytes(_) => "name_too_long",
-            NameError::ControlCharacter(_) => "control_character",
-            NameError::InvisibleCharacter(_) => "invisible_character",
-            NameError::UnassignedCharacter(_) => "unassigned_character",
-            NameError::TooManyMarks(_) => "too_many_marks",
-            NameError::MixedScripts(_) => "mixed_scripts",
+            NameError::Missing(_) => ErrorCode::MissingName,
+            NameError::Empty(_) => ErrorCode::EmptyName,
+            NameError::TooLong(_) | NameError::TooManyBytes(_) => ErrorCode::NameTooLong,
+            NameError::ControlCharacter(_) => ErrorCode::ControlCharacter,
+            NameError::InvisibleCharacter(_) => ErrorCode::InvisibleCharacter,
+            NameError::UnassignedCharacter(_) => ErrorCode::UnassignedCharacter,
+            NameError::TooManyMarks(_) => ErrorCode::TooManyMarks,
+            NameError::MixedScripts(_) => ErrorCode::MixedScripts,
         }
     }
 }
@@ -491,7 +491,7 @@ mod tests {
         assert_eq!(refused("Бэтмен Batman"), NameError::MixedScripts("a"));
         assert_eq!(refused("孫悟空 Бэтмен"), NameError::MixedScripts("a"));
         assert_eq!(
-            NameError::MixedScripts("a").code(),
+            NameError::MixedScripts("a").code().as_str(),
             "mixed_scripts",
             "codes are part of the contract"
         );

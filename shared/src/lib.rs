@@ -1,5 +1,7 @@
 //! What the Versus API and workers share, so that the contract between them is one crate:
 //!
+//! - [`kind`]: the two kinds of answer, text and picture;
+//! - [`error_code`]: every error code clients see, with its retryability and its words;
 //! - [`key`]: validated opponent names and the canonical matchup key;
 //! - [`wire`]: subjects, streams, job and event payloads, the edge-cache value (the contract);
 //! - [`prompt`]: the prompt templates and their versions, which are part of every key;
@@ -11,6 +13,7 @@
 //! - [`db`]: the Postgres pool and the embedded migrations;
 //! - [`objects`]: the object store that holds the pictures;
 //! - [`config`]: settings both binaries read from the environment;
+//! - [`retry`]: every retry and back-off policy, by name;
 //! - [`telemetry`]: logs, Prometheus metrics, and the ops routes (`/healthz`, `/readyz`, `/metrics`);
 //! - [`traces`]: spans exported over OTLP when asked, and W3C trace context across NATS and HTTP;
 //! - [`shutdown`]: one signal handler that drives the shutdown token;
@@ -21,11 +24,14 @@ pub mod budget;
 pub mod bus;
 pub mod config;
 pub mod db;
+pub mod error_code;
 pub mod history;
 pub mod key;
+pub mod kind;
 pub mod objects;
 pub mod prompt;
 pub mod recipe;
+pub mod retry;
 pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;

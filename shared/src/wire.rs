@@ -19,11 +19,10 @@
 //!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
 //!   process watches it (see `budget`).
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 use crate::key::Key;
+pub use crate::{error_code::ErrorCode, kind::Kind};
 
 pub const JOBS_STREAM: &str = "VERSUS_JOBS";
 pub const JOBS_SUBJECTS: &str = "versus.jobs.>";
@@ -74,29 +73,6 @@ pub fn is_api_inbox(reply: &str) -> bool {
         })
 }
 
-/// What kind of answer a job asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Text,
-    Image,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Text => "text",
-            Kind::Image => "image",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 pub fn job_subject(kind: Kind) -> String {
     format!("versus.jobs.{kind}")
 }
@@ -128,8 +104,9 @@ pub fn job_msg_id(kind: Kind, key: &Key, after: u64) -> String {
 
 /// A header on a job published for a key whose generation the API saw under way (a client
 /// joining it, to restart it should it be lost): its claim is most likely held, so a worker
-/// asks the upstream only once it has won the claim.
-pub const LIVE_JOB_HEADER: &str = "Versus-Live";
+/// asks the upstream only once it has won the claim. (`Live` on the wire, for processes of
+/// older versions during an upgrade; "under way" everywhere in the code.)
+pub const UNDER_WAY_HEADER: &str = "Versus-Live";
 
 /// The de-duplication id of a pre-warm job: one per key and batch.
 pub fn prewarm_msg_id(kind: Kind, key: &Key, batch: &str) -> String {
@@ -210,14 +187,19 @@ impl Event {
 }
 
 impl Event {
-    /// A retryable `error` of this process's own, before or outside any attempt: asking again
-    /// may succeed (after `retry_at_ms`, when given).
-    pub fn retryable(code: &str, message: &str, retry_at_ms: Option<u64>) -> Event {
+    /// An `error` of this process's own, before or outside any attempt, with `code`'s words
+    /// and retryability: asking again may succeed after `retry_at_ms`, when given.
+    pub fn failed(code: ErrorCode, retry_at_ms: Option<u64>) -> Event {
+        Event::failed_with(code, code.message(), retry_at_ms)
+    }
+
+    /// [`Event::failed`] in more precise words than the code's own.
+    pub fn failed_with(code: ErrorCode, message: &str, retry_at_ms: Option<u64>) -> Event {
         Event::Error {
             attempt: 0,
-            code: code.to_owned(),
+            code: code.as_str().to_owned(),
             message: message.to_owned(),
-            retryable: true,
+            retryable: code.retryable(),
             retry_at_ms,
         }
     }
@@ -246,16 +228,13 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The code of an answer that moderation refused; such an error is never retryable.
-pub const REFUSED: &str = "refused";
-
 /// The `error` event of a refused matchup: the same, neutral words for every refusal.
 pub fn refused(attempt: i32) -> Event {
     Event::Error {
         attempt,
-        code: REFUSED.to_owned(),
-        message: "Versus does not answer this matchup.".to_owned(),
-        retryable: false,
+        code: ErrorCode::Refused.as_str().to_owned(),
+        message: ErrorCode::Refused.message().to_owned(),
+        retryable: ErrorCode::Refused.retryable(),
         retry_at_ms: None,
     }
 }
@@ -317,12 +296,12 @@ pub struct Requests {
 /// their KV entries (answer and refusal), and their events, which end with [`Event::Purged`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurgeRequest {
-    pub answers: Vec<Purged>,
+    pub answers: Vec<PurgeTarget>,
 }
 
 /// One answer of a [`PurgeRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Purged {
+pub struct PurgeTarget {
     pub kind: Kind,
     pub key: Key,
 }

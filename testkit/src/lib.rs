@@ -28,6 +28,7 @@
 
 pub mod chaos;
 mod db;
+mod deadline;
 mod edge;
 mod hub;
 mod nats;
@@ -45,6 +46,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 pub use db::Database;
+pub use deadline::run_within;
 pub use edge::{Edge, LinkProxy};
 pub use hub::{HUB_NODES, Hub, MAX_EDGES, move_leader, stream_leader};
 pub use nats::{Nats, NatsUser};

@@ -64,7 +64,7 @@ pub async fn open_with(
     let response = request
         .send()
         .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        .unwrap_or_else(|e| panic!("GET {url}: {}", with_causes(&e)));
     let status = response.status();
     let headers = response.headers().clone();
     if status != reqwest::StatusCode::OK {
@@ -160,4 +160,16 @@ impl SseStream {
             }
         }
     }
+}
+
+/// An error and its causes, `outer: inner: …` (reqwest's own message names neither the refused
+/// connection nor the timeout behind "error sending request").
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(&format!(": {inner}"));
+        cause = inner.source();
+    }
+    text
 }

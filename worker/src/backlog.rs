@@ -12,7 +12,7 @@ use anyhow::Context;
 use async_nats::jetstream::stream::{RawMessageErrorKind, Stream};
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::Lane;
+use crate::consumer::LaneConsumer;
 
 /// How often the queue is read: one stream info, one consumer info per lane, and one message
 /// get per lane whose jobs wait (for the oldest one's age).
@@ -20,7 +20,7 @@ pub const POLL: Duration = Duration::from_secs(5);
 
 /// Reads the queue every [`POLL`] into the gauges until `shutdown`. A failed read is logged
 /// once per run of failures; the gauges keep their last values meanwhile.
-pub async fn run(jobs: Stream, lanes: Vec<Lane>, shutdown: CancellationToken) {
+pub async fn run(jobs: Stream, lanes: Vec<LaneConsumer>, shutdown: CancellationToken) {
     let mut failing = false;
     loop {
         // A read may wait for JetStream's answer (an election, an outage): not past shutdown.
@@ -50,7 +50,7 @@ pub async fn run(jobs: Stream, lanes: Vec<Lane>, shutdown: CancellationToken) {
     }
 }
 
-async fn poll(jobs: &Stream, lanes: &[Lane]) -> anyhow::Result<()> {
+async fn poll(jobs: &Stream, lanes: &[LaneConsumer]) -> anyhow::Result<()> {
     let info = jobs
         .get_info()
         .await
@@ -62,7 +62,7 @@ async fn poll(jobs: &Stream, lanes: &[Lane]) -> anyhow::Result<()> {
             .consumer_info(lane.name)
             .await
             .with_context(|| format!("reading the {} consumer's info", lane.name))?;
-        let label = lane.label;
+        let label = lane.lane.label();
         metrics::gauge!("versus_jobs_waiting", "lane" => label).set(consumer.num_pending as f64);
         metrics::gauge!("versus_jobs_ack_pending", "lane" => label)
             .set(consumer.num_ack_pending as f64);
@@ -83,7 +83,11 @@ async fn poll(jobs: &Stream, lanes: &[Lane]) -> anyhow::Result<()> {
 
 /// How long the first job of `lane` after `delivered` (the last stream sequence its consumer
 /// delivered) has been in the stream: the oldest job no worker has been given yet.
-async fn oldest_waiting(jobs: &Stream, lane: &Lane, delivered: u64) -> anyhow::Result<Duration> {
+async fn oldest_waiting(
+    jobs: &Stream,
+    lane: &LaneConsumer,
+    delivered: u64,
+) -> anyhow::Result<Duration> {
     let next = jobs
         .raw_message_builder()
         .sequence(delivered + 1)

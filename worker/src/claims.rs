@@ -5,21 +5,86 @@
 //! Every statement here gives up after [`db::CLIENT_TIMEOUT`] with an error (see [`bounded`]):
 //! an unreachable Postgres makes a job fail and be retried, never wait without end.
 
-use std::{future::Future, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
 use versus_shared::{
     db,
     tasks::Tasks,
-    wire::{Job, Kind},
+    wire::{ErrorCode, Job, Kind},
 };
 
+use crate::batch::{Batcher, Stopped};
+
+/// A row's `status` in `generations` (the values its check constraint allows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Claimed: the worker named in the row generates under a lease.
+    Running,
+    /// The answer is stored.
+    Done,
+    /// The last attempt failed; the row may cool down until `retry_at`.
+    Failed,
+    /// Moderation refused the matchup: nothing is stored, and no claim succeeds until a purge.
+    Refused,
+    /// An operator purged the answer; the next claim generates afresh.
+    Purged,
+}
+
+impl Status {
+    const ALL: [Status; 5] = [
+        Status::Running,
+        Status::Done,
+        Status::Failed,
+        Status::Refused,
+        Status::Purged,
+    ];
+
+    /// The status as the table spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Refused => "refused",
+            Status::Purged => "purged",
+        }
+    }
+}
+
+/// A `status` the table does not allow.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown generation status {0:?}")]
+pub struct UnknownStatus(String);
+
+impl TryFrom<String> for Status {
+    type Error = UnknownStatus;
+
+    fn try_from(status: String) -> Result<Status, UnknownStatus> {
+        Status::ALL
+            .into_iter()
+            .find(|s| s.as_str() == status)
+            .ok_or(UnknownStatus(status))
+    }
+}
+
 /// What a claim found.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// This worker owns attempt `attempt`, under the job's display names.
     Won { attempt: i32 },
+    /// Another worker generates, or generated, or may not: why.
+    Lost(Lost),
+}
+
+/// Why a claim was not won.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lost {
     /// The answer is already complete.
     Done(Stored),
     /// Another worker holds a live lease for `remaining`.
@@ -41,11 +106,28 @@ impl Claim {
     pub fn name(&self) -> &'static str {
         match self {
             Claim::Won { .. } => "won",
-            Claim::Done(_) => "done",
-            Claim::Busy { .. } => "busy",
-            Claim::Refused { .. } => "refused",
-            Claim::Cooling { .. } => "cooling",
+            Claim::Lost(Lost::Done(_)) => "done",
+            Claim::Lost(Lost::Busy { .. }) => "busy",
+            Claim::Lost(Lost::Refused { .. }) => "refused",
+            Claim::Lost(Lost::Cooling { .. }) => "cooling",
         }
+    }
+}
+
+/// Why a claim has no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClaimError {
+    /// A statement of the claim's batch failed: every claim it carried gets the same error.
+    #[error("claiming in Postgres failed")]
+    Postgres(#[source] Arc<sqlx::Error>),
+    /// The claimer's task is gone.
+    #[error("the claimer has stopped")]
+    Stopped(#[from] Stopped),
+}
+
+impl From<sqlx::Error> for ClaimError {
+    fn from(error: sqlx::Error) -> ClaimError {
+        ClaimError::Postgres(Arc::new(error))
     }
 }
 
@@ -72,84 +154,102 @@ pub struct Stored {
     pub content_type: Option<String>,
 }
 
-/// Claims rows for this worker. Claims that arrive while a statement runs wait and go
-/// together in the next one, as a database's group commit does: a burst of jobs costs a few
-/// statements and commits rather than one each.
+/// Claims rows for this worker, in batches ([`Batcher`]): a burst of jobs costs two statements
+/// per batch (the claims, then why the lost ones were lost) rather than one or two per job.
 #[derive(Clone)]
 pub struct Claimer {
-    requests: mpsc::UnboundedSender<(Job, Reply)>,
+    batcher: Batcher<Job, Result<Claim, ClaimError>>,
 }
-
-type Reply = oneshot::Sender<sqlx::Result<Claim>>;
-
-/// The most claims one statement carries.
-const MAX_BATCH: usize = 256;
 
 impl Claimer {
     /// Starts the task that runs the statements, on `tasks`; it ends when every `Claimer` is
     /// dropped, so that the claims of jobs still draining at shutdown are answered.
     pub fn start(db: PgPool, lease: Duration, worker: String, tasks: &Tasks) -> Claimer {
-        let (requests, mut queue) = mpsc::unbounded_channel();
-        tasks.spawn(async move {
-            let mut batch = Vec::new();
-            while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let (jobs, replies): (Vec<Job>, Vec<Reply>) = batch.drain(..).unzip();
-                match claim_all(&db, &jobs, lease, &worker).await {
-                    Ok(claims) => {
-                        for ((job, reply), claim) in jobs.iter().zip(replies).zip(claims) {
-                            let claim = match claim {
-                                Some(won) => Ok(won),
-                                None => why_not(&db, job).await,
-                            };
-                            let _ = reply.send(claim);
-                        }
-                    }
-                    Err(e) => {
-                        // One statement failed for every job in it; each learns why.
-                        let message = e.to_string();
-                        for reply in replies {
-                            let error = match e {
-                                sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
-                                sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
-                                _ => sqlx::Error::Protocol(message.clone()),
-                            };
-                            let _ = reply.send(Err(error));
-                        }
-                    }
-                }
-            }
+        let worker: Arc<str> = worker.into();
+        let batcher = Batcher::start(tasks, move |jobs: Vec<Job>| {
+            let (db, worker) = (db.clone(), worker.clone());
+            async move { claim_batch(&db, &jobs, lease, &worker).await }
         });
-        Claimer { requests }
+        Claimer { batcher }
     }
 
     /// Claims the job's row: succeeds when the row is new, failed, purged, or its lease has
     /// expired.
     /// Its span (`claim`) says what the claim found.
     #[tracing::instrument(name = "claim", skip_all, fields(versus.claim = tracing::field::Empty))]
-    pub async fn claim(&self, job: &Job) -> sqlx::Result<Claim> {
-        let (reply, answer) = oneshot::channel();
-        self.requests
-            .send((job.clone(), reply))
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let claim = answer.await.map_err(|_| sqlx::Error::PoolClosed)?;
-        if let Ok(claim) = &claim {
-            tracing::Span::current().record("versus.claim", claim.name());
-        }
-        claim
+    pub async fn claim(&self, job: &Job) -> Result<Claim, ClaimError> {
+        let claim = self.batcher.call(job.clone()).await??;
+        tracing::Span::current().record("versus.claim", claim.name());
+        Ok(claim)
     }
 }
 
-/// One statement for every job: `Some(Claim::Won)` for each row claimed, `None` for the
-/// others (a second job for the same key in the batch loses to the first). A row claimed
-/// again (after a failure, or past a lapsed lease) takes the winning job's display names, which
-/// its new attempt answers under.
+/// Claims `jobs` in one statement, then explains the claims lost in one more: each job's
+/// claim, or the error of the statement that carried it.
+async fn claim_batch(
+    db: &PgPool,
+    jobs: &[Job],
+    lease: Duration,
+    worker: &str,
+) -> Vec<Result<Claim, ClaimError>> {
+    let won = match claim_all(db, jobs, lease, worker).await {
+        Ok(won) => won,
+        Err(e) => return vec![Err(ClaimError::from(e)); jobs.len()],
+    };
+    let lost: Vec<&Job> = jobs
+        .iter()
+        .zip(&won)
+        .filter(|(_, won)| won.is_none())
+        .map(|(job, _)| job)
+        .collect();
+    let why = if lost.is_empty() {
+        HashMap::new()
+    } else {
+        match why_lost(db, &lost).await {
+            Ok(why) => why,
+            Err(e) => {
+                let e = ClaimError::from(e);
+                return won
+                    .into_iter()
+                    .map(|won| {
+                        won.map(|attempt| Claim::Won { attempt })
+                            .ok_or_else(|| e.clone())
+                    })
+                    .collect();
+            }
+        }
+    };
+    jobs.iter()
+        .zip(won)
+        .map(|(job, won)| {
+            Ok(match won {
+                Some(attempt) => Claim::Won { attempt },
+                // The row exists (the insert conflicted), unless an operator deleted it in
+                // between, in which case the next delivery claims it afresh.
+                None => Claim::Lost(why.get(&row_of(job)).cloned().unwrap_or(Lost::Busy {
+                    remaining: Duration::ZERO,
+                })),
+            })
+        })
+        .collect()
+}
+
+/// A row's identity: its kind and key.
+fn row_of(job: &Job) -> (String, String) {
+    (job.kind.as_str().to_owned(), job.key.as_str().to_owned())
+}
+
+/// One statement for every job: the attempt of each row claimed, None for the others (a
+/// second job for the same key in the batch loses to the first). A row claimed again (after a
+/// failure, or past a lapsed lease) takes the winning job's display names, which its new
+/// attempt answers under.
 async fn claim_all(
     db: &PgPool,
     jobs: &[Job],
     lease: Duration,
     worker: &str,
-) -> sqlx::Result<Vec<Option<Claim>>> {
-    let mut seen = std::collections::HashSet::new();
+) -> sqlx::Result<Vec<Option<i32>>> {
+    let mut seen = HashSet::new();
     let unique: Vec<&Job> = jobs
         .iter()
         .filter(|j| seen.insert((j.kind, &j.key)))
@@ -200,73 +300,70 @@ async fn claim_all(
             let i = won
                 .iter()
                 .position(|w| w.kind == job.kind.as_str() && w.key == job.key.as_str())?;
-            let Won { attempt, .. } = won.swap_remove(i);
-            Some(Claim::Won { attempt })
+            Some(won.swap_remove(i).attempt)
         })
         .collect())
 }
 
-/// Why a job's claim was not won: the answer is done, another worker holds the lease, or the
-/// matchup cools down.
-async fn why_not(db: &PgPool, job: &Job) -> sqlx::Result<Claim> {
+/// Why the claims of `jobs` were lost, in one statement, by row: the answer is done, another
+/// worker holds the lease, the matchup was refused or cools down. A row not found is missing.
+async fn why_lost(db: &PgPool, jobs: &[&Job]) -> sqlx::Result<HashMap<(String, String), Lost>> {
+    /// A row as a lost claim finds it.
     #[derive(sqlx::FromRow)]
-    struct Row {
-        status: String,
+    struct Found {
+        kind: String,
+        key: String,
+        #[sqlx(try_from = "String")]
+        status: Status,
+        /// Seconds left of the lease (None without one).
         remaining: Option<f64>,
-        attempt: i32,
+        /// When a cool-down ends (Unix ms; None without one).
         retry_at_ms: Option<f64>,
         error_code: Option<String>,
         error_message: Option<String>,
+        /// The answer's columns, read in the same statement: a done row is announced as it was.
+        #[sqlx(flatten)]
+        stored: Stored,
     }
-    // The row exists (the insert conflicted), unless an operator deleted it in between, in
-    // which case the next delivery claims it afresh.
-    let row: Option<Row> = bounded(
+    let found: Vec<Found> = bounded(
         sqlx::query_as(
-            "SELECT status, EXTRACT(EPOCH FROM lease_until - now())::float8 AS remaining,
-                    attempt, (EXTRACT(EPOCH FROM retry_at) * 1000)::float8 AS retry_at_ms,
-                    error_code, error_message
-             FROM generations WHERE kind = $1 AND key = $2",
+            "SELECT kind, key, status,
+                    EXTRACT(EPOCH FROM lease_until - now())::float8 AS remaining,
+                    (EXTRACT(EPOCH FROM retry_at) * 1000)::float8 AS retry_at_ms,
+                    error_code, error_message,
+                    a, b, model, attempt, text, image_path, image_size, image_sha256, content_type
+             FROM generations
+             WHERE (kind, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
         )
-        .bind(job.kind.as_str())
-        .bind(job.key.as_str())
-        .fetch_optional(db),
+        .bind(jobs.iter().map(|j| j.kind.as_str()).collect::<Vec<&str>>())
+        .bind(jobs.iter().map(|j| j.key.as_str()).collect::<Vec<&str>>())
+        .fetch_all(db),
     )
     .await?;
-    let row = row.map(|r| {
-        let cooling = (r.status == "failed")
-            .then_some(r.retry_at_ms)
-            .flatten()
-            .map(|at| at as u64);
-        (
-            r.status,
-            r.remaining,
-            cooling,
-            r.attempt,
-            r.error_code,
-            r.error_message,
-        )
-    });
-    match row {
-        Some((_, _, Some(retry_at_ms), attempt, code, message)) => Ok(Claim::Cooling {
-            attempt,
-            retry_at_ms,
-            code: code.unwrap_or_else(|| "upstream_unavailable".to_owned()),
-            message: message.unwrap_or_else(|| "This matchup could not be answered.".to_owned()),
-        }),
-        Some((status, _, _, attempt, ..)) if status == "refused" => Ok(Claim::Refused { attempt }),
-        Some((status, ..)) if status == "done" => match stored(db, job).await? {
-            Some(s) => Ok(Claim::Done(s)),
-            None => Ok(Claim::Busy {
-                remaining: Duration::ZERO,
-            }),
-        },
-        Some((_, remaining, ..)) => Ok(Claim::Busy {
-            remaining: Duration::from_secs_f64(remaining.unwrap_or(0.0).max(0.0)),
-        }),
-        None => Ok(Claim::Busy {
-            remaining: Duration::ZERO,
-        }),
-    }
+    Ok(found
+        .into_iter()
+        .map(|f| {
+            let attempt = f.stored.attempt;
+            let lost = match (f.status, f.retry_at_ms) {
+                (Status::Failed, Some(retry_at_ms)) => Lost::Cooling {
+                    attempt,
+                    retry_at_ms: retry_at_ms as u64,
+                    code: f
+                        .error_code
+                        .unwrap_or_else(|| ErrorCode::UpstreamUnavailable.as_str().to_owned()),
+                    message: f
+                        .error_message
+                        .unwrap_or_else(|| "This matchup could not be answered.".to_owned()),
+                },
+                (Status::Refused, _) => Lost::Refused { attempt },
+                (Status::Done, _) => Lost::Done(f.stored),
+                (Status::Running | Status::Failed | Status::Purged, _) => Lost::Busy {
+                    remaining: Duration::from_secs_f64(f.remaining.unwrap_or(0.0).max(0.0)),
+                },
+            };
+            ((f.kind, f.key), lost)
+        })
+        .collect())
 }
 
 /// The stored answer for the job's key, when it is done.
@@ -517,8 +614,28 @@ async fn bounded<T>(statement: impl Future<Output = sqlx::Result<T>>) -> sqlx::R
     }
 }
 
+/// How a key ended for the pre-warm batches waiting on it (their items start `pending`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrewarmStatus {
+    Done,
+    Failed,
+}
+
+impl PrewarmStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrewarmStatus::Done => "done",
+            PrewarmStatus::Failed => "failed",
+        }
+    }
+}
+
 /// Marks this key done or failed in every pre-warm batch still waiting on it.
-pub async fn settle_prewarm(db: &PgPool, job: &Job, status: &str) -> sqlx::Result<()> {
+pub async fn record_prewarm_progress(
+    db: &PgPool,
+    job: &Job,
+    status: PrewarmStatus,
+) -> sqlx::Result<()> {
     let sql = match job.kind {
         Kind::Text => {
             "UPDATE prewarm_items SET text_status = $2 WHERE key = $1 AND text_status = 'pending'"
@@ -531,7 +648,7 @@ pub async fn settle_prewarm(db: &PgPool, job: &Job, status: &str) -> sqlx::Resul
     bounded(
         sqlx::query(sql)
             .bind(job.key.as_str())
-            .bind(status)
+            .bind(status.as_str())
             .execute(db),
     )
     .await?;

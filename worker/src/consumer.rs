@@ -21,38 +21,33 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, Span, field::Empty};
 use versus_shared::{
-    recipe, traces,
+    recipe,
+    retry::{self, JOB_PULL_RETRY},
+    traces,
     wire::{self, Job},
 };
 
-use crate::{ctx::Ctx, generation::Outcome, job};
+use crate::{ctx::Ctx, generation::Outcome, job, lane::Lane};
 
 /// How many times a job is delivered at most: redeliveries after crashes, naks while another
-/// worker holds the key, a hand-over at shutdown.
+/// worker holds the key, a hand-over at shutdown. A job that failed waits longer before each
+/// delivery ([`retry::job_redelivery`]), so that an outage of Postgres or NATS of about five
+/// minutes (the API's stream timeout) does not use them all up (each failing try also takes a
+/// few seconds: a claim gives up after the pool's acquire timeout).
 const MAX_DELIVER: i64 = 20;
-/// How long a job that failed waits before its next delivery: [`RETRY_FIRST`] after its first
-/// delivery, doubling with each delivery up to [`RETRY_MAX`]. An outage of Postgres or NATS
-/// of about five minutes (the API's stream timeout) then does not use up the job's
-/// [`MAX_DELIVER`] deliveries, as a retry every second would in under two minutes (each
-/// failing try also takes a few seconds: a claim gives up after the pool's acquire timeout).
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(16);
 /// How long one pull request waits for jobs before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// How long a lane waits after a failed pull, or a failed declaration of its consumer, before
-/// it tries again.
-const PULL_RETRY: Duration = Duration::from_millis(250);
 /// How long jobs still running after the grace period get to give their claims back and nak:
 /// a Postgres update and a confirmed nak each.
 const HANDOVER: Duration = Duration::from_secs(5);
 
-/// One lane of jobs.
+/// One lane's durable consumer, and how many of its jobs run at once.
 #[derive(Debug, Clone)]
-pub struct Lane {
+pub struct LaneConsumer {
+    /// The lane (and the `lane` label of its metrics).
+    pub lane: Lane,
     /// The durable consumer's name.
     pub name: &'static str,
-    /// The `lane` label of the lane's metrics (`interactive`, `prewarm`).
-    pub label: &'static str,
     pub filter: &'static str,
     /// Jobs this process runs at once from this lane.
     pub concurrency: usize,
@@ -61,7 +56,7 @@ pub struct Lane {
 }
 
 /// Declares (or updates) the durable consumer of `lane`.
-pub async fn declare(ctx: &Ctx, lane: &Lane) -> anyhow::Result<PullConsumer> {
+pub async fn declare(ctx: &Ctx, lane: &LaneConsumer) -> anyhow::Result<PullConsumer> {
     let config = pull::Config {
         durable_name: Some(lane.name.to_owned()),
         description: Some(format!("Versus workers: {}", lane.filter)),
@@ -92,7 +87,7 @@ pub async fn declare(ctx: &Ctx, lane: &Lane) -> anyhow::Result<PullConsumer> {
 /// than when their lease runs out.
 pub async fn run(
     ctx: Arc<Ctx>,
-    lane: &Lane,
+    lane: &LaneConsumer,
     mut consumer: PullConsumer,
     grace: Duration,
     shutdown: CancellationToken,
@@ -121,7 +116,7 @@ pub async fn run(
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(e) => {
-                tracing::warn!(lane = lane.label, error = %e, "pulling jobs failed; retrying");
+                tracing::warn!(lane = lane.lane.label(), error = %e, "pulling jobs failed; retrying");
                 recover(&ctx, lane, &mut consumer, &shutdown).await;
                 continue;
             }
@@ -134,7 +129,7 @@ pub async fn run(
             let msg = match msg {
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
-                    tracing::warn!(lane = lane.label, error = %e, "pulling jobs failed; retrying");
+                    tracing::warn!(lane = lane.lane.label(), error = %e, "pulling jobs failed; retrying");
                     recover(&ctx, lane, &mut consumer, &shutdown).await;
                     break;
                 }
@@ -173,15 +168,15 @@ pub async fn run(
     Ok(())
 }
 
-/// After a failed pull: waits [`PULL_RETRY`], then asks whether the consumer is still there
+/// After a failed pull: waits [`JOB_PULL_RETRY`], then asks whether the consumer is still there
 /// (one `CONSUMER.INFO`). When it is gone, or its stream is (an operator deleted either; a
 /// worker's watchdog declares the stream again within seconds, see `versus_shared::bus`), the
-/// consumer is declared again, every [`PULL_RETRY`] until that works or `shutdown` fires; a
+/// consumer is declared again, every [`JOB_PULL_RETRY`] until that works or `shutdown` fires; a
 /// consumer created anew delivers the jobs its stream still holds from the first. Any other
 /// answer, or none, leaves it to the next pull.
 async fn recover(
     ctx: &Ctx,
-    lane: &Lane,
+    lane: &LaneConsumer,
     consumer: &mut PullConsumer,
     shutdown: &CancellationToken,
 ) {
@@ -189,7 +184,7 @@ async fn recover(
     let recovered = async {
         let (mut gone, mut failed) = (false, false);
         loop {
-            tokio::time::sleep(PULL_RETRY).await;
+            tokio::time::sleep(JOB_PULL_RETRY).await;
             if !gone {
                 match consumer.get_info().await {
                     Err(e)
@@ -199,7 +194,7 @@ async fn recover(
                         ) =>
                     {
                         tracing::error!(
-                            lane = lane.label,
+                            lane = lane.lane.label(),
                             consumer = lane.name,
                             error = %e,
                             "the lane's consumer is gone (deleted, or its stream was): declaring it again"
@@ -212,7 +207,7 @@ async fn recover(
             match declare(ctx, lane).await {
                 Ok(declared) => {
                     tracing::info!(
-                        lane = lane.label,
+                        lane = lane.lane.label(),
                         consumer = lane.name,
                         "declared the consumer again"
                     );
@@ -222,7 +217,7 @@ async fn recover(
                 Err(e) => {
                     if !failed {
                         tracing::warn!(
-                            lane = lane.label,
+                            lane = lane.lane.label(),
                             error = format!("{e:#}"),
                             "declaring the consumer again failed (its stream is not back yet?); trying again"
                         );
@@ -273,16 +268,12 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
         let waited = std::time::SystemTime::now()
             .duration_since(info.published.into())
             .unwrap_or_default();
-        let lane = if *msg.subject == *wire::prewarm_subject(job.kind) {
-            "prewarm"
-        } else {
-            "interactive"
-        };
-        metrics::histogram!("versus_job_wait_seconds", "lane" => lane).record(waited);
+        let lane = Lane::of(&msg.subject);
+        metrics::histogram!("versus_job_wait_seconds", "lane" => lane.label()).record(waited);
         // Whoever asked has been told it took too long by now (the API gives up on a
         // generation after as long): starting it would pay for an answer nobody waits for.
         // Pre-warm jobs have no waiters, and always run.
-        if lane == "interactive" && waited > ctx.job_max_wait {
+        if lane == Lane::Interactive && waited > ctx.job_max_wait {
             tracing::info!(key = %job.key, ?waited, "a job waited longer than anyone waits for it; dropping it");
             metrics::counter!("versus_jobs_expired_total").increment(1);
             if let Err(e) = msg.ack_with(AckKind::Term).await {
@@ -327,7 +318,7 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
         Err(e) => {
             span.record("otel.status_code", "ERROR");
             let delivered = msg.info().map_or(1, |info| info.delivered);
-            let delay = retry_delay(delivered);
+            let delay = retry::job_redelivery(delivered);
             if delivered >= MAX_DELIVER {
                 tracing::error!(key = %job.key, error = format!("{e:#}"), delivered, "job failed on its last delivery; it will not be retried");
             } else {
@@ -342,26 +333,19 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
     }
 }
 
-/// The wait before the next delivery of a job that failed on its `delivered`th delivery.
-fn retry_delay(delivered: i64) -> Duration {
-    let doublings = delivered.saturating_sub(1).clamp(0, 8) as u32;
-    (RETRY_FIRST * 2u32.pow(doublings)).min(RETRY_MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use super::{MAX_DELIVER, retry_delay};
+    use versus_shared::retry;
+
+    use super::MAX_DELIVER;
 
     #[test]
-    fn a_failing_job_waits_longer_with_each_delivery() {
-        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 16, 16]);
-        assert_eq!(retry_delay(0), Duration::from_secs(1));
+    fn a_failing_job_is_retried_for_minutes() {
         // Every delivery but the last waits: over four minutes in all, and five and more with
         // the time each failing try takes.
-        let waited: Duration = (1..MAX_DELIVER).map(retry_delay).sum();
+        let waited: Duration = (1..MAX_DELIVER).map(retry::job_redelivery).sum();
         assert!(waited >= Duration::from_secs(250), "{waited:?}");
     }
 }

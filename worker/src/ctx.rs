@@ -19,8 +19,6 @@ pub struct Ctx {
     /// The models and picture size answers are made with: a job that names others, or whose
     /// key is not what they make of its names, is dropped (`versus_shared::recipe::check`).
     pub models: ModelSettings,
-    /// Identifies this process in claims, for operators.
-    pub worker_id: String,
     pub claimer: claims::Claimer,
     /// What may be generated and stored.
     pub moderator: moderation::Moderator,

@@ -10,8 +10,9 @@
 //! event carries a message id of its place, `<kind>.<key>.<publisher>.<attempt>.<offset>` for
 //! a chunk and `<kind>.<key>.<publisher>.<attempt>.<started|done|error>` otherwise, and one
 //! that the stream refused or left unacknowledged is published again with the same id
-//! ([`through_election`]) until the stream takes it, for up to [`RETRY_FOR`]: a try that had
-//! landed is a duplicate within the stream's duplicate window (30 s), not a second copy.
+//! ([`through_election`]) until the stream takes it, for up to [`retry::BUS_WRITE_FOR`]: a try
+//! that had landed is a duplicate within the stream's duplicate window (30 s), not a second
+//! copy.
 //! `<publisher>` is drawn at random for each [`Publisher`]: an answer announced again repeats
 //! its attempt, and its events must not be taken for duplicates of the first telling's. Events
 //! found refused go out again, in order, before anything new is published, so the stream keeps
@@ -40,28 +41,26 @@ use async_nats::{
         publish::PublishAck,
     },
 };
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::FutureExt;
 use versus_shared::{
     bus::{self, Bus},
-    history, traces,
+    history, retry, traces,
     wire::{self, Event, Job},
 };
 
 /// Acknowledgements one generation may leave pending before it waits for the oldest.
 pub const MAX_PENDING_ACKS: usize = 32;
-/// How long a write to JetStream (an event, a purge, a KV put) is tried for in all: longer
-/// than a leader election (up to about 10 s from a kill, as measured on a loopback hub), well
-/// within the events stream's duplicate window.
-pub const RETRY_FOR: Duration = Duration::from_secs(20);
+/// Hex digits of a publisher's random part of its message ids: 48 bits, so that two tellings
+/// of one answer within the duplicate window never share ids.
+const PUBLISHER_ID_CHARS: usize = 12;
 /// How long one try of an event published again waits for its acknowledgement.
 const TRY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs `write` until it succeeds, and again after an error that `retryable` allows (an
-/// outage or a leader election), with back-off from 100 ms to 1 s with jitter, for up to
-/// [`RETRY_FOR`] in all. `what` names the write in the logs; every try again counts in
-/// `versus_bus_write_retries_total`.
+/// outage or a leader election), as [`retry::bus_write`] has it (100 ms to 1 s, jittered), for
+/// up to [`retry::BUS_WRITE_FOR`] in all. `what` names the write in the logs; every try again
+/// counts in `versus_bus_write_retries_total`.
 pub async fn through_election<T, E, Fut>(
     what: &str,
     retryable: impl Fn(&E) -> bool,
@@ -71,15 +70,9 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: Display,
 {
-    let deadline = tokio::time::Instant::now() + RETRY_FOR;
-    write
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(1))
-                .with_jitter()
-                .without_max_times(),
-        )
+    let deadline = tokio::time::Instant::now() + retry::BUS_WRITE_FOR;
+    retry::bus_write()
+        .retry(write)
         .when(|e| retryable(e) && tokio::time::Instant::now() < deadline)
         .notify(|e, delay| {
             metrics::counter!("versus_bus_write_retries_total").increment(1);
@@ -136,7 +129,7 @@ impl<'a> Publisher<'a> {
         Publisher {
             bus,
             subject: wire::events_subject(job.kind, &job.key),
-            ids: format!("{}.{}.{}", job.kind, job.key, &nonce[..12]),
+            ids: format!("{}.{}.{}", job.kind, job.key, &nonce[..PUBLISHER_ID_CHARS]),
             pending: VecDeque::new(),
             end: 0,
             trace: traces::headers(&tracing::Span::current()),
@@ -207,7 +200,7 @@ impl<'a> Publisher<'a> {
     /// the stream refused or left unacknowledged.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         while let Some(sent) = self.pending.pop_front() {
-            settle(self.bus, &self.subject, sent).await?;
+            until_stored(self.bus, &self.subject, sent).await?;
         }
         Ok(())
     }
@@ -253,7 +246,7 @@ impl<'a> Publisher<'a> {
         if self.pending.len() > MAX_PENDING_ACKS
             && let Some(oldest) = self.pending.pop_front()
         {
-            settle(self.bus, &self.subject, oldest).await?;
+            until_stored(self.bus, &self.subject, oldest).await?;
         }
         Ok(())
     }
@@ -307,7 +300,7 @@ async fn send(
 
 /// Waits until `sent` is stored: its acknowledgement, or else publishing it again with the
 /// same message id through an outage or a leader election.
-async fn settle(bus: &Bus, subject: &str, sent: Sent) -> anyhow::Result<()> {
+async fn until_stored(bus: &Bus, subject: &str, sent: Sent) -> anyhow::Result<()> {
     let error = match sent.ack {
         Ack::Awaited(ack) => match ack.await {
             Ok(_) => return Ok(()),

@@ -12,25 +12,30 @@ use std::{
 
 use anyhow::Context;
 use async_nats::jetstream::{self, AckKind};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
-    budget, history,
-    wire::{self, Event, Job},
+    budget, history, retry,
+    wire::{self, ErrorCode, Event, Job},
 };
 
 use crate::{
-    claims::{self, Failed, Stored},
+    claims::{self, Failed, PrewarmStatus, Stored},
     ctx::Ctx,
     events::{self, Publisher},
+    lane::Lane,
     moderation::Refusal,
     openai::UpstreamError,
 };
 
-/// The code of a generation refused for the day's budget.
-const BUDGET_EXHAUSTED: &str = "budget_exhausted";
+/// Heartbeats per lease: the lease is extended every third of it, so that a heartbeat that
+/// fails (a slow statement, a blip) leaves time for another before the lease runs out.
+const HEARTBEATS_PER_LEASE: u32 = 3;
+
+/// Seconds over which pre-warm jobs put off until tomorrow come back (each at a point of its
+/// own, from its key): a day's parked batch does not all arrive in the first second.
+const TOMORROW_SPREAD_SECS: u64 = 60;
 
 /// What the consumer should tell JetStream about the job.
 #[derive(Debug, PartialEq, Eq)]
@@ -102,9 +107,8 @@ pub trait Generation: Sync + Sized {
 /// Why a generation gave up: what clients are told, and what operators see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    pub code: &'static str,
-    pub message: &'static str,
-    pub retryable: bool,
+    /// What clients are told, in the code's own words and retryability.
+    pub code: ErrorCode,
     /// For logs and the row's `error` column; never a secret.
     pub detail: String,
     /// Whether it says something about the matchup, and so counts towards its cool-down: a
@@ -129,16 +133,12 @@ impl From<UpstreamError> for Failure {
     fn from(error: UpstreamError) -> Failure {
         match error {
             UpstreamError::Retryable { message, .. } => Failure {
-                code: "upstream_unavailable",
-                message: "The AI model is unavailable right now. Please try again.",
-                retryable: true,
+                code: ErrorCode::UpstreamUnavailable,
                 detail: message,
                 counts: false,
             },
             UpstreamError::Fatal { message } => Failure {
-                code: "upstream_refused",
-                message: "The AI model refused to answer this matchup.",
-                retryable: false,
+                code: ErrorCode::UpstreamRefused,
                 detail: message,
                 counts: true,
             },
@@ -179,7 +179,7 @@ pub type Opening<G> = Result<<G as Generation>::Opened, Ended<<G as Generation>:
 pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Opening<G> {
     match ctx
         .moderator
-        .check(ctx, "names", &generation.screened())
+        .check(&ctx.openai, "names", &generation.screened())
         .await
     {
         Ok(None) => Ok(generation.open(ctx, job).await),
@@ -230,7 +230,7 @@ pub async fn run<G: Generation>(
     match ended {
         Ended::Finished(made) => {
             if let Some(text) = G::screened_made(&made) {
-                match ctx.moderator.check(ctx, "answer", &[text]).await {
+                match ctx.moderator.check(&ctx.openai, "answer", &[text]).await {
                     Ok(None) => {}
                     Ok(Some(refusal)) => {
                         return refuse(ctx, job, attempt, &refusal, &mut publisher).await;
@@ -274,12 +274,7 @@ async fn store<G: Generation>(
     // The work's keep-alive confirmed a heartbeat at most a third of a lease ago, unless
     // Postgres was failing already; every write is fenced either way.
     let mut confirmed = began;
-    let mut delays = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(2))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = retry::answer_write().delays();
     let mut failed = false;
     loop {
         let error = match generation.complete(ctx, job, attempt, made).await {
@@ -289,16 +284,21 @@ async fn store<G: Generation>(
             Err(e) => e,
         };
         failed = true;
-        let delay = delays.next().unwrap_or(Duration::from_secs(2));
-        if began.elapsed() + delay > ctx.store_retry || confirmed.elapsed() + delay >= ctx.lease {
-            return Err(error.context("storing the answer in Postgres"));
-        }
+        let delay = match delays.next() {
+            Some(delay)
+                if began.elapsed() + delay <= ctx.store_retry
+                    && confirmed.elapsed() + delay < ctx.lease =>
+            {
+                delay
+            }
+            _ => return Err(error.context("storing the answer in Postgres")),
+        };
         metrics::counter!("versus_store_retries_total", "what" => "answer").increment(1);
         tracing::warn!(key = %job.key, attempt, error = format!("{error:#}"), ?delay, "storing the answer failed; trying the write again, not the generation");
         tokio::time::sleep(delay).await;
         let sent = Instant::now();
         let beat = claims::heartbeat(&ctx.db, job, attempt, ctx.lease);
-        match tokio::time::timeout(ctx.lease / 3, beat).await {
+        match tokio::time::timeout(ctx.lease / HEARTBEATS_PER_LEASE, beat).await {
             Ok(Ok(true)) => {
                 confirmed = sent;
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
@@ -339,7 +339,7 @@ async fn refuse(
         .increment(1);
     if claims::refuse(&ctx.db, job, attempt, &refusal.reason()).await? {
         put_refusal(ctx, job).await?;
-        settle(ctx, job, false).await;
+        record_prewarm_progress(ctx, job, PrewarmStatus::Failed).await;
         publisher.finish(wire::refused(attempt)).await?;
     }
     Ok(Outcome::Ack)
@@ -347,7 +347,7 @@ async fn refuse(
 
 /// A job for a matchup refused before: refresh the edge KV bucket, and tell the key's readers
 /// again unless its events subject already ends with the refusal. Nothing is paid for.
-pub async fn rerefuse(ctx: &Ctx, job: &Job, attempt: i32) -> anyhow::Result<()> {
+pub async fn announce_stored_refusal(ctx: &Ctx, job: &Job, attempt: i32) -> anyhow::Result<()> {
     put_refusal(ctx, job).await?;
     let last = history::last(&ctx.bus, &wire::events_subject(job.kind, &job.key)).await?;
     let refused = wire::refused(attempt);
@@ -391,18 +391,15 @@ async fn over_budget(
     publisher: &mut Publisher<'_>,
 ) -> anyhow::Result<Outcome> {
     metrics::counter!("versus_budget_refusals_total", "kind" => job.kind.as_str()).increment(1);
-    if wire::is_prewarm_subject(&msg.subject) {
+    if Lane::of(&msg.subject) == Lane::Prewarm {
         claims::release(&ctx.db, job, attempt).await?;
-        let spread = job.key.as_str().bytes().map(u64::from).sum::<u64>() % 60;
+        let spread = job.key.as_str().bytes().map(u64::from).sum::<u64>() % TOMORROW_SPREAD_SECS;
         return Ok(Outcome::Retry(
             budget::until_tomorrow() + Duration::from_secs(spread),
         ));
     }
     let failure = Failure {
-        code: BUDGET_EXHAUSTED,
-        message: "Versus has spent today's budget for new answers. Answers already written \
-                  still work; new ones start again after midnight UTC.",
-        retryable: true,
+        code: ErrorCode::BudgetExhausted,
         detail: "the daily budget is spent".to_owned(),
         counts: false,
     };
@@ -444,7 +441,9 @@ async fn guarded<T>(
     let attempt = attempt.load(Ordering::SeqCst);
     match &ended {
         Err(_) => {
-            let _ = claims::release(&ctx.db, job, attempt).await;
+            if let Err(e) = claims::release(&ctx.db, job, attempt).await {
+                tracing::warn!(key = %job.key, error = %e, "giving the claim back failed; it frees itself when the lease runs out");
+            }
         }
         Ok(Ended::HandedOver) => {
             tracing::warn!(key = %job.key, attempt, "stopping past the grace period; handing the job over");
@@ -483,7 +482,7 @@ async fn keep_alive(
     attempt: &AtomicI32,
     abandon: &CancellationToken,
 ) -> Stopped {
-    let mut tick = tokio::time::interval(ctx.lease / 3);
+    let mut tick = tokio::time::interval(ctx.lease / HEARTBEATS_PER_LEASE);
     tick.tick().await;
     // When the last confirmed heartbeat was sent: the lease it set lasts at least until then
     // plus the lease.
@@ -494,7 +493,8 @@ async fn keep_alive(
             () = abandon.cancelled() => return Stopped::Abandoned,
         }
         let sent = Instant::now();
-        let limit = (ctx.lease / 3).min(ctx.lease.saturating_sub(last_ok.elapsed()));
+        let limit =
+            (ctx.lease / HEARTBEATS_PER_LEASE).min(ctx.lease.saturating_sub(last_ok.elapsed()));
         let beat = claims::heartbeat(&ctx.db, job, attempt.load(Ordering::SeqCst), ctx.lease);
         match tokio::time::timeout(limit, beat).await {
             Ok(Ok(true)) => last_ok = sent,
@@ -522,21 +522,25 @@ async fn give_up(
     tracing::warn!(key = %job.key, kind = %job.kind, attempt, detail = %failure.detail, "giving up");
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "failed")
         .increment(1);
-    let what = (failure.code, failure.message, failure.detail.as_str());
+    let what = (
+        failure.code.as_str(),
+        failure.code.message(),
+        failure.detail.as_str(),
+    );
     let failed = claims::fail(&ctx.db, job, attempt, what, failure.counts, ctx.cooldown).await?;
     if let Failed::Recorded { retry_at_ms } = failed {
         if retry_at_ms.is_some() {
             tracing::warn!(key = %job.key, kind = %job.kind, "failed too often in a row; cooling down");
             metrics::counter!("versus_cooldowns_total", "kind" => job.kind.as_str()).increment(1);
         }
-        settle(ctx, job, false).await;
+        record_prewarm_progress(ctx, job, PrewarmStatus::Failed).await;
         publisher
             .finish(Event::Error {
                 attempt,
-                code: failure.code.to_owned(),
-                message: failure.message.to_owned(),
+                code: failure.code.as_str().to_owned(),
+                message: failure.code.message().to_owned(),
                 // Once it has cooled down, the matchup is tried again.
-                retryable: failure.retryable || retry_at_ms.is_some(),
+                retryable: failure.code.retryable() || retry_at_ms.is_some(),
                 retry_at_ms,
             })
             .await?;
@@ -547,7 +551,7 @@ async fn give_up(
 /// A job for a matchup that cools down after failing too often in a row: its clients get the
 /// last error again, retryable once the cool-down ends, and nothing is paid for. No claim is
 /// held, and none can be won before then, so no other event follows on the subject.
-pub async fn cooling(
+pub async fn announce_cooldown(
     ctx: &Ctx,
     job: &Job,
     attempt: i32,
@@ -566,8 +570,8 @@ pub async fn cooling(
         .await
 }
 
-/// What follows the fenced Postgres write of a finished answer (which settled the pre-warm
-/// items waiting on it too): the edge KV bucket, then `done`.
+/// What follows the fenced Postgres write of a finished answer (which recorded the progress of
+/// the pre-warm items waiting on it too): the edge KV bucket, then `done`.
 async fn announce(
     ctx: &Ctx,
     job: &Job,
@@ -590,13 +594,17 @@ async fn announce(
 /// A job for an answer that is already done (`row`): refresh the edge cache and pre-warm
 /// progress, and publish the stored answer again to its events subject unless the subject
 /// already ends with `done`.
-pub async fn reannounce<G: Generation>(ctx: &Ctx, job: &Job, row: Stored) -> anyhow::Result<()> {
+pub async fn announce_stored_answer<G: Generation>(
+    ctx: &Ctx,
+    job: &Job,
+    row: Stored,
+) -> anyhow::Result<()> {
     let attempt = row.attempt;
     let answer = G::stored_answer(job, row)?;
     if !put_answer(ctx, job, attempt, &answer).await? {
         return Ok(());
     }
-    settle(ctx, job, true).await;
+    record_prewarm_progress(ctx, job, PrewarmStatus::Done).await;
     let last = history::last(&ctx.bus, &wire::events_subject(job.kind, &job.key)).await?;
     if matches!(
         last.and_then(|l| l.event),
@@ -619,9 +627,8 @@ pub async fn reannounce<G: Generation>(ctx: &Ctx, job: &Job, row: Stored) -> any
 
 /// Records the outcome for the pre-warm batches waiting on this key. Best effort: progress
 /// tracking must not fail the job itself.
-async fn settle(ctx: &Ctx, job: &Job, done: bool) {
-    let status = if done { "done" } else { "failed" };
-    if let Err(e) = claims::settle_prewarm(&ctx.db, job, status).await {
+async fn record_prewarm_progress(ctx: &Ctx, job: &Job, status: PrewarmStatus) {
+    if let Err(e) = claims::record_prewarm_progress(&ctx.db, job, status).await {
         tracing::warn!(key = %job.key, error = %e, "recording pre-warm progress failed");
     }
 }

@@ -5,20 +5,16 @@
 //! from the bytes in hand, never drawn again. The skeleton around it (claim, lease, KV, `done`,
 //! failures) is [`crate::generation`].
 
-use std::{
-    sync::atomic::AtomicI32,
-    time::{Duration, Instant},
-};
+use std::{sync::atomic::AtomicI32, time::Instant};
 
 use anyhow::Context;
-use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload, path::Path};
 use sha2::{Digest, Sha256};
 use versus_shared::{
     objects::{self, IMAGE_CACHE_CONTROL},
-    prompt,
-    wire::{ImageAnswer, Job},
+    prompt, retry,
+    wire::{ErrorCode, ImageAnswer, Job},
 };
 
 use crate::{
@@ -27,7 +23,7 @@ use crate::{
     events::Publisher,
     generation::{Ended, Failure, Generation},
     openai::UpstreamError,
-    spend::{self, Call},
+    spend::Call,
 };
 
 /// The picture of one matchup.
@@ -37,9 +33,6 @@ pub struct Image {
     b: String,
     prompt: String,
 }
-
-/// The size asked for when the job names none.
-const DEFAULT_SIZE: &str = "1024x1024";
 
 impl Generation for Image {
     const SPECULATE: bool = false;
@@ -58,8 +51,10 @@ impl Generation for Image {
     type Made = Picture;
     type Answer = ImageAnswer;
 
+    /// Asks for a picture of the configured size: the one the job names, since
+    /// `versus_shared::recipe::check` dropped any job that names another.
     async fn open(&self, ctx: &Ctx, job: &Job) -> Self::Opened {
-        let size = job.size.as_deref().unwrap_or(DEFAULT_SIZE);
+        let size = &ctx.models.image_size;
         ctx.openai.image(&job.model, &self.prompt, size).await
     }
 
@@ -73,11 +68,11 @@ impl Generation for Image {
         _attempt: &AtomicI32,
         _publisher: &mut Publisher<'_>,
     ) -> anyhow::Result<Ended<Picture>> {
-        let size = job.size.as_deref().unwrap_or(DEFAULT_SIZE);
+        let size = &ctx.models.image_size;
         let mut backoff = ctx.openai.backoff();
         let (bytes, format) = loop {
             if result.is_ok() {
-                spend::record(ctx, Call::Image { model: &job.model }).await;
+                ctx.ledger.record(Call::Image { model: &job.model }).await;
             }
             // Bytes that are not a picture say something about the matchup (they count
             // towards its cool-down); an upstream that fails does not.
@@ -107,14 +102,8 @@ impl Generation for Image {
         // lease. Named by its content, it cannot overwrite a picture another attempt stored.
         let began = Instant::now();
         let upload = || upload(ctx, &path, bytes.clone(), format.mime);
-        let stored = upload
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_jitter()
-                    .without_max_times(),
-            )
+        let stored = retry::picture_upload()
+            .retry(upload)
             .when(|_| began.elapsed() < ctx.store_retry)
             .notify(|error, delay| {
                 metrics::counter!("versus_store_retries_total", "what" => "picture").increment(1);
@@ -123,9 +112,7 @@ impl Generation for Image {
             .await;
         if let Err(e) = stored {
             return Ok(Ended::GaveUp(Failure {
-                code: "storage_unavailable",
-                message: "The picture could not be stored. Please try again.",
-                retryable: true,
+                code: ErrorCode::StorageUnavailable,
                 detail: format!("uploading to the object store failed: {e}"),
                 counts: false,
             }));

@@ -8,7 +8,7 @@
 //! claim is won, and a claim not won drops the request at once
 //! (`versus_upstream_cancelled_total`). Jobs whose claim is likely held elsewhere wait for the
 //! claim first: a redelivered job, one the API published for a generation it saw under way
-//! ([`wire::LIVE_JOB_HEADER`]), and pre-warm jobs, which nobody waits for.
+//! ([`wire::UNDER_WAY_HEADER`]), and pre-warm jobs, which nobody waits for.
 
 use std::time::{Duration, Instant};
 
@@ -18,12 +18,18 @@ use tokio_util::sync::CancellationToken;
 use versus_shared::wire::{self, Job, Kind};
 
 use crate::{
-    claims::Claim,
+    claims::{Claim, Lost},
     ctx::Ctx,
     generation::{self, Generation, Outcome},
     image::Image,
+    lane::Lane,
     text::Text,
 };
+
+/// How long after another worker's lease would run out a job for its key comes back: the
+/// lease is judged by Postgres's clock and the nak's delay by the NATS server's, so a job back
+/// at the very instant could still find the lease live, and be put off again for a delivery.
+const AFTER_THE_LEASE: Duration = Duration::from_millis(250);
 
 /// Runs `job` to the outcome the consumer reports to JetStream. `abandon` fires when the
 /// process stops past its grace period: a generation then gives its claim back.
@@ -51,11 +57,11 @@ async fn handle_as<G: Generation>(
     let opening = Box::pin(generation::opening(ctx, job, &generation));
     let speculated = G::SPECULATE
         && msg.info().is_ok_and(|info| info.delivered == 1)
-        && !wire::is_prewarm_subject(&msg.subject)
+        && Lane::of(&msg.subject) == Lane::Interactive
         && msg
             .headers
             .as_ref()
-            .is_none_or(|h| h.get(wire::LIVE_JOB_HEADER).is_none())
+            .is_none_or(|h| h.get(wire::UNDER_WAY_HEADER).is_none())
         && !ctx.budget.exhausted();
     let (claim, opening) = if speculated {
         match future::select(claim, opening).await {
@@ -67,40 +73,43 @@ async fn handle_as<G: Generation>(
         (claim.await, Either::Left(opening))
     };
     metrics::histogram!("versus_claim_seconds").record(claiming.elapsed());
-    if let Ok(Claim::Won { attempt }) = claim {
-        let opening = async {
-            match opening {
-                Either::Left(opening) => opening.await,
-                Either::Right(opened) => opened,
-            }
-        };
-        return generation::run(ctx, msg, job, attempt, abandon, &generation, opening).await;
-    }
+    let lost = match claim {
+        Ok(Claim::Won { attempt }) => {
+            let opening = async {
+                match opening {
+                    Either::Left(opening) => opening.await,
+                    Either::Right(opened) => opened,
+                }
+            };
+            return generation::run(ctx, msg, job, attempt, abandon, &generation, opening).await;
+        }
+        Ok(Claim::Lost(lost)) => Ok(lost),
+        Err(e) => Err(e),
+    };
     // Dropped before anything else is done: a request under way is cancelled.
     drop(opening);
     if speculated {
         metrics::counter!("versus_upstream_cancelled_total", "kind" => job.kind.as_str())
             .increment(1);
     }
-    match claim? {
-        Claim::Won { .. } => unreachable!("a won claim generates above"),
-        Claim::Done(row) => {
-            generation::reannounce::<G>(ctx, job, row).await?;
+    match lost? {
+        Lost::Done(row) => {
+            generation::announce_stored_answer::<G>(ctx, job, row).await?;
             Ok(Outcome::Ack)
         }
         // The owner is alive; come back when its lease would have run out, in case it dies.
-        Claim::Busy { remaining } => Ok(Outcome::Retry(remaining + Duration::from_millis(250))),
-        Claim::Refused { attempt } => {
-            generation::rerefuse(ctx, job, attempt).await?;
+        Lost::Busy { remaining } => Ok(Outcome::Retry(remaining + AFTER_THE_LEASE)),
+        Lost::Refused { attempt } => {
+            generation::announce_stored_refusal(ctx, job, attempt).await?;
             Ok(Outcome::Ack)
         }
-        Claim::Cooling {
+        Lost::Cooling {
             attempt,
             retry_at_ms,
             code,
             message,
         } => {
-            generation::cooling(ctx, job, attempt, retry_at_ms, code, message).await?;
+            generation::announce_cooldown(ctx, job, attempt, retry_at_ms, code, message).await?;
             Ok(Outcome::Ack)
         }
     }

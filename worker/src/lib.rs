@@ -5,7 +5,9 @@
 //!   limits and graceful drain;
 //! - [`popularity`]: adding up the API replicas' request counts in Postgres;
 //! - [`purge`]: an operator's purge, carried out for the API (which may not write to the bus);
+//! - [`lane`]: the interactive and pre-warm lanes, and which a job came in on;
 //! - [`claims`]: the Postgres claim, lease and fenced writes;
+//! - [`batch`]: group commit, for claims and spend records;
 //! - [`ctx`]: what every job handler needs ([`Ctx`]);
 //! - [`job`]: one job, whatever its kind: the claim decides which path it takes;
 //! - [`generation`]: a won claim to its end under a kept-alive lease (completion order,
@@ -20,6 +22,7 @@
 //! - [`backlog`]: the jobs queue (waiting jobs and their age, pending acks) as gauges.
 
 pub mod backlog;
+pub mod batch;
 pub mod claims;
 pub mod consumer;
 pub mod ctx;
@@ -27,6 +30,7 @@ pub mod events;
 pub mod generation;
 pub mod image;
 pub mod job;
+pub mod lane;
 pub mod moderation;
 pub mod openai;
 pub mod popularity;
@@ -125,6 +129,11 @@ impl Settings {
     }
 }
 
+/// Postgres connections beyond one per interactive job: one for each of the four tasks that
+/// write besides the jobs, each holding one at a time (the claimer's and the ledger's batches,
+/// popularity, purges). Pre-warm jobs share the pool with all of them.
+const BACKGROUND_CONNECTIONS: u32 = 4;
+
 /// Connects, migrates (if it must), serves the ops routes and consumes jobs until `shutdown`
 /// fires; with `--migrate-only`, only runs the migrations.
 pub async fn run(
@@ -143,15 +152,19 @@ pub async fn run(
     spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
     tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
-    let db =
-        versus_shared::db::connect(&settings.database_url, settings.concurrency as u32 + 4).await?;
+    let db = versus_shared::db::connect(
+        &settings.database_url,
+        settings.concurrency as u32 + BACKGROUND_CONNECTIONS,
+    )
+    .await?;
     versus_shared::db::migrate(&db).await?;
+    // Names this process in the rows it claims (their `worker` column), for operators.
     let worker_id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     let ledger = spend::Ledger::start(db.clone(), bus.spend.clone(), budget.clone(), tasks);
     let ctx = Arc::new(Ctx {
         bus: bus.clone(),
         ledger,
-        claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id.clone(), tasks),
+        claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id, tasks),
         db,
         openai: openai::Client::new(&settings.openai)?,
         objects: settings.objects.open()?,
@@ -159,7 +172,6 @@ pub async fn run(
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
         store_retry: Duration::from_secs(settings.store_retry_secs),
         models: settings.models.clone(),
-        worker_id,
         budget: budget.clone(),
         moderator: moderation::Moderator::new(&settings.moderation),
         cooldown: claims::Cooldown {
@@ -167,16 +179,16 @@ pub async fn run(
             base: Duration::from_secs(settings.cooldown_secs.max(1)),
         },
     });
-    let interactive = consumer::Lane {
+    let interactive = consumer::LaneConsumer {
+        lane: lane::Lane::Interactive,
         name: versus_shared::wire::WORKERS_CONSUMER,
-        label: "interactive",
         filter: versus_shared::wire::JOBS_SUBJECTS,
         concurrency: settings.concurrency,
         max_in_flight: settings.max_in_flight,
     };
-    let prewarm = consumer::Lane {
+    let prewarm = consumer::LaneConsumer {
+        lane: lane::Lane::Prewarm,
         name: versus_shared::wire::PREWARM_CONSUMER,
-        label: "prewarm",
         filter: versus_shared::wire::PREWARM_SUBJECTS,
         concurrency: settings.prewarm_concurrency,
         max_in_flight: settings.prewarm_max_in_flight,

@@ -4,7 +4,7 @@
 //! categories is blocked (`VERSUS_MODERATION_BLOCK`): plain violence, the point of a fight, is
 //! not blocked by default.
 
-use crate::{ctx::Ctx, openai::UpstreamError};
+use crate::openai::{self, UpstreamError};
 
 /// Whether and how generations are moderated.
 #[derive(clap::Args, Debug, Clone)]
@@ -91,18 +91,18 @@ impl Moderator {
     )]
     async fn ask(
         &self,
-        ctx: &Ctx,
+        openai: &openai::Client,
         stage: &'static str,
         inputs: &[&str],
     ) -> Result<Vec<Vec<String>>, UpstreamError> {
-        let mut backoff = ctx.openai.backoff();
+        let mut backoff = openai.backoff();
         loop {
-            match ctx.openai.moderate(&self.model, inputs).await {
+            match openai.moderate(&self.model, inputs).await {
                 Ok(flagged) => return Ok(flagged),
                 Err(error) => {
                     metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
                         .increment(1);
-                    let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
+                    let Some(delay) = openai.next_delay(&mut backoff, &error) else {
                         tracing::Span::current().record("otel.status_code", "ERROR");
                         return Err(error);
                     };
@@ -122,12 +122,12 @@ impl Moderator {
         })
     }
 
-    /// Checks `inputs` in one call (retried within the upstream's retry budget), and says
-    /// whether anything in them is refused. At the `names` stage, names that passed before are
-    /// not sent again (and no call is made when all did).
+    /// Checks `inputs` in one call to `openai`'s moderation endpoint (retried within the
+    /// upstream's retry budget), and says whether anything in them is refused. At the `names`
+    /// stage, names that passed before are not sent again (and no call is made when all did).
     pub async fn check(
         &self,
-        ctx: &Ctx,
+        openai: &openai::Client,
         stage: &'static str,
         inputs: &[&str],
     ) -> Result<Option<Refusal>, UpstreamError> {
@@ -140,7 +140,7 @@ impl Moderator {
         if !self.enabled || inputs.is_empty() {
             return Ok(None);
         }
-        let flagged = self.ask(ctx, stage, &inputs).await?;
+        let flagged = self.ask(openai, stage, &inputs).await?;
         let mut categories = Vec::new();
         for (input, flagged) in inputs.iter().zip(flagged) {
             let blocked: Vec<String> = flagged.into_iter().filter(|c| self.blocks(c)).collect();

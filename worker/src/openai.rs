@@ -4,7 +4,6 @@
 
 use std::{pin::Pin, time::Duration};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use base64::Engine;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -12,7 +11,11 @@ use reqwest::{StatusCode, header::HeaderMap};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::{Instrument, Span, field::Empty};
-use versus_shared::{config::Secret, traces};
+use versus_shared::{
+    config::Secret,
+    retry::{self, Delays},
+    traces,
+};
 
 use crate::claims::Usage;
 
@@ -37,7 +40,8 @@ pub struct OpenAiSettings {
     /// Upstream calls per job before giving up (the retry budget).
     #[arg(long, env = "VERSUS_UPSTREAM_MAX_TRIES", default_value_t = 4)]
     pub max_tries: usize,
-    /// First back-off delay, in milliseconds; it doubles up to 10 s.
+    /// First back-off delay, in milliseconds; it doubles up to 10 s
+    /// (`versus_shared::retry::upstream`).
     #[arg(long, env = "VERSUS_UPSTREAM_BACKOFF_MS", default_value_t = 500)]
     pub backoff_ms: u64,
     /// A `Retry-After` longer than this (seconds) spends the whole budget at once.
@@ -108,6 +112,13 @@ pub fn zero_counters() {
     }
 }
 
+/// How long connecting to the upstream (TCP and TLS) may take: past it the try fails, as
+/// retryable as any unreachable upstream.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle connection to the upstream is kept for the next call (reqwest's default,
+/// stated): calls reuse warm connections rather than paying a new handshake.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// A client for one OpenAI-compatible server.
 pub struct Client {
     http: reqwest::Client,
@@ -120,8 +131,8 @@ impl Client {
     pub fn new(settings: &OpenAiSettings) -> anyhow::Result<Client> {
         versus_shared::tls::install();
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .user_agent(concat!("versus-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Client {
@@ -132,33 +143,25 @@ impl Client {
         })
     }
 
-    /// The back-off schedule for one job: its length is the retry budget.
-    pub fn backoff(&self) -> ExponentialBackoff {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.settings.backoff_ms))
-            .with_max_delay(Duration::from_secs(10))
-            .with_max_times(self.settings.max_tries.saturating_sub(1))
-            .with_jitter()
-            .build()
+    /// The back-off schedule for one job (`versus_shared::retry::upstream`): its length is the
+    /// retry budget.
+    pub fn backoff(&self) -> Delays {
+        retry::upstream(
+            Duration::from_millis(self.settings.backoff_ms),
+            self.settings.max_tries,
+        )
+        .delays()
     }
 
     /// The delay before the next try after `error`, or None when the budget is spent or the
     /// error is fatal. A `Retry-After` from the server wins over our schedule: retrying
     /// earlier would only be refused again.
-    pub fn next_delay(
-        &self,
-        backoff: &mut ExponentialBackoff,
-        error: &UpstreamError,
-    ) -> Option<Duration> {
+    pub fn next_delay(&self, backoff: &mut Delays, error: &UpstreamError) -> Option<Duration> {
         let UpstreamError::Retryable { retry_after, .. } = error else {
             return None;
         };
-        let scheduled = backoff.next()?;
-        match retry_after {
-            Some(after) if *after > Duration::from_secs(self.settings.max_retry_after_secs) => None,
-            Some(after) => Some(*after),
-            None => Some(scheduled),
-        }
+        let longest = Duration::from_secs(self.settings.max_retry_after_secs);
+        backoff.next_honoring(*retry_after, longest)
     }
 
     /// Opens a streaming chat completion. Returns once the server has answered 200.

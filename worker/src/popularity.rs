@@ -8,6 +8,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use versus_shared::wire::{self, Requests};
 
+/// How long the loop pauses after a batch it could not store: a failing Postgres is not asked
+/// again at once for every batch in the subscription's buffer.
+const PAUSE_AFTER_FAILURE: Duration = Duration::from_millis(100);
+
 /// Aggregates batches into `popularity` until `shutdown`.
 pub async fn run(
     client: async_nats::Client,
@@ -35,7 +39,7 @@ pub async fn run(
         if let Err(e) = add(&db, &requests).await {
             // Popularity is a ranking, not a ledger: a lost batch is logged, not retried.
             tracing::warn!(error = %e, batch = requests.len(), "storing popularity failed");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(PAUSE_AFTER_FAILURE).await;
         }
     }
 }

@@ -24,7 +24,7 @@ use versus_shared::{
     wire::{self, Event, Marker, PurgeReply, PurgeRequest},
 };
 
-use crate::{Ctx, events::through_election};
+use crate::{ctx::Ctx, events::through_election};
 
 /// Carries out purge requests until `shutdown`.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {

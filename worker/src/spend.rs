@@ -6,27 +6,26 @@
 //! Every answer of a day adds to the same few rows, whose lock each statement holds until its
 //! commit is durable: one statement per answer would make answers wait on each other's
 //! commits. The [`Ledger`] gathers the records that arrive while a statement runs into the
-//! next one, as [`crate::claims::Claimer`] does with claims, and publishes each day's new
-//! total once per statement.
+//! next one ([`crate::batch`], as [`crate::claims::Claimer`] does with claims), and publishes
+//! each day's new total once per statement.
 
 use std::{collections::HashMap, sync::Arc};
 
 use async_nats::jetstream::kv;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
 use versus_shared::{
     budget::{self, Budget},
     tasks::Tasks,
 };
 
-use crate::{claims::Usage, ctx::Ctx};
+use crate::{batch::Batcher, claims::Usage};
 
 /// One paid upstream call.
 pub enum Call<'a> {
     /// A chat completion and the usage it reported.
     Chat { model: &'a str, usage: Usage },
     /// A chat completion that broke off without reporting usage: its tokens are estimated from
-    /// the characters sent and received (about four to a token).
+    /// the characters sent and received ([`CHARS_PER_TOKEN`]).
     ChatCut {
         model: &'a str,
         prompt_chars: usize,
@@ -35,6 +34,9 @@ pub enum Call<'a> {
     /// A picture the image API returned.
     Image { model: &'a str },
 }
+
+/// Characters per token in an estimate: about four, in English, for OpenAI's tokenizers.
+const CHARS_PER_TOKEN: usize = 4;
 
 /// What a call cost, and where it is added up: the row of its kind and model.
 struct Cost<'a> {
@@ -70,8 +72,8 @@ impl Call<'_> {
                 text_chars,
             } => chat(
                 model,
-                prompt_chars.div_ceil(4) as i64,
-                text_chars.div_ceil(4) as i64,
+                prompt_chars.div_ceil(CHARS_PER_TOKEN) as i64,
+                text_chars.div_ceil(CHARS_PER_TOKEN) as i64,
                 true,
             ),
             Call::Image { model } => Cost {
@@ -93,16 +95,6 @@ impl Call<'_> {
 pub fn zero_counters(budget: &budget::Budget, models: &versus_shared::config::ModelSettings) {
     budget.count("chat", &models.chat_model, 0.0);
     budget.count("image", &models.image_model, 0.0);
-}
-
-/// Records `call`, and returns once it is in Postgres and today's total is published. Best
-/// effort past the local counter: the call is paid for already, and failing its answer would
-/// not get the money back. A record that could not be written is logged, and the budget then
-/// trails by that call.
-pub async fn record(ctx: &Ctx, call: Call<'_>) {
-    let cost = call.cost(&ctx.budget.prices);
-    ctx.budget.count(cost.kind, cost.model, cost.sums.usd);
-    ctx.ledger.add(cost).await;
 }
 
 /// What calls add to one row of `spend`.
@@ -127,10 +119,12 @@ impl std::ops::AddAssign for Sums {
     }
 }
 
-/// Writes spend records to Postgres, those that arrive together in one statement.
+/// Writes spend records to Postgres, those that arrive together in one statement, and counts
+/// them against the daily budget. Cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    records: mpsc::UnboundedSender<(Record, oneshot::Sender<()>)>,
+    records: Batcher<Record, ()>,
+    budget: Arc<Budget>,
 }
 
 /// One call's cost, on the day it was recorded.
@@ -141,18 +135,15 @@ struct Record {
     sums: Sums,
 }
 
-/// The most records one statement carries.
-const MAX_BATCH: usize = 256;
-
 impl Ledger {
     /// Starts the task that writes the records, on `tasks`; it ends when every `Ledger` is
     /// dropped. Each statement's new daily totals go to `budget` and to the `spend` bucket.
     pub fn start(db: PgPool, spend: kv::Store, budget: Arc<Budget>, tasks: &Tasks) -> Ledger {
-        let (records, mut queue) = mpsc::unbounded_channel::<(Record, oneshot::Sender<()>)>();
-        tasks.spawn(async move {
-            let mut batch = Vec::new();
-            while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let (records, done): (Vec<Record>, Vec<_>) = batch.drain(..).unzip();
+        let observer = budget.clone();
+        let records = Batcher::start(tasks, move |records: Vec<Record>| {
+            let (db, spend, budget) = (db.clone(), spend.clone(), observer.clone());
+            async move {
+                let answers = vec![(); records.len()];
                 match write(&db, records).await {
                     Ok(totals) => {
                         for (day, total) in totals {
@@ -165,24 +156,27 @@ impl Ledger {
                     }
                     Err(e) => tracing::warn!(error = %e, "recording spend failed"),
                 }
-                for done in done {
-                    let _ = done.send(());
-                }
+                answers
             }
         });
-        Ledger { records }
+        Ledger { records, budget }
     }
 
-    async fn add(&self, cost: Cost<'_>) {
+    /// Records `call`, and returns once it is in Postgres and today's total is published. Best
+    /// effort past the local counter: the call is paid for already, and failing its answer
+    /// would not get the money back. A record that could not be written is logged, and the
+    /// budget then trails by that call.
+    pub async fn record(&self, call: Call<'_>) {
+        let cost = call.cost(&self.budget.prices);
+        self.budget.count(cost.kind, cost.model, cost.sums.usd);
         let record = Record {
             day: budget::today(),
             kind: cost.kind,
             model: cost.model.to_owned(),
             sums: cost.sums,
         };
-        let (done, written) = oneshot::channel();
-        if self.records.send((record, done)).is_ok() {
-            let _ = written.await;
+        if let Err(e) = self.records.call(record).await {
+            tracing::warn!(error = %e, "recording spend failed");
         }
     }
 }

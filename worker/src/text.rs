@@ -20,7 +20,7 @@ use crate::{
     events::Publisher,
     generation::{Ended, Generation},
     openai::{ChatStream, Piece, UpstreamError},
-    spend::{self, Call},
+    spend::Call,
 };
 
 /// The text answer to one matchup.
@@ -110,7 +110,7 @@ impl Generation for Text {
             let error = match result {
                 Ok(usage) => {
                     let model = &job.model;
-                    spend::record(ctx, Call::Chat { model, usage }).await;
+                    ctx.ledger.record(Call::Chat { model, usage }).await;
                     metrics::counter!("versus_upstream_tokens_total", "type" => "prompt")
                         .increment(usage.prompt_tokens.max(0) as u64);
                     metrics::counter!("versus_upstream_tokens_total", "type" => "completion")
@@ -126,7 +126,7 @@ impl Generation for Text {
                     prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
                     text_chars: text.len(),
                 };
-                spend::record(ctx, call).await;
+                ctx.ledger.record(call).await;
             }
             metrics::counter!("versus_upstream_errors_total", "kind" => "chat").increment(1);
             let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use versus_testkit::{System, bin_path, eventually};
 
-use crate::{fight, http, json_of, quick};
+use crate::{fight, http, json_of, quick, run};
 
 const TOKEN: &str = "t0ken-for-the-cli-0123456789abcdef";
 
@@ -81,210 +81,221 @@ async fn batches(sys: &System) -> i64 {
         .unwrap()
 }
 
-#[tokio::test]
-async fn prewarm_generates_each_unique_matchup_once_and_a_second_run_is_all_cached() {
-    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
-    // One matchup is answered before the run.
-    let before = fight(&sys, "Mothra", "Rodan").await;
-    assert_eq!(before[0].json()["cached"], json!(false));
-    assert_eq!(sys.sim.chat_calls().await, 1);
+#[test]
+fn prewarm_generates_each_unique_matchup_once_and_a_second_run_is_all_cached() {
+    run(async {
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        // One matchup is answered before the run.
+        let before = fight(&sys, "Mothra", "Rodan").await;
+        assert_eq!(before[0].json()["cached"], json!(false));
+        assert_eq!(sys.sim.chat_calls().await, 1);
 
-    // Seven matchups, four unique and uncached: repeats in other spellings and orders, a quoted
-    // name with a comma, a header and a blank line.
-    let csv = File::new(
-        "csv",
-        "A,B\nBatman,Superman\n\"Smith, John\",Godzilla\n\nsuperman, BATMAN\nKing Kong,Godzilla\n\
-         Rodan,Mothra\nBatman,Superman\nGodzilla,\"Smith,  John\"\nZorro,Robin Hood\n",
-    );
-    let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
-    assert_eq!(run.code, Some(0));
-    assert!(
-        run.stdout
-            .contains("8 matchups: 1 already cached, 7 generated, 0 failed, in "),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(sys.sim.chat_calls().await, 1 + 4);
-    // The answers are ready: a user's request is a hit.
-    let hit = fight(&sys, "Superman", "Batman").await;
-    assert_eq!(hit[0].json()["cached"], json!(true));
+        // Seven matchups, four unique and uncached: repeats in other spellings and orders, a
+        // quoted name with a comma, a header and a blank line.
+        let csv = File::new(
+            "csv",
+            "A,B\nBatman,Superman\n\"Smith, John\",Godzilla\n\nsuperman, BATMAN\n\
+             King Kong,Godzilla\nRodan,Mothra\nBatman,Superman\nGodzilla,\"Smith,  John\"\n\
+             Zorro,Robin Hood\n",
+        );
+        let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+        assert_eq!(run.code, Some(0));
+        assert!(
+            run.stdout
+                .contains("8 matchups: 1 already cached, 7 generated, 0 failed, in "),
+            "{}",
+            run.stdout
+        );
+        assert_eq!(sys.sim.chat_calls().await, 1 + 4);
+        // The answers are ready: a user's request is a hit.
+        let hit = fight(&sys, "Superman", "Batman").await;
+        assert_eq!(hit[0].json()["cached"], json!(true));
 
-    let again = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
-    assert_eq!(again.code, Some(0));
-    assert!(
-        again
-            .stdout
-            .contains("8 matchups: 8 already cached, 0 generated, 0 failed, in "),
-        "{}",
-        again.stdout
-    );
-    // The same matchups as JSON, in batches of three: all cached too, and nothing generated.
-    let json = File::new(
-        "json",
-        &json!({"matchups": [
-            {"a": "Batman", "b": "Superman"}, {"a": "Smith, John", "b": "Godzilla"},
-            {"a": "King Kong", "b": "Godzilla"}, {"a": "Zorro", "b": "Robin Hood"},
-            {"a": "Mothra", "b": "Rodan"},
-        ]})
-        .to_string(),
-    );
-    let batched = versus(
-        &sys,
-        Some(TOKEN),
-        &["prewarm", "--batch-size", "3", json.path()],
-    )
-    .await;
-    assert_eq!(batched.code, Some(0));
-    assert!(
-        batched
-            .stdout
-            .contains("5 matchups: 5 already cached, 0 generated, 0 failed"),
-        "{}",
-        batched.stdout
-    );
-    assert_eq!(sys.sim.chat_calls().await, 1 + 4);
+        let again = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+        assert_eq!(again.code, Some(0));
+        assert!(
+            again
+                .stdout
+                .contains("8 matchups: 8 already cached, 0 generated, 0 failed, in "),
+            "{}",
+            again.stdout
+        );
+        // The same matchups as JSON, in batches of three: all cached too, and nothing generated.
+        let json = File::new(
+            "json",
+            &json!({"matchups": [
+                {"a": "Batman", "b": "Superman"}, {"a": "Smith, John", "b": "Godzilla"},
+                {"a": "King Kong", "b": "Godzilla"}, {"a": "Zorro", "b": "Robin Hood"},
+                {"a": "Mothra", "b": "Rodan"},
+            ]})
+            .to_string(),
+        );
+        let batched = versus(
+            &sys,
+            Some(TOKEN),
+            &["prewarm", "--batch-size", "3", json.path()],
+        )
+        .await;
+        assert_eq!(batched.code, Some(0));
+        assert!(
+            batched
+                .stdout
+                .contains("5 matchups: 5 already cached, 0 generated, 0 failed"),
+            "{}",
+            batched.stdout
+        );
+        assert_eq!(sys.sim.chat_calls().await, 1 + 4);
+    });
 }
 
-#[tokio::test]
-async fn a_malformed_file_is_reported_line_by_line_and_nothing_is_submitted() {
-    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
-    let long = "x".repeat(101);
-    let csv = File::new(
-        "csv",
-        &format!(
-            "a,b\nBatman,Superman\nBatman,\nx,y,z\n\"Smith, John,Batman\nKing Kong,Godzilla\n\
-             {long},Robin\n"
-        ),
-    );
-    let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
-    assert_eq!(run.code, Some(2));
-    for expected in [
-        "line 3: opponent `b` is empty",
-        "line 4: expected two names",
-        "line 5: unbalanced quotes",
-        "line 7: opponent `a` is longer than 100 characters",
-    ] {
+#[test]
+fn a_malformed_file_is_reported_line_by_line_and_nothing_is_submitted() {
+    run(async {
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        let long = "x".repeat(101);
+        let csv = File::new(
+            "csv",
+            &format!(
+                "a,b\nBatman,Superman\nBatman,\nx,y,z\n\"Smith, John,Batman\nKing Kong,Godzilla\n\
+                 {long},Robin\n"
+            ),
+        );
+        let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+        assert_eq!(run.code, Some(2));
+        for expected in [
+            "line 3: opponent `b` is empty",
+            "line 4: expected two names",
+            "line 5: unbalanced quotes",
+            "line 7: opponent `a` is longer than 100 characters",
+        ] {
+            assert!(
+                run.stderr.contains(expected),
+                "{expected:?} in {}",
+                run.stderr
+            );
+        }
         assert!(
-            run.stderr.contains(expected),
-            "{expected:?} in {}",
+            run.stderr.contains("nothing was submitted"),
+            "{}",
             run.stderr
         );
-    }
-    assert!(
-        run.stderr.contains("nothing was submitted"),
-        "{}",
-        run.stderr
-    );
-    assert!(!run.stderr.contains("line 2:") && !run.stderr.contains("line 6:"));
-    assert_eq!(batches(&sys).await, 0, "no batch was created");
-    assert_eq!(sys.sim.chat_calls().await, 0);
+        assert!(!run.stderr.contains("line 2:") && !run.stderr.contains("line 6:"));
+        assert_eq!(batches(&sys).await, 0, "no batch was created");
+        assert_eq!(sys.sim.chat_calls().await, 0);
+    });
 }
 
-#[tokio::test]
-async fn without_the_right_token_the_cli_says_so_and_never_prints_it() {
-    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
-    let csv = File::new("csv", "Batman,Superman\n");
+#[test]
+fn without_the_right_token_the_cli_says_so_and_never_prints_it() {
+    run(async {
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        let csv = File::new("csv", "Batman,Superman\n");
 
-    let unset = versus(&sys, None, &["prewarm", csv.path()]).await;
-    assert_eq!(unset.code, Some(2));
-    assert!(
-        unset.stderr.contains("VERSUS_ADMIN_TOKEN is not set"),
-        "{}",
-        unset.stderr
-    );
+        let unset = versus(&sys, None, &["prewarm", csv.path()]).await;
+        assert_eq!(unset.code, Some(2));
+        assert!(
+            unset.stderr.contains("VERSUS_ADMIN_TOKEN is not set"),
+            "{}",
+            unset.stderr
+        );
 
-    let secret = "wrong-s3cret-value";
-    let wrong = versus(&sys, Some(secret), &["prewarm", csv.path()]).await;
-    assert_eq!(wrong.code, Some(1));
-    assert!(wrong.stderr.contains("401"), "{}", wrong.stderr);
-    assert!(!wrong.stderr.contains(secret) && !wrong.stdout.contains(secret));
-    let purge = versus(&sys, Some(secret), &["purge", &"0".repeat(32)]).await;
-    assert_eq!(purge.code, Some(1));
-    assert!(purge.stderr.contains("401"), "{}", purge.stderr);
+        let secret = "wrong-s3cret-value";
+        let wrong = versus(&sys, Some(secret), &["prewarm", csv.path()]).await;
+        assert_eq!(wrong.code, Some(1));
+        assert!(wrong.stderr.contains("401"), "{}", wrong.stderr);
+        assert!(!wrong.stderr.contains(secret) && !wrong.stdout.contains(secret));
+        let purge = versus(&sys, Some(secret), &["purge", &"0".repeat(32)]).await;
+        assert_eq!(purge.code, Some(1));
+        assert!(purge.stderr.contains("401"), "{}", purge.stderr);
 
-    assert_eq!(batches(&sys).await, 0);
-    assert_eq!(sys.sim.chat_calls().await, 0);
+        assert_eq!(batches(&sys).await, 0);
+        assert_eq!(sys.sim.chat_calls().await, 0);
+    });
 }
 
-#[tokio::test]
-async fn a_matchup_that_fails_is_counted_and_makes_the_exit_status_1() {
-    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
-    // The upstream refuses (a 400 is not retried): the matchup fails for good.
-    sys.sim
-        .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 400}, "times": 1}))
+#[test]
+fn a_matchup_that_fails_is_counted_and_makes_the_exit_status_1() {
+    run(async {
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        // The upstream refuses (a 400 is not retried): the matchup fails for good.
+        sys.sim
+            .fault(json!({"kind": "chat", "fault": {"type": "status", "status": 400}, "times": 1}))
+            .await;
+        let csv = File::new("csv", "Batman,Superman\n");
+        let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+        assert_eq!(run.code, Some(1));
+        assert!(
+            run.stdout
+                .contains("1 matchup: 0 already cached, 0 generated, 1 failed"),
+            "{}",
+            run.stdout
+        );
+        assert!(
+            run.stderr.contains("run the same command again"),
+            "{}",
+            run.stderr
+        );
+
+        // Running it again retries the failed one, which now succeeds.
+        let again = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
+        assert_eq!(again.code, Some(0));
+        assert!(
+            again
+                .stdout
+                .contains("1 matchup: 0 already cached, 1 generated, 0 failed"),
+            "{}",
+            again.stdout
+        );
+    });
+}
+
+#[test]
+fn purge_removes_the_answer_and_prewarm_popular_brings_it_back() {
+    run(async {
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        let events = fight(&sys, "Batman", "Superman").await;
+        let key = events[0].json()["key"].as_str().unwrap().to_owned();
+        let url = format!("{}/v1/fights/{key}", sys.api_url());
+        assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
+
+        let run = versus(&sys, Some(TOKEN), &["purge", &key]).await;
+        assert_eq!(run.code, Some(0));
+        assert!(
+            run.stdout.contains(&format!("purged {key}")),
+            "{}",
+            run.stdout
+        );
+        assert_eq!(http().get(&url).send().await.unwrap().status(), 404);
+
+        let again = versus(&sys, Some(TOKEN), &["purge", &key]).await;
+        assert_eq!(again.code, Some(1));
+        assert!(again.stderr.contains("no such answer"), "{}", again.stderr);
+
+        let bad = versus(&sys, Some(TOKEN), &["purge", "not-a-key"]).await;
+        assert_eq!(bad.code, Some(2));
+        assert!(bad.stderr.contains("not an answer key"), "{}", bad.stderr);
+
+        // The matchup was requested and has no answer now: `--popular` warms it again, once the
+        // request has been counted (popularity is aggregated in the background).
+        let pending = format!("{}/v1/admin/popular?limit=5&pending=true", sys.api_url());
+        eventually(
+            "the purged matchup is pending",
+            Duration::from_secs(30),
+            || async {
+                let list = json_of(http().get(&pending).bearer_auth(TOKEN)).await;
+                list["matchups"][0]["key"] == json!(key)
+            },
+        )
         .await;
-    let csv = File::new("csv", "Batman,Superman\n");
-    let run = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
-    assert_eq!(run.code, Some(1));
-    assert!(
-        run.stdout
-            .contains("1 matchup: 0 already cached, 0 generated, 1 failed"),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stderr.contains("run the same command again"),
-        "{}",
-        run.stderr
-    );
-
-    // Running it again retries the failed one, which now succeeds.
-    let again = versus(&sys, Some(TOKEN), &["prewarm", csv.path()]).await;
-    assert_eq!(again.code, Some(0));
-    assert!(
-        again
-            .stdout
-            .contains("1 matchup: 0 already cached, 1 generated, 0 failed"),
-        "{}",
-        again.stdout
-    );
-}
-
-#[tokio::test]
-async fn purge_removes_the_answer_and_prewarm_popular_brings_it_back() {
-    let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
-    let events = fight(&sys, "Batman", "Superman").await;
-    let key = events[0].json()["key"].as_str().unwrap().to_owned();
-    let url = format!("{}/v1/fights/{key}", sys.api_url());
-    assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
-
-    let run = versus(&sys, Some(TOKEN), &["purge", &key]).await;
-    assert_eq!(run.code, Some(0));
-    assert!(
-        run.stdout.contains(&format!("purged {key}")),
-        "{}",
-        run.stdout
-    );
-    assert_eq!(http().get(&url).send().await.unwrap().status(), 404);
-
-    let again = versus(&sys, Some(TOKEN), &["purge", &key]).await;
-    assert_eq!(again.code, Some(1));
-    assert!(again.stderr.contains("no such answer"), "{}", again.stderr);
-
-    let bad = versus(&sys, Some(TOKEN), &["purge", "not-a-key"]).await;
-    assert_eq!(bad.code, Some(2));
-    assert!(bad.stderr.contains("not an answer key"), "{}", bad.stderr);
-
-    // The matchup was requested and has no answer now: `--popular` warms it again, once the
-    // request has been counted (popularity is aggregated in the background).
-    let pending = format!("{}/v1/admin/popular?limit=5&pending=true", sys.api_url());
-    eventually(
-        "the purged matchup is pending",
-        Duration::from_secs(30),
-        || async {
-            let list = json_of(http().get(&pending).bearer_auth(TOKEN)).await;
-            list["matchups"][0]["key"] == json!(key)
-        },
-    )
-    .await;
-    let warm = versus(&sys, Some(TOKEN), &["prewarm", "--popular", "5"]).await;
-    assert_eq!(warm.code, Some(0));
-    assert!(
-        warm.stdout
-            .contains("1 matchup: 0 already cached, 1 generated, 0 failed"),
-        "{}",
-        warm.stdout
-    );
-    assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
-    assert_eq!(sys.sim.chat_calls().await, 2);
+        let warm = versus(&sys, Some(TOKEN), &["prewarm", "--popular", "5"]).await;
+        assert_eq!(warm.code, Some(0));
+        assert!(
+            warm.stdout
+                .contains("1 matchup: 0 already cached, 1 generated, 0 failed"),
+            "{}",
+            warm.stdout
+        );
+        assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
+        assert_eq!(sys.sim.chat_calls().await, 2);
+    });
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use versus_testkit::{bin_path, eventually, free_port, sse};
 
-use crate::{http, json_of, text_of};
+use crate::{http, json_of, run, text_of};
 
 /// How long scripts/dev may take to say it is up (a new Postgres cluster included; it builds
 /// nothing: the test points it at the binaries that are there).
@@ -22,180 +22,189 @@ const UP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a script may take to stop everything after a Ctrl-C.
 pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[tokio::test]
-async fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stops_on_ctrl_c() {
-    let [http_port, pg_port, nats_port, monitor_port, sim_port] =
-        <[u16; 5]>::try_from(free_ports(5)).unwrap();
-    let mut dev = Script::start(
-        "dev",
-        &[
-            ("VERSUS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
-            ("VERSUS_PG_PORT", pg_port.to_string()),
-            ("VERSUS_NATS_PORT", nats_port.to_string()),
-            ("VERSUS_NATS_MONITOR_PORT", monitor_port.to_string()),
-            ("VERSUS_SIM_ADDR", format!("127.0.0.1:{sim_port}")),
-            ("VERSUS_WORKERS", "2".to_owned()),
-            // A dead worker's job comes back within seconds.
-            ("VERSUS_LEASE_SECS", "3".to_owned()),
-            // An answer takes two seconds: long enough to kill its worker half-way.
-            ("VERSUS_SIM_TOKENS_PER_SEC", "20".to_owned()),
-            ("VERSUS_SIM_ANSWER_TOKENS", "40".to_owned()),
-            ("VERSUS_SIM_TTFT_MS", "50".to_owned()),
-        ],
-    );
-    let up = dev
-        .line("Versus is up: ", UP_TIMEOUT)
-        .await
-        .expect("scripts/dev says it is up");
-    let api = up
-        .split("Versus is up: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the URL after `Versus is up: `")
-        .to_owned();
+#[test]
+fn scripts_dev_restarts_a_killed_worker_without_losing_the_answer_and_stops_on_ctrl_c() {
+    run(async {
+        let [http_port, pg_port, nats_port, monitor_port, sim_port] =
+            <[u16; 5]>::try_from(free_ports(5)).unwrap();
+        let mut dev = Script::start(
+            "dev",
+            &[
+                ("VERSUS_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
+                ("VERSUS_PG_PORT", pg_port.to_string()),
+                ("VERSUS_NATS_PORT", nats_port.to_string()),
+                ("VERSUS_NATS_MONITOR_PORT", monitor_port.to_string()),
+                ("VERSUS_SIM_ADDR", format!("127.0.0.1:{sim_port}")),
+                ("VERSUS_WORKERS", "2".to_owned()),
+                // A dead worker's job comes back within seconds.
+                ("VERSUS_LEASE_SECS", "3".to_owned()),
+                // An answer takes two seconds: long enough to kill its worker half-way.
+                ("VERSUS_SIM_TOKENS_PER_SEC", "20".to_owned()),
+                ("VERSUS_SIM_ANSWER_TOKENS", "40".to_owned()),
+                ("VERSUS_SIM_TTFT_MS", "50".to_owned()),
+            ],
+        );
+        let up = dev
+            .line("Versus is up: ", UP_TIMEOUT)
+            .await
+            .expect("scripts/dev says it is up");
+        let api = up
+            .split("Versus is up: ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("the URL after `Versus is up: `")
+            .to_owned();
 
-    // Its NATS has users: nobody connects anonymously, and the passwords it made for them
-    // are kept with its data, readable by their owner alone.
-    let nats = format!("nats://127.0.0.1:{nats_port}");
-    let anonymous = async_nats::connect(&nats).await;
-    assert!(
-        matches!(&anonymous, Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation),
-        "an anonymous client connected to scripts/dev's NATS: {anonymous:?}"
-    );
-    let passwords = dev.nats_passwords();
-    let admin_password = passwords
-        .iter()
-        .find_map(|(user, password)| (user == "ADMIN").then(|| password.clone()))
-        .expect("the admin's password");
-    async_nats::ConnectOptions::with_user_and_password("versus-admin".to_owned(), admin_password)
+        // Its NATS has users: nobody connects anonymously, and the passwords it made for them
+        // are kept with its data, readable by their owner alone.
+        let nats = format!("nats://127.0.0.1:{nats_port}");
+        let anonymous = async_nats::connect(&nats).await;
+        assert!(
+            matches!(
+                &anonymous,
+                Err(e) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation
+            ),
+            "an anonymous client connected to scripts/dev's NATS: {anonymous:?}"
+        );
+        let passwords = dev.nats_passwords();
+        let admin_password = passwords
+            .iter()
+            .find_map(|(user, password)| (user == "ADMIN").then(|| password.clone()))
+            .expect("the admin's password");
+        async_nats::ConnectOptions::with_user_and_password(
+            "versus-admin".to_owned(),
+            admin_password,
+        )
         .connect(&nats)
         .await
         .expect("the admin logs in");
-    // No log shows a password: not the programs', not nats-server's, not scripts/dev's.
-    dev.assert_no_password_shown();
+        // No log shows a password: not the programs', not nats-server's, not scripts/dev's.
+        dev.assert_no_password_shown();
 
-    let url = reqwest::Url::parse_with_params(
-        &format!("{api}/v1/fights/stream"),
-        &[("a", "Godzilla"), ("b", "King Kong")],
-    )
-    .unwrap()
-    .to_string();
-    let mut client = sse::open(&url, None).await;
-    let mut events = client.until_chunks(3).await;
+        let url = reqwest::Url::parse_with_params(
+            &format!("{api}/v1/fights/stream"),
+            &[("a", "Godzilla"), ("b", "King Kong")],
+        )
+        .unwrap()
+        .to_string();
+        let mut client = sse::open(&url, None).await;
+        let mut events = client.until_chunks(3).await;
 
-    // The worker that generates it: `<pid>-<uuid>`, one of scripts/dev's two.
-    let db = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("postgres://postgres@127.0.0.1:{pg_port}/versus"))
+        // The worker that generates it: `<pid>-<uuid>`, one of scripts/dev's two.
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("postgres://postgres@127.0.0.1:{pg_port}/versus"))
+            .await
+            .expect("connect to scripts/dev's Postgres");
+        let (key, owner): (String, String) =
+            sqlx::query_as("SELECT key, worker FROM generations WHERE status = 'running'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        // The workers log in as their role, not as the owner the migrations ran as.
+        let users: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT usename::text FROM pg_stat_activity
+             WHERE datname = 'versus' AND backend_type = 'client backend'
+               AND pid <> pg_backend_pid()",
+        )
+        .fetch_all(&db)
         .await
-        .expect("connect to scripts/dev's Postgres");
-    let (key, owner): (String, String) =
-        sqlx::query_as("SELECT key, worker FROM generations WHERE status = 'running'")
-            .fetch_one(&db)
-            .await
-            .unwrap();
-    // The workers log in as their role, not as the owner the migrations ran as.
-    let users: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT usename::text FROM pg_stat_activity
-         WHERE datname = 'versus' AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
-    )
-    .fetch_all(&db)
-    .await
-    .unwrap();
-    assert_eq!(users, ["versus_worker"]);
-    let victim: i32 = owner
-        .split('-')
-        .next()
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("a worker id starts with its pid: {owner}"));
-    let slot = ["worker-1", "worker-2"]
-        .into_iter()
-        .find(|name| dev.pid_file(name).map(|(pid, _)| pid) == Some(victim))
-        .unwrap_or_else(|| panic!("worker {owner} is not one scripts/dev started"));
-    signal::kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
-    let killed_at = Instant::now();
+        .unwrap();
+        assert_eq!(users, ["versus_worker"]);
+        let victim: i32 = owner
+            .split('-')
+            .next()
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("a worker id starts with its pid: {owner}"));
+        let slot = ["worker-1", "worker-2"]
+            .into_iter()
+            .find(|name| dev.pid_file(name).map(|(pid, _)| pid) == Some(victim))
+            .unwrap_or_else(|| panic!("worker {owner} is not one scripts/dev started"));
+        signal::kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+        let killed_at = Instant::now();
 
-    // The client gets the whole answer, as stored.
-    events.extend(client.collect_all().await);
-    assert_eq!(events.last().unwrap().event, "done", "{events:?}");
-    let text = text_of(&events);
-    let stored: (String, Option<String>) =
-        sqlx::query_as("SELECT status, text FROM generations WHERE key = $1")
-            .bind(&key)
-            .fetch_one(&db)
-            .await
-            .unwrap();
-    assert_eq!(stored, ("done".to_owned(), Some(text.clone())));
-    db.close().await;
+        // The client gets the whole answer, as stored.
+        events.extend(client.collect_all().await);
+        assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+        let text = text_of(&events);
+        let stored: (String, Option<String>) =
+            sqlx::query_as("SELECT status, text FROM generations WHERE key = $1")
+                .bind(&key)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!(stored, ("done".to_owned(), Some(text.clone())));
+        db.close().await;
 
-    // The killed worker is back within seconds, and scripts/dev said so.
-    dev.line(
-        &format!("{slot} exited (status 137); starting it again"),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("scripts/dev reports the worker's exit");
-    let (again, again_at) = dev
-        .line_at(
-            &format!("{slot} started again (pid "),
+        // The killed worker is back within seconds, and scripts/dev said so.
+        dev.line(
+            &format!("{slot} exited (status 137); starting it again"),
             Duration::from_secs(10),
         )
         .await
-        .expect("scripts/dev starts the worker again");
-    assert!(
-        again_at - killed_at < Duration::from_secs(5),
-        "started again {:?} after the kill",
-        again_at - killed_at
-    );
-    let new_pid: i32 = again
-        .split("(pid ")
-        .nth(1)
-        .and_then(|rest| rest.split(')').next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("a pid in {again:?}"));
-    assert_ne!(new_pid, victim);
-    let (recorded, program) = dev.pid_file(slot).expect("the worker's pid file");
-    assert_eq!(recorded, new_pid, "the pid file names the new process");
-    assert!(program.ends_with("/versus-worker"), "{program}");
-    assert!(runs(new_pid, &program), "the new worker runs");
+        .expect("scripts/dev reports the worker's exit");
+        let (again, again_at) = dev
+            .line_at(
+                &format!("{slot} started again (pid "),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("scripts/dev starts the worker again");
+        assert!(
+            again_at - killed_at < Duration::from_secs(5),
+            "started again {:?} after the kill",
+            again_at - killed_at
+        );
+        let new_pid: i32 = again
+            .split("(pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("a pid in {again:?}"));
+        assert_ne!(new_pid, victim);
+        let (recorded, program) = dev.pid_file(slot).expect("the worker's pid file");
+        assert_eq!(recorded, new_pid, "the pid file names the new process");
+        assert!(program.ends_with("/versus-worker"), "{program}");
+        assert!(runs(new_pid, &program), "the new worker runs");
 
-    // Nothing else stopped.
-    assert!(
-        dev.child.try_wait().unwrap().is_none(),
-        "scripts/dev still runs"
-    );
-    let health = http().get(format!("{api}/healthz")).send().await.unwrap();
-    assert_eq!(health.status(), 200);
-    let answer = json_of(http().get(format!("{api}/v1/fights/{key}"))).await;
-    assert_eq!(answer["text"], json!(text));
+        // Nothing else stopped.
+        assert!(
+            dev.child.try_wait().unwrap().is_none(),
+            "scripts/dev still runs"
+        );
+        let health = http().get(format!("{api}/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let answer = json_of(http().get(format!("{api}/v1/fights/{key}"))).await;
+        assert_eq!(answer["text"], json!(text));
 
-    // Ctrl-C: everything it started stops, Postgres included.
-    let started = dev.started();
-    assert_eq!(
-        started.len(),
-        6,
-        "nats, sim, 2 workers, api, postgres: {started:?}"
-    );
-    signal::killpg(Pid::from_raw(dev.pid), Signal::SIGINT).unwrap();
-    let status = tokio::time::timeout(STOP_TIMEOUT, dev.child.wait())
-        .await
-        .unwrap_or_else(|_| panic!("scripts/dev did not stop within {STOP_TIMEOUT:?}"))
-        .unwrap();
-    assert_eq!(status.code(), Some(130), "{status}");
-    eventually(
-        "every process scripts/dev started is gone",
-        Duration::from_secs(10),
-        || {
-            let left = started.iter().any(|(pid, program)| runs(*pid, program));
-            async move { !left }
-        },
-    )
-    .await;
-    let left = dev.pid_files();
-    assert!(
-        left.is_empty(),
-        "scripts/dev removes its pid files: {left:?}"
-    );
+        // Ctrl-C: everything it started stops, Postgres included.
+        let started = dev.started();
+        assert_eq!(
+            started.len(),
+            6,
+            "nats, sim, 2 workers, api, postgres: {started:?}"
+        );
+        signal::killpg(Pid::from_raw(dev.pid), Signal::SIGINT).unwrap();
+        let status = tokio::time::timeout(STOP_TIMEOUT, dev.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("scripts/dev did not stop within {STOP_TIMEOUT:?}"))
+            .unwrap();
+        assert_eq!(status.code(), Some(130), "{status}");
+        eventually(
+            "every process scripts/dev started is gone",
+            Duration::from_secs(10),
+            || {
+                let left = started.iter().any(|(pid, program)| runs(*pid, program));
+                async move { !left }
+            },
+        )
+        .await;
+        let left = dev.pid_files();
+        assert!(
+            left.is_empty(),
+            "scripts/dev removes its pid files: {left:?}"
+        );
+    });
 }
 
 /// `n` different ports that are free now.

@@ -15,6 +15,7 @@ mod chaos;
 mod claims;
 mod cli;
 mod cluster;
+mod deadlines;
 mod dev;
 mod edges;
 mod faults;
@@ -37,10 +38,40 @@ mod shutdown;
 mod text;
 mod traces;
 
+use std::future::Future;
+use std::time::Duration;
+
+pub use versus_testkit::run_within;
 use versus_testkit::{
     System, SystemBuilder,
     sse::{self, SseEvent},
 };
+
+/// How long an e2e test may run before it fails rather than stalls the run. The slowest tests
+/// (hub servers killed and Raft elections waited out, Postgres stopped past a lease,
+/// schemathesis, a browser) take up to about 25 s in a full run on a two-core machine, two
+/// tests at a time. Five minutes leave them ten times that, and leave the tests' own waits
+/// (a minute at most) room to fail with their own messages first. A test that needs longer
+/// says so with [`run_within`], as the fault run does. `VERSUS_TEST_TIMES=<file>` records how
+/// long each test took.
+pub const DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs a test's body under [`DEADLINE`]. Every e2e test is written
+///
+/// ```ignore
+/// #[test]
+/// fn a_sentence_that_states_the_promise() {
+///     run(async {
+///         // ...
+///     });
+/// }
+/// ```
+///
+/// (or with `run_within(limit, async { .. })`), never as a `#[tokio::test]`, which has no
+/// deadline: `deadlines::every_test_runs_under_a_deadline` checks it.
+pub fn run(body: impl Future<Output = ()>) {
+    run_within(DEADLINE, body);
+}
 
 /// A system whose simulator answers quickly: 40 tokens at 400 tokens/s after 50 ms.
 pub fn quick() -> SystemBuilder {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use versus_testkit::{Database, System, sse};
 
-use crate::{fight, http, json_of, quick, shape, stream_url, text_of};
+use crate::{fight, http, json_of, quick, run, shape, stream_url, text_of};
 
 /// The workers' lease (and the jobs' ack wait), in seconds, unless a test says otherwise.
 const LEASE_SECS: u64 = 3;
@@ -105,57 +105,63 @@ async fn stopped_mid_generation(a: &str, b: &str, outage: Outage) {
     assert!(unfinished.is_empty(), "{unfinished:?}");
 }
 
-#[tokio::test]
-async fn postgres_stopped_mid_generation_past_the_lease_ends_the_stream_with_a_stored_answer() {
-    // Sixty tokens at six a second: the answer is still streaming when the lease runs out
-    // unconfirmed, and the worker stops.
-    let outage = Outage {
-        lease_secs: LEASE_SECS,
-        down: OUTAGE,
-        tokens_per_sec: 6,
-        answer_tokens: 60,
-    };
-    stopped_mid_generation("Ganymede", "Callisto", outage).await;
-}
-
-#[tokio::test]
-async fn an_answer_finished_while_postgres_is_down_is_stored_once_it_is_back() {
-    // Twenty tokens at twenty a second: the answer ends a second into the outage and its
-    // cost fails to be recorded five seconds later (the pool's acquire timeout), while the
-    // lease still runs; then storing it fails too. Postgres stays down past the lease.
-    let outage = Outage {
-        lease_secs: 12,
-        down: Duration::from_secs(15),
-        tokens_per_sec: 20,
-        answer_tokens: 20,
-    };
-    stopped_mid_generation("Io", "Europa", outage).await;
-}
-
-#[tokio::test]
-async fn a_request_during_the_outage_gets_its_answer_once_postgres_is_back() {
-    let pg = Database::on_own_server().await;
-    let sys = quick()
-        .env("DATABASE_URL", pg.url.clone())
-        .worker_env("VERSUS_LEASE_SECS", LEASE_SECS.to_string())
-        .start()
-        .await;
-    pg.stop_server().await;
-    let url = stream_url(&sys, "Phobos", "Deimos");
-    let waiting = tokio::spawn(async move {
-        let mut client = sse::open(&url, None).await;
-        tokio::time::timeout(OUTAGE + SETTLE, client.collect_all()).await
+#[test]
+fn postgres_stopped_mid_generation_past_the_lease_ends_the_stream_with_a_stored_answer() {
+    run(async {
+        // Sixty tokens at six a second: the answer is still streaming when the lease runs out
+        // unconfirmed, and the worker stops.
+        let outage = Outage {
+            lease_secs: LEASE_SECS,
+            down: OUTAGE,
+            tokens_per_sec: 6,
+            answer_tokens: 60,
+        };
+        stopped_mid_generation("Ganymede", "Callisto", outage).await;
     });
-    tokio::time::sleep(OUTAGE).await;
-    pg.start_server().await;
-    let events = waiting
-        .await
-        .unwrap()
-        .expect("the stream ends once Postgres is back");
-    assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
-    let key = events[0].json()["key"].as_str().unwrap().to_owned();
-    assert_eq!(
-        row(&pg, &key).await,
-        ("done".to_owned(), Some(text_of(&events)))
-    );
+}
+
+#[test]
+fn an_answer_finished_while_postgres_is_down_is_stored_once_it_is_back() {
+    run(async {
+        // Twenty tokens at twenty a second: the answer ends a second into the outage and its
+        // cost fails to be recorded five seconds later (the pool's acquire timeout), while the
+        // lease still runs; then storing it fails too. Postgres stays down past the lease.
+        let outage = Outage {
+            lease_secs: 12,
+            down: Duration::from_secs(15),
+            tokens_per_sec: 20,
+            answer_tokens: 20,
+        };
+        stopped_mid_generation("Io", "Europa", outage).await;
+    });
+}
+
+#[test]
+fn a_request_during_the_outage_gets_its_answer_once_postgres_is_back() {
+    run(async {
+        let pg = Database::on_own_server().await;
+        let sys = quick()
+            .env("DATABASE_URL", pg.url.clone())
+            .worker_env("VERSUS_LEASE_SECS", LEASE_SECS.to_string())
+            .start()
+            .await;
+        pg.stop_server().await;
+        let url = stream_url(&sys, "Phobos", "Deimos");
+        let waiting = tokio::spawn(async move {
+            let mut client = sse::open(&url, None).await;
+            tokio::time::timeout(OUTAGE + SETTLE, client.collect_all()).await
+        });
+        tokio::time::sleep(OUTAGE).await;
+        pg.start_server().await;
+        let events = waiting
+            .await
+            .unwrap()
+            .expect("the stream ends once Postgres is back");
+        assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+        let key = events[0].json()["key"].as_str().unwrap().to_owned();
+        assert_eq!(
+            row(&pg, &key).await,
+            ("done".to_owned(), Some(text_of(&events)))
+        );
+    });
 }

@@ -11,100 +11,53 @@
 //! stored answer in the edge KV bucket.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
 };
 
 use anyhow::Context;
 use async_nats::jetstream;
-use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use versus_shared::{
     bus::{self, Bus},
     history::{self, Last},
-    key::Key,
-    traces,
-    wire::{self, Answer, Event, ImageAnswer, Job, Kind},
+    retry, traces,
+    wire::{self, Answer, ErrorCode, Event, ImageAnswer, Job, Kind},
 };
 
-use super::{Flight, Flights, Offer, lock};
+use super::{
+    flight::Flight,
+    log::Offer,
+    prefetch::{LastStored, Prefetch},
+};
+use crate::nats::LazyBus;
 
-/// A flight's first two steps, which a request takes while it reads the caches, before it
-/// knows it will wait (one round trip on a miss rather than two after the caches' one): the
-/// key's subscription, then its last stored event. Dropped unused (a hit, a refusal), it
-/// unsubscribes.
-pub struct Early {
-    began: Instant,
-    live: async_nats::Subscriber,
-    /// Moves when messages may have been lost since the subscription was made.
-    losses: watch::Receiver<u64>,
-    /// The last event stored once the subscription was in place; None until it is read.
-    last: Option<Option<Last>>,
-}
-
-impl Early {
-    /// Subscribes to the events of `key`, then reads the last one stored. None when the
-    /// subscription fails: the reader then tries again itself (and reads the last event again
-    /// when this read failed).
-    pub async fn read(bus: &Bus, kind: Kind, key: &Key) -> Option<Early> {
-        let subject = wire::events_subject(kind, key);
-        let mut early = Early::subscribe(bus, &subject).await.ok()?;
-        early.last = history::last(bus, &subject).await.ok();
-        Some(early)
-    }
-
-    /// The first step alone: the subscription, from which lost messages are counted.
-    async fn subscribe(bus: &Bus, subject: &str) -> anyhow::Result<Early> {
-        let began = Instant::now();
-        let mut losses = bus.losses.clone();
-        losses.mark_unchanged();
-        let live = bus.client.subscribe(subject.to_owned()).await?;
-        Ok(Early {
-            began,
-            live,
-            losses,
-            last: None,
-        })
-    }
-
-    /// The last event stored when the subscription was in place, if it was read.
-    pub fn last(&self) -> Option<&Option<Last>> {
-        self.last.as_ref()
-    }
-}
-
-/// Follows one flight until a terminal event, the timeout, or the last waiter leaves; then
-/// closes its log and forgets it.
-pub(super) async fn run(
-    flights: Arc<Flights>,
-    flight: Arc<Flight>,
+/// Follows one flight until a terminal event, `timeout`, or the last waiter leaves; then
+/// closes its log.
+pub(crate) async fn run(
+    bus: &LazyBus,
+    timeout: Duration,
+    flight: &Flight,
     job: Job,
-    early: Option<Box<Early>>,
+    prefetch: Option<Box<Prefetch>>,
 ) {
     let key = job.key.clone();
     let queued = AtomicBool::new(false);
-    // Flights start once the bus is found (`App::wait_on`), and it stays.
-    let Some(bus) = flights.bus.get() else {
-        flight.close(Some(Event::retryable(
-            "unavailable",
+    // Flights start once the bus is found (`Path::wait_on`), and it stays.
+    let Some(bus) = bus.get() else {
+        flight.close(Some(Event::failed_with(
+            ErrorCode::Unavailable,
             "This server cannot reach its message bus right now. Please try again shortly.",
             None,
         )));
-        flights.remove(&key, &flight);
         return;
     };
-    let reading = tokio::time::timeout(
-        flights.timeout,
-        read_events(bus, &flight, job, early, &queued),
-    );
+    let reading = tokio::time::timeout(timeout, read_events(bus, flight, job, prefetch, &queued));
     let ending = tokio::select! {
         () = flight.stop.cancelled() => None,
-        () = link_lost(bus, &queued) => Some(Event::retryable(
-            "unavailable",
+        () = link_lost(bus, &queued) => Some(Event::failed_with(
+            ErrorCode::Unavailable,
             "This server lost its link to the one that writes new answers. Please try again shortly.",
             None,
         )),
@@ -112,23 +65,18 @@ pub(super) async fn run(
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
                 tracing::warn!(%key, error = format!("{e:#}"), "following a generation failed");
-                Some(Event::retryable(
-                    "unavailable",
+                Some(Event::failed_with(
+                    ErrorCode::Unavailable,
                     "The service could not follow this answer. Please try again.",
                     None,
                 ))
             }
-            Err(_) => Some(Event::retryable(
-                "timeout",
-                "The answer took too long. Please try again.",
-                None,
-            )),
+            Err(_) => Some(Event::failed(ErrorCode::Timeout, None)),
         },
     };
     flight.close(ending);
-    flights.remove(&key, &flight);
     if traces::enabled() {
-        let outcome = match lock(&flight.log).events.last().map(|e| &**e) {
+        let outcome = match flight.log().events.last().map(|e| &**e) {
             Some(Event::Done { .. }) => "done".to_owned(),
             Some(Event::Error { code, .. }) => code.clone(),
             Some(Event::Purged) => "purged".to_owned(),
@@ -164,51 +112,89 @@ const EDGE_IDLE_CHECK: Duration = Duration::from_secs(1);
 const RESYNC_TRIES: u32 = 4;
 const RESYNC_PAUSE: Duration = Duration::from_millis(2);
 
-/// Logs the generation's events until it ends, starting from `early` when the request took
-/// the first steps. `queued` is set once the jobs stream acknowledged the job.
+/// Where a flight picks up a key's events, once the last stored one is known.
+struct Resume {
+    /// The stream sequence the job's message id names: identical misses after the same event
+    /// are one job, and a miss after a failed attempt is a new one.
+    after: u64,
+    /// Replays of the history read what follows this sequence.
+    base: u64,
+    /// A generation is under way: the job says so (`Versus-Live`), and a worker that finds
+    /// the claim taken lets it be.
+    under_way: bool,
+}
+
+/// Logs the generation's events until it ends, starting from `prefetch` when the request
+/// took the first steps. `queued` is set once the jobs stream acknowledged the job.
 async fn read_events(
     bus: &Bus,
     flight: &Flight,
     job: Job,
-    early: Option<Box<Early>>,
+    prefetch: Option<Box<Prefetch>>,
     queued: &AtomicBool,
 ) -> anyhow::Result<()> {
     let subject = wire::events_subject(job.kind, &job.key);
     // Subscribe first: the server takes this connection's messages in order, so the
     // subscription is in place before the history is read and before the job is published.
-    let Early {
+    let Prefetch {
         began,
         mut live,
-        mut losses,
+        losses,
         last,
-    } = match early {
-        Some(early) => *early,
-        None => Early::subscribe(bus, &subject).await?,
+    } = match prefetch {
+        Some(prefetch) => *prefetch,
+        None => Prefetch::subscribe(bus, &subject).await?,
     };
     // The rare or one-off steps are boxed: the reader's future stays small while it waits,
     // which is most of its life (M1 in BENCHMARKS.md).
-    // Through a NATS outage or an election of the events stream's leader, the read is tried
-    // again for as long as a job publish would be.
     let last = match last {
-        Some(last) => last,
-        None => {
-            Box::pin(
-                (|| history::last(bus, &subject))
-                    .retry(
-                        ExponentialBuilder::default()
-                            .with_min_delay(Duration::from_millis(50))
-                            .with_max_delay(Duration::from_secs(1))
-                            .with_jitter()
-                            .without_max_times()
-                            .with_total_delay(Some(crate::publish::RETRY_FOR)),
-                    )
-                    .notify(|e, delay| {
-                        tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading the last event failed; retrying");
-                    }),
-            )
-            .await?
-        }
+        LastStored::Found(last) => Some(last),
+        LastStored::Nothing => None,
+        LastStored::Unread => Box::pin(read_last(bus, &subject)).await?,
     };
+    let Some(resume) = Box::pin(resume_point(bus, flight, &job, &subject, last, &mut live)).await?
+    else {
+        return Ok(());
+    };
+    let accepted = Box::pin(publish_job(&bus.js, &job, &resume)).await?;
+    queued.store(true, Ordering::Relaxed);
+    if !accepted && flight.log().attempt.is_none() {
+        // The queue is full and nothing is being generated for this key: say so at once
+        // rather than wait for a job that was never queued.
+        flight.close(Some(Event::failed(
+            ErrorCode::Busy,
+            Some(wire::unix_ms() + QUEUE_FULL_RETRY.as_millis() as u64),
+        )));
+        return Ok(());
+    }
+    metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
+    follow(bus, flight, &job, &subject, resume.base, live, losses).await
+}
+
+/// How long a client refused for a full queue is told to wait: a full queue drains in seconds.
+const QUEUE_FULL_RETRY: Duration = Duration::from_secs(2);
+
+/// The last event stored under `subject`. Through a NATS outage or an election of the events
+/// stream's leader, the read is tried again for as long as a job publish would be.
+async fn read_last(bus: &Bus, subject: &str) -> anyhow::Result<Option<Last>> {
+    retry::last_event_read()
+        .retry(|| history::last(bus, subject))
+        .notify(|e, delay| {
+            tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading the last event failed; retrying");
+        })
+        .await
+}
+
+/// Where the flight picks up, from the `last` event stored; None when the flight ended
+/// already (a cool-down, or a history that holds the whole generation).
+async fn resume_point(
+    bus: &Bus,
+    flight: &Flight,
+    job: &Job,
+    subject: &str,
+    last: Option<Last>,
+    live: &mut async_nats::Subscriber,
+) -> anyhow::Result<Option<Resume>> {
     // A matchup cooling down after repeated failures (or refused for the day's budget) says
     // until when; before then a worker would only refuse again, so no job is published.
     if let Some(Last {
@@ -218,13 +204,13 @@ async fn read_events(
         && ended.retry_after().is_some()
     {
         flight.close(Some(ended.clone()));
-        return Ok(());
+        return Ok(None);
     }
     // The subject holds at most one attempt (workers purge before a new one). If that attempt
     // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
     // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
     // lost one.
-    let (after, base, under_way) = match last {
+    let resume = match last {
         Some(Last {
             seq,
             payload,
@@ -241,34 +227,46 @@ async fn read_events(
                 .position(|p| *p == payload)
                 .map_or(0, |i| i + 1);
             for payload in early.drain(stale..) {
-                if offer_live(bus, flight, &job, &subject, seq, payload).await? {
-                    return Ok(());
+                if offer_live(bus, flight, job, subject, seq, payload).await? {
+                    return Ok(None);
                 }
             }
-            (seq, seq, false)
+            Resume {
+                after: seq,
+                base: seq,
+                under_way: false,
+            }
         }
         Some(Last { seq, .. }) => {
-            if Box::pin(replay(bus, flight, &subject, 0)).await? {
-                return Ok(());
+            if replay(bus, flight, subject, 0).await? {
+                return Ok(None);
             }
-            (seq, 0, true)
+            Resume {
+                after: seq,
+                base: 0,
+                under_way: true,
+            }
         }
-        None => (0, 0, false),
+        None => Resume {
+            after: 0,
+            base: 0,
+            under_way: false,
+        },
     };
-    let accepted = Box::pin(publish_job(&bus.js, &job, after, under_way)).await?;
-    queued.store(true, Ordering::Relaxed);
-    if !accepted && lock(&flight.log).attempt.is_none() {
-        // The queue is full and nothing is being generated for this key: say so at once
-        // rather than wait for a job that was never queued.
-        flight.close(Some(Event::retryable(
-            "busy",
-            "Versus is busy right now. Please try again in a few seconds.",
-            // A full queue drains in seconds.
-            Some(wire::unix_ms() + 2_000),
-        )));
-        return Ok(());
-    }
-    metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
+    Ok(Some(resume))
+}
+
+/// Follows the live events until the generation ends, reading the history (after `base`)
+/// when one may have been lost.
+async fn follow(
+    bus: &Bus,
+    flight: &Flight,
+    job: &Job,
+    subject: &str,
+    base: u64,
+    mut live: async_nats::Subscriber,
+    mut losses: watch::Receiver<u64>,
+) -> anyhow::Result<()> {
     // At an edge, events also cross the leaf link, which drops them unseen while it reconnects
     // (to another hub server, say): a flight that hears nothing for a while reads the history.
     let idle = if bus.at_edge() {
@@ -279,7 +277,7 @@ async fn read_events(
     loop {
         tokio::select! {
             () = tokio::time::sleep(idle) => {
-                if Box::pin(replay(bus, flight, &subject, base)).await? {
+                if Box::pin(replay(bus, flight, subject, base)).await? {
                     return Ok(());
                 }
             }
@@ -290,14 +288,14 @@ async fn read_events(
                 if let Some(headers) = &msg.headers {
                     traces::link_foreign(&tracing::Span::current(), headers);
                 }
-                if offer_live(bus, flight, &job, &subject, base, msg.payload).await? {
+                if offer_live(bus, flight, job, subject, base, msg.payload).await? {
                     return Ok(());
                 }
             }
             changed = losses.changed() => {
                 changed.context("the NATS connection is gone")?;
                 tracing::debug!(%subject, "messages may have been lost; reading the history");
-                if Box::pin(replay(bus, flight, &subject, base)).await? {
+                if Box::pin(replay(bus, flight, subject, base)).await? {
                     return Ok(());
                 }
             }
@@ -322,7 +320,7 @@ async fn offer_live(
     for _ in 0..RESYNC_TRIES {
         match flight.offer(event.clone(), false) {
             Offer::Taken { ended } => return Ok(ended),
-            Offer::Known => return Ok(false),
+            Offer::Stale => return Ok(false),
             Offer::Gap => {}
         }
         tokio::time::sleep(pause).await;
@@ -383,13 +381,8 @@ async fn finish_from_store(
 async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow::Result<bool> {
     // Mid-generation, a NATS outage is worth waiting out (JetStream answers 503 for a moment
     // after a restart); the flight's own timeout bounds the wait.
-    let stored = (|| history::read(bus, subject, after + 1))
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(1))
-                .without_max_times(),
-        )
+    let stored = retry::history_read()
+        .retry(|| history::read(bus, subject, after + 1))
         .notify(|e, delay| {
             tracing::info!(%subject, error = format!("{e:#}"), ?delay, "reading stored events failed; retrying");
         })
@@ -399,7 +392,7 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
         match flight.offer(event.clone(), true) {
             Offer::Taken { ended: true } => return Ok(true),
             Offer::Gap => early.push(event),
-            Offer::Known => {}
+            Offer::Stale => {}
             Offer::Taken { ended: false } => {
                 // What waited for this event may follow now, and what waited for that.
                 let mut taken = true;
@@ -410,7 +403,7 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
                             Offer::Taken { ended: true } => return Ok(true),
                             Offer::Taken { ended: false } => taken = true,
                             Offer::Gap => early.push(event),
-                            Offer::Known => {}
+                            Offer::Stale => {}
                         }
                     }
                 }
@@ -426,19 +419,14 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
 /// Publishes the job; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`). A try that
 /// fails or goes unacknowledged (a NATS outage, a leader election) is made again with the same
 /// message id, so a job that had landed is not queued twice (see [`crate::publish`]).
-async fn publish_job(
-    js: &jetstream::Context,
-    job: &Job,
-    after: u64,
-    live: bool,
-) -> anyhow::Result<bool> {
+async fn publish_job(js: &jetstream::Context, job: &Job, resume: &Resume) -> anyhow::Result<bool> {
     let payload = serde_json::to_vec(job)?;
     let acked = crate::publish::job(
         js,
         wire::job_subject(job.kind),
         payload.into(),
-        wire::job_msg_id(job.kind, &job.key, after),
-        live,
+        wire::job_msg_id(job.kind, &job.key, resume.after),
+        resume.under_way,
     )
     .await;
     match acked {

@@ -9,23 +9,23 @@ use std::sync::Arc;
 use versus_shared::wire::Event;
 
 #[derive(Default)]
-pub(super) struct Log {
+pub(crate) struct Log {
     /// What waiters replay, in order.
-    pub(super) events: Vec<Arc<Event>>,
+    pub(crate) events: Vec<Arc<Event>>,
     /// No event follows (the generation ended, or the reader stopped).
-    pub(super) closed: bool,
+    pub(crate) closed: bool,
     /// The attempt the log follows, and where its text ends.
-    pub(super) attempt: Option<i32>,
+    pub(crate) attempt: Option<i32>,
     end: usize,
 }
 
 /// What the log made of an event.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Offer {
+pub(crate) enum Offer {
     /// Logged; `ended` when it ends the generation.
     Taken { ended: bool },
     /// Already held, or from an attempt the log has left behind.
-    Known,
+    Stale,
     /// It does not follow what the log holds: something before it is missing.
     Gap,
 }
@@ -34,13 +34,13 @@ impl Log {
     /// Takes `event` if it extends the generation. `stored` events come from the stream's
     /// history, in the stream's order: an operator's purge there ends the generation even if
     /// the log never saw it begin.
-    pub(super) fn offer(&mut self, event: Event, stored: bool) -> Offer {
+    pub(crate) fn offer(&mut self, event: Event, stored: bool) -> Offer {
         if self.closed {
-            return Offer::Known;
+            return Offer::Stale;
         }
         let event = match event {
             Event::Started { attempt } => match self.attempt {
-                Some(current) if attempt <= current => return Offer::Known,
+                Some(current) if attempt <= current => return Offer::Stale,
                 _ => {
                     self.attempt = Some(attempt);
                     self.end = 0;
@@ -54,10 +54,10 @@ impl Log {
             } => {
                 let stop = offset + delta.len();
                 match self.attempt {
-                    Some(current) if attempt < current => return Offer::Known,
+                    Some(current) if attempt < current => return Offer::Stale,
                     Some(current) if attempt == current => {
                         if stop <= self.end {
-                            return Offer::Known;
+                            return Offer::Stale;
                         }
                         if offset > self.end {
                             return Offer::Gap;
@@ -89,12 +89,12 @@ impl Log {
             Event::Done {
                 attempt, length, ..
             } => match self.attempt {
-                Some(current) if attempt < current => return Offer::Known,
+                Some(current) if attempt < current => return Offer::Stale,
                 Some(current) if attempt == current && length <= self.end => event,
                 _ => return Offer::Gap,
             },
             Event::Error { attempt, .. } => match self.attempt {
-                Some(current) if attempt < current => return Offer::Known,
+                Some(current) if attempt < current => return Offer::Stale,
                 Some(current) if attempt == current => event,
                 _ => return Offer::Gap,
             },
@@ -174,13 +174,13 @@ mod tests {
         }
         // The same events, live, then what follows them.
         for e in stored {
-            assert_eq!(log.offer(e, false), Offer::Known);
+            assert_eq!(log.offer(e, false), Offer::Stale);
         }
         assert_eq!(log.offer(chunk(1, 9, "."), false), TAKEN);
         assert_eq!(log.offer(done(1, 10), false), Offer::Taken { ended: true });
         assert_eq!(text(&log), "Thor wins.");
         assert_eq!(log.events.len(), 5);
-        assert_eq!(log.offer(chunk(1, 10, "more"), false), Offer::Known);
+        assert_eq!(log.offer(chunk(1, 10, "more"), false), Offer::Stale);
     }
 
     #[test]
@@ -221,8 +221,8 @@ mod tests {
         log.offer(Event::Started { attempt: 1 }, false);
         log.offer(chunk(1, 0, "Thor"), false);
         assert_eq!(log.offer(Event::Started { attempt: 2 }, false), TAKEN);
-        assert_eq!(log.offer(chunk(1, 4, " wins"), false), Offer::Known);
-        assert_eq!(log.offer(error(1), false), Offer::Known);
+        assert_eq!(log.offer(chunk(1, 4, " wins"), false), Offer::Stale);
+        assert_eq!(log.offer(error(1), false), Offer::Stale);
         assert_eq!(log.offer(chunk(2, 0, "Zeus"), false), TAKEN);
         assert_eq!(text(&log), "Zeus");
         // A first chunk of a newer attempt starts it even if `started` was missed.

@@ -1,28 +1,14 @@
-//! The miss path: however many requests of this process wait on one answer, one reader
-//! follows its generation, and every request replays that reader's log from the first event,
-//! so a request that joins late gets everything. Across API replicas, the job's
-//! `Nats-Msg-Id` makes identical misses one job.
-//!
-//! - this file: the registry of flights (one per key waited on) and their waiters;
-//! - [`log`]: the pure log that takes each event of a generation once, in order;
-//! - [`reader`]: the NATS side: the key's subscription, its stored history, the job.
-
-mod log;
-mod reader;
-
-pub use reader::Early;
+//! The registry of flights: however many requests of this process wait on one answer, one
+//! flight (and one reader) follows its generation, and every request replays the flight's log
+//! from the first event, so a request that joins late gets everything.
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, field::Empty};
 use versus_shared::{
     key::Key,
@@ -31,8 +17,11 @@ use versus_shared::{
     wire::{Event, Job},
 };
 
-use log::{Log, Offer};
-
+use super::{
+    flight::{Flight, lock},
+    prefetch::Prefetch,
+    reader,
+};
 use crate::nats::LazyBus;
 
 /// Every flight of this process, by key.
@@ -41,19 +30,6 @@ pub struct Flights {
     timeout: Duration,
     tasks: Tasks,
     live: Mutex<HashMap<Key, Arc<Flight>>>,
-}
-
-/// One generation as this process sees it.
-struct Flight {
-    log: Mutex<Log>,
-    /// Moves whenever the log grows or closes.
-    notify: watch::Sender<usize>,
-    /// Requests waiting on this flight; changed only under the `live` lock.
-    waiters: AtomicUsize,
-    /// Fires when the last waiter leaves: the reader stops.
-    stop: CancellationToken,
-    /// The reader's `flight` span, which requests that join link to (empty without traces).
-    trace: traces::Link,
 }
 
 /// Puts the miss and join counters at zero, so that rules over every lookup (hits, misses,
@@ -91,8 +67,8 @@ impl Flights {
     }
 
     /// Waits on the generation of `job.key`, starting a reader if this process has none yet
-    /// (which takes over `early`, when the request read it).
-    pub fn join(self: &Arc<Self>, job: Job, early: Option<Early>) -> Waiter {
+    /// (which takes over `prefetch`, when the request made it).
+    pub fn join(self: &Arc<Self>, job: Job, prefetch: Option<Prefetch>) -> Waiter {
         let mut live = lock(&self.live);
         let (flight, created) = match live.get(&job.key) {
             Some(flight) => (flight.clone(), None),
@@ -105,14 +81,7 @@ impl Flights {
                     versus.key = %job.key,
                     versus.outcome = Empty,
                 );
-                let (notify, _) = watch::channel(0);
-                let flight = Arc::new(Flight {
-                    log: Mutex::new(Log::default()),
-                    notify,
-                    waiters: AtomicUsize::new(0),
-                    stop: CancellationToken::new(),
-                    trace: traces::Link::of(&span),
-                });
+                let flight = Arc::new(Flight::new(0, traces::Link::of(&span)));
                 live.insert(job.key.clone(), flight.clone());
                 (flight, Some(span))
             }
@@ -122,9 +91,15 @@ impl Flights {
         let key = job.key.clone();
         if let Some(span) = created {
             metrics::counter!("versus_cache_misses_total").increment(1);
+            let (flights, flight, key) = (self.clone(), flight.clone(), key.clone());
+            // Boxed: the reader's future stays small while it waits (M1 in BENCHMARKS.md).
+            let prefetch = prefetch.map(Box::new);
             self.tasks.spawn(
-                reader::run(self.clone(), flight.clone(), job, early.map(Box::new))
-                    .instrument(span),
+                async move {
+                    reader::run(&flights.bus, flights.timeout, &flight, job, prefetch).await;
+                    forget(&mut lock(&flights.live), &key, &flight);
+                }
+                .instrument(span),
             );
         } else {
             metrics::counter!("versus_coalesced_total").increment(1);
@@ -141,13 +116,9 @@ impl Flights {
             registry: Some((self.clone(), key)),
         }
     }
-
-    /// Forgets `flight` if it is still the live one for `key`.
-    fn remove(&self, key: &Key, flight: &Arc<Flight>) {
-        forget(&mut lock(&self.live), key, flight);
-    }
 }
 
+/// Forgets `flight` if it is still the live one for `key`.
 fn forget(live: &mut HashMap<Key, Arc<Flight>>, key: &Key, flight: &Arc<Flight>) {
     if live.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
         live.remove(key);
@@ -166,14 +137,8 @@ pub struct Waiter {
 impl Waiter {
     /// A waiter on no generation that gets `event` and ends: a miss refused before any job.
     pub fn ended(event: Event) -> Waiter {
-        let (notify, rx) = watch::channel(0);
-        let flight = Arc::new(Flight {
-            log: Mutex::new(Log::default()),
-            notify,
-            waiters: AtomicUsize::new(1),
-            stop: CancellationToken::new(),
-            trace: traces::Link::default(),
-        });
+        let flight = Arc::new(Flight::new(1, traces::Link::default()));
+        let rx = flight.notify.subscribe();
         flight.close(Some(event));
         Waiter {
             flight,
@@ -187,7 +152,7 @@ impl Waiter {
     pub async fn next(&mut self) -> Option<Arc<Event>> {
         loop {
             {
-                let log = lock(&self.flight.log);
+                let log = self.flight.log();
                 if let Some(event) = log.events.get(self.next) {
                     self.next += 1;
                     return Some(event.clone());
@@ -216,40 +181,4 @@ impl Drop for Waiter {
             forget(&mut live, key, &self.flight);
         }
     }
-}
-
-impl Flight {
-    fn offer(&self, event: Event, stored: bool) -> Offer {
-        let (offer, len) = {
-            let mut log = lock(&self.log);
-            let offer = log.offer(event, stored);
-            (offer, log.events.len())
-        };
-        if matches!(offer, Offer::Taken { .. }) {
-            self.notify.send_replace(len);
-            if len == 1 {
-                // Called by the reader, inside its flight's span.
-                traces::event(&Span::current(), "first event");
-            }
-        }
-        offer
-    }
-
-    /// Closes the log, first ending it with `event` of this process's own (a timeout, a lost
-    /// bus) unless it already ended.
-    fn close(&self, event: Option<Event>) {
-        let len = {
-            let mut log = lock(&self.log);
-            if let Some(event) = event.filter(|_| !log.closed) {
-                log.events.push(Arc::new(event));
-            }
-            log.closed = true;
-            log.events.len()
-        };
-        self.notify.send_replace(len);
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

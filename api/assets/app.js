@@ -1,5 +1,15 @@
 // Versus fight page: two names in, the answer streamed token by token over EventSource
-// (GET /v1/fights/stream), and the picture requested alongside (GET /v1/images/stream).
+// (GET /v1/fights/stream), and the picture drawn alongside (GET /v1/images/stream).
+//
+// Nothing that costs money starts without the visitor's say. The API tells the page, in
+// <meta name="versus:…"> tags (api/src/preview.rs), whether the text may start as the page
+// loads and what is stored already:
+// - the Fight button (a click or the keyboard) starts the text and the picture;
+// - an address the visitor typed, or this site's own navigation, starts the text at once;
+// - a link, a pop-up or a redirect from another site shows what is stored (the answer, the
+//   picture) at once and waits for Fight before asking for anything new;
+// - a picture that is not stored is drawn only when the visitor asks: Fight, or the
+//   picture's own button. Loading an address never draws one.
 //
 // At most two streams are open at a time, one for the text and one for the picture, so
 // that several tabs still work over HTTP/1.1. A dropped connection is resumed by
@@ -20,6 +30,11 @@
   // stream and offers to retry instead of letting EventSource try forever.
   const MAX_RECONNECTS = 5;
 
+  // How long after the page is shown a press on Fight or Draw is not taken, on a page that
+  // another site opened: a click or a key meant for that site (a double click, a pop-up that
+  // opens under the pointer) must not land on Fight.
+  const SETTLE_MS = 500;
+
   const $ = (id) => document.getElementById(id);
   const form = $('fight-form');
   const inputs = { a: $('a'), b: $('b') };
@@ -35,7 +50,7 @@
   const picture = $('picture');
   const pictureFrame = picture.querySelector('.picture-frame');
   const pictureNote = $('picture-note');
-  const pictureRetry = $('picture-retry');
+  const drawButton = $('draw');
 
   // One text node that chunks are appended to, so that streaming never re-renders the answer.
   const answerText = document.createTextNode('');
@@ -43,6 +58,25 @@
 
   /** The current matchup and its open streams. */
   let current = null;
+
+  /** What the API said about the address this page was loaded from (api/src/preview.rs). */
+  const meta = (name) => document.querySelector(`meta[name="versus:${name}"]`)?.content || null;
+  const landing = {
+    /** The fight the address names (as pageUrl writes it), or null. */
+    url: fightUrl(new URLSearchParams(location.search)),
+    /** The text of a new answer may start at once: typed, or this site's own navigation. */
+    start: meta('start') === 'text',
+    /** The stored answer's key; the refusal's message, if moderation refused the matchup. */
+    answer: meta('answer'),
+    refused: meta('refused'),
+  };
+  /** The fights the visitor asked for in this page: going back to one starts it again. */
+  const asked = new Set();
+  /** The stored pictures this page knows of, by fight. */
+  const pictures = new Map();
+  if (landing.url && meta('picture')) pictures.set(landing.url, meta('picture'));
+  /** When the page was last shown (see SETTLE_MS). */
+  let shownAt = performance.now();
 
   function nameError(field, raw) {
     const name = raw.trim();
@@ -89,8 +123,24 @@
     return `/?${new URLSearchParams({ a, b })}`;
   }
 
-  /** Validates the form and starts the fight; `history` is 'push', 'replace' or 'none'. */
-  function submit(history) {
+  /** The fight an address's query names, as pageUrl writes it, or null. */
+  function fightUrl(params) {
+    if (!params.has('a') && !params.has('b')) return null;
+    return pageUrl((params.get('a') ?? '').trim(), (params.get('b') ?? '').trim());
+  }
+
+  /** Whether the text of `url`'s fight may start without a press on Fight. */
+  function mayStart(url) {
+    return asked.has(url) || (url === landing.url && landing.start);
+  }
+
+  /** Whether a press is the visitor's own: see SETTLE_MS. */
+  function settled() {
+    return landing.start || performance.now() - shownAt >= SETTLE_MS;
+  }
+
+  /** The two names, trimmed, if both are valid; else says why next to the field. */
+  function validNames() {
     const a = inputs.a.value;
     const b = inputs.b.value;
     for (const [field, value] of [['a', a], ['b', b]]) {
@@ -99,17 +149,25 @@
         stop();
         result.hidden = true;
         showFormError(field, message);
-        return;
+        return null;
       }
     }
     clearFormError();
-    const url = pageUrl(a.trim(), b.trim());
-    if (history === 'push' && url !== location.pathname + location.search) {
+    return { a: a.trim(), b: b.trim() };
+  }
+
+  /** The visitor pressed Fight (a click or the keyboard): the text and the picture start. */
+  function fight() {
+    const names = validNames();
+    if (!names) return;
+    const url = pageUrl(names.a, names.b);
+    if (url !== location.pathname + location.search) {
       window.history.pushState(null, '', url);
-    } else if (history !== 'none') {
+    } else {
       window.history.replaceState(null, '', url);
     }
-    start(a.trim(), b.trim());
+    asked.add(url);
+    start(names.a, names.b, { text: 'stream', picture: 'draw' });
   }
 
   /** Closes every open stream of the current fight. */
@@ -120,14 +178,26 @@
     current = null;
   }
 
-  function start(a, b) {
+  /**
+   * Shows the fight of `a` and `b`. `how.text`: 'stream' (ask for it: a hit costs nothing, a
+   * miss starts it), 'stored' (fetch the stored answer, never a generation), 'refused', or
+   * 'wait' (for Fight). `how.picture`: 'draw' (ask for it), 'show' (the stored one), or
+   * 'offer' (the picture's own button).
+   */
+  function start(a, b, how) {
     stop();
-    current = { a, b, text: null, picture: null, cachedKnown: false };
+    const fight = { a, b, url: pageUrl(a, b), text: null, picture: null };
+    current = fight;
     document.title = `${a} vs ${b} · Versus`;
     title.textContent = `${a} vs ${b}`;
     result.hidden = false;
-    openText(current);
-    openPicture(current);
+    if (how.text === 'stream') openText(fight);
+    else if (how.text === 'stored') showStored(fight, landing.answer);
+    else if (how.text === 'refused') showRefused(landing.refused);
+    else waitForFight();
+    if (how.picture === 'draw') openPicture(fight);
+    else if (how.picture === 'show') showPicture(fight, pictures.get(fight.url));
+    else offerPicture();
   }
 
   // --- the answer ------------------------------------------------------------------------
@@ -153,6 +223,52 @@
     errorBox.hidden = false;
     status.textContent = '';
     setState('error');
+  }
+
+  /** Clears the answer area for what comes next. */
+  function clearAnswer() {
+    answerText.data = '';
+    cachedBadge.hidden = true;
+    errorBox.hidden = true;
+  }
+
+  /** A fight that needs a new answer, on a page another site opened: nothing is asked yet. */
+  function waitForFight() {
+    clearAnswer();
+    status.textContent = 'Press Fight! to ask who would win.';
+    setState('waiting');
+  }
+
+  function showRefused(message) {
+    clearAnswer();
+    showError(message, false);
+  }
+
+  /** The stored answer by its key: `GET /v1/fights/{key}` never starts a generation. */
+  async function showStored(fight, key) {
+    clearAnswer();
+    status.textContent = 'Fetching the answer…';
+    setState('loading');
+    let body = null;
+    try {
+      const response = await fetch(`/v1/fights/${encodeURIComponent(key)}`, {
+        headers: { Accept: 'application/json' },
+      });
+      if (response.ok) body = await response.json();
+    } catch {
+      // Unreachable: the visitor may still press Fight.
+    }
+    if (current !== fight) return;
+    // Gone meanwhile (purged, withdrawn): a new answer waits for Fight like any other.
+    if (typeof body?.text !== 'string') {
+      waitForFight();
+      return;
+    }
+    title.textContent = `${body.a} vs ${body.b}`;
+    answerText.data = body.text;
+    cachedBadge.hidden = false;
+    status.textContent = body.model ? `Written by ${body.model}.` : '';
+    setState('done');
   }
 
   function openText(fight) {
@@ -253,7 +369,8 @@
   }
 
   retryButton.addEventListener('click', () => {
-    if (!current) return;
+    if (!current || !settled()) return;
+    asked.add(current.url);
     openText(current);
     if (picture.dataset.state === 'unavailable') openPicture(current);
   });
@@ -265,19 +382,43 @@
     pictureNote.textContent = note || '';
     pictureNote.hidden = !note;
     if (state !== 'ready') pictureFrame.querySelector('img')?.remove();
-    picture.setAttribute('aria-busy', String(state === 'drawing'));
+    picture.setAttribute('aria-busy', String(state === 'drawing' || state === 'loading'));
   }
 
   function pictureUnavailable(fight, message, retryable) {
     if (current !== fight) return;
     fight.picture?.close();
     setPicture('unavailable', message || 'Picture unavailable.');
-    pictureRetry.hidden = !retryable;
+    drawButton.textContent = 'Draw it again';
+    drawButton.hidden = !retryable;
+  }
+
+  /** No picture is stored, or none this page knows of: the visitor may ask for one. */
+  function offerPicture() {
+    setPicture('offered', 'No picture of this fight yet.');
+    drawButton.textContent = 'Draw the picture';
+    drawButton.hidden = false;
+  }
+
+  /** Shows the stored picture at `url`. */
+  function showPicture(fight, url) {
+    drawButton.hidden = true;
+    setPicture('loading', 'Loading the picture…');
+    const img = new Image();
+    img.alt = `An AI-drawn picture of ${fight.a} fighting ${fight.b}`;
+    img.decoding = 'async';
+    img.addEventListener('load', () => {
+      if (current !== fight) return;
+      setPicture('ready');
+      pictureFrame.append(img);
+    });
+    img.addEventListener('error', () => pictureUnavailable(fight, 'Picture unavailable.', true));
+    img.src = url;
   }
 
   function openPicture(fight) {
     fight.picture?.close();
-    pictureRetry.hidden = true;
+    drawButton.hidden = true;
     setPicture('drawing', 'Drawing the fight…');
     const source = new EventSource(streamUrl('/v1/images/stream', fight.a, fight.b));
     fight.picture = source;
@@ -289,16 +430,8 @@
     source.addEventListener('done', (event) => {
       source.close();
       const done = JSON.parse(event.data);
-      const img = new Image();
-      img.alt = `An AI-drawn picture of ${fight.a} fighting ${fight.b}`;
-      img.decoding = 'async';
-      img.addEventListener('load', () => {
-        if (current !== fight) return;
-        setPicture('ready');
-        pictureFrame.append(img);
-      });
-      img.addEventListener('error', () => pictureUnavailable(fight, 'Picture unavailable.', true));
-      img.src = done.url;
+      pictures.set(fight.url, done.url);
+      if (current === fight) showPicture(fight, done.url);
     });
     source.addEventListener('error', (event) => {
       if (event instanceof MessageEvent) {
@@ -312,14 +445,20 @@
     });
   }
 
-  pictureRetry.addEventListener('click', () => {
-    if (current) openPicture(current);
+  // The picture's own button: the visitor asks for it (a click or the keyboard).
+  drawButton.addEventListener('click', () => {
+    if (current && settled()) openPicture(current);
   });
 
   // --- the address bar -------------------------------------------------------------------
 
-  /** Shows the fight the address names, if any (on load, and on back and forward). */
-  function loadFromAddress() {
+  /**
+   * Shows the fight the address names, if any (on load, and on back and forward): its text
+   * starts only if the visitor asked for it in this page or `trusted` and the page's own
+   * address may start it (see mayStart); otherwise what is stored is shown and the rest
+   * waits for Fight. A picture is never drawn from here.
+   */
+  function loadFromAddress(trusted) {
     const params = new URLSearchParams(location.search);
     if (!params.has('a') && !params.has('b')) {
       stop();
@@ -330,18 +469,47 @@
     }
     inputs.a.value = params.get('a') ?? '';
     inputs.b.value = params.get('b') ?? '';
-    submit('none');
+    const names = validNames();
+    if (!names) return;
+    const url = pageUrl(names.a, names.b);
+    // Someone else's fragment navigation to the fight on show changes nothing.
+    if (!trusted && current?.url === url) return;
+    const landed = url === landing.url;
+    let text = 'wait';
+    if (trusted && mayStart(url)) text = 'stream';
+    else if (landed && landing.answer) text = 'stored';
+    else if (landed && landing.refused) text = 'refused';
+    start(names.a, names.b, { text, picture: pictures.has(url) ? 'show' : 'offer' });
   }
 
   form.addEventListener('submit', (event) => {
     event.preventDefault();
-    submit('push');
+    if (settled()) fight();
   });
-  window.addEventListener('popstate', loadFromAddress);
+  // Back and forward. This page makes no entry with a fragment: one is a navigation by someone
+  // else (another site can navigate a window it opened to this address plus `#…` without
+  // loading it again), which must not start what its first load did not.
+  window.addEventListener('popstate', () => loadFromAddress(location.hash === ''));
   window.addEventListener('pagehide', stop);
   // A page restored from the back-forward cache had its streams closed on the way out.
   window.addEventListener('pageshow', (event) => {
-    if (event.persisted) loadFromAddress();
+    shownAt = performance.now();
+    if (event.persisted) loadFromAddress(true);
   });
-  loadFromAddress();
+  document.addEventListener('visibilitychange', () => {
+    if (document.visibilityState === 'visible') shownAt = performance.now();
+  });
+  // A prerendered page starts nothing until the visitor actually opens it.
+  if (document.prerendering) {
+    document.addEventListener(
+      'prerenderingchange',
+      () => {
+        shownAt = performance.now();
+        loadFromAddress(true);
+      },
+      { once: true },
+    );
+  } else {
+    loadFromAddress(true);
+  }
 })();

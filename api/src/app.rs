@@ -22,7 +22,7 @@ use versus_shared::{
     objects::ObjectStoreSettings,
     tasks::Tasks,
     telemetry::PrometheusHandle,
-    wire::{self, Answer, ImageAnswer},
+    wire::{self, Answer, ImageAnswer, Kind},
 };
 
 use crate::{
@@ -31,7 +31,7 @@ use crate::{
     limits::{self, StreamSlot},
     miss,
     nats::LazyBus,
-    origin, popularity, sse,
+    origin, popularity, quota, sse,
 };
 
 /// API settings, from the environment (see `versus-api --help`).
@@ -95,6 +95,13 @@ pub struct Settings {
     /// New pictures one client may start per minute (and at once); 0: no limit.
     #[arg(long, env = "VERSUS_CLIENT_PICTURES_PER_MINUTE", default_value_t = 5)]
     pub client_pictures_per_minute: u32,
+    /// What one client's new answers may cost in a UTC day, in US dollars, counted across every
+    /// API replica and edge (each new answer or picture is charged its worst case, at
+    /// `VERSUS_PRICES`, when it starts); past it, 429 `quota_exhausted` until midnight UTC.
+    /// IPv6 clients count by their /64 and also by their /48, which may spend 16 times this.
+    /// Hits and joins of a generation in progress never count. 0: no quota.
+    #[arg(long, env = "VERSUS_CLIENT_DAILY_USD", default_value_t = 0.5)]
+    pub client_daily_usd: f64,
     /// Event streams one client may hold open at once; 0: no cap.
     #[arg(long, env = "VERSUS_CLIENT_MAX_STREAMS", default_value_t = 16)]
     pub client_max_streams: usize,
@@ -139,6 +146,8 @@ pub struct Inner {
     /// Who may start a generation (see `origin` and `limits`).
     pub origins: origin::Origins,
     pub limits: limits::Limits,
+    /// What each client's new generations may cost in a UTC day, cluster-wide.
+    pub quota: quota::Quota,
     /// The daily budget, cluster-wide: once spent, no new generation starts.
     pub budget: Arc<Budget>,
     /// Fires when this process stops: open streams hand over, waits end.
@@ -156,12 +165,19 @@ impl App {
         tasks: &Tasks,
     ) -> anyhow::Result<App> {
         let admin_token = AdminToken::parse(settings.admin_token.as_ref())?;
-        let budget = Budget::new(&settings.budget)?;
+        let budget = Budget::new(&settings.budget, &settings.models)?;
         for model in [&settings.models.chat_model, &settings.models.image_model] {
             if budget.capped() && !budget.prices.knows(model) {
                 tracing::warn!(%model, "no price for this model (VERSUS_PRICES): it is counted at the dearest known price");
             }
         }
+        let quota = quota::Quota::new(settings.client_daily_usd)?;
+        for kind in [Kind::Text, Kind::Image] {
+            if quota.on() && budget.worst_case(kind) > quota.daily_usd() {
+                tracing::warn!(%kind, worst_case_usd = budget.worst_case(kind), "VERSUS_CLIENT_DAILY_USD is below what one new answer of this kind may cost: every new one is refused `quota_exhausted`");
+            }
+        }
+        quota.zero_counters();
         cache::zero_counters(settings.hub_domain.is_some());
         miss::zero_counters();
         let (bus, purges) =
@@ -205,6 +221,7 @@ impl App {
                     settings.client_max_streams,
                     &settings.trusted_proxies,
                 )?,
+                quota,
                 budget,
                 objects: settings.objects.open()?,
                 popularity: popularity::Popularity::new(bus.client().clone()),
@@ -268,6 +285,7 @@ impl App {
             refusals: &inner.refusals,
             origins: &inner.origins,
             limits: &inner.limits,
+            quota: &inner.quota,
             budget: &inner.budget,
         }
     }

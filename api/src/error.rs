@@ -38,6 +38,10 @@ pub enum ApiError {
     /// The client started as many new answers as it may for now.
     #[error("you have asked for many new matchups; try again in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
+    /// The client's new answers used up its allowance for the UTC day
+    /// (`VERSUS_CLIENT_DAILY_USD`): until midnight UTC, `retry_after_secs` from now.
+    #[error("{}", ErrorCode::QuotaExhausted.message())]
+    QuotaExhausted { retry_after_secs: u64 },
     /// The client holds as many open streams as it may.
     #[error("you have too many answers open at once; close some and try again")]
     TooManyStreams,
@@ -89,6 +93,9 @@ impl ApiError {
             ApiError::CrossSite => of(StatusCode::FORBIDDEN, ErrorCode::CrossSite),
             ApiError::RateLimited { .. } | ApiError::TooManyStreams => {
                 of(StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited)
+            }
+            ApiError::QuotaExhausted { .. } => {
+                of(StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExhausted)
             }
         }
     }
@@ -150,7 +157,8 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ApiError::RateLimited { retry_after_secs }
+            | ApiError::QuotaExhausted { retry_after_secs } => Some(*retry_after_secs),
             ApiError::TooManyStreams => Some(STREAM_SLOT_RETRY_SECS),
             ApiError::Generation {
                 retry_after_secs, ..
@@ -179,7 +187,9 @@ pub(crate) enum Refusals {
     /// `refused`: moderation refused this matchup (asking again costs nothing).
     #[response(status = 422)]
     Refused(ErrorBody<'static>),
-    /// `rate_limited`: this client started many new answers, or holds many streams.
+    /// `rate_limited`: this client started many new answers, or holds many streams;
+    /// `quota_exhausted`: its new answers used up its allowance for the UTC day (`Retry-After`
+    /// until midnight UTC).
     #[response(status = 429, headers(("Retry-After" = u64, description = "Seconds to wait.")))]
     RateLimited(ErrorBody<'static>),
     /// `busy`, `budget_exhausted` or `unavailable`: retry later.

@@ -10,6 +10,7 @@
 //! - [`matchup`]: the names a request gives, and the key and job they derive;
 //! - [`origin`]: refusing generations that browsers start for other sites;
 //! - [`limits`]: per-client limits on new generations;
+//! - [`quota`]: the daily quota per client, counted cluster-wide in a KV bucket;
 //! - [`cache`]: the bounded in-memory caches in front of the KV bucket (hits);
 //! - [`miss`]: the miss path: the lookup, the admission of a miss (a pure decision), and one
 //!   events reader per key in this process, feeding every local waiter;
@@ -41,6 +42,7 @@ pub mod page;
 pub mod popularity;
 mod preview;
 mod publish;
+pub mod quota;
 mod ready;
 pub mod sse;
 mod traced;

@@ -3,6 +3,14 @@
 //!
 //! Every asset is revalidated on each use (`no-cache` with a strong ETag, 304 when it has not
 //! changed), so a new deploy is picked up at once and an unchanged page costs a 304.
+//!
+//! The page itself (`/`, `/?a=&b=`) is rendered for the request that asks for it: whether it
+//! may start a new answer as it loads depends on who sent the visitor (`Sec-Fetch-Site`,
+//! `Sec-Fetch-Dest`, `Referer`; see `preview`). It is therefore `private`: a CDN or a shared
+//! proxy must not hand one visitor's variant (a typed address, which starts the text) to
+//! another (a link from another site, which must wait for Fight), nor revalidate it with one
+//! visitor's headers for another. Browsers revalidate it on each use all the same, and
+//! `Vary` names the headers for any cache that keeps it.
 
 use axum::{
     Router,
@@ -15,8 +23,15 @@ use sha2::{Digest, Sha256};
 
 use crate::http::if_none_match;
 
+/// The page's caching: revalidated on each use, by the browser alone (see the module's doc).
+const PAGE_CACHE_CONTROL: &str = "private, no-cache";
+/// The request headers the page's body depends on, besides its URL and `Host`.
+const PAGE_VARY: &str = "Sec-Fetch-Site, Sec-Fetch-Dest, Referer";
+
 /// What the page may load: its own scripts and styles, streams from this API, and pictures
 /// from anywhere, since image URLs may point at a CDN or bucket (`VERSUS_PUBLIC_IMAGE_BASE_URL`).
+/// No one may frame it (`frame-ancestors`, and `X-Frame-Options` for older browsers): a framed
+/// page could be clicked by a visitor who does not see it.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self'; img-src 'self' data: https: http:; connect-src 'self'; \
      base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
@@ -85,8 +100,17 @@ pub(crate) fn html(body: String, request: &HeaderMap) -> Response {
 }
 
 fn respond(content_type: &'static str, body: Body, etag: &str, request: &HeaderMap) -> Response {
+    let page = content_type.starts_with("text/html");
     let mut headers = HeaderMap::new();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if page {
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static(PAGE_CACHE_CONTROL),
+        );
+        headers.insert(header::VARY, HeaderValue::from_static(PAGE_VARY));
+    } else {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -98,7 +122,7 @@ fn respond(content_type: &'static str, body: Body, etag: &str, request: &HeaderM
         return (StatusCode::NOT_MODIFIED, headers).into_response();
     }
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if content_type.starts_with("text/html") {
+    if page {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(CONTENT_SECURITY_POLICY),
@@ -126,6 +150,34 @@ mod tests {
             assert!(html.contains(&format!("\"{link}\"")), "{link}");
             assert!(ASSETS.iter().any(|a| a.path == link), "{link}");
         }
+    }
+
+    #[test]
+    fn the_page_is_kept_by_the_browser_alone_and_never_framed() {
+        let page = html(INDEX.to_owned(), &HeaderMap::new());
+        let header =
+            |response: &Response, name: &str| response.headers()[name].to_str().unwrap().to_owned();
+        assert_eq!(header(&page, "cache-control"), "private, no-cache");
+        assert_eq!(
+            header(&page, "vary"),
+            "Sec-Fetch-Site, Sec-Fetch-Dest, Referer"
+        );
+        assert_eq!(header(&page, "x-frame-options"), "DENY");
+        assert!(header(&page, "content-security-policy").contains("frame-ancestors 'none'"));
+        let mut again = HeaderMap::new();
+        again.insert(header::IF_NONE_MATCH, page.headers()[header::ETAG].clone());
+        let unchanged = html(INDEX.to_owned(), &again);
+        assert_eq!(unchanged.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(header(&unchanged, "cache-control"), "private, no-cache");
+        assert_eq!(
+            header(&unchanged, "vary"),
+            "Sec-Fetch-Site, Sec-Fetch-Dest, Referer"
+        );
+        // The assets are the same for everyone.
+        let script = &ASSETS[1];
+        let asset = serve(script, &etag(script.body), &HeaderMap::new());
+        assert_eq!(header(&asset, "cache-control"), "no-cache");
+        assert!(asset.headers().get("vary").is_none());
     }
 
     #[test]

@@ -4,6 +4,15 @@
 //! the fight's picture when it is drawn (else the site's own), and the address is the
 //! matchup's canonical form. Rendering never starts a generation: it costs the cache look-ups
 //! a hit costs, and nothing when the names are not valid.
+//!
+//! The same look-ups tell the page's script what it may do as it loads (`<meta
+//! name="versus:…">`, see [`Landing`]): whether the text of a new answer may start at once
+//! (only for an address the visitor typed and for this site's own navigation: a link from
+//! another site waits for the visitor to press Fight, `origin::Origins::document_may_start`),
+//! and what is stored already (the answer's key, a refusal, the picture's URL), which the page
+//! shows at once whoever sent the visitor, without asking for anything that could cost money.
+//! The page body therefore depends on `Sec-Fetch-Site`, `Sec-Fetch-Dest` and `Referer`:
+//! `page::html` keeps it out of shared caches.
 
 use std::{fmt::Write, net::SocketAddr};
 
@@ -12,7 +21,7 @@ use axum::{
     http::{HeaderMap, header},
     response::Response,
 };
-use versus_shared::wire::Kind;
+use versus_shared::wire::{ErrorCode, Kind};
 
 use crate::{
     app::App,
@@ -52,12 +61,13 @@ pub(crate) async fn index(
     headers: HeaderMap,
 ) -> Response {
     let base = app.public_base(peer, &headers);
+    let start = app.inner.origins.document_may_start(&headers, &base);
     let request = query.as_deref().map(Names::from_query);
     let preview = match request {
-        Some(Ok(request)) => app.preview(&request, &base).await,
+        Some(Ok(request)) => app.preview(&request, &base, start).await,
         _ => None,
     }
-    .unwrap_or_else(|| Preview::site(&base));
+    .unwrap_or_else(|| Preview::site(&base, start));
     page::html(preview.render(page::INDEX), &headers)
 }
 
@@ -71,11 +81,28 @@ struct Preview {
     image: String,
     image_alt: String,
     url: String,
+    landing: Landing,
+}
+
+/// What the page's script may do with the fight its address names, as it loads.
+#[derive(Debug, Default)]
+struct Landing {
+    /// The text of a new answer may start at once: the visitor typed the address, or came
+    /// from this site (or an allowed origin). Otherwise only the Fight button starts it.
+    start: bool,
+    /// The key of the stored answer, which the page fetches (`GET /v1/fights/{key}`, never a
+    /// generation) when it may not start the text.
+    answer: Option<String>,
+    /// Moderation refused the matchup: the message the page shows.
+    refused: Option<&'static str>,
+    /// The stored picture's URL. A picture that is not stored is drawn only when the visitor
+    /// asks (the Fight button or the picture's own), whoever sent them.
+    picture: Option<String>,
 }
 
 impl Preview {
     /// The site's own: no matchup.
-    fn site(base: &str) -> Preview {
+    fn site(base: &str, start: bool) -> Preview {
         Preview {
             title: SITE_TITLE.to_owned(),
             page_title: SITE_TITLE.to_owned(),
@@ -85,6 +112,12 @@ impl Preview {
             image: format!("{base}{SITE_IMAGE}"),
             image_alt: SITE_TITLE.to_owned(),
             url: format!("{base}/"),
+            // The names may still be checked by the API when the script asks (a 400 costs
+            // nothing): the page says whether it may ask on load.
+            landing: Landing {
+                start,
+                ..Landing::default()
+            },
         }
     }
 
@@ -111,13 +144,29 @@ impl Preview {
             escape(&self.image),
             escape(&self.image_alt),
         );
+        let landing = &self.landing;
+        let start = if landing.start { "text" } else { "wait" };
+        let _ = write!(head, "\n<meta name=\"versus:start\" content=\"{start}\">");
+        for (name, value) in [
+            ("answer", landing.answer.as_deref()),
+            ("refused", landing.refused),
+            ("picture", landing.picture.as_deref()),
+        ] {
+            if let Some(value) = value {
+                let _ = write!(
+                    head,
+                    "\n<meta name=\"versus:{name}\" content=\"{}\">",
+                    escape(value)
+                );
+            }
+        }
         page.replacen(MARKER, &head, 1)
     }
 }
 
 impl App {
     /// The preview of the matchup `request` names, or none if its names are not valid.
-    async fn preview(&self, request: &Names, base: &str) -> Option<Preview> {
+    async fn preview(&self, request: &Names, base: &str, start: bool) -> Option<Preview> {
         let text = self.ask(request, Kind::Text).ok()?;
         let image = self.key_of(Kind::Image, &text.matchup);
         let (answer, picture) = tokio::join!(
@@ -137,20 +186,21 @@ impl App {
                  being written."
             ),
         };
+        let picture = picture.map(|cached| {
+            image_url(
+                self.inner.settings.public_image_base_url.as_deref(),
+                &cached.value,
+            )
+        });
         let image = match &picture {
-            Some(cached) => {
-                let url = image_url(
-                    self.inner.settings.public_image_base_url.as_deref(),
-                    &cached.value,
-                );
-                if url.starts_with('/') {
-                    format!("{base}{url}")
-                } else {
-                    url
-                }
-            }
+            Some(url) if url.starts_with('/') => format!("{base}{url}"),
+            Some(url) => url.clone(),
             None => format!("{base}{SITE_IMAGE}"),
         };
+        // A refusal is stored like an answer, and shown at once like one; a page that may
+        // start the text learns of it from the stream, at no cost either.
+        let refused =
+            !start && answer.is_none() && self.inner.refusals.refused(Kind::Text, &text.key).await;
         let (lo, hi) = names.canonical_pair();
         Some(Preview {
             title: format!("{a} vs {b}"),
@@ -159,6 +209,12 @@ impl App {
             image_alt: format!("{a} vs {b}, drawn by an AI"),
             image,
             url: format!("{base}/?a={}&b={}", encode(lo), encode(hi)),
+            landing: Landing {
+                start,
+                answer: answer.map(|_| text.key.to_string()),
+                refused: refused.then(|| ErrorCode::Refused.message()),
+                picture,
+            },
         })
     }
 
@@ -248,6 +304,12 @@ mod tests {
             image: "http://h/x.png?a=\"".to_owned(),
             image_alt: "<b>".to_owned(),
             url: "http://h/?a=x&b=y".to_owned(),
+            landing: Landing {
+                start: false,
+                answer: None,
+                refused: None,
+                picture: Some("http://h/x.png?a=\"<".to_owned()),
+            },
         };
         let html = preview.render(page::INDEX);
         assert!(!html.contains("<script>alert"), "{html}");
@@ -258,11 +320,36 @@ mod tests {
         assert!(html.contains("<title>&lt;script&gt;"));
         assert!(html.contains("content=\"a &gt; b\""));
         assert!(html.contains("href=\"http://h/?a=x&amp;b=y\""));
+        assert!(
+            html.contains("<meta name=\"versus:picture\" content=\"http://h/x.png?a=&quot;&lt;\">")
+        );
+    }
+
+    #[test]
+    fn the_page_is_told_whether_it_may_start_and_what_is_stored() {
+        let wait = Preview::site("https://versus.example", false).render(page::INDEX);
+        assert_eq!(
+            wait.matches("<meta name=\"versus:start\" content=\"wait\">")
+                .count(),
+            1
+        );
+        assert!(!wait.contains("versus:answer") && !wait.contains("versus:picture"));
+        let mut preview = Preview::site("https://versus.example", true);
+        preview.landing.answer = Some("0123abcd".to_owned());
+        preview.landing.refused = Some(ErrorCode::Refused.message());
+        let html = preview.render(page::INDEX);
+        for tag in [
+            "<meta name=\"versus:start\" content=\"text\">",
+            "<meta name=\"versus:answer\" content=\"0123abcd\">",
+            "<meta name=\"versus:refused\" content=\"Versus does not answer this matchup.\">",
+        ] {
+            assert_eq!(html.matches(tag).count(), 1, "{tag}");
+        }
     }
 
     #[test]
     fn the_site_preview_fills_every_tag_once() {
-        let html = Preview::site("https://versus.example").render(page::INDEX);
+        let html = Preview::site("https://versus.example", true).render(page::INDEX);
         for tag in [
             "<link rel=\"canonical\" href=\"https://versus.example/\">",
             "<meta property=\"og:image\" content=\"https://versus.example/assets/og.png\">",

@@ -71,7 +71,8 @@ enum Command {
     Streams(memory::StreamsArgs),
     /// M1: a worker's memory with its full concurrency in flight.
     WorkerRss(memory::WorkerArgs),
-    /// R1: how fast a miss over a client's limit or the daily budget is refused.
+    /// R1: how fast a miss over a client's limit, the daily budget or a client's daily quota
+    /// is refused.
     Refuse(refuse::Args),
     /// P7 and P8: hits and misses at an edge of the cluster, beside the single node and the
     /// hub.

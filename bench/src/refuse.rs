@@ -4,9 +4,14 @@
 //! - over the client's limit: an API with `VERSUS_CLIENT_MISSES_PER_MINUTE=1`, whose one
 //!   admitted miss is spent first, answers `429 rate_limited`;
 //! - over the daily budget: an API with a budget smaller than one answer, after one answer
-//!   has been paid for, ends the stream with `error{code:"budget_exhausted"}`.
+//!   has been paid for, ends the stream with `error{code:"budget_exhausted"}`;
+//! - over the client's daily quota: an API with `VERSUS_CLIENT_DAILY_USD` below one answer's
+//!   worst case, which trusts the bench's `X-Forwarded-For`, answers `429 quota_exhausted`:
+//!   for a new client each time (the quota bucket read once per request, a round trip to
+//!   nats-server), and for one client again and again (known to the replica after its first
+//!   refusal: no round trip).
 //!
-//! Neither publishes a job; the time is the API's alone.
+//! None publishes a job; the time is the API's (and the quota bucket's) alone.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,6 +38,10 @@ pub struct Args {
     /// An API whose `VERSUS_DAILY_BUDGET_USD` is below one answer's cost.
     #[arg(long)]
     pub budget_api: String,
+    /// An API whose `VERSUS_CLIENT_DAILY_USD` is below one answer's worst case, with
+    /// `VERSUS_TRUSTED_PROXIES=127.0.0.1/32` (each request names its client).
+    #[arg(long)]
+    pub quota_api: Option<String>,
     #[arg(long)]
     pub out_dir: PathBuf,
     /// Requests of each kind.
@@ -46,6 +55,12 @@ pub struct Raw {
     pub hit: Summary,
     pub rate_limited: Summary,
     pub budget: Summary,
+    /// Over the quota, a new client each time (None in results from before the quota).
+    #[serde(default)]
+    pub quota_read: Option<Summary>,
+    /// Over the quota, one client known to the replica.
+    #[serde(default)]
+    pub quota_known: Option<Summary>,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -71,6 +86,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &client,
         args.n,
         |_| hit_url.clone(),
+        |_| None,
         |status, _| status == 200,
     )
     .await?;
@@ -85,6 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &client,
         args.n,
         |i| stream(&args.limited_api, &format!("limited-{i}")),
+        |_| None,
         |status, _| status == 429,
     )
     .await?;
@@ -110,31 +127,75 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &client,
         args.n,
         |i| stream(&args.budget_api, &format!("over-budget-{i}")),
+        |_| None,
         |status, body| status == 200 && body.contains("budget_exhausted"),
     )
     .await?;
+
+    // A client of its own per request (addresses in 10.0.0.0/8, one each): every refusal
+    // reads the client's counter from the bucket. Then one client (from TEST-NET-2), whose
+    // first refusal the replica remembers.
+    let over_quota = |status: u16, body: &str| status == 429 && body.contains("quota_exhausted");
+    let (mut quota_read, mut quota_known) = (None, None);
+    if let Some(api) = &args.quota_api {
+        quota_read = Some(
+            timed(
+                &client,
+                args.n,
+                |i| stream(api, &format!("quota-new-{i}")),
+                |i| {
+                    Some(format!(
+                        "10.{}.{}.{}",
+                        (i >> 16) & 255,
+                        (i >> 8) & 255,
+                        i & 255
+                    ))
+                },
+                over_quota,
+            )
+            .await?,
+        );
+        quota_known = Some(
+            timed(
+                &client,
+                args.n,
+                |i| stream(api, &format!("quota-known-{i}")),
+                |_| Some("198.51.100.1".to_owned()),
+                over_quota,
+            )
+            .await?,
+        );
+    }
 
     let raw = Raw {
         n: args.n,
         hit,
         rate_limited,
         budget,
+        quota_read,
+        quota_known,
     };
     crate::write_json(&args.out_dir.join(FILE), &raw)
 }
 
-/// `n` GETs of `url(i)` one after another; each must pass `ok(status, body)`.
+/// `n` GETs of `url(i)` one after another, each with `X-Forwarded-For: forwarded(i)` when
+/// that is given; each must pass `ok(status, body)`.
 async fn timed(
     client: &reqwest::Client,
     n: usize,
     url: impl Fn(usize) -> String,
+    forwarded: impl Fn(usize) -> Option<String>,
     ok: impl Fn(u16, &str) -> bool,
 ) -> anyhow::Result<Summary> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let url = url(i);
+        let mut request = client.get(&url);
+        if let Some(client) = forwarded(i) {
+            request = request.header("x-forwarded-for", client);
+        }
         let began = Instant::now();
-        let response = client.get(&url).send().await?;
+        let response = request.send().await?;
         let status = response.status().as_u16();
         let body = response.text().await?;
         samples.push(began.elapsed());
@@ -175,10 +236,10 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         method: format!(
             "{} requests of each kind, one at a time on one keep-alive connection, each with \
              new names; the baseline is a hit (`GET /v1/fights/{{key}}`) of the same answer, \
-             measured the same way. Neither refusal publishes a job or reaches a worker.",
+             measured the same way. No refusal publishes a job or reaches a worker.",
             raw.n
         ),
-        rows: vec![
+        rows: [
             row(
                 "a miss over the client's limit: 429 `rate_limited`",
                 &raw.rate_limited,
@@ -189,7 +250,23 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
                 &raw.budget,
                 true,
             ),
-        ],
+        ]
+        .into_iter()
+        .chain(raw.quota_read.as_ref().map(|s| {
+            row(
+                "a miss over the client's daily quota, a new client each time: 429 `quota_exhausted` (its counter read from the quota bucket)",
+                s,
+                true,
+            )
+        }))
+        .chain(raw.quota_known.as_ref().map(|s| {
+            row(
+                "a miss over the client's daily quota, a client the replica saw refused: 429 `quota_exhausted` (no round trip)",
+                s,
+                true,
+            )
+        }))
+        .collect(),
         notes: Vec::new(),
         skipped: None,
         appendix: String::new(),

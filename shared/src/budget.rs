@@ -18,6 +18,8 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::{config::ModelSettings, key::MAX_NAME_BYTES, kind::Kind};
+
 const DAY_SECS: u64 = 24 * 3600;
 
 /// The budget's settings, read by every binary.
@@ -32,6 +34,10 @@ pub struct BudgetSettings {
     /// per million tokens, per picture).
     #[arg(long, env = "VERSUS_PRICES", default_value = "")]
     pub prices: String,
+    /// The most of the day's budget pictures may use (0 to 1); once it is spent, new pictures
+    /// get `budget_exhausted` while text goes on until the rest is spent.
+    #[arg(long, env = "VERSUS_PICTURE_BUDGET_SHARE", default_value_t = 0.3)]
+    pub picture_budget_share: f64,
 }
 
 /// What one model costs. Missing fields cost nothing.
@@ -179,26 +185,55 @@ pub fn kv_key(day: u32) -> String {
     format!("day.{day}")
 }
 
+/// The key of what pictures cost on `day`, in the spend bucket.
+pub fn kv_image_key(day: u32) -> String {
+    format!("day.{day}.image")
+}
+
+/// A bound on the tokens of one text prompt: each byte is at most a token, the names are at
+/// most [`MAX_NAME_BYTES`] each and at most double once quoted, and the templates are short.
+const PROMPT_TOKENS_MAX: u64 = 4 * MAX_NAME_BYTES as u64 + 1024;
+
+/// A millionth of a cent: sums of prices that should reach a cap exactly still fit it.
+const ROUNDING_SLACK: f64 = 1e-8;
+
+/// What the cluster spent on one UTC day, in all and on pictures, as this process last saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DaySpend {
+    pub day: u32,
+    pub usd: f64,
+    pub image_usd: f64,
+}
+
 /// The daily budget as this process sees it, and what this process spent itself.
 pub struct Budget {
     /// US dollars per UTC day; 0 or less: no cap.
     limit: f64,
+    /// The fraction of `limit` pictures may use.
+    picture_share: f64,
     pub prices: Prices,
-    /// The newest day seen in the spend bucket, and its total.
-    seen: Mutex<(u32, f64)>,
+    /// The models answers are made with, which set what one call may cost.
+    models: ModelSettings,
+    /// The newest day seen in the spend bucket, and its totals.
+    seen: Mutex<DaySpend>,
     /// What this process spent since it started, by (kind, model): the counter of `/metrics`.
     spent: Mutex<BTreeMap<(&'static str, String), f64>>,
 }
 
 impl Budget {
-    pub fn new(settings: &BudgetSettings) -> anyhow::Result<Arc<Budget>> {
+    pub fn new(settings: &BudgetSettings, models: &ModelSettings) -> anyhow::Result<Arc<Budget>> {
         if !settings.daily_budget_usd.is_finite() || settings.daily_budget_usd < 0.0 {
             anyhow::bail!("VERSUS_DAILY_BUDGET_USD must be a number ≥ 0");
         }
+        if !(0.0..=1.0).contains(&settings.picture_budget_share) {
+            anyhow::bail!("VERSUS_PICTURE_BUDGET_SHARE must be a number from 0 to 1");
+        }
         Ok(Arc::new(Budget {
             limit: settings.daily_budget_usd,
+            picture_share: settings.picture_budget_share,
             prices: Prices::new(&settings.prices)?,
-            seen: Mutex::new((0, 0.0)),
+            models: models.clone(),
+            seen: Mutex::new(DaySpend::default()),
             spent: Mutex::new(BTreeMap::new()),
         }))
     }
@@ -208,23 +243,64 @@ impl Budget {
         self.limit > 0.0
     }
 
+    /// The day's budget, in all (with a hair of slack, so that sums of prices that should
+    /// meet it exactly do despite rounding).
+    pub fn total_cap(&self) -> f64 {
+        self.limit + ROUNDING_SLACK
+    }
+
+    /// What pictures may cost in a day (`VERSUS_PICTURE_BUDGET_SHARE` of the budget).
+    pub fn image_cap(&self) -> f64 {
+        self.limit * self.picture_share + ROUNDING_SLACK
+    }
+
     /// What the cluster spent today, as far as this process knows.
-    pub fn spent_today(&self) -> f64 {
-        let (day, total) = *lock(&self.seen);
-        if day == today() { total } else { 0.0 }
+    pub fn spent_today(&self) -> DaySpend {
+        let seen = *lock(&self.seen);
+        if seen.day == today() {
+            seen
+        } else {
+            DaySpend::default()
+        }
     }
 
-    /// Whether today's spend has reached the budget: no new generation may start.
-    pub fn exhausted(&self) -> bool {
-        self.capped() && self.spent_today() >= self.limit
+    /// Whether a new call for an answer of `kind`, at its worst case, fits in what `spent`
+    /// leaves of the day's budget and, for a picture, of the pictures' share. The workers'
+    /// reservations (`reserve_spend`) judge by the same rule, counting the calls under way too.
+    pub fn fits(&self, kind: Kind, spent: DaySpend) -> bool {
+        let worst = self.worst_case(kind);
+        !self.capped()
+            || (spent.usd + worst <= self.total_cap()
+                && (kind == Kind::Text || spent.image_usd + worst <= self.image_cap()))
     }
 
-    /// Takes `total` as `day`'s spend. Totals of one day only grow: an older, smaller total
-    /// that arrives late is ignored.
-    pub fn observe(&self, day: u32, total: f64) {
+    /// Whether no new generation of `kind` may start today, as far as this process knows: the
+    /// budget (for a picture, or the pictures' share of it) has no room for one more call.
+    pub fn exhausted_for(&self, kind: Kind) -> bool {
+        !self.fits(kind, self.spent_today())
+    }
+
+    /// The most one call for an answer of `kind` may cost: what is reserved before it is made
+    /// (a text answer's longest prompt and answer, a picture's price).
+    pub fn worst_case(&self, kind: Kind) -> f64 {
+        match kind {
+            Kind::Text => self
+                .prices
+                .of(&self.models.chat_model)
+                .tokens(PROMPT_TOKENS_MAX, u64::from(self.models.max_answer_tokens)),
+            Kind::Image => self.prices.of(&self.models.image_model).per_image,
+        }
+    }
+
+    /// Takes `spent` as its day's spend. Totals of one day only grow: older, smaller totals
+    /// that arrive late are ignored.
+    pub fn observe(&self, spent: DaySpend) {
         let mut seen = lock(&self.seen);
-        if day > seen.0 || (day == seen.0 && total > seen.1) {
-            *seen = (day, total);
+        if spent.day > seen.day {
+            *seen = spent;
+        } else if spent.day == seen.day {
+            seen.usd = seen.usd.max(spent.usd);
+            seen.image_usd = seen.image_usd.max(spent.image_usd);
         }
     }
 
@@ -250,7 +326,7 @@ impl Budget {
                 "versus_spend_usd_total{{kind=\"{kind}\",model=\"{model}\"}} {usd}"
             );
         }
-        let today = self.spent_today();
+        let today = self.spent_today().usd;
         let _ = write!(
             out,
             "# HELP versus_budget_spent_today_usd US dollars spent today (UTC), cluster-wide.\n\
@@ -262,13 +338,28 @@ impl Budget {
             self.limit.max(0.0)
         );
         if self.capped() {
+            let seen = self.spent_today();
             let _ = write!(
                 out,
                 "# HELP versus_budget_remaining_usd US dollars left in today's budget.\n\
                  # TYPE versus_budget_remaining_usd gauge\n\
-                 versus_budget_remaining_usd {}\n",
-                (self.limit - today).max(0.0)
+                 versus_budget_remaining_usd {}\n\
+                 # HELP versus_budget_picture_spent_today_usd US dollars pictures cost today (UTC).\n\
+                 # TYPE versus_budget_picture_spent_today_usd gauge\n\
+                 versus_budget_picture_spent_today_usd {}\n\
+                 # HELP versus_budget_exhausted 1 while no new answer of this kind fits in what \
+                 is left of today's budget (for pictures, of their share).\n\
+                 # TYPE versus_budget_exhausted gauge\n",
+                (self.limit - today).max(0.0),
+                seen.image_usd,
             );
+            for kind in [Kind::Text, Kind::Image] {
+                let exhausted = u8::from(!self.fits(kind, seen));
+                let _ = writeln!(
+                    out,
+                    "versus_budget_exhausted{{kind=\"{kind}\"}} {exhausted}"
+                );
+            }
         }
     }
 
@@ -295,16 +386,32 @@ impl Budget {
     }
 
     fn take(&self, entry: &kv::Entry) {
-        let day = entry
-            .key
-            .strip_prefix("day.")
-            .and_then(|d| d.parse::<u32>().ok());
-        let total = std::str::from_utf8(&entry.value)
+        let (day, image) = match entry.key.strip_prefix("day.") {
+            Some(rest) => match rest.strip_suffix(".image") {
+                Some(day) => (day, true),
+                None => (rest, false),
+            },
+            None => return,
+        };
+        let day = day.parse::<u32>().ok();
+        let usd = std::str::from_utf8(&entry.value)
             .ok()
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite());
-        if let (Some(day), Some(total)) = (day, total) {
-            self.observe(day, total);
+        if let (Some(day), Some(usd)) = (day, usd) {
+            self.observe(if image {
+                DaySpend {
+                    day,
+                    usd: 0.0,
+                    image_usd: usd,
+                }
+            } else {
+                DaySpend {
+                    day,
+                    usd,
+                    image_usd: 0.0,
+                }
+            });
         }
     }
 }
@@ -317,12 +424,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// A text answer's worst case costs $1 (output only, 100 tokens), a picture $2.
+    const PRICES: &str = r#"{"chat": {"output_per_mtok": 10000}, "draw": {"per_image": 2}}"#;
+
     fn budget(limit: f64, prices: &str) -> Arc<Budget> {
-        Budget::new(&BudgetSettings {
-            daily_budget_usd: limit,
-            prices: prices.to_owned(),
-        })
+        budget_shared(limit, prices, 1.0)
+    }
+
+    fn budget_shared(limit: f64, prices: &str, share: f64) -> Arc<Budget> {
+        Budget::new(
+            &BudgetSettings {
+                daily_budget_usd: limit,
+                prices: prices.to_owned(),
+                picture_budget_share: share,
+            },
+            &ModelSettings {
+                chat_model: "chat".to_owned(),
+                image_model: "draw".to_owned(),
+                image_size: "1024x1024".to_owned(),
+                max_answer_tokens: 100,
+            },
+        )
         .unwrap()
+    }
+
+    fn spent(day: u32, usd: f64, image_usd: f64) -> DaySpend {
+        DaySpend {
+            day,
+            usd,
+            image_usd,
+        }
     }
 
     #[test]
@@ -339,21 +470,58 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_is_spent_when_today_reaches_it_and_yesterday_does_not_count() {
-        let b = budget(3.5, "");
-        assert!(!b.exhausted());
-        b.observe(today() - 1, 100.0);
-        assert!(!b.exhausted(), "yesterday's spend does not count today");
-        b.observe(today(), 2.4);
-        assert!(!b.exhausted());
-        b.observe(today(), 3.6);
-        assert!(b.exhausted());
-        b.observe(today(), 1.0);
-        assert!(b.exhausted(), "a late, smaller total is ignored");
-        assert!(!budget(0.0, "").exhausted());
-        let free = budget(0.0, "");
-        free.observe(today(), 1e9);
-        assert!(!free.exhausted(), "0 means no cap");
+    fn a_call_starts_only_while_its_worst_case_fits_and_yesterday_does_not_count() {
+        let b = budget(3.0, PRICES);
+        assert_eq!(b.worst_case(Kind::Text), 1.0);
+        assert_eq!(b.worst_case(Kind::Image), 2.0);
+        assert!(!b.exhausted_for(Kind::Text));
+        b.observe(spent(today() - 1, 100.0, 0.0));
+        assert!(
+            !b.exhausted_for(Kind::Text),
+            "yesterday's spend does not count today"
+        );
+        b.observe(spent(today(), 1.5, 0.0));
+        assert!(!b.exhausted_for(Kind::Text));
+        assert!(
+            b.exhausted_for(Kind::Image),
+            "1.5 + a $2 picture would pass $3"
+        );
+        b.observe(spent(today(), 2.0, 0.0));
+        assert!(
+            !b.exhausted_for(Kind::Text),
+            "2 + 1 meets $3 exactly: it fits"
+        );
+        b.observe(spent(today(), 2.5, 0.0));
+        assert!(b.exhausted_for(Kind::Text));
+        b.observe(spent(today(), 1.0, 0.0));
+        assert!(
+            b.exhausted_for(Kind::Text),
+            "a late, smaller total is ignored"
+        );
+        let free = budget(0.0, PRICES);
+        free.observe(spent(today(), 1e9, 1e9));
+        assert!(!free.exhausted_for(Kind::Image), "0 means no cap");
+    }
+
+    #[test]
+    fn pictures_stop_at_their_share_and_text_goes_on_until_the_rest_is_spent() {
+        // $10 a day, pictures at most 30% of it: one $2 picture fits, a second would not.
+        let b = budget_shared(10.0, PRICES, 0.3);
+        assert!(b.fits(Kind::Image, spent(today(), 0.0, 0.0)));
+        assert!(!b.fits(Kind::Image, spent(today(), 2.0, 2.0)));
+        assert!(b.fits(Kind::Text, spent(today(), 9.0, 2.0)));
+        assert!(!b.fits(Kind::Text, spent(today(), 9.5, 2.0)));
+        assert!(
+            Budget::new(
+                &BudgetSettings {
+                    daily_budget_usd: 1.0,
+                    prices: String::new(),
+                    picture_budget_share: 1.5,
+                },
+                &b.models,
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -361,7 +529,7 @@ mod tests {
         let b = budget(10.0, "");
         b.count("chat", "gpt-4o-mini", 0.25);
         b.count("chat", "gpt-4o-mini", 0.5);
-        b.observe(today(), 4.0);
+        b.observe(spent(today(), 4.0, 0.0));
         let mut out = String::new();
         b.render_metrics(&mut out);
         assert!(out.contains("versus_spend_usd_total{kind=\"chat\",model=\"gpt-4o-mini\"} 0.75"));

@@ -96,6 +96,10 @@ pub struct ModelSettings {
     /// Size of the picture, as the image API takes it.
     #[arg(long, env = "VERSUS_IMAGE_SIZE", default_value = "1024x1024")]
     pub image_size: String,
+    /// The most tokens one answer may have (`max_completion_tokens` of every chat request);
+    /// with the longest prompt, what a text answer reserves of the day's budget before its call.
+    #[arg(long, env = "VERSUS_MAX_ANSWER_TOKENS", default_value_t = 600)]
+    pub max_answer_tokens: u32,
 }
 
 impl ModelSettings {

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     CrossSite,
     /// The client asked for too many new answers, or holds too many streams.
     RateLimited,
+    /// The client's new answers used up its allowance for the UTC day.
+    QuotaExhausted,
 
     // A generation that ended, or was never started, without an answer (an SSE `error`, or
     // 422/502/503 from the routes that wait for the whole answer).
@@ -66,7 +68,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order the contract lists them.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::MissingName,
         ErrorCode::EmptyName,
         ErrorCode::NameTooLong,
@@ -81,6 +83,7 @@ impl ErrorCode {
         ErrorCode::Unauthorized,
         ErrorCode::CrossSite,
         ErrorCode::RateLimited,
+        ErrorCode::QuotaExhausted,
         ErrorCode::Refused,
         ErrorCode::Busy,
         ErrorCode::BudgetExhausted,
@@ -108,6 +111,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::CrossSite => "cross_site",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::QuotaExhausted => "quota_exhausted",
             ErrorCode::Refused => "refused",
             ErrorCode::Busy => "busy",
             ErrorCode::BudgetExhausted => "budget_exhausted",
@@ -130,6 +134,7 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::RateLimited
+                | ErrorCode::QuotaExhausted
                 | ErrorCode::Busy
                 | ErrorCode::BudgetExhausted
                 | ErrorCode::Unavailable
@@ -145,8 +150,8 @@ impl ErrorCode {
     pub const fn ends_generations(self) -> bool {
         match self {
             ErrorCode::Refused | ErrorCode::UpstreamRefused => true,
-            // The only retryable code of a request refused before anything was done.
-            ErrorCode::RateLimited => false,
+            // The retryable codes of a request refused before anything was done.
+            ErrorCode::RateLimited | ErrorCode::QuotaExhausted => false,
             other => other.retryable(),
         }
     }
@@ -171,6 +176,10 @@ impl ErrorCode {
                 "a new answer cannot be started from another site; open Versus itself to ask"
             }
             ErrorCode::RateLimited => "you have asked for many new matchups; try again later",
+            ErrorCode::QuotaExhausted => {
+                "You have used today's allowance of new answers; try again after midnight UTC. \
+                 Answers already written still work."
+            }
             ErrorCode::Refused => "Versus does not answer this matchup.",
             ErrorCode::Busy => "Versus is busy right now. Please try again in a few seconds.",
             ErrorCode::BudgetExhausted => {

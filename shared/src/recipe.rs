@@ -126,6 +126,7 @@ mod tests {
             chat_model: "gpt-4o-mini".to_owned(),
             image_model: "gpt-image-1".to_owned(),
             image_size: "1024x1024".to_owned(),
+            max_answer_tokens: 600,
         }
     }
 

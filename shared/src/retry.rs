@@ -147,6 +147,24 @@ pub fn answer_write() -> Policy {
     )
 }
 
+/// The Postgres write of what calls cost (a batch of spend records, which settle their
+/// reservations): what was paid is recorded, so the write is tried again, 100 ms doubling up to
+/// 5 s, jittered, for up to [`SPEND_WRITE_FOR`]; past that the records are logged as lost and
+/// their reservations expire.
+pub fn spend_write() -> Policy {
+    Policy(
+        ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(SPEND_WRITE_FOR)),
+    )
+}
+
+/// How long a batch of spend records is tried: longer than a Postgres failover.
+pub const SPEND_WRITE_FOR: Duration = Duration::from_secs(300);
+
 /// A picture's upload to the object store, from the bytes in hand (a picture is paid for):
 /// 200 ms doubling up to 5 s, jittered, without a count; the worker stops after
 /// `VERSUS_STORE_RETRY_SECS`.
@@ -157,6 +175,20 @@ pub fn picture_upload() -> Policy {
             .with_max_delay(Duration::from_secs(5))
             .with_jitter()
             .without_max_times(),
+    )
+}
+
+/// A compare-and-set of a client's daily quota (the API's `quota`) that a concurrent charge of
+/// the same client beat (its revision moved): read again and try again after 5 ms doubling up
+/// to 100 ms, jittered, 8 times more at most. Only one client's own requests contend for its
+/// counter, so a client that still loses after that is told to slow down.
+pub fn quota_charge() -> Policy {
+    Policy(
+        ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(5))
+            .with_max_delay(Duration::from_millis(100))
+            .with_max_times(8)
+            .with_jitter(),
     )
 }
 
@@ -246,6 +278,14 @@ mod tests {
             delays.next_honoring(Some(Duration::from_secs(31)), longest),
             None
         );
+    }
+
+    #[test]
+    fn a_beaten_quota_charge_is_tried_again_briefly_and_a_few_times_only() {
+        assert!(jittered(
+            quota_charge().delays(),
+            &[5, 10, 20, 40, 80, 100, 100, 100]
+        ));
     }
 
     #[test]

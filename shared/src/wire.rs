@@ -18,6 +18,10 @@
 //! - KV bucket `versus_spend`, key `day.<n>`: the total the cluster spent on UTC day `n`
 //!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
 //!   process watches it (see `budget`).
+//! - KV bucket `versus_quota`, key `day.<n>.<client bucket>`: what one client (an IPv4
+//!   address, an IPv6 /64 or /48) may still start on UTC day `n` is its daily quota less this,
+//!   in millionths of a US dollar; every API replica adds to it with compare-and-set (see the
+//!   API's `quota`).
 
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +38,9 @@ pub const ANSWERS_BUCKET: &str = "versus_answers";
 /// KV bucket: each UTC day's upstream spend in US dollars, key `day.<days since 1970>`
 /// (see `budget`).
 pub const SPEND_BUCKET: &str = "versus_spend";
+/// KV bucket: what each client's new generations were charged on a UTC day, cluster-wide, in
+/// millionths of a US dollar (the API's `quota`; workers declare it, the API reads and writes it).
+pub const QUOTA_BUCKET: &str = "versus_quota";
 /// The durable pull consumer every worker shares for interactive jobs.
 pub const WORKERS_CONSUMER: &str = "versus-workers";
 /// The durable pull consumer for pre-warm jobs.

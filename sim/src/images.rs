@@ -34,10 +34,34 @@ struct ImageRequest {
 }
 
 pub async fn generations(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
-    let mut call = Call::arrived(CallKind::Image);
-    call.prompt_sha256 = openai::sha256_hex(&body);
-    let reply = generate(&sim, &headers, &body, &mut call).await;
-    openai::conclude(&sim, call, reply).await
+    let mut pending = Pending {
+        sim: sim.clone(),
+        call: Call::arrived(CallKind::Image),
+        concluded: false,
+    };
+    pending.call.prompt_sha256 = openai::sha256_hex(&body);
+    let reply = generate(&sim, &headers, &body, &mut pending.call).await;
+    pending.concluded = true;
+    openai::conclude(&sim, pending.call.clone(), reply).await
+}
+
+/// An image call whose handler has not concluded: if its client leaves first (its own
+/// timeout), the call is recorded all the same, with no status, as a real server that went on
+/// drawing bills it.
+struct Pending {
+    sim: Sim,
+    call: Call,
+    concluded: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.concluded {
+            let mut call = self.call.clone();
+            call.status = 0;
+            self.sim.record(call);
+        }
+    }
 }
 
 async fn generate(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) -> Reply {

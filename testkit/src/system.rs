@@ -188,11 +188,12 @@ impl SystemBuilder {
             ("DATABASE_URL".to_owned(), db.url_as("versus_api")),
         ];
         // Every test client is 127.0.0.1: the per-client limits (new generations, open
-        // streams) are off unless a test of them sets them.
+        // streams, the daily quota) are off unless a test of them sets them.
         for limit in [
             "VERSUS_CLIENT_MISSES_PER_MINUTE",
             "VERSUS_CLIENT_PICTURES_PER_MINUTE",
             "VERSUS_CLIENT_MAX_STREAMS",
+            "VERSUS_CLIENT_DAILY_USD",
         ] {
             api_envs.push((limit.to_owned(), "0".to_owned()));
         }

@@ -36,7 +36,21 @@ impl<In: Send + 'static, Out: Send + 'static> Batcher<In, Out> {
     /// Starts the task, on `tasks`, that takes the requests waiting (up to [`MAX_BATCH`]) and
     /// runs `run` on them, one batch at a time. `run` answers each request of the batch, in
     /// order: the callers of requests it gives no answer for get [`Stopped`].
-    pub fn start<F, Fut>(tasks: &Tasks, mut run: F) -> Batcher<In, Out>
+    pub fn start<F, Fut>(tasks: &Tasks, run: F) -> Batcher<In, Out>
+    where
+        F: FnMut(Vec<In>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<Out>> + Send,
+    {
+        Batcher::start_with(tasks, run, |_| {})
+    }
+
+    /// [`Batcher::start`], handing each answer whose caller stopped waiting to `undelivered`
+    /// (an answer that holds something, such as a reservation, that must not be lost).
+    pub fn start_with<F, Fut>(
+        tasks: &Tasks,
+        mut run: F,
+        undelivered: impl Fn(Out) + Send + 'static,
+    ) -> Batcher<In, Out>
     where
         F: FnMut(Vec<In>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<Out>> + Send,
@@ -48,12 +62,21 @@ impl<In: Send + 'static, Out: Send + 'static> Batcher<In, Out> {
                 let (inputs, replies): (Vec<In>, Vec<_>) = batch.drain(..).unzip();
                 let outputs = run(inputs).await;
                 for (reply, output) in replies.into_iter().zip(outputs) {
-                    // A caller that stopped waiting (its job was dropped) needs no answer.
-                    let _ = reply.send(output);
+                    // A caller that stopped waiting (its job was dropped) gets no answer.
+                    if let Err(output) = reply.send(output) {
+                        undelivered(output);
+                    }
                 }
             }
         });
         Batcher { requests }
+    }
+
+    /// Puts `input` in the next batch without waiting for its answer (from where one cannot
+    /// wait, such as a `Drop`).
+    pub fn send(&self, input: In) -> Result<(), Stopped> {
+        let (reply, _) = oneshot::channel();
+        self.requests.send((input, reply)).map_err(|_| Stopped)
     }
 
     /// Puts `input` in the next batch and waits for its answer.

@@ -27,6 +27,7 @@ use crate::{
     lane::Lane,
     moderation::Refusal,
     openai::UpstreamError,
+    spend::{Paid, Reservation},
 };
 
 /// Heartbeats per lease: the lease is extended every third of it, so that a heartbeat that
@@ -66,8 +67,17 @@ pub trait Generation: Sync + Sized {
     /// The finished answer as the edge KV bucket holds it.
     type Answer: Serialize + Send + Sync;
 
-    /// Makes the first upstream call, once [`opening`] found the names fit to ask about.
-    fn open(&self, ctx: &Ctx, job: &Job) -> impl Future<Output = Self::Opened> + Send;
+    /// What one upstream call for `job` is, for its reservation of the day's budget.
+    fn paid<'a>(&self, job: &'a Job) -> Paid<'a>;
+
+    /// Makes the first upstream call, once [`opening`] found the names fit to ask about and
+    /// reserved the call's share of the day's budget.
+    fn open(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        reservation: Reservation,
+    ) -> impl Future<Output = Self::Opened> + Send;
 
     /// Makes the answer from the first call's result, retrying within the budget and
     /// publishing what clients may see on the way. A try that starts over under a new attempt
@@ -119,6 +129,16 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A call whose share of the budget could not be reserved (Postgres is out of reach):
+    /// nothing was asked of the upstream, and nothing is said about the matchup.
+    pub fn unreserved(error: anyhow::Error) -> Failure {
+        Failure {
+            code: ErrorCode::Unavailable,
+            detail: format!("reserving the budget failed: {error:#}"),
+            counts: false,
+        }
+    }
+
     /// A failure of the moderation endpoint: nothing unchecked is generated, and nothing is
     /// said about the matchup.
     fn moderation(error: UpstreamError) -> Failure {
@@ -158,6 +178,8 @@ pub enum Ended<T> {
     /// Moderation refused what was asked for (or what was made): nothing is stored but the
     /// refusal.
     Refused(Refusal),
+    /// The day's budget (or the pictures' share of it) has no room for the next call.
+    OverBudget,
 }
 
 /// Puts `versus_generations_total` of every kind and result at zero (see
@@ -174,17 +196,25 @@ pub fn zero_counters() {
 /// What [`opening`] gives: the first call's result, or why the generation ends before it.
 pub type Opening<G> = Result<<G as Generation>::Opened, Ended<<G as Generation>::Made>>;
 
-/// The names go to moderation, and the upstream is asked only once they pass. Nothing here is
-/// published or stored: it may run before the claim is won, and be dropped if it is not.
+/// The names go to moderation while the first call's share of the budget is reserved, and the
+/// upstream is asked only once both are done: the names passed, and the budget had room.
+/// Nothing here is published or stored: it may run before the claim is won, and be dropped if
+/// it is not (a reservation whose call never began is released).
 pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Opening<G> {
-    match ctx
-        .moderator
-        .check(&ctx.openai, "names", &generation.screened())
-        .await
-    {
-        Ok(None) => Ok(generation.open(ctx, job).await),
-        Ok(Some(refusal)) => Err(Ended::Refused(refusal)),
-        Err(error) => Err(Ended::GaveUp(Failure::moderation(error))),
+    let screened = generation.screened();
+    let (verdict, reserved) = tokio::join!(
+        ctx.moderator.check(&ctx.openai, "names", &screened),
+        ctx.ledger.reserve(generation.paid(job)),
+    );
+    match verdict {
+        Ok(None) => {}
+        Ok(Some(refusal)) => return Err(Ended::Refused(refusal)),
+        Err(error) => return Err(Ended::GaveUp(Failure::moderation(error))),
+    }
+    match reserved {
+        Ok(Some(reservation)) => Ok(generation.open(ctx, job, reservation).await),
+        Ok(None) => Err(Ended::OverBudget),
+        Err(error) => Err(Ended::GaveUp(Failure::unreserved(error))),
     }
 }
 
@@ -204,7 +234,7 @@ pub async fn run<G: Generation>(
 ) -> anyhow::Result<Outcome> {
     let cell = AtomicI32::new(attempt);
     let mut publisher = Publisher::new(&ctx.bus, job);
-    if ctx.budget.exhausted() {
+    if ctx.budget.exhausted_for(job.kind) {
         return over_budget(ctx, msg, job, attempt, &mut publisher).await;
     }
     let work = async {
@@ -251,6 +281,7 @@ pub async fn run<G: Generation>(
         Ended::Refused(refusal) => refuse(ctx, job, attempt, &refusal, &mut publisher).await,
         Ended::Lost => Ok(Outcome::Ack),
         Ended::HandedOver => Ok(Outcome::Handover),
+        Ended::OverBudget => over_budget(ctx, msg, job, attempt, &mut publisher).await,
     }
 }
 
@@ -452,7 +483,7 @@ async fn guarded<T>(
             }
         }
         Ok(Ended::Lost) => tracing::warn!(key = %job.key, "claim taken over; stopping"),
-        Ok(Ended::Finished(_) | Ended::GaveUp(_) | Ended::Refused(_)) => {}
+        Ok(Ended::Finished(_) | Ended::GaveUp(_) | Ended::Refused(_) | Ended::OverBudget) => {}
     }
     ended
 }

@@ -22,8 +22,8 @@ use crate::{
     ctx::Ctx,
     events::Publisher,
     generation::{Ended, Failure, Generation},
-    openai::UpstreamError,
-    spend::Call,
+    openai::{ImageFailure, UpstreamError},
+    spend::{Call, Paid, Reservation},
 };
 
 /// The picture of one matchup.
@@ -32,6 +32,30 @@ pub struct Image {
     a: String,
     b: String,
     prompt: String,
+}
+
+impl Image {
+    /// One picture call, of the configured size, within `reservation`: what the upstream
+    /// billed is recorded, a picture it answered with or one it may have drawn before the call
+    /// timed out; a call it refused releases the reservation.
+    async fn draw(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        mut reservation: Reservation,
+    ) -> Result<Bytes, UpstreamError> {
+        let model = &job.model;
+        reservation.calling();
+        let size = &ctx.models.image_size;
+        let drawn = ctx.openai.image(model, &self.prompt, size).await;
+        match &drawn {
+            Ok(_) | Err(ImageFailure { billed: true, .. }) => {
+                reservation.spent(Call::Image { model }).await;
+            }
+            Err(_) => reservation.released().await,
+        }
+        drawn.map_err(|failure| failure.error)
+    }
 }
 
 impl Generation for Image {
@@ -53,9 +77,12 @@ impl Generation for Image {
 
     /// Asks for a picture of the configured size: the one the job names, since
     /// `versus_shared::recipe::check` dropped any job that names another.
-    async fn open(&self, ctx: &Ctx, job: &Job) -> Self::Opened {
-        let size = &ctx.models.image_size;
-        ctx.openai.image(&job.model, &self.prompt, size).await
+    fn paid<'a>(&self, job: &'a Job) -> Paid<'a> {
+        Paid::Image { model: &job.model }
+    }
+
+    async fn open(&self, ctx: &Ctx, job: &Job, reservation: Reservation) -> Self::Opened {
+        self.draw(ctx, job, reservation).await
     }
 
     /// Calls the image API again within the retry budget until the bytes are a picture, then
@@ -68,12 +95,8 @@ impl Generation for Image {
         _attempt: &AtomicI32,
         _publisher: &mut Publisher<'_>,
     ) -> anyhow::Result<Ended<Picture>> {
-        let size = &ctx.models.image_size;
         let mut backoff = ctx.openai.backoff();
         let (bytes, format) = loop {
-            if result.is_ok() {
-                ctx.ledger.record(Call::Image { model: &job.model }).await;
-            }
             // Bytes that are not a picture say something about the matchup (they count
             // towards its cool-down); an upstream that fails does not.
             let (error, not_a_picture) = match result {
@@ -93,7 +116,10 @@ impl Generation for Image {
             };
             tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
             tokio::time::sleep(delay).await;
-            result = ctx.openai.image(&job.model, &self.prompt, size).await;
+            let Some(next) = ctx.ledger.reserve(self.paid(job)).await? else {
+                return Ok(Ended::OverBudget);
+            };
+            result = self.draw(ctx, job, next).await;
         };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let path = objects::picture_path(&job.key, &sha256, format.extension);

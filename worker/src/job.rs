@@ -62,7 +62,7 @@ async fn handle_as<G: Generation>(
             .headers
             .as_ref()
             .is_none_or(|h| h.get(wire::UNDER_WAY_HEADER).is_none())
-        && !ctx.budget.exhausted();
+        && !ctx.budget.exhausted_for(job.kind);
     let (claim, opening) = if speculated {
         match future::select(claim, opening).await {
             Either::Left((claim, opening)) => (claim, Either::Left(opening)),

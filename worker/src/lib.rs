@@ -148,7 +148,7 @@ pub async fn run(
     openai::zero_counters();
     generation::zero_counters();
     purge::zero_counters();
-    let budget = Budget::new(&settings.budget)?;
+    let budget = Budget::new(&settings.budget, &settings.models)?;
     spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
     tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
@@ -166,7 +166,7 @@ pub async fn run(
         ledger,
         claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id, tasks),
         db,
-        openai: openai::Client::new(&settings.openai)?,
+        openai: openai::Client::new(&settings.openai, settings.models.max_answer_tokens)?,
         objects: settings.objects.open()?,
         lease: settings.lease(),
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),

@@ -66,9 +66,6 @@ pub struct OpenAiSettings {
     /// How long one chat call may take in all, its whole stream included (seconds).
     #[arg(long, env = "VERSUS_UPSTREAM_CALL_TIMEOUT_SECS", default_value_t = 300)]
     pub call_timeout_secs: u64,
-    /// The most tokens one answer may have (`max_completion_tokens` of every chat request).
-    #[arg(long, env = "VERSUS_MAX_ANSWER_TOKENS", default_value_t = 600)]
-    pub max_answer_tokens: u32,
     /// How long one image generation may take, download included (seconds).
     #[arg(
         long,
@@ -125,10 +122,12 @@ pub struct Client {
     base_url: String,
     api_key: Secret,
     settings: OpenAiSettings,
+    /// `max_completion_tokens` of every chat request (`VERSUS_MAX_ANSWER_TOKENS`).
+    max_answer_tokens: u32,
 }
 
 impl Client {
-    pub fn new(settings: &OpenAiSettings) -> anyhow::Result<Client> {
+    pub fn new(settings: &OpenAiSettings, max_answer_tokens: u32) -> anyhow::Result<Client> {
         versus_shared::tls::install();
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -140,6 +139,7 @@ impl Client {
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
             api_key: settings.api_key.clone(),
             settings: settings.clone(),
+            max_answer_tokens,
         })
     }
 
@@ -210,7 +210,7 @@ impl Client {
             "messages": messages,
             "stream": true,
             "stream_options": {"include_usage": true},
-            "max_completion_tokens": self.settings.max_answer_tokens,
+            "max_completion_tokens": self.max_answer_tokens,
         });
         metrics::counter!("versus_upstream_calls_total", "kind" => "chat").increment(1);
         let first_token = Duration::from_secs(self.settings.headers_timeout_secs.max(1));
@@ -311,10 +311,13 @@ impl Client {
         model: &str,
         prompt: &str,
         size: &str,
-    ) -> Result<Bytes, UpstreamError> {
+    ) -> Result<Bytes, ImageFailure> {
         self.make_image(model, prompt, size)
             .await
-            .map_err(|error| failed(&Span::current(), error))
+            .map_err(|failure| ImageFailure {
+                error: failed(&Span::current(), failure.error),
+                ..failure
+            })
     }
 
     async fn make_image(
@@ -322,7 +325,7 @@ impl Client {
         model: &str,
         prompt: &str,
         size: &str,
-    ) -> Result<Bytes, UpstreamError> {
+    ) -> Result<Bytes, ImageFailure> {
         #[derive(Deserialize)]
         struct Body {
             data: Vec<Item>,
@@ -347,29 +350,61 @@ impl Client {
         if !self.api_key.expose().is_empty() {
             request = request.bearer_auth(self.api_key.expose());
         }
-        let response = checked(request.send().await).await?;
-        let body: Body = response.json().await.map_err(|e| {
-            UpstreamError::retryable(format!("unreadable image answer: {}", describe(&e)))
+        let sent = request.send().await;
+        // No answer in time: the upstream may have drawn (and billed) the picture all the same.
+        let timed_out = matches!(&sent, Err(e) if e.is_timeout());
+        let response = checked(sent).await.map_err(|error| ImageFailure {
+            error,
+            billed: timed_out,
         })?;
-        let item = body
-            .data
-            .into_iter()
-            .next()
-            .ok_or_else(|| UpstreamError::retryable("the image answer held no image"))?;
+        // From here on the upstream answered that it drew the picture: it is billed.
+        let billed = |error| ImageFailure {
+            error,
+            billed: true,
+        };
+        let body: Body = response.json().await.map_err(|e| {
+            billed(UpstreamError::retryable(format!(
+                "unreadable image answer: {}",
+                describe(&e)
+            )))
+        })?;
+        let item =
+            body.data.into_iter().next().ok_or_else(|| {
+                billed(UpstreamError::retryable("the image answer held no image"))
+            })?;
         if let Some(b64) = item.b64_json {
             return base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map(Bytes::from)
-                .map_err(|_| UpstreamError::retryable("the image answer was not valid base64"));
+                .map_err(|_| {
+                    billed(UpstreamError::retryable(
+                        "the image answer was not valid base64",
+                    ))
+                });
         }
         let url = item.url.ok_or_else(|| {
-            UpstreamError::retryable("the image answer held neither bytes nor URL")
+            billed(UpstreamError::retryable(
+                "the image answer held neither bytes nor URL",
+            ))
         })?;
-        let download = checked(self.http.get(url).timeout(timeout).send().await).await?;
+        let download = checked(self.http.get(url).timeout(timeout).send().await)
+            .await
+            .map_err(billed)?;
         download.bytes().await.map_err(|e| {
-            UpstreamError::retryable(format!("downloading the image failed: {}", describe(&e)))
+            billed(UpstreamError::retryable(format!(
+                "downloading the image failed: {}",
+                describe(&e)
+            )))
         })
     }
+}
+
+/// A picture call that failed, and whether the upstream may bill it all the same: it answered
+/// that it drew the picture (which then could not be read), or gave no answer in time.
+#[derive(Debug)]
+pub struct ImageFailure {
+    pub error: UpstreamError,
+    pub billed: bool,
 }
 
 /// Marks `span` (an upstream call's) as failed with `error`, which holds no URL or key.

@@ -20,7 +20,7 @@ use crate::{
     events::Publisher,
     generation::{Ended, Generation},
     openai::{ChatStream, Piece, UpstreamError},
-    spend::Call,
+    spend::{Call, Paid, Reservation},
 };
 
 /// The text answer to one matchup.
@@ -29,6 +29,21 @@ pub struct Text {
     a: String,
     b: String,
     messages: [(&'static str, String); 2],
+}
+
+impl Text {
+    /// One chat call within `reservation`: settled when the call ends.
+    async fn ask(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        mut reservation: Reservation,
+    ) -> <Text as Generation>::Opened {
+        reservation.calling();
+        let asked = Instant::now();
+        let opened = ctx.openai.chat_stream(&job.model, &self.messages).await;
+        (asked, reservation, opened)
+    }
 }
 
 impl Generation for Text {
@@ -43,18 +58,22 @@ impl Generation for Text {
         }
     }
 
-    /// When the upstream was asked (for the first-token metric), and what it answered.
-    type Opened = (Instant, Result<ChatStream, UpstreamError>);
+    /// When the upstream was asked (for the first-token metric), the call's reservation, and
+    /// what the upstream answered.
+    type Opened = (Instant, Reservation, Result<ChatStream, UpstreamError>);
     /// The text and what it cost.
     type Made = (String, Usage);
     type Answer = Answer;
 
-    async fn open(&self, ctx: &Ctx, job: &Job) -> Self::Opened {
-        let asked = Instant::now();
-        (
-            asked,
-            ctx.openai.chat_stream(&job.model, &self.messages).await,
-        )
+    fn paid<'a>(&self, job: &'a Job) -> Paid<'a> {
+        Paid::Chat {
+            model: &job.model,
+            prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
+        }
+    }
+
+    async fn open(&self, ctx: &Ctx, job: &Job, reservation: Reservation) -> Self::Opened {
+        self.ask(ctx, job, reservation).await
     }
 
     /// Streams the answer into events. A try that broke after publishing text moves to a new
@@ -63,7 +82,7 @@ impl Generation for Text {
         &self,
         ctx: &Ctx,
         job: &Job,
-        (mut asked, mut opened): Self::Opened,
+        (mut asked, mut reservation, mut opened): Self::Opened,
         attempt: &AtomicI32,
         publisher: &mut Publisher<'_>,
     ) -> anyhow::Result<Ended<Self::Made>> {
@@ -110,7 +129,7 @@ impl Generation for Text {
             let error = match result {
                 Ok(usage) => {
                     let model = &job.model;
-                    ctx.ledger.record(Call::Chat { model, usage }).await;
+                    reservation.spent(Call::Chat { model, usage }).await;
                     metrics::counter!("versus_upstream_tokens_total", "type" => "prompt")
                         .increment(usage.prompt_tokens.max(0) as u64);
                     metrics::counter!("versus_upstream_tokens_total", "type" => "completion")
@@ -119,14 +138,16 @@ impl Generation for Text {
                 }
                 Err(error) => error,
             };
-            if !text.is_empty() {
+            if text.is_empty() {
+                reservation.released().await;
+            } else {
                 // Cut mid-way: what was streamed is paid for, and no usage came with it.
                 let call = Call::ChatCut {
                     model: &job.model,
                     prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
                     text_chars: text.len(),
                 };
-                ctx.ledger.record(call).await;
+                reservation.spent(call).await;
             }
             metrics::counter!("versus_upstream_errors_total", "kind" => "chat").increment(1);
             let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
@@ -143,8 +164,10 @@ impl Generation for Text {
                 publisher.start(next).await?;
                 text.clear();
             }
-            asked = Instant::now();
-            opened = ctx.openai.chat_stream(&job.model, &self.messages).await;
+            let Some(next) = ctx.ledger.reserve(self.paid(job)).await? else {
+                return Ok(Ended::OverBudget);
+            };
+            (asked, reservation, opened) = self.ask(ctx, job, next).await;
         }
     }
 

@@ -8,6 +8,7 @@ use axum::{
 };
 use serde::Serialize;
 use utoipa::ToSchema;
+use versus_shared::{budget::DaySpend, wire::Kind};
 
 use super::backends::database;
 use crate::{
@@ -66,8 +67,17 @@ pub(crate) struct Spend {
     spent_usd: f64,
     /// Left today; null when there is no cap.
     remaining_usd: Option<f64>,
-    /// Whether new generations are refused (`budget_exhausted`) until tomorrow.
+    /// Held for calls under way (each call reserves its worst case before it is made).
+    reserved_usd: f64,
+    /// What pictures may cost today (`VERSUS_PICTURE_BUDGET_SHARE` of the budget; 0: no cap).
+    picture_budget_usd: f64,
+    /// What pictures cost today.
+    picture_spent_usd: f64,
+    /// Whether new text answers are refused (`budget_exhausted`) until tomorrow: what is left
+    /// cannot hold one more answer's worst case.
     exhausted: bool,
+    /// Whether new pictures are refused so (the budget, or the pictures' share of it).
+    pictures_exhausted: bool,
     /// Seconds until the day ends (UTC) and the budget resets.
     resets_in_secs: u64,
     by_model: Vec<ModelSpend>,
@@ -96,14 +106,37 @@ pub(crate) async fn spend(State(app): State<App>) -> Result<Response, ApiError> 
     .fetch_all(app.db()?)
     .await
     .map_err(database)?;
+    let reserved_usd: f64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(usd), 0) FROM spend_reservations
+         WHERE day = DATE '1970-01-01' + $1::int AND expires_at > now()",
+    )
+    .bind(day as i32)
+    .fetch_one(app.db()?)
+    .await
+    .map_err(database)?;
     let spent: f64 = models.iter().map(|m| m.usd).sum();
-    let budget = app.inner.settings.budget.daily_budget_usd;
+    let picture_spent_usd: f64 = models
+        .iter()
+        .filter(|m| m.kind == SpendKind::Image)
+        .map(|m| m.usd)
+        .sum();
+    let today = DaySpend {
+        day,
+        usd: spent,
+        image_usd: picture_spent_usd,
+    };
+    let settings = &app.inner.settings.budget;
+    let budget = settings.daily_budget_usd;
     Ok(Json(Spend {
         day: versus_shared::budget::date_of(day),
         budget_usd: budget,
         spent_usd: spent,
         remaining_usd: (budget > 0.0).then(|| (budget - spent).max(0.0)),
-        exhausted: budget > 0.0 && spent >= budget,
+        reserved_usd,
+        picture_budget_usd: budget * settings.picture_budget_share,
+        picture_spent_usd,
+        exhausted: !app.inner.budget.fits(Kind::Text, today),
+        pictures_exhausted: !app.inner.budget.fits(Kind::Image, today),
         resets_in_secs: versus_shared::budget::until_tomorrow().as_secs(),
         by_model: models,
     })

@@ -10,9 +10,15 @@
 //! 4. **bus**: with no NATS connection, `unavailable` (retryable);
 //! 5. **hub**: at an edge whose link to the hub is down, `unavailable` (retryable);
 //! 6. **under way**: a generation under way anywhere (another replica's, a pre-warm) is
-//!    followed free of the two gates below; it is looked up only when one of them applies;
-//! 7. **budget**: once today's budget is spent, `budget_exhausted` until midnight UTC;
-//! 8. **client limit**: otherwise the flight starts, charged to the client's limit.
+//!    followed free of the three gates below; it is looked up only when one of them applies;
+//! 7. **budget**: once today's budget is spent (for a picture, or the pictures' share of it),
+//!    `budget_exhausted` until midnight UTC;
+//! 8. **client limit**: otherwise the flight starts, charged to the client's per-minute limit
+//!    (this replica's own: 429 `rate_limited`),
+//! 9. **daily quota**: and then to the client's daily quota, cluster-wide (`crate::quota`: 429
+//!    `quota_exhausted` until midnight UTC), each when it is set. Both charges are made by
+//!    [`super::path`] when it carries out [`Admission::Start`] `{ charged: true }`, in this
+//!    order, so that a client over its per-minute limit costs the quota bucket nothing.
 
 use versus_shared::wire::{self, ErrorCode, Event};
 
@@ -31,8 +37,10 @@ pub(crate) struct Facts {
     pub reach: Reach,
     /// Today's budget is spent: new answers start again at this time (Unix milliseconds).
     pub budget_spent_until: Option<u64>,
-    /// The client's limit applies to this kind of answer.
+    /// The client's per-minute limit applies to this kind of answer.
     pub limited: bool,
+    /// The client's daily quota applies (`VERSUS_CLIENT_DAILY_USD` is set).
+    pub quota: bool,
     /// Whether the events stream shows a generation under way; None until read.
     pub under_way: Option<bool>,
 }
@@ -60,7 +68,8 @@ pub(crate) enum Admission {
     ReadUnderWay,
     /// Follow the key's generation with a flight of this process, publishing its job (which
     /// starts a generation unless one is under way). `charged`: counted against the client's
-    /// limit first, which may refuse it (429 `rate_limited`).
+    /// per-minute limit, then its daily quota, first, either of which may refuse it (429
+    /// `rate_limited`, 429 `quota_exhausted`).
     Start { charged: bool },
 }
 
@@ -123,7 +132,7 @@ pub(crate) fn admit(facts: &Facts) -> Admission {
         Reach::NoHub => return Admission::End(Ending::NoHub),
         Reach::Workers => {}
     }
-    if facts.budget_spent_until.is_none() && !facts.limited {
+    if facts.budget_spent_until.is_none() && !facts.limited && !facts.quota {
         return Admission::Start { charged: false };
     }
     match facts.under_way {
@@ -148,6 +157,7 @@ mod tests {
         reach: Reach::Workers,
         budget_spent_until: None,
         limited: false,
+        quota: false,
         under_way: Some(false),
     };
 
@@ -159,6 +169,7 @@ mod tests {
         reach: Reach::NoBus,
         budget_spent_until: Some(7),
         limited: true,
+        quota: true,
         under_way: Some(false),
     };
 
@@ -224,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn gate_6_whether_a_generation_is_under_way_is_read_only_when_budget_or_limit_apply() {
+    fn gate_6_whether_a_generation_is_under_way_is_read_only_when_budget_limit_or_quota_apply() {
         let unread = Facts {
             under_way: None,
             ..OPEN
@@ -237,6 +248,10 @@ mod tests {
             },
             Facts {
                 budget_spent_until: Some(7),
+                ..unread
+            },
+            Facts {
+                quota: true,
                 ..unread
             },
         ] {
@@ -263,6 +278,7 @@ mod tests {
         let facts = Facts {
             budget_spent_until: Some(86_400_000),
             limited: true,
+            quota: true,
             ..OPEN
         };
         assert_eq!(
@@ -270,7 +286,7 @@ mod tests {
             Admission::End(Ending::BudgetSpent {
                 until_ms: 86_400_000
             }),
-            "before the client's limit is charged"
+            "before the client's limit or quota is charged"
         );
         let Event::Error {
             code,
@@ -297,5 +313,31 @@ mod tests {
             ..OPEN
         };
         assert_eq!(admit(&limited), Admission::Start { charged: true });
+    }
+
+    #[test]
+    fn gate_9_a_new_generation_is_charged_to_the_daily_quota_when_set_with_or_without_a_limit() {
+        for limited in [false, true] {
+            let facts = Facts {
+                limited,
+                quota: true,
+                ..OPEN
+            };
+            assert_eq!(admit(&facts), Admission::Start { charged: true });
+            let under_way = Facts {
+                under_way: Some(true),
+                ..facts
+            };
+            assert_eq!(
+                admit(&under_way),
+                Admission::Start { charged: false },
+                "following a generation under way costs no quota"
+            );
+            let joined = Facts {
+                followed: true,
+                ..facts
+            };
+            assert_eq!(admit(&joined), Admission::Join, "a join costs no quota");
+        }
     }
 }

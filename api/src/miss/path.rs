@@ -19,7 +19,7 @@ use super::{
     flights::{Flights, Waiter},
     prefetch::{LastStored, Prefetch},
 };
-use crate::{cache, error::ApiError, limits::Limits, nats::LazyBus, origin::Origins};
+use crate::{cache, error::ApiError, limits::Limits, nats::LazyBus, origin::Origins, quota::Quota};
 
 /// What the miss path reads and decides with: borrowed from the app's state.
 pub(crate) struct Path<'a> {
@@ -28,6 +28,7 @@ pub(crate) struct Path<'a> {
     pub refusals: &'a cache::Refusals,
     pub origins: &'a Origins,
     pub limits: &'a Limits,
+    pub quota: &'a Quota,
     pub budget: &'a Budget,
 }
 
@@ -117,9 +118,10 @@ impl Path<'_> {
             },
             budget_spent_until: self
                 .budget
-                .exhausted()
+                .exhausted_for(job.kind)
                 .then(|| wire::unix_ms() + budget::until_tomorrow().as_millis() as u64),
             limited: self.limits.limited(job.kind),
+            quota: self.quota.on(),
             under_way: miss
                 .prefetch
                 .as_ref()
@@ -147,7 +149,15 @@ impl Path<'_> {
                 }
                 Admission::Start { charged } => {
                     if charged {
+                        // The per-minute limit first: it is this replica's own, so a client
+                        // over it costs the quota bucket nothing.
                         self.limits.admit(job.kind, client)?;
+                        if let Some(bus) = bus {
+                            let worst = self.budget.worst_case(job.kind);
+                            self.quota
+                                .charge(&bus.quota, job.kind, client, worst)
+                                .await?;
+                        }
                     }
                     let waiter = self.flights.join(job, miss.prefetch);
                     // A reader spawned from this task waits in this worker thread's LIFO slot

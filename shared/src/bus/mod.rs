@@ -1,5 +1,5 @@
-//! Connecting to NATS and what Versus needs on it (the jobs and events streams, the answers and
-//! spend KV buckets).
+//! Connecting to NATS and what Versus needs on it (the jobs and events streams, the answers,
+//! spend and quota KV buckets).
 //!
 //! Each process connects as its own NATS user (`nats.conf`), and only workers may change the
 //! streams: a worker declares them (idempotently, at start-up, and again whenever one goes
@@ -104,6 +104,11 @@ pub struct Bus {
     pub nearest_answers: kv::Store,
     /// Each UTC day's spend, cluster-wide (see [`crate::budget`]).
     pub spend: kv::Store,
+    /// What each client's new generations were charged per UTC day, cluster-wide (the API's
+    /// daily quota per client). At an edge it is the hub's bucket, reached through the hub's
+    /// domain: async-nats then writes to `$JS.<hub>.API.$KV.versus_quota.<key>`, which the
+    /// hub maps to the bucket's own subjects.
+    pub quota: kv::Store,
     /// Moves whenever core NATS messages may have been lost on this connection: after a
     /// reconnect, or when a subscription overflowed. Readers of core subscriptions resync.
     pub losses: watch::Receiver<u64>,
@@ -199,7 +204,7 @@ impl Bus {
             ),
             Role::Api | Role::Worker => (jetstream::new(client.clone()), "$JS.API".to_owned()),
         };
-        let (jobs, events, answers, spend) = match role {
+        let (jobs, events, answers, spend, quota) = match role {
             Role::Worker => {
                 let topology = Topology::of(settings);
                 let declared = until_done(
@@ -255,6 +260,7 @@ impl Bus {
             answers,
             nearest_answers,
             spend,
+            quota,
             losses,
             hub_link,
         })

@@ -48,8 +48,14 @@ pub(super) async fn declare_mirror(
         .context("opening the edge's mirror of the answers bucket")
 }
 
-/// The streams and buckets: jobs, events, answers, spend.
-pub(super) type Handles = (stream::Stream, stream::Stream, kv::Store, kv::Store);
+/// The streams and buckets: jobs, events, answers, spend, quota.
+pub(super) type Handles = (
+    stream::Stream,
+    stream::Stream,
+    kv::Store,
+    kv::Store,
+    kv::Store,
+);
 
 /// What a worker declares: the streams and buckets as its settings make them, and their
 /// replicas. The watchdog declares a missing one again from the same.
@@ -59,6 +65,7 @@ pub(super) struct Topology {
     events: stream::Config,
     answers: kv::Config,
     spend: kv::Config,
+    quota: kv::Config,
     replicas: Option<usize>,
 }
 
@@ -69,17 +76,19 @@ impl Topology {
             events: events_stream(settings.events_max_age()),
             answers: answers_bucket(),
             spend: spend_bucket(),
+            quota: quota_bucket(),
             replicas: settings.replicas.map(usize::from),
         }
     }
 
     /// Each stream, a bucket's included, in the order they are declared.
-    fn parts(&self) -> [Part<'_>; 4] {
+    fn parts(&self) -> [Part<'_>; 5] {
         [
             Part::Stream(&self.jobs),
             Part::Stream(&self.events),
             Part::Bucket(&self.answers),
             Part::Bucket(&self.spend),
+            Part::Bucket(&self.quota),
         ]
     }
 }
@@ -126,7 +135,8 @@ pub(super) async fn declare(
     let events = declare_stream(js, topology.events.clone(), replicas).await?;
     let answers = declare_bucket(js, topology.answers.clone(), replicas).await?;
     let spend = declare_bucket(js, topology.spend.clone(), replicas).await?;
-    Ok((jobs, events, answers, spend))
+    let quota = declare_bucket(js, topology.quota.clone(), replicas).await?;
+    Ok((jobs, events, answers, spend, quota))
 }
 
 /// How often a process tries again to declare or look up the streams and buckets.
@@ -189,6 +199,7 @@ pub(super) async fn look_up(js: &jetstream::Context) -> anyhow::Result<Handles> 
         stream(wire::EVENTS_STREAM).await?,
         bucket(wire::ANSWERS_BUCKET).await?,
         bucket(wire::SPEND_BUCKET).await?,
+        bucket(wire::QUOTA_BUCKET).await?,
     ))
 }
 
@@ -208,6 +219,21 @@ fn spend_bucket() -> kv::Config {
         description: "Each UTC day's upstream spend, cluster-wide".to_owned(),
         history: 1,
         max_age: Duration::from_secs(3 * 24 * 3600),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+/// What each client's new generations were charged per UTC day (the API's quota). A day's keys
+/// are written on that day only, so two days of age let yesterday's go without ever cutting
+/// today's short.
+fn quota_bucket() -> kv::Config {
+    kv::Config {
+        bucket: wire::QUOTA_BUCKET.to_owned(),
+        description: "What each client's new answers were charged per UTC day, cluster-wide"
+            .to_owned(),
+        history: 1,
+        max_age: Duration::from_secs(2 * 24 * 3600),
         storage: stream::StorageType::File,
         ..Default::default()
     }
@@ -281,7 +307,7 @@ pub(super) async fn keep_declared(
     shutdown: CancellationToken,
 ) {
     let parts = topology.parts();
-    let mut watched = [Watched::default(); 4];
+    let mut watched = [Watched::default(); 5];
     let mut seen = *reconnects.borrow_and_update();
     let watch = async {
         loop {
@@ -562,7 +588,7 @@ mod tests {
     }
 
     #[test]
-    fn the_watchdog_looks_after_the_four_streams_and_only_the_events_live_in_memory() {
+    fn the_watchdog_looks_after_the_five_streams_and_only_the_events_live_in_memory() {
         let topology = Topology::of(&NatsSettings {
             url: Secret::new("nats://127.0.0.1:4222"),
             creds: None,
@@ -580,9 +606,13 @@ mod tests {
                 wire::EVENTS_STREAM.to_owned(),
                 format!("KV_{}", wire::ANSWERS_BUCKET),
                 format!("KV_{}", wire::SPEND_BUCKET),
+                format!("KV_{}", wire::QUOTA_BUCKET),
             ]
         );
         // Only a stream a restarted server loses is expected to be missing after a reconnect.
-        assert_eq!(parts.map(Part::in_memory), [false, true, false, false]);
+        assert_eq!(
+            parts.map(Part::in_memory),
+            [false, true, false, false, false]
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::browser::Browser;
 use crate::{quick, run};
 
 /// Fails with axe-core's findings, if any, in `state`.
-async fn assert_accessible(browser: &Browser, state: &str) {
+pub(crate) async fn assert_accessible(browser: &Browser, state: &str) {
     let violations = browser.accessibility_violations().await;
     if !violations.is_empty() {
         browser.screenshot(&format!("a11y-{state}")).await;

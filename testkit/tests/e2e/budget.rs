@@ -12,12 +12,14 @@ const TOKEN: &str = "budget-admin-token-0123456789abcdef";
 #[test]
 fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_served() {
     run(async {
-        // An answer reports 40 completion tokens and some 60 prompt tokens: at these prices it
-        // costs about $1.26, so two leave room under $3.50 and the third reaches it. Two workers:
-        // what one spends, the other and the API learn through the bus.
-        let (input, output) = (1_000.0, 30_000.0);
+        // An answer reports 40 completion tokens: at these prices it costs $1.20, and so does
+        // its worst case (40 tokens at most, prompts free), which a worker reserves before the
+        // call. Three answers meet $3.60 exactly; a fourth would pass it. Two workers: what one
+        // spends, the other and the API learn through the bus.
+        let (input, output) = (0.0, 30_000.0);
         let sys = quick()
-            .env("VERSUS_DAILY_BUDGET_USD", "3.5")
+            .env("VERSUS_DAILY_BUDGET_USD", "3.6")
+            .env("VERSUS_MAX_ANSWER_TOKENS", "40")
             .env(
                 "VERSUS_PRICES",
                 json!({"gpt-4o-mini": {"input_per_mtok": input, "output_per_mtok": output}})
@@ -132,14 +134,15 @@ fn once_the_budget_is_spent_misses_are_refused_at_once_and_hits_are_still_served
         let usage = sys.sim.stats().await["usage"].clone();
         let reported = usage["prompt_tokens"].as_f64().unwrap() * input / 1e6
             + usage["completion_tokens"].as_f64().unwrap() * output / 1e6;
-        assert!(reported >= 3.5, "{usage}");
+        assert!((reported - 3.6).abs() < 1e-9, "{usage}");
         let mut counted = 0.0;
         for worker in &sys.workers {
             counted += metric(&metrics_of(&worker.url).await, "versus_spend_usd_total", "");
         }
         assert!((counted - reported).abs() < 1e-9, "{counted} != {reported}");
         let api = metrics_of(sys.api_url()).await;
-        assert!(api.contains("versus_budget_remaining_usd 0\n"), "{api}");
+        let remaining = metric(&api, "versus_budget_remaining_usd", "");
+        assert!(remaining < 1e-9, "{remaining} left after $3.60 of $3.60");
         let spend = json_of(
             http()
                 .get(format!("{}/v1/admin/spend", sys.api_url()))

@@ -112,6 +112,29 @@ fn nobody_connects_anonymously_and_the_api_may_not_write_events_answers_or_strea
             api.delete_stream("VERSUS_EVENTS").await.is_err(),
             "the API's user deleted the events stream"
         );
+        // The quota bucket is the one it writes (clients' counters), and it may neither purge
+        // nor delete it.
+        let quota = api
+            .get_key_value("versus_quota")
+            .await
+            .expect("the API's user may look the quota bucket up");
+        quota
+            .put("day.1.ip4.192.0.2.1", "1".into())
+            .await
+            .expect("the API's user charges quotas");
+        assert!(
+            api.get_stream("KV_versus_quota")
+                .await
+                .unwrap()
+                .purge()
+                .await
+                .is_err(),
+            "the API's user purged the quota bucket"
+        );
+        assert!(
+            api.delete_stream("KV_versus_quota").await.is_err(),
+            "the API's user deleted the quota bucket"
+        );
         // It may read, as the API does.
         assert_eq!(
             api_answers.get(format!("text.{key}")).await.unwrap(),
@@ -300,11 +323,12 @@ fn a_worker_start_puts_back_only_the_stream_settings_versus_owns() {
 
 /// Every stream, bucket and durable consumer of ours, as (stream, consumer) pairs; the
 /// consumer is "" for the stream itself.
-const TOPOLOGY: [(&str, &str); 6] = [
+const TOPOLOGY: [(&str, &str); 7] = [
     ("VERSUS_JOBS", ""),
     ("VERSUS_EVENTS", ""),
     ("KV_versus_answers", ""),
     ("KV_versus_spend", ""),
+    ("KV_versus_quota", ""),
     ("VERSUS_JOBS", "versus-workers"),
     ("VERSUS_JOBS", "versus-prewarm"),
 ];
@@ -358,7 +382,7 @@ fn a_purge_request_never_makes_a_worker_publish_where_the_requester_chose() {
         let api = sys.nats.connect_as(NatsUser::Api).await.unwrap();
         let mut replies: Vec<String> = ["VERSUS_JOBS", "VERSUS_EVENTS", "KV_versus_answers"]
             .iter()
-            .chain(&["KV_versus_spend"])
+            .chain(&["KV_versus_spend", "KV_versus_quota"])
             .map(|stream| format!("$JS.API.STREAM.DELETE.{stream}"))
             .collect();
         replies.extend(

@@ -121,12 +121,14 @@ fn a_claim_lost_while_its_upstream_request_is_in_flight_publishes_and_stores_not
             }
         }
         assert_eq!((starts, dones, end), (1, 1, text.len()), "{stored:?}");
-        // And the spend counts the one answer: the dropped request cost nothing it reported.
-        let calls: i64 =
-            sqlx::query_scalar("SELECT sum(calls)::int8 FROM spend WHERE kind = 'chat'")
-                .fetch_one(&db)
-                .await
-                .unwrap();
-        assert_eq!(calls, 1);
+        // And the spend counts the answer and the dropped request, which the upstream may bill
+        // for its prompt: its tokens are estimated.
+        let (calls, estimated): (i64, i64) = sqlx::query_as(
+            "SELECT sum(calls)::int8, sum(estimated)::int8 FROM spend WHERE kind = 'chat'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!((calls, estimated), (2, 1));
     });
 }

@@ -60,6 +60,7 @@ fn the_jobs_leader_killed_under_load_loses_no_answer() {
             wire::EVENTS_STREAM.to_owned(),
             format!("KV_{}", wire::ANSWERS_BUCKET),
             format!("KV_{}", wire::SPEND_BUCKET),
+            format!("KV_{}", wire::QUOTA_BUCKET),
         ] {
             let info = js
                 .get_stream(&name)

@@ -95,6 +95,18 @@ pub struct Settings {
     /// New pictures one client may start per minute (and at once); 0: no limit.
     #[arg(long, env = "VERSUS_CLIENT_PICTURES_PER_MINUTE", default_value_t = 5)]
     pub client_pictures_per_minute: u32,
+    /// Joins one client may make per minute (and at once) of generations already under way
+    /// (another request's, here or elsewhere, or a pre-warm): free of the limits above, but not
+    /// of this looser one, so a client reconnecting in a loop is refused (429 `rate_limited`)
+    /// at no cost to anyone. Each replica counts on its own. 0: no limit.
+    #[arg(long, env = "VERSUS_CLIENT_JOINS_PER_MINUTE", default_value_t = 120)]
+    pub client_joins_per_minute: u32,
+    /// The workers' lease, in seconds (set it as the workers' `VERSUS_LEASE_SECS`): a
+    /// generation under way whose last event is older than this looks dead, and a request that
+    /// joins it then publishes a job to restart it (one per lease, however many join); while
+    /// it lives, joining publishes nothing.
+    #[arg(long, env = "VERSUS_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
     /// What one client's new answers may cost in a UTC day, in US dollars, counted across every
     /// API replica and edge (each new answer or picture is charged its worst case, at
     /// `VERSUS_PRICES`, when it starts); past it, 429 `quota_exhausted` until midnight UTC.
@@ -102,10 +114,23 @@ pub struct Settings {
     /// Hits and joins of a generation in progress never count. 0: no quota.
     #[arg(long, env = "VERSUS_CLIENT_DAILY_USD", default_value_t = 0.5)]
     pub client_daily_usd: f64,
+    /// Look-ups past this replica's memory one client may make per second (a read of the KV
+    /// bucket, of the refusals, a flight's first steps, a picture's file), in a burst of
+    /// `VERSUS_CLIENT_LOOKUPS_BURST`; past it, 429 `rate_limited` before any NATS or Postgres
+    /// work. Hits served from memory never count. Each replica counts on its own. 0: no limit.
+    #[arg(long, env = "VERSUS_CLIENT_LOOKUPS_PER_SECOND", default_value_t = 50)]
+    pub client_lookups_per_second: u32,
+    /// How many look-ups past memory one client may make at once (see
+    /// `VERSUS_CLIENT_LOOKUPS_PER_SECOND`; at least that many).
+    #[arg(long, env = "VERSUS_CLIENT_LOOKUPS_BURST", default_value_t = 100)]
+    pub client_lookups_burst: u32,
     /// Event streams one client may hold open at once; 0: no cap.
     #[arg(long, env = "VERSUS_CLIENT_MAX_STREAMS", default_value_t = 16)]
     pub client_max_streams: usize,
-    /// Proxies (comma-separated CIDRs) whose `X-Forwarded-For` names the client.
+    /// Proxies (comma-separated CIDRs) whose `X-Forwarded-For` names the client (the
+    /// right-most element that is not a trusted proxy; `ip:port` and `[v6]:port` are read too).
+    /// Behind a load balancer, its addresses: unset, every visitor is one client (a warning is
+    /// logged once when a private-range peer forwards for someone).
     #[arg(long, env = "VERSUS_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
     /// Seconds a connection has to send the whole head of a request, counted from when it
@@ -117,6 +142,22 @@ pub struct Settings {
     /// closes. 0: no cap.
     #[arg(long, env = "VERSUS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Connections one client may hold open at once; the next is closed as soon as it is
+    /// accepted. The client is the peer's address (an IPv6 peer's /64; its /48 may hold 16
+    /// times as many), never `X-Forwarded-For`, which is not read yet: behind a proxy or load balancer every
+    /// connection is the proxy's, so set it to 0 (or above what the proxy opens) there. Clients
+    /// behind one NAT share it. 0: no cap.
+    #[arg(long, env = "VERSUS_CLIENT_MAX_CONNECTIONS", default_value_t = 64)]
+    pub client_max_connections: usize,
+    /// Seconds a request's body has to arrive, from when it starts being read (right after the
+    /// head); a slower one gets 400 `invalid_body` and its connection is closed. 0: no limit.
+    #[arg(long, env = "VERSUS_BODY_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_timeout_secs: u64,
+    /// Seconds a response may wait for a client that reads nothing (its connection's socket
+    /// does not drain); then the connection is reset. An event stream cut so can be resumed
+    /// with `Last-Event-ID`. 0: no limit.
+    #[arg(long, env = "VERSUS_SLOW_CLIENT_SECS", default_value_t = 30)]
+    pub slow_client_secs: u64,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -191,6 +232,7 @@ impl App {
         let flights = miss::Flights::new(
             bus.clone(),
             Duration::from_secs(settings.stream_timeout_secs.max(1)),
+            Duration::from_secs(settings.lease_secs.max(1)),
             tasks.clone(),
         );
         let public_base = settings.public_image_base_url.clone();
@@ -220,7 +262,12 @@ impl App {
                     settings.client_pictures_per_minute,
                     settings.client_max_streams,
                     &settings.trusted_proxies,
-                )?,
+                )?
+                .with_joins(settings.client_joins_per_minute)
+                .with_lookups(
+                    settings.client_lookups_per_second,
+                    settings.client_lookups_burst,
+                ),
                 quota,
                 budget,
                 objects: settings.objects.open()?,
@@ -253,6 +300,27 @@ impl App {
     /// Who sent the request (see [`limits::Limits::client`]).
     pub(crate) fn client(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
         self.inner.limits.client(peer.ip(), headers)
+    }
+
+    /// `key`'s answer from this replica's memory; else, once `client` may look past memory
+    /// (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`, 429 before any NATS work), what the miss path
+    /// finds. `client` is worked out only then: a memory hit costs nothing more.
+    pub(crate) async fn find<V: cache::Entry>(
+        &self,
+        cache: &cache::EdgeCache<V>,
+        key: &versus_shared::key::Key,
+        client: impl FnOnce() -> IpAddr,
+    ) -> Result<miss::Found<V>, error::ApiError> {
+        if let Some(hit) = cache.in_memory(key) {
+            return Ok(miss::Found::Stored(hit));
+        }
+        self.look_up(client())?;
+        Ok(self.misses().find(cache, key).await)
+    }
+
+    /// Counts a look-up past memory for `client`, or refuses it (429 `rate_limited`).
+    pub(crate) fn look_up(&self, client: IpAddr) -> Result<(), error::ApiError> {
+        self.inner.limits.look_up(client)
     }
 
     /// A slot for one more open stream of `client`: taken before anything else is done for

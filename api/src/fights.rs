@@ -31,12 +31,20 @@ use crate::{
 const ANSWER_CACHE_CONTROL: &str = "public, max-age=300, s-maxage=86400";
 
 impl App {
-    /// Counts the request for popularity (in memory; see `popularity`).
+    /// Counts a hit for popularity (in memory; see `popularity`).
     fn count(&self, ask: &Ask) {
         let names = &ask.matchup;
         self.inner
             .popularity
             .record(&ask.key, names.a.display(), names.b.display());
+    }
+
+    /// Counts a miss for popularity once it was admitted (it started or joined a generation):
+    /// a refused one (over a limit, moderation's refusal, no budget) counts nothing.
+    fn count_admitted(&self, waiter: &Waiter, key: &Key, a: &str, b: &str) {
+        if waiter.admitted() {
+            self.inner.popularity.record(key, a, b);
+        }
     }
 }
 
@@ -63,7 +71,6 @@ pub(crate) async fn stream_fight(
     QueryFight(request): QueryFight,
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Text)?;
-    app.count(&ask);
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -72,9 +79,10 @@ pub(crate) async fn stream_fight(
     // Who asks matters only to a stream that stays open: a whole hit is never limited.
     let client = || app.client(peer, &headers);
     let mut translator = Translator::new(key.clone(), resume);
-    let miss = match app.misses().find(&app.inner.answers, &key).await {
+    let miss = match app.find(&app.inner.answers, &key, client).await? {
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
+            app.count(&ask);
             let answer = &cached.value;
             if resume.is_none() {
                 // The common hit: the same bytes every time, rendered once per cached answer.
@@ -98,8 +106,11 @@ pub(crate) async fn stream_fight(
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
     let meta = sse::meta(&key, &job.a, &job.b, false).into();
+    let (a, b) = (job.a.clone(), job.b.clone());
+    let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
+    app.count_admitted(&waiter, &key, &a, &b);
     let generation = InProgress {
-        waiter: app.misses().wait_on(job, miss, &headers, client).await?,
+        waiter,
         translator,
         queue: VecDeque::from([meta]),
         ended: false,
@@ -159,18 +170,25 @@ pub(crate) async fn create_fight(
     JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Text)?;
-    app.count(&ask);
-    let miss = match app.misses().find(&app.inner.answers, &ask.key).await {
-        Found::Stored(cached) => return Ok(cached_body(&cached)),
+    let miss = match app
+        .find(&app.inner.answers, &ask.key, || app.client(peer, &headers))
+        .await?
+    {
+        Found::Stored(cached) => {
+            app.count(&ask);
+            return Ok(cached_body(&cached));
+        }
         Found::Missing(miss) => miss,
     };
+    // Waiting for the whole answer holds a connection as long as a stream does: it takes one
+    // of the client's stream slots, until it returns.
+    let client = app.client(peer, &headers);
+    let _slot = app.stream_slot(client)?;
     let job = app.job(ask);
     let key = job.key.clone();
     let (a, b) = (job.a.clone(), job.b.clone());
-    let mut waiter = app
-        .misses()
-        .wait_on(job, miss, &headers, app.client(peer, &headers))
-        .await?;
+    let mut waiter = app.misses().wait_on(job, miss, &headers, client).await?;
+    app.count_admitted(&waiter, &key, &a, &b);
     let mut attempt = None;
     let mut text = String::new();
     while let Some(event) = app.unless_stopping(waiter.next()).await? {
@@ -237,15 +255,20 @@ fn cached_body(cached: &Cached<Answer>) -> Response {
         )),
         (status = 304, description = "Not modified.", headers(("ETag" = String), ("Cache-Control" = String))),
         (status = 404, description = "No answer has this key (yet).", body = ErrorBody),
+        (status = 429, description = "This client looked up more than it may past the API's memory (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`).", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 503, description = "The answers bucket is unreachable.", body = ErrorBody),
     ),
 )]
 pub(crate) async fn get_fight(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = Key::parse(&key).ok_or(ApiError::NotFound)?;
+    if app.inner.answers.in_memory(&key).is_none() {
+        app.look_up(app.client(peer, &headers))?;
+    }
     let cached = match app.inner.answers.get(&key).await {
         Ok(Some(cached)) => cached,
         Ok(None) => return Err(ApiError::NotFound),

@@ -83,7 +83,10 @@ pub(crate) async fn stream_image(
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
     let key = ask.key.clone();
-    let miss = match app.misses().find(&app.inner.images, &key).await {
+    let miss = match app
+        .find(&app.inner.images, &key, || app.client(peer, &headers))
+        .await?
+    {
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
             let v = &cached.value;
@@ -138,15 +141,18 @@ pub(crate) async fn create_image(
     JsonFight(request): JsonFight,
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
-    let (cached, was_cached) = match app.misses().find(&app.inner.images, &ask.key).await {
+    let found = app
+        .find(&app.inner.images, &ask.key, || app.client(peer, &headers))
+        .await?;
+    let (cached, was_cached) = match found {
         Found::Stored(cached) => (cached, true),
         Found::Missing(miss) => {
+            // Waiting for the picture takes one of the client's stream slots, as a stream does.
+            let client = app.client(peer, &headers);
+            let _slot = app.stream_slot(client)?;
             let key = ask.key.clone();
             let job = app.job(ask);
-            let waiter = app
-                .misses()
-                .wait_on(job, miss, &headers, app.client(peer, &headers))
-                .await?;
+            let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
             (app.drawn(key, waiter).await?, false)
         }
     };
@@ -172,15 +178,20 @@ pub(crate) async fn create_image(
         )),
         (status = 304, description = "Not modified.", headers(("ETag" = String), ("Cache-Control" = String))),
         (status = 404, description = "No stored picture has this name.", body = ErrorBody),
+        (status = 429, description = "This client looked up more than it may past the API's memory (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`).", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 503, description = "The object store is unreachable.", body = ErrorBody),
     ),
 )]
 pub(crate) async fn serve_image(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(file): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (key, path) = objects::picture_file(&file).ok_or(ApiError::NotFound)?;
+    if app.inner.images.in_memory(&key).is_none() {
+        app.look_up(app.client(peer, &headers))?;
+    }
     let cached = app
         .inner
         .images

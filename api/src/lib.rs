@@ -10,6 +10,8 @@
 //! - [`matchup`]: the names a request gives, and the key and job they derive;
 //! - [`origin`]: refusing generations that browsers start for other sites;
 //! - [`limits`]: per-client limits on new generations;
+//! - [`conns`]: what one connection may hold: connections per client, slow bodies, clients
+//!   that stop reading;
 //! - [`quota`]: the daily quota per client, counted cluster-wide in a KV bucket;
 //! - [`cache`]: the bounded in-memory caches in front of the KV bucket (hits);
 //! - [`miss`]: the miss path: the lookup, the admission of a miss (a pure decision), and one
@@ -28,6 +30,7 @@ pub mod admin;
 mod app;
 pub mod body;
 pub mod cache;
+pub mod conns;
 pub mod error;
 pub mod fights;
 mod http;
@@ -162,8 +165,11 @@ pub async fn run(
 /// Each connection is a task of `tasks`, so the process waits for it before it exits; at
 /// shutdown it answers the request in progress, if any, and closes (live SSE streams end
 /// themselves). A connection has `settings.header_timeout_secs` to send each request head
-/// (slow clients cannot hold it open), and at most `settings.max_connections` are open at
-/// once: at the cap, nothing more is accepted until one closes.
+/// and `settings.body_timeout_secs` for its body (slow clients cannot hold it open), a
+/// response waits `settings.slow_client_secs` at most for a client that reads nothing, and at
+/// most `settings.max_connections` are open at once (`settings.client_max_connections` of
+/// one client): at the cap, nothing more is accepted until one closes; past a client's own,
+/// its new connection is closed at once.
 async fn serve(listener: TcpListener, router: Router, settings: &Settings, tasks: &Tasks) {
     let shutdown = tasks.shutdown();
     // Finished once, as `into_make_service` does: served as is, axum would rebuild its route
@@ -172,7 +178,14 @@ async fn serve(listener: TcpListener, router: Router, settings: &Settings, tasks
     let service = TowerToHyperService::new(router.with_state(()));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(settings.header_timeout_secs.max(1)));
+        .header_read_timeout(Duration::from_secs(settings.header_timeout_secs.max(1)))
+        .max_buf_size(HTTP_BUF_MAX);
+    let seconds = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+    let (body_timeout, slow_client) = (
+        seconds(settings.body_timeout_secs),
+        seconds(settings.slow_client_secs),
+    );
+    let per_client = conns::Conns::new(settings.client_max_connections);
     let cap = match settings.max_connections {
         0 => Semaphore::MAX_PERMITS,
         n => n.min(Semaphore::MAX_PERMITS),
@@ -202,19 +215,27 @@ async fn serve(listener: TcpListener, router: Router, settings: &Settings, tasks
                 }
             },
         };
+        // Past its client's cap, closed at once: the global slot goes back with it.
+        let Some(held) = per_client.open(peer.ip()) else {
+            metrics::counter!("versus_connections_refused_total", "reason" => "client_cap")
+                .increment(1);
+            continue;
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
         }
         let service = PeerService {
             router: service.clone(),
             peer,
+            body_timeout,
         };
-        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let io = TokioIo::new(conns::Watched::new(stream, slow_client));
+        let connection = http.serve_connection(io, service);
         // A token of the connection's own: waiting on the process's token itself would take
         // that token's lock each time any connection wakes up.
         let stop = shutdown.child_token();
         tasks.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, held);
             let mut connection = pin!(connection);
             let ended = tokio::select! {
                 biased;
@@ -253,24 +274,32 @@ async fn pause_after(error: std::io::Error, shutdown: &CancellationToken) {
 /// memory): long enough for connections to close, short enough to be unseen.
 const ACCEPT_RETRY: Duration = Duration::from_secs(1);
 
+/// The most a connection buffers, each way: a request head larger than this is refused (431),
+/// and a response's bytes are taken from its body only while fewer than this wait to be
+/// written. Far above any request of the contract (two names of 1 KiB at most).
+const HTTP_BUF_MAX: usize = 64 * 1024;
+
 /// How long a mirror's purge watch waits before it watches again after it failed: the mirror
 /// is usually back within that, and floors heard meanwhile on the purge subject still apply.
 const MIRROR_WATCH_RETRY: Duration = Duration::from_millis(500);
 
 /// The router for one connection: every request carries the peer's address for the
-/// `ConnectInfo<SocketAddr>` extractor, as `into_make_service_with_connect_info` would add it.
+/// `ConnectInfo<SocketAddr>` extractor, as `into_make_service_with_connect_info` would add it,
+/// and a body that must arrive within `body_timeout` (see [`conns::TimedBody`]).
 #[derive(Clone)]
 struct PeerService {
     router: TowerToHyperService<Router>,
     peer: SocketAddr,
+    body_timeout: Option<Duration>,
 }
 
 impl Service<Request<Incoming>> for PeerService {
     type Response = axum::response::Response;
     type Error = Infallible;
-    type Future = TowerToHyperServiceFuture<Router, Request<Incoming>>;
+    type Future = TowerToHyperServiceFuture<Router, Request<conns::TimedBody>>;
 
-    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let mut request = request.map(|body| conns::TimedBody::new(body, self.body_timeout));
         request.extensions_mut().insert(ConnectInfo(self.peer));
         self.router.call(request)
     }

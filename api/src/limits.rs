@@ -4,13 +4,18 @@
 //! size (GCRA, from `governor`). Only requests that would start a generation count: hits and
 //! joins of a generation in progress never do, and a refusal costs the client nothing. Each API
 //! replica counts on its own, so behind N replicas a client may start up to N times as many.
+//! Joins of a generation under way (here or elsewhere) have a looser limit of their own,
+//! `VERSUS_CLIENT_JOINS_PER_MINUTE`, so that reconnecting in a loop is not free either.
 //! A client may also hold at most `VERSUS_CLIENT_MAX_STREAMS` event streams open at once.
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     num::NonZeroU32,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -32,6 +37,15 @@ pub struct Limits {
     /// Open streams per client, and how many one may hold (0: no cap).
     streams: Arc<Mutex<HashMap<IpAddr, usize>>>,
     max_streams: usize,
+    /// Joins of generations under way per client (`VERSUS_CLIENT_JOINS_PER_MINUTE`), a looser
+    /// limit of its own; None: no limit.
+    joins: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Whether a request forwarded by a private-range peer was seen while no proxy is trusted
+    /// (warned about once).
+    untrusted_forwarding: AtomicBool,
+    /// Look-ups past this replica's memory per client (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`);
+    /// None: no limit.
+    lookups: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
 /// One open stream of a client; dropping it (the stream ended or the client left) frees it.
@@ -84,6 +98,9 @@ impl Limits {
             trusted,
             streams: Arc::default(),
             max_streams,
+            joins: None,
+            untrusted_forwarding: AtomicBool::new(false),
+            lookups: None,
         })
     }
 
@@ -105,9 +122,19 @@ impl Limits {
 
     /// Who sent the request: the peer, unless the peer is a trusted proxy; then the right-most
     /// address of `X-Forwarded-For` that is not one (proxies append what they saw). IPv6
-    /// clients count by their /64, the block one subscriber usually holds.
+    /// clients count by their /64, the block one subscriber usually holds. An element may carry
+    /// a port (`203.0.113.7:41234`, `[2001:db8::1]:41234`), as some proxies write it.
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let mut client = peer.to_canonical();
+        if self.untrusted_forwarding(client, headers) {
+            tracing::warn!(
+                %peer,
+                "requests arrive with X-Forwarded-For from a private address while \
+                 VERSUS_TRUSTED_PROXIES is empty: every client behind that proxy counts as one \
+                 (one rate limit, one quota); set VERSUS_TRUSTED_PROXIES to the load balancer's \
+                 addresses (docs/deploy.md)"
+            );
+        }
         if self.is_trusted(client) {
             let forwarded = headers
                 .get_all("x-forwarded-for")
@@ -116,7 +143,7 @@ impl Limits {
                 .flat_map(|v| v.split(','))
                 .collect::<Vec<_>>();
             for hop in forwarded.iter().rev() {
-                let Ok(address) = hop.trim().parse::<IpAddr>() else {
+                let Some(address) = forwarded_address(hop) else {
                     break;
                 };
                 client = address.to_canonical();
@@ -138,11 +165,49 @@ impl Limits {
         self.trusted.iter().any(|net| net.contains(&address))
     }
 
+    /// True the first time a private-range `peer` forwards for someone (`X-Forwarded-For`)
+    /// while no proxy is trusted: a load balancer is most likely in front, unconfigured. One
+    /// relaxed load per request afterwards.
+    fn untrusted_forwarding(&self, peer: IpAddr, headers: &HeaderMap) -> bool {
+        self.trusted.is_empty()
+            && !self.untrusted_forwarding.load(Ordering::Relaxed)
+            && is_private(peer)
+            && headers.contains_key("x-forwarded-for")
+            && !self.untrusted_forwarding.swap(true, Ordering::Relaxed)
+    }
+
     fn limiter(&self, kind: Kind) -> Option<&DefaultKeyedRateLimiter<IpAddr>> {
         match kind {
             Kind::Text => self.text.as_ref(),
             Kind::Image => self.image.as_ref(),
         }
+    }
+
+    /// These limits with `per_minute` joins per client of generations under way (and a burst
+    /// of as many); 0: no limit on joins.
+    pub fn with_joins(mut self, per_minute: u32) -> Limits {
+        self.joins = NonZeroU32::new(per_minute).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        self
+    }
+
+    /// Whether joins are limited at all.
+    pub fn joins_limited(&self) -> bool {
+        self.joins.is_some()
+    }
+
+    /// Counts a join of a generation under way for `client`, or refuses it (`rate_limited`,
+    /// with when to try again) without counting it. Cheap: one GCRA step in memory.
+    pub fn admit_join(&self, client: IpAddr) -> Result<(), ApiError> {
+        let Some(limiter) = &self.joins else {
+            return Ok(());
+        };
+        limiter.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            metrics::counter!("versus_rate_limited_total", "kind" => "joins").increment(1);
+            ApiError::RateLimited {
+                retry_after_secs: wait.as_secs() + 1,
+            }
+        })
     }
 
     /// Whether new generations of `kind` are limited at all.
@@ -174,11 +239,74 @@ impl Limits {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            for limiter in [&self.text, &self.image].into_iter().flatten() {
+            for limiter in [&self.text, &self.image, &self.joins].into_iter().flatten() {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
+            if let Some(limiter) = &self.lookups {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
             }
         }
+    }
+}
+
+impl Limits {
+    /// These limits with `per_second` look-ups per client past this replica's memory, in a
+    /// burst of `burst` (at least `per_second`); 0 per second: no limit.
+    pub fn with_lookups(mut self, per_second: u32, burst: u32) -> Limits {
+        self.lookups = NonZeroU32::new(per_second).map(|rate| {
+            let burst = NonZeroU32::new(burst.max(rate.get())).unwrap_or(rate);
+            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
+        });
+        self
+    }
+
+    /// Counts a look-up past memory (the KV bucket, the refusals, a flight's first steps, the
+    /// object store) for `client`, or refuses it (`rate_limited`, with when to try again)
+    /// before any of that is asked. Memory hits never come here.
+    pub fn look_up(&self, client: IpAddr) -> Result<(), ApiError> {
+        let Some(limiter) = &self.lookups else {
+            return Ok(());
+        };
+        limiter.check_key(&client).map_err(|not_until| {
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            metrics::counter!("versus_rate_limited_total", "kind" => "lookups").increment(1);
+            ApiError::RateLimited {
+                retry_after_secs: wait.as_secs() + 1,
+            }
+        })
+    }
+}
+
+/// One element of `X-Forwarded-For`: an address, perhaps with a port (`a.b.c.d:port`,
+/// `[v6]:port`), or a bracketed IPv6 address without one.
+fn forwarded_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    hop.parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip()))
+        .ok()
+        .or_else(|| {
+            hop.strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+        })
+}
+
+/// Whether `address` is one a load balancer in front of the API would have: private (RFC 1918,
+/// unique local IPv6), shared (100.64.0.0/10), loopback or link-local.
+fn is_private(address: IpAddr) -> bool {
+    match address.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local() || v6.is_unicast_link_local(),
     }
 }
 
@@ -228,6 +356,81 @@ mod tests {
     }
 
     #[test]
+    fn look_ups_past_memory_have_a_rate_and_a_burst_per_client_and_0_means_none() {
+        let limits = Limits::new(0, 0, 0, "").unwrap().with_lookups(50, 100);
+        let (one, two) = (ip("198.51.100.1"), ip("198.51.100.2"));
+        let allowed = (0..150).filter(|_| limits.look_up(one).is_ok()).count();
+        // The burst, and perhaps a token or two that came back meanwhile.
+        assert!((100..=103).contains(&allowed), "{allowed}");
+        let refused = limits.look_up(one).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                crate::error::ApiError::RateLimited {
+                    retry_after_secs: 1
+                }
+            ),
+            "{refused:?}"
+        );
+        assert!(limits.look_up(two).is_ok());
+        let off = Limits::new(0, 0, 0, "").unwrap().with_lookups(0, 100);
+        assert!((0..1000).all(|_| off.look_up(one).is_ok()));
+    }
+
+    #[test]
+    fn forwarded_elements_may_carry_ports() {
+        let limits = Limits::new(1, 1, 0, "10.0.0.0/8, fd00::/8").unwrap();
+        let through = |value: &'static str| limits.client(ip("10.0.0.1"), &forwarded(value));
+        assert_eq!(through("203.0.113.7:41234"), ip("203.0.113.7"));
+        assert_eq!(through("[2001:db8:1:2::7]:41234"), ip("2001:db8:1:2::"));
+        assert_eq!(through("[2001:db8:1:2::7]"), ip("2001:db8:1:2::"));
+        // A proxy with a port is walked past like one without.
+        assert_eq!(
+            through("6.6.6.6, 203.0.113.7:1, 10.9.9.9:443"),
+            ip("203.0.113.7")
+        );
+        assert_eq!(through("203.0.113.7, [fd00::1]:8443"), ip("203.0.113.7"));
+        // What is not an address stops the walk at the last trusted hop.
+        assert_eq!(through("203.0.113.7, unknown"), ip("10.0.0.1"));
+        assert_eq!(through("203.0.113.7:port"), ip("10.0.0.1"));
+        assert_eq!(through("[203.0.113.7]:1"), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn forwarding_from_a_private_peer_with_no_trusted_proxy_is_noticed_once() {
+        let limits = Limits::new(1, 1, 0, "").unwrap();
+        let headers = forwarded("203.0.113.7");
+        // A public peer, or a private one that forwards for no one, is not a proxy to warn about.
+        assert!(!limits.untrusted_forwarding(ip("198.51.100.1"), &headers));
+        assert!(!limits.untrusted_forwarding(ip("10.0.0.1"), &HeaderMap::new()));
+        assert!(limits.untrusted_forwarding(ip("10.0.0.1"), &headers));
+        assert!(!limits.untrusted_forwarding(ip("10.0.0.1"), &headers));
+        assert!(!limits.untrusted_forwarding(ip("192.168.1.1"), &headers));
+        // The peer still is the client: nothing is trusted.
+        assert_eq!(limits.client(ip("10.0.0.1"), &headers), ip("10.0.0.1"));
+        // With proxies trusted, there is nothing to warn about.
+        let configured = Limits::new(1, 1, 0, "10.0.0.0/8").unwrap();
+        assert!(!configured.untrusted_forwarding(ip("172.16.0.1"), &headers));
+        for private in [
+            "10.1.2.3",
+            "172.31.0.1",
+            "192.168.0.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.1.1",
+            "fd12::1",
+            "fe80::1",
+            "::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(super::is_private(ip(private)), "{private}");
+        }
+        for public in ["203.0.113.7", "100.128.0.1", "172.32.0.1", "2001:db8::1"] {
+            assert!(!super::is_private(ip(public)), "{public}");
+        }
+    }
+
+    #[test]
     fn a_client_over_its_limit_is_refused_with_when_to_retry_and_others_are_not() {
         let limits = Limits::new(2, 0, 0, "").unwrap();
         let (one, two) = (ip("198.51.100.1"), ip("198.51.100.2"));
@@ -242,6 +445,29 @@ mod tests {
         // 0 means no limit.
         for _ in 0..100 {
             assert!(limits.admit(Kind::Image, one).is_ok());
+        }
+    }
+
+    #[test]
+    fn joins_have_a_limit_of_their_own_and_0_means_none() {
+        let limits = Limits::new(1, 1, 0, "").unwrap().with_joins(3);
+        let (one, two) = (ip("198.51.100.1"), ip("198.51.100.2"));
+        assert!(limits.joins_limited());
+        for _ in 0..3 {
+            assert!(limits.admit_join(one).is_ok());
+        }
+        let refused = limits.admit_join(one).unwrap_err();
+        assert!(
+            matches!(refused, crate::error::ApiError::RateLimited { retry_after_secs } if (1..=21).contains(&retry_after_secs)),
+            "{refused:?}"
+        );
+        assert!(limits.admit_join(two).is_ok());
+        // Joins spend nothing of the limit on new generations.
+        assert!(limits.admit(Kind::Text, one).is_ok());
+        let off = Limits::new(0, 0, 0, "").unwrap().with_joins(0);
+        assert!(!off.joins_limited());
+        for _ in 0..1000 {
+            assert!(off.admit_join(one).is_ok());
         }
     }
 

@@ -14,7 +14,10 @@
 //! The page body therefore depends on `Sec-Fetch-Site`, `Sec-Fetch-Dest` and `Referer`:
 //! `page::html` keeps it out of shared caches.
 
-use std::{fmt::Write, net::SocketAddr};
+use std::{
+    fmt::Write,
+    net::{IpAddr, SocketAddr},
+};
 
 use axum::{
     extract::{ConnectInfo, RawQuery, State},
@@ -64,7 +67,10 @@ pub(crate) async fn index(
     let start = app.inner.origins.document_may_start(&headers, &base);
     let request = query.as_deref().map(Names::from_query);
     let preview = match request {
-        Some(Ok(request)) => app.preview(&request, &base, start).await,
+        Some(Ok(request)) => {
+            app.preview(&request, &base, start, || app.client(peer, &headers))
+                .await
+        }
         _ => None,
     }
     .unwrap_or_else(|| Preview::site(&base, start));
@@ -166,13 +172,27 @@ impl Preview {
 
 impl App {
     /// The preview of the matchup `request` names, or none if its names are not valid.
-    async fn preview(&self, request: &Names, base: &str, start: bool) -> Option<Preview> {
+    /// What is stored is looked up past memory only while `client` may
+    /// (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`); past its limit the page names the fight alone.
+    async fn preview(
+        &self,
+        request: &Names,
+        base: &str,
+        start: bool,
+        client: impl FnOnce() -> IpAddr,
+    ) -> Option<Preview> {
         let text = self.ask(request, Kind::Text).ok()?;
         let image = self.key_of(Kind::Image, &text.matchup);
-        let (answer, picture) = tokio::join!(
-            self.inner.answers.lookup(&text.key),
-            self.inner.images.lookup(&image)
-        );
+        let in_memory = self.inner.answers.in_memory(&text.key).is_some()
+            && self.inner.images.in_memory(&image).is_some();
+        let (answer, picture) = if in_memory || self.look_up(client()).is_ok() {
+            tokio::join!(
+                self.inner.answers.lookup(&text.key),
+                self.inner.images.lookup(&image)
+            )
+        } else {
+            (None, None)
+        };
         let names = &text.matchup;
         let (a, b) = match &answer {
             // The names as the answer has them: the first request's spelling.

@@ -25,7 +25,8 @@ use versus_shared::{bus, retry, traces, wire};
 const TRY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Publishes `payload` on `subject` with message id `msg_id` (and [`wire::UNDER_WAY_HEADER`]
-/// when `under_way`), trying again with the same id on an error that an outage or an election
+/// when `under_way`; with a per-message TTL, `Nats-TTL`, when `ttl` is set: the stream removes
+/// the job once it is that old, delivered or not), trying again with the same id on an error that an outage or an election
 /// explains, for up to [`retry::BUS_WRITE_FOR`]. A full stream (`bus::is_full`), a message too big and an
 /// expectation that failed are not retried.
 ///
@@ -48,6 +49,7 @@ pub async fn job(
     payload: Bytes,
     msg_id: String,
     under_way: bool,
+    ttl: Option<Duration>,
 ) -> Result<PublishAck, PublishError> {
     let span = Span::current();
     let trace = traces::headers(&span);
@@ -63,6 +65,10 @@ pub async fn job(
         message = message.message_id(msg_id.as_str());
         if under_way {
             message = message.header(wire::UNDER_WAY_HEADER, "1");
+        }
+        if let Some(ttl) = ttl {
+            // Whole seconds, at least one (the server's unit and minimum).
+            message = message.ttl(ttl.max(Duration::from_secs(1)));
         }
         let error = match try_once(js, subject.clone(), message).await {
             Ok(ack) => {

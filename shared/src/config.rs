@@ -72,6 +72,13 @@ pub struct NatsSettings {
     /// How long a generation's events stay on the events stream, in seconds.
     #[arg(long, env = "VERSUS_EVENTS_MAX_AGE_SECS", default_value_t = 600)]
     pub events_max_age_secs: u64,
+    /// The most memory the events stream takes on each nats-server, in MiB: past it the oldest
+    /// events (finished answers') make room, so a flood of new answers never makes a publish
+    /// fail. Keep it under the servers' `max_memory_store` (256 MB in `nats.conf` and
+    /// `nats-hub.conf`); 0: no cap (the store's size is then the limit, and a full one refuses
+    /// every event).
+    #[arg(long, env = "VERSUS_EVENTS_MAX_MIB", default_value_t = 192)]
+    pub events_max_mib: u64,
     /// The most jobs the jobs stream holds (queued and in progress, both lanes); a new job
     /// beyond it is refused and its clients told `busy`.
     #[arg(long, env = "VERSUS_MAX_QUEUED_JOBS", default_value_t = 10_000)]
@@ -81,6 +88,14 @@ pub struct NatsSettings {
 impl NatsSettings {
     pub fn events_max_age(&self) -> Duration {
         Duration::from_secs(self.events_max_age_secs.max(60))
+    }
+
+    /// The events stream's byte cap (`max_bytes`): -1 for none.
+    pub fn events_max_bytes(&self) -> i64 {
+        match self.events_max_mib {
+            0 => -1,
+            mib => i64::try_from(mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX),
+        }
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Last {
     pub payload: Bytes,
     /// What they say (None when they cannot be read as an event).
     pub event: Option<Event>,
+    /// When the stream stored it (the NATS server's clock).
+    pub time: std::time::SystemTime,
 }
 
 /// The last event stored on `subject`, or None when it holds nothing.
@@ -33,6 +35,7 @@ pub async fn last(bus: &Bus, subject: &str) -> anyhow::Result<Option<Last>> {
             seq: msg.sequence,
             event: decode(subject, &msg.payload),
             payload: msg.payload,
+            time: msg.time.into(),
         })),
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).context("reading the last event"),

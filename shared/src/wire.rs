@@ -109,6 +109,14 @@ pub fn job_msg_id(kind: Kind, key: &Key, after: u64) -> String {
     format!("{kind}.{key}.{after}")
 }
 
+/// The de-duplication id of a job that restarts a generation found stalled: its last event
+/// (stream sequence `last`) is older than the lease, `leases` whole leases ago. Every replica
+/// and every joiner that finds the same stall names the same job, so any number of them make
+/// one job per lease that the generation stays silent, and none while it is alive.
+pub fn stalled_job_msg_id(kind: Kind, key: &Key, last: u64, leases: u64) -> String {
+    format!("{kind}.{key}.{last}.stalled-{leases}")
+}
+
 /// A header on a job published for a key whose generation the API saw under way (a client
 /// joining it, to restart it should it be lost): its claim is most likely held, so a worker
 /// asks the upstream only once it has won the claim. (`Live` on the wire, for processes of

@@ -188,15 +188,20 @@ impl SystemBuilder {
             ("DATABASE_URL".to_owned(), db.url_as("versus_api")),
         ];
         // Every test client is 127.0.0.1: the per-client limits (new generations, open
-        // streams, the daily quota) are off unless a test of them sets them.
+        // streams and connections, the daily quota) are off unless a test of them sets them.
         for limit in [
             "VERSUS_CLIENT_MISSES_PER_MINUTE",
             "VERSUS_CLIENT_PICTURES_PER_MINUTE",
             "VERSUS_CLIENT_MAX_STREAMS",
+            "VERSUS_CLIENT_MAX_CONNECTIONS",
             "VERSUS_CLIENT_DAILY_USD",
+            "VERSUS_CLIENT_JOINS_PER_MINUTE",
+            "VERSUS_CLIENT_LOOKUPS_PER_SECOND",
         ] {
             api_envs.push((limit.to_owned(), "0".to_owned()));
         }
+        // The workers' lease (below), which the API judges stalled generations by.
+        api_envs.push(("VERSUS_LEASE_SECS".to_owned(), "3".to_owned()));
         // Tests start many answers (and pictures at list price): the daily budget is off unless
         // a test of it sets one.
         let unbudgeted = ("VERSUS_DAILY_BUDGET_USD".to_owned(), "0".to_owned());
@@ -403,6 +408,7 @@ async fn declare_streams(nats: &Nats, envs: &[(String, String)]) {
             .find(|(k, _)| k == "VERSUS_NATS_REPLICAS")
             .and_then(|(_, v)| v.parse().ok()),
         events_max_age_secs: setting("VERSUS_EVENTS_MAX_AGE_SECS", 600),
+        events_max_mib: setting("VERSUS_EVENTS_MAX_MIB", 192),
         max_queued_jobs: i64::try_from(setting("VERSUS_MAX_QUEUED_JOBS", 10_000))
             .unwrap_or(i64::MAX),
     };

@@ -1,5 +1,7 @@
-//! The jobs queue as Prometheus gauges: the jobs the stream holds, and per lane the jobs no
-//! worker has been given yet (the consumer's lag behind the stream), how long the oldest of
+//! The jobs queue as Prometheus gauges: the live jobs (`versus_jobs_queued`: waiting or in
+//! flight, on either lane) and every job the stream holds (`versus_jobs_stored`, which also
+//! counts a job no consumer will deliver again), and per lane the jobs no worker has been
+//! given yet (the consumer's lag behind the stream), how long the oldest of
 //! them has waited, the jobs delivered and not yet acknowledged, and the deliveries so far.
 //!
 //! NATS's own monitoring does not speak Prometheus, so each worker reads the stream's and the
@@ -55,14 +57,18 @@ async fn poll(jobs: &Stream, lanes: &[LaneConsumer]) -> anyhow::Result<()> {
         .get_info()
         .await
         .context("reading the jobs stream's info")?;
-    metrics::gauge!("versus_jobs_queued").set(info.state.messages as f64);
+    metrics::gauge!("versus_jobs_stored").set(info.state.messages as f64);
     metrics::gauge!("versus_jobs_queue_limit").set(info.config.max_messages as f64);
+    let mut live = 0;
     for lane in lanes {
         let consumer = jobs
             .consumer_info(lane.name)
             .await
             .with_context(|| format!("reading the {} consumer's info", lane.name))?;
         let label = lane.lane.label();
+        // Waiting for a worker, or with one (a job nak'd for later is pending an ack too); a
+        // job past its last delivery is neither.
+        live += consumer.num_pending + consumer.num_ack_pending as u64;
         metrics::gauge!("versus_jobs_waiting", "lane" => label).set(consumer.num_pending as f64);
         metrics::gauge!("versus_jobs_ack_pending", "lane" => label)
             .set(consumer.num_ack_pending as f64);
@@ -78,6 +84,7 @@ async fn poll(jobs: &Stream, lanes: &[LaneConsumer]) -> anyhow::Result<()> {
         metrics::gauge!("versus_jobs_oldest_waiting_age_seconds", "lane" => label)
             .set(oldest.as_secs_f64());
     }
+    metrics::gauge!("versus_jobs_queued").set(live as f64);
     Ok(())
 }
 

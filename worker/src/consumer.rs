@@ -29,12 +29,16 @@ use versus_shared::{
 
 use crate::{ctx::Ctx, generation::Outcome, job, lane::Lane};
 
-/// How many times a job is delivered at most: redeliveries after crashes, naks while another
-/// worker holds the key, a hand-over at shutdown. A job that failed waits longer before each
-/// delivery ([`retry::job_redelivery`]), so that an outage of Postgres or NATS of about five
-/// minutes (the API's stream timeout) does not use them all up (each failing try also takes a
-/// few seconds: a claim gives up after the pool's acquire timeout).
-const MAX_DELIVER: i64 = 20;
+/// How many times a job is delivered at most by default (`VERSUS_JOB_MAX_DELIVERIES`):
+/// redeliveries after crashes, naks while another worker holds a pre-warm job's key, a
+/// hand-over at shutdown. A job that failed waits longer before each delivery
+/// ([`retry::job_redelivery`]), so that an outage of Postgres or NATS of about five minutes
+/// (the API's stream timeout) does not use them all up (each failing try also takes a few
+/// seconds: a claim gives up after the pool's acquire timeout). The last delivery ends the job
+/// (`Term`) whatever its outcome: nats-server keeps a work queue's message that reached
+/// `max_deliver` in the stream, where it would count against `VERSUS_MAX_QUEUED_JOBS` until
+/// the stream's `max_age`.
+pub const MAX_DELIVER: i64 = 20;
 /// How long one pull request waits for jobs before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// How long jobs still running after the grace period get to give their claims back and nak:
@@ -53,6 +57,15 @@ pub struct LaneConsumer {
     pub concurrency: usize,
     /// Jobs in flight from this lane, cluster-wide (the consumer's max_ack_pending).
     pub max_in_flight: i64,
+    /// Deliveries of one job at most (the consumer's max_deliver); 0: no limit.
+    pub max_deliveries: i64,
+}
+
+impl LaneConsumer {
+    /// Whether the `delivered`th delivery of a job is its last.
+    fn last_delivery(&self, delivered: i64) -> bool {
+        self.max_deliveries > 0 && delivered >= self.max_deliveries
+    }
 }
 
 /// Declares (or updates) the durable consumer of `lane`.
@@ -67,7 +80,11 @@ pub async fn declare(ctx: &Ctx, lane: &LaneConsumer) -> anyhow::Result<PullConsu
         ack_wait: ctx.lease,
         max_ack_pending: lane.max_in_flight,
         // A job that keeps failing (a worker that crashes on it, say) is not retried forever.
-        max_deliver: MAX_DELIVER,
+        max_deliver: if lane.max_deliveries > 0 {
+            lane.max_deliveries
+        } else {
+            -1
+        },
         ..Default::default()
     };
     match ctx.bus.jobs.create_consumer(config.clone()).await {
@@ -139,9 +156,10 @@ pub async fn run(
             let ctx = ctx.clone();
             let abandon = abandon.clone();
             let span = job_span(&msg);
+            let lane = lane.clone();
             tracker.spawn(
                 async move {
-                    process(&ctx, msg, &abandon).await;
+                    process(&ctx, &lane, msg, &abandon).await;
                     drop(slot);
                 }
                 .instrument(span),
@@ -251,7 +269,12 @@ fn job_span(msg: &async_nats::jetstream::Message) -> Span {
     span
 }
 
-async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &CancellationToken) {
+async fn process(
+    ctx: &Ctx,
+    lane: &LaneConsumer,
+    msg: async_nats::jetstream::Message,
+    abandon: &CancellationToken,
+) {
     let job: Job = match serde_json::from_slice(&msg.payload) {
         Ok(job) => job,
         Err(e) => {
@@ -310,22 +333,31 @@ async fn process(ctx: &Ctx, msg: async_nats::jetstream::Message, abandon: &Cance
             Err(_) => "error",
         },
     );
+    let delivered = msg.info().map_or(1, |info| info.delivered);
+    let last = lane.last_delivery(delivered);
     let ack = match handled {
         Ok(Outcome::Ack) => msg.double_ack().await,
+        // Not delivered again: ended, so that it leaves the stream.
+        Ok(Outcome::Retry(_) | Outcome::Handover) if last => {
+            tracing::warn!(key = %job.key, delivered, "a job's last delivery did not finish it; dropping it");
+            metrics::counter!("versus_jobs_exhausted_total").increment(1);
+            msg.ack_with(AckKind::Term).await
+        }
         Ok(Outcome::Retry(delay)) => msg.ack_with(AckKind::Nak(Some(delay))).await,
         // Confirmed: the process exits right after, and the next worker must get the job now.
         Ok(Outcome::Handover) => msg.double_ack_with(AckKind::Nak(None)).await,
         Err(e) => {
             span.record("otel.status_code", "ERROR");
-            let delivered = msg.info().map_or(1, |info| info.delivered);
             let delay = retry::job_redelivery(delivered);
-            if delivered >= MAX_DELIVER {
-                tracing::error!(key = %job.key, error = format!("{e:#}"), delivered, "job failed on its last delivery; it will not be retried");
+            metrics::counter!("versus_job_errors_total").increment(1);
+            if last {
+                tracing::error!(key = %job.key, error = format!("{e:#}"), delivered, "job failed on its last delivery; dropping it");
+                metrics::counter!("versus_jobs_exhausted_total").increment(1);
+                msg.ack_with(AckKind::Term).await
             } else {
                 tracing::error!(key = %job.key, error = format!("{e:#}"), ?delay, "job failed; it will be retried");
+                msg.ack_with(AckKind::Nak(Some(delay))).await
             }
-            metrics::counter!("versus_job_errors_total").increment(1);
-            msg.ack_with(AckKind::Nak(Some(delay))).await
         }
     };
     if let Err(e) = ack {

@@ -1,6 +1,13 @@
 //! One job, whatever its kind: the claim decides which path it takes. A won claim generates
-//! (through [`crate::generation`]), an answer already done is announced again, and a key
-//! leased elsewhere comes back when that lease would have run out.
+//! (through [`crate::generation`]), an answer already done is announced again, and a client's
+//! job for a key leased elsewhere (on its first delivery: another job than the owner's) is
+//! acknowledged at once: it holds no slot of the lane (`max_ack_pending`) while another worker
+//! generates. What restarts that generation should its worker die is its own job, delivered
+//! again once the lease runs out, and failing that (the job expired, or ended on its last
+//! delivery) the flights that follow it: a flight that hears nothing for a lease, or a request
+//! that joins a generation silent for longer, publishes one job per lease of silence
+//! (`api/src/miss/reader.rs`). A redelivered job (perhaps the owner's own) and a pre-warm job,
+//! which nobody follows, come back when the lease would have run out, as before.
 //!
 //! The claim is a durable Postgres commit, and the upstream takes hundreds of milliseconds to
 //! its first token: on a client's job, a streamed answer's first call (moderation, then the
@@ -97,7 +104,23 @@ async fn handle_as<G: Generation>(
             generation::announce_stored_answer::<G>(ctx, job, row).await?;
             Ok(Outcome::Ack)
         }
-        // The owner is alive; come back when its lease would have run out, in case it dies.
+        // The owner is alive, with a job of its own. A client's job delivered for the first
+        // time is another job for the key (a joiner's, a duplicate): it lets the owner be,
+        // acknowledged at once, since held back with a delay it would hold one of the lane's
+        // slots meanwhile, and joiners could fill them all. The owner's own job comes back if
+        // the owner dies, and failing that the flights restart the generation (see the
+        // module's doc).
+        Lost::Busy { .. }
+            if Lane::of(&msg.subject) == Lane::Interactive
+                && msg.info().is_ok_and(|info| info.delivered == 1) =>
+        {
+            metrics::counter!("versus_jobs_busy_total").increment(1);
+            Ok(Outcome::Ack)
+        }
+        // A job delivered again may be the owner's own (its acks were lost to an election, say):
+        // acknowledged, it could not come back should the owner then fail, and a redelivery
+        // takes no slot the job did not hold already. It comes back when the lease would have
+        // run out, as does a pre-warm job (nobody follows it; that lane's slots are its own).
         Lost::Busy { remaining } => Ok(Outcome::Retry(remaining + AFTER_THE_LEASE)),
         Lost::Refused { attempt } => {
             generation::announce_stored_refusal(ctx, job, attempt).await?;

@@ -19,7 +19,8 @@
 //! - [`moderation`]: checking names, pictures' prompts and answers before anything is paid
 //!   for or stored;
 //! - [`spend`]: recording what each upstream call cost, for the daily budget;
-//! - [`backlog`]: the jobs queue (waiting jobs and their age, pending acks) as gauges.
+//! - [`backlog`]: the jobs queue (waiting jobs and their age, pending acks) as gauges;
+//! - [`memory`]: JetStream's memory (the events stream against its cap) as gauges.
 
 pub mod backlog;
 pub mod batch;
@@ -31,6 +32,7 @@ pub mod generation;
 pub mod image;
 pub mod job;
 pub mod lane;
+pub mod memory;
 pub mod moderation;
 pub mod openai;
 pub mod popularity;
@@ -93,7 +95,8 @@ pub struct Settings {
     /// Cluster-wide cap on pre-warm jobs in flight.
     #[arg(long, env = "VERSUS_PREWARM_MAX_IN_FLIGHT", default_value_t = 16)]
     pub prewarm_max_in_flight: i64,
-    /// Seconds a claim lasts without a heartbeat; also the job's ack wait.
+    /// Seconds a claim lasts without a heartbeat; also the job's ack wait. Give the API the
+    /// same value: it takes a generation silent for longer for dead, and restarts it.
     #[arg(long, env = "VERSUS_LEASE_SECS", default_value_t = 30)]
     pub lease_secs: u64,
     /// An interactive job that waited longer than this in the queue (seconds) is dropped, not
@@ -101,6 +104,12 @@ pub struct Settings {
     /// `VERSUS_STREAM_TIMEOUT_SECS`).
     #[arg(long, env = "VERSUS_JOB_MAX_WAIT_SECS", default_value_t = 300)]
     pub job_max_wait_secs: u64,
+    /// How many times a job is delivered at most (both lanes): its last delivery ends it
+    /// (`Term`) whatever happened, so that no job stays in the stream once it cannot be
+    /// delivered again. A failing job waits longer before each delivery (1 s, doubling up to
+    /// 16 s), so the default rides out an outage of about five minutes. 0: no limit.
+    #[arg(long, env = "VERSUS_JOB_MAX_DELIVERIES", default_value_t = consumer::MAX_DELIVER)]
+    pub job_max_deliveries: i64,
     /// Failed generations of one matchup in a row after which it cools down: requests get
     /// the last error (retryable, with `Retry-After`) and nothing is paid for until it ends.
     /// 0: never.
@@ -115,6 +124,10 @@ pub struct Settings {
     /// paid for is kept, not made again.
     #[arg(long, env = "VERSUS_STORE_RETRY_SECS", default_value_t = 180)]
     pub store_retry_secs: u64,
+    /// Matchups not asked for in this many days, with fewer than 10 requests in all, are
+    /// pruned from the popularity table (at start, then hourly). 0: never.
+    #[arg(long, env = "VERSUS_POPULARITY_RETENTION_DAYS", default_value_t = 30)]
+    pub popularity_retention_days: u32,
     /// How long a SIGTERM waits for jobs in flight before exiting, in seconds.
     #[arg(long, env = "VERSUS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -185,6 +198,7 @@ pub async fn run(
         filter: versus_shared::wire::JOBS_SUBJECTS,
         concurrency: settings.concurrency,
         max_in_flight: settings.max_in_flight,
+        max_deliveries: settings.job_max_deliveries,
     };
     let prewarm = consumer::LaneConsumer {
         lane: lane::Lane::Prewarm,
@@ -192,12 +206,23 @@ pub async fn run(
         filter: versus_shared::wire::PREWARM_SUBJECTS,
         concurrency: settings.prewarm_concurrency,
         max_in_flight: settings.prewarm_max_in_flight,
+        max_deliveries: settings.job_max_deliveries,
     };
     let interactive_consumer = consumer::declare(&ctx, &interactive).await?;
     let prewarm_consumer = consumer::declare(&ctx, &prewarm).await?;
     tasks.spawn(backlog::run(
         ctx.bus.jobs.clone(),
         vec![interactive.clone(), prewarm.clone()],
+        shutdown.clone(),
+    ));
+    tasks.spawn(popularity::prune(
+        ctx.db.clone(),
+        settings.popularity_retention_days,
+        shutdown.clone(),
+    ));
+    tasks.spawn(memory::run(
+        ctx.bus.js.clone(),
+        ctx.bus.events.clone(),
         shutdown.clone(),
     ));
 

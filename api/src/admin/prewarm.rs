@@ -270,6 +270,8 @@ async fn publish(app: &App, batch: &str, job: Job) -> Result<(), ApiError> {
         payload.into(),
         wire::prewarm_msg_id(job.kind, &job.key, batch),
         false,
+        // Nobody waits for a pre-warm job: it stays until a worker runs it.
+        None,
     )
     .await
     .map_err(|e| nats(&e))?;

@@ -5,12 +5,14 @@
 //! The gates, in order (the first that applies decides):
 //!
 //! 1. **origin**: a browser acting for another site is refused (403 `cross_site`), even a join;
-//! 2. **join**: a flight this process follows already is joined, free of every later gate;
+//! 2. **join**: a flight this process follows already is joined, free of every later gate but
+//!    the client's joins limit (`VERSUS_CLIENT_JOINS_PER_MINUTE`, looser; 429 `rate_limited`);
 //! 3. **refused**: a matchup moderation refused ends with `refused`, at no cost;
 //! 4. **bus**: with no NATS connection, `unavailable` (retryable);
 //! 5. **hub**: at an edge whose link to the hub is down, `unavailable` (retryable);
 //! 6. **under way**: a generation under way anywhere (another replica's, a pre-warm) is
-//!    followed free of the three gates below; it is looked up only when one of them applies;
+//!    followed free of the three gates below, charged to the client's joins limit as a join
+//!    is; it is looked up only when one of these four applies;
 //! 7. **budget**: once today's budget is spent (for a picture, or the pictures' share of it),
 //!    `budget_exhausted` until midnight UTC;
 //! 8. **client limit**: otherwise the flight starts, charged to the client's per-minute limit
@@ -41,6 +43,8 @@ pub(crate) struct Facts {
     pub limited: bool,
     /// The client's daily quota applies (`VERSUS_CLIENT_DAILY_USD` is set).
     pub quota: bool,
+    /// The client's joins limit applies (`VERSUS_CLIENT_JOINS_PER_MINUTE` is set).
+    pub joins_limited: bool,
     /// Whether the events stream shows a generation under way; None until read.
     pub under_way: Option<bool>,
 }
@@ -60,8 +64,9 @@ pub(crate) enum Reach {
 pub(crate) enum Admission {
     /// Refused with an error response, before any stream begins.
     Refuse(ApiError),
-    /// Wait on the flight this process follows.
-    Join,
+    /// Wait on the flight this process follows; `charged`: counted against the client's
+    /// joins limit first, which may refuse it (429 `rate_limited`).
+    Join { charged: bool },
     /// The stream ends at once with this, and no job is published.
     End(Ending),
     /// Read whether a generation is under way ([`Facts::under_way`]), then decide again.
@@ -71,6 +76,10 @@ pub(crate) enum Admission {
     /// per-minute limit, then its daily quota, first, either of which may refuse it (429
     /// `rate_limited`, 429 `quota_exhausted`).
     Start { charged: bool },
+    /// Follow a generation under way (elsewhere, or here after this process's flight ended)
+    /// with a flight of this process, which publishes a job only if the generation looks dead.
+    /// `charged`: counted against the client's joins limit first (429 `rate_limited`).
+    Follow { charged: bool },
 }
 
 /// Why a miss ends at once.
@@ -122,7 +131,9 @@ pub(crate) fn admit(facts: &Facts) -> Admission {
         return Admission::Refuse(ApiError::CrossSite);
     }
     if facts.followed {
-        return Admission::Join;
+        return Admission::Join {
+            charged: facts.joins_limited,
+        };
     }
     if facts.refused {
         return Admission::End(Ending::Refused);
@@ -132,15 +143,20 @@ pub(crate) fn admit(facts: &Facts) -> Admission {
         Reach::NoHub => return Admission::End(Ending::NoHub),
         Reach::Workers => {}
     }
-    if facts.budget_spent_until.is_none() && !facts.limited && !facts.quota {
+    if facts.budget_spent_until.is_none() && !facts.limited && !facts.quota && !facts.joins_limited
+    {
         return Admission::Start { charged: false };
     }
     match facts.under_way {
         None => Admission::ReadUnderWay,
-        Some(true) => Admission::Start { charged: false },
+        Some(true) => Admission::Follow {
+            charged: facts.joins_limited,
+        },
         Some(false) => match facts.budget_spent_until {
             Some(until_ms) => Admission::End(Ending::BudgetSpent { until_ms }),
-            None => Admission::Start { charged: true },
+            None => Admission::Start {
+                charged: facts.limited || facts.quota,
+            },
         },
     }
 }
@@ -158,6 +174,7 @@ mod tests {
         budget_spent_until: None,
         limited: false,
         quota: false,
+        joins_limited: false,
         under_way: Some(false),
     };
 
@@ -170,6 +187,7 @@ mod tests {
         budget_spent_until: Some(7),
         limited: true,
         quota: true,
+        joins_limited: true,
         under_way: Some(false),
     };
 
@@ -190,7 +208,16 @@ mod tests {
             other_site: false,
             ..SHUT
         };
-        assert_eq!(admit(&facts), Admission::Join);
+        assert_eq!(admit(&facts), Admission::Join { charged: true });
+        let unlimited = Facts {
+            joins_limited: false,
+            ..facts
+        };
+        assert_eq!(
+            admit(&unlimited),
+            Admission::Join { charged: false },
+            "charged to the joins limit only when it is set"
+        );
     }
 
     #[test]
@@ -262,7 +289,7 @@ mod tests {
             };
             assert_eq!(
                 admit(&under_way),
-                Admission::Start { charged: false },
+                Admission::Follow { charged: false },
                 "following a generation under way is free, budget or not"
             );
         }
@@ -330,14 +357,72 @@ mod tests {
             };
             assert_eq!(
                 admit(&under_way),
-                Admission::Start { charged: false },
+                Admission::Follow { charged: false },
                 "following a generation under way costs no quota"
             );
             let joined = Facts {
                 followed: true,
                 ..facts
             };
-            assert_eq!(admit(&joined), Admission::Join, "a join costs no quota");
+            assert_eq!(
+                admit(&joined),
+                Admission::Join { charged: false },
+                "a join costs no quota"
+            );
         }
+    }
+
+    #[test]
+    fn gate_2_and_6_joins_are_charged_to_the_joins_limit_and_new_generations_are_not() {
+        let joins = Facts {
+            joins_limited: true,
+            under_way: None,
+            ..OPEN
+        };
+        // With only the joins limit set, whether a generation is under way decides the charge.
+        assert_eq!(admit(&joins), Admission::ReadUnderWay);
+        let under_way = Facts {
+            under_way: Some(true),
+            ..joins
+        };
+        assert_eq!(admit(&under_way), Admission::Follow { charged: true });
+        let new = Facts {
+            under_way: Some(false),
+            ..joins
+        };
+        assert_eq!(
+            admit(&new),
+            Admission::Start { charged: false },
+            "a new generation is not a join"
+        );
+        let limited = Facts {
+            limited: true,
+            ..new
+        };
+        assert_eq!(admit(&limited), Admission::Start { charged: true });
+        let budget_spent = Facts {
+            under_way: Some(true),
+            budget_spent_until: Some(7),
+            ..joins
+        };
+        assert_eq!(
+            admit(&budget_spent),
+            Admission::Follow { charged: true },
+            "a spent budget does not stop a join, and does not make it free"
+        );
+        let local = Facts {
+            followed: true,
+            ..joins
+        };
+        assert_eq!(admit(&local), Admission::Join { charged: true });
+        let refused = Facts {
+            refused: true,
+            ..under_way
+        };
+        assert_eq!(
+            admit(&refused),
+            Admission::End(Ending::Refused),
+            "a refusal costs nothing"
+        );
     }
 }

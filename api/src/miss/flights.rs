@@ -27,7 +27,7 @@ use crate::nats::LazyBus;
 /// Every flight of this process, by key.
 pub struct Flights {
     bus: LazyBus,
-    timeout: Duration,
+    timing: reader::Timing,
     tasks: Tasks,
     live: Mutex<HashMap<Key, Arc<Flight>>>,
 }
@@ -40,11 +40,12 @@ pub fn zero_counters() {
 }
 
 impl Flights {
-    /// Readers run on `tasks`; a reader gives up on a generation after `timeout`.
-    pub fn new(bus: LazyBus, timeout: Duration, tasks: Tasks) -> Arc<Flights> {
+    /// Readers run on `tasks`; a reader gives up on a generation after `timeout`, and takes
+    /// a generation whose last event is older than `lease` (the workers') for dead.
+    pub fn new(bus: LazyBus, timeout: Duration, lease: Duration, tasks: Tasks) -> Arc<Flights> {
         Arc::new(Flights {
             bus,
-            timeout,
+            timing: reader::Timing { timeout, lease },
             tasks,
             live: Mutex::new(HashMap::new()),
         })
@@ -96,7 +97,7 @@ impl Flights {
             let prefetch = prefetch.map(Box::new);
             self.tasks.spawn(
                 async move {
-                    reader::run(&flights.bus, flights.timeout, &flight, job, prefetch).await;
+                    reader::run(&flights.bus, flights.timing, &flight, job, prefetch).await;
                     forget(&mut lock(&flights.live), &key, &flight);
                 }
                 .instrument(span),
@@ -146,6 +147,12 @@ impl Waiter {
             next: 0,
             registry: None,
         }
+    }
+
+    /// Whether this waiter follows a generation (one started or joined), rather than holding
+    /// only the event that refused it ([`Waiter::ended`]).
+    pub fn admitted(&self) -> bool {
+        self.registry.is_some()
     }
 
     /// The next event, or None once the log closed and every event in it was returned.

@@ -122,6 +122,7 @@ impl Path<'_> {
                 .then(|| wire::unix_ms() + budget::until_tomorrow().as_millis() as u64),
             limited: self.limits.limited(job.kind),
             quota: self.quota.on(),
+            joins_limited: self.limits.joins_limited(),
             under_way: miss
                 .prefetch
                 .as_ref()
@@ -130,8 +131,14 @@ impl Path<'_> {
         loop {
             match admit(&facts) {
                 Admission::Refuse(error) => return Err(error),
-                Admission::Join => match self.flights.join_existing(&job.key) {
-                    Some(waiter) => return Ok(waiter),
+                Admission::Join { charged } => match self.flights.join_existing(&job.key) {
+                    Some(waiter) => {
+                        if charged {
+                            // Refused, the waiter is dropped: it leaves the flight.
+                            self.limits.admit_join(client)?;
+                        }
+                        return Ok(waiter);
+                    }
                     // Its flight ended meanwhile.
                     None => facts.followed = false,
                 },
@@ -146,6 +153,14 @@ impl Path<'_> {
                         None => false,
                     };
                     facts.under_way = Some(under_way);
+                }
+                Admission::Follow { charged } => {
+                    if charged {
+                        self.limits.admit_join(client)?;
+                    }
+                    let waiter = self.flights.join(job, miss.prefetch);
+                    tokio::task::yield_now().await;
+                    return Ok(waiter);
                 }
                 Admission::Start { charged } => {
                     if charged {

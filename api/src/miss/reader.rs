@@ -12,7 +12,7 @@
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context;
@@ -33,11 +33,22 @@ use super::{
 };
 use crate::nats::LazyBus;
 
-/// Follows one flight until a terminal event, `timeout`, or the last waiter leaves; then
-/// closes its log.
+/// How long a flight waits for its generation, and how long the workers' lease lasts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// A flight gives up after this (`VERSUS_STREAM_TIMEOUT_SECS`); its job is published
+    /// with this per-message TTL, so the stream drops it once nobody waits for it.
+    pub timeout: Duration,
+    /// The workers' lease (`VERSUS_LEASE_SECS`): a generation whose last event is older than
+    /// this looks dead, and only then does a flight that joins it publish a job.
+    pub lease: Duration,
+}
+
+/// Follows one flight until a terminal event, `timing.timeout`, or the last waiter leaves;
+/// then closes its log.
 pub(crate) async fn run(
     bus: &LazyBus,
-    timeout: Duration,
+    timing: Timing,
     flight: &Flight,
     job: Job,
     prefetch: Option<Box<Prefetch>>,
@@ -53,7 +64,10 @@ pub(crate) async fn run(
         )));
         return;
     };
-    let reading = tokio::time::timeout(timeout, read_events(bus, flight, job, prefetch, &queued));
+    let reading = tokio::time::timeout(
+        timing.timeout,
+        read_events(bus, timing, flight, job, prefetch, &queued),
+    );
     let ending = tokio::select! {
         () = flight.stop.cancelled() => None,
         () = link_lost(bus, &queued) => Some(Event::failed_with(
@@ -114,20 +128,60 @@ const RESYNC_PAUSE: Duration = Duration::from_millis(2);
 
 /// Where a flight picks up a key's events, once the last stored one is known.
 struct Resume {
-    /// The stream sequence the job's message id names: identical misses after the same event
-    /// are one job, and a miss after a failed attempt is a new one.
-    after: u64,
     /// Replays of the history read what follows this sequence.
     base: u64,
-    /// A generation is under way: the job says so (`Versus-Live`), and a worker that finds
-    /// the claim taken lets it be.
-    under_way: bool,
+    /// What job the flight asks for.
+    ask: Ask,
+}
+
+/// The job a flight asks for, from the last event stored for its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    /// A new generation: the message id names the stream sequence of the last event seen
+    /// (0 for none), so identical misses after the same event are one job, and a miss after a
+    /// failed attempt is a new one.
+    New { after: u64 },
+    /// A generation is under way (its last event, stream sequence `last`, stored at `at`): a
+    /// job only if it looks dead ([`stalled_for`]), so that joiners, however many and however
+    /// often they reconnect, cost the workers nothing while it lives.
+    UnderWay { last: u64, at: SystemTime },
+    /// The stored events end otherwise (a `done` whose history the log could not complete,
+    /// an unreadable event): a job named by that event, marked as for a generation under
+    /// way, which finds the answer stored and announces it again.
+    Repair { after: u64 },
+}
+
+/// How many whole leases a generation whose last event was stored at `at` has been silent
+/// for, at `now`; None while it is within one lease (its worker is alive, or its job will be
+/// delivered again once the lease runs out). A job published for a stall names this number
+/// ([`wire::stalled_job_msg_id`]), so a dead generation gets one job per lease, whoever asks.
+fn stalled_for(at: SystemTime, now: SystemTime, lease: Duration) -> Option<u64> {
+    let quiet = now.duration_since(at).unwrap_or_default();
+    let lease = lease.as_millis().max(1);
+    let leases = (quiet.as_millis() / lease) as u64;
+    (leases >= 1).then_some(leases)
+}
+
+/// The message id and `Versus-Live` mark of the job `ask` means at `now`; None when no job is
+/// wanted (a generation under way and alive).
+fn job_to_publish(job: &Job, ask: Ask, now: SystemTime, lease: Duration) -> Option<(String, bool)> {
+    match ask {
+        Ask::New { after } => Some((wire::job_msg_id(job.kind, &job.key, after), false)),
+        Ask::Repair { after } => Some((wire::job_msg_id(job.kind, &job.key, after), true)),
+        Ask::UnderWay { last, at } => stalled_for(at, now, lease).map(|leases| {
+            (
+                wire::stalled_job_msg_id(job.kind, &job.key, last, leases),
+                true,
+            )
+        }),
+    }
 }
 
 /// Logs the generation's events until it ends, starting from `prefetch` when the request
 /// took the first steps. `queued` is set once the jobs stream acknowledged the job.
 async fn read_events(
     bus: &Bus,
+    timing: Timing,
     flight: &Flight,
     job: Job,
     prefetch: Option<Box<Prefetch>>,
@@ -156,7 +210,24 @@ async fn read_events(
     else {
         return Ok(());
     };
-    let accepted = Box::pin(publish_job(&bus.js, &job, &resume)).await?;
+    let accepted = match job_to_publish(&job, resume.ask, SystemTime::now(), timing.lease) {
+        Some((msg_id, under_way)) => {
+            Box::pin(publish_job(
+                &bus.js,
+                &job,
+                msg_id,
+                under_way,
+                timing.timeout,
+            ))
+            .await?
+        }
+        // Joined a live generation: its worker holds the claim, and its own job comes back
+        // should that worker die. Nothing to publish.
+        None => {
+            metrics::counter!("versus_joins_without_job_total").increment(1);
+            true
+        }
+    };
     queued.store(true, Ordering::Relaxed);
     if !accepted && flight.log().attempt.is_none() {
         // The queue is full and nothing is being generated for this key: say so at once
@@ -168,7 +239,17 @@ async fn read_events(
         return Ok(());
     }
     metrics::histogram!("versus_flight_setup_seconds").record(began.elapsed());
-    follow(bus, flight, &job, &subject, resume.base, live, losses).await
+    follow(
+        bus,
+        timing,
+        flight,
+        &job,
+        &subject,
+        resume.base,
+        live,
+        losses,
+    )
+    .await
 }
 
 /// How long a client refused for a full queue is told to wait: a full queue drains in seconds.
@@ -208,13 +289,14 @@ async fn resume_point(
     }
     // The subject holds at most one attempt (workers purge before a new one). If that attempt
     // ended badly, follow what comes after it and ask for a new job; otherwise read it all,
-    // and ask for a job anyway: a no-op for a live or finished generation, and it restarts a
-    // lost one.
+    // and ask for a job only if the generation looks dead (see `Ask::UnderWay`): one that
+    // restarts a lost generation, never one that would wait on a live one.
     let resume = match last {
         Some(Last {
             seq,
             payload,
             event: Some(Event::Error { .. } | Event::Purged),
+            ..
         }) => {
             // Whatever reached the subscription up to that end belongs to the failed attempt:
             // every copy of it arrived before the answer above, and it ends with that event.
@@ -232,34 +314,44 @@ async fn resume_point(
                 }
             }
             Resume {
-                after: seq,
                 base: seq,
-                under_way: false,
+                ask: Ask::New { after: seq },
             }
         }
-        Some(Last { seq, .. }) => {
+        Some(Last {
+            seq, time, event, ..
+        }) => {
             if replay(bus, flight, subject, 0).await? {
                 return Ok(None);
             }
-            Resume {
-                after: seq,
-                base: 0,
-                under_way: true,
-            }
+            let ask = match event {
+                Some(Event::Started { .. } | Event::Chunk { .. }) => Ask::UnderWay {
+                    last: seq,
+                    at: time,
+                },
+                _ => Ask::Repair { after: seq },
+            };
+            Resume { base: 0, ask }
         }
         None => Resume {
-            after: 0,
             base: 0,
-            under_way: false,
+            ask: Ask::New { after: 0 },
         },
     };
     Ok(Some(resume))
 }
 
+/// How long past the lease a flight hears nothing before it looks whether its generation
+/// stalled.
+const STALL_MARGIN: Duration = Duration::from_secs(1);
+
 /// Follows the live events until the generation ends, reading the history (after `base`)
-/// when one may have been lost.
+/// when one may have been lost. A flight that hears nothing for longer than the lease looks
+/// whether the generation stalled ([`restart_stalled`]).
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     bus: &Bus,
+    timing: Timing,
     flight: &Flight,
     job: &Job,
     subject: &str,
@@ -274,8 +366,12 @@ async fn follow(
     } else {
         Duration::MAX
     };
+    let stall = timing.lease + STALL_MARGIN;
     loop {
         tokio::select! {
+            () = tokio::time::sleep(stall) => {
+                Box::pin(restart_stalled(bus, timing, job, subject)).await;
+            }
             () = tokio::time::sleep(idle) => {
                 if Box::pin(replay(bus, flight, subject, base)).await? {
                     return Ok(());
@@ -416,17 +512,60 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
     Ok(false)
 }
 
-/// Publishes the job; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`). A try that
+/// After a lease with no event: when the key's last stored event is a generation's
+/// (`started` or a chunk) older than the lease, its worker is presumably gone and its job may
+/// be too (acknowledged by a copy that found the claim busy, say): a job for the stall is
+/// published, named by it, so that every flight on every replica that finds the same stall
+/// makes one job. A worker that finds the claim alive after all acknowledges it at once.
+/// Failures are logged; the next silent lease tries again.
+async fn restart_stalled(bus: &Bus, timing: Timing, job: &Job, subject: &str) {
+    let last = match history::last(bus, subject).await {
+        Ok(Some(last)) => last,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(%subject, error = format!("{e:#}"), "reading the last event failed");
+            return;
+        }
+    };
+    if !matches!(
+        last.event,
+        Some(Event::Started { .. } | Event::Chunk { .. })
+    ) {
+        return;
+    }
+    let ask = Ask::UnderWay {
+        last: last.seq,
+        at: last.time,
+    };
+    let Some((msg_id, under_way)) = job_to_publish(job, ask, SystemTime::now(), timing.lease)
+    else {
+        return;
+    };
+    tracing::info!(key = %job.key, %msg_id, "the generation stalled for a lease; asking for a job");
+    if let Err(e) = publish_job(&bus.js, job, msg_id, under_way, timing.timeout).await {
+        tracing::warn!(key = %job.key, error = format!("{e:#}"), "publishing a job for a stalled generation failed");
+    }
+}
+
+/// Publishes the job with `msg_id` (and `Versus-Live` when `under_way`), to expire from the
+/// stream after `ttl`; false when the jobs stream is full (`VERSUS_MAX_QUEUED_JOBS`). A try that
 /// fails or goes unacknowledged (a NATS outage, a leader election) is made again with the same
 /// message id, so a job that had landed is not queued twice (see [`crate::publish`]).
-async fn publish_job(js: &jetstream::Context, job: &Job, resume: &Resume) -> anyhow::Result<bool> {
+async fn publish_job(
+    js: &jetstream::Context,
+    job: &Job,
+    msg_id: String,
+    under_way: bool,
+    ttl: Duration,
+) -> anyhow::Result<bool> {
     let payload = serde_json::to_vec(job)?;
     let acked = crate::publish::job(
         js,
         wire::job_subject(job.kind),
         payload.into(),
-        wire::job_msg_id(job.kind, &job.key, resume.after),
-        resume.under_way,
+        msg_id,
+        under_way,
+        Some(ttl),
     )
     .await;
     match acked {
@@ -441,5 +580,67 @@ async fn publish_job(js: &jetstream::Context, job: &Job, resume: &Resume) -> any
             Ok(false)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use versus_shared::{
+        key::Key,
+        wire::{self, Job, Kind},
+    };
+
+    use super::{Ask, job_to_publish, stalled_for};
+
+    fn job() -> Job {
+        Job {
+            kind: Kind::Text,
+            key: Key::parse("0123456789abcdef0123456789abcdef").unwrap(),
+            a: "a".into(),
+            b: "b".into(),
+            model: "m".into(),
+            prompt_version: 1,
+            size: None,
+        }
+    }
+
+    #[test]
+    fn a_live_generation_is_joined_without_a_job_and_a_dead_one_gets_one_per_lease() {
+        let lease = Duration::from_secs(30);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let after = |secs| at + Duration::from_secs(secs);
+        assert_eq!(stalled_for(at, after(0), lease), None);
+        assert_eq!(stalled_for(at, after(29), lease), None);
+        // A clock behind the server's is no stall.
+        assert_eq!(stalled_for(after(5), at, lease), None);
+        assert_eq!(stalled_for(at, after(30), lease), Some(1));
+        assert_eq!(stalled_for(at, after(59), lease), Some(1));
+        assert_eq!(stalled_for(at, after(61), lease), Some(2));
+
+        let job = job();
+        let under_way = Ask::UnderWay { last: 42, at };
+        assert_eq!(job_to_publish(&job, under_way, after(10), lease), None);
+        // Every joiner within the same lease names the same job; the next lease, another.
+        let first = job_to_publish(&job, under_way, after(31), lease).unwrap();
+        assert_eq!(
+            first,
+            job_to_publish(&job, under_way, after(50), lease).unwrap()
+        );
+        assert!(first.1, "marked under way: its claim may still be held");
+        let second = job_to_publish(&job, under_way, after(65), lease).unwrap();
+        assert_ne!(first.0, second.0);
+        assert_ne!(first.0, wire::job_msg_id(job.kind, &job.key, 42));
+        // Stored events that end otherwise ask for the job that repairs them, at once.
+        assert_eq!(
+            job_to_publish(&job, Ask::Repair { after: 42 }, at, lease),
+            Some((wire::job_msg_id(job.kind, &job.key, 42), true))
+        );
+        // A new generation is asked for at once, named by what was seen.
+        assert_eq!(
+            job_to_publish(&job, Ask::New { after: 7 }, at, lease),
+            Some((wire::job_msg_id(job.kind, &job.key, 7), false))
+        );
     }
 }

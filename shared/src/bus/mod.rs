@@ -34,6 +34,7 @@ use async_nats::jetstream::{self, kv, stream};
 use tokio::sync::watch;
 
 pub use self::link::HubLink;
+pub use self::topology::EVENTS_PER_SUBJECT;
 use self::{
     link::watch_link,
     login::connect_options,

@@ -73,7 +73,7 @@ impl Topology {
     pub(super) fn of(settings: &NatsSettings) -> Topology {
         Topology {
             jobs: jobs_stream(settings.max_queued_jobs),
-            events: events_stream(settings.events_max_age()),
+            events: events_stream(settings.events_max_age(), settings.events_max_bytes()),
             answers: answers_bucket(),
             spend: spend_bucket(),
             quota: quota_bucket(),
@@ -256,11 +256,20 @@ fn jobs_stream(max_queued: i64) -> stream::Config {
         // for hours and paid for after its clients left.
         max_messages: max_queued.max(1),
         discard: stream::DiscardPolicy::New,
+        // The API publishes each client's job with a TTL (`Nats-TTL`, its stream timeout): a job
+        // nobody waits for any more leaves the queue, delivered or not, rather than fill it.
+        // Pre-warm jobs carry none. nats-server 2.11+; turned on in place on an existing stream.
+        allow_message_ttl: true,
         ..Default::default()
     }
 }
 
-fn events_stream(max_age: Duration) -> stream::Config {
+/// The most events one answer's subject keeps: more than any answer has (`started`, a chunk per
+/// token at most, `VERSUS_MAX_ANSWER_TOKENS` being 600 by default, and its end), so the cap
+/// only ever trims a subject that something fills without end.
+pub const EVENTS_PER_SUBJECT: i64 = 20_000;
+
+fn events_stream(max_age: Duration, max_bytes: i64) -> stream::Config {
     stream::Config {
         name: wire::EVENTS_STREAM.to_owned(),
         description: Some("Generation events per answer, replayable for late joiners".to_owned()),
@@ -270,6 +279,12 @@ fn events_stream(max_age: Duration) -> stream::Config {
         // job's redelivery, which starts a new attempt.
         storage: stream::StorageType::Memory,
         max_age,
+        // Bounded in bytes: past the cap the oldest events (finished answers', which the
+        // answers bucket holds) are dropped, never a new one refused, and no subject holds more
+        // than an answer's worth.
+        max_bytes,
+        discard: stream::DiscardPolicy::Old,
+        max_messages_per_subject: EVENTS_PER_SUBJECT,
         duplicate_window: Duration::from_secs(30),
         // Readers catch up with direct gets (any replica answers), never with a consumer.
         allow_direct: true,
@@ -493,8 +508,9 @@ struct Reconciled {
 }
 
 /// The existing configuration with the settings Versus owns taken from `wanted`: its subjects,
-/// limits on messages and age, discard policy, duplicate window, direct gets, and the replica
-/// count when `replicas` is set. Everything else (description, byte limits, placement,
+/// limits on messages and age, the events stream's byte cap, discard policy, duplicate window,
+/// direct gets, and the replica count when `replicas` is set. Everything else (description,
+/// other streams' byte limits, placement,
 /// compression, metadata, consumer limits, …) is the operator's and stays.
 fn reconcile(
     existing: &stream::Config,
@@ -512,6 +528,11 @@ fn reconcile(
         )*};
     }
     own!(subjects, max_age, discard, duplicate_window, allow_direct);
+    // Per-message TTLs can be turned on in place, never off: only ever turned on.
+    if wanted.allow_message_ttl && !config.allow_message_ttl {
+        config.allow_message_ttl = true;
+        changed.push("allow_message_ttl");
+    }
     // The server stores "no limit" as -1 whatever a request said (0 or -1).
     let limit = |n: i64| if n <= 0 { -1 } else { n };
     if limit(config.max_messages) != limit(wanted.max_messages) {
@@ -521,6 +542,12 @@ fn reconcile(
     if limit(config.max_messages_per_subject) != limit(wanted.max_messages_per_subject) {
         config.max_messages_per_subject = wanted.max_messages_per_subject;
         changed.push("max_messages_per_subject");
+    }
+    // A byte cap is Versus's only on a stream it sets one for (the events'; `-1` when turned
+    // off); elsewhere it is the operator's.
+    if wanted.max_bytes != 0 && limit(config.max_bytes) != limit(wanted.max_bytes) {
+        config.max_bytes = wanted.max_bytes;
+        changed.push("max_bytes");
     }
     if let Some(replicas) = replicas.filter(|r| *r != config.num_replicas) {
         config.num_replicas = replicas;
@@ -576,11 +603,26 @@ mod tests {
         assert_eq!(r.config.num_replicas, 1);
 
         // The server writes "no limit" as -1.
-        let mut stored = events_stream(Duration::from_secs(600));
+        let events = events_stream(Duration::from_secs(600), 192 << 20);
+        let mut stored = events.clone();
         stored.max_messages = -1;
-        stored.max_messages_per_subject = -1;
-        let r = reconcile(&stored, &events_stream(Duration::from_secs(600)), None);
+        let r = reconcile(&stored, &events, None);
         assert!(r.changed.is_empty(), "{:?}", r.changed);
+
+        // An events stream declared before its caps gets them in place.
+        let mut unbounded = events.clone();
+        unbounded.max_bytes = -1;
+        unbounded.max_messages_per_subject = -1;
+        let r = reconcile(&unbounded, &events, None);
+        assert_eq!(r.changed, ["max_messages_per_subject", "max_bytes"]);
+        assert_eq!(r.config.max_bytes, 192 << 20);
+        assert_eq!(r.config.max_messages_per_subject, EVENTS_PER_SUBJECT);
+        assert_eq!(r.config.discard, stream::DiscardPolicy::Old);
+        // A cap turned off (0 MiB: -1) is taken off again.
+        let off = events_stream(Duration::from_secs(600), -1);
+        let r = reconcile(&events, &off, None);
+        assert_eq!(r.changed, ["max_bytes"]);
+        assert_eq!(r.config.max_bytes, -1);
 
         let mut memory = wanted.clone();
         memory.storage = stream::StorageType::Memory;
@@ -595,6 +637,7 @@ mod tests {
             tls_ca: None,
             replicas: None,
             events_max_age_secs: 600,
+            events_max_mib: 192,
             max_queued_jobs: 10_000,
         });
         let parts = topology.parts();
@@ -614,5 +657,23 @@ mod tests {
             parts.map(Part::in_memory),
             [false, true, false, false, false]
         );
+    }
+
+    #[test]
+    fn a_jobs_stream_declared_before_ttls_gets_them_in_place_and_others_do_not() {
+        let wanted = jobs_stream(10_000);
+        assert!(wanted.allow_message_ttl);
+        let mut older = wanted.clone();
+        older.allow_message_ttl = false;
+        let r = reconcile(&older, &wanted, None);
+        assert_eq!(r.changed, ["allow_message_ttl"]);
+        assert!(r.config.allow_message_ttl);
+        // Never turned off (the server refuses that), and not asked of other streams.
+        let events = events_stream(Duration::from_secs(600), 1 << 20);
+        assert!(!events.allow_message_ttl);
+        let mut with_ttls = events.clone();
+        with_ttls.allow_message_ttl = true;
+        let kept = reconcile(&with_ttls, &events, None);
+        assert!(!kept.changed.contains(&"allow_message_ttl"));
     }
 }

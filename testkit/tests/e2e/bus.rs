@@ -441,7 +441,7 @@ fn a_purge_request_never_makes_a_worker_publish_where_the_requester_chose() {
         .await
         .unwrap();
         api.flush().await.unwrap();
-        let request = tokio::time::timeout(Duration::from_secs(5), requests.next())
+        let request = tokio::time::timeout(Duration::from_secs(20), requests.next())
             .await
             .unwrap()
             .unwrap();

@@ -314,8 +314,13 @@ impl App {
         if let Some(hit) = cache.in_memory(key) {
             return Ok(miss::Found::Stored(hit));
         }
-        self.look_up(client())?;
-        Ok(self.misses().find(cache, key).await)
+        let client = client();
+        self.look_up(client)?;
+        // A client this replica knows to be over its daily quota would be refused a new
+        // generation: its miss takes none of the flight's early reads.
+        let worst = self.inner.budget.worst_case(V::KIND);
+        let prefetch = !self.inner.quota.known_spent(client, worst);
+        Ok(self.misses().find(cache, key, prefetch).await)
     }
 
     /// Counts a look-up past memory for `client`, or refuses it (429 `rate_limited`).

@@ -200,18 +200,9 @@ impl Quota {
         if !self.on() {
             return Ok(());
         }
-        let day = budget::today();
         let cost = micros(usd);
-        let counters: Vec<(String, u64)> = counters(client)
-            .iter()
-            .map(|counter| (key(day, counter), self.limit.saturating_mul(counter.quotas)))
-            .collect();
-        let known_spent = counters.iter().any(|(key, cap)| {
-            self.memo
-                .get(key)
-                .is_some_and(|charged| !fits(charged, cost, *cap))
-        });
-        if known_spent {
+        let counters = self.counters_of(client);
+        if self.spent(&counters, cost) {
             return Err(self.refused(kind));
         }
         match tokio::time::timeout(CHARGE_TIMEOUT, charge_all(store, &counters, cost)).await {
@@ -235,6 +226,31 @@ impl Quota {
                 Ok(())
             }
         }
+    }
+
+    /// Whether this replica knows, with no round trip, that `client` cannot be charged `usd`
+    /// today: one of its counters was found spent past it. A miss then skips its early reads
+    /// (the flight's subscription and last event), which a refusal would waste.
+    pub fn known_spent(&self, client: IpAddr, usd: f64) -> bool {
+        self.on() && self.spent(&self.counters_of(client), micros(usd))
+    }
+
+    /// `client`'s counters of today: each key with its cap.
+    fn counters_of(&self, client: IpAddr) -> Vec<(String, u64)> {
+        let day = budget::today();
+        counters(client)
+            .iter()
+            .map(|counter| (key(day, counter), self.limit.saturating_mul(counter.quotas)))
+            .collect()
+    }
+
+    /// Whether one of `counters` is remembered spent past a charge of `cost`.
+    fn spent(&self, counters: &[(String, u64)], cost: u64) -> bool {
+        counters.iter().any(|(key, cap)| {
+            self.memo
+                .get(key)
+                .is_some_and(|charged| !fits(charged, cost, *cap))
+        })
     }
 
     fn refused(&self, kind: Kind) -> ApiError {
@@ -356,6 +372,22 @@ mod tests {
             .into_iter()
             .map(|c| (c.bucket, c.quotas))
             .collect()
+    }
+
+    #[test]
+    fn a_client_remembered_spent_is_known_spent_without_a_round_trip_and_others_are_not() {
+        let quota = Quota::new(1.0).unwrap();
+        let spent = ip("203.0.113.7");
+        assert!(!quota.known_spent(spent, 0.4), "nothing is remembered yet");
+        let (key, _) = quota.counters_of(spent).remove(0);
+        quota.memo.insert(key, micros(0.9));
+        assert!(quota.known_spent(spent, 0.4), "0.9 + 0.4 passes 1.0");
+        assert!(!quota.known_spent(spent, 0.1), "0.9 + 0.1 fits");
+        assert!(!quota.known_spent(ip("203.0.113.8"), 0.4), "another client");
+        assert!(
+            !Quota::new(0.0).unwrap().known_spent(spent, 0.4),
+            "0: no quota"
+        );
     }
 
     #[test]

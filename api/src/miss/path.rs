@@ -52,9 +52,15 @@ impl Path<'_> {
     /// bucket and, unless this process follows the key already (its flight's first request
     /// read them), the refusals and the first steps of the flight a miss starts
     /// ([`Prefetch`]; not while an edge's link to the hub is down, when a miss is refused
-    /// anyway): a miss then costs one round trip before its job is published, not three. A
+    /// anyway, nor without `prefetch`, for a client known to be refused a new generation): a
+    /// miss then costs one round trip before its job is published, not three. A
     /// hit is answered as soon as the KV bucket has it; the other reads are dropped.
-    pub async fn find<V: cache::Entry>(&self, cache: &cache::EdgeCache<V>, key: &Key) -> Found<V> {
+    pub async fn find<V: cache::Entry>(
+        &self,
+        cache: &cache::EdgeCache<V>,
+        key: &Key,
+        prefetch: bool,
+    ) -> Found<V> {
         if let Some(hit) = cache.in_memory(key) {
             return Found::Stored(hit);
         }
@@ -78,7 +84,7 @@ impl Path<'_> {
             tokio::join!(
                 async { !following && self.refusals.refused(V::KIND, key).await },
                 async {
-                    if following || !bus.hub_up() {
+                    if following || !prefetch || !bus.hub_up() {
                         None
                     } else {
                         Prefetch::read(bus, V::KIND, key).await

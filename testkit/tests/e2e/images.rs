@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use versus_testkit::{System, SystemBuilder, sse};
 
-use crate::{http, json_of, quick, run};
+use crate::{http, image_stream_url, json_of, quick, run};
 
 /// How long a queued picture may wait for a worker to claim it: at once when idle, and this
 /// bounds a failing run.
@@ -22,15 +22,6 @@ fn unix_ms() -> u64 {
 
 fn pictures(builder: SystemBuilder) -> SystemBuilder {
     builder.sim_env("VERSUS_SIM_IMAGE_LATENCY_MS", "100")
-}
-
-fn image_stream_url(sys: &System, a: &str, b: &str) -> String {
-    reqwest::Url::parse_with_params(
-        &format!("{}/v1/images/stream", sys.api_url()),
-        &[("a", a), ("b", b)],
-    )
-    .unwrap()
-    .to_string()
 }
 
 /// Streams the picture of a matchup; returns (meta, done or error) data.

@@ -94,6 +94,16 @@ pub fn stream_url(sys: &System, a: &str, b: &str) -> String {
     stream_url_at(sys.api_url(), a, b)
 }
 
+/// The SSE URL of a fight's picture.
+pub fn image_stream_url(sys: &System, a: &str, b: &str) -> String {
+    reqwest::Url::parse_with_params(
+        &format!("{}/v1/images/stream", sys.api_url()),
+        &[("a", a), ("b", b)],
+    )
+    .expect("a valid URL")
+    .to_string()
+}
+
 /// The SSE URL of a fight at the API serving at `api` (an edge's, say).
 pub fn stream_url_at(api: &str, a: &str, b: &str) -> String {
     reqwest::Url::parse_with_params(&format!("{api}/v1/fights/stream"), &[("a", a), ("b", b)])

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::{fight, http, quick, run, shape, stream_url};
+use crate::{fight, http, image_stream_url, quick, run, shape, stream_url};
 use versus_testkit::{System, sse};
 
 const TOKEN: &str = "moderation-admin-token-0123456789abcdef";
@@ -15,11 +15,7 @@ async fn calls(sys: &System) -> (u64, u64, u64) {
 }
 
 async fn picture(sys: &System, a: &str, b: &str) -> Vec<sse::SseEvent> {
-    let url = reqwest::Url::parse_with_params(
-        &format!("{}/v1/images/stream", sys.api_url()),
-        &[("a", a), ("b", b)],
-    )
-    .unwrap();
+    let url = image_stream_url(sys, a, b);
     sse::open(url.as_str(), None).await.collect_all().await
 }
 

@@ -11,7 +11,9 @@ use versus_shared::{
 };
 use versus_testkit::{System, eventually};
 
-use crate::{fight, http, quick, rows, run, shape, stream_url, text_of, worker_metric};
+use crate::{
+    fight, http, image_stream_url, quick, rows, run, shape, stream_url, text_of, worker_metric,
+};
 
 /// The simulator's counters: (chat, image, moderation) calls.
 async fn calls(sys: &System) -> (u64, u64, u64) {
@@ -83,11 +85,7 @@ fn invisible_private_use_and_look_alike_names_get_400_and_cost_nothing() {
                 "{body}"
             );
 
-            let url = reqwest::Url::parse_with_params(
-                &format!("{}/v1/images/stream", sys.api_url()),
-                &[("a", name), ("b", "Superman")],
-            )
-            .unwrap();
+            let url = image_stream_url(&sys, name, "Superman");
             let (status, body) = get(url.as_str()).await;
             assert_eq!(
                 (status, body["error"]["code"].as_str()),

@@ -24,7 +24,7 @@ use versus_testkit::{System, eventually, sse};
 use crate::accessibility::assert_accessible;
 use crate::browser::{Browser, TIMEOUT};
 use crate::page::watch_until_done;
-use crate::{fight, http, metric, metrics_of, quick, run, text_of};
+use crate::{fight, http, image_stream_url, metric, metrics_of, quick, run, text_of};
 
 /// Someone else's site: `/link?a=A&b=B[&policy=P]` is a page with one link (`#go`) to the
 /// fight page of A and B, under the referrer policy P if given.
@@ -322,11 +322,7 @@ fn a_stored_fight_opened_from_another_site_shows_its_answer_and_picture_at_once(
             .await;
         let api = sys.api_url();
         let text = text_of(&fight(&sys, "Batman", "Superman").await);
-        let picture = reqwest::Url::parse_with_params(
-            &format!("{api}/v1/images/stream"),
-            &[("a", "Batman"), ("b", "Superman")],
-        )
-        .unwrap();
+        let picture = image_stream_url(&sys, "Batman", "Superman");
         let drawn = sse::open(picture.as_str(), None).await.collect_all().await;
         assert_eq!(drawn.last().unwrap().event, "done", "{drawn:?}");
         let before = calls(&sys).await;

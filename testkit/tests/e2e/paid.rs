@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 use versus_shared::wire;
 use versus_testkit::{eventually, sse, stream_leader};
 
-use crate::{fight, http, quick, rows, run, shape, stream_url, text_of, worker_metric};
+use crate::{
+    fight, http, image_stream_url, quick, rows, run, shape, stream_url, text_of, worker_metric,
+};
 
 #[test]
 fn a_picture_the_store_refuses_is_kept_and_stored_once_it_is_back_without_being_drawn_again() {
@@ -20,12 +22,7 @@ fn a_picture_the_store_refuses_is_kept_and_stored_once_it_is_back_without_being_
             .s3()
             .start()
             .await;
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/v1/images/stream", sys.api_url()),
-            &[("a", "Kong"), ("b", "Godzilla")],
-        )
-        .unwrap()
-        .to_string();
+        let url = image_stream_url(&sys, "Kong", "Godzilla");
         let drawing = tokio::spawn(async move { sse::open(&url, None).await.collect_all().await });
         // The claim is won before the picture is asked for, which takes 1.5 s: the store goes
         // down meanwhile, and refuses the upload of the picture once it is drawn.

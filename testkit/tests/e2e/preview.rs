@@ -5,7 +5,7 @@
 use serde_json::Value;
 use versus_testkit::{System, sse};
 
-use crate::{fight, http, metric, metrics_of, quick, run, text_of};
+use crate::{fight, http, image_stream_url, metric, metrics_of, quick, run, text_of};
 
 /// The HTML of `/?a=A&b=B`, as a crawler gets it.
 async fn page(sys: &System, a: &str, b: &str) -> String {
@@ -77,11 +77,7 @@ fn a_shared_fight_shows_its_answer_and_picture_in_link_previews() {
             .await;
         let api = sys.api_url();
         let text = text_of(&fight(&sys, "Batman", "Superman").await);
-        let picture = reqwest::Url::parse_with_params(
-            &format!("{api}/v1/images/stream"),
-            &[("a", "Batman"), ("b", "Superman")],
-        )
-        .unwrap();
+        let picture = image_stream_url(&sys, "Batman", "Superman");
         let drawn = sse::open(picture.as_str(), None).await.collect_all().await;
         let done: Value = drawn.last().unwrap().json();
         let picture_url = format!("{api}{}", done["url"].as_str().unwrap());

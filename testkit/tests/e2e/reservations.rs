@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use versus_shared::{config::ModelSettings, key::Matchup, recipe::Recipe, wire::Kind};
 use versus_testkit::{System, eventually, sse};
 
-use crate::{http, json_of, quick, run, stream_url};
+use crate::{http, image_stream_url, json_of, quick, run, stream_url};
 
 const TOKEN: &str = "reservations-admin-token-0123456789abcdef";
 
@@ -35,15 +35,7 @@ async fn priced(budget_usd: &str, share: &str) -> System {
 /// last event.
 async fn pictures_at_once(sys: &System, n: usize, first_client: usize) -> Vec<sse::SseEvent> {
     let asks = (0..n).map(|i| {
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/v1/images/stream", sys.api_url()),
-            &[
-                ("a", format!("Gladiator {i}")),
-                ("b", "Minotaur".to_owned()),
-            ],
-        )
-        .unwrap()
-        .to_string();
+        let url = image_stream_url(sys, &format!("Gladiator {i}"), "Minotaur");
         let client = format!("203.0.113.{}", first_client + i);
         async move {
             let events = sse::open_with(&url, None, &[("x-forwarded-for", &client)])
@@ -231,12 +223,7 @@ fn a_dropped_speculative_request_and_a_timed_out_picture_are_paid_for() {
         drop(waiting);
 
         // Both tries of a picture time out; the upstream may have drawn (and billed) each.
-        let url = reqwest::Url::parse_with_params(
-            &format!("{}/v1/images/stream", sys.api_url()),
-            &[("a", "Hydra"), ("b", "Kraken")],
-        )
-        .unwrap()
-        .to_string();
+        let url = image_stream_url(&sys, "Hydra", "Kraken");
         let events = sse::open(&url, None).await.collect_all().await;
         let end = events.last().unwrap();
         assert_eq!(end.event, "error", "{events:?}");

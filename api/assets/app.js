@@ -11,6 +11,11 @@
 // - a picture that is not stored is drawn only when the visitor asks: Fight, or the
 //   picture's own button. Loading an address never draws one.
 //
+// A finished answer and a drawn picture each have a Report control (POST
+// /v1/fights/{key}/report, /v1/images/{key}/report): it never calls the AI, and what the
+// visitor reported stays on their screen (the API hides an answer once enough people report
+// it unsafe).
+//
 // At most two streams are open at a time, one for the text and one for the picture, so
 // that several tabs still work over HTTP/1.1. A dropped connection is resumed by
 // EventSource itself: it reconnects with Last-Event-ID and the API sends only the rest.
@@ -72,9 +77,11 @@
   };
   /** The fights the visitor asked for in this page: going back to one starts it again. */
   const asked = new Set();
-  /** The stored pictures this page knows of, by fight. */
+  /** The stored pictures this page knows of, by fight: `{url, key}`. */
   const pictures = new Map();
-  if (landing.url && meta('picture')) pictures.set(landing.url, meta('picture'));
+  if (landing.url && meta('picture')) {
+    pictures.set(landing.url, { url: meta('picture'), key: meta('picture-key') });
+  }
   /** When the page was last shown (see SETTLE_MS). */
   let shownAt = performance.now();
 
@@ -230,6 +237,7 @@
     answerText.data = '';
     cachedBadge.hidden = true;
     errorBox.hidden = true;
+    reportAnswer(null);
   }
 
   /** A fight that needs a new answer, on a page another site opened: nothing is asked yet. */
@@ -269,13 +277,12 @@
     cachedBadge.hidden = false;
     status.textContent = body.model ? `Written by ${body.model}.` : '';
     setState('done');
+    reportAnswer(body.key || key);
   }
 
   function openText(fight) {
     fight.text?.close();
-    answerText.data = '';
-    cachedBadge.hidden = true;
-    errorBox.hidden = true;
+    clearAnswer();
     status.textContent = 'Asking the judges…';
     setState('streaming');
 
@@ -311,6 +318,7 @@
       const done = JSON.parse(event.data);
       status.textContent = done.model ? `Written by ${done.model}.` : '';
       setState('done');
+      reportAnswer(done.key);
     });
     // Both the API's `error` events and connection failures arrive as `error`: only the
     // former carry data.
@@ -381,7 +389,10 @@
     picture.dataset.state = state;
     pictureNote.textContent = note || '';
     pictureNote.hidden = !note;
-    if (state !== 'ready') pictureFrame.querySelector('img')?.remove();
+    if (state !== 'ready') {
+      pictureFrame.querySelector('img')?.remove();
+      reportPicture(null);
+    }
     picture.setAttribute('aria-busy', String(state === 'drawing' || state === 'loading'));
   }
 
@@ -400,8 +411,8 @@
     drawButton.hidden = false;
   }
 
-  /** Shows the stored picture at `url`. */
-  function showPicture(fight, url) {
+  /** Shows the stored picture `{url, key}`. */
+  function showPicture(fight, { url, key }) {
     drawButton.hidden = true;
     setPicture('loading', 'Loading the picture…');
     const img = new Image();
@@ -411,6 +422,7 @@
       if (current !== fight) return;
       setPicture('ready');
       pictureFrame.append(img);
+      reportPicture(key);
     });
     img.addEventListener('error', () => pictureUnavailable(fight, 'Picture unavailable.', true));
     img.src = url;
@@ -430,8 +442,9 @@
     source.addEventListener('done', (event) => {
       source.close();
       const done = JSON.parse(event.data);
-      pictures.set(fight.url, done.url);
-      if (current === fight) showPicture(fight, done.url);
+      const stored = { url: done.url, key: done.key };
+      pictures.set(fight.url, stored);
+      if (current === fight) showPicture(fight, stored);
     });
     source.addEventListener('error', (event) => {
       if (event instanceof MessageEvent) {
@@ -449,6 +462,117 @@
   drawButton.addEventListener('click', () => {
     if (current && settled()) openPicture(current);
   });
+
+  // --- reports ---------------------------------------------------------------------------
+
+  /** What this page reported, as `route/key`: the control then says so instead of asking. */
+  const reported = new Set();
+
+  /**
+   * Wires the Report control `#report-<side>` (the answer's or the picture's), which reports to
+   * `/v1/<route>/{key}/report`, and returns the function that shows it for a key, or hides it
+   * (null): it is shown only for a finished answer, or a picture on screen.
+   *
+   * The control opens a small form below it (nothing above it moves): the focus goes to the
+   * first reason, the reasons are one radio group (arrow keys), Send or Enter sends, and Cancel
+   * or Escape closes it with the focus back on the control. What the API answered is said in
+   * the control's polite live region.
+   */
+  function reporter(side, route) {
+    const box = $(`report-${side}`);
+    const toggle = $(`report-${side}-open`);
+    const reportForm = $(`report-${side}-form`);
+    const send = $(`report-${side}-send`);
+    const note = $(`report-${side}-note`);
+    const reasons = [...reportForm.querySelectorAll('input[type="radio"]')];
+    const label = toggle.textContent;
+    let key = null;
+    let sending = false;
+
+    function close(focus) {
+      reportForm.hidden = true;
+      toggle.setAttribute('aria-expanded', 'false');
+      if (focus) toggle.focus();
+    }
+
+    /** The control of an answer this page reported says so, and opens nothing. */
+    function markReported() {
+      const done = key !== null && reported.has(`${route}/${key}`);
+      toggle.textContent = done ? 'Reported' : label;
+      if (done) toggle.setAttribute('aria-disabled', 'true');
+      else toggle.removeAttribute('aria-disabled');
+    }
+
+    toggle.addEventListener('click', () => {
+      if (key === null || toggle.getAttribute('aria-disabled') === 'true') return;
+      if (!reportForm.hidden) {
+        close(true);
+        return;
+      }
+      for (const reason of reasons) reason.checked = false;
+      note.textContent = '';
+      reportForm.hidden = false;
+      toggle.setAttribute('aria-expanded', 'true');
+      reasons[0].focus();
+    });
+    $(`report-${side}-cancel`).addEventListener('click', () => close(true));
+    reportForm.addEventListener('keydown', (event) => {
+      if (event.key !== 'Escape') return;
+      event.preventDefault();
+      close(true);
+    });
+    reportForm.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      if (sending || key === null) return;
+      const reason = reasons.find((r) => r.checked)?.value;
+      if (!reason) {
+        note.textContent = 'Choose a reason first.';
+        reasons[0].focus();
+        return;
+      }
+      const target = key;
+      sending = true;
+      send.setAttribute('aria-disabled', 'true');
+      let counted = null;
+      let message = 'Versus cannot take the report right now.';
+      try {
+        const response = await fetch(`/v1/${route}/${encodeURIComponent(target)}/report`, {
+          method: 'POST',
+          headers: { Accept: 'application/json', 'Content-Type': 'application/json' },
+          body: JSON.stringify({ reason }),
+        });
+        const body = await response.json().catch(() => null);
+        if (response.ok) counted = body?.counted !== false;
+        // A limit's message says when to try again.
+        else if (body?.error?.message) message = body.error.message;
+      } catch {
+        message = 'Versus cannot be reached right now.';
+      }
+      sending = false;
+      send.removeAttribute('aria-disabled');
+      if (counted !== null) reported.add(`${route}/${target}`);
+      // Another answer is on screen now: this one's outcome is not news about it.
+      if (key !== target) return;
+      if (counted !== null) {
+        close(true);
+        markReported();
+        message = counted ? 'Thanks — reported.' : 'Thanks — you had reported it already.';
+      }
+      note.textContent = message;
+    });
+
+    return (next) => {
+      if (next === key && !box.hidden) return;
+      key = next ?? null;
+      close(false);
+      note.textContent = '';
+      markReported();
+      box.hidden = key === null;
+    };
+  }
+
+  const reportAnswer = reporter('answer', 'fights');
+  const reportPicture = reporter('picture', 'images');
 
   // --- the address bar -------------------------------------------------------------------
 

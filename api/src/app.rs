@@ -62,7 +62,8 @@ pub struct Settings {
     #[command(flatten)]
     pub budget: BudgetSettings,
     /// The site's public address (`https://versus.example`), for the absolute URLs of link
-    /// previews; unset, the `Host` each request was sent to.
+    /// previews; unset, the `Host` of a request from loopback, and none for any other
+    /// (`preview::PublicBase`).
     #[arg(long, env = "VERSUS_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Public base URL of the pictures (a CDN or the bucket); unset, this API serves them.

@@ -27,14 +27,25 @@ use crate::nats::LazyBus;
 /// A value of the edge KV bucket.
 pub trait Entry: DeserializeOwned + Send + Sync + 'static {
     const KIND: Kind;
+
+    /// The attempt that made it: it names this answer (see `wire::Answer::attempt`).
+    fn attempt(&self) -> i32;
 }
 
 impl Entry for Answer {
     const KIND: Kind = Kind::Text;
+
+    fn attempt(&self) -> i32 {
+        self.attempt
+    }
 }
 
 impl Entry for ImageAnswer {
     const KIND: Kind = Kind::Image;
+
+    fn attempt(&self) -> i32 {
+        self.attempt
+    }
 }
 
 /// A finished answer with its public JSON (`cached: true`), that JSON's strong ETag, and its

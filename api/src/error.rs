@@ -126,13 +126,21 @@ pub struct ErrorDetail<'a> {
 /// The schema of an error's `code`: one of every code there is, so a client can match on
 /// them exhaustively and the document cannot miss one.
 pub(crate) fn code_schema() -> utoipa::openapi::schema::Object {
+    let mut schema = one_of(&ErrorCode::ALL.map(ErrorCode::as_str));
+    schema.description = Some(
+        "What went wrong, for programs: one code of the README's table of codes, which says \
+         what each means and whether asking again may help."
+            .to_owned(),
+    );
+    schema
+}
+
+/// The schema of a string that is one of `values`: for an enum of the shared crate, which
+/// knows nothing of OpenAPI (an error's code, a report's reason, an operator's decision).
+pub(crate) fn one_of(values: &[&'static str]) -> utoipa::openapi::schema::Object {
     utoipa::openapi::schema::ObjectBuilder::new()
         .schema_type(utoipa::openapi::schema::Type::String)
-        .description(Some(
-            "What went wrong, for programs: one code of the README's table of codes, which says \
-             what each means and whether asking again may help.",
-        ))
-        .enum_values(Some(ErrorCode::ALL.map(ErrorCode::as_str)))
+        .enum_values(Some(values.iter().copied()))
         .build()
 }
 

@@ -6,7 +6,10 @@
 //! - [`ready`]: `/readyz`, from what this process knows, never a request to NATS;
 //! - [`fights`]: the text routes of the public contract;
 //! - [`images`]: the picture routes, and serving stored pictures from object storage;
-//! - [`admin`]: operator routes (pre-warm batches, popularity, purge);
+//! - [`admin`]: operator routes (pre-warm batches, popularity, purge, reported answers);
+//! - [`reports`]: visitors' reports of stored answers and pictures;
+//! - [`workers`]: what this process asks a worker to write (purges, reports), and spreading
+//!   what they withdrew to every replica;
 //! - [`matchup`]: the names a request gives, and the key and job they derive;
 //! - [`origin`]: refusing generations that browsers start for other sites;
 //! - [`limits`]: per-client limits on new generations;
@@ -47,8 +50,10 @@ mod preview;
 mod publish;
 pub mod quota;
 mod ready;
+mod reports;
 pub mod sse;
 mod traced;
+mod workers;
 
 use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
@@ -80,6 +85,8 @@ pub fn routers(app: &App) -> (Router, Option<Router>) {
         .route("/v1/images/stream", get(images::stream_image))
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{file}", get(images::serve_image))
+        .route("/v1/fights/{key}/report", post(reports::report_fight))
+        .route("/v1/images/{key}/report", post(reports::report_image))
         .route("/openapi.json", get(openapi::serve))
         .route("/", get(preview::index))
         // The public routes read two names at most; the admin routes take whole batches.

@@ -23,7 +23,7 @@ use utoipa::{
     },
 };
 
-use crate::{admin, fights, images, preview, ready, sse::data};
+use crate::{admin, fights, images, preview, ready, reports, sse::data};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -40,11 +40,15 @@ use crate::{admin, fights, images, preview, ready, sse::data};
         images::stream_image,
         images::create_image,
         images::serve_image,
+        reports::report_fight,
+        reports::report_image,
         admin::prewarm::prewarm,
         admin::prewarm::batch_status,
         admin::popular::popular,
         admin::spend::spend,
         admin::purge::purge,
+        admin::reports::list,
+        admin::reports::settle,
         preview::index,
         ready::readyz,
     ),
@@ -60,7 +64,7 @@ use crate::{admin, fights, images, preview, ready, sse::data};
     tags(
         (name = "fights", description = "Text answers: streamed, whole, or by key."),
         (name = "images", description = "Pictures of a matchup."),
-        (name = "admin", description = "Operators: pre-warm batches, popularity, spend, purges. \
+        (name = "admin", description = "Operators: pre-warm batches, popularity, spend, purges, reports. \
             Every route needs `Authorization: Bearer $VERSUS_ADMIN_TOKEN`. With `VERSUS_OPS_ADDR` \
             set, these routes and `/metrics` are served on that address only."),
         (name = "operations", description = "Probes, metrics, this document and the page."),

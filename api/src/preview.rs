@@ -1,9 +1,19 @@
 //! What a shared link shows: `GET /?a=A&b=B` renders the page with the tags link previews read
-//! (Open Graph and the Twitter card), on the server, since crawlers run no JavaScript. The
-//! title names the fight, the description starts the answer when it is stored, the image is
-//! the fight's picture when it is drawn (else the site's own), and the address is the
-//! matchup's canonical form. Rendering never starts a generation: it costs the cache look-ups
-//! a hit costs, and nothing when the names are not valid.
+//! (Open Graph and the Twitter card), on the server, since crawlers run no JavaScript. A
+//! preview echoes only what was checked: when the fight's answer is stored (its names and its
+//! text passed moderation), the title names the fight, the description starts the answer, the
+//! image is the fight's picture when it is drawn (else the site's own), and the address is the
+//! matchup's canonical form; any other fight (never asked, refused, or past the client's
+//! look-up limit) gets the site's own tags, though the page still opens on it. Rendering never
+//! starts a generation: it costs the cache look-ups a hit costs, and nothing when the names
+//! are not valid.
+//!
+//! Absolute URLs (`og:url`, `og:image`, the canonical link) come from `VERSUS_PUBLIC_URL`, or,
+//! on a request from loopback (development), from its `Host`; never from `X-Forwarded-Host`,
+//! which a load balancer may pass through from the client. Off loopback and without
+//! `VERSUS_PUBLIC_URL` there is no address to trust, so the page carries none: the canonical
+//! link is relative, and `og:url` and a picture this API serves are left out (see
+//! [`PublicBase`]).
 //!
 //! The same look-ups tell the page's script what it may do as it loads (`<meta
 //! name="versus:…">`, see [`Landing`]): whether the text of a new answer may start at once
@@ -21,7 +31,7 @@ use std::{
 
 use axum::{
     extract::{ConnectInfo, RawQuery, State},
-    http::{HeaderMap, header},
+    http::{HeaderMap, HeaderValue, header},
     response::Response,
 };
 use versus_shared::wire::{ErrorCode, Kind};
@@ -48,7 +58,7 @@ const DESCRIPTION_CHARS: usize = 200;
     tag = "operations",
     summary = "The fight page",
     params(
-        ("a" = Option<String>, Query, description = "The first opponent: with `b`, the page opens on this fight, and its link preview (Open Graph and Twitter card tags) names it."),
+        ("a" = Option<String>, Query, description = "The first opponent: with `b`, the page opens on this fight, and its link preview (Open Graph and Twitter card tags) names it once its answer is stored and not refused (the site's own tags otherwise)."),
         ("b" = Option<String>, Query, description = "The second opponent."),
         ("If-None-Match" = Option<String>, Header, description = "An ETag of this page: 304 if it still is."),
     ),
@@ -64,17 +74,79 @@ pub(crate) async fn index(
     headers: HeaderMap,
 ) -> Response {
     let base = app.public_base(peer, &headers);
-    let start = app.inner.origins.document_may_start(&headers, &base);
+    let own = base.url.as_deref().unwrap_or_default();
+    let start = app.inner.origins.document_may_start(&headers, own);
     let request = query.as_deref().map(Names::from_query);
     let preview = match request {
         Some(Ok(request)) => {
-            app.preview(&request, &base, start, || app.client(peer, &headers))
+            app.preview(&request, start, || app.client(peer, &headers))
                 .await
         }
         _ => None,
     }
-    .unwrap_or_else(|| Preview::site(&base, start));
-    page::html(preview.render(page::INDEX), &headers)
+    .unwrap_or_else(|| Preview::site(start));
+    let mut response = page::html(preview.render(page::INDEX, base.url.as_deref()), &headers);
+    if base.from_host {
+        vary_on_host(&mut response);
+    }
+    response
+}
+
+/// Adds `Host` to the page's `Vary`: its URLs were read from it.
+fn vary_on_host(response: &mut Response) {
+    let headers = response.headers_mut();
+    let vary = match headers.get(header::VARY).and_then(|v| v.to_str().ok()) {
+        Some(vary) if !vary.is_empty() => format!("{vary}, Host"),
+        _ => "Host".to_owned(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&vary) {
+        headers.insert(header::VARY, value);
+    }
+}
+
+/// Where the absolute URLs of a page come from.
+#[derive(Debug, PartialEq, Eq)]
+struct PublicBase {
+    /// The site's address, `scheme://host[:port]`; None when there is none to trust.
+    url: Option<String>,
+    /// Whether it was read from the request's `Host` (the response then varies on it).
+    from_host: bool,
+}
+
+impl PublicBase {
+    /// `VERSUS_PUBLIC_URL` (`public_url`) when set. Otherwise the `Host` the request was sent
+    /// to, but only from loopback, where the sender is this machine (`scripts/dev`, tests),
+    /// with the scheme a trusted proxy says it received. A request from anywhere else could
+    /// name any host, and a cache in front (a CDN set to cache pages) would serve that host in
+    /// every shared card: it gets no address. `X-Forwarded-Host` is never read, since many
+    /// load balancers pass a client's through unchanged. (A proxy on this machine makes
+    /// every request loopback: behind one, `VERSUS_PUBLIC_URL` is needed, as in production.)
+    fn of(public_url: Option<&str>, peer: IpAddr, trusted: bool, headers: &HeaderMap) -> Self {
+        if let Some(url) = public_url {
+            return PublicBase {
+                url: Some(url.trim_end_matches('/').to_owned()),
+                from_host: false,
+            };
+        }
+        if !peer.to_canonical().is_loopback() {
+            return PublicBase {
+                url: None,
+                from_host: false,
+            };
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let scheme = match header("x-forwarded-proto") {
+            Some("https") if trusted => "https",
+            _ => "http",
+        };
+        let host = header(header::HOST.as_str())
+            .filter(|h| is_host(h))
+            .unwrap_or("localhost");
+        PublicBase {
+            url: Some(format!("{scheme}://{host}")),
+            from_host: true,
+        }
+    }
 }
 
 /// The tags of one page.
@@ -84,9 +156,11 @@ struct Preview {
     /// The page's `<title>`, as the page's script sets it.
     page_title: String,
     description: String,
+    /// The picture: a path on this site (`/assets/og.png`), or an absolute URL (a CDN's).
     image: String,
     image_alt: String,
-    url: String,
+    /// The page's address, as a path on this site (`/?a=…&b=…`).
+    path: String,
     landing: Landing,
 }
 
@@ -104,20 +178,22 @@ struct Landing {
     /// The stored picture's URL. A picture that is not stored is drawn only when the visitor
     /// asks (the Fight button or the picture's own), whoever sent them.
     picture: Option<String>,
+    /// The stored picture's key, which its Report control names.
+    picture_key: Option<String>,
 }
 
 impl Preview {
-    /// The site's own: no matchup.
-    fn site(base: &str, start: bool) -> Preview {
+    /// The site's own: no matchup, or one whose answer is not stored.
+    fn site(start: bool) -> Preview {
         Preview {
             title: SITE_TITLE.to_owned(),
             page_title: SITE_TITLE.to_owned(),
             description: "Who would win, A or B? Ask Versus: the answer streams in as it is \
                           written, with a picture of the fight."
                 .to_owned(),
-            image: format!("{base}{SITE_IMAGE}"),
+            image: SITE_IMAGE.to_owned(),
             image_alt: SITE_TITLE.to_owned(),
-            url: format!("{base}/"),
+            path: "/".to_owned(),
             // The names may still be checked by the API when the script asks (a 400 costs
             // nothing): the page says whether it may ask on load.
             landing: Landing {
@@ -127,29 +203,56 @@ impl Preview {
         }
     }
 
-    /// The page with its head's title, description and preview tags.
-    fn render(&self, page: &str) -> String {
+    /// The page with its head's title, description and preview tags, its URLs made absolute
+    /// with `base` ([`PublicBase`]). Without one, the canonical link is relative (a browser or
+    /// a crawler resolves it against the address it fetched), and the tags that must be
+    /// absolute (`og:url`, an `og:image` on this site) are left out: a crawler then takes the
+    /// address it fetched, and shows a card without a picture.
+    fn render(&self, page: &str, base: Option<&str>) -> String {
+        let absolute = |url: &str| match base {
+            _ if !url.starts_with('/') => Some(url.to_owned()),
+            Some(base) => Some(format!("{base}{url}")),
+            None => None,
+        };
+        let url = absolute(&self.path);
+        let image = absolute(&self.image);
         let mut head = String::with_capacity(1024);
         let title = escape(&self.title);
         let description = escape(&self.description);
-        let url = escape(&self.url);
         let _ = write!(
             head,
             "<title>{}</title>\n\
              <meta name=\"description\" content=\"{description}\">\n\
-             <link rel=\"canonical\" href=\"{url}\">\n\
+             <link rel=\"canonical\" href=\"{}\">\n\
              <meta property=\"og:site_name\" content=\"Versus\">\n\
              <meta property=\"og:type\" content=\"website\">\n\
              <meta property=\"og:title\" content=\"{title}\">\n\
-             <meta property=\"og:description\" content=\"{description}\">\n\
-             <meta property=\"og:url\" content=\"{url}\">\n\
-             <meta property=\"og:image\" content=\"{}\">\n\
-             <meta property=\"og:image:alt\" content=\"{}\">\n\
-             <meta name=\"twitter:card\" content=\"summary_large_image\">",
+             <meta property=\"og:description\" content=\"{description}\">",
             escape(&self.page_title),
-            escape(&self.image),
-            escape(&self.image_alt),
+            escape(url.as_deref().unwrap_or(&self.path)),
         );
+        if let Some(url) = &url {
+            let _ = write!(
+                head,
+                "\n<meta property=\"og:url\" content=\"{}\">",
+                escape(url)
+            );
+        }
+        if let Some(image) = &image {
+            let _ = write!(
+                head,
+                "\n<meta property=\"og:image\" content=\"{}\">\n\
+                 <meta property=\"og:image:alt\" content=\"{}\">",
+                escape(image),
+                escape(&self.image_alt),
+            );
+        }
+        let card = if image.is_some() {
+            "summary_large_image"
+        } else {
+            "summary"
+        };
+        let _ = write!(head, "\n<meta name=\"twitter:card\" content=\"{card}\">");
         let landing = &self.landing;
         let start = if landing.start { "text" } else { "wait" };
         let _ = write!(head, "\n<meta name=\"versus:start\" content=\"{start}\">");
@@ -157,6 +260,7 @@ impl Preview {
             ("answer", landing.answer.as_deref()),
             ("refused", landing.refused),
             ("picture", landing.picture.as_deref()),
+            ("picture-key", landing.picture_key.as_deref()),
         ] {
             if let Some(value) = value {
                 let _ = write!(
@@ -171,13 +275,13 @@ impl Preview {
 }
 
 impl App {
-    /// The preview of the matchup `request` names, or none if its names are not valid.
+    /// The preview of the matchup `request` names, or none if its names are not valid: its own
+    /// tags when its answer is stored, else the site's (with what the page's script may do).
     /// What is stored is looked up past memory only while `client` may
-    /// (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`); past its limit the page names the fight alone.
+    /// (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`); past its limit the page gets the site's tags.
     async fn preview(
         &self,
         request: &Names,
-        base: &str,
         start: bool,
         client: impl FnOnce() -> IpAddr,
     ) -> Option<Preview> {
@@ -193,69 +297,55 @@ impl App {
         } else {
             (None, None)
         };
-        let names = &text.matchup;
-        let (a, b) = match &answer {
-            // The names as the answer has them: the first request's spelling.
-            Some(cached) => (cached.value.a.clone(), cached.value.b.clone()),
-            None => (names.a.display().to_owned(), names.b.display().to_owned()),
-        };
-        let description = match &answer {
-            Some(cached) => opening(&cached.value.text),
-            None => format!(
-                "Who would win in a fight between {a} and {b}? Ask Versus and watch the answer \
-                 being written."
-            ),
-        };
         let picture = picture.map(|cached| {
             image_url(
                 self.inner.settings.public_image_base_url.as_deref(),
                 &cached.value,
             )
         });
-        let image = match &picture {
-            Some(url) if url.starts_with('/') => format!("{base}{url}"),
-            Some(url) => url.clone(),
-            None => format!("{base}{SITE_IMAGE}"),
-        };
         // A refusal is stored like an answer, and shown at once like one; a page that may
         // start the text learns of it from the stream, at no cost either.
         let refused =
             !start && answer.is_none() && self.inner.refusals.refused(Kind::Text, &text.key).await;
-        let (lo, hi) = names.canonical_pair();
+        let landing = Landing {
+            start,
+            answer: answer.as_ref().map(|_| text.key.to_string()),
+            refused: refused.then(|| ErrorCode::Refused.message()),
+            picture_key: picture.as_ref().map(|_| image.to_string()),
+            picture,
+        };
+        let Some(cached) = answer else {
+            // Nothing checked to echo: names nobody moderated stay out of the tags.
+            return Some(Preview {
+                landing,
+                ..Preview::site(start)
+            });
+        };
+        // The names as the answer has them: the first request's spelling, which passed.
+        let (a, b) = (&cached.value.a, &cached.value.b);
+        let (lo, hi) = text.matchup.canonical_pair();
         Some(Preview {
             title: format!("{a} vs {b}"),
             page_title: format!("{a} vs {b} · Versus"),
-            description,
+            description: opening(&cached.value.text),
             image_alt: format!("{a} vs {b}, drawn by an AI"),
-            image,
-            url: format!("{base}/?a={}&b={}", encode(lo), encode(hi)),
-            landing: Landing {
-                start,
-                answer: answer.map(|_| text.key.to_string()),
-                refused: refused.then(|| ErrorCode::Refused.message()),
-                picture,
-            },
+            image: landing
+                .picture
+                .clone()
+                .unwrap_or_else(|| SITE_IMAGE.to_owned()),
+            path: format!("/?a={}&b={}", encode(lo), encode(hi)),
+            landing,
         })
     }
 
-    /// The site's public address, `scheme://host[:port]`: `VERSUS_PUBLIC_URL` when set, else
-    /// the `Host` the request was sent to (and the scheme a trusted proxy says it received).
-    pub(crate) fn public_base(&self, peer: SocketAddr, headers: &HeaderMap) -> String {
-        if let Some(base) = &self.inner.settings.public_url {
-            return base.trim_end_matches('/').to_owned();
-        }
-        let forwarded = self.inner.limits.is_trusted(peer.ip());
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let scheme = match header("x-forwarded-proto") {
-            Some("https") if forwarded => "https",
-            _ => "http",
-        };
-        let host = header("x-forwarded-host")
-            .filter(|_| forwarded)
-            .or_else(|| header(header::HOST.as_str()))
-            .filter(|h| is_host(h))
-            .unwrap_or("localhost");
-        format!("{scheme}://{host}")
+    /// Where the page's absolute URLs come from ([`PublicBase::of`]).
+    fn public_base(&self, peer: SocketAddr, headers: &HeaderMap) -> PublicBase {
+        PublicBase::of(
+            self.inner.settings.public_url.as_deref(),
+            peer.ip(),
+            self.inner.limits.is_trusted(peer.ip()),
+            headers,
+        )
     }
 }
 
@@ -315,6 +405,100 @@ fn encode(value: &str) -> String {
 mod tests {
     use super::*;
 
+    const SITE: &str = "https://versus.example";
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn absolute_urls_come_from_the_public_url_or_from_the_host_on_loopback_only() {
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let remote: IpAddr = "203.0.113.7".parse().unwrap();
+        let evil = headers(&[
+            ("host", "evil.example"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let base = |public_url, peer, trusted, headers: &HeaderMap| {
+            PublicBase::of(public_url, peer, trusted, headers)
+        };
+        // Configured: whatever the request says, from wherever it comes.
+        for (peer, trusted) in [(loopback, true), (remote, true), (remote, false)] {
+            assert_eq!(
+                base(Some("https://versus.example/"), peer, trusted, &evil),
+                PublicBase {
+                    url: Some(SITE.to_owned()),
+                    from_host: false
+                }
+            );
+        }
+        // On loopback, the Host (never X-Forwarded-Host, even from a trusted proxy).
+        let dev = headers(&[
+            ("host", "127.0.0.1:8080"),
+            ("x-forwarded-host", "evil.example"),
+        ]);
+        for peer in [loopback, mapped] {
+            assert_eq!(
+                base(None, peer, true, &dev),
+                PublicBase {
+                    url: Some("http://127.0.0.1:8080".to_owned()),
+                    from_host: true
+                }
+            );
+        }
+        assert_eq!(
+            base(None, loopback, true, &evil).url.as_deref(),
+            Some("https://evil.example")
+        );
+        assert_eq!(
+            base(None, loopback, false, &evil).url.as_deref(),
+            Some("http://evil.example")
+        );
+        // Anywhere else, no address at all, trusted proxy or not.
+        for trusted in [true, false] {
+            assert_eq!(
+                base(None, remote, trusted, &evil),
+                PublicBase {
+                    url: None,
+                    from_host: false
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn without_an_address_the_page_has_a_relative_canonical_link_and_no_absolute_url() {
+        let mut preview = Preview::site(false);
+        preview.path = "/?a=batman&b=superman".to_owned();
+        let html = preview.render(page::INDEX, None);
+        assert_eq!(
+            html.matches("<link rel=\"canonical\" href=\"/?a=batman&amp;b=superman\">")
+                .count(),
+            1,
+            "{html}"
+        );
+        for absent in ["og:url", "og:image", "://"] {
+            assert!(!html.contains(absent), "{absent}: {html}");
+        }
+        assert!(html.contains("<meta name=\"twitter:card\" content=\"summary\">"));
+        // A picture at a CDN (`VERSUS_PUBLIC_IMAGE_BASE_URL`) is configured, not read from
+        // the request: it stays.
+        preview.image = "https://cdn.example/images/x.png".to_owned();
+        let html = preview.render(page::INDEX, None);
+        assert!(
+            html.contains(
+                "<meta property=\"og:image\" content=\"https://cdn.example/images/x.png\">"
+            )
+        );
+        assert!(!html.contains("og:url"));
+    }
+
     #[test]
     fn names_are_escaped_in_every_tag() {
         let preview = Preview {
@@ -323,15 +507,16 @@ mod tests {
             description: "a > b".to_owned(),
             image: "http://h/x.png?a=\"".to_owned(),
             image_alt: "<b>".to_owned(),
-            url: "http://h/?a=x&b=y".to_owned(),
+            path: "/?a=x&b=y".to_owned(),
             landing: Landing {
                 start: false,
                 answer: None,
                 refused: None,
                 picture: Some("http://h/x.png?a=\"<".to_owned()),
+                picture_key: Some("0123456789abcdef0123456789abcdef".to_owned()),
             },
         };
-        let html = preview.render(page::INDEX);
+        let html = preview.render(page::INDEX, Some("http://h"));
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("\"Bob\""), "{html}");
         assert!(html.contains(
@@ -343,21 +528,24 @@ mod tests {
         assert!(
             html.contains("<meta name=\"versus:picture\" content=\"http://h/x.png?a=&quot;&lt;\">")
         );
+        assert!(html.contains(
+            "<meta name=\"versus:picture-key\" content=\"0123456789abcdef0123456789abcdef\">"
+        ));
     }
 
     #[test]
     fn the_page_is_told_whether_it_may_start_and_what_is_stored() {
-        let wait = Preview::site("https://versus.example", false).render(page::INDEX);
+        let wait = Preview::site(false).render(page::INDEX, Some(SITE));
         assert_eq!(
             wait.matches("<meta name=\"versus:start\" content=\"wait\">")
                 .count(),
             1
         );
         assert!(!wait.contains("versus:answer") && !wait.contains("versus:picture"));
-        let mut preview = Preview::site("https://versus.example", true);
+        let mut preview = Preview::site(true);
         preview.landing.answer = Some("0123abcd".to_owned());
         preview.landing.refused = Some(ErrorCode::Refused.message());
-        let html = preview.render(page::INDEX);
+        let html = preview.render(page::INDEX, Some(SITE));
         for tag in [
             "<meta name=\"versus:start\" content=\"text\">",
             "<meta name=\"versus:answer\" content=\"0123abcd\">",
@@ -369,7 +557,7 @@ mod tests {
 
     #[test]
     fn the_site_preview_fills_every_tag_once() {
-        let html = Preview::site("https://versus.example", true).render(page::INDEX);
+        let html = Preview::site(true).render(page::INDEX, Some(SITE));
         for tag in [
             "<link rel=\"canonical\" href=\"https://versus.example/\">",
             "<meta property=\"og:image\" content=\"https://versus.example/assets/og.png\">",

@@ -50,6 +50,39 @@ struct PopularList {
     matchups: Vec<Popular>,
 }
 
+/// One entry of `GET /v1/admin/reports`: an answer users reported, and what became of it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Report {
+    /// `text` or `image`.
+    pub kind: String,
+    pub key: String,
+    pub a: String,
+    pub b: String,
+    /// `open`, `hidden` (enough clients said unsafe), `kept` or `refused`.
+    pub state: String,
+    pub counts: Counts,
+    /// When the last report came (RFC 3339).
+    pub last_at: String,
+}
+
+/// How many clients reported an answer, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Counts {
+    #[serde(default, rename = "unsafe")]
+    pub unsafe_: u64,
+    #[serde(default)]
+    pub wrong: u64,
+    #[serde(default)]
+    pub poor: u64,
+    #[serde(default)]
+    pub other: u64,
+}
+
+#[derive(Deserialize)]
+struct ReportList {
+    reports: Vec<Report>,
+}
+
 pub struct Admin {
     http: reqwest::Client,
     base: Url,
@@ -121,6 +154,32 @@ impl Admin {
     pub async fn purge(&self, key: &Key) -> anyhow::Result<bool> {
         let request = self.request(Method::DELETE, &["fights", key.as_str()])?;
         let what = "purging the answer";
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.unreachable(what, e))?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        check(response, what).await?;
+        Ok(true)
+    }
+
+    /// The answers users reported: hidden ones first, then the most reported unsafe.
+    pub async fn reports(&self) -> anyhow::Result<Vec<Report>> {
+        let request = self.request(Method::GET, &["reports"])?;
+        let list: ReportList =
+            json_of(self.send(request, "listing the reported answers").await?).await?;
+        Ok(list.reports)
+    }
+
+    /// Settles the reports of the `kind` answer `key` with `action` (`keep`, `purge` or
+    /// `refuse`): true when done, false when the API holds no report of that answer.
+    pub async fn settle(&self, kind: &str, key: &Key, action: &str) -> anyhow::Result<bool> {
+        let request = self
+            .request(Method::POST, &["reports", kind, key.as_str()])?
+            .json(&json!({ "action": action }));
+        let what = "settling the reports";
         let response = request
             .send()
             .await

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 const AFTER_HELP: &str = "\
 Environment:
@@ -12,10 +12,12 @@ Environment:
 
 Exit status:
   0  everything succeeded
-  1  a matchup failed, there is no answer to purge, or the API was unreachable or refused
+  1  a matchup failed, there is no answer to purge or no report to settle, or the API was
+     unreachable or refused
   2  bad input, nothing sent: a malformed file or name, a bad key, no token, a bad argument";
 
-/// Operate Versus: pre-warm answers before traffic arrives, list popular matchups, purge answers.
+/// Operate Versus: pre-warm answers before traffic arrives, list popular matchups, purge answers,
+/// settle users' reports.
 #[derive(Debug, Parser)]
 #[command(name = "versus", version, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -58,6 +60,74 @@ pub enum Command {
         #[arg(long)]
         pending: bool,
     },
+    /// The answers and pictures users reported, and what to do with them.
+    #[command(subcommand)]
+    Reports(ReportsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportsCommand {
+    /// List the reported answers and pictures, with the count of each reason.
+    ///
+    /// Hidden ones first (enough clients reported them unsafe: they are served as refused
+    /// until settled), then the most reported unsafe.
+    #[command(after_help = AFTER_HELP)]
+    List,
+    /// Decide on a reported answer or picture: keep, purge or refuse it.
+    ///
+    /// `keep` serves it again if it was hidden, and reports never hide it again; `purge` removes
+    /// it from every cache layer, as `versus purge` does (the next request generates it
+    /// afresh); `refuse` refuses it for good.
+    #[command(after_help = AFTER_HELP)]
+    Settle {
+        /// What was reported: the answer's text or its picture.
+        kind: ReportKind,
+        /// Its key: 32 hexadecimal digits, as `versus reports list` shows it.
+        key: String,
+        /// What to do with it.
+        action: Settlement,
+    },
+}
+
+/// What a report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportKind {
+    /// The answer's text.
+    Text,
+    /// The answer's picture.
+    Image,
+}
+
+impl ReportKind {
+    /// As the API names it in routes and lists.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportKind::Text => "text",
+            ReportKind::Image => "image",
+        }
+    }
+}
+
+/// An operator's decision on a reported answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Settlement {
+    /// Serve it (again, if it was hidden), and let reports never hide it again.
+    Keep,
+    /// Remove it from every cache layer; the next request generates it afresh.
+    Purge,
+    /// Refuse it for good: served as refused, never generated again.
+    Refuse,
+}
+
+impl Settlement {
+    /// As the API names it (`{"action": …}`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Settlement::Keep => "keep",
+            Settlement::Purge => "purge",
+            Settlement::Refuse => "refuse",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -85,10 +155,32 @@ pub struct PrewarmArgs {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
 
     #[test]
     fn the_command_line_is_consistent() {
-        super::Cli::command().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn reports_settle_takes_a_kind_a_key_and_an_action() {
+        let cli = Cli::try_parse_from(["versus", "reports", "settle", "image", "ab12", "keep"])
+            .expect("a valid command line");
+        let Command::Reports(ReportsCommand::Settle { kind, key, action }) = cli.command else {
+            panic!("not reports settle: {:?}", cli.command);
+        };
+        assert_eq!(
+            (kind, key.as_str(), action),
+            (ReportKind::Image, "ab12", Settlement::Keep)
+        );
+        assert_eq!((kind.as_str(), action.as_str()), ("image", "keep"));
+        for bad in [
+            ["versus", "reports", "settle", "video", "ab12", "keep"],
+            ["versus", "reports", "settle", "text", "ab12", "hide"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! - [`args`]: the command line;
 //! - [`input`]: reading and checking a file of matchups (CSV or JSON);
 //! - [`admin`]: the API's admin routes, as a typed client;
-//! - [`prewarm`], [`purge`], [`popular`]: the commands.
+//! - [`prewarm`], [`purge`], [`popular`], [`reports`]: the commands.
 
 pub mod admin;
 pub mod args;
@@ -11,10 +11,11 @@ pub mod input;
 pub mod popular;
 pub mod prewarm;
 pub mod purge;
+pub mod reports;
 
 use std::process::ExitCode;
 
-use args::{Cli, Command};
+use args::{Cli, Command, ReportsCommand};
 
 /// How a command failed. The variants are the exit statuses operators script against.
 #[derive(Debug, thiserror::Error)]
@@ -41,5 +42,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Prewarm(args) => prewarm::run(&cli.api, args).await,
         Command::Purge { key } => purge::run(&cli.api, key).await,
         Command::Popular { limit, pending } => popular::run(&cli.api, *limit, *pending).await,
+        Command::Reports(ReportsCommand::List) => reports::list(&cli.api).await,
+        Command::Reports(ReportsCommand::Settle { kind, key, action }) => {
+            reports::settle(&cli.api, *kind, key, *action).await
+        }
     }
 }

@@ -7,14 +7,7 @@ use crate::Error;
 use crate::admin::Admin;
 
 pub async fn run(api: &str, key: &str) -> Result<(), Error> {
-    // Keys are lowercase hex; an operator pasting one in capitals means the same answer.
-    let key = Key::parse(&key.trim().to_ascii_lowercase()).ok_or_else(|| {
-        Error::BadInput(format!(
-            "{key:?} is not an answer key: a key is {} hexadecimal digits, as in the `meta` \
-             event or `versus popular`",
-            Key::LEN
-        ))
-    })?;
+    let key = parse_key(key)?;
     let admin = Admin::from_env(api)?;
     if admin.purge(&key).await? {
         println!(
@@ -25,4 +18,16 @@ pub async fn run(api: &str, key: &str) -> Result<(), Error> {
     } else {
         Err(anyhow!("no such answer: the API has nothing under {key}").into())
     }
+}
+
+/// An answer's key as an operator pastes it: bad input (exit 2) unless it is one.
+pub fn parse_key(key: &str) -> Result<Key, Error> {
+    // Keys are lowercase hex; an operator pasting one in capitals means the same answer.
+    Key::parse(&key.trim().to_ascii_lowercase()).ok_or_else(|| {
+        Error::BadInput(format!(
+            "{key:?} is not an answer key: a key is {} hexadecimal digits, as in the `meta` \
+             event, `versus popular` or `versus reports list`",
+            Key::LEN
+        ))
+    })
 }

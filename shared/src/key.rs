@@ -7,10 +7,11 @@
 //!
 //! What is cached is served to everyone, so a name is refused (never silently changed) when
 //! it carries what a reader cannot see or cannot tell apart: control and format characters
-//! (bidi controls, zero-width characters, the BOM, tag characters), private-use and unassigned
-//! code points, stacks of combining marks, and letters of scripts that UTS #39 does not let
-//! mix (a Cyrillic `а` in `Batman`). Names are not folded to confusable skeletons: `rn` and
-//! `m` stay two names.
+//! (bidi controls, zero-width characters, the BOM, tag characters) and every other
+//! default-ignorable code point (Hangul fillers, the combining grapheme joiner), private-use
+//! and unassigned code points, stacks of combining marks, and letters of scripts that UTS #39
+//! does not let mix (a Cyrillic `а` in `Batman`). Names are not folded to confusable
+//! skeletons: `rn` and `m` stay two names.
 
 use std::fmt;
 
@@ -48,8 +49,8 @@ pub enum NameError {
     #[error("opponent `{0}` contains control characters")]
     ControlCharacter(&'static str),
     #[error(
-        "opponent `{0}` contains invisible formatting characters (such as a bidi control or a \
-         zero-width character)"
+        "opponent `{0}` contains invisible characters (such as a bidi control, a zero-width \
+         character or a filler)"
     )]
     InvisibleCharacter(&'static str),
     #[error("opponent `{0}` contains private-use or unassigned characters")]
@@ -137,37 +138,42 @@ impl Name {
 }
 
 /// Refuses, one character at a time: control characters; format characters (general category
-/// Cf: bidi controls, zero-width spaces and joiners, the BOM, the soft hyphen, tag
-/// characters), except a zero-width joiner between two emoji (👩‍🚀 is one emoji); variation
-/// selectors other than the text and emoji ones (they can carry data invisibly); private-use
-/// and unassigned code points; more than [`MAX_MARKS_IN_A_ROW`] combining marks in a row.
+/// Cf: bidi controls, zero-width spaces and joiners, the BOM, the soft hyphen, tag characters)
+/// and the other default-ignorable code points (Hangul fillers, the combining grapheme joiner,
+/// variation selectors: nothing a reader sees, and some able to carry data), except a
+/// zero-width joiner between two emoji (👩‍🚀 is one emoji) and a text or emoji presentation
+/// selector (VS15, VS16) right after an emoji (`❤️`; after a letter it would only make a new
+/// key that looks like the name without it); private-use and unassigned code points; more
+/// than [`MAX_MARKS_IN_A_ROW`] combining marks in a row.
 fn check_characters(field: &'static str, name: &str) -> Result<(), NameError> {
     let mut marks = 0;
     // The last character that was not a mark (emoji take their presentation selector as one).
     let mut base: Option<char> = None;
+    let mut previous: Option<char> = None;
     let mut chars = name.chars().peekable();
     while let Some(c) = chars.next() {
+        let before = previous.replace(c);
         if c.is_control() {
             return Err(NameError::ControlCharacter(field));
         }
-        match c.general_category() {
-            GeneralCategory::Format => {
-                let joins_emoji = c == ZWJ
-                    && base.is_some_and(is_emoji)
-                    && chars.peek().is_some_and(|&next| is_emoji(next));
-                if !joins_emoji {
-                    return Err(NameError::InvisibleCharacter(field));
-                }
+        let category = c.general_category();
+        if category == GeneralCategory::Format || is_default_ignorable(c) {
+            let joins_emoji = c == ZWJ
+                && base.is_some_and(is_emoji)
+                && chars.peek().is_some_and(|&next| is_emoji(next));
+            let presents_emoji =
+                is_presentation_selector(c) && before.is_some_and(|before| before.is_emoji_char());
+            if !joins_emoji && !presents_emoji {
+                return Err(NameError::InvisibleCharacter(field));
             }
+        }
+        match category {
             GeneralCategory::PrivateUse
             | GeneralCategory::Unassigned
             | GeneralCategory::Surrogate => return Err(NameError::UnassignedCharacter(field)),
             GeneralCategory::NonspacingMark
             | GeneralCategory::SpacingMark
             | GeneralCategory::EnclosingMark => {
-                if is_hidden_variation_selector(c) {
-                    return Err(NameError::InvisibleCharacter(field));
-                }
                 marks += 1;
                 if marks > MAX_MARKS_IN_A_ROW {
                     return Err(NameError::TooManyMarks(field));
@@ -190,10 +196,52 @@ fn is_emoji(c: char) -> bool {
     !c.is_ascii() && c.is_emoji_char()
 }
 
-/// Variation selectors VS1–VS14 and VS17–VS256: invisible, and able to smuggle bytes after
-/// any character. VS15 and VS16 (text or emoji presentation) stay.
-fn is_hidden_variation_selector(c: char) -> bool {
-    matches!(c, '\u{FE00}'..='\u{FE0D}' | '\u{E0100}'..='\u{E01EF}')
+/// VS15 and VS16, which ask for the text or the emoji form of the emoji before them (`❤️`):
+/// default-ignorable, but part of how emoji are written (keycaps `1️⃣` included).
+fn is_presentation_selector(c: char) -> bool {
+    matches!(c, '\u{FE0E}' | '\u{FE0F}')
+}
+
+/// Whether `c` is a `Default_Ignorable_Code_Point`: what a renderer shows nothing for unless
+/// it supports it, so a name holding one looks like the name without it but makes another
+/// key. The ranges are those of `DerivedCoreProperties.txt` in Unicode 18.0, the version of
+/// the other Unicode tables the key depends on; `unicode-security` carries the same table but
+/// does not export it, and no other crate in the tree does (a unit test checks this one
+/// against the characters its identifier types call default-ignorable). Most are Cf (refused
+/// as such anyway); the ones that matter here are not: the Hangul fillers (Lo), the combining
+/// grapheme joiner, the Khmer inherent vowels, the Mongolian and other variation selectors
+/// (Mn), and reserved code points that would be default-ignorable once assigned.
+fn is_default_ignorable(c: char) -> bool {
+    const RANGES: &[(char, char)] = &[
+        ('\u{00AD}', '\u{00AD}'),
+        ('\u{034F}', '\u{034F}'),
+        ('\u{061C}', '\u{061C}'),
+        ('\u{115F}', '\u{1160}'),
+        ('\u{17B4}', '\u{17B5}'),
+        ('\u{180B}', '\u{180F}'),
+        ('\u{200B}', '\u{200F}'),
+        ('\u{202A}', '\u{202E}'),
+        ('\u{2060}', '\u{206F}'),
+        ('\u{3164}', '\u{3164}'),
+        ('\u{FE00}', '\u{FE0F}'),
+        ('\u{FEFF}', '\u{FEFF}'),
+        ('\u{FFA0}', '\u{FFA0}'),
+        ('\u{FFF0}', '\u{FFF8}'),
+        ('\u{1BCA0}', '\u{1BCA3}'),
+        ('\u{1D173}', '\u{1D17A}'),
+        ('\u{E0000}', '\u{E0FFF}'),
+    ];
+    RANGES
+        .binary_search_by(|&(lo, hi)| {
+            if hi < c {
+                std::cmp::Ordering::Less
+            } else if lo > c {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        })
+        .is_ok()
 }
 
 /// Whether the letters of `name` stay within what UTS #39 calls *highly restrictive*: one
@@ -455,6 +503,27 @@ mod tests {
             "Batman\u{E0100}",
             // Non-ASCII names take the full path.
             "Ünal\u{200E}",
+            // Default-ignorable but not format characters: Hangul fillers beside Latin
+            // letters (Latin with Hangul is a script mix Korean allows), the combining
+            // grapheme joiner, Khmer inherent vowels, a Mongolian variation selector.
+            "Batman\u{3164}",
+            "\u{3164}Batman",
+            "Bat\u{115F}man",
+            "Bat\u{1160}man",
+            "Batman\u{FFA0}",
+            "홍길동\u{3164}",
+            "Bat\u{34F}man",
+            "Pe\u{34F}\u{301}le",
+            "ក\u{17B4}",
+            "ᠮ\u{180B}",
+            // Presentation selectors are kept after an emoji only, and not a joiner beside them.
+            "❤\u{FE0F}\u{200D}",
+            "Batman\u{FE0F}",
+            "Bat\u{FE0E}man",
+            "❤\u{FE0F}\u{FE0F}",
+            // Reserved default-ignorable code points.
+            "Bat\u{2065}man",
+            "Batman\u{E0FFF}",
         ] {
             assert_eq!(
                 refused(invisible),
@@ -513,6 +582,75 @@ mod tests {
             Name::parse("a", Some(&chain)),
             Err(NameError::TooManyBytes("a"))
         );
+    }
+
+    #[test]
+    fn emoji_sequences_keep_their_joiners_and_presentation_selectors() {
+        for name in [
+            "👨\u{200D}👩\u{200D}👧",
+            "👩\u{200D}🚀 Astronaut",
+            "❤\u{FE0F} Love",
+            "❤\u{FE0E}",
+            "☺\u{FE0F}\u{200D}🔥",
+            "🏳\u{FE0F}\u{200D}🌈 Flag",
+            "1\u{FE0F}\u{20E3} Keycap",
+            "👁\u{FE0F}\u{200D}🗨\u{FE0F}",
+        ] {
+            assert!(
+                Name::parse("a", Some(name)).is_ok(),
+                "{name:?}: {:?}",
+                Name::parse("a", Some(name))
+            );
+        }
+        // The family emoji is its own name, not its members side by side.
+        assert_ne!(key("👨\u{200D}👩\u{200D}👧", "x"), key("👨👩👧", "x"));
+    }
+
+    #[test]
+    fn the_default_ignorable_table_holds_what_unicode_security_calls_default_ignorable() {
+        use unicode_security::{GeneralSecurityProfile, general_security_profile::IdentifierType};
+        let mut seen = 0;
+        for c in (0..=u32::from(char::MAX)).filter_map(char::from_u32) {
+            if c.identifier_type() == Some(IdentifierType::Default_Ignorable) {
+                seen += 1;
+                assert!(is_default_ignorable(c), "U+{:04X}", u32::from(c));
+            }
+        }
+        assert!(seen > 100, "the comparison compared something: {seen}");
+        for kept in [
+            'a',
+            ' ',
+            '\u{301}',
+            '\u{3131}',
+            '\u{1161}',
+            '\u{FFA1}',
+            '\u{E1000}',
+        ] {
+            assert!(!is_default_ignorable(kept), "U+{:04X}", u32::from(kept));
+        }
+    }
+
+    #[test]
+    fn keys_of_valid_names_do_not_change() {
+        // Golden keys, worked out apart (with Python's NFKC and casefold): a change of the
+        // key's recipe or of a Unicode table it depends on moves every answer and refusal to
+        // a new key, and this test says so.
+        for (a, b, golden) in [
+            ("Batman", "Superman", "b8d7037e36c1e33fe829e5ae1998ee34"),
+            (
+                "Son Goku 孫悟空",
+                "Бэтмен",
+                "4fb4707c34c105da516261e129a24671",
+            ),
+            (
+                "👩\u{200D}🚀 Astronaut",
+                "❤\u{FE0F} Love",
+                "369902760706b0116bf3a7c76c4046d0",
+            ),
+            ("𝐁𝐚𝐭𝐦𝐚𝐧", "Straße", "45a1d537b2a5f4f72b352c62f480b4cc"),
+        ] {
+            assert_eq!(key(a, b).as_str(), golden, "{a:?} vs {b:?}");
+        }
     }
 
     #[test]

@@ -20,6 +20,13 @@ impl Kind {
             Kind::Image => "image",
         }
     }
+
+    /// The kind `s` names (`text` or `image`), if any.
+    pub fn parse(s: &str) -> Option<Kind> {
+        [Kind::Text, Kind::Image]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
 }
 
 impl fmt::Display for Kind {

@@ -15,6 +15,9 @@
 //!   that moderation refused (written after Postgres holds it).
 //! - `versus.admin.purge` (core NATS request/reply, queue group across workers): an
 //!   operator's purge, which the API asks a worker to carry out ([`PurgeRequest`]).
+//! - `versus.reports` and `versus.admin.reports` (core NATS request/reply, queue group across
+//!   workers): a client's [`Report`] of a stored answer, and an operator's [`Settle`]ment of a
+//!   reported one, which the API asks a worker to record ([`ReportReply`]).
 //! - KV bucket `versus_spend`, key `day.<n>`: the total the cluster spent on UTC day `n`
 //!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
 //!   process watches it (see `budget`).
@@ -58,6 +61,14 @@ pub const PURGE_SUBJECT: &str = "versus.cache.purge";
 /// replica ([`PURGE_SUBJECT`]).
 pub const PURGE_REQUEST_SUBJECT: &str = "versus.admin.purge";
 pub const PURGE_REQUEST_QUEUE: &str = "versus-purge";
+/// Core NATS request/reply: a client's [`Report`] of a stored answer, which the API (it may not
+/// write to Postgres from a public route, nor to the KV bucket) asks one worker to record
+/// (queue group [`REPORTS_QUEUE`]); enough `unsafe` reports hide the answer everywhere.
+pub const REPORT_SUBJECT: &str = "versus.reports";
+/// Core NATS request/reply: an operator's [`Settle`]ment of a reported answer (`keep` or
+/// `refuse`; a `purge` is an ordinary [`PurgeRequest`]), carried out by one worker.
+pub const SETTLE_SUBJECT: &str = "versus.admin.reports";
+pub const REPORTS_QUEUE: &str = "versus-reports";
 /// Where the API's requests get their answers (its inbox prefix): a worker answers a purge
 /// request only on a reply subject under it ([`is_api_inbox`]), and its NATS user may publish
 /// nowhere else outside its own subjects.
@@ -346,6 +357,91 @@ pub struct Marker {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Purge {
     pub keys: Vec<Key>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub markers: Vec<Marker>,
+}
+
+/// Why a client reports an answer. Only `unsafe` reports hide one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Unsafe,
+    Wrong,
+    Poor,
+    Other,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] = [Reason::Unsafe, Reason::Wrong, Reason::Poor, Reason::Other];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unsafe => "unsafe",
+            Reason::Wrong => "wrong",
+            Reason::Poor => "poor",
+            Reason::Other => "other",
+        }
+    }
+}
+
+/// A client's report of the stored answer `attempt` of `<kind>.<key>` (the answer the API
+/// served it). `client` is a pseudonym of the client's address, never the address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub kind: Kind,
+    pub key: Key,
+    pub attempt: i32,
+    pub client: String,
+    pub reason: Reason,
+}
+
+/// What an operator decides about a reported answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Serve it (again, if it was hidden), and let no report hide this answer again.
+    Keep,
+    /// Purge it everywhere, as `DELETE /v1/admin/fights/{key}` does: the next request
+    /// generates a new answer.
+    Purge,
+    /// Refuse the matchup for good: the answer is dropped and never generated again.
+    Refuse,
+}
+
+impl Action {
+    pub const ALL: [Action; 3] = [Action::Keep, Action::Purge, Action::Refuse];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::Keep => "keep",
+            Action::Purge => "purge",
+            Action::Refuse => "refuse",
+        }
+    }
+}
+
+/// An operator's decision on the answer of `<kind>.<key>` that clients reported (`keep` or
+/// `refuse`: a worker carries them out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settle {
+    pub kind: Kind,
+    pub key: Key,
+    pub action: Action,
+}
+
+/// A worker's answer to a [`Report`] or a [`Settle`]: `found` says whether the answer (with
+/// reports, for a settlement) exists; `counted`, whether the report was this client's first
+/// of this answer. `markers` are the purge markers written (an answer hidden or refused: its
+/// entry; one kept after it was hidden: its refusal), which the API applies to every replica as
+/// an operator's purge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub found: bool,
+    #[serde(default)]
+    pub counted: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub markers: Vec<Marker>,
 }

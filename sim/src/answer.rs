@@ -114,8 +114,43 @@ impl Answer {
         self.ends.push(self.text.len() as u32);
     }
 
+    /// Adds `text` at the end, word by word, each word after a space. As a model's tokenizer
+    /// does, a word is cut before each `.` and `/` (`evil` `.example` `/x`), so that a link
+    /// arrives in pieces, in separate chunks when the stream is paced.
+    pub fn say(&mut self, text: &str) {
+        for word in text.split_whitespace() {
+            let mut piece_start = 0;
+            let cuts = word
+                .char_indices()
+                .filter(|&(i, c)| i > 0 && (c == '.' || c == '/'))
+                .map(|(i, _)| i)
+                .chain(std::iter::once(word.len()));
+            for (n, cut) in cuts.enumerate() {
+                let piece = &word[piece_start..cut];
+                piece_start = cut;
+                if piece.is_empty() {
+                    continue;
+                }
+                if n == 0 && !self.ends.is_empty() {
+                    self.text.push(' ');
+                }
+                self.text.push_str(piece);
+                self.ends.push(self.text.len() as u32);
+            }
+        }
+    }
+
+    #[cfg(test)]
     pub fn text(&self) -> &str {
         &self.text
+    }
+
+    /// The text of the first `tokens` tokens (all of it when there are fewer).
+    pub fn text_to(&self, tokens: usize) -> &str {
+        match tokens.min(self.ends.len()) {
+            0 => "",
+            n => &self.text[..self.ends[n - 1] as usize],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -182,6 +217,28 @@ mod tests {
             Answer::generate(&[3; 32], 50),
             Answer::generate(&[4; 32], 50)
         );
+    }
+
+    #[test]
+    fn said_words_end_the_answer_and_a_link_comes_in_pieces() {
+        let mut answer = Answer::generate(&[5; 32], 3);
+        let before = answer.text().to_owned();
+        answer.say("Visit https://evil.example/x now.");
+        assert_eq!(
+            answer.text(),
+            format!("{before} Visit https://evil.example/x now.")
+        );
+        let tokens: Vec<&str> = (3..answer.len()).map(|i| answer.token(i)).collect();
+        assert_eq!(
+            tokens,
+            [
+                " Visit", " https:", "/", "/evil", ".example", "/x", " now", "."
+            ]
+        );
+        let mut empty = Answer::generate(&[0; 32], 0);
+        empty.say("evil.example");
+        assert_eq!(empty.text(), "evil.example");
+        assert_eq!(empty.token(0), "evil");
     }
 
     #[test]

@@ -91,7 +91,10 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
         .or(request.max_tokens)
         .unwrap_or(u64::MAX);
     let tokens = knobs.answer_tokens.min(cap).min(MAX_ANSWER_TOKENS);
-    let answer = Answer::generate(&seed, to_usize(tokens));
+    let mut answer = Answer::generate(&seed, to_usize(tokens));
+    if let Some(Fault::Say { text }) = &fault {
+        answer.say(text);
+    }
     let meta = Meta {
         id: format!("chatcmpl-sim{:012x}", sim.next_id()),
         created: openai::unix_secs(),
@@ -109,17 +112,31 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
     if fault == Some(Fault::Hang) {
         return Reply::Hang;
     }
+    // How many tokens the answer runs to, and why it ends there, when it ends normally.
+    let (finished, reason) = match &fault {
+        Some(Fault::Finish {
+            reason,
+            after_tokens,
+        }) => (to_usize(*after_tokens).min(answer.len()), reason.clone()),
+        _ => (answer.len(), "stop".to_owned()),
+    };
     // What the answer reports, if it runs to its end.
     let usage = Usage {
         prompt_tokens: meta.prompt_tokens as u64,
-        completion_tokens: answer.len() as u64,
+        completion_tokens: finished as u64,
     };
     if request.stream == Some(true) {
         let include_usage = request.stream_options.and_then(|o| o.include_usage) == Some(true);
         let (limit, ending) = match fault {
             Some(Fault::Cut { after_tokens }) => (to_usize(after_tokens), Ending::Cut),
             Some(Fault::Stall { after_tokens }) => (to_usize(after_tokens), Ending::Stall),
-            _ => (answer.len(), Ending::Finish { include_usage }),
+            _ => (
+                finished,
+                Ending::Finish {
+                    include_usage,
+                    reason,
+                },
+            ),
         };
         if include_usage && matches!(ending, Ending::Finish { .. }) {
             call.usage = Some(usage);
@@ -144,15 +161,16 @@ async fn answer(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) ->
         _ => {
             call.usage = Some(usage);
             // A whole answer arrives when its last token would have been streamed.
-            if !openai::wait_until(sim, pace.deadline(answer.len().saturating_sub(1))).await {
+            if !openai::wait_until(sim, pace.deadline(finished.saturating_sub(1))).await {
                 return Reply::Now(openai::shutting_down());
             }
-            Reply::Now(Json(whole(&meta, &answer)).into_response())
+            Reply::Now(Json(whole(&meta, &answer, finished, &reason)).into_response())
         }
     }
 }
 
-fn whole(meta: &Meta, answer: &Answer) -> Value {
+/// The whole completion of `answer`'s first `tokens` tokens, ended for `reason`.
+fn whole(meta: &Meta, answer: &Answer, tokens: usize, reason: &str) -> Value {
     json!({
         "id": meta.id,
         "object": "chat.completion",
@@ -160,11 +178,11 @@ fn whole(meta: &Meta, answer: &Answer) -> Value {
         "model": meta.model,
         "choices": [{
             "index": 0,
-            "message": { "role": "assistant", "content": answer.text(), "refusal": null },
+            "message": { "role": "assistant", "content": answer.text_to(tokens), "refusal": null },
             "logprobs": null,
-            "finish_reason": "stop",
+            "finish_reason": reason,
         }],
-        "usage": stream::usage(meta.prompt_tokens, answer.len()),
+        "usage": stream::usage(meta.prompt_tokens, tokens),
     })
 }
 

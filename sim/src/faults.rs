@@ -46,6 +46,22 @@ pub enum Fault {
     },
     /// Take the request and never answer, not even with response headers.
     Hang,
+    /// Send this many tokens, then end the answer normally (usage and `[DONE]`) but with this
+    /// `finish_reason`: `length` by default (an answer cut at its token cap), or any other
+    /// (`content_filter`; `stop` with no tokens is an empty answer).
+    Finish {
+        #[serde(default = "length")]
+        reason: String,
+        #[serde(default)]
+        after_tokens: u64,
+    },
+    /// Answer as usual, with `text` added at the end of the answer (as more words): what a
+    /// model steered by the names might write, such as a link, or a term moderation flags.
+    Say { text: String },
+}
+
+fn length() -> String {
+    "length".to_owned()
 }
 
 impl Fault {
@@ -56,6 +72,8 @@ impl Fault {
             Fault::Cut { .. } => "cut",
             Fault::Stall { .. } => "stall",
             Fault::Hang => "hang",
+            Fault::Finish { .. } => "finish",
+            Fault::Say { .. } => "say",
         }
     }
 }
@@ -144,5 +162,28 @@ mod tests {
             );
         }
         assert_eq!(q.list().len(), 1);
+    }
+
+    #[test]
+    fn a_finish_fault_ends_with_length_unless_told_otherwise() {
+        assert_eq!(
+            rule(r#"{"kind":"chat","fault":{"type":"finish"}}"#).fault,
+            Fault::Finish {
+                reason: "length".to_owned(),
+                after_tokens: 0
+            }
+        );
+        assert_eq!(
+            rule(r#"{"kind":"chat","fault":{"type":"finish","reason":"content_filter","after_tokens":3}}"#)
+                .fault
+                .name(),
+            "finish"
+        );
+        assert_eq!(
+            rule(r#"{"kind":"chat","fault":{"type":"say","text":"visit evil.example"}}"#).fault,
+            Fault::Say {
+                text: "visit evil.example".to_owned()
+            }
+        );
     }
 }

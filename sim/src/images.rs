@@ -101,7 +101,8 @@ async fn generate(sim: &Sim, headers: &HeaderMap, body: &[u8], call: &mut Call) 
             }
             return Reply::Cut;
         }
-        None => {}
+        // A picture has no finish reason and no words: it is drawn as usual.
+        Some(Fault::Finish { .. } | Fault::Say { .. }) | None => {}
     }
 
     // Drawing is CPU work; keep it off the async workers, and let it overlap the latency.

@@ -52,9 +52,13 @@ pub struct Meta {
 }
 
 /// How the stream ends once the tokens it may send are sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
-    Finish { include_usage: bool },
+    /// `finish_reason` (`stop` for a whole answer), the usage if asked for, and `[DONE]`.
+    Finish {
+        include_usage: bool,
+        reason: String,
+    },
     Cut,
     Stall,
 }
@@ -183,9 +187,12 @@ impl Chunks {
             }
         }
         if self.next == self.limit {
-            self.phase = match self.ending {
-                Ending::Finish { include_usage } => {
-                    self.push_finish(&mut buf, include_usage);
+            self.phase = match &self.ending {
+                Ending::Finish {
+                    include_usage,
+                    reason,
+                } => {
+                    self.push_finish(&mut buf, *include_usage, reason);
                     Phase::Done
                 }
                 Ending::Cut => Phase::Cut,
@@ -203,9 +210,11 @@ impl Chunks {
         self.next += 1;
     }
 
-    fn push_finish(&self, buf: &mut Vec<u8>, include_usage: bool) {
+    fn push_finish(&self, buf: &mut Vec<u8>, include_usage: bool, reason: &str) {
         buf.extend_from_slice(self.prefix.as_bytes());
-        buf.extend_from_slice(b"{},\"finish_reason\":\"stop\"}]}\n\n");
+        buf.extend_from_slice(b"{},\"finish_reason\":");
+        push_json_string(buf, reason);
+        buf.extend_from_slice(b"}]}\n\n");
         if include_usage {
             let usage = json!({
                 "id": self.meta.id,
@@ -213,7 +222,7 @@ impl Chunks {
                 "created": self.meta.created,
                 "model": self.meta.model,
                 "choices": [],
-                "usage": usage(self.meta.prompt_tokens, self.answer.len()),
+                "usage": usage(self.meta.prompt_tokens, self.limit),
             });
             buf.extend_from_slice(b"data: ");
             buf.extend_from_slice(usage.to_string().as_bytes());

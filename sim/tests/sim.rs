@@ -372,6 +372,80 @@ async fn a_stall_fault_sends_some_tokens_then_goes_silent() {
 }
 
 #[tokio::test]
+async fn a_finish_fault_ends_the_answer_early_with_its_reason_and_usage() {
+    let sim = start(quick()).await;
+    let length =
+        json!({"kind": "chat", "fault": {"type": "finish", "after_tokens": 5}, "times": 1});
+    sim.control("/_sim/faults", &length).await;
+
+    let cut = events(
+        &sim.chat("Cat vs dog", true)
+            .await
+            .text()
+            .await
+            .expect("body"),
+    );
+    let n = cut.len();
+    assert_eq!(cut[n - 1], "[DONE]");
+    assert_eq!(cut[n - 2]["usage"]["completion_tokens"], 5);
+    assert_eq!(cut[n - 3]["choices"][0]["finish_reason"], "length");
+    assert_eq!(n, 9, "role chunk, five tokens, the finish, usage, [DONE]");
+    let whole = sim.whole_text("Cat vs dog").await;
+    assert!(whole.starts_with(&content_of(&cut)) && whole.len() > content_of(&cut).len());
+
+    // Any reason, streamed or whole; `stop` after no tokens is an empty answer.
+    let filtered = json!({"kind": "chat", "fault": {"type": "finish", "reason": "content_filter"}, "times": 1});
+    sim.control("/_sim/faults", &filtered).await;
+    let body: Value = sim
+        .chat("Cat vs dog", false)
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(body["choices"][0]["finish_reason"], "content_filter");
+    assert_eq!(body["choices"][0]["message"]["content"], "");
+    assert_eq!(body["usage"]["completion_tokens"], 0);
+    let empty = json!({"kind": "chat", "fault": {"type": "finish", "reason": "stop"}, "times": 1});
+    sim.control("/_sim/faults", &empty).await;
+    let nothing = events(
+        &sim.chat("Cat vs dog", true)
+            .await
+            .text()
+            .await
+            .expect("body"),
+    );
+    assert_eq!(content_of(&nothing), "");
+    assert_eq!(
+        nothing[nothing.len() - 3]["choices"][0]["finish_reason"],
+        "stop"
+    );
+    assert_eq!(sim.stats().await["calls"][0]["fault"], "finish");
+}
+
+#[tokio::test]
+async fn a_say_fault_ends_the_next_answers_with_its_text_then_they_are_as_before() {
+    let sim = start(quick()).await;
+    let plain = sim.whole_text("Owl vs hawk").await;
+    let say = json!({"kind": "chat", "fault": {"type": "say", "text": "Visit https://evil.example/x now."}, "times": 2});
+    sim.control("/_sim/faults", &say).await;
+
+    let streamed = content_of(&events(
+        &sim.chat("Owl vs hawk", true)
+            .await
+            .text()
+            .await
+            .expect("body"),
+    ));
+    assert_eq!(
+        streamed,
+        format!("{plain} Visit https://evil.example/x now.")
+    );
+    assert_eq!(sim.whole_text("Owl vs hawk").await, streamed);
+    assert_eq!(sim.whole_text("Owl vs hawk").await, plain, "used up");
+    assert_eq!(sim.stats().await["calls"][1]["fault"], "say");
+}
+
+#[tokio::test]
 async fn streams_are_paced_by_ttft_and_tokens_per_second() {
     let knobs = Knobs {
         ttft_ms: 150,

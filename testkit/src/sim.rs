@@ -84,6 +84,9 @@ impl Sim {
 
     /// `POST /_sim/faults`, e.g.
     /// `json!({"kind": "chat", "fault": {"type": "status", "status": 429}, "times": 1})`.
+    /// Besides statuses: `cut`, `stall` (each `after_tokens`), `hang`; `finish` (an answer
+    /// ended after `after_tokens` with `finish_reason` `reason`, `length` by default), and `say`
+    /// (an answer that ends with `text`: a link, a term moderation flags).
     pub async fn fault(&self, fault: Value) {
         self.send(self.http.post(self.control("faults")).json(&fault))
             .await;

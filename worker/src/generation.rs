@@ -25,7 +25,7 @@ use crate::{
     ctx::Ctx,
     events::{self, Publisher},
     lane::Lane,
-    moderation::Refusal,
+    moderation::{self, Refusal},
     openai::UpstreamError,
     spend::{Paid, Reservation},
 };
@@ -108,10 +108,9 @@ pub trait Generation: Sync + Sized {
     fn replayed_text(answer: &Self::Answer) -> Option<&str>;
 
     /// What moderation reads before the upstream is asked: the names, and a picture's prompt.
+    /// (A text's answer is read by its own work, which generates it once more when it is
+    /// flagged: [`crate::text`].)
     fn screened(&self) -> Vec<&str>;
-
-    /// What moderation reads in what was made, before it is stored (an answer's text).
-    fn screened_made(made: &Self::Made) -> Option<&str>;
 }
 
 /// Why a generation gave up: what clients are told, and what operators see.
@@ -141,7 +140,7 @@ impl Failure {
 
     /// A failure of the moderation endpoint: nothing unchecked is generated, and nothing is
     /// said about the matchup.
-    fn moderation(error: UpstreamError) -> Failure {
+    pub fn moderation(error: UpstreamError) -> Failure {
         Failure {
             counts: false,
             ..error.into()
@@ -196,12 +195,14 @@ pub fn zero_counters() {
 /// What [`opening`] gives: the first call's result, or why the generation ends before it.
 pub type Opening<G> = Result<<G as Generation>::Opened, Ended<<G as Generation>::Made>>;
 
-/// The names go to moderation while the first call's share of the budget is reserved, and the
+/// The names go to moderation (as the key folds them and as written,
+/// [`moderation::names_stage`]) while the first call's share of the budget is reserved, and the
 /// upstream is asked only once both are done: the names passed, and the budget had room.
 /// Nothing here is published or stored: it may run before the claim is won, and be dropped if
 /// it is not (a reservation whose call never began is released).
 pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Opening<G> {
-    let screened = generation.screened();
+    let screened = moderation::names_stage(job, &generation.screened());
+    let screened: Vec<&str> = screened.iter().map(String::as_str).collect();
     let (verdict, reserved) = tokio::join!(
         ctx.moderator.check(&ctx.openai, "names", &screened),
         ctx.ledger.reserve(generation.paid(job)),
@@ -259,18 +260,6 @@ pub async fn run<G: Generation>(
     let attempt = cell.load(Ordering::SeqCst);
     match ended {
         Ended::Finished(made) => {
-            if let Some(text) = G::screened_made(&made) {
-                match ctx.moderator.check(&ctx.openai, "answer", &[text]).await {
-                    Ok(None) => {}
-                    Ok(Some(refusal)) => {
-                        return refuse(ctx, job, attempt, &refusal, &mut publisher).await;
-                    }
-                    Err(error) => {
-                        let failure = Failure::moderation(error);
-                        return give_up(ctx, job, attempt, &failure, &mut publisher).await;
-                    }
-                }
-            }
             let Some(answer) = store(ctx, msg, job, attempt, generation, &made).await? else {
                 tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
                 return Ok(Outcome::Ack);
@@ -388,7 +377,7 @@ pub async fn announce_stored_refusal(ctx: &Ctx, job: &Job, attempt: i32) -> anyh
     Publisher::new(&ctx.bus, job).finish(refused).await
 }
 
-async fn put_refusal(ctx: &Ctx, job: &Job) -> anyhow::Result<()> {
+pub(crate) async fn put_refusal(ctx: &Ctx, job: &Job) -> anyhow::Result<()> {
     let value = wire::Refusal {
         key: job.key.clone(),
         kind: job.kind,
@@ -671,7 +660,7 @@ async fn record_prewarm_progress(ctx: &Ctx, job: &Job, status: PrewarmStatus) {
 /// either lands before the marker (which then removes it) or is refused. So a purged answer is
 /// never written back above its purge's marker, where every replica would take it for a new
 /// one (`cache::Floors`), however long an election held the write back.
-async fn put_answer(
+pub(crate) async fn put_answer(
     ctx: &Ctx,
     job: &Job,
     attempt: i32,

@@ -196,10 +196,6 @@ impl Generation for Image {
     fn screened(&self) -> Vec<&str> {
         vec![&self.a, &self.b, &self.prompt]
     }
-
-    fn screened_made(_picture: &Picture) -> Option<&str> {
-        None
-    }
 }
 
 async fn upload(

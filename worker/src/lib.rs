@@ -5,6 +5,9 @@
 //!   limits and graceful drain;
 //! - [`popularity`]: adding up the API replicas' request counts in Postgres;
 //! - [`purge`]: an operator's purge, carried out for the API (which may not write to the bus);
+//! - [`reports`]: clients' reports of stored answers, hiding one that enough clients find
+//!   unsafe, and an operator's decision on it;
+//! - [`responder`]: answering the API's requests (purges, reports) on its inbox only;
 //! - [`lane`]: the interactive and pre-warm lanes, and which a job came in on;
 //! - [`claims`]: the Postgres claim, lease and fenced writes;
 //! - [`batch`]: group commit, for claims and spend records;
@@ -13,6 +16,7 @@
 //! - [`generation`]: a won claim to its end under a kept-alive lease (completion order,
 //!   failures, hand-over at shutdown), and an answer already done announced again;
 //! - [`text`]: text answers, streamed into chunk events;
+//! - [`links`]: links taken out of an answer as it streams;
 //! - [`image`]: pictures, uploaded to object storage;
 //! - [`events`]: publishing a generation's events;
 //! - [`openai`]: the OpenAI client (streaming chat completions, retry classification);
@@ -32,11 +36,14 @@ pub mod generation;
 pub mod image;
 pub mod job;
 pub mod lane;
+pub mod links;
 pub mod memory;
 pub mod moderation;
 pub mod openai;
 pub mod popularity;
 pub mod purge;
+pub mod reports;
+pub mod responder;
 pub mod spend;
 pub mod text;
 
@@ -79,6 +86,8 @@ pub struct Settings {
     pub budget: BudgetSettings,
     #[command(flatten)]
     pub moderation: moderation::ModerationSettings,
+    #[command(flatten)]
+    pub reports: reports::ReportSettings,
     /// The models (and picture size) this worker generates with: the API's, since jobs are
     /// checked against them.
     #[command(flatten)]
@@ -142,10 +151,11 @@ impl Settings {
     }
 }
 
-/// Postgres connections beyond one per interactive job: one for each of the four tasks that
+/// Postgres connections beyond one per interactive job: one for each of the six tasks that
 /// write besides the jobs, each holding one at a time (the claimer's and the ledger's batches,
-/// popularity, purges). Pre-warm jobs share the pool with all of them.
-const BACKGROUND_CONNECTIONS: u32 = 4;
+/// popularity, purges, reports and their settlements). Pre-warm jobs share the pool with all
+/// of them.
+const BACKGROUND_CONNECTIONS: u32 = 6;
 
 /// Connects, migrates (if it must), serves the ops routes and consumes jobs until `shutdown`
 /// fires; with `--migrate-only`, only runs the migrations.
@@ -160,7 +170,8 @@ pub async fn run(
     let shutdown = tasks.shutdown().clone();
     openai::zero_counters();
     generation::zero_counters();
-    purge::zero_counters();
+    responder::zero_counters();
+    reports::zero_counters();
     let budget = Budget::new(&settings.budget, &settings.models)?;
     spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
@@ -241,7 +252,7 @@ pub async fn run(
 
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     // Whichever loop ends first (on shutdown, or an error) stops the others.
-    let (interactive, prewarm, popularity, purges) = tokio::join!(
+    let (interactive, prewarm, popularity, purges, reports) = tokio::join!(
         cancel_after(
             &shutdown,
             consumer::run(
@@ -267,11 +278,16 @@ pub async fn run(
             popularity::run(ctx.bus.client.clone(), ctx.db.clone(), shutdown.clone()),
         ),
         cancel_after(&shutdown, purge::run(ctx.clone(), shutdown.clone())),
+        cancel_after(
+            &shutdown,
+            reports::run(ctx.clone(), settings.reports.clone(), shutdown.clone()),
+        ),
     );
     interactive?;
     prewarm?;
     popularity?;
     purges?;
+    reports?;
     ops.await??;
     Ok(())
 }

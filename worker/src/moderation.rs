@@ -1,10 +1,37 @@
 //! Moderation: what may be generated and cached for good. Before a generation the names (and a
-//! picture's prompt) go to the upstream's moderation endpoint in one call; after a text
+//! picture's prompt) go to the upstream's moderation endpoint in one call, in the canonical
+//! form the key is made of as well as as written (see [`names_stage`]); after a text
 //! generation, the answer does, before it is stored. A result refuses when one of its flagged
 //! categories is blocked (`VERSUS_MODERATION_BLOCK`): plain violence, the point of a fight, is
 //! not blocked by default.
 
+use versus_shared::{key::Matchup, wire::Job};
+
 use crate::openai::{self, UpstreamError};
+
+/// What the `names` stage reads for `job`: the canonical names its key is made of, then
+/// `screened` (the names as written, and a picture's prompt), each once. The answer is cached
+/// under the key and served to whoever asks in any spelling of it, so the form the key folds
+/// to is what must pass: a name in mathematical bold letters (`𝐛𝐚𝐝𝐰𝐨𝐫𝐝`) may read as nothing
+/// to the classifier, but its key is the plain word's. The spelling as written is read too,
+/// since it is what the prompt and the page show. A job's names were checked when it arrived
+/// (`versus_shared::recipe::check`), so they parse; were they not, the written forms are
+/// still read.
+pub fn names_stage(job: &Job, screened: &[&str]) -> Vec<String> {
+    let canonical = Matchup::parse(Some(&job.a), Some(&job.b))
+        .map(|m| vec![m.a.canonical().to_owned(), m.b.canonical().to_owned()])
+        .unwrap_or_default();
+    let mut inputs: Vec<String> = Vec::with_capacity(canonical.len() + screened.len());
+    for input in canonical
+        .into_iter()
+        .chain(screened.iter().map(|s| (*s).to_owned()))
+    {
+        if !inputs.contains(&input) {
+            inputs.push(input);
+        }
+    }
+    inputs
+}
 
 /// Whether and how generations are moderated.
 #[derive(clap::Args, Debug, Clone)]
@@ -165,6 +192,34 @@ impl Moderator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job(a: &str, b: &str) -> Job {
+        Job {
+            kind: versus_shared::wire::Kind::Text,
+            key: versus_shared::key::Key::parse(&"0".repeat(32)).unwrap(),
+            a: a.to_owned(),
+            b: b.to_owned(),
+            model: "m".to_owned(),
+            prompt_version: 2,
+            size: None,
+        }
+    }
+
+    #[test]
+    fn the_names_stage_reads_the_canonical_names_and_the_written_ones_once_each() {
+        let bold = "\u{1D41B}\u{1D41A}\u{1D41D}\u{1D430}\u{1D428}\u{1D42B}\u{1D41D}";
+        let fancy = job(bold, "Mary  Jane");
+        assert_eq!(
+            names_stage(&fancy, &[bold, "Mary Jane"]),
+            ["badword", "mary jane", bold, "Mary Jane"]
+        );
+        // Names already in canonical form are sent once; a picture's prompt comes last.
+        let plain = job("batman", "joker");
+        assert_eq!(
+            names_stage(&plain, &["batman", "joker", "a prompt"]),
+            ["batman", "joker", "a prompt"]
+        );
+    }
 
     #[test]
     fn blocking_a_category_blocks_its_subcategories_and_violence_passes_by_default() {

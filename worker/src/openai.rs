@@ -122,7 +122,11 @@ pub struct Client {
     base_url: String,
     api_key: Secret,
     settings: OpenAiSettings,
-    /// `max_completion_tokens` of every chat request (`VERSUS_MAX_ANSWER_TOKENS`).
+    /// `max_completion_tokens` of every chat request (`VERSUS_MAX_ANSWER_TOKENS`). With a
+    /// reasoning model (`o4-mini`, `gpt-5*`) it caps the reasoning tokens as well as the answer's,
+    /// so it must leave room for both: an answer cut at the cap ends with `length` and is never
+    /// stored ([`crate::text`]). It is sent as is to every model: `reasoning_effort` would lower
+    /// the reasoning, but models without reasoning refuse the parameter.
     max_answer_tokens: u32,
 }
 
@@ -180,6 +184,7 @@ impl Client {
             gen_ai.request.model = model,
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
             otel.status_code = Empty,
             otel.status_description = Empty,
         );
@@ -456,8 +461,15 @@ pub struct ChatStream {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Piece {
     Text(String),
-    /// The stream finished normally (`finish_reason` and `[DONE]`).
-    End(Usage),
+    /// The stream finished (`finish_reason` and `[DONE]`) for `reason`. Only `stop` is a whole
+    /// answer: `length` was cut at `max_completion_tokens` (with a reasoning model the cap
+    /// covers its reasoning too, so a long reasoning leaves a short or empty answer),
+    /// `content_filter` was cut by the provider's filter. The caller decides what to make of
+    /// it; the call was paid for either way, and `usage` says what it cost.
+    End {
+        usage: Usage,
+        reason: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -494,11 +506,13 @@ impl ChatStream {
     pub async fn next(&mut self) -> Result<Piece, UpstreamError> {
         let next = self.read().await;
         match &next {
-            Ok(Piece::End(usage)) => {
+            Ok(Piece::End { usage, reason }) => {
                 self.span
                     .record("gen_ai.usage.input_tokens", usage.prompt_tokens);
                 self.span
                     .record("gen_ai.usage.output_tokens", usage.completion_tokens);
+                self.span
+                    .record("gen_ai.response.finish_reasons", reason.as_str());
             }
             Ok(Piece::Text(_)) => {}
             Err(error) => {
@@ -539,10 +553,10 @@ impl ChatStream {
                 continue;
             };
             if data.trim() == "[DONE]" {
-                return match self.finish_reason.as_deref() {
-                    Some("stop") | Some("length") => Ok(Piece::End(self.usage)),
-                    Some(other) => Err(UpstreamError::Fatal {
-                        message: format!("the upstream stopped early ({other})"),
+                return match self.finish_reason.take() {
+                    Some(reason) => Ok(Piece::End {
+                        usage: self.usage,
+                        reason,
                     }),
                     None => Err(UpstreamError::retryable(
                         "the upstream stream ended without a finish reason",
@@ -659,6 +673,46 @@ mod tests {
         h.insert("retry-after-ms", "1500".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
         assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    /// A stream whose body is `body`, as a server sent it.
+    fn stream_of(body: &str) -> ChatStream {
+        let bytes = futures::stream::iter([Ok::<_, reqwest::Error>(Bytes::from(body.to_owned()))]);
+        ChatStream {
+            events: Box::pin(sse_stream::SseByteStream::new(bytes)),
+            idle: Duration::from_secs(5),
+            first_token_by: None,
+            finish_reason: None,
+            usage: Usage::default(),
+            span: Span::none(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_with_its_finish_reason_whatever_it_is_and_what_it_cost() {
+        for reason in ["stop", "length", "content_filter"] {
+            let mut stream = stream_of(&format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"Hi\"}},\"finish_reason\":null}}]}}\n\n\
+                 data: {{\"choices\":[{{\"delta\":{{}},\"finish_reason\":\"{reason}\"}}]}}\n\n\
+                 data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":7,\"completion_tokens\":1}}}}\n\n\
+                 data: [DONE]\n\n"
+            ));
+            assert_eq!(stream.next().await, Ok(Piece::Text("Hi".to_owned())));
+            let usage = Usage {
+                prompt_tokens: 7,
+                completion_tokens: 1,
+            };
+            let reason = reason.to_owned();
+            assert_eq!(stream.next().await, Ok(Piece::End { usage, reason }));
+        }
+        // Without a finish reason, the stream did not end as the API ends one.
+        let mut unfinished =
+            stream_of("data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n");
+        assert_eq!(unfinished.next().await, Ok(Piece::Text("Hi".to_owned())));
+        assert!(matches!(
+            unfinished.next().await,
+            Err(UpstreamError::Retryable { .. })
+        ));
     }
 
     #[test]

@@ -16,84 +16,36 @@
 use std::{future::IntoFuture, sync::Arc};
 
 use anyhow::Context;
-use futures::StreamExt;
 use object_store::ObjectStoreExt;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
     bus::Bus,
-    wire::{self, Event, Marker, PurgeReply, PurgeRequest},
+    key::Key,
+    wire::{self, Event, Kind, Marker, PurgeReply, PurgeRequest},
 };
 
-use crate::{ctx::Ctx, events::through_election};
+use crate::{ctx::Ctx, events::through_election, responder};
 
-/// Carries out purge requests until `shutdown`.
+/// Carries out purge requests until `shutdown`, one at a time.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut requests = ctx
-        .bus
-        .client
-        .queue_subscribe(
-            wire::PURGE_REQUEST_SUBJECT,
-            wire::PURGE_REQUEST_QUEUE.to_owned(),
-        )
-        .await?;
-    loop {
-        let msg = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            msg = requests.next() => match msg {
-                Some(msg) => msg,
-                None => return Ok(()),
-            },
-        };
-        // Answered only on the API's inbox: any other reply subject (a stream's delete API, a
-        // KV key) would have this worker publish there on the requester's behalf. Refused
-        // before anything is done.
-        let reply_to = match msg.reply {
-            Some(to) if wire::is_api_inbox(to.as_str()) => to,
-            Some(_) => {
-                refuse("reply_subject");
-                continue;
-            }
-            None => {
-                refuse("no_reply");
-                continue;
-            }
-        };
-        let outcome = match serde_json::from_slice::<PurgeRequest>(&msg.payload) {
-            Ok(request) => purge(&ctx, &request).await,
-            Err(e) => Err(anyhow::Error::new(e).context("an unreadable purge request")),
-        };
-        let reply = match outcome {
-            Ok(markers) => PurgeReply {
+    responder::serve(
+        ctx,
+        wire::PURGE_REQUEST_SUBJECT,
+        wire::PURGE_REQUEST_QUEUE,
+        1,
+        shutdown,
+        |ctx, request: PurgeRequest| async move {
+            Ok(PurgeReply {
                 error: None,
-                markers,
-            },
-            Err(e) => {
-                tracing::warn!(error = format!("{e:#}"), "a purge failed");
-                PurgeReply {
-                    error: Some(format!("{e:#}")),
-                    markers: Vec::new(),
-                }
-            }
-        };
-        let payload = serde_json::to_vec(&reply)?;
-        if let Err(e) = ctx.bus.client.publish(reply_to, payload.into()).await {
-            tracing::warn!(error = %e, "answering a purge request failed");
-        }
-    }
-}
-
-/// Counts and logs a request refused before anything was done for it: one whose reply subject
-/// is not an API inbox, or that has none (the API always asks with a reply).
-fn refuse(reason: &'static str) {
-    metrics::counter!("versus_bus_refused_total", "reason" => reason).increment(1);
-    tracing::error!(reason, "refused a purge request; nothing was done");
-}
-
-/// The refusal counter's series, at zero from the start (an alert divides nothing).
-pub fn zero_counters() {
-    for reason in ["no_reply", "reply_subject"] {
-        metrics::counter!("versus_bus_refused_total", "reason" => reason).absolute(0);
-    }
+                markers: purge(&ctx, &request).await?,
+            })
+        },
+        |error| PurgeReply {
+            error: Some(error),
+            markers: Vec::new(),
+        },
+    )
+    .await
 }
 
 /// Purges the answers `request` names, and returns the markers written in the answers bucket.
@@ -138,15 +90,7 @@ async fn purge(ctx: &Ctx, request: &PurgeRequest) -> anyhow::Result<Vec<Marker>>
     for answer in request.answers.iter().rev() {
         let (kind, key) = (answer.kind, &answer.key);
         for entry in [wire::refusal_kv_key(kind, key), wire::kv_key(kind, key)] {
-            // Each write goes on through a leader election (a hub server died), as a
-            // generation's do: a purge takes seconds longer then, rather than stopping half-way.
-            let revision = through_election(
-                "purging a KV entry",
-                |_| true,
-                || purge_entry(&ctx.bus, &entry),
-            )
-            .await
-            .with_context(|| format!("purging {entry} from the KV bucket"))?;
+            let revision = purge_entry(ctx, &entry).await?;
             markers.push(Marker { entry, revision });
         }
     }
@@ -154,15 +98,8 @@ async fn purge(ctx: &Ctx, request: &PurgeRequest) -> anyhow::Result<Vec<Marker>>
     for answer in &request.answers {
         let (kind, key) = (answer.kind, &answer.key);
         // Readers waiting on the answer learn it is gone; later requests start afresh.
+        purge_events(ctx, kind, key).await?;
         let subject = wire::events_subject(kind, key);
-        let events = &ctx.bus.events;
-        through_election(
-            "purging the events",
-            |_| true,
-            || events.purge().filter(subject.clone()).into_future(),
-        )
-        .await
-        .context("purging the events")?;
         // A `purged` that landed twice says the same thing twice.
         through_election("publishing `purged`", crate::events::retryable, || async {
             ctx.bus
@@ -191,10 +128,37 @@ async fn purge(ctx: &Ctx, request: &PurgeRequest) -> anyhow::Result<Vec<Marker>>
     Ok(markers)
 }
 
+/// Purges `entry` from the answers bucket (see [`purge_marker`]) and returns the marker's
+/// revision. The write goes on through a leader election (a hub server died), as a
+/// generation's do: a purge takes seconds longer then, rather than stopping half-way.
+pub(crate) async fn purge_entry(ctx: &Ctx, entry: &str) -> anyhow::Result<u64> {
+    through_election(
+        "purging a KV entry",
+        |_| true,
+        || purge_marker(&ctx.bus, entry),
+    )
+    .await
+    .with_context(|| format!("purging {entry} from the KV bucket"))
+}
+
+/// Purges the events of `<kind>.<key>`'s answer, through a leader election.
+pub(crate) async fn purge_events(ctx: &Ctx, kind: Kind, key: &Key) -> anyhow::Result<()> {
+    let subject = wire::events_subject(kind, key);
+    let events = &ctx.bus.events;
+    through_election(
+        "purging the events",
+        |_| true,
+        || events.purge().filter(subject.clone()).into_future(),
+    )
+    .await
+    .context("purging the events")?;
+    Ok(())
+}
+
 /// Purges `entry` from the answers bucket as `kv::Store::purge` does (a `PURGE` marker that
 /// rolls the entry's older values up), and returns the marker's revision, which that method
 /// does not tell.
-async fn purge_entry(bus: &Bus, entry: &str) -> anyhow::Result<u64> {
+async fn purge_marker(bus: &Bus, entry: &str) -> anyhow::Result<u64> {
     let store = &bus.answers;
     let subject = format!(
         "{}{entry}",

@@ -1,5 +1,6 @@
-//! Text answers: stream the upstream's answer into chunk events, retrying within the budget,
-//! then store the text. The skeleton around it (claim, lease, completion order, failures) is
+//! Text answers: stream the upstream's answer into chunk events with its links taken out,
+//! retrying within the budget, keep it only when it is whole and passes moderation (each gets
+//! a second try), then store the text. The skeleton around it (claim, lease, completion order, failures) is
 //! [`crate::generation`].
 
 use std::{
@@ -11,14 +12,15 @@ use anyhow::Context;
 use futures::FutureExt;
 use versus_shared::{
     prompt,
-    wire::{Answer, Job},
+    wire::{Answer, ErrorCode, Job},
 };
 
 use crate::{
     claims::{self, Stored, Usage},
     ctx::Ctx,
     events::Publisher,
-    generation::{Ended, Generation},
+    generation::{Ended, Failure, Generation},
+    links::Unlinked,
     openai::{ChatStream, Piece, UpstreamError},
     spend::{Call, Paid, Reservation},
 };
@@ -76,8 +78,20 @@ impl Generation for Text {
         self.ask(ctx, job, reservation).await
     }
 
-    /// Streams the answer into events. A try that broke after publishing text moves to a new
-    /// attempt, so readers get `reset`.
+    /// Streams the answer into events, links taken out ([`Unlinked`]), and keeps it only when
+    /// it is whole and passes moderation:
+    /// - a try that fails (the upstream's error, a stream cut or stalled) is tried again within
+    ///   the upstream's retry budget, after its back-off;
+    /// - an answer that is not whole (a `finish_reason` other than `stop`: cut at the token cap,
+    ///   cut by the provider's filter; or no text at all) is paid for and asked for once more, at
+    ///   once; a second one ends the generation with a retryable `upstream_unavailable` (or
+    ///   `upstream_refused` when the provider's filter cut either, which says something about
+    ///   the matchup and counts towards its cool-down);
+    /// - an answer that moderation flags is paid for and generated once more, at once: a flag is
+    ///   probabilistic, and a refusal is stored for everyone and for good, so it takes two.
+    ///
+    /// A try that starts over after publishing text moves to a new attempt, so readers get
+    /// `reset`.
     async fn work(
         &self,
         ctx: &Ctx,
@@ -87,8 +101,15 @@ impl Generation for Text {
         publisher: &mut Publisher<'_>,
     ) -> anyhow::Result<Ended<Self::Made>> {
         let mut backoff = ctx.openai.backoff();
+        // Why the answer before was not whole, if one was not.
+        let mut not_whole: Option<String> = None;
+        let mut flagged = false;
+        // The text of this attempt, as published.
         let mut text = String::new();
         loop {
+            let mut links = Unlinked::default();
+            // Bytes the upstream sent in this try, links and the word held back included.
+            let mut received = 0;
             let mut ahead = None;
             let result = match opened {
                 Ok(mut stream) => loop {
@@ -98,7 +119,7 @@ impl Generation for Text {
                     };
                     match piece {
                         Ok(Piece::Text(mut delta)) => {
-                            if text.is_empty() {
+                            if received == 0 {
                                 metrics::histogram!("versus_upstream_first_token_seconds")
                                     .record(asked.elapsed());
                             }
@@ -114,47 +135,77 @@ impl Generation for Text {
                                     }
                                 }
                             }
-                            let offset = text.len();
-                            text.push_str(&delta);
-                            publisher
-                                .chunk(attempt.load(Ordering::SeqCst), offset, delta)
-                                .await?;
+                            received += delta.len();
+                            let current = attempt.load(Ordering::SeqCst);
+                            publish(publisher, current, &mut text, links.push(&delta)).await?;
                         }
-                        Ok(Piece::End(usage)) => break Ok(usage),
+                        Ok(Piece::End { usage, reason }) => break Ok((usage, reason)),
                         Err(e) => break Err(e),
                     }
                 },
                 Err(e) => Err(e),
             };
-            let error = match result {
-                Ok(usage) => {
+            match result {
+                Ok((usage, reason)) => {
                     let model = &job.model;
                     reservation.spent(Call::Chat { model, usage }).await;
                     metrics::counter!("versus_upstream_tokens_total", "type" => "prompt")
                         .increment(usage.prompt_tokens.max(0) as u64);
                     metrics::counter!("versus_upstream_tokens_total", "type" => "completion")
                         .increment(usage.completion_tokens.max(0) as u64);
-                    return Ok(Ended::Finished((text, usage)));
+                    let rest = links.finish();
+                    let whole =
+                        reason == "stop" && !(text.trim().is_empty() && rest.trim().is_empty());
+                    if !whole {
+                        let why = if reason == "stop" {
+                            "empty"
+                        } else {
+                            reason.as_str()
+                        };
+                        metrics::counter!("versus_upstream_errors_total", "kind" => "chat")
+                            .increment(1);
+                        if let Some(before) = not_whole.replace(why.to_owned()) {
+                            return Ok(Ended::GaveUp(incomplete(&before, why)));
+                        }
+                        tracing::info!(key = %job.key, reason = why, "the answer was not whole; asking once more");
+                    } else {
+                        let current = attempt.load(Ordering::SeqCst);
+                        publish(publisher, current, &mut text, rest).await?;
+                        if links.removed() {
+                            tracing::info!(key = %job.key, "took links out of the answer");
+                        }
+                        match ctx.moderator.check(&ctx.openai, "answer", &[&text]).await {
+                            Ok(None) => return Ok(Ended::Finished((text, usage))),
+                            Ok(Some(refusal)) if flagged => return Ok(Ended::Refused(refusal)),
+                            Ok(Some(refusal)) => {
+                                flagged = true;
+                                tracing::info!(key = %job.key, reason = %refusal.reason(), "the answer was flagged; generating it once more");
+                            }
+                            Err(error) => return Ok(Ended::GaveUp(Failure::moderation(error))),
+                        }
+                    }
                 }
-                Err(error) => error,
-            };
-            if text.is_empty() {
-                reservation.released().await;
-            } else {
-                // Cut mid-way: what was streamed is paid for, and no usage came with it.
-                let call = Call::ChatCut {
-                    model: &job.model,
-                    prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
-                    text_chars: text.len(),
-                };
-                reservation.spent(call).await;
+                Err(error) => {
+                    if received == 0 {
+                        reservation.released().await;
+                    } else {
+                        // Cut mid-way: what was streamed is paid for, and no usage came with it.
+                        let call = Call::ChatCut {
+                            model: &job.model,
+                            prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
+                            text_chars: received,
+                        };
+                        reservation.spent(call).await;
+                    }
+                    metrics::counter!("versus_upstream_errors_total", "kind" => "chat")
+                        .increment(1);
+                    let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
+                        return Ok(Ended::GaveUp(error.into()));
+                    };
+                    tracing::info!(key = %job.key, %error, ?delay, "upstream failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
             }
-            metrics::counter!("versus_upstream_errors_total", "kind" => "chat").increment(1);
-            let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
-                return Ok(Ended::GaveUp(error.into()));
-            };
-            tracing::info!(key = %job.key, %error, ?delay, "upstream failed; retrying");
-            tokio::time::sleep(delay).await;
             if !text.is_empty() {
                 let current = attempt.load(Ordering::SeqCst);
                 let Some(next) = claims::next_attempt(&ctx.db, job, current).await? else {
@@ -209,8 +260,37 @@ impl Generation for Text {
     fn screened(&self) -> Vec<&str> {
         vec![&self.a, &self.b]
     }
+}
 
-    fn screened_made((text, _): &Self::Made) -> Option<&str> {
-        Some(text)
+/// Publishes `delta` (unless empty) as the next chunk of `text`, the attempt's text so far.
+async fn publish(
+    publisher: &mut Publisher<'_>,
+    attempt: i32,
+    text: &mut String,
+    delta: String,
+) -> anyhow::Result<()> {
+    if delta.is_empty() {
+        return Ok(());
+    }
+    let offset = text.len();
+    text.push_str(&delta);
+    publisher.chunk(attempt, offset, delta).await
+}
+
+/// Two answers in a row that were not whole (`before`, then `now`: a finish reason, or
+/// `empty`). Retryable, and nothing about the matchup, unless the provider's content filter cut
+/// either: that is about the matchup, as a refusal of the upstream is.
+fn incomplete(before: &str, now: &str) -> Failure {
+    let filtered = [before, now].contains(&"content_filter");
+    Failure {
+        code: if filtered {
+            ErrorCode::UpstreamRefused
+        } else {
+            ErrorCode::UpstreamUnavailable
+        },
+        detail: format!(
+            "the upstream's answer was not whole twice in a row ({before}, then {now})"
+        ),
+        counts: filtered,
     }
 }

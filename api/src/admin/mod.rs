@@ -1,6 +1,6 @@
 //! Operator routes, behind `Authorization: Bearer $VERSUS_ADMIN_TOKEN` (at least 32 characters,
 //! compared as SHA-256 digests in constant time): pre-warm batches, their progress, popularity,
-//! today's spend against the budget, and purging an answer everywhere. With `VERSUS_OPS_ADDR`
+//! today's spend against the budget, purging an answer everywhere, and reported answers. With `VERSUS_OPS_ADDR`
 //! set they are served on that listener alone.
 //! These are the only routes that read Postgres; none of them is on the request path.
 //!
@@ -10,12 +10,14 @@
 //! - [`popular`]: the most requested matchups;
 //! - [`spend`]: today's spend by kind and model;
 //! - [`purge`]: purging an answer everywhere;
+//! - [`reports`]: the answers clients reported, and an operator's decision on one;
 //! - [`backends`]: Postgres and NATS as these routes use them (a failure is a 503).
 
 mod backends;
 pub(crate) mod popular;
 pub(crate) mod prewarm;
 pub(crate) mod purge;
+pub(crate) mod reports;
 pub(crate) mod spend;
 pub mod token;
 
@@ -40,6 +42,8 @@ pub fn routes(app: App) -> Router<App> {
         .route("/v1/admin/popular", get(popular::popular))
         .route("/v1/admin/spend", get(spend::spend))
         .route("/v1/admin/fights/{key}", delete(purge::purge))
+        .route("/v1/admin/reports", get(reports::list))
+        .route("/v1/admin/reports/{kind}/{key}", post(reports::settle))
         .route_layer(middleware::from_fn_with_state(app, require_token))
 }
 

@@ -23,6 +23,22 @@ use crate::{
 /// How long a worker may take to carry out a purge.
 const PURGE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Has a worker purge `request`'s answers (their rows, pictures, KV entries and events), then
+/// applies the purge to this replica and every other one.
+pub(crate) async fn purge_everywhere(app: &App, request: &PurgeRequest) -> Result<(), ApiError> {
+    let reply: PurgeReply = app
+        .ask_worker(wire::PURGE_REQUEST_SUBJECT, request, PURGE_TIMEOUT)
+        .await?;
+    if let Some(error) = reply.error {
+        return Err(nats(&format!("the worker's purge failed: {error}")));
+    }
+    let purge = Purge {
+        keys: request.answers.iter().map(|a| a.key.clone()).collect(),
+        markers: reply.markers,
+    };
+    app.spread(&purge).await
+}
+
 /// Purges a text answer and its picture (or their refusals) from Postgres, the object store,
 /// the edge KV bucket, the events stream, and the memory of every API replica. A worker does
 /// the writing (this process may not write to the bus): without one, 503 and nothing is done.
@@ -82,36 +98,7 @@ pub(crate) async fn purge(
             },
         ],
     };
-    let payload = serde_json::to_vec(&request).map_err(|_| ApiError::Unavailable)?;
-    let bus = app.bus()?;
-    // No worker up: "no responders" at once.
-    let ask = async_nats::Request::new()
-        .payload(payload.into())
-        .timeout(Some(PURGE_TIMEOUT));
-    let reply = bus
-        .client
-        .send_request(wire::PURGE_REQUEST_SUBJECT, ask)
-        .await
-        .map_err(|e| nats(&format!("asking a worker to purge: {e}")))?;
-    let reply: PurgeReply = serde_json::from_slice(&reply.payload).map_err(|e| nats(&e))?;
-    if let Some(error) = reply.error {
-        return Err(nats(&format!("the worker's purge failed: {error}")));
-    }
-    // This replica first, then every other one, before the 204: each forgets the keys and
-    // holds any entry older than the markers for stale, whatever its replica or mirror lags.
-    let purge = Purge {
-        keys: vec![key.clone(), image.clone()],
-        markers: reply.markers,
-    };
-    app.forget(&purge);
-    let broadcast = serde_json::to_vec(&purge).map_err(|_| ApiError::Unavailable)?;
-    bus.client
-        .publish(wire::PURGE_SUBJECT, broadcast.into())
-        .await
-        .map_err(|e| nats(&e))?;
-    // Out of this process before the answer: replicas hear of it as soon as the server routes
-    // it (a lost connection would have lost it; the replicas' own catch-up covers that).
-    bus.client.flush().await.map_err(|e| nats(&e))?;
+    purge_everywhere(&app, &request).await?;
     tracing::info!(%key, "answer purged");
     Ok(StatusCode::NO_CONTENT.into_response())
 }

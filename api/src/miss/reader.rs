@@ -277,12 +277,14 @@ async fn resume_point(
     live: &mut async_nats::Subscriber,
 ) -> anyhow::Result<Option<Resume>> {
     // A matchup cooling down after repeated failures (or refused for the day's budget) says
-    // until when; before then a worker would only refuse again, so no job is published.
+    // until when; before then a worker would only refuse again, so no job is published. A
+    // refusal is final (only an operator's purge or `keep` changes it, and both clear the
+    // events): a job would find the row refused, and the worker has nothing to tell again.
     if let Some(Last {
-        event: Some(ended @ Event::Error { .. }),
+        event: Some(ended @ Event::Error { code, .. }),
         ..
     }) = &last
-        && ended.retry_after().is_some()
+        && (ended.retry_after().is_some() || code == ErrorCode::Refused.as_str())
     {
         flight.close(Some(ended.clone()));
         return Ok(None);

@@ -1,13 +1,16 @@
 //! The page as everyone uses it: no accessibility violation that Deque's axe-core finds (WCAG
 //! 2.1 A and AA, and best practices) in any state a person sees, on a desktop and a phone, in
 //! the light and the dark colour scheme, and every control reachable and usable from the
-//! keyboard.
+//! keyboard, the Report controls included.
+
+use std::time::Duration;
 
 use fantoccini::key::Key;
 use serde_json::{Value, json};
+use versus_testkit::eventually;
 
 use crate::browser::Browser;
-use crate::{quick, run};
+use crate::{fight, http, json_of, quick, run};
 
 /// Fails with axe-core's findings, if any, in `state`.
 pub(crate) async fn assert_accessible(browser: &Browser, state: &str) {
@@ -137,6 +140,196 @@ fn an_error_passes_axe_core_and_retry_works_from_the_keyboard() {
             2,
             "the failed call, then the retried one"
         );
+        browser.close().await;
+    });
+}
+
+/// The key pressed alone, as WebDriver types it.
+fn key(key: Key) -> String {
+    char::from(key).to_string()
+}
+
+/// `[id, name, value, checked]` of the focused element.
+async fn focused(browser: &Browser) -> Value {
+    browser
+        .js("const e = document.activeElement; \
+             return [e?.id ?? '', e?.name ?? '', e?.value ?? '', Boolean(e?.checked)];")
+        .await
+}
+
+/// The report of `kind` and `key` in `GET /v1/admin/reports`, if listed.
+async fn listed_report(api: &str, token: &str, kind: &str, key: &str) -> Option<Value> {
+    let list = json_of(
+        http()
+            .get(format!("{api}/v1/admin/reports"))
+            .bearer_auth(token),
+    )
+    .await;
+    list["reports"]
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == json!(kind) && r["key"] == json!(key))
+        .cloned()
+}
+
+/// The report of `kind` and `key` in `GET /v1/admin/reports`, once it is there.
+async fn admin_report(api: &str, token: &str, kind: &str, key: &str) -> Value {
+    eventually(
+        "the report in the admin list",
+        Duration::from_secs(10),
+        || async { listed_report(api, token, kind, key).await.is_some() },
+    )
+    .await;
+    listed_report(api, token, kind, key)
+        .await
+        .expect("the report is listed")
+}
+
+#[test]
+fn the_answer_and_the_picture_are_reported_from_the_keyboard_and_the_form_passes_axe_core() {
+    run(async {
+        const TOKEN: &str = "t0ken-for-the-reports-0123456789abcdef";
+        let sys = quick()
+            .env("VERSUS_ADMIN_TOKEN", TOKEN)
+            .sim_env("VERSUS_SIM_IMAGE_LATENCY_MS", "100")
+            .start()
+            .await;
+        let browser = Browser::start().await;
+        browser.goto(&format!("{}/", sys.api_url())).await;
+        browser.tab_to("a", 10).await;
+        browser.type_keys("Tortoise").await;
+        browser.tab_to("b", 3).await;
+        browser.type_keys("Hare").await;
+        browser.type_keys(&key(Key::Enter)).await;
+        browser
+            .wait_for(
+                "the answer and its picture",
+                "document.getElementById('result').dataset.state === 'done' \
+                 && document.getElementById('picture').dataset.state === 'ready'",
+            )
+            .await;
+        let answer = browser
+            .js("return document.getElementById('answer').textContent;")
+            .await;
+
+        // The answer's Report control comes right after the Fight button.
+        browser.tab_to("report-answer-open", 3).await;
+        browser.type_keys(&key(Key::Enter)).await;
+        assert_eq!(
+            focused(&browser).await,
+            json!(["", "answer-reason", "unsafe", false]),
+            "the focus moves to the first reason, none chosen yet"
+        );
+        assert_eq!(
+            browser
+                .js("return document.getElementById('report-answer-open').ariaExpanded;")
+                .await,
+            json!("true")
+        );
+        // Escape closes the form, and the focus goes back to the control; Space opens it again.
+        browser.type_keys(&key(Key::Escape)).await;
+        assert_eq!(focused(&browser).await[0], json!("report-answer-open"));
+        assert_eq!(
+            browser
+                .js("return document.getElementById('report-answer-form').hidden;")
+                .await,
+            json!(true)
+        );
+        browser.type_keys(" ").await;
+        // The reasons are one radio group: an arrow key chooses the next one.
+        browser.type_keys(&key(Key::Down)).await;
+        assert_eq!(
+            focused(&browser).await,
+            json!(["", "answer-reason", "wrong", true])
+        );
+        // Tab leaves the group for Send.
+        browser.tab_to("report-answer-send", 1).await;
+        assert_accessible(&browser, "report form open").await;
+        browser.screenshot("report-form-open").await;
+
+        browser.type_keys(&key(Key::Enter)).await;
+        browser
+            .wait_for(
+                "the thanks",
+                "document.getElementById('report-answer-note').textContent \
+                 === 'Thanks — reported.'",
+            )
+            .await;
+        let after = browser
+            .js("return [document.activeElement.id, \
+                         document.getElementById('report-answer-form').hidden, \
+                         document.getElementById('report-answer-note').getAttribute('role'), \
+                         document.getElementById('answer').textContent];")
+            .await;
+        assert_eq!(
+            after,
+            json!(["report-answer-open", true, "status", answer]),
+            "the form closes, the focus is back on the control, the thanks is in a polite \
+             live region, and the answer stays on screen"
+        );
+        assert_accessible(&browser, "answer reported").await;
+
+        // The server counted it, once for this client.
+        let text_key = fight(&sys, "Tortoise", "Hare").await[0].json()["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let listed = admin_report(sys.api_url(), TOKEN, "text", &text_key).await;
+        assert_eq!(listed["counts"]["wrong"], json!(1), "{listed}");
+        assert_eq!(listed["counts"]["unsafe"], json!(0), "{listed}");
+        let again = browser
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 fetch(`/v1/fights/${arguments[0]}/report`, { method: 'POST',
+                     headers: { 'Content-Type': 'application/json' },
+                     body: JSON.stringify({ reason: 'wrong' }) })
+                   .then(async (r) => done([r.status, await r.json()]))
+                   .catch((e) => done(String(e)));",
+                vec![json!(text_key)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, json!([202, {"counted": false}]));
+
+        // The stored picture of a page loaded again (its URL from the page's head) is reported
+        // the same way: Space chooses the focused reason, Space on Send sends.
+        browser
+            .goto(&format!("{}/?a=Tortoise&b=Hare", sys.api_url()))
+            .await;
+        browser
+            .wait_for(
+                "the stored picture and its Report control",
+                "document.getElementById('picture').dataset.state === 'ready' \
+                 && !document.getElementById('report-picture').hidden",
+            )
+            .await;
+        browser.tab_to("report-picture-open", 10).await;
+        browser.type_keys(&key(Key::Enter)).await;
+        browser.type_keys(" ").await;
+        assert_eq!(
+            focused(&browser).await,
+            json!(["", "picture-reason", "unsafe", true])
+        );
+        browser.tab_to("report-picture-send", 1).await;
+        assert_accessible(&browser, "picture report form open").await;
+        browser.type_keys(" ").await;
+        browser
+            .wait_for(
+                "the thanks for the picture",
+                "document.getElementById('report-picture-note').textContent \
+                 === 'Thanks — reported.'",
+            )
+            .await;
+        assert_eq!(focused(&browser).await[0], json!("report-picture-open"));
+        let src = browser
+            .js("return document.querySelector('#picture img').src;")
+            .await;
+        let file = src.as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+        let image_key = &file[..32];
+        let listed = admin_report(sys.api_url(), TOKEN, "image", image_key).await;
+        assert_eq!(listed["counts"]["unsafe"], json!(1), "{listed}");
+        assert_eq!(listed["a"], json!("Tortoise"), "{listed}");
         browser.close().await;
     });
 }

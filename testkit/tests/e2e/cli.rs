@@ -1,6 +1,6 @@
 //! The `versus` operator CLI, run as a binary against the running system: pre-warming from a
 //! file (and again), refusing a malformed file or a missing token before anything is sent,
-//! failures in the exit status, and purging.
+//! failures in the exit status, purging, and users' reports listed and settled.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -297,5 +297,113 @@ fn purge_removes_the_answer_and_prewarm_popular_brings_it_back() {
         );
         assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
         assert_eq!(sys.sim.chat_calls().await, 2);
+    });
+}
+
+#[test]
+fn reports_are_listed_and_a_hidden_answer_is_kept_with_settle() {
+    run(async {
+        // One report of `unsafe` is enough to hide an answer here.
+        let sys = quick()
+            .env("VERSUS_ADMIN_TOKEN", TOKEN)
+            .worker_env("VERSUS_REPORTS_TO_HIDE", "1")
+            .start()
+            .await;
+        let none = versus(&sys, Some(TOKEN), &["reports", "list"]).await;
+        assert_eq!(none.code, Some(0));
+        assert!(
+            none.stdout
+                .contains("no answer or picture has been reported"),
+            "{}",
+            none.stdout
+        );
+
+        let events = fight(&sys, "Batman", "Superman").await;
+        let key = events[0].json()["key"].as_str().unwrap().to_owned();
+        let url = format!("{}/v1/fights/{key}", sys.api_url());
+        let report = http()
+            .post(format!("{url}/report"))
+            .json(&json!({"reason": "unsafe"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(report.status(), 202);
+        eventually("the answer is hidden", Duration::from_secs(10), || async {
+            http().get(&url).send().await.unwrap().status() != 200
+        })
+        .await;
+
+        let list = versus(&sys, Some(TOKEN), &["reports", "list"]).await;
+        assert_eq!(list.code, Some(0));
+        let line = list
+            .stdout
+            .lines()
+            .find(|l| l.contains(&key))
+            .unwrap_or_else(|| panic!("{key} is listed: {}", list.stdout));
+        assert!(line.starts_with("hidden   text "), "{line}");
+        assert!(line.ends_with("Batman vs Superman"), "{line}");
+        let counts: Vec<&str> = line.split_whitespace().skip(3).take(4).collect();
+        assert_eq!(counts, ["1", "0", "0", "0"], "{line}");
+
+        let kept = versus(
+            &sys,
+            Some(TOKEN),
+            &["reports", "settle", "text", &key, "keep"],
+        )
+        .await;
+        assert_eq!(kept.code, Some(0));
+        assert!(
+            kept.stdout.contains(&format!("kept the answer {key}")),
+            "{}",
+            kept.stdout
+        );
+        eventually(
+            "the kept answer is served again",
+            Duration::from_secs(10),
+            || async { http().get(&url).send().await.unwrap().status() == 200 },
+        )
+        .await;
+        let list = versus(&sys, Some(TOKEN), &["reports", "list"]).await;
+        assert!(
+            list.stdout
+                .lines()
+                .any(|l| l.contains(&key) && l.starts_with("kept ")),
+            "{}",
+            list.stdout
+        );
+        assert_eq!(
+            sys.sim.chat_calls().await,
+            1,
+            "keeping it generated nothing"
+        );
+
+        // An answer nobody reported has nothing to settle; a bad key or action is bad input.
+        let unknown = versus(
+            &sys,
+            Some(TOKEN),
+            &["reports", "settle", "image", &key, "refuse"],
+        )
+        .await;
+        assert_eq!(unknown.code, Some(1));
+        assert!(
+            unknown.stderr.contains("no such report"),
+            "{}",
+            unknown.stderr
+        );
+        let bad = versus(
+            &sys,
+            Some(TOKEN),
+            &["reports", "settle", "text", "nope", "keep"],
+        )
+        .await;
+        assert_eq!(bad.code, Some(2));
+        assert!(bad.stderr.contains("not an answer key"), "{}", bad.stderr);
+        let bad = versus(
+            &sys,
+            Some(TOKEN),
+            &["reports", "settle", "text", &key, "hide"],
+        )
+        .await;
+        assert_eq!(bad.code, Some(2));
     });
 }

@@ -1,6 +1,6 @@
 //! Faults: a worker killed mid-stream, NATS restarted mid-stream, a rate-limited upstream, a
-//! stream cut mid-way, an upstream that fails every try, a matchup that keeps failing, and
-//! streams and consumers deleted under the workers.
+//! stream cut mid-way, answers cut at the token cap or empty, an upstream that fails every try,
+//! a matchup that keeps failing, and streams and consumers deleted under the workers.
 
 use std::time::Duration;
 
@@ -140,6 +140,140 @@ fn a_stream_cut_mid_way_is_never_stored() {
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0], ("failed".to_owned(), None));
         assert_eq!(sys.sim.chat_calls().await, 2);
+    });
+}
+
+/// The text of the first attempt a client saw, before its `reset`.
+fn before_reset(events: &[sse::SseEvent]) -> String {
+    let first: Vec<sse::SseEvent> = events
+        .iter()
+        .take_while(|e| e.event != "reset")
+        .cloned()
+        .collect();
+    text_of(&first)
+}
+
+/// What `GET /v1/fights/{key}` answers: its status, and the stored text.
+async fn stored_text(sys: &System, key: &str) -> (u16, Option<String>) {
+    let response = http()
+        .get(format!("{}/v1/fights/{key}", sys.api_url()))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (status, body["text"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn an_answer_cut_at_its_token_cap_is_asked_for_again_and_only_the_whole_one_is_stored() {
+    run(async {
+        let sys = quick().start().await;
+        // The upstream stops after five tokens with `finish_reason: "length"`, once.
+        sys.sim
+            .fault(json!({"kind": "chat", "fault": {"type": "finish", "reason": "length", "after_tokens": 5}, "times": 1}))
+            .await;
+        let events = fight(&sys, "Tortoise", "Achilles").await;
+        assert_eq!(
+            shape(&events),
+            ["meta", "chunk*", "reset", "chunk*", "done"],
+            "the cut answer streamed, then was dropped for the whole one: {events:?}"
+        );
+        let text = text_of(&events);
+        let cut = before_reset(&events);
+        assert!(
+            !cut.is_empty() && text.starts_with(&cut) && text.len() > cut.len(),
+            "{cut:?} then {text:?}"
+        );
+        let key = events[0].json()["key"].as_str().unwrap().to_owned();
+        assert_eq!(stored_text(&sys, &key).await, (200, Some(text.clone())));
+        assert_eq!(rows(&sys, &key).await, [("done".to_owned(), Some(text))]);
+        let calls = sys.sim.calls_of("chat").await;
+        let faults: Vec<&Value> = calls.iter().map(|c| &c["fault"]).collect();
+        assert_eq!(faults, [&json!("finish"), &Value::Null], "{calls:?}");
+    });
+}
+
+#[test]
+fn answers_cut_or_empty_twice_end_with_a_retryable_error_store_nothing_and_only_a_filter_cools_down()
+ {
+    run(async {
+        // One failure would start a cool-down, were it about the matchup.
+        let sys = quick()
+            .worker_env("VERSUS_COOLDOWN_AFTER_FAILURES", "1")
+            .worker_env("VERSUS_COOLDOWN_SECS", "600")
+            .start()
+            .await;
+        sys.sim
+            .fault(
+                json!({"kind": "chat", "fault": {"type": "finish", "after_tokens": 5}, "times": 2}),
+            )
+            .await;
+        let events = fight(&sys, "Hare", "Hound").await;
+        assert_eq!(
+            shape(&events),
+            ["meta", "chunk*", "reset", "chunk*", "error"],
+            "{events:?}"
+        );
+        let error = events.last().unwrap().json();
+        assert_eq!(error["code"], json!("upstream_unavailable"), "{error}");
+        assert_eq!(error["retryable"], json!(true), "{error}");
+        assert!(error.get("retry_after").is_none(), "no cool-down: {error}");
+        let key = events[0].json()["key"].as_str().unwrap().to_owned();
+        assert_eq!(
+            stored_text(&sys, &key).await.0,
+            404,
+            "nothing cut is served"
+        );
+        assert_eq!(rows(&sys, &key).await, [("failed".to_owned(), None)]);
+        assert_eq!(sys.sim.chat_calls().await, 2);
+        // Asked again, the matchup is answered: a cut answer says nothing about it.
+        let again = fight(&sys, "Hound", "Hare").await;
+        assert_eq!(shape(&again), ["meta", "chunk*", "done"], "{again:?}");
+
+        // Two empty answers (`stop` and no text): nothing was published, so no reset.
+        sys.sim
+            .fault(
+                json!({"kind": "chat", "fault": {"type": "finish", "reason": "stop"}, "times": 2}),
+            )
+            .await;
+        let empty = fight(&sys, "Silence", "Noise").await;
+        assert_eq!(shape(&empty), ["meta", "error"], "{empty:?}");
+        assert_eq!(empty[1].json()["code"], json!("upstream_unavailable"));
+        assert_eq!(empty[1].json()["retryable"], json!(true));
+        let key = empty[0].json()["key"].as_str().unwrap().to_owned();
+        assert_eq!(stored_text(&sys, &key).await.0, 404);
+        assert_eq!(sys.sim.chat_calls().await, 5);
+
+        // One empty answer, then a whole one.
+        sys.sim
+            .fault(
+                json!({"kind": "chat", "fault": {"type": "finish", "reason": "stop"}, "times": 1}),
+            )
+            .await;
+        let answered = fight(&sys, "Echo", "Narcissus").await;
+        assert_eq!(shape(&answered), ["meta", "chunk*", "done"], "{answered:?}");
+        let key = answered[0].json()["key"].as_str().unwrap().to_owned();
+        assert_eq!(
+            stored_text(&sys, &key).await,
+            (200, Some(text_of(&answered)))
+        );
+        assert_eq!(sys.sim.chat_calls().await, 7);
+
+        // The provider's filter cutting both answers says something about the matchup: it
+        // cools down.
+        sys.sim
+            .fault(json!({"kind": "chat", "fault": {"type": "finish", "reason": "content_filter", "after_tokens": 3}, "times": 2}))
+            .await;
+        let filtered = fight(&sys, "Medusa", "Perseus").await;
+        let error = filtered.last().unwrap().json();
+        assert_eq!(error["code"], json!("upstream_refused"), "{error}");
+        assert!(
+            error["retry_after"].as_u64().is_some(),
+            "cooling down: {error}"
+        );
+        let key = filtered[0].json()["key"].as_str().unwrap().to_owned();
+        assert_eq!(stored_text(&sys, &key).await.0, 404);
     });
 }
 

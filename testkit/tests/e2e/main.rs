@@ -39,6 +39,7 @@ mod prewarm;
 mod prometheus;
 mod purges;
 mod quota;
+mod reports;
 mod reservations;
 mod roles;
 mod shutdown;

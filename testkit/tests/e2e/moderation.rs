@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::{fight, http, image_stream_url, quick, run, shape, stream_url};
+use crate::{fight, http, image_stream_url, json_of, quick, run, shape, stream_url};
 use versus_testkit::{System, sse};
 
 const TOKEN: &str = "moderation-admin-token-0123456789abcdef";
@@ -86,27 +86,26 @@ fn a_flagged_name_is_refused_before_any_generation_and_for_free_until_purged() {
 }
 
 #[test]
-fn a_flagged_answer_streams_then_ends_refused_and_is_never_stored_or_served() {
+fn an_answer_flagged_twice_streams_then_ends_refused_and_is_never_stored_or_served() {
     run(async {
         // Every simulated answer has "the" in it ("the challenger", "the champion", …); these
-        // names do not.
+        // names do not. So the answer is flagged, and generated again, and flagged again.
         let sys = quick()
             .sim_env("VERSUS_SIM_MODERATION_FLAGS", "the=harassment")
             .start()
             .await;
         let events = fight(&sys, "Cobra", "Mongoose").await;
-        let shape = shape(&events);
         assert_eq!(
-            shape.first().map(String::as_str),
-            Some("meta"),
-            "{events:?}"
-        );
-        assert!(
-            shape.contains(&"chunk*".to_owned()),
-            "it streamed first: {events:?}"
+            shape(&events),
+            ["meta", "chunk*", "reset", "chunk*", "error"],
+            "it streamed, was generated again, then refused: {events:?}"
         );
         assert_refused(&events);
-        assert_eq!(calls(&sys).await, (1, 0, 2), "names, then the answer");
+        assert_eq!(
+            calls(&sys).await,
+            (2, 0, 3),
+            "names, then each answer: a single flag refuses nothing"
+        );
 
         let key = events[0].json()["key"].as_str().unwrap().to_owned();
         let (status, text): (String, Option<String>) =
@@ -126,7 +125,45 @@ fn a_flagged_answer_streams_then_ends_refused_and_is_never_stored_or_served() {
         let again = fight(&sys, "Mongoose", "Cobra").await;
         assert_eq!(crate::shape(&again), ["meta", "error"], "{again:?}");
         assert_refused(&again);
-        assert_eq!(calls(&sys).await, (1, 0, 2), "the refusal costs nothing");
+        assert_eq!(calls(&sys).await, (2, 0, 3), "the refusal costs nothing");
+    });
+}
+
+#[test]
+fn an_answer_flagged_once_is_generated_again_and_the_clean_one_is_stored() {
+    run(async {
+        let sys = quick()
+            .sim_env("VERSUS_SIM_MODERATION_FLAGS", "gruesome=harassment")
+            .start()
+            .await;
+        // The first answer ends with a term moderation flags; the second is as usual.
+        sys.sim
+            .fault(json!({"kind": "chat", "fault": {"type": "say", "text": "A gruesome end."}, "times": 1}))
+            .await;
+        let events = fight(&sys, "Cobra", "Mongoose").await;
+        assert_eq!(
+            shape(&events),
+            ["meta", "chunk*", "reset", "chunk*", "done"],
+            "{events:?}"
+        );
+        let flagged: String = events
+            .iter()
+            .take_while(|e| e.event != "reset")
+            .filter(|e| e.event == "chunk")
+            .map(|e| e.json()["delta"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(flagged.ends_with("A gruesome end."), "{flagged:?}");
+        let text = crate::text_of(&events);
+        assert!(!text.contains("gruesome"), "{text:?}");
+        assert_eq!(calls(&sys).await, (2, 0, 3), "names, then each answer");
+
+        let key = events[0].json()["key"].as_str().unwrap().to_owned();
+        let stored = json_of(http().get(format!("{}/v1/fights/{key}", sys.api_url()))).await;
+        assert_eq!(stored["text"], json!(text));
+        let hit = fight(&sys, "Mongoose", "Cobra").await;
+        assert_eq!(hit[0].json()["cached"], json!(true));
+        assert_eq!(crate::text_of(&hit), text);
+        assert_eq!(calls(&sys).await, (2, 0, 3));
     });
 }
 
@@ -171,5 +208,44 @@ fn a_name_that_passed_before_costs_no_second_check() {
         let events = fight(&sys, "Joker", "Penguin").await;
         assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
         assert_eq!(calls(&sys).await, (3, 0, 5));
+    });
+}
+
+#[test]
+fn a_flagged_term_in_mathematical_bold_is_refused_before_any_chat_call_and_so_is_its_plain_spelling()
+ {
+    run(async {
+        let sys = quick()
+            .sim_env("VERSUS_SIM_MODERATION_FLAGS", "badword=hate")
+            .start()
+            .await;
+        // 𝐛𝐚𝐝𝐰𝐨𝐫𝐝: NFKC makes it the plain word, so its key is the plain word's.
+        let bold = "\u{1D41B}\u{1D41A}\u{1D41D}\u{1D430}\u{1D428}\u{1D42B}\u{1D41D}";
+        let fancy = fight(&sys, bold, "Superman").await;
+        assert_eq!(shape(&fancy), ["meta", "error"], "{fancy:?}");
+        assert_refused(&fancy);
+        assert_eq!(
+            calls(&sys).await,
+            (0, 0, 1),
+            "one moderation call, which read the canonical names, and no chat call"
+        );
+
+        // The plain spelling is the same matchup, refused from the cache at no cost.
+        let plain = fight(&sys, "Badword", "Superman").await;
+        assert_eq!(plain[0].json()["key"], fancy[0].json()["key"]);
+        assert_eq!(shape(&plain), ["meta", "error"], "{plain:?}");
+        assert_refused(&plain);
+        assert_eq!(calls(&sys).await, (0, 0, 1));
+
+        // What made the difference: the endpoint does not flag the bold letters themselves.
+        let verdict = json_of(
+            http()
+                .post(format!("{}/moderations", sys.sim.openai_base_url()))
+                .bearer_auth("sk-test")
+                .json(&json!({"model": "omni-moderation-latest", "input": [bold, "badword"]})),
+        )
+        .await;
+        assert_eq!(verdict["results"][0]["flagged"], json!(false), "{verdict}");
+        assert_eq!(verdict["results"][1]["flagged"], json!(true), "{verdict}");
     });
 }

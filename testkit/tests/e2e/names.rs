@@ -1,5 +1,5 @@
-//! Safe on the open internet: names a reader cannot see or cannot tell apart are refused at no
-//! cost, names reach the model as quoted data, and a worker runs only the jobs the API would
+//! Safe on the open internet: names a reader cannot see or cannot tell apart (invisible,
+//! default-ignorable, look-alike) are refused at no cost, names reach the model as quoted data, and a worker runs only the jobs the API would
 //! have made.
 
 use std::time::Duration;
@@ -55,8 +55,12 @@ fn invisible_private_use_and_look_alike_names_get_400_and_cost_nothing() {
             ("Bat\u{202E}namrepuS", "invisible_character"), // right-to-left override
             ("Bat\u{200D}man", "invisible_character"),      // zero-width joiner
             ("Batman\u{E0041}\u{E0042}", "invisible_character"), // tag characters
-            ("Bat\u{E000}man", "unassigned_character"),     // private use
-            ("B\u{430}tman", "mixed_scripts"),              // a Cyrillic `а`
+            // Default-ignorable, though not format characters: a Hangul filler (Latin may mix
+            // with Hangul) and the combining grapheme joiner (a mark).
+            ("Batman\u{3164}", "invisible_character"),
+            ("Bat\u{34F}man", "invisible_character"),
+            ("Bat\u{E000}man", "unassigned_character"), // private use
+            ("B\u{430}tman", "mixed_scripts"),          // a Cyrillic `а`
             (stacked.as_str(), "too_many_marks"),
         ];
         for (name, code) in refused {
@@ -105,6 +109,11 @@ fn invisible_private_use_and_look_alike_names_get_400_and_cost_nothing() {
         );
         let goku = fight(&sys, "Son Goku 孫悟空", "Бэтмен").await;
         assert_eq!(shape(&goku), ["meta", "chunk*", "done"], "{goku:?}");
+        // An emoji sequence keeps its zero-width joiners, and its name as written.
+        let family = "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}";
+        let events = fight(&sys, family, "Superman").await;
+        assert_eq!(shape(&events), ["meta", "chunk*", "done"], "{events:?}");
+        assert_eq!(events[0].json()["a"], json!(family), "{events:?}");
     });
 }
 

@@ -1,5 +1,5 @@
 //! The fight page at `/` in a real browser: streaming, the cache marker, validation, errors
-//! with retry, and the picture.
+//! with retry, the picture, and a report the API refuses.
 
 use std::time::Duration;
 
@@ -156,9 +156,11 @@ fn the_page_and_its_assets_are_served_and_revalidated() {
         // No other site may frame it, where a visitor could press Fight without seeing it.
         assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
         assert_eq!(page.headers()["x-frame-options"], "DENY");
+        // Host too: without VERSUS_PUBLIC_URL, a request from loopback has its preview's URLs
+        // made from it.
         assert_eq!(
             page.headers()["vary"],
-            "Sec-Fetch-Site, Sec-Fetch-Dest, Referer"
+            "Sec-Fetch-Site, Sec-Fetch-Dest, Referer, Host"
         );
     });
 }
@@ -578,6 +580,99 @@ fn a_client_over_its_limit_is_told_in_the_page_when_to_try_again() {
         assert!(is_shown(&browser, "retry").await, "and offers to");
         browser.screenshot("fight-rate-limited").await;
         assert_eq!(sys.sim.chat_calls().await, 1);
+        browser.close().await;
+    });
+}
+
+#[test]
+fn a_report_the_api_refuses_is_explained_and_the_form_stays_open() {
+    run(async {
+        const TOKEN: &str = "t0ken-for-the-page-0123456789abcdef";
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        let browser = Browser::start().await;
+        browser
+            .goto(&format!("{}/?a=Cat&b=Dog", sys.api_url()))
+            .await;
+        watch_until_done(&browser).await;
+        assert!(
+            is_shown(&browser, "report-answer").await,
+            "a finished answer can be reported"
+        );
+        assert!(
+            !is_shown(&browser, "report-picture").await,
+            "no picture, nothing to report"
+        );
+
+        // The answer is purged while the page shows it: there is nothing left to report.
+        let key = fight(&sys, "Cat", "Dog").await[0].json()["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let purged = http()
+            .delete(format!("{}/v1/admin/fights/{key}", sys.api_url()))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(purged.status(), 204);
+        let refusal = http()
+            .post(format!("{}/v1/fights/{key}/report", sys.api_url()))
+            .json(&json!({"reason": "poor"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refusal.status(), 404);
+        let refusal: Value = refusal.json().await.unwrap();
+        let message = refusal["error"]["message"].as_str().unwrap().to_owned();
+
+        browser
+            .find("#report-answer-open")
+            .await
+            .click()
+            .await
+            .unwrap();
+        // Send without a reason: the page asks for one and sends nothing.
+        browser
+            .find("#report-answer-send")
+            .await
+            .click()
+            .await
+            .unwrap();
+        let note = "document.getElementById('report-answer-note').textContent";
+        assert_eq!(
+            browser.js(&format!("return {note};")).await,
+            json!("Choose a reason first.")
+        );
+        browser
+            .find("#report-answer-form label:nth-of-type(3)")
+            .await
+            .click()
+            .await
+            .unwrap();
+        browser
+            .find("#report-answer-send")
+            .await
+            .click()
+            .await
+            .unwrap();
+        browser
+            .wait_for(
+                "the refusal",
+                &format!("{note} !== 'Choose a reason first.'"),
+            )
+            .await;
+        let seen = browser
+            .js(&format!(
+                "return [{note}, document.getElementById('report-answer-form').hidden, \
+                         document.querySelector('input[name=answer-reason]:checked')?.value, \
+                         document.getElementById('report-answer-open').textContent];"
+            ))
+            .await;
+        assert_eq!(
+            seen,
+            json!([message, false, "poor", "Report this answer"]),
+            "the API's words, with the form and its choice kept"
+        );
         browser.close().await;
     });
 }

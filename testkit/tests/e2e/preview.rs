@@ -1,6 +1,9 @@
 //! Link previews: the page's HTML, fetched without JavaScript as a crawler fetches it, names
-//! the fight, starts its answer, shows its picture and gives its canonical address, and
-//! rendering it never starts a generation.
+//! a fight whose answer is stored, starts its answer, shows its picture and gives its canonical
+//! address; any other fight (never asked, refused) gets the site's own tags, so no name that
+//! nobody checked is printed on the site's domain. Absolute URLs come from `VERSUS_PUBLIC_URL`,
+//! or from the `Host` of a request from loopback, never from `X-Forwarded-Host`; and
+//! rendering never starts a generation.
 
 use serde_json::Value;
 use versus_testkit::{System, sse};
@@ -9,16 +12,50 @@ use crate::{fight, http, image_stream_url, metric, metrics_of, quick, run, text_
 
 /// The HTML of `/?a=A&b=B`, as a crawler gets it.
 async fn page(sys: &System, a: &str, b: &str) -> String {
+    page_with(sys, a, b, &[]).await.1
+}
+
+/// The `Vary` and the HTML of `/?a=A&b=B`, asked with `headers`.
+async fn page_with(
+    sys: &System,
+    a: &str,
+    b: &str,
+    headers: &[(&'static str, &str)],
+) -> (String, String) {
     let url =
         reqwest::Url::parse_with_params(&format!("{}/", sys.api_url()), &[("a", a), ("b", b)])
             .unwrap();
-    let response = http().get(url).send().await.unwrap();
+    let mut request = http().get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"],
         "text/html; charset=utf-8"
     );
-    response.text().await.unwrap()
+    let vary = response.headers()["vary"].to_str().unwrap().to_owned();
+    (vary, response.text().await.unwrap())
+}
+
+/// Checks that `html` carries the site's own tags, and none of `names`.
+fn assert_site_tags(html: &str, names: &[&str], site: &str) {
+    assert_eq!(tag(html, "og:title"), "Versus: who would win?");
+    assert!(
+        tag(html, "og:description").starts_with("Who would win, A or B?"),
+        "{html}"
+    );
+    assert_eq!(tag(html, "og:image"), format!("{site}/assets/og.png"));
+    assert_eq!(tag(html, "og:url"), format!("{site}/"));
+    assert_eq!(canonical(html), format!("{site}/"));
+    assert!(
+        html.contains("<title>Versus: who would win?</title>"),
+        "{html}"
+    );
+    for name in names {
+        assert!(!html.contains(name), "{name:?} in {html}");
+    }
 }
 
 /// The `content` of the one `<meta>` whose `property` or `name` is `name`, unescaped.
@@ -105,35 +142,33 @@ fn a_shared_fight_shows_its_answer_and_picture_in_link_previews() {
             html.contains("<title>Batman vs Superman · Versus</title>"),
             "{html}"
         );
+
+        // Names are text in the page, never markup.
+        let bob = "<b>\"Bob\"</b>";
+        fight(&sys, bob, "Al & Co").await;
+        let html = page(&sys, bob, "Al & Co").await;
+        assert_eq!(tag(&html, "og:title"), "<b>\"Bob\"</b> vs Al & Co");
+        assert!(!html.contains("<b>\"Bob\""), "{html}");
     });
 }
 
 #[test]
-fn a_fight_never_asked_has_its_tags_and_starts_nothing() {
+fn a_fight_never_asked_shows_the_site_s_tags_not_its_names_and_starts_nothing() {
     run(async {
         let sys = quick().start().await;
         let api = sys.api_url();
+        // Any valid name could be put in a link: nobody checked these, so no tag prints them.
         let html = page(&sys, "Godzilla", "King  Kong").await;
-        assert_eq!(tag(&html, "og:title"), "Godzilla vs King Kong");
-        let description = tag(&html, "og:description");
-        assert!(
-            description.contains("Godzilla") && description.contains("King Kong"),
-            "{description}"
-        );
-        assert_eq!(tag(&html, "og:image"), format!("{api}/assets/og.png"));
+        assert_site_tags(&html, &["Godzilla", "King Kong", "godzilla"], api);
         assert_serves_png(&tag(&html, "og:image")).await;
-        assert_eq!(canonical(&html), format!("{api}/?a=godzilla&b=king%20kong"));
         assert_eq!(tag(&html, "twitter:card"), "summary_large_image");
-
-        // Names are text in the page, never markup.
-        let html = page(&sys, "<b>\"Bob\"</b>", "Al & Co").await;
-        assert_eq!(tag(&html, "og:title"), "<b>\"Bob\"</b> vs Al & Co");
-        assert!(!html.contains("<b>\"Bob\""), "{html}");
+        // The page itself still opens on the fight: its script reads the names from the
+        // address, and may start it.
+        assert_eq!(tag(&html, "versus:start"), "text");
 
         // The page of bad names is the site's own.
         let html = page(&sys, "", "x").await;
-        assert_eq!(tag(&html, "og:title"), "Versus: who would win?");
-        assert_eq!(canonical(&html), format!("{api}/"));
+        assert_site_tags(&html, &[], api);
 
         // Nothing was generated, or even asked for.
         assert_eq!(
@@ -144,5 +179,104 @@ fn a_fight_never_asked_has_its_tags_and_starts_nothing() {
         for calls in ["chat_calls", "image_calls", "moderation_calls"] {
             assert_eq!(stats[calls], 0, "{calls}");
         }
+    });
+}
+
+#[test]
+fn a_refused_fight_shows_the_site_s_tags() {
+    run(async {
+        let sys = quick()
+            .sim_env("VERSUS_SIM_MODERATION_FLAGS", "villain=hate")
+            .start()
+            .await;
+        let refused = fight(&sys, "Villain", "Hero").await;
+        assert_eq!(
+            refused.last().unwrap().json()["code"],
+            "refused",
+            "{refused:?}"
+        );
+        let html = page(&sys, "Villain", "Hero").await;
+        assert_site_tags(&html, &["Villain", "villain", "Hero"], sys.api_url());
+        // A page another site linked to is told of the refusal, to show it at once.
+        let (_, linked) =
+            page_with(&sys, "Villain", "Hero", &[("sec-fetch-site", "cross-site")]).await;
+        assert_site_tags(&linked, &["Villain", "Hero"], sys.api_url());
+        assert_eq!(
+            tag(&linked, "versus:refused"),
+            "Versus does not answer this matchup."
+        );
+    });
+}
+
+#[test]
+fn preview_urls_are_the_public_url_whatever_host_the_request_names() {
+    run(async {
+        let sys = quick()
+            .api_env("VERSUS_PUBLIC_URL", "https://versus.example/")
+            .api_env("VERSUS_TRUSTED_PROXIES", "127.0.0.1/32")
+            .start()
+            .await;
+        fight(&sys, "Batman", "Superman").await;
+        for headers in [
+            vec![("host", "evil.example")],
+            // From a trusted proxy, which may pass a client's header through unchanged.
+            vec![
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-proto", "http"),
+            ],
+        ] {
+            let (vary, html) = page_with(&sys, "Batman", "Superman", &headers).await;
+            assert_eq!(
+                tag(&html, "og:url"),
+                "https://versus.example/?a=batman&b=superman",
+                "{headers:?}"
+            );
+            assert_eq!(
+                canonical(&html),
+                "https://versus.example/?a=batman&b=superman"
+            );
+            assert_eq!(
+                tag(&html, "og:image"),
+                "https://versus.example/assets/og.png"
+            );
+            assert!(!html.contains("evil.example"), "{headers:?}: {html}");
+            assert!(!vary.contains("Host"), "{vary}");
+            let (_, site) = page_with(&sys, "Nobody", "Asked", &headers).await;
+            assert_site_tags(&site, &["Nobody", "Asked"], "https://versus.example");
+        }
+    });
+}
+
+#[test]
+fn without_a_public_url_preview_urls_take_the_host_of_a_loopback_request_never_x_forwarded_host() {
+    run(async {
+        let sys = quick()
+            .api_env("VERSUS_TRUSTED_PROXIES", "127.0.0.1/32")
+            .start()
+            .await;
+        let api = sys.api_url();
+        fight(&sys, "Batman", "Superman").await;
+        // The address the request was sent to, and the page varies on it.
+        let (vary, html) = page_with(&sys, "Batman", "Superman", &[]).await;
+        assert_eq!(tag(&html, "og:url"), format!("{api}/?a=batman&b=superman"));
+        assert!(vary.ends_with(", Host"), "{vary}");
+        assert!(vary.contains("Referer"), "{vary}");
+        // Never what a proxy forwards, trusted or not.
+        let (_, html) = page_with(
+            &sys,
+            "Batman",
+            "Superman",
+            &[("x-forwarded-host", "evil.example")],
+        )
+        .await;
+        assert_eq!(tag(&html, "og:url"), format!("{api}/?a=batman&b=superman"));
+        assert!(!html.contains("evil.example"), "{html}");
+        // On loopback the Host is this machine's own word (development): it is used as sent.
+        let (vary, html) = page_with(&sys, "Batman", "Superman", &[("host", "evil.example")]).await;
+        assert_eq!(
+            tag(&html, "og:url"),
+            "http://evil.example/?a=batman&b=superman"
+        );
+        assert!(vary.contains("Host"), "{vary}");
     });
 }

@@ -1,5 +1,5 @@
 //! Text answers end to end: misses, hits, key variants, coalescing, late joiners and resume,
-//! bad input, and hits with the back end gone.
+//! bad input, hits with the back end gone, and links taken out of answers.
 
 use std::time::Duration;
 
@@ -577,5 +577,55 @@ fn a_miss_holds_one_subscription_while_it_streams_and_hits_leave_none() {
         })
         .await;
         assert_eq!(sys.sim.chat_calls().await, 1);
+    });
+}
+
+#[test]
+fn links_in_an_answer_reach_neither_its_readers_nor_the_store() {
+    run(async {
+        let sys = quick().start().await;
+        // What names can steer a model into writing at the end of its answer (the simulator
+        // sends a link in pieces: `https:`, `/`, `/evil`, `.example`, `/x`).
+        sys.sim
+            .fault(json!({
+                "kind": "chat",
+                "fault": {"type": "say", "text": "Readers should visit evil.example now, or https://evil.example/x. Dr. Strange agrees, e.g. at 3.5 vs. U.S. odds."},
+                "times": 1
+            }))
+            .await;
+        let live = fight(&sys, "Superman", "Lex Luthor").await;
+        assert_eq!(shape(&live), ["meta", "chunk*", "done"], "{live:?}");
+        let text = text_of(&live);
+        assert!(
+            text.ends_with(
+                " Readers should visit now, or. Dr. Strange agrees, e.g. at 3.5 vs. U.S. odds."
+            ),
+            "the links went and the rest stayed: {text:?}"
+        );
+        // No trace of either link (and no name holds `evil`).
+        let shown = |what: &str| !what.contains("evil");
+        assert!(
+            live.iter().all(|e| shown(&e.data)),
+            "no event carried any of a link: {live:?}"
+        );
+
+        // A later visitor, on every route, is served the same text.
+        let key = live[0].json()["key"].as_str().unwrap().to_owned();
+        let stored = json_of(http().get(format!("{}/v1/fights/{key}", sys.api_url()))).await;
+        assert_eq!(stored["text"], json!(text));
+        let hit = fight(&sys, "Lex Luthor", "Superman").await;
+        assert_eq!(hit[0].json()["cached"], json!(true));
+        assert_eq!(text_of(&hit), text);
+        assert_eq!(rows(&sys, &key).await, [("done".to_owned(), Some(text))]);
+        let page = http()
+            .get(format!("{}/?a=Superman&b=Lex%20Luthor", sys.api_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(shown(&page), "the page and its preview tags hold no link");
+        assert_eq!(sys.sim.chat_calls().await, 1, "removing costs no call");
     });
 }

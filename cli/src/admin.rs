@@ -153,16 +153,8 @@ impl Admin {
     /// Purges `key`: true when it was there, false when the API does not know it.
     pub async fn purge(&self, key: &Key) -> anyhow::Result<bool> {
         let request = self.request(Method::DELETE, &["fights", key.as_str()])?;
-        let what = "purging the answer";
-        let response = request
-            .send()
+        self.done_unless_unknown(request, "purging the answer")
             .await
-            .map_err(|e| self.unreachable(what, e))?;
-        if response.status() == StatusCode::NOT_FOUND {
-            return Ok(false);
-        }
-        check(response, what).await?;
-        Ok(true)
     }
 
     /// The answers users reported: hidden ones first, then the most reported unsafe.
@@ -179,7 +171,16 @@ impl Admin {
         let request = self
             .request(Method::POST, &["reports", kind, key.as_str()])?
             .json(&json!({ "action": action }));
-        let what = "settling the reports";
+        self.done_unless_unknown(request, "settling the reports")
+            .await
+    }
+
+    /// Sends `request` (`what` it does): true when done, false when the API answered 404.
+    async fn done_unless_unknown(
+        &self,
+        request: RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<bool> {
         let response = request
             .send()
             .await

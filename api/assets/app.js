@@ -606,8 +606,132 @@
     start(names.a, names.b, { text, picture: pictures.has(url) ? 'show' : 'offer' });
   }
 
+  // Suggestions as you type (GET /v1/names/suggest): names of answers already stored, so that
+  // visitors converge on spellings that are hits. Each input is a WAI-ARIA combobox with a
+  // listbox: ArrowDown and ArrowUp move through the names, Enter or a click picks one (Enter
+  // then does not send the form), Escape closes the list. A request goes out once typing
+  // pauses, and a newer one aborts it.
+  const SUGGEST_AFTER_MS = 150;
+
+  function suggester(input) {
+    const list = $(`${input.id}-suggestions`);
+    let timer = 0;
+    let request = null;
+    let options = [];
+    let active = -1;
+
+    function close() {
+      clearTimeout(timer);
+      request?.abort();
+      request = null;
+      list.hidden = true;
+      list.replaceChildren();
+      options = [];
+      active = -1;
+      input.setAttribute('aria-expanded', 'false');
+      input.removeAttribute('aria-activedescendant');
+    }
+
+    function highlight(index) {
+      active = index;
+      options.forEach((option, i) => option.setAttribute('aria-selected', String(i === index)));
+      if (index < 0) {
+        input.removeAttribute('aria-activedescendant');
+        return;
+      }
+      input.setAttribute('aria-activedescendant', options[index].id);
+      options[index].scrollIntoView({ block: 'nearest' });
+    }
+
+    function pick(index) {
+      input.value = options[index].textContent;
+      close();
+    }
+
+    function show(names) {
+      if (names.length === 0 || document.activeElement !== input) {
+        close();
+        return;
+      }
+      options = names.map((name, i) => {
+        const option = document.createElement('li');
+        option.id = `${input.id}-suggestion-${i}`;
+        option.setAttribute('role', 'option');
+        option.setAttribute('aria-selected', 'false');
+        option.textContent = name;
+        return option;
+      });
+      active = -1;
+      list.replaceChildren(...options);
+      list.hidden = false;
+      input.setAttribute('aria-expanded', 'true');
+      input.removeAttribute('aria-activedescendant');
+    }
+
+    async function suggest(q) {
+      request?.abort();
+      const mine = new AbortController();
+      request = mine;
+      try {
+        const response = await fetch(`/v1/names/suggest?q=${encodeURIComponent(q)}`, {
+          signal: mine.signal,
+        });
+        const body = response.ok ? await response.json() : { names: [] };
+        if (request === mine) show(Array.isArray(body.names) ? body.names : []);
+      } catch {
+        // Aborted by a newer request, or the API is unreachable: no suggestions.
+      }
+    }
+
+    input.addEventListener('input', () => {
+      clearTimeout(timer);
+      const q = input.value.trim();
+      if (nameError(input.id, q) !== null) {
+        close();
+        return;
+      }
+      timer = setTimeout(() => suggest(q), SUGGEST_AFTER_MS);
+    });
+    input.addEventListener('keydown', (event) => {
+      if (event.isComposing || list.hidden) return;
+      switch (event.key) {
+        case 'ArrowDown':
+          event.preventDefault();
+          highlight((active + 1) % options.length);
+          break;
+        case 'ArrowUp':
+          event.preventDefault();
+          highlight(active <= 0 ? options.length - 1 : active - 1);
+          break;
+        case 'Enter':
+          if (active >= 0) {
+            event.preventDefault();
+            pick(active);
+          } else {
+            close();
+          }
+          break;
+        case 'Escape':
+          event.preventDefault();
+          close();
+          break;
+        default:
+      }
+    });
+    // A press on the list keeps the focus in the input, so that the click lands as a pick.
+    list.addEventListener('mousedown', (event) => event.preventDefault());
+    list.addEventListener('click', (event) => {
+      const option = event.target.closest('[role="option"]');
+      if (option) pick(options.indexOf(option));
+    });
+    input.addEventListener('blur', close);
+    return close;
+  }
+  const closeSuggestions = Object.values(inputs).map(suggester);
+
   form.addEventListener('submit', (event) => {
     event.preventDefault();
+    for (const close of closeSuggestions) close();
     if (settled()) fight();
   });
   // Back and forward. This page makes no entry with a fragment: one is a navigation by someone

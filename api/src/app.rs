@@ -29,7 +29,7 @@ use crate::{
     admin::token::AdminToken,
     body, cache, error,
     limits::{self, StreamSlot},
-    miss,
+    miss, names,
     nats::LazyBus,
     origin, popularity, quota, sse,
 };
@@ -174,6 +174,8 @@ pub struct Inner {
     pub images: cache::EdgeCache<ImageAnswer>,
     /// Matchups moderation refused: answered `refused` at no cost.
     pub refusals: cache::Refusals,
+    /// The known names, for suggestions as visitors type (see [`names`]).
+    pub names: Arc<names::Names>,
     /// The purges this replica heard of: what the bucket may still hold of them is stale.
     pub floors: Arc<cache::Floors>,
     pub objects: Arc<dyn object_store::ObjectStore>,
@@ -230,6 +232,15 @@ impl App {
                 following.follow(bus.spend.clone(), shutdown).await;
             }
         });
+        // The known names, from the answers nearest to this replica (an edge's mirror).
+        let names = names::Names::new();
+        let (indexing, answers_bus, shutdown) =
+            (names.clone(), bus.clone(), tasks.shutdown().clone());
+        tasks.spawn(async move {
+            if let Some(bus) = answers_bus.attached(&shutdown).await {
+                indexing.follow(bus.nearest_answers.clone(), shutdown).await;
+            }
+        });
         let flights = miss::Flights::new(
             bus.clone(),
             Duration::from_secs(settings.stream_timeout_secs.max(1)),
@@ -283,6 +294,7 @@ impl App {
                 answers,
                 images,
                 refusals: cache::Refusals::new(bus.clone(), REFUSALS_IN_MEMORY, floors.clone()),
+                names,
                 floors,
                 bus,
                 flights,

@@ -83,6 +83,7 @@ pub(crate) async fn stream_fight(
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
             app.count(&ask);
+            ask.count_merged(&cached.value.a, &cached.value.b);
             let answer = &cached.value;
             if resume.is_none() {
                 // The common hit: the same bytes every time, rendered once per cached answer.
@@ -176,6 +177,7 @@ pub(crate) async fn create_fight(
     {
         Found::Stored(cached) => {
             app.count(&ask);
+            ask.count_merged(&cached.value.a, &cached.value.b);
             return Ok(cached_body(&cached));
         }
         Found::Missing(miss) => miss,

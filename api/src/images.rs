@@ -90,6 +90,7 @@ pub(crate) async fn stream_image(
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
             let v = &cached.value;
+            ask.count_merged(&v.a, &v.b);
             let body = cached.sse.get_or_init(|| {
                 sse::render(&[
                     sse::meta(&key, &v.a, &v.b, true),
@@ -145,7 +146,10 @@ pub(crate) async fn create_image(
         .find(&app.inner.images, &ask.key, || app.client(peer, &headers))
         .await?;
     let (cached, was_cached) = match found {
-        Found::Stored(cached) => (cached, true),
+        Found::Stored(cached) => {
+            ask.count_merged(&cached.value.a, &cached.value.b);
+            (cached, true)
+        }
         Found::Missing(miss) => {
             // Waiting for the picture takes one of the client's stream slots, as a stream does.
             let client = app.client(peer, &headers);

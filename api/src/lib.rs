@@ -11,6 +11,8 @@
 //! - [`workers`]: what this process asks a worker to write (purges, reports), and spreading
 //!   what they withdrew to every replica;
 //! - [`matchup`]: the names a request gives, and the key and job they derive;
+//! - [`names`]: the known names, held in memory from the answers bucket, and their search;
+//! - [`suggest`]: suggestions as visitors type (`GET /v1/names/suggest`), from those names;
 //! - [`origin`]: refusing generations that browsers start for other sites;
 //! - [`limits`]: per-client limits on new generations;
 //! - [`conns`]: what one connection may hold: connections per client, slow bodies, clients
@@ -41,6 +43,7 @@ pub mod images;
 pub mod limits;
 mod matchup;
 pub mod miss;
+pub mod names;
 pub mod nats;
 pub mod openapi;
 pub mod origin;
@@ -52,6 +55,7 @@ pub mod quota;
 mod ready;
 mod reports;
 pub mod sse;
+mod suggest;
 mod traced;
 mod workers;
 
@@ -85,6 +89,7 @@ pub fn routers(app: &App) -> (Router, Option<Router>) {
         .route("/v1/images/stream", get(images::stream_image))
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{file}", get(images::serve_image))
+        .route("/v1/names/suggest", get(suggest::suggest))
         .route("/v1/fights/{key}/report", post(reports::report_fight))
         .route("/v1/images/{key}/report", post(reports::report_image))
         .route("/openapi.json", get(openapi::serve))

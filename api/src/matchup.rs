@@ -153,6 +153,26 @@ pub(crate) struct Ask {
     pub matchup: Matchup,
 }
 
+impl Ask {
+    /// Counts a hit whose spelling differs from the one its answer was made for (`Spider Man`
+    /// served `Spider-Man`'s answer): an answer the match keys saved
+    /// (`versus_spellings_merged_total{kind}`). `a` and `b` are the stored answer's names. The
+    /// names are parsed again only when they are not the request's own, in either order.
+    pub(crate) fn count_merged(&self, a: &str, b: &str) {
+        let (ra, rb) = (self.matchup.a.display(), self.matchup.b.display());
+        if (ra, rb) == (a, b) || (ra, rb) == (b, a) {
+            return;
+        }
+        let Ok(stored) = Matchup::parse(Some(a), Some(b)) else {
+            return;
+        };
+        if stored.canonical_pair() != self.matchup.canonical_pair() {
+            metrics::counter!("versus_spellings_merged_total", "kind" => self.kind.as_str())
+                .increment(1);
+        }
+    }
+}
+
 impl App {
     /// Validates the names and derives the key of the answer of `kind`: the canonical pair,
     /// the prompt version and the model (with the picture size, for pictures), as

@@ -23,7 +23,7 @@ use utoipa::{
     },
 };
 
-use crate::{admin, fights, images, preview, ready, reports, sse::data};
+use crate::{admin, fights, images, preview, ready, reports, sse::data, suggest};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -42,6 +42,7 @@ use crate::{admin, fights, images, preview, ready, reports, sse::data};
         images::serve_image,
         reports::report_fight,
         reports::report_image,
+        suggest::suggest,
         admin::prewarm::prewarm,
         admin::prewarm::batch_status,
         admin::popular::popular,
@@ -64,6 +65,7 @@ use crate::{admin, fights, images, preview, ready, reports, sse::data};
     tags(
         (name = "fights", description = "Text answers: streamed, whole, or by key."),
         (name = "images", description = "Pictures of a matchup."),
+        (name = "names", description = "Known names, suggested as visitors type."),
         (name = "admin", description = "Operators: pre-warm batches, popularity, spend, purges, reports. \
             Every route needs `Authorization: Bearer $VERSUS_ADMIN_TOKEN`. With `VERSUS_OPS_ADDR` \
             set, these routes and `/metrics` are served on that address only."),

@@ -13,8 +13,8 @@
 //!   [`profile`]: `perf record` of running processes;
 //! - [`stats`]: percentiles; [`report`]: sections, tables, the machine, `BENCHMARKS.md`;
 //! - one module per scenario: [`hits`] (P1), [`miss`] (P2, P3), [`coalesce`] (P4),
-//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1), [`edge`] (P7 to
-//!   P9, on the cluster of `scripts/cluster`).
+//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1), [`suggest`] (S1),
+//!   [`edge`] (P7 to P9, on the cluster of `scripts/cluster`).
 
 // The load generators join every task they spawn; the ban on a bare spawn is for the services.
 #![allow(clippy::disallowed_methods)]
@@ -36,6 +36,7 @@ mod report;
 mod sim;
 mod sse;
 mod stats;
+mod suggest;
 mod wrk;
 
 use std::path::PathBuf;
@@ -74,6 +75,8 @@ enum Command {
     /// R1: how fast a miss over a client's limit, the daily budget or a client's daily quota
     /// is refused.
     Refuse(refuse::Args),
+    /// S1: suggestions as you type, with 100,000 known names.
+    Suggest(suggest::Args),
     /// P7 and P8: hits and misses at an edge of the cluster, beside the single node and the
     /// hub.
     Edge(edge::Args),
@@ -104,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             Command::Streams(args) => memory::run_streams(args).await,
             Command::WorkerRss(args) => memory::run_worker(args).await,
             Command::Refuse(args) => refuse::run(args).await,
+            Command::Suggest(args) => suggest::run(args).await,
             Command::Edge(args) => edge::run(args).await,
             Command::Failover(args) => edge::run_failover(args).await,
             Command::Rate(args) => load::run_cli(args).await,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 
-use crate::{capacity, coalesce, edge, hits, memory, miss, prewarm, refuse};
+use crate::{capacity, coalesce, edge, hits, memory, miss, prewarm, refuse, suggest};
 
 pub const START: &str = "<!-- results:start -->";
 pub const END: &str = "<!-- results:end -->";
@@ -112,6 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     sections.extend(prewarm::sections(dir)?);
     sections.extend(memory::sections(dir)?);
     sections.extend(refuse::sections(dir)?);
+    sections.extend(suggest::sections(dir)?);
     sections.extend(edge::sections(dir)?);
     let text = render(&args, &sections);
     if args.dry_run {

@@ -1,9 +1,14 @@
 //! Opponent names as validated at the boundary, and the canonical key that names an answer.
 //!
-//! Two requests ask for the same answer when their names match after trimming, Unicode NFKC
-//! normalisation, case folding and collapsing inner white space, in either order. The key is a
-//! hash over that pair, the kind of answer, the prompt template version and the model, so a new
-//! prompt or model is a new key and old answers stay addressable.
+//! Two requests ask for the same answer when their names have the same *match key*, in either
+//! order. A name's canonical form is the name trimmed, NFKC-normalised, case-folded and with
+//! inner white space collapsed; its match key is that form with the accents of Latin letters
+//! removed and every character that is not a letter or a digit removed ([`match_key`]):
+//! "Spider-Man", "spider man" and "Spiderman" are one name, and so are "Pokémon" and "Pokemon",
+//! "Dr. Strange" and "Dr Strange". Nothing else is merged (no stemming, no similarity):
+//! "Batman" and "Batwoman" stay two names. The key is a hash over the pair of match keys, the
+//! kind of answer, the prompt template version and the model, so a new prompt or model is a new
+//! key and old answers stay addressable.
 //!
 //! What is cached is served to everyone, so a name is refused (never silently changed) when
 //! it carries what a reader cannot see or cannot tell apart: control and format characters
@@ -19,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use unicode_normalization::{UnicodeNormalization, char::decompose_compatible};
 use unicode_properties::{GeneralCategory, UnicodeEmoji, UnicodeGeneralCategory};
-use unicode_script::Script;
+use unicode_script::{Script, UnicodeScript};
 use unicode_security::mixed_script::AugmentedScriptSet;
 use unicode_segmentation::UnicodeSegmentation;
 
@@ -85,6 +90,8 @@ impl NameError {
 pub struct Name {
     display: String,
     canonical: String,
+    /// The match key ([`match_key`]): what the answer's key is made of.
+    matched: String,
 }
 
 impl Name {
@@ -107,9 +114,11 @@ impl Name {
             }
             // What `fold` gives for ASCII, without its passes: NFKC leaves ASCII alone, and
             // folding it is lowercasing.
+            let canonical = collapse_whitespace(&trimmed.to_ascii_lowercase());
             return Ok(Name {
                 display: collapse_whitespace(trimmed),
-                canonical: collapse_whitespace(&trimmed.to_ascii_lowercase()),
+                matched: match_key(&canonical),
+                canonical,
             });
         }
         if trimmed.len() > MAX_NAME_BYTES {
@@ -122,9 +131,11 @@ impl Name {
         if !scripts_may_mix(trimmed) {
             return Err(NameError::MixedScripts(field));
         }
+        let canonical = fold(trimmed);
         Ok(Name {
             display: collapse_whitespace(trimmed),
-            canonical: fold(trimmed),
+            matched: match_key(&canonical),
+            canonical,
         })
     }
 
@@ -135,6 +146,56 @@ impl Name {
     pub fn canonical(&self) -> &str {
         &self.canonical
     }
+
+    /// The match key: names with the same one are the same name to every key.
+    pub fn matched(&self) -> &str {
+        &self.matched
+    }
+}
+
+/// The match key of a name's canonical form (see the module's doc): the accents of Latin
+/// letters removed (decomposed, the marks after a Latin letter dropped, composed again) and
+/// every character that is not a letter or a digit removed. The marks of other scripts stay
+/// (a Devanagari vowel sign, a Thai tone mark are part of the word, not an accent). A name with
+/// no letter or digit at all (`🦖`, `!!!`) keeps its canonical form, or every such name would
+/// be one.
+pub fn match_key(canonical: &str) -> String {
+    if canonical.is_ascii() {
+        let matched: String = canonical
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        return if matched.is_empty() {
+            canonical.to_owned()
+        } else {
+            matched
+        };
+    }
+    let mut kept = String::with_capacity(canonical.len());
+    // The script of the letter the next marks belong to, if it was kept.
+    let mut base: Option<Script> = None;
+    for c in canonical.nfd() {
+        let is_mark = matches!(
+            c.general_category(),
+            GeneralCategory::NonspacingMark
+                | GeneralCategory::SpacingMark
+                | GeneralCategory::EnclosingMark
+        );
+        if is_mark {
+            if base.is_some_and(|script| script != Script::Latin) {
+                kept.push(c);
+            }
+        } else if c.is_alphanumeric() {
+            kept.push(c);
+            base = Some(c.script());
+        } else {
+            base = None;
+        }
+    }
+    if kept.is_empty() {
+        return canonical.to_owned();
+    }
+    kept.nfc().collect()
 }
 
 /// Refuses, one character at a time: control characters; format characters (general category
@@ -307,13 +368,29 @@ impl Matchup {
         })
     }
 
-    /// The canonical names in order: the same pair whichever order the client gave.
+    /// The canonical names in the order of their match keys: the same pair whichever order
+    /// the client gave.
     pub fn canonical_pair(&self) -> (&str, &str) {
-        if self.a.canonical <= self.b.canonical {
+        if self.in_order() {
             (&self.a.canonical, &self.b.canonical)
         } else {
             (&self.b.canonical, &self.a.canonical)
         }
+    }
+
+    /// The match keys in order: what the key is made of.
+    pub fn matched_pair(&self) -> (&str, &str) {
+        if self.in_order() {
+            (&self.a.matched, &self.b.matched)
+        } else {
+            (&self.b.matched, &self.a.matched)
+        }
+    }
+
+    /// Whether `a` comes first (by match key, then by canonical form, so that two names of
+    /// one match key still come in one order).
+    fn in_order(&self) -> bool {
+        (&self.a.matched, &self.a.canonical) <= (&self.b.matched, &self.b.canonical)
     }
 
     /// The key of this matchup's answer of `kind`, made with prompt `version` and `model`.
@@ -324,7 +401,7 @@ impl Matchup {
     /// [`Matchup::key`] with the model given in parts, hashed as if concatenated (a picture's
     /// `model@size`, without building the string).
     pub(crate) fn key_of_parts(&self, kind: Kind, version: u32, model: &[&str]) -> Key {
-        let (lo, hi) = self.canonical_pair();
+        let (lo, hi) = self.matched_pair();
         // Names contain no control characters, so the unit separator cannot be forged.
         let mut hash = Sha256::new();
         for part in [kind.as_str(), &version.to_string()] {
@@ -640,17 +717,51 @@ mod tests {
             (
                 "Son Goku 孫悟空",
                 "Бэтмен",
-                "4fb4707c34c105da516261e129a24671",
+                "eaa2ebd3626ddbc0e40d52bc22458780",
             ),
             (
                 "👩\u{200D}🚀 Astronaut",
                 "❤\u{FE0F} Love",
-                "369902760706b0116bf3a7c76c4046d0",
+                "744ac52f8fe547533de86859126a4555",
             ),
             ("𝐁𝐚𝐭𝐦𝐚𝐧", "Straße", "45a1d537b2a5f4f72b352c62f480b4cc"),
+            ("Pokémon", "Spider-Man", "33b07148f7ac32de73ca8c706dcd59fd"),
         ] {
             assert_eq!(key(a, b).as_str(), golden, "{a:?} vs {b:?}");
         }
+    }
+
+    #[test]
+    fn spellings_of_one_name_share_a_match_key_and_others_never_do() {
+        for (a, b) in [
+            ("Spider-Man", "spiderman"),
+            ("Spider-Man", "Spider Man"),
+            ("Spider\u{2010}Man", "SPIDER MAN"),
+            ("Pokémon", "Pokemon"),
+            ("Dr. Strange", "Dr Strange"),
+            ("O'Brien", "OBrien"),
+            ("Señor Café", "senor cafe"),
+            ("Ｐｏｋéｍｏｎ", "pokemon"),
+        ] {
+            assert_eq!(key(a, "Hulk"), key("hulk", b), "{a:?} and {b:?}");
+        }
+        for (a, b) in [
+            ("Batman", "Batwoman"),
+            ("Wonder Woman", "Wonder Man"),
+            ("Spider-Man", "Spider-Woman"),
+            ("Ø", "O"),
+            ("🦖", "🦈"),
+            ("!!!", "???"),
+        ] {
+            assert_ne!(key(a, "x"), key(b, "x"), "{a:?} and {b:?}");
+        }
+        let m = |name: &str| match_key(Name::parse("a", Some(name)).unwrap().canonical());
+        // Other scripts keep their marks: they are part of the letters.
+        assert_eq!(m("हिन्दी"), "हिन्दी");
+        assert_eq!(m("Ἀχιλλεύς"), "ἀχιλλεύσ");
+        assert_eq!(m("🦖"), "🦖");
+        assert_eq!(m("T-Rex 🦖"), "trex");
+        assert_eq!(m("Son Goku 孫悟空"), "songoku孫悟空");
     }
 
     #[test]

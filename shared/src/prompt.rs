@@ -7,8 +7,9 @@
 //! instruction is to be ignored.
 
 /// Version of [`text_messages`]. 2: names JSON-quoted, and the system message says they are
-/// data.
-pub const TEXT_PROMPT_VERSION: u32 = 2;
+/// data. 3: the same template; keys are made of names' match keys (`key::match_key`), so every
+/// key moved, and the version says so (an answer of version 2 is never taken for one of 3).
+pub const TEXT_PROMPT_VERSION: u32 = 3;
 
 /// The system and user messages that ask who would win between `a` and `b`.
 pub fn text_messages(a: &str, b: &str) -> [(&'static str, String); 2] {
@@ -35,8 +36,9 @@ pub fn text_messages(a: &str, b: &str) -> [(&'static str, String); 2] {
     ]
 }
 
-/// Version of [`image_prompt`]. 2: names JSON-quoted and marked as names only.
-pub const IMAGE_PROMPT_VERSION: u32 = 2;
+/// Version of [`image_prompt`]. 2: names JSON-quoted and marked as names only. 3: keys made of
+/// match keys, as the text's.
+pub const IMAGE_PROMPT_VERSION: u32 = 3;
 
 /// The prompt that draws the fight between `a` and `b`.
 pub fn image_prompt(a: &str, b: &str) -> String {

@@ -9,17 +9,23 @@ use versus_shared::{key::Matchup, wire::Job};
 
 use crate::openai::{self, UpstreamError};
 
-/// What the `names` stage reads for `job`: the canonical names its key is made of, then
-/// `screened` (the names as written, and a picture's prompt), each once. The answer is cached
-/// under the key and served to whoever asks in any spelling of it, so the form the key folds
-/// to is what must pass: a name in mathematical bold letters (`𝐛𝐚𝐝𝐰𝐨𝐫𝐝`) may read as nothing
-/// to the classifier, but its key is the plain word's. The spelling as written is read too,
+/// What the `names` stage reads for `job`: the canonical names and the match keys its key is
+/// made of, then `screened` (the names as written, and a picture's prompt), each once. The
+/// answer is cached under the key and served to whoever asks in any spelling of it, so the
+/// forms the key folds to are what must pass: a name in mathematical bold letters
+/// (`𝐛𝐚𝐝𝐰𝐨𝐫𝐝`) or with dots between its letters (`b.a.d.w.o.r.d`) may read as nothing to the
+/// classifier, but its key is the plain word's. The spelling as written is read too,
 /// since it is what the prompt and the page show. A job's names were checked when it arrived
 /// (`versus_shared::recipe::check`), so they parse; were they not, the written forms are
 /// still read.
 pub fn names_stage(job: &Job, screened: &[&str]) -> Vec<String> {
     let canonical = Matchup::parse(Some(&job.a), Some(&job.b))
-        .map(|m| vec![m.a.canonical().to_owned(), m.b.canonical().to_owned()])
+        .map(|m| {
+            [&m.a, &m.b]
+                .into_iter()
+                .flat_map(|n| [n.canonical().to_owned(), n.matched().to_owned()])
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     let mut inputs: Vec<String> = Vec::with_capacity(canonical.len() + screened.len());
     for input in canonical
@@ -211,7 +217,7 @@ mod tests {
         let fancy = job(bold, "Mary  Jane");
         assert_eq!(
             names_stage(&fancy, &[bold, "Mary Jane"]),
-            ["badword", "mary jane", bold, "Mary Jane"]
+            ["badword", "mary jane", "maryjane", bold, "Mary Jane"]
         );
         // Names already in canonical form are sent once; a picture's prompt comes last.
         let plain = job("batman", "joker");

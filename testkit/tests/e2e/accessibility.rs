@@ -333,3 +333,129 @@ fn the_answer_and_the_picture_are_reported_from_the_keyboard_and_the_form_passes
         browser.close().await;
     });
 }
+
+/// The form's height, in CSS pixels.
+async fn form_height(browser: &Browser) -> Value {
+    browser
+        .js("return document.getElementById('fight-form').getBoundingClientRect().height;")
+        .await
+}
+
+#[test]
+fn suggestions_open_as_one_types_are_picked_from_the_keyboard_and_pass_axe_core() {
+    run(async {
+        let sys = quick().start().await;
+        for (a, b) in [("Spider-Man", "Hulk"), ("Spider-Woman", "Thor")] {
+            let events = fight(&sys, a, b).await;
+            assert_eq!(events.last().unwrap().event, "done", "{events:?}");
+        }
+        // The API's index has both names (it is built again within a second of a change).
+        let url = format!("{}/v1/names/suggest?q=spid", sys.api_url());
+        eventually(
+            "both names are suggested",
+            Duration::from_secs(10),
+            || async {
+                json_of(http().get(&url)).await["names"] == json!(["Spider-Man", "Spider-Woman"])
+            },
+        )
+        .await;
+
+        let browser = Browser::start().await;
+        browser.goto(&format!("{}/", sys.api_url())).await;
+        let closed_height = form_height(&browser).await;
+        browser.tab_to("a", 10).await;
+        browser.type_keys("spid").await;
+        browser
+            .wait_for(
+                "the suggestions",
+                "!document.getElementById('a-suggestions').hidden && \
+                 document.querySelectorAll('#a-suggestions [role=option]').length === 2",
+            )
+            .await;
+        let combo = "const a = document.getElementById('a'); \
+                     return [a.getAttribute('aria-expanded'), \
+                             a.getAttribute('aria-activedescendant'), a.value, \
+                             [...document.querySelectorAll('#a-suggestions [role=option]')] \
+                               .map((o) => [o.textContent, o.getAttribute('aria-selected')])];";
+        assert_eq!(
+            browser.js(combo).await,
+            json!([
+                "true",
+                null,
+                "spid",
+                [["Spider-Man", "false"], ["Spider-Woman", "false"]]
+            ])
+        );
+        assert_eq!(
+            form_height(&browser).await,
+            closed_height,
+            "the open list moves nothing"
+        );
+        assert_accessible(&browser, "suggestions").await;
+
+        // Down, down, up: the first name; Enter picks it and sends nothing.
+        let moves = [Key::Down, Key::Down, Key::Up].map(key).concat();
+        browser.type_keys(&moves).await;
+        assert_eq!(
+            browser.js(combo).await,
+            json!([
+                "true",
+                "a-suggestion-0",
+                "spid",
+                [["Spider-Man", "true"], ["Spider-Woman", "false"]]
+            ])
+        );
+        assert_accessible(&browser, "suggestions with an option chosen").await;
+        browser.type_keys(&key(Key::Enter)).await;
+        assert_eq!(
+            browser.js(combo).await,
+            json!(["false", null, "Spider-Man", []])
+        );
+        assert_eq!(
+            browser
+                .js("return document.getElementById('result').hidden;")
+                .await,
+            json!(true),
+            "picking a name does not send the form"
+        );
+        assert_eq!(focused(&browser).await[0], json!("a"));
+
+        // Escape closes the list, and the name typed stays.
+        browser.tab_to("b", 3).await;
+        browser.type_keys("hul").await;
+        browser
+            .wait_for(
+                "the suggestions of b",
+                "!document.getElementById('b-suggestions').hidden",
+            )
+            .await;
+        browser.type_keys(&key(Key::Escape)).await;
+        assert_eq!(
+            browser
+                .js("const b = document.getElementById('b'); \
+                     return [document.getElementById('b-suggestions').hidden, \
+                             b.getAttribute('aria-expanded'), b.value];")
+                .await,
+            json!([true, "false", "hul"])
+        );
+
+        // A click picks a name too.
+        browser.type_keys("k").await;
+        browser
+            .wait_for(
+                "the suggestions of b again",
+                "!document.getElementById('b-suggestions').hidden",
+            )
+            .await;
+        browser.find("#b-suggestion-0").await.click().await.unwrap();
+        assert_eq!(
+            browser
+                .js("const b = document.getElementById('b'); \
+                     return [document.getElementById('b-suggestions').hidden, b.value, \
+                             document.activeElement.id];")
+                .await,
+            json!([true, "Hulk", "b"])
+        );
+        browser.close().await;
+    });
+}

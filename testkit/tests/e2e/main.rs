@@ -43,6 +43,8 @@ mod reports;
 mod reservations;
 mod roles;
 mod shutdown;
+mod spellings;
+mod suggest;
 mod text;
 mod traces;
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use versus_shared::{
     key::{Key, Matchup},
+    prompt::{IMAGE_PROMPT_VERSION, TEXT_PROMPT_VERSION},
     wire::{self, Job, Kind},
 };
 use versus_testkit::{System, eventually};
@@ -155,8 +156,8 @@ fn the_upstream_gets_the_names_as_quoted_data_under_the_new_prompt_version() {
             );
         }
 
-        // The answer is stored under the prompt version that quotes the names (2), so answers
-        // made with the old prompt are not served for it.
+        // The answer is stored under the current prompt version (which quotes the names), so
+        // answers made with an older prompt are not served for it.
         let key = events[0].json()["key"].as_str().unwrap().to_owned();
         let version: i32 =
             sqlx::query_scalar("SELECT prompt_version FROM generations WHERE key = $1")
@@ -164,9 +165,14 @@ fn the_upstream_gets_the_names_as_quoted_data_under_the_new_prompt_version() {
                 .fetch_one(&sys.db.pool().await)
                 .await
                 .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, TEXT_PROMPT_VERSION as i32);
         let matchup = Matchup::parse(Some(sneaky), Some("Superman")).unwrap();
-        assert_eq!(key, matchup.key(Kind::Text, 2, "gpt-4o-mini").as_str());
+        assert_eq!(
+            key,
+            matchup
+                .key(Kind::Text, TEXT_PROMPT_VERSION, "gpt-4o-mini")
+                .as_str()
+        );
         assert_ne!(key, matchup.key(Kind::Text, 1, "gpt-4o-mini").as_str());
     });
 }
@@ -212,7 +218,10 @@ fn job(kind: Kind, a: &str, b: &str, model: &str, size: Option<&str>, key: Key) 
         a: a.to_owned(),
         b: b.to_owned(),
         model: model.to_owned(),
-        prompt_version: 2,
+        prompt_version: match kind {
+            Kind::Text => TEXT_PROMPT_VERSION,
+            Kind::Image => IMAGE_PROMPT_VERSION,
+        },
         size: size.map(str::to_owned),
     }
 }
@@ -239,7 +248,7 @@ fn forged_jobs_on_the_bus_make_no_upstream_call() {
         let joker = Matchup::parse(Some("Batman"), Some("Joker")).unwrap();
 
         // A key that is not the key of its names (it would overwrite another matchup's answer).
-        let wrong_key = joker.key(Kind::Text, 2, "gpt-4o-mini");
+        let wrong_key = joker.key(Kind::Text, TEXT_PROMPT_VERSION, "gpt-4o-mini");
         let forged = job(
             Kind::Text,
             "Batman",
@@ -250,7 +259,7 @@ fn forged_jobs_on_the_bus_make_no_upstream_call() {
         );
         publish(wire::job_subject(Kind::Text), forged).await;
         // The right key for its names, made with a dearer model than the workers use.
-        let dearer_key = batman.key(Kind::Text, 2, "gpt-4o");
+        let dearer_key = batman.key(Kind::Text, TEXT_PROMPT_VERSION, "gpt-4o");
         let dearer = job(
             Kind::Text,
             "Batman",
@@ -261,7 +270,7 @@ fn forged_jobs_on_the_bus_make_no_upstream_call() {
         );
         publish(wire::job_subject(Kind::Text), dearer).await;
         // A picture of another size, on the pre-warm lane.
-        let huge_key = batman.key(Kind::Image, 2, "gpt-image-1@4096x4096");
+        let huge_key = batman.key(Kind::Image, IMAGE_PROMPT_VERSION, "gpt-image-1@4096x4096");
         let huge = job(
             Kind::Image,
             "Batman",
@@ -300,7 +309,7 @@ fn forged_jobs_on_the_bus_make_no_upstream_call() {
 
         // The same way in, a job the API would have made is run: the check, not the path,
         // stopped the others.
-        let genuine_key = batman.key(Kind::Text, 2, "gpt-4o-mini");
+        let genuine_key = batman.key(Kind::Text, TEXT_PROMPT_VERSION, "gpt-4o-mini");
         let genuine = job(
             Kind::Text,
             "Batman",

@@ -28,6 +28,7 @@
 //! - [`page`]: the fight page at `/` and its assets, embedded in the binary;
 //! - [`preview`]: the page's link-preview tags (Open Graph, Twitter card) for `?a=&b=`;
 //! - [`traced`]: the span of each request, when traces are exported;
+//! - [`follow`]: following a KV bucket's changes, watching again after a break;
 //! - [`error`]: the API's error type and its JSON shape;
 //! - [`openapi`]: the OpenAPI 3.1 document of all of the above, at `/openapi.json`.
 
@@ -38,6 +39,7 @@ pub mod cache;
 pub mod conns;
 pub mod error;
 pub mod fights;
+mod follow;
 mod http;
 pub mod images;
 pub mod limits;
@@ -291,10 +293,6 @@ const ACCEPT_RETRY: Duration = Duration::from_secs(1);
 /// written. Far above any request of the contract (two names of 1 KiB at most).
 const HTTP_BUF_MAX: usize = 64 * 1024;
 
-/// How long a mirror's purge watch waits before it watches again after it failed: the mirror
-/// is usually back within that, and floors heard meanwhile on the purge subject still apply.
-const MIRROR_WATCH_RETRY: Duration = Duration::from_millis(500);
-
 /// The router for one connection: every request carries the peer's address for the
 /// `ConnectInfo<SocketAddr>` extractor, as `into_make_service_with_connect_info` would add it,
 /// and a body that must arrive within `body_timeout` (see [`conns::TimedBody`]).
@@ -374,43 +372,23 @@ async fn forget_after_losses(app: &App, shutdown: CancellationToken) {
 /// gave, so no marker is missed meanwhile.
 async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
     use async_nats::jetstream::kv::Operation;
-    use futures::StreamExt;
     if !app.inner.bus.at_edge() {
         return;
     }
     let Some(bus) = app.inner.bus.attached(&shutdown).await else {
         return;
     };
-    let follow = async {
-        // The revision to start from again: after the last change seen.
-        let mut next = None;
-        loop {
-            let watch = match next {
-                Some(revision) => bus.nearest_answers.watch_all_from_revision(revision).await,
-                None => bus.nearest_answers.watch_all().await,
-            };
-            match watch {
-                Ok(mut changes) => {
-                    while let Some(change) = changes.next().await {
-                        match change {
-                            Ok(entry) => {
-                                next = Some(entry.revision + 1);
-                                if entry.operation != Operation::Put {
-                                    forget_marker(app, entry.key, entry.revision);
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "watching the mirror for purges failed");
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "watching the mirror for purges failed"),
+    let follow = follow::changes(
+        &bus.nearest_answers,
+        ">",
+        follow::From::Next,
+        "the mirror for purges",
+        |entry| {
+            if entry.operation != Operation::Put {
+                forget_marker(app, entry.key, entry.revision);
             }
-            tokio::time::sleep(MIRROR_WATCH_RETRY).await;
-        }
-    };
+        },
+    );
     tokio::select! {
         () = shutdown.cancelled() => {}
         () = follow => {}

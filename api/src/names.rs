@@ -51,9 +51,10 @@ use std::{
 
 use async_nats::jetstream::kv;
 use fst::{Automaton, IntoStreamer, Streamer, automaton::Levenshtein, automaton::Str};
-use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{key::Name, wire::Answer};
+
+use crate::follow;
 
 /// How many names a suggestion lists at most.
 pub const LIMIT: usize = 10;
@@ -72,8 +73,6 @@ const MIN_FUZZY_CHARS: usize = 4;
 /// States a Levenshtein automaton may have (fst's default is 10,000, about 20 MB); past it,
 /// the query is matched by prefix only.
 const MAX_FUZZY_STATES: usize = 4_000;
-/// How long a watch that failed waits before it watches again.
-const WATCH_RETRY: Duration = Duration::from_secs(1);
 /// The entries watched: text answers (never refusals, nor pictures).
 const WATCHED: &str = "text.*";
 
@@ -246,40 +245,19 @@ impl Names {
     /// gave, so nothing is missed meanwhile (its ordered consumer already starts again by
     /// itself after a gap).
     pub async fn follow(self: Arc<Self>, answers: kv::Store, shutdown: CancellationToken) {
-        use kv::Operation;
-        let watch = async {
-            let mut next = None;
-            loop {
-                let watch = match next {
-                    Some(revision) => answers.watch_from_revision(WATCHED, revision).await,
-                    None => answers.watch_with_history(WATCHED).await,
-                };
-                match watch {
-                    Ok(mut changes) => {
-                        while let Some(change) = changes.next().await {
-                            match change {
-                                Ok(entry) => {
-                                    next = Some(entry.revision + 1);
-                                    if entry.operation != Operation::Put {
-                                        self.remove(&entry.key);
-                                    } else if let Ok(answer) =
-                                        serde_json::from_slice::<Answer>(&entry.value)
-                                    {
-                                        self.put(&entry.key, &answer);
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::info!(error = %e, "watching the answers for names failed");
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => tracing::info!(error = %e, "watching the answers for names failed"),
+        let watch = follow::changes(
+            &answers,
+            WATCHED,
+            follow::From::Now,
+            "the answers for names",
+            |entry| {
+                if entry.operation != kv::Operation::Put {
+                    self.remove(&entry.key);
+                } else if let Ok(answer) = serde_json::from_slice::<Answer>(&entry.value) {
+                    self.put(&entry.key, &answer);
                 }
-                tokio::time::sleep(WATCH_RETRY).await;
-            }
-        };
+            },
+        );
         let rebuild = async {
             let mut every = tokio::time::interval(REBUILD_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

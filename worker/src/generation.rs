@@ -355,6 +355,7 @@ async fn refuse(
     publisher: &mut Publisher<'_>,
 ) -> anyhow::Result<Outcome> {
     tracing::info!(key = %job.key, kind = %job.kind, attempt, reason = %refusal.reason(), "refused");
+    refusal.count();
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "refused")
         .increment(1);
     if claims::refuse(&ctx.db, job, attempt, &refusal.reason()).await? {

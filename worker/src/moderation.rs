@@ -72,6 +72,15 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// Counts a refusal that is stored (`versus_refusals_total{stage,category}`): not a flag
+    /// that a second look overrules, nor a check dropped with a claim another worker won.
+    pub fn count(&self) {
+        for category in &self.categories {
+            metrics::counter!("versus_refusals_total", "stage" => self.stage, "category" => category.clone())
+                .increment(1);
+        }
+    }
+
     pub fn reason(&self) -> String {
         format!(
             "moderation ({}): {}",
@@ -186,10 +195,6 @@ impl Moderator {
         categories.dedup();
         if categories.is_empty() {
             return Ok(None);
-        }
-        for category in &categories {
-            metrics::counter!("versus_refusals_total", "stage" => stage, "category" => category.clone())
-                .increment(1);
         }
         Ok(Some(Refusal { stage, categories }))
     }

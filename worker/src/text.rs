@@ -179,6 +179,8 @@ impl Generation for Text {
                             Ok(Some(refusal)) if flagged => return Ok(Ended::Refused(refusal)),
                             Ok(Some(refusal)) => {
                                 flagged = true;
+                                metrics::counter!("versus_answers_looked_at_again_total")
+                                    .increment(1);
                                 tracing::info!(key = %job.key, reason = %refusal.reason(), "the answer was flagged; generating it once more");
                             }
                             Err(error) => return Ok(Ended::GaveUp(Failure::moderation(error))),

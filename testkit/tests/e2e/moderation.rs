@@ -164,6 +164,10 @@ fn an_answer_flagged_once_is_generated_again_and_the_clean_one_is_stored() {
         assert_eq!(hit[0].json()["cached"], json!(true));
         assert_eq!(crate::text_of(&hit), text);
         assert_eq!(calls(&sys).await, (2, 0, 3));
+        // Operators see a second look, not a refusal.
+        let looked = crate::worker_metric(&sys, "versus_answers_looked_at_again_total", "").await;
+        let refused = crate::worker_metric(&sys, "versus_refusals_total", "").await;
+        assert_eq!((looked, refused), (1.0, 0.0));
     });
 }
 

@@ -16,6 +16,7 @@ use axum::{
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
+    aliases::{Aliases, Changed},
     budget::{Budget, BudgetSettings},
     bus::Bus,
     config::{ModelSettings, NatsSettings, Secret},
@@ -176,6 +177,8 @@ pub struct Inner {
     pub refusals: cache::Refusals,
     /// The known names, for suggestions as visitors type (see [`names`]).
     pub names: Arc<names::Names>,
+    /// The aliases, applied to every request's names (`App::ask`).
+    pub aliases: Arc<Aliases>,
     /// The purges this replica heard of: what the bucket may still hold of them is stale.
     pub floors: Arc<cache::Floors>,
     pub objects: Arc<dyn object_store::ObjectStore>,
@@ -232,14 +235,34 @@ impl App {
                 following.follow(bus.spend.clone(), shutdown).await;
             }
         });
-        // The known names, from the answers nearest to this replica (an edge's mirror).
+        // The known names and the aliases, from the answers nearest to this replica (an edge's
+        // mirror); each alias's names are known names too.
         let names = names::Names::new();
-        let (indexing, answers_bus, shutdown) =
-            (names.clone(), bus.clone(), tasks.shutdown().clone());
+        let aliases = Aliases::new();
+        let (indexing, following, answers_bus, shutdown) = (
+            names.clone(),
+            aliases.clone(),
+            bus.clone(),
+            tasks.shutdown().clone(),
+        );
         tasks.spawn(async move {
-            if let Some(bus) = answers_bus.attached(&shutdown).await {
-                indexing.follow(bus.nearest_answers.clone(), shutdown).await;
-            }
+            let Some(bus) = answers_bus.attached(&shutdown).await else {
+                return;
+            };
+            let answers = bus.nearest_answers.clone();
+            let aliases =
+                following.follow(
+                    answers.clone(),
+                    shutdown.clone(),
+                    |entry, changed| match changed {
+                        Changed::Put { alias, canonical } => {
+                            indexing.put_alias(&entry.key, alias, canonical);
+                        }
+                        Changed::Removed { .. } => indexing.remove(&entry.key),
+                        Changed::Nothing => {}
+                    },
+                );
+            tokio::join!(indexing.clone().follow(answers, shutdown), aliases);
         });
         let flights = miss::Flights::new(
             bus.clone(),
@@ -295,6 +318,7 @@ impl App {
                 images,
                 refusals: cache::Refusals::new(bus.clone(), REFUSALS_IN_MEMORY, floors.clone()),
                 names,
+                aliases,
                 floors,
                 bus,
                 flights,

@@ -28,7 +28,6 @@
 //! - [`page`]: the fight page at `/` and its assets, embedded in the binary;
 //! - [`preview`]: the page's link-preview tags (Open Graph, Twitter card) for `?a=&b=`;
 //! - [`traced`]: the span of each request, when traces are exported;
-//! - [`follow`]: following a KV bucket's changes, watching again after a break;
 //! - [`error`]: the API's error type and its JSON shape;
 //! - [`openapi`]: the OpenAPI 3.1 document of all of the above, at `/openapi.json`.
 
@@ -39,7 +38,6 @@ pub mod cache;
 pub mod conns;
 pub mod error;
 pub mod fights;
-mod follow;
 mod http;
 pub mod images;
 pub mod limits;
@@ -75,7 +73,7 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
-use versus_shared::{tasks::Tasks, telemetry, wire};
+use versus_shared::{bus::follow, tasks::Tasks, telemetry, wire};
 
 pub use app::{App, Settings};
 
@@ -384,7 +382,8 @@ async fn follow_mirror_purges(app: &App, shutdown: CancellationToken) {
         follow::From::Next,
         "the mirror for purges",
         |entry| {
-            if entry.operation != Operation::Put {
+            // An alias's marker is the aliases' (`Aliases::follow`): it withdraws no answer.
+            if entry.operation != Operation::Put && !versus_shared::aliases::is_entry(&entry.key) {
                 forget_marker(app, entry.key, entry.revision);
             }
         },

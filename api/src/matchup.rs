@@ -150,23 +150,27 @@ fn query_pairs(query: &str) -> Result<Vec<(String, String)>, ApiError> {
 pub(crate) struct Ask {
     pub kind: Kind,
     pub key: Key,
+    /// The names, each alias replaced by its canonical name.
     pub matchup: Matchup,
+    /// Whether a name was an alias.
+    pub aliased: bool,
 }
 
 impl Ask {
     /// Counts a hit whose spelling differs from the one its answer was made for (`Spider Man`
-    /// served `Spider-Man`'s answer): an answer the match keys saved
-    /// (`versus_spellings_merged_total{kind}`). `a` and `b` are the stored answer's names. The
-    /// names are parsed again only when they are not the request's own, in either order.
+    /// served `Spider-Man`'s answer, `Kakarot` an alias's `Goku`): an answer the match keys
+    /// and the aliases saved (`versus_spellings_merged_total{kind}`). `a` and `b` are the stored
+    /// answer's names. The names are parsed again only when they are not the request's own, in
+    /// either order.
     pub(crate) fn count_merged(&self, a: &str, b: &str) {
-        let (ra, rb) = (self.matchup.a.display(), self.matchup.b.display());
-        if (ra, rb) == (a, b) || (ra, rb) == (b, a) {
-            return;
-        }
-        let Ok(stored) = Matchup::parse(Some(a), Some(b)) else {
-            return;
+        let merged = self.aliased || {
+            let (ra, rb) = (self.matchup.a.display(), self.matchup.b.display());
+            (ra, rb) != (a, b)
+                && (ra, rb) != (b, a)
+                && Matchup::parse(Some(a), Some(b))
+                    .is_ok_and(|stored| stored.canonical_pair() != self.matchup.canonical_pair())
         };
-        if stored.canonical_pair() != self.matchup.canonical_pair() {
+        if merged {
             metrics::counter!("versus_spellings_merged_total", "kind" => self.kind.as_str())
                 .increment(1);
         }
@@ -174,13 +178,20 @@ impl Ask {
 }
 
 impl App {
-    /// Validates the names and derives the key of the answer of `kind`: the canonical pair,
-    /// the prompt version and the model (with the picture size, for pictures), as
-    /// [`Recipe`] makes it (workers check every job against the same recipe).
+    /// Validates the names, puts each alias's canonical name in its place, and derives the key
+    /// of the answer of `kind`: the match keys, the prompt version and the model (with the
+    /// picture size, for pictures), as [`Recipe`] makes it (workers check every job against
+    /// the same recipe).
     pub(crate) fn ask(&self, names: &Names, kind: Kind) -> Result<Ask, ApiError> {
-        let matchup = names.matchup()?;
+        let mut matchup = names.matchup()?;
+        let aliased = self.inner.aliases.apply(&mut matchup);
         let key = self.key_of(kind, &matchup);
-        Ok(Ask { kind, key, matchup })
+        Ok(Ask {
+            kind,
+            key,
+            matchup,
+            aliased,
+        })
     }
 
     /// The key of the answer of `kind` to a matchup already validated.

@@ -1,4 +1,5 @@
-//! The known names (the display names of stored text answers) that `GET /v1/names/suggest`
+//! The known names (the display names of stored text answers, and the aliases' canonical
+//! names) that `GET /v1/names/suggest`
 //! lists (`suggest.rs`): kept in this replica's memory from a watch of the answers bucket (at
 //! an edge, of its mirror), and searched by prefix and by small typos on their match keys.
 //!
@@ -10,7 +11,9 @@
 //!   purge marker on `text.<key>` takes them back, and a name no stored answer names any more
 //!   leaves the index at once. Refusals (`refused.<kind>.<key>`) are never watched, so a name
 //!   only in a refused matchup is never known; a hidden answer is purged from the bucket, so
-//!   its names go as a purge's do. What an answer contributed is kept as the 64-bit hashes of
+//!   its names go as a purge's do. An alias (`versus_shared::aliases`, followed by the app,
+//!   which hands each change here) makes its canonical name known, and its own match key
+//!   known shown as the canonical name, as long as it stands. What an answer contributed is kept as the 64-bit hashes of
 //!   its entry and of its two match keys (24 bytes), not as text. The names are inside each
 //!   answer's value, so a replica that starts reads every stored text answer once (its whole
 //!   value, the text too): a bucket of a million answers is about a gigabyte of reading per
@@ -52,9 +55,7 @@ use std::{
 use async_nats::jetstream::kv;
 use fst::{Automaton, IntoStreamer, Streamer, automaton::Levenshtein, automaton::Str};
 use tokio_util::sync::CancellationToken;
-use versus_shared::{key::Name, wire::Answer};
-
-use crate::follow;
+use versus_shared::{bus::follow, key::Name, wire::Answer};
 
 /// How many names a suggestion lists at most.
 pub const LIMIT: usize = 10;
@@ -111,14 +112,28 @@ impl Names {
         let (Some(a), Some(b)) = (parse(&answer.a), parse(&answer.b)) else {
             return;
         };
+        self.add(entry, [(&a, a.display()), (&b, b.display())]);
+    }
+
+    /// The alias stored at `entry` stands for `canonical`: the canonical name is known, and the
+    /// alias too, shown as the canonical name (typing `kaka` suggests `Goku`). An alias pointed
+    /// elsewhere replaces what it contributed.
+    pub fn put_alias(&self, entry: &str, alias: &Name, canonical: &Name) {
+        self.remove(entry);
+        let shown = canonical.display();
+        self.add(entry, [(canonical, shown), (alias, shown)]);
+    }
+
+    /// What is stored at `entry` names these two match keys, each shown as its display.
+    fn add(&self, entry: &str, named: [(&Name, &str); 2]) {
         let mut live = write(&self.live);
         let id = hash(entry);
         if live.answers.contains_key(&id) {
             return;
         }
-        let new = [&a, &b]
+        let new = named
             .iter()
-            .filter(|n| !live.names.contains_key(&hash(n.matched())))
+            .filter(|(n, _)| !live.names.contains_key(&hash(n.matched())))
             .count();
         if live.answers.len() >= MAX_ANSWERS || live.names.len() + new > MAX_NAMES {
             if !live.full {
@@ -131,13 +146,13 @@ impl Names {
             return;
         }
         let mut ids = [0; 2];
-        for (slot, name) in ids.iter_mut().zip([&a, &b]) {
+        for (slot, (name, shown)) in ids.iter_mut().zip(named) {
             *slot = hash(name.matched());
             let known = live.names.entry(*slot).or_insert_with(|| {
                 self.changed.store(true, Ordering::Relaxed);
                 Known {
                     matched: name.matched().into(),
-                    display: name.display().into(),
+                    display: shown.into(),
                     answers: 0,
                 }
             });
@@ -232,8 +247,11 @@ impl Names {
             })
             .collect();
         ranked.sort_by(|x, y| (x.0, x.1, x.2, &x.3.matched).cmp(&(y.0, y.1, y.2, &y.3.matched)));
+        // An alias is shown as its canonical name, which may be listed already.
+        let mut shown = std::collections::HashSet::new();
         ranked
             .into_iter()
+            .filter(|(.., known)| shown.insert(&known.display))
             .take(LIMIT)
             .map(|(.., known)| known.display.to_string())
             .collect()
@@ -375,6 +393,29 @@ mod tests {
         names.rebuild_if_changed();
         names.remove("text.1");
         assert!(suggest(&names, "hulk").is_empty());
+    }
+
+    #[test]
+    fn an_alias_makes_its_canonical_name_known_and_leads_to_it() {
+        let names = names(&[("text.1", "Goku", "Vegeta")]);
+        let name = |n: &str| Name::parse("a", Some(n)).unwrap();
+        names.put_alias("alias.1", &name("Kakarot"), &name("Son Goku"));
+        names.rebuild_if_changed();
+        assert_eq!(suggest(&names, "son g"), ["Son Goku"]);
+        assert_eq!(suggest(&names, "kaka"), ["Son Goku"]);
+        // Pointed at another name: what it contributed before goes.
+        names.put_alias("alias.1", &name("Kakarot"), &name("Goku"));
+        names.rebuild_if_changed();
+        assert!(suggest(&names, "son g").is_empty());
+        assert_eq!(suggest(&names, "kaka"), ["Goku"]);
+        // Two aliases of one name and the name itself all match: it is listed once.
+        names.put_alias("alias.2", &name("Goku Son"), &name("Goku"));
+        names.rebuild_if_changed();
+        assert_eq!(suggest(&names, "goku"), ["Goku"]);
+        names.remove("alias.2");
+        names.remove("alias.1");
+        assert!(suggest(&names, "kaka").is_empty());
+        assert_eq!(suggest(&names, "gok"), ["Goku"]);
     }
 
     #[test]

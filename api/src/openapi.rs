@@ -50,6 +50,9 @@ use crate::{admin, fights, images, preview, ready, reports, sse::data, suggest};
         admin::purge::purge,
         admin::reports::list,
         admin::reports::settle,
+        admin::aliases::list,
+        admin::aliases::put,
+        admin::aliases::delete,
         preview::index,
         ready::readyz,
     ),
@@ -66,7 +69,7 @@ use crate::{admin, fights, images, preview, ready, reports, sse::data, suggest};
         (name = "fights", description = "Text answers: streamed, whole, or by key."),
         (name = "images", description = "Pictures of a matchup."),
         (name = "names", description = "Known names, suggested as visitors type."),
-        (name = "admin", description = "Operators: pre-warm batches, popularity, spend, purges, reports. \
+        (name = "admin", description = "Operators: pre-warm batches, popularity, spend, purges, reports, aliases. \
             Every route needs `Authorization: Bearer $VERSUS_ADMIN_TOKEN`. With `VERSUS_OPS_ADDR` \
             set, these routes and `/metrics` are served on that address only."),
         (name = "operations", description = "Probes, metrics, this document and the page."),

@@ -83,6 +83,48 @@ struct ReportList {
     reports: Vec<Report>,
 }
 
+/// An alias: a name the API takes for another (`Kakarot` for `Goku`), as
+/// `PUT /v1/admin/aliases/{alias}` answers it and `GET /v1/admin/aliases` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Alias {
+    pub alias: String,
+    pub canonical: String,
+}
+
+#[derive(Deserialize)]
+struct AliasList {
+    aliases: Vec<Alias>,
+}
+
+/// Why the API refused a request (400): its code (`invalid_body`, `mixed_scripts`…) and
+/// message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct Refusal {
+    #[serde(default)]
+    pub code: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: Refusal,
+}
+
+impl Refusal {
+    /// What the API said in `body`: its `{"error":{"code","message"}}`, or else the start of
+    /// the text as the message.
+    fn of(body: &str) -> Refusal {
+        match serde_json::from_str::<ErrorBody>(body) {
+            Ok(ErrorBody { error }) if !error.message.is_empty() => error,
+            _ => Refusal {
+                code: String::new(),
+                message: body.trim().chars().take(200).collect(),
+            },
+        }
+    }
+}
+
 pub struct Admin {
     http: reqwest::Client,
     base: Url,
@@ -175,21 +217,66 @@ impl Admin {
             .await
     }
 
+    /// Makes `alias` stand for `canonical`: the alias as the API holds it, or why it refused
+    /// (a name it does not take, or a chain or cycle of aliases).
+    pub async fn set_alias(
+        &self,
+        alias: &str,
+        canonical: &str,
+    ) -> anyhow::Result<Result<Alias, Refusal>> {
+        let request = self
+            .request(Method::PUT, &["aliases", &segment(alias)])?
+            .json(&json!({ "canonical": canonical }));
+        match self
+            .done_unless_refused(request, "adding the alias")
+            .await?
+        {
+            Ok(response) => Ok(Ok(json_of(response).await?)),
+            Err(refusal) => Ok(Err(refusal)),
+        }
+    }
+
+    /// Removes the alias `alias`: true when it was there, false when the API does not know it.
+    pub async fn remove_alias(&self, alias: &str) -> anyhow::Result<bool> {
+        let request = self.request(Method::DELETE, &["aliases", &segment(alias)])?;
+        self.done_unless_unknown(request, "removing the alias")
+            .await
+    }
+
+    /// Every alias, as the API lists them.
+    pub async fn aliases(&self) -> anyhow::Result<Vec<Alias>> {
+        let request = self.request(Method::GET, &["aliases"])?;
+        let list: AliasList = json_of(self.send(request, "listing the aliases").await?).await?;
+        Ok(list.aliases)
+    }
+
     /// Sends `request` (`what` it does): true when done, false when the API answered 404.
     async fn done_unless_unknown(
         &self,
         request: RequestBuilder,
         what: &str,
     ) -> anyhow::Result<bool> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.unreachable(what, e))?;
+        let response = self.sent(request, what).await?;
         if response.status() == StatusCode::NOT_FOUND {
             return Ok(false);
         }
         check(response, what).await?;
         Ok(true)
+    }
+
+    /// Sends `request` (`what` it does): the response when done, what the API said when it
+    /// answered 400.
+    async fn done_unless_refused(
+        &self,
+        request: RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<Result<Response, Refusal>> {
+        let response = self.sent(request, what).await?;
+        if response.status() == StatusCode::BAD_REQUEST {
+            let body = response.text().await.unwrap_or_default();
+            return Ok(Err(Refusal::of(&body)));
+        }
+        Ok(Ok(check(response, what).await?))
     }
 
     /// A request to `/v1/admin/<segments…>`.
@@ -212,18 +299,29 @@ impl Admin {
             .header(AUTHORIZATION, self.token.clone())
     }
 
+    /// Sends `request` (`what` it does): the response if it succeeded, else an error.
     async fn send(&self, request: RequestBuilder, what: &str) -> anyhow::Result<Response> {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| self.unreachable(what, e))?;
-        check(response, what).await
+        check(self.sent(request, what).await?, what).await
+    }
+
+    /// Sends `request` (`what` it does): the response, whatever its status.
+    async fn sent(&self, request: RequestBuilder, what: &str) -> anyhow::Result<Response> {
+        request.send().await.map_err(|e| self.unreachable(what, e))
     }
 
     fn unreachable(&self, what: &str, e: reqwest::Error) -> anyhow::Error {
         // Without the URL: the base is named once, and reqwest's own text stays short.
         let e = error_chain(&e.without_url());
         anyhow!("{what}: cannot reach the API at {}: {e}", self.base)
+    }
+}
+
+/// A name as a path segment. URLs drop a segment `.` or `..` (even escaped): with a blank
+/// before it, which the API trims as it trims every name, it stays the name.
+fn segment(name: &str) -> std::borrow::Cow<'_, str> {
+    match name {
+        "." | ".." => format!(" {name}").into(),
+        _ => name.into(),
     }
 }
 
@@ -234,10 +332,7 @@ async fn check(response: Response, what: &str) -> anyhow::Result<Response> {
         return Ok(response);
     }
     let body = response.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| body.trim().chars().take(200).collect());
+    let message = Refusal::of(&body).message;
     let hint = if status == StatusCode::UNAUTHORIZED {
         format!(" ({TOKEN_VAR} must match the API's)")
     } else {
@@ -288,6 +383,44 @@ mod tests {
             admin.url(&["popular"]).unwrap().as_str(),
             "http://127.0.0.1:8080/v1/admin/popular"
         );
+    }
+
+    #[test]
+    fn an_alias_is_one_escaped_segment() {
+        let admin = Admin::new("http://127.0.0.1:8080", "t").unwrap();
+        assert_eq!(
+            admin.url(&["aliases", "Son Gokū/孫悟空?"]).unwrap().path(),
+            "/v1/admin/aliases/Son%20Gok%C5%AB%2F%E5%AD%AB%E6%82%9F%E7%A9%BA%3F"
+        );
+    }
+
+    #[test]
+    fn an_alias_of_dots_is_still_a_segment() {
+        let admin = Admin::new("http://127.0.0.1:8080", "t").unwrap();
+        for (name, path) in [
+            (".", "/v1/admin/aliases/%20."),
+            ("..", "/v1/admin/aliases/%20.."),
+            ("...", "/v1/admin/aliases/..."),
+            ("%2E", "/v1/admin/aliases/%252E"),
+        ] {
+            let url = admin.url(&["aliases", &segment(name)]).unwrap();
+            assert_eq!(url.path(), path, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_is_the_apis_code_and_message_or_else_its_text() {
+        let body =
+            r#"{"error":{"code":"invalid_body","message":"Goku is itself an alias of Son Goku"}}"#;
+        assert_eq!(
+            Refusal::of(body),
+            Refusal {
+                code: "invalid_body".to_owned(),
+                message: "Goku is itself an alias of Son Goku".to_owned(),
+            }
+        );
+        assert_eq!(Refusal::of("  bad request\n").message, "bad request");
+        assert_eq!(Refusal::of("").message, "");
     }
 
     #[test]

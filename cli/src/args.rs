@@ -12,12 +12,12 @@ Environment:
 
 Exit status:
   0  everything succeeded
-  1  a matchup failed, there is no answer to purge or no report to settle, or the API was
-     unreachable or refused
+  1  a matchup failed, there is no answer to purge, no report to settle or no alias to remove,
+     an alias was refused, or the API was unreachable or refused
   2  bad input, nothing sent: a malformed file or name, a bad key, no token, a bad argument";
 
 /// Operate Versus: pre-warm answers before traffic arrives, list popular matchups, purge answers,
-/// settle users' reports.
+/// settle users' reports, declare aliases.
 #[derive(Debug, Parser)]
 #[command(name = "versus", version, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -63,6 +63,56 @@ pub enum Command {
     /// The answers and pictures users reported, and what to do with them.
     #[command(subcommand)]
     Reports(ReportsCommand),
+    /// Aliases: names the API takes for another (`Kakarot` for `Goku`).
+    ///
+    /// A request that names an alias is answered as if it named the canonical name, under its
+    /// key and with its name. Aliases never chain: a canonical name cannot be an alias, nor an
+    /// alias the canonical name of another; the API refuses both.
+    #[command(subcommand)]
+    Alias(AliasCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AliasCommand {
+    /// Make ALIAS stand for CANONICAL (or, if it is an alias already, for CANONICAL instead).
+    #[command(after_help = AFTER_HELP)]
+    Add {
+        /// The name to take for another, as users write it (`Kakarot`).
+        alias: String,
+        /// The name it stands for (`Goku`).
+        canonical: String,
+    },
+    /// Remove an alias: requests that name it are answered under its own name again.
+    #[command(after_help = AFTER_HELP)]
+    Rm {
+        /// The alias, in any spelling with the same match key (`kakarot` is `Kakarot`).
+        alias: String,
+    },
+    /// List the aliases, one `alias → canonical` per line.
+    #[command(after_help = AFTER_HELP)]
+    List,
+    /// Add the aliases of a file, in order.
+    ///
+    /// The whole file is checked first, with the API's name rules: every malformed line or
+    /// invalid name is reported with its line number, and then nothing is submitted (exit 2).
+    /// Each alias is then added in turn; one the API refuses (it would chain or make a cycle)
+    /// is reported with its line number and the rest go on. A summary is printed; the exit
+    /// status is 1 if any was refused.
+    #[command(after_help = AFTER_HELP)]
+    Import(AliasImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AliasImportArgs {
+    /// The aliases. CSV: `alias,canonical` per line, an optional `alias,canonical` (or `a,b`)
+    /// header, names with commas in double quotes, blank lines ignored. JSON:
+    /// `[{"alias":…,"canonical":…}, …]` (or `"a"` and `"b"`), or `{"aliases":[…]}` as
+    /// `GET /v1/admin/aliases` answers. JSON when the name ends in `.json` or the text starts
+    /// with `[` or `{`; CSV otherwise.
+    pub file: PathBuf,
+    /// Only check the file and report its problems; submit nothing (no token needed).
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +205,8 @@ pub struct PrewarmArgs {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use clap::{CommandFactory, Parser};
 
     use super::*;
@@ -182,5 +234,58 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn alias(args: &[&str]) -> AliasCommand {
+        let cli = Cli::try_parse_from(["versus", "alias"].iter().chain(args))
+            .expect("a valid command line");
+        match cli.command {
+            Command::Alias(command) => command,
+            other => panic!("not alias: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn alias_add_takes_the_alias_then_its_canonical_name() {
+        let AliasCommand::Add {
+            alias: a,
+            canonical,
+        } = alias(&["add", "Kakarot", "Son Goku"])
+        else {
+            panic!("not alias add");
+        };
+        assert_eq!((a.as_str(), canonical.as_str()), ("Kakarot", "Son Goku"));
+        for bad in [
+            &["versus", "alias", "add", "Kakarot"][..],
+            &["versus", "alias", "add", "Kakarot", "Goku", "Vegeta"],
+            &["versus", "alias"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn alias_rm_and_list() {
+        let AliasCommand::Rm { alias: a } = alias(&["rm", "Kakarot"]) else {
+            panic!("not alias rm");
+        };
+        assert_eq!(a, "Kakarot");
+        assert!(matches!(alias(&["list"]), AliasCommand::List));
+        assert!(Cli::try_parse_from(["versus", "alias", "rm"]).is_err());
+        assert!(Cli::try_parse_from(["versus", "alias", "list", "x"]).is_err());
+    }
+
+    #[test]
+    fn alias_import_takes_a_file_and_check() {
+        let AliasCommand::Import(args) = alias(&["import", "aliases.csv"]) else {
+            panic!("not alias import");
+        };
+        assert_eq!(args.file, Path::new("aliases.csv"));
+        assert!(!args.check);
+        let AliasCommand::Import(args) = alias(&["import", "--check", "a.json"]) else {
+            panic!("not alias import");
+        };
+        assert!(args.check && args.file == Path::new("a.json"));
+        assert!(Cli::try_parse_from(["versus", "alias", "import", "--check"]).is_err());
     }
 }

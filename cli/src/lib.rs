@@ -1,11 +1,12 @@
 //! The `versus` operator CLI, as a library under a thin `main.rs`:
 //!
 //! - [`args`]: the command line;
-//! - [`input`]: reading and checking a file of matchups (CSV or JSON);
+//! - [`input`]: reading and checking a file of matchups or aliases (CSV or JSON);
 //! - [`admin`]: the API's admin routes, as a typed client;
-//! - [`prewarm`], [`purge`], [`popular`], [`reports`]: the commands.
+//! - [`prewarm`], [`purge`], [`popular`], [`reports`], [`alias`]: the commands.
 
 pub mod admin;
+pub mod alias;
 pub mod args;
 pub mod input;
 pub mod popular;
@@ -15,7 +16,7 @@ pub mod reports;
 
 use std::process::ExitCode;
 
-use args::{Cli, Command, ReportsCommand};
+use args::{AliasCommand, Cli, Command, ReportsCommand};
 
 /// How a command failed. The variants are the exit statuses operators script against.
 #[derive(Debug, thiserror::Error)]
@@ -46,5 +47,11 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Reports(ReportsCommand::Settle { kind, key, action }) => {
             reports::settle(&cli.api, *kind, key, *action).await
         }
+        Command::Alias(AliasCommand::Add { alias, canonical }) => {
+            alias::add(&cli.api, alias, canonical).await
+        }
+        Command::Alias(AliasCommand::Rm { alias }) => alias::rm(&cli.api, alias).await,
+        Command::Alias(AliasCommand::List) => alias::list(&cli.api).await,
+        Command::Alias(AliasCommand::Import(args)) => alias::import(&cli.api, args).await,
     }
 }

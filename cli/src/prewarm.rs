@@ -1,7 +1,6 @@
 //! `versus prewarm`: read and check every matchup, submit them in batches, follow the batches
 //! until none is pending, and sum up.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
@@ -11,7 +10,7 @@ use tokio::time::MissedTickBehavior;
 use crate::Error;
 use crate::admin::{Admin, Progress, Submitted};
 use crate::args::PrewarmArgs;
-use crate::input::{self, Pair, Problem};
+use crate::input::{self, Pair};
 
 /// How often the batches' progress is read.
 const POLL: Duration = Duration::from_millis(500);
@@ -23,7 +22,7 @@ const PLAIN_EVERY: Duration = Duration::from_secs(10);
 pub async fn run(api: &str, args: &PrewarmArgs) -> Result<(), Error> {
     let (admin, pairs) = match (&args.file, args.popular) {
         (Some(path), _) => {
-            let pairs = input::read(path).map_err(|problems| refuse(path, &problems))?;
+            let pairs = input::read(path).map_err(|problems| input::refuse(path, &problems))?;
             if args.check {
                 let count = matchups(pairs.len().try_into().unwrap_or(u64::MAX));
                 println!("{}: {count}, all valid", path.display());
@@ -64,21 +63,6 @@ pub async fn run(api: &str, args: &PrewarmArgs) -> Result<(), Error> {
         .into());
     }
     Ok(())
-}
-
-/// Prints every problem and turns them into the refusal (nothing was submitted).
-fn refuse(path: &Path, problems: &[Problem]) -> Error {
-    for problem in problems {
-        eprintln!("{}: {problem}", path.display());
-    }
-    let count = match problems.len() {
-        1 => "a problem".to_owned(),
-        n => format!("{n} problems"),
-    };
-    Error::BadInput(format!(
-        "{} has {count}: nothing was submitted",
-        path.display()
-    ))
 }
 
 /// Submits the matchups in chunks of `batch_size`, one batch each.

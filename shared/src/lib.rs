@@ -2,6 +2,7 @@
 //!
 //! - [`kind`]: the two kinds of answer, text and picture;
 //! - [`error_code`]: every error code clients see, with its retryability and its words;
+//! - [`aliases`]: names an operator declared to be another, as every process follows them;
 //! - [`key`]: validated opponent names and the canonical matchup key;
 //! - [`wire`]: subjects, streams, job and event payloads, the edge-cache value (the contract);
 //! - [`prompt`]: the prompt templates and their versions, which are part of every key;
@@ -20,6 +21,7 @@
 //! - [`tasks`]: every task a process spawns, tracked and waited for;
 //! - [`tls`]: the TLS crypto provider for HTTPS clients.
 
+pub mod aliases;
 pub mod budget;
 pub mod bus;
 pub mod config;

@@ -18,6 +18,12 @@
 //! - `versus.reports` and `versus.admin.reports` (core NATS request/reply, queue group across
 //!   workers): a client's [`Report`] of a stored answer, and an operator's [`Settle`]ment of a
 //!   reported one, which the API asks a worker to record ([`ReportReply`]).
+//! - `versus.admin.aliases` (core NATS request/reply, queue group across workers): an
+//!   operator's [`AliasChange`], which a worker writes to Postgres and to the answers bucket
+//!   ([`AliasReply`]).
+//! - KV bucket `versus_answers`, key `alias.<hash of the alias's match key>`: an [`Alias`]
+//!   (see `aliases`), written by the worker that carried out the change, followed by every
+//!   process (at an edge, in its mirror).
 //! - KV bucket `versus_spend`, key `day.<n>`: the total the cluster spent on UTC day `n`
 //!   (days since 1970-01-01), as a decimal number of US dollars; workers write it, every
 //!   process watches it (see `budget`).
@@ -69,6 +75,9 @@ pub const REPORT_SUBJECT: &str = "versus.reports";
 /// `refuse`; a `purge` is an ordinary [`PurgeRequest`]), carried out by one worker.
 pub const SETTLE_SUBJECT: &str = "versus.admin.reports";
 pub const REPORTS_QUEUE: &str = "versus-reports";
+/// Core NATS request/reply: an operator's [`AliasChange`], carried out by one worker.
+pub const ALIASES_SUBJECT: &str = "versus.admin.aliases";
+pub const ALIASES_QUEUE: &str = "versus-aliases";
 /// Where the API's requests get their answers (its inbox prefix): a worker answers a purge
 /// request only on a reply subject under it ([`is_api_inbox`]), and its NATS user may publish
 /// nowhere else outside its own subjects.
@@ -444,6 +453,37 @@ pub struct ReportReply {
     pub counted: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub markers: Vec<Marker>,
+}
+
+/// An alias, as an operator wrote it: requests naming `alias` (by its match key) are answered
+/// as if they named `canonical`. The answers bucket's `alias.<hash>` value, and a line of
+/// `GET /v1/admin/aliases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    pub alias: String,
+    pub canonical: String,
+}
+
+/// An operator's change to the aliases, which a worker carries out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AliasChange {
+    /// Adds the alias, or points it at another canonical name.
+    Put(Alias),
+    /// Removes the alias named so (by its match key).
+    Delete { alias: String },
+}
+
+/// A worker's answer to an [`AliasChange`]: its error (nothing was done), why it was refused
+/// (a chain or a cycle: nothing was done), or done (`found`: a deleted alias existed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasReply {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    #[serde(default)]
+    pub found: bool,
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use versus_shared::{budget::Budget, bus::Bus, config::ModelSettings};
+use versus_shared::{aliases::Aliases, budget::Budget, bus::Bus, config::ModelSettings};
 
 use crate::{claims, moderation, openai, spend};
 
@@ -29,6 +29,8 @@ pub struct Ctx {
     pub cooldown: claims::Cooldown,
     /// The daily budget: no generation starts once today's spend reached it.
     pub budget: Arc<Budget>,
+    /// The aliases: a job naming one is ended before anything is paid for.
+    pub aliases: Arc<Aliases>,
     /// Where what each upstream call cost is written.
     pub ledger: spend::Ledger,
 }

@@ -138,6 +138,18 @@ impl Failure {
         }
     }
 
+    /// A job naming an alias (`alias`): it comes from an API replica that had not seen the
+    /// alias yet, and its answer would be stored under a key nobody asks for once every replica
+    /// has. Nothing is paid for; the client asks again, and is answered under the canonical
+    /// name's key.
+    pub fn aliased(alias: &str) -> Failure {
+        Failure {
+            code: ErrorCode::Unavailable,
+            detail: format!("the job names the alias {alias:?}"),
+            counts: false,
+        }
+    }
+
     /// A failure of the moderation endpoint: nothing unchecked is generated, and nothing is
     /// said about the matchup.
     pub fn moderation(error: UpstreamError) -> Failure {
@@ -185,6 +197,7 @@ pub enum Ended<T> {
 /// [`crate::openai::zero_counters`]).
 pub fn zero_counters() {
     for kind in [wire::Kind::Text, wire::Kind::Image] {
+        metrics::counter!("versus_jobs_aliased_total", "kind" => kind.as_str()).increment(0);
         for result in ["done", "failed", "refused"] {
             metrics::counter!("versus_generations_total", "kind" => kind.as_str(), "result" => result)
                 .increment(0);
@@ -195,12 +208,17 @@ pub fn zero_counters() {
 /// What [`opening`] gives: the first call's result, or why the generation ends before it.
 pub type Opening<G> = Result<<G as Generation>::Opened, Ended<<G as Generation>::Made>>;
 
-/// The names go to moderation (as the key folds them and as written,
+/// A job that names an alias ends here, before anything else ([`Failure::aliased`]).
+/// Otherwise the names go to moderation (as the key folds them and as written,
 /// [`moderation::names_stage`]) while the first call's share of the budget is reserved, and the
 /// upstream is asked only once both are done: the names passed, and the budget had room.
 /// Nothing here is published or stored: it may run before the claim is won, and be dropped if
 /// it is not (a reservation whose call never began is released).
 pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Opening<G> {
+    if let Some(alias) = ctx.aliases.named_in(job) {
+        metrics::counter!("versus_jobs_aliased_total", "kind" => job.kind.as_str()).increment(1);
+        return Err(Ended::GaveUp(Failure::aliased(alias)));
+    }
     let screened = moderation::names_stage(job, &generation.screened());
     let screened: Vec<&str> = screened.iter().map(String::as_str).collect();
     let (verdict, reserved) = tokio::join!(

@@ -5,6 +5,7 @@
 //!   limits and graceful drain;
 //! - [`popularity`]: adding up the API replicas' request counts in Postgres;
 //! - [`purge`]: an operator's purge, carried out for the API (which may not write to the bus);
+//! - [`aliases`]: an operator's change to the aliases, carried out for the API;
 //! - [`reports`]: clients' reports of stored answers, hiding one that enough clients find
 //!   unsafe, and an operator's decision on it;
 //! - [`responder`]: answering the API's requests (purges, reports) on its inbox only;
@@ -26,6 +27,7 @@
 //! - [`backlog`]: the jobs queue (waiting jobs and their age, pending acks) as gauges;
 //! - [`memory`]: JetStream's memory (the events stream against its cap) as gauges.
 
+pub mod aliases;
 pub mod backlog;
 pub mod batch;
 pub mod claims;
@@ -54,6 +56,7 @@ use anyhow::Context;
 pub use ctx::Ctx;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
+    aliases::Aliases,
     budget::{Budget, BudgetSettings},
     bus::{Bus, Role},
     config::{ModelSettings, NatsSettings, Secret},
@@ -176,6 +179,13 @@ pub async fn run(
     spend::zero_counters(&budget, &settings.models);
     let bus = Bus::connect(&settings.nats, Role::Worker, tasks).await?;
     tasks.spawn(budget.clone().follow(bus.spend.clone(), shutdown.clone()));
+    // The aliases, from the hub's bucket: a job naming one is ended (`generation::opening`).
+    let aliases = Aliases::new();
+    tasks.spawn(
+        aliases
+            .clone()
+            .follow(bus.answers.clone(), shutdown.clone(), |_, _| {}),
+    );
     let db = versus_shared::db::connect(
         &settings.database_url,
         settings.concurrency as u32 + BACKGROUND_CONNECTIONS,
@@ -197,6 +207,7 @@ pub async fn run(
         store_retry: Duration::from_secs(settings.store_retry_secs),
         models: settings.models.clone(),
         budget: budget.clone(),
+        aliases,
         moderator: moderation::Moderator::new(&settings.moderation),
         cooldown: claims::Cooldown {
             after: settings.cooldown_after_failures,
@@ -252,7 +263,7 @@ pub async fn run(
 
     let grace = Duration::from_secs(settings.shutdown_grace_secs);
     // Whichever loop ends first (on shutdown, or an error) stops the others.
-    let (interactive, prewarm, popularity, purges, reports) = tokio::join!(
+    let (interactive, prewarm, popularity, purges, reports, aliases) = tokio::join!(
         cancel_after(
             &shutdown,
             consumer::run(
@@ -282,12 +293,14 @@ pub async fn run(
             &shutdown,
             reports::run(ctx.clone(), settings.reports.clone(), shutdown.clone()),
         ),
+        cancel_after(&shutdown, aliases::run(ctx.clone(), shutdown.clone())),
     );
     interactive?;
     prewarm?;
     popularity?;
     purges?;
     reports?;
+    aliases?;
     ops.await??;
     Ok(())
 }

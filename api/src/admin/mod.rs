@@ -1,6 +1,7 @@
 //! Operator routes, behind `Authorization: Bearer $VERSUS_ADMIN_TOKEN` (at least 32 characters,
 //! compared as SHA-256 digests in constant time): pre-warm batches, their progress, popularity,
-//! today's spend against the budget, purging an answer everywhere, and reported answers. With `VERSUS_OPS_ADDR`
+//! today's spend against the budget, purging an answer everywhere, reported answers, and
+//! aliases. With `VERSUS_OPS_ADDR`
 //! set they are served on that listener alone.
 //! These are the only routes that read Postgres; none of them is on the request path.
 //!
@@ -11,8 +12,10 @@
 //! - [`spend`]: today's spend by kind and model;
 //! - [`purge`]: purging an answer everywhere;
 //! - [`reports`]: the answers clients reported, and an operator's decision on one;
+//! - [`aliases`]: names an operator declares to be another name;
 //! - [`backends`]: Postgres and NATS as these routes use them (a failure is a 503).
 
+pub(crate) mod aliases;
 mod backends;
 pub(crate) mod popular;
 pub(crate) mod prewarm;
@@ -32,7 +35,7 @@ use axum::{
     http::header,
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
 };
 
 pub fn routes(app: App) -> Router<App> {
@@ -44,6 +47,11 @@ pub fn routes(app: App) -> Router<App> {
         .route("/v1/admin/fights/{key}", delete(purge::purge))
         .route("/v1/admin/reports", get(reports::list))
         .route("/v1/admin/reports/{kind}/{key}", post(reports::settle))
+        .route("/v1/admin/aliases", get(aliases::list))
+        .route(
+            "/v1/admin/aliases/{alias}",
+            put(aliases::put).delete(aliases::delete),
+        )
         .route_layer(middleware::from_fn_with_state(app, require_token))
 }
 

@@ -1,13 +1,15 @@
-//! CSV matchups: `a,b` per line, an optional `a,b` header, names in double quotes when they
-//! hold commas (`""` is a quote inside them), blank lines ignored.
+//! CSV matchups or aliases: `a,b` (or `alias,canonical`) per line, an optional header naming
+//! the two, names in double quotes when they hold commas (`""` is a quote inside them), blank
+//! lines ignored.
 //!
-//! One line is one matchup. A name can never span lines (a line break is a control character,
-//! which the API refuses), so splitting lines first lets one unclosed quote be reported on its
-//! own line rather than swallow the rest of the file, as a general CSV reader would.
+//! One line is one matchup (or alias). A name can never span lines (a line break is a control
+//! character, which the API refuses), so splitting lines first lets one unclosed quote be
+//! reported on its own line rather than swallow the rest of the file, as a general CSV reader
+//! would.
 
-use super::{Pair, Problem, all_or_problems, check};
+use super::{Entry, Format, Problem, all_or_problems, check};
 
-pub(super) fn parse(text: &str) -> Result<Vec<Pair>, Vec<Problem>> {
+pub(super) fn parse(text: &str, format: Format) -> Result<Vec<Entry>, Vec<Problem>> {
     let mut first = true;
     let mut results = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -23,15 +25,16 @@ pub(super) fn parse(text: &str) -> Result<Vec<Pair>, Vec<Problem>> {
                 continue;
             }
         };
-        if is_first && is_header(&fields) {
+        if is_first && is_header(&fields, format) {
             continue;
         }
         results.push(match fields.as_slice() {
-            [a, b] => check(number, Some(a), Some(b)),
+            [a, b] => check(format, number, Some(a), Some(b)),
             _ => Err(Problem::at(
                 number,
                 format!(
-                    "expected two names separated by a comma (`a,b`), found {} field{}",
+                    "expected two names separated by a comma (`{}`), found {} field{}",
+                    format.fields().join(","),
                     fields.len(),
                     if fields.len() == 1 { "" } else { "s" }
                 ),
@@ -41,8 +44,14 @@ pub(super) fn parse(text: &str) -> Result<Vec<Pair>, Vec<Problem>> {
     all_or_problems(results)
 }
 
-fn is_header(fields: &[String]) -> bool {
-    matches!(fields, [a, b] if a.trim().eq_ignore_ascii_case("a") && b.trim().eq_ignore_ascii_case("b"))
+fn is_header(fields: &[String], format: Format) -> bool {
+    let [first, second] = format.spellings();
+    let names = |field: &str, spellings: &[&str]| {
+        spellings
+            .iter()
+            .any(|s| field.trim().eq_ignore_ascii_case(s))
+    };
+    matches!(fields, [a, b] if names(a, first) && names(b, second))
 }
 
 /// Splits one line into its fields. A field that starts (after blanks) with `"` runs to the

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{Pair, Problem, parse};
+use super::{Entry, Format, Pair, Problem, parse, parse_as};
 
 fn pair(a: &str, b: &str) -> Pair {
     Pair {
@@ -20,7 +20,7 @@ fn json(text: &str) -> Result<Vec<Pair>, Vec<Problem>> {
 }
 
 /// The problems as the CLI prints them.
-fn problems(result: Result<Vec<Pair>, Vec<Problem>>) -> Vec<String> {
+fn problems<T: std::fmt::Debug>(result: Result<T, Vec<Problem>>) -> Vec<String> {
     result
         .expect_err("the file has problems")
         .iter()
@@ -172,4 +172,78 @@ fn malformed_json_is_reported_with_its_line() {
     );
     let found = problems(json("{\"fights\": []}"));
     assert!(found[0].contains("missing field `matchups`"), "{found:?}");
+}
+
+fn aliases(text: &str, extension: &str) -> Result<Vec<Entry>, Vec<Problem>> {
+    parse_as(
+        Path::new(&format!("aliases.{extension}")),
+        text,
+        Format::Aliases,
+    )
+}
+
+fn entry(line: usize, alias: &str, canonical: &str) -> Entry {
+    Entry {
+        line,
+        pair: pair(alias, canonical),
+    }
+}
+
+#[test]
+fn aliases_are_read_with_their_lines_under_either_header() {
+    let text = "alias,canonical\nKakarot,Goku\n\n\"Kal-El, son of Jor-El\",Superman\n";
+    assert_eq!(
+        aliases(text, "csv").unwrap(),
+        [
+            entry(2, "Kakarot", "Goku"),
+            entry(4, "Kal-El, son of Jor-El", "Superman")
+        ]
+    );
+    assert_eq!(
+        aliases("A,B\nKakarot,Goku\n", "csv").unwrap(),
+        [entry(2, "Kakarot", "Goku")]
+    );
+    // Matchups take only their own header.
+    assert_eq!(
+        csv("alias,canonical\nx,y\n").unwrap(),
+        [pair("alias", "canonical"), pair("x", "y")]
+    );
+}
+
+#[test]
+fn bad_alias_lines_name_the_alias_and_its_canonical_name() {
+    let text = "Kakarot,Goku\nKakarot\n  ,Goku\nKal-El,Bat\u{7}man\n";
+    assert_eq!(
+        problems(aliases(text, "csv")),
+        [
+            "line 2: expected two names separated by a comma (`alias,canonical`), found 1 field",
+            "line 3: opponent `alias` is empty",
+            "line 4: opponent `canonical` contains control characters",
+        ]
+    );
+    assert_eq!(
+        problems(aliases("alias,canonical\n", "csv")),
+        ["the file holds no aliases"]
+    );
+}
+
+#[test]
+fn json_aliases_are_alias_and_canonical_or_a_and_b_or_wrapped() {
+    let list = "[\n  {\"alias\": \"Kakarot\", \"canonical\": \"Goku\"},\n  \
+                {\"a\": \"Kal-El\", \"b\": \"Superman\"}\n]";
+    let expected = [entry(2, "Kakarot", "Goku"), entry(3, "Kal-El", "Superman")];
+    assert_eq!(aliases(list, "json").unwrap(), expected);
+    // What `GET /v1/admin/aliases` answers reads back.
+    let wrapped = format!("{{\"aliases\": {list}}}");
+    assert_eq!(aliases(&wrapped, "txt").unwrap(), expected);
+    let found = problems(aliases("{\"matchups\": []}", "json"));
+    assert!(found[0].contains("missing field `aliases`"), "{found:?}");
+    let found = problems(aliases("[{\"alias\": \"Kakarot\"}, 7]", "json"));
+    assert_eq!(
+        found,
+        [
+            "line 1: opponent `canonical` is missing",
+            "line 1: expected an object {\"alias\",\"canonical\"}"
+        ]
+    );
 }

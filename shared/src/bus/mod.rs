@@ -19,10 +19,12 @@
 //! - `login`: how a process logs in: credentials out of `NATS_URL` or `NATS_CREDS`, TLS, and
 //!   the connect options;
 //! - `link`: an edge's watch of its leaf link to the hub ([`HubLink`]);
+//! - [`follow`]: following a bucket's changes for as long as the process runs;
 //! - `topology`: declaring, looking up and reconciling the streams and buckets (the edge's
 //!   mirror included), and the worker's watchdog that declares a missing one again
 //!   (`keep_declared`).
 
+pub mod follow;
 mod link;
 mod login;
 mod topology;

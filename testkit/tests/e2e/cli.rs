@@ -1,6 +1,7 @@
 //! The `versus` operator CLI, run as a binary against the running system: pre-warming from a
 //! file (and again), refusing a malformed file or a missing token before anything is sent,
-//! failures in the exit status, purging, and users' reports listed and settled.
+//! failures in the exit status, purging, users' reports listed and settled, and aliases added,
+//! listed, imported and removed.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -405,5 +406,96 @@ fn reports_are_listed_and_a_hidden_answer_is_kept_with_settle() {
         )
         .await;
         assert_eq!(bad.code, Some(2));
+    });
+}
+
+#[test]
+fn aliases_are_added_listed_imported_and_removed() {
+    run(async {
+        let sys = quick().env("VERSUS_ADMIN_TOKEN", TOKEN).start().await;
+        let none = versus(&sys, Some(TOKEN), &["alias", "list"]).await;
+        assert_eq!(none.code, Some(0));
+        assert!(none.stdout.contains("no aliases"), "{}", none.stdout);
+
+        let add = versus(&sys, Some(TOKEN), &["alias", "add", "Kakarot", "Goku"]).await;
+        assert_eq!(add.code, Some(0));
+        assert_eq!(add.stdout, "Kakarot → Goku\n");
+        let list = versus(&sys, Some(TOKEN), &["alias", "list"]).await;
+        assert_eq!(list.code, Some(0));
+        assert_eq!(list.stdout, "Kakarot → Goku\n");
+        // One the API refuses (a cycle) fails with its reason.
+        let cycle = versus(&sys, Some(TOKEN), &["alias", "add", "Goku", "Kakarot"]).await;
+        assert_eq!(cycle.code, Some(1));
+        assert!(
+            cycle.stderr.contains("Goku → Kakarot was refused: "),
+            "{}",
+            cycle.stderr
+        );
+        // A name of dots is still one path segment (URLs drop `..`).
+        let dots = versus(&sys, Some(TOKEN), &["alias", "add", "..", "Ellipsis"]).await;
+        assert_eq!(
+            (dots.code, dots.stdout.as_str()),
+            (Some(0), ".. → Ellipsis\n")
+        );
+        let dots = versus(&sys, Some(TOKEN), &["alias", "rm", ".."]).await;
+        assert_eq!(dots.code, Some(0), "{}", dots.stderr);
+
+        // Two lines: the first is added; the second would chain (Goku is Kakarot's canonical
+        // name), so the API refuses it, and it is reported with its line.
+        let csv = File::new("csv", "alias,canonical\nKal-El,Superman\nGoku,Son Goku\n");
+        let import = versus(&sys, Some(TOKEN), &["alias", "import", csv.path()]).await;
+        assert_eq!(import.code, Some(1));
+        assert!(
+            import.stdout.contains("1 alias added, 1 refused"),
+            "{}",
+            import.stdout
+        );
+        assert!(
+            import
+                .stderr
+                .contains("line 3: Goku → Son Goku was refused: "),
+            "{}",
+            import.stderr
+        );
+        let list = versus(&sys, Some(TOKEN), &["alias", "list"]).await;
+        let mut lines: Vec<&str> = list.stdout.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(lines, ["Kakarot → Goku", "Kal-El → Superman"]);
+
+        // A file with a bad name is refused whole, with its line, before anything is sent.
+        let bad = File::new("csv", "Kid Goku,Goku\nVegeta,\n");
+        for args in [
+            &["alias", "import", "--check", bad.path()][..],
+            &["alias", "import", bad.path()],
+        ] {
+            let run = versus(&sys, Some(TOKEN), args).await;
+            assert_eq!(run.code, Some(2));
+            assert!(
+                run.stderr.contains("line 2: opponent `canonical` is empty"),
+                "{}",
+                run.stderr
+            );
+        }
+        let check = versus(&sys, None, &["alias", "import", "--check", csv.path()]).await;
+        assert_eq!(check.code, Some(0));
+        assert!(
+            check.stdout.contains("2 aliases, all valid"),
+            "{}",
+            check.stdout
+        );
+
+        let rm = versus(&sys, Some(TOKEN), &["alias", "rm", "Kakarot"]).await;
+        assert_eq!(rm.code, Some(0));
+        assert!(
+            rm.stdout.contains("removed the alias Kakarot"),
+            "{}",
+            rm.stdout
+        );
+        // Removed already: unknown, as a purge of an unknown key is.
+        let again = versus(&sys, Some(TOKEN), &["alias", "rm", "Kakarot"]).await;
+        assert_eq!(again.code, Some(1));
+        assert!(again.stderr.contains("no such alias"), "{}", again.stderr);
+        let list = versus(&sys, Some(TOKEN), &["alias", "list"]).await;
+        assert_eq!(list.stdout, "Kal-El → Superman\n");
     });
 }

@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod accessibility;
+mod aliases;
 mod availability;
 mod browser;
 mod budget;

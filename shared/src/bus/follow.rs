@@ -1,7 +1,8 @@
 //! Following a KV bucket's changes for as long as the process runs: a watch that breaks starts
 //! again after the last change it gave, so nothing is missed meanwhile (the ordered consumer
 //! under it already starts again by itself after a gap; this covers a watch that ends or
-//! fails). Used for an edge's purges (`lib.rs`) and for the known names (`names.rs`).
+//! fails). Used for an edge's purges and for the known names (the API's), and for the aliases
+//! (both processes').
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ const RETRY: Duration = Duration::from_millis(500);
 
 /// Where a watch begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum From {
+pub enum From {
     /// What each entry holds now, then every change.
     Now,
     /// Only the changes made from here on.
@@ -23,7 +24,7 @@ pub(crate) enum From {
 
 /// Hands every change of `store`'s entries matching `filter` to `each`, from `from` on, and
 /// never returns (drop it to stop). `what` names the watch in the logs.
-pub(crate) async fn changes(
+pub async fn changes(
     store: &kv::Store,
     filter: &str,
     from: From,

@@ -11,6 +11,10 @@
 // - a picture that is not stored is drawn only when the visitor asks: Fight, or the
 //   picture's own button. Loading an address never draws one.
 //
+// A finished answer says which model wrote it, in the quiet status line under it; one that a
+// fallback model made while the usual one could not (`degraded`) says "Answered by MODEL", and
+// such a picture "Drawn by MODEL" under it.
+//
 // A finished answer and a drawn picture each have a Report control (POST
 // /v1/fights/{key}/report, /v1/images/{key}/report): it never calls the AI, and what the
 // visitor reported stays on their screen (the API hides an answer once enough people report
@@ -55,6 +59,7 @@
   const picture = $('picture');
   const pictureFrame = picture.querySelector('.picture-frame');
   const pictureNote = $('picture-note');
+  const pictureBy = $('picture-by');
   const drawButton = $('draw');
 
   // One text node that chunks are appended to, so that streaming never re-renders the answer.
@@ -77,10 +82,16 @@
   };
   /** The fights the visitor asked for in this page: going back to one starts it again. */
   const asked = new Set();
-  /** The stored pictures this page knows of, by fight: `{url, key}`. */
+  /** The stored pictures this page knows of, by fight: `{url, key, model, degraded}`. */
   const pictures = new Map();
   if (landing.url && meta('picture')) {
-    pictures.set(landing.url, { url: meta('picture'), key: meta('picture-key') });
+    const fallback = meta('picture-fallback');
+    pictures.set(landing.url, {
+      url: meta('picture'),
+      key: meta('picture-key'),
+      model: fallback,
+      degraded: fallback !== null,
+    });
   }
   /** When the page was last shown (see SETTLE_MS). */
   let shownAt = performance.now();
@@ -209,6 +220,13 @@
 
   // --- the answer ------------------------------------------------------------------------
 
+  /** The status line of a finished answer `{model, degraded}`: which model wrote it. */
+  function writtenBy(done) {
+    if (!done.model) return '';
+    if (done.degraded) return `Answered by ${done.model}, a fallback model.`;
+    return `Written by ${done.model}.`;
+  }
+
   function setState(state) {
     result.dataset.state = state;
     answer.setAttribute('aria-busy', String(state === 'streaming'));
@@ -275,7 +293,7 @@
     title.textContent = `${body.a} vs ${body.b}`;
     answerText.data = body.text;
     cachedBadge.hidden = false;
-    status.textContent = body.model ? `Written by ${body.model}.` : '';
+    status.textContent = writtenBy(body);
     setState('done');
     reportAnswer(body.key || key);
   }
@@ -316,7 +334,7 @@
       // Close before the server ends the stream, or EventSource would reconnect.
       source.close();
       const done = JSON.parse(event.data);
-      status.textContent = done.model ? `Written by ${done.model}.` : '';
+      status.textContent = writtenBy(done);
       setState('done');
       reportAnswer(done.key);
     });
@@ -391,6 +409,7 @@
     pictureNote.hidden = !note;
     if (state !== 'ready') {
       pictureFrame.querySelector('img')?.remove();
+      pictureBy.hidden = true;
       reportPicture(null);
     }
     picture.setAttribute('aria-busy', String(state === 'drawing' || state === 'loading'));
@@ -411,8 +430,8 @@
     drawButton.hidden = false;
   }
 
-  /** Shows the stored picture `{url, key}`. */
-  function showPicture(fight, { url, key }) {
+  /** Shows the stored picture `{url, key, model, degraded}`. */
+  function showPicture(fight, { url, key, model, degraded }) {
     drawButton.hidden = true;
     setPicture('loading', 'Loading the picture…');
     const img = new Image();
@@ -422,6 +441,9 @@
       if (current !== fight) return;
       setPicture('ready');
       pictureFrame.append(img);
+      // Shown with the picture and its Report control, below the frame: nothing above moves.
+      pictureBy.textContent = degraded && model ? `Drawn by ${model}, a fallback model.` : '';
+      pictureBy.hidden = !pictureBy.textContent;
       reportPicture(key);
     });
     img.addEventListener('error', () => pictureUnavailable(fight, 'Picture unavailable.', true));
@@ -442,7 +464,12 @@
     source.addEventListener('done', (event) => {
       source.close();
       const done = JSON.parse(event.data);
-      const stored = { url: done.url, key: done.key };
+      const stored = {
+        url: done.url,
+        key: done.key,
+        model: done.model,
+        degraded: Boolean(done.degraded),
+      };
       pictures.set(fight.url, stored);
       if (current === fight) showPicture(fight, stored);
     });

@@ -1,12 +1,13 @@
 //! The JSON bodies of finished answers, one type per shape, so that the public contract's
-//! `{"key","a","b","text","model","cached"}` and `{"key","url","cached"}` are written once, with
-//! the public URL of a stored picture.
+//! `{"key","a","b","text","model","degraded","cached"}` and
+//! `{"key","url","model","degraded","cached"}` are written once, with the public URL of a
+//! stored picture.
 
 use serde::Serialize;
 use utoipa::ToSchema;
 use versus_shared::{
     key::Key,
-    wire::{Answer, ImageAnswer},
+    wire::{Answer, Degraded, ImageAnswer},
 };
 
 /// Which answer a body is about: its key and the opponents' names as shown. Text bodies and
@@ -31,9 +32,12 @@ pub struct TextBody<'a> {
     pub fight: Fight<'a>,
     /// The whole answer.
     pub text: &'a str,
-    /// The chat model that wrote it.
+    /// The chat model that wrote it: a fallback provider's when `degraded`.
     #[schema(example = "gpt-4o-mini")]
     pub model: &'a str,
+    /// Whether a fallback provider wrote it, while the primary could not: it is served until
+    /// the primary's answer replaces it.
+    pub degraded: bool,
     /// Whether it was already stored when asked.
     pub cached: bool,
 }
@@ -48,6 +52,7 @@ impl<'a> TextBody<'a> {
             },
             text: &answer.text,
             model: &answer.model,
+            degraded: answer.degraded(),
             cached,
         }
     }
@@ -62,6 +67,12 @@ pub struct ImageBody<'a> {
     /// Where the picture is served: this API's `/v1/images/{file}`, or under
     /// `VERSUS_PUBLIC_IMAGE_BASE_URL` when set.
     pub url: &'a str,
+    /// The image model that drew it: a fallback provider's when `degraded`.
+    #[schema(example = "gpt-image-1")]
+    pub model: &'a str,
+    /// Whether a fallback provider drew it, while the primary could not: it is served until
+    /// the primary's picture replaces it.
+    pub degraded: bool,
     /// Whether it was already stored when asked.
     pub cached: bool,
 }
@@ -71,6 +82,8 @@ impl<'a> ImageBody<'a> {
         ImageBody {
             key: &answer.key,
             url,
+            model: &answer.model,
+            degraded: answer.degraded(),
             cached,
         }
     }

@@ -6,6 +6,10 @@
 //! A purge is final ([`Floors`]): each replica knows, per entry, the revision of the last purge
 //! marker it heard of, and takes an older value read from the bucket (a lagging replica of the
 //! hub's, or an edge's lagging mirror) for a miss, which it never keeps.
+//!
+//! A degraded answer (a fallback provider's, [`Degraded`]) is served from the bucket but never
+//! kept in memory, so that the primary's answer, once a worker writes it over the entry, is
+//! served at once by every replica; past its time it is a miss ([`use_of`]).
 
 use std::sync::{
     Arc, Mutex, OnceLock,
@@ -19,13 +23,13 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use versus_shared::{
     key::Key,
-    wire::{self, Answer, ImageAnswer, Kind},
+    wire::{self, Answer, Degraded, ImageAnswer, Kind},
 };
 
 use crate::nats::LazyBus;
 
 /// A value of the edge KV bucket.
-pub trait Entry: DeserializeOwned + Send + Sync + 'static {
+pub trait Entry: DeserializeOwned + Degraded + Send + Sync + 'static {
     const KIND: Kind;
 
     /// The attempt that made it: it names this answer (see `wire::Answer::attempt`).
@@ -56,6 +60,29 @@ pub struct Cached<V> {
     pub body: Bytes,
     pub etag: String,
     pub sse: OnceLock<Bytes>,
+}
+
+/// What a replica does with an answer it read from the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// Serve it and keep it in memory: the primary's answer, which only a purge takes back.
+    Keep,
+    /// Serve it, and read it from the bucket again next time: a degraded answer (a fallback's),
+    /// which a worker overwrites with the primary's once made.
+    Serve,
+    /// Take it for a miss: a degraded answer past its time, whose key a new job may claim.
+    Miss,
+}
+
+/// What to do with `value`, read from the bucket at `now_ms` (Unix milliseconds).
+pub fn use_of(value: &impl Degraded, now_ms: u64) -> Use {
+    if !value.served_at(now_ms) {
+        Use::Miss
+    } else if value.degraded() {
+        Use::Serve
+    } else {
+        Use::Keep
+    }
 }
 
 /// Where a hit came from: the `layer` of the hit and stale counters.
@@ -103,11 +130,75 @@ impl<V> Weighter<Key, Arc<Cached<V>>> for BodyWeight {
 type Render<V> = Box<dyn Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync>;
 
 pub struct EdgeCache<V> {
-    memory: Cache<Key, Arc<Cached<V>>, BodyWeight>,
+    memory: Memory<V>,
     bus: LazyBus,
+    floors: Arc<Floors>,
+}
+
+/// An [`EdgeCache`]'s memory: the answers it keeps, rendered.
+struct Memory<V> {
+    cache: Cache<Key, Arc<Cached<V>>, BodyWeight>,
     render: Render<V>,
     purges: Purges,
-    floors: Arc<Floors>,
+}
+
+impl<V: Entry> Memory<V> {
+    fn new(bytes: u64, render: Render<V>) -> Memory<V> {
+        let bytes = bytes.max(MIN_CACHE_BYTES);
+        Memory {
+            cache: Cache::with_weighter((bytes / TYPICAL_ENTRY_BYTES) as usize, bytes, BodyWeight),
+            render,
+            purges: Purges::default(),
+        }
+    }
+
+    fn get(&self, key: &Key) -> Option<Arc<Cached<V>>> {
+        self.cache.get(key)
+    }
+
+    /// `value`, read for `key` from the bucket at `now_ms` after purges counted `purges`,
+    /// rendered: None when it is a miss ([`use_of`]), kept in memory when it may be
+    /// ([`Use::Keep`], and no purge came meanwhile).
+    fn take(
+        &self,
+        key: &Key,
+        value: V,
+        purges: u64,
+        now_ms: u64,
+    ) -> serde_json::Result<Option<Arc<Cached<V>>>> {
+        let usage = use_of(&value, now_ms);
+        if usage != Use::Keep {
+            degraded_counter(V::KIND, usage).increment(1);
+        }
+        if usage == Use::Miss {
+            return Ok(None);
+        }
+        let body = Bytes::from((self.render)(&value)?);
+        let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..16]));
+        let cached = Arc::new(Cached {
+            value,
+            body,
+            etag,
+            sse: OnceLock::new(),
+        });
+        if usage == Use::Keep {
+            self.cache.insert(key.clone(), cached.clone());
+            if self.purges.moved_since(purges) {
+                self.cache.remove(key);
+            }
+        }
+        Ok(Some(cached))
+    }
+
+    fn remove(&self, key: &Key) {
+        self.purges.note();
+        self.cache.remove(key);
+    }
+
+    fn clear(&self) {
+        self.purges.note();
+        self.cache.clear();
+    }
 }
 
 /// Per entry of the answers bucket (`<kind>.<key>`, `refused.<kind>.<key>`), the revision of
@@ -202,18 +293,16 @@ impl<V: Entry> EdgeCache<V> {
         floors: Arc<Floors>,
         render: impl Fn(&V) -> serde_json::Result<Vec<u8>> + Send + Sync + 'static,
     ) -> EdgeCache<V> {
-        let bytes = bytes.max(MIN_CACHE_BYTES);
         EdgeCache {
-            memory: Cache::with_weighter((bytes / TYPICAL_ENTRY_BYTES) as usize, bytes, BodyWeight),
+            memory: Memory::new(bytes, Box::new(render)),
             bus,
-            render: Box::new(render),
-            purges: Purges::default(),
             floors,
         }
     }
 
     /// The finished answer for `key`, from memory, else from the edge KV bucket (at an edge,
-    /// its mirror). An error, without a wait, while NATS is not connected.
+    /// its mirror); none for a degraded answer past its time ([`use_of`]). An error, without a
+    /// wait, while NATS is not connected.
     pub async fn get(&self, key: &Key) -> anyhow::Result<Option<Arc<Cached<V>>>> {
         if let Some(hit) = self.in_memory(key) {
             return Ok(Some(hit));
@@ -224,7 +313,7 @@ impl<V: Entry> EdgeCache<V> {
 
     /// How many answers this replica's memory holds.
     pub fn entries(&self) -> usize {
-        self.memory.len()
+        self.memory.cache.len()
     }
 
     /// The finished answer for `key` if this replica's memory holds it.
@@ -253,31 +342,22 @@ impl<V: Entry> EdgeCache<V> {
         }
     }
 
-    /// The answer for `key` in `store`, kept in memory.
+    /// The answer for `key` in `store`, kept in memory unless degraded ([`use_of`]).
     async fn read(
         &self,
         key: &Key,
         store: &kv::Store,
         layer: Layer,
     ) -> anyhow::Result<Option<Arc<Cached<V>>>> {
-        let purges = self.purges.count();
+        let purges = self.memory.purges.count();
         let entry = wire::kv_key(V::KIND, key);
         let Some(bytes) = fresh(store, entry, &self.floors, V::KIND, layer).await? else {
             return Ok(None);
         };
         let value: V = serde_json::from_slice(&bytes)?;
-        let body = Bytes::from((self.render)(&value)?);
-        let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&body)[..16]));
-        let cached = Arc::new(Cached {
-            value,
-            body,
-            etag,
-            sse: OnceLock::new(),
-        });
-        self.memory.insert(key.clone(), cached.clone());
-        if self.purges.moved_since(purges) {
-            self.memory.remove(key);
-        }
+        let Some(cached) = self.memory.take(key, value, purges, wire::unix_ms())? else {
+            return Ok(None);
+        };
         Ok(Some(hit_from(cached, V::KIND, layer)))
     }
 }
@@ -286,13 +366,11 @@ impl<V: Entry> EdgeCache<V> {
     /// Drops `key` from memory (after a purge; KV is purged by whoever purges). Raise the
     /// purge's [`Floors`] first: a read under way then either sees them or is taken back.
     pub fn remove(&self, key: &Key) {
-        self.purges.note();
         self.memory.remove(key);
     }
 
     /// Drops everything from memory: purge notices may have been lost (see `App::forget_all`).
     pub fn clear(&self) {
-        self.purges.note();
         self.memory.clear();
     }
 
@@ -395,7 +473,21 @@ pub fn zero_counters(edge: bool) {
                     .increment(0);
             }
         }
+        for usage in [Use::Serve, Use::Miss] {
+            degraded_counter(kind, usage).increment(0);
+        }
     }
+}
+
+/// Degraded answers read from the bucket, by what was done with them: `served` (a hit, not
+/// kept in memory) or `expired` (past their time: a miss).
+fn degraded_counter(kind: Kind, usage: Use) -> metrics::Counter {
+    let usage = if usage == Use::Miss {
+        "expired"
+    } else {
+        "served"
+    };
+    metrics::counter!("versus_cache_degraded_total", "kind" => kind.as_str(), "use" => usage)
 }
 
 /// `cached`, counted as a hit in `layer`.
@@ -403,4 +495,103 @@ fn hit_from<V>(cached: Arc<Cached<V>>, kind: Kind, layer: Layer) -> Arc<Cached<V
     metrics::counter!("versus_cache_hits_total", "kind" => kind.as_str(), "layer" => layer.as_str())
         .increment(1);
     cached
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn answer(text: &str, model: &str, degraded_until_ms: Option<u64>) -> Answer {
+        Answer {
+            key: key(),
+            a: "Batman".to_owned(),
+            b: "Superman".to_owned(),
+            text: text.to_owned(),
+            model: model.to_owned(),
+            attempt: 1,
+            degraded_until_ms,
+        }
+    }
+
+    fn key() -> Key {
+        Key::parse(&"a".repeat(32)).unwrap()
+    }
+
+    fn memory() -> Memory<Answer> {
+        Memory::new(
+            0,
+            Box::new(|a: &Answer| serde_json::to_vec(&crate::body::TextBody::of(a, true))),
+        )
+    }
+
+    #[test]
+    fn the_primarys_answer_is_kept_a_fallbacks_served_until_its_time_then_a_miss() {
+        assert_eq!(use_of(&answer("x", "gpt-4o-mini", None), NOW), Use::Keep);
+        assert_eq!(
+            use_of(&answer("x", "gpt-4o-mini", None), u64::MAX),
+            Use::Keep
+        );
+        let degraded = answer("x", "fallback-chat", Some(NOW + 1));
+        assert_eq!(use_of(&degraded, NOW), Use::Serve);
+        assert_eq!(use_of(&degraded, NOW + 1), Use::Miss, "its time is past");
+        assert_eq!(use_of(&degraded, NOW + 60_000), Use::Miss);
+        assert_eq!(
+            use_of(&answer("x", "fallback-chat", Some(0)), NOW),
+            Use::Miss
+        );
+    }
+
+    #[test]
+    fn memory_keeps_the_primarys_answer_and_never_a_degraded_one() {
+        let memory = memory();
+        let key = key();
+        // A degraded answer is served, rendered with its model, and not kept.
+        let served = memory
+            .take(
+                &key,
+                answer("stand-in", "fallback-chat", Some(NOW + 1_000)),
+                0,
+                NOW,
+            )
+            .unwrap()
+            .expect("a degraded answer in its time is a hit");
+        let body: serde_json::Value = serde_json::from_slice(&served.body).unwrap();
+        assert_eq!(body["model"], "fallback-chat");
+        assert_eq!(body["degraded"], true);
+        assert_eq!(body["cached"], true);
+        assert!(
+            memory.get(&key).is_none(),
+            "a degraded answer is never kept"
+        );
+        // Past its time: a miss, not kept either.
+        let expired = answer("stand-in", "fallback-chat", Some(NOW));
+        assert!(memory.take(&key, expired, 0, NOW).unwrap().is_none());
+        assert!(memory.get(&key).is_none());
+        // The primary's answer, written over it in the bucket: served and kept, with another
+        // ETag.
+        let primary = memory
+            .take(&key, answer("the real one", "gpt-4o-mini", None), 0, NOW)
+            .unwrap()
+            .expect("a hit");
+        assert_ne!(primary.etag, served.etag);
+        let body: serde_json::Value = serde_json::from_slice(&primary.body).unwrap();
+        assert_eq!(body["degraded"], false);
+        let kept = memory.get(&key).expect("the primary's answer is kept");
+        assert_eq!(kept.value.text, "the real one");
+    }
+
+    #[test]
+    fn a_value_read_before_a_purge_is_not_kept_after_it() {
+        let memory = memory();
+        let key = key();
+        let before = memory.purges.count();
+        memory.remove(&key);
+        let hit = memory
+            .take(&key, answer("x", "gpt-4o-mini", None), before, NOW)
+            .unwrap();
+        assert!(hit.is_some(), "served to the request that read it");
+        assert!(memory.get(&key).is_none(), "but not kept past the purge");
+    }
 }

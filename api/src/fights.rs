@@ -12,7 +12,7 @@ use axum::{
 use futures::stream;
 use versus_shared::{
     key::Key,
-    wire::{Answer, ErrorCode, Event, Kind},
+    wire::{Answer, Degraded, ErrorCode, Event, Kind},
 };
 
 use crate::{
@@ -29,6 +29,9 @@ use crate::{
 
 /// Answers are immutable per key; browsers keep them briefly, CDNs for a day.
 const ANSWER_CACHE_CONTROL: &str = "public, max-age=300, s-maxage=86400";
+/// A degraded answer (a fallback provider's) is replaced by the primary's once made: browsers
+/// and CDNs may store it, but ask again (a 304 while it stands) before each use.
+const DEGRADED_CACHE_CONTROL: &str = "public, no-cache";
 
 impl App {
     /// Counts a hit for popularity (in memory; see `popularity`).
@@ -78,27 +81,30 @@ pub(crate) async fn stream_fight(
     let key = ask.key.clone();
     // Who asks matters only to a stream that stays open: a whole hit is never limited.
     let client = || app.client(peer, &headers);
-    let mut translator = Translator::new(key.clone(), resume);
+    let primary = app.inner.settings.models.chat_model.clone();
+    let mut translator = Translator::new(key.clone(), primary, resume);
     let miss = match app.find(&app.inner.answers, &key, client).await? {
         Found::Missing(miss) => miss,
         Found::Stored(cached) => {
             app.count(&ask);
             ask.count_merged(&cached.value.a, &cached.value.b);
             let answer = &cached.value;
+            let (model, degraded) = (answer.model.as_str(), answer.degraded());
+            let meta = || sse::meta_hit(&key, &answer.a, &answer.b, model, degraded);
             if resume.is_none() {
                 // The common hit: the same bytes every time, rendered once per cached answer.
                 let body = cached.sse.get_or_init(|| {
                     sse::render(&[
-                        sse::meta(&key, &answer.a, &answer.b, true),
+                        meta(),
                         sse::chunk(answer.attempt, answer.text.len(), &answer.text),
-                        sse::done(&key, &answer.model),
+                        sse::done(&key, model, degraded),
                     ])
                 });
                 return Ok(sse::body(body.clone()));
             }
-            let mut out = vec![sse::meta(&key, &answer.a, &answer.b, true).into()];
+            let mut out = vec![meta().into()];
             translator.finished_text(answer.attempt, &answer.text, &mut out);
-            out.push(sse::done(&key, &answer.model).into());
+            out.push(sse::done(&key, model, degraded).into());
             let slot = app.stream_slot(client())?;
             return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
         }
@@ -106,7 +112,7 @@ pub(crate) async fn stream_fight(
     let client = client();
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
-    let meta = sse::meta(&key, &job.a, &job.b, false).into();
+    let meta = sse::meta(&key, &job.a, &job.b).into();
     let (a, b) = (job.a.clone(), job.b.clone());
     let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
     app.count_admitted(&waiter, &key, &a, &b);
@@ -220,6 +226,7 @@ pub(crate) async fn create_fight(
                         },
                         text: &text,
                         model,
+                        degraded: *model != app.inner.settings.models.chat_model,
                         cached: false,
                     })
                     .into_response(),
@@ -253,10 +260,10 @@ fn cached_body(cached: &Cached<Answer>) -> Response {
     responses(
         (status = 200, description = "The stored answer.", body = TextBody, headers(
             ("ETag" = String, description = "Strong validator of the answer."),
-            ("Cache-Control" = String, description = "`public, max-age=300, s-maxage=86400`."),
+            ("Cache-Control" = String, description = "`public, max-age=300, s-maxage=86400`; `public, no-cache` for a degraded answer (a fallback provider's), which the primary's replaces once made."),
         )),
         (status = 304, description = "Not modified.", headers(("ETag" = String), ("Cache-Control" = String))),
-        (status = 404, description = "No answer has this key (yet).", body = ErrorBody),
+        (status = 404, description = "No answer has this key (yet), or only a degraded one past its time.", body = ErrorBody),
         (status = 429, description = "This client looked up more than it may past the API's memory (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`).", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
         (status = 503, description = "The answers bucket is unreachable.", body = ErrorBody),
     ),
@@ -282,7 +289,12 @@ pub(crate) async fn get_fight(
             return Err(ApiError::Unavailable);
         }
     };
-    let validators = http::validators(&cached.etag, ANSWER_CACHE_CONTROL);
+    let cache_control = if cached.value.degraded() {
+        DEGRADED_CACHE_CONTROL
+    } else {
+        ANSWER_CACHE_CONTROL
+    };
+    let validators = http::validators(&cached.etag, cache_control);
     if http::if_none_match(&headers, &cached.etag) {
         return Ok((StatusCode::NOT_MODIFIED, validators).into_response());
     }

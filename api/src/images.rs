@@ -15,7 +15,7 @@ use object_store::ObjectStoreExt;
 use versus_shared::{
     key::Key,
     objects::{self, IMAGE_CACHE_CONTROL},
-    wire::{ErrorCode, Event, ImageAnswer, Kind},
+    wire::{Degraded, ErrorCode, Event, ImageAnswer, Kind},
 };
 
 use crate::{
@@ -93,8 +93,8 @@ pub(crate) async fn stream_image(
             ask.count_merged(&v.a, &v.b);
             let body = cached.sse.get_or_init(|| {
                 sse::render(&[
-                    sse::meta(&key, &v.a, &v.b, true),
-                    sse::image_done(&key, &app.url_of(v)),
+                    sse::meta_hit(&key, &v.a, &v.b, &v.model, v.degraded()),
+                    sse::image_done(&key, &app.url_of(v), &v.model, v.degraded()),
                 ])
             });
             return Ok(sse::body(body.clone()));
@@ -103,13 +103,16 @@ pub(crate) async fn stream_image(
     let client = app.client(peer, &headers);
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
-    let meta: SseEvent = sse::meta(&key, &job.a, &job.b, false).into();
+    let meta: SseEvent = sse::meta(&key, &job.a, &job.b).into();
     let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
     let waiting = app.clone();
     let events =
         stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
             let end = match waiting.drawn(key.clone(), waiter).await {
-                Ok(cached) => sse::image_done(&key, &waiting.url_of(&cached.value)).into(),
+                Ok(cached) => {
+                    let v = &cached.value;
+                    sse::image_done(&key, &waiting.url_of(v), &v.model, v.degraded()).into()
+                }
                 Err(ApiError::Generation {
                     code,
                     message,

@@ -319,6 +319,7 @@ mod tests {
             text: String::new(),
             model: String::new(),
             attempt: 1,
+            degraded_until_ms: None,
         }
     }
 

@@ -19,8 +19,9 @@
 //! name="versus:…">`, see [`Landing`]): whether the text of a new answer may start at once
 //! (only for an address the visitor typed and for this site's own navigation: a link from
 //! another site waits for the visitor to press Fight, `origin::Origins::document_may_start`),
-//! and what is stored already (the answer's key, a refusal, the picture's URL), which the page
-//! shows at once whoever sent the visitor, without asking for anything that could cost money.
+//! and what is stored already (the answer's key, a refusal, the picture's URL, and the model
+//! that drew it when a fallback provider did), which the page shows at once whoever sent the
+//! visitor, without asking for anything that could cost money.
 //! The page body therefore depends on `Sec-Fetch-Site`, `Sec-Fetch-Dest` and `Referer`:
 //! `page::html` keeps it out of shared caches.
 
@@ -34,7 +35,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, header},
     response::Response,
 };
-use versus_shared::wire::{ErrorCode, Kind};
+use versus_shared::wire::{Degraded, ErrorCode, Kind};
 
 use crate::{
     app::App,
@@ -180,6 +181,9 @@ struct Landing {
     picture: Option<String>,
     /// The stored picture's key, which its Report control names.
     picture_key: Option<String>,
+    /// The model that drew the stored picture, when a fallback provider did (it is degraded):
+    /// the page says so under it.
+    picture_fallback: Option<String>,
 }
 
 impl Preview {
@@ -261,6 +265,7 @@ impl Preview {
             ("refused", landing.refused),
             ("picture", landing.picture.as_deref()),
             ("picture-key", landing.picture_key.as_deref()),
+            ("picture-fallback", landing.picture_fallback.as_deref()),
         ] {
             if let Some(value) = value {
                 let _ = write!(
@@ -297,6 +302,10 @@ impl App {
         } else {
             (None, None)
         };
+        let picture_fallback = picture
+            .as_ref()
+            .filter(|cached| cached.value.degraded())
+            .map(|cached| cached.value.model.clone());
         let picture = picture.map(|cached| {
             image_url(
                 self.inner.settings.public_image_base_url.as_deref(),
@@ -313,6 +322,7 @@ impl App {
             refused: refused.then(|| ErrorCode::Refused.message()),
             picture_key: picture.as_ref().map(|_| image.to_string()),
             picture,
+            picture_fallback,
         };
         let Some(cached) = answer else {
             // Nothing checked to echo: names nobody moderated stay out of the tags.
@@ -514,6 +524,7 @@ mod tests {
                 refused: None,
                 picture: Some("http://h/x.png?a=\"<".to_owned()),
                 picture_key: Some("0123456789abcdef0123456789abcdef".to_owned()),
+                picture_fallback: Some("<i>".to_owned()),
             },
         };
         let html = preview.render(page::INDEX, Some("http://h"));
@@ -531,6 +542,7 @@ mod tests {
         assert!(html.contains(
             "<meta name=\"versus:picture-key\" content=\"0123456789abcdef0123456789abcdef\">"
         ));
+        assert!(html.contains("<meta name=\"versus:picture-fallback\" content=\"&lt;i&gt;\">"));
     }
 
     #[test]

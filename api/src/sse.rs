@@ -103,6 +103,15 @@ pub mod data {
         pub fight: Fight<'a>,
         /// Whether the answer was already stored.
         pub cached: bool,
+        /// A stored answer's model (a fallback provider's when `degraded`); absent when the
+        /// answer is not stored yet (`done` names it then).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(example = "gpt-4o-mini")]
+        pub model: Option<&'a str>,
+        /// Whether a fallback provider made the stored answer, while the primary could not;
+        /// absent when the answer is not stored yet.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub degraded: Option<bool>,
     }
 
     /// `chunk`: the next piece of the text. Its SSE `id:` is `<attempt>:<end offset>`:
@@ -123,9 +132,12 @@ pub mod data {
     pub struct DoneData<'a> {
         #[schema(value_type = String)]
         pub key: &'a Key,
-        /// The chat model that wrote it.
+        /// The chat model that wrote it: a fallback provider's when `degraded`.
         #[schema(example = "gpt-4o-mini")]
         pub model: &'a str,
+        /// Whether a fallback provider wrote it, while the primary could not: it is served
+        /// until the primary's answer replaces it.
+        pub degraded: bool,
     }
 
     /// `done` of a picture, last: where the stored picture is served.
@@ -136,6 +148,12 @@ pub mod data {
         /// The picture's URL: this API's `/v1/images/{file}`, or under
         /// `VERSUS_PUBLIC_IMAGE_BASE_URL` when set.
         pub url: &'a str,
+        /// The image model that drew it: a fallback provider's when `degraded`.
+        #[schema(example = "gpt-image-1")]
+        pub model: &'a str,
+        /// Whether a fallback provider drew it, while the primary could not: it is served
+        /// until the primary's picture replaces it.
+        pub degraded: bool,
     }
 
     /// `error`, last: the generation cannot complete now.
@@ -195,12 +213,28 @@ impl From<Frame> for SseEvent {
     }
 }
 
-pub fn meta(key: &Key, a: &str, b: &str, cached: bool) -> Frame {
+/// `meta` of a miss: the answer is not stored yet.
+pub fn meta(key: &Key, a: &str, b: &str) -> Frame {
     Frame::new(
         "meta",
         &data::MetaData {
             fight: data::Fight { key, a, b },
-            cached,
+            cached: false,
+            model: None,
+            degraded: None,
+        },
+    )
+}
+
+/// `meta` of a hit: the stored answer, made by `model`, a fallback's when `degraded`.
+pub fn meta_hit(key: &Key, a: &str, b: &str, model: &str, degraded: bool) -> Frame {
+    Frame::new(
+        "meta",
+        &data::MetaData {
+            fight: data::Fight { key, a, b },
+            cached: true,
+            model: Some(model),
+            degraded: Some(degraded),
         },
     )
 }
@@ -212,13 +246,29 @@ pub fn chunk(attempt: i32, end: usize, delta: &str) -> Frame {
     }
 }
 
-pub fn done(key: &Key, model: &str) -> Frame {
-    Frame::new("done", &data::DoneData { key, model })
+/// The end of a text answer's stream, written by `model`, a fallback's when `degraded`.
+pub fn done(key: &Key, model: &str, degraded: bool) -> Frame {
+    Frame::new(
+        "done",
+        &data::DoneData {
+            key,
+            model,
+            degraded,
+        },
+    )
 }
 
-/// The end of a picture's stream: where to fetch it.
-pub fn image_done(key: &Key, url: &str) -> Frame {
-    Frame::new("done", &data::ImageDoneData { key, url })
+/// The end of a picture's stream: where to fetch it, and what drew it.
+pub fn image_done(key: &Key, url: &str, model: &str, degraded: bool) -> Frame {
+    Frame::new(
+        "done",
+        &data::ImageDoneData {
+            key,
+            url,
+            model,
+            degraded,
+        },
+    )
 }
 
 pub fn reset() -> SseEvent {
@@ -265,15 +315,19 @@ pub fn render(frames: &[Frame]) -> bytes::Bytes {
 /// must drop what it holds.
 pub struct Translator {
     key: Key,
+    /// The model the key was made with (the recipe's): a `done` naming another was written by
+    /// a fallback provider, and is degraded.
+    primary: String,
     /// Where the client's text ends, when it holds some.
     holds: Option<Resume>,
     attempt: Option<i32>,
 }
 
 impl Translator {
-    pub fn new(key: Key, resume: Option<Resume>) -> Translator {
+    pub fn new(key: Key, primary: String, resume: Option<Resume>) -> Translator {
         Translator {
             key,
+            primary,
             holds: resume,
             attempt: None,
         }
@@ -292,7 +346,7 @@ impl Translator {
                 self.chunk(*attempt, *offset, delta, out);
             }
             Event::Done { model, .. } => {
-                out.push(done(&self.key, model).into());
+                out.push(done(&self.key, model, *model != self.primary).into());
                 return true;
             }
             Event::Error {
@@ -382,9 +436,13 @@ mod tests {
         Key::parse(&"a".repeat(32)).unwrap()
     }
 
+    fn translator(resume: Option<Resume>) -> Translator {
+        Translator::new(key(), "gpt-4o-mini".to_owned(), resume)
+    }
+
     #[test]
     fn a_resume_of_the_answer_served_gets_exactly_the_rest() {
-        let mut translator = Translator::new(key(), Resume::parse("7:5"));
+        let mut translator = translator(Resume::parse("7:5"));
         let mut out = Vec::new();
         translator.finished_text(7, "Hello, world", &mut out);
         assert_eq!(wire(&out), [r#"chunk {"delta":", world"} 7:12"#]);
@@ -394,7 +452,7 @@ mod tests {
     fn a_resume_naming_another_answer_gets_reset_and_the_whole_stored_one() {
         // The client holds 5 bytes of attempt 1; the stored answer is attempt 2's (after a
         // purge, attempts go on from the purged one's).
-        let mut translator = Translator::new(key(), Resume::parse("1:5"));
+        let mut translator = translator(Resume::parse("1:5"));
         let mut out = Vec::new();
         translator.finished_text(2, "Hello, world", &mut out);
         assert_eq!(
@@ -408,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_resume_naming_another_answer_gets_reset_and_the_whole_live_one() {
-        let mut translator = Translator::new(key(), Resume::parse("1:5"));
+        let mut translator = translator(Resume::parse("1:5"));
         let mut out = Vec::new();
         for event in [
             Event::Started { attempt: 2 },
@@ -432,6 +490,59 @@ mod tests {
                 r#"chunk {"delta":"Hello"} 2:5"#,
                 r#"chunk {"delta":", world"} 2:12"#,
             ]
+        );
+    }
+
+    #[test]
+    fn a_done_names_its_model_and_is_degraded_when_a_fallback_wrote_it() {
+        let done = |model: &str| {
+            let mut out = Vec::new();
+            let ended = translator(None).translate(
+                &Event::Done {
+                    attempt: 1,
+                    model: model.to_owned(),
+                    length: 0,
+                },
+                &mut out,
+            );
+            assert!(ended);
+            wire(&out)
+        };
+        let key = "a".repeat(32);
+        assert_eq!(
+            done("gpt-4o-mini"),
+            [format!(
+                r#"done {{"key":"{key}","model":"gpt-4o-mini","degraded":false}}"#
+            )]
+        );
+        assert_eq!(
+            done("fallback-chat"),
+            [format!(
+                r#"done {{"key":"{key}","model":"fallback-chat","degraded":true}}"#
+            )]
+        );
+    }
+
+    #[test]
+    fn only_a_hits_meta_names_the_model() {
+        let key = key();
+        let render = |frame: Frame| {
+            let mut out = String::new();
+            frame.write(&mut out);
+            out
+        };
+        let k = key.as_str();
+        assert_eq!(
+            render(meta(&key, "Batman", "Superman")),
+            format!(
+                "event: meta\ndata: {{\"key\":\"{k}\",\"a\":\"Batman\",\"b\":\"Superman\",\"cached\":false}}\n\n"
+            )
+        );
+        assert_eq!(
+            render(meta_hit(&key, "Batman", "Superman", "fallback-chat", true)),
+            format!(
+                "event: meta\ndata: {{\"key\":\"{k}\",\"a\":\"Batman\",\"b\":\"Superman\",\"cached\":true,\"model\":\"fallback-chat\",\"degraded\":true}}\n\n"
+            )
         );
     }
 }

@@ -114,6 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     model: "bench".to_owned(),
                     attempt: 1,
                     key: key.clone(),
+                    degraded_until_ms: None,
                 };
                 answers
                     .put(format!("text.{key}"), serde_json::to_vec(&answer)?.into())

@@ -142,6 +142,9 @@ pub fn stalled_job_msg_id(kind: Kind, key: &Key, last: u64, leases: u64) -> Stri
 /// asks the upstream only once it has won the claim. (`Live` on the wire, for processes of
 /// older versions during an upgrade; "under way" everywhere in the code.)
 pub const UNDER_WAY_HEADER: &str = "Versus-Live";
+/// A pre-warm job a worker published to make a degraded answer again with the primary
+/// (the worker's `upgrade`): it may claim the degraded answer's row, and calls the primary only.
+pub const UPGRADE_HEADER: &str = "Versus-Upgrade";
 
 /// The de-duplication id of a pre-warm job: one per key and batch.
 pub fn prewarm_msg_id(kind: Kind, key: &Key, batch: &str) -> String {
@@ -300,8 +303,12 @@ pub struct ImageAnswer {
     /// Hex SHA-256 of the bytes: the strong ETag.
     pub sha256: String,
     pub content_type: String,
+    /// The model that drew it: a fallback's when [`ImageAnswer::degraded_until_ms`] is set.
     pub model: String,
     pub attempt: i32,
+    /// Set when a fallback provider made it ([`Degraded`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_until_ms: Option<u64>,
 }
 
 /// A finished text answer: the value of the edge cache, and what `GET /v1/fights/{key}` shows.
@@ -311,10 +318,57 @@ pub struct Answer {
     pub a: String,
     pub b: String,
     pub text: String,
+    /// The model that wrote it: a fallback's when [`Answer::degraded_until_ms`] is set.
     pub model: String,
     /// The attempt that produced the text; SSE ids carry it so resumes never mix attempts.
     /// Attempts never repeat for a key, across purges too: it names this answer.
     pub attempt: i32,
+    /// Set when a fallback provider made it ([`Degraded`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_until_ms: Option<u64>,
+}
+
+/// An answer a fallback provider made while the primary could not (its model is not the
+/// key's): served as degraded, and made again by the primary once it is back. Until
+/// `degraded_until_ms` (Unix milliseconds, `VERSUS_DEGRADED_TTL_SECS` after it was stored) it
+/// is a hit; past it, a miss, whose job may claim the key again. API replicas never keep a
+/// degraded answer in memory, so the primary's answer, once stored, is served at once.
+pub trait Degraded {
+    /// The model that made it.
+    fn model(&self) -> &str;
+
+    fn degraded_until_ms(&self) -> Option<u64>;
+
+    /// Whether it was made by a fallback.
+    fn degraded(&self) -> bool {
+        self.degraded_until_ms().is_some()
+    }
+
+    /// Whether it is still served at `now_ms` (Unix milliseconds): any answer the primary made,
+    /// a fallback's until its time.
+    fn served_at(&self, now_ms: u64) -> bool {
+        self.degraded_until_ms().is_none_or(|until| now_ms < until)
+    }
+}
+
+impl Degraded for Answer {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn degraded_until_ms(&self) -> Option<u64> {
+        self.degraded_until_ms
+    }
+}
+
+impl Degraded for ImageAnswer {
+    fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn degraded_until_ms(&self) -> Option<u64> {
+        self.degraded_until_ms
+    }
 }
 
 /// How many times a text answer was asked for since the last batch (popularity).

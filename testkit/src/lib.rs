@@ -55,7 +55,7 @@ pub use otlp::{Otlp, ReceivedSpan};
 pub use proc::Proc;
 pub use prometheus::{Prometheus, promtool};
 pub use s3::S3;
-pub use sim::Sim;
+pub use sim::{FALLBACK_API_KEY_ENV, Fallback, Sim};
 pub use system::{System, SystemBuilder};
 
 /// The path of a tool that `scripts/test` installs and names in the variable `var`

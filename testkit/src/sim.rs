@@ -4,6 +4,41 @@ use serde_json::{Value, json};
 
 use crate::{Proc, http_client};
 
+/// The variable the workers read a fallback simulator's key from (its entries' `api_key_env`).
+pub const FALLBACK_API_KEY_ENV: &str = "VERSUS_TEST_FALLBACK_API_KEY";
+
+/// What a second simulator stands in for ([`crate::SystemBuilder::fallback_sim`]): an entry of
+/// the workers' `VERSUS_FALLBACKS`, with a model of its own, so that what it made is told apart
+/// from the primary's (`gpt-4o-mini`, `gpt-image-1`, `omni-moderation-latest` by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    Text,
+    Image,
+    Moderation,
+}
+
+impl Fallback {
+    pub const ALL: [Fallback; 3] = [Fallback::Text, Fallback::Image, Fallback::Moderation];
+
+    /// The entry's `kind`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Fallback::Text => "text",
+            Fallback::Image => "image",
+            Fallback::Moderation => "moderation",
+        }
+    }
+
+    /// The model the entry names: what answers it made are stored under.
+    pub fn model(self) -> &'static str {
+        match self {
+            Fallback::Text => "fallback-chat",
+            Fallback::Image => "fallback-image",
+            Fallback::Moderation => "fallback-moderation",
+        }
+    }
+}
+
 /// A running `versus-sim` on a free port.
 pub struct Sim {
     pub proc: Proc,
@@ -28,6 +63,23 @@ impl Sim {
     /// The value for `OPENAI_BASE_URL`: `{url}/v1`.
     pub fn openai_base_url(&self) -> String {
         format!("{}/v1", self.url)
+    }
+
+    /// `VERSUS_FALLBACKS` naming this simulator for each of `kinds`, in that order, each with
+    /// its own model ([`Fallback::model`]) and its key in [`FALLBACK_API_KEY_ENV`].
+    pub fn fallbacks(&self, kinds: &[Fallback]) -> String {
+        let entries: Vec<Value> = kinds
+            .iter()
+            .map(|kind| {
+                json!({
+                    "kind": kind.kind(),
+                    "base_url": self.openai_base_url(),
+                    "model": kind.model(),
+                    "api_key_env": FALLBACK_API_KEY_ENV,
+                })
+            })
+            .collect();
+        Value::Array(entries).to_string()
     }
 
     /// `GET /_sim/stats`: `{"chat_calls", "image_calls", "calls": [...], "chat_requests": [...]}`.
@@ -74,6 +126,20 @@ impl Sim {
     /// How many image generations the simulator has served (or refused) since its last reset.
     pub async fn image_calls(&self) -> u64 {
         counter(&self.stats().await, "image_calls")
+    }
+
+    /// How many moderation checks the simulator has served (or refused) since its last reset.
+    pub async fn moderation_calls(&self) -> u64 {
+        counter(&self.stats().await, "moderation_calls")
+    }
+
+    /// How many calls of every kind (chat, image, moderation) it has had since its last reset.
+    pub async fn upstream_calls(&self) -> u64 {
+        let stats = self.stats().await;
+        ["chat_calls", "image_calls", "moderation_calls"]
+            .iter()
+            .map(|name| counter(&stats, name))
+            .sum()
     }
 
     /// `POST /_sim/config` with partial knobs, e.g. `json!({"ttft_ms": 500})`.

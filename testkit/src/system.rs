@@ -8,7 +8,9 @@ use futures::future::join_all;
 
 use std::path::PathBuf;
 
-use crate::{Database, Edge, Hub, Nats, NatsUser, Proc, S3, Sim, TempDir};
+use crate::{
+    Database, Edge, FALLBACK_API_KEY_ENV, Fallback, Hub, Nats, NatsUser, Proc, S3, Sim, TempDir,
+};
 
 /// Everything a test talks to. Dropping it kills every process and removes the NATS store.
 pub struct System {
@@ -18,7 +20,11 @@ pub struct System {
     /// `hub2` and `hub3` on a hub; empty otherwise.
     pub hub_peers: Vec<Nats>,
     pub db: Database,
+    /// The primary upstream (`OPENAI_BASE_URL`).
     pub sim: Sim,
+    /// The second simulator, the workers' fallback ([`SystemBuilder::fallback_sim`]); see
+    /// [`System::fallback`].
+    pub fallback_sim: Option<Sim>,
     /// An API replica beside the hub (or the one server).
     pub api: Proc,
     /// The edges ([`SystemBuilder::edges`]): `edge1`, `edge2`, …, each with its own API.
@@ -40,6 +46,7 @@ pub struct SystemBuilder {
     api_env: Vec<(String, String)>,
     worker_env: Vec<(String, String)>,
     sim_env: Vec<(String, String)>,
+    fallbacks: Vec<Fallback>,
     s3: bool,
     hub: bool,
     edges: usize,
@@ -54,6 +61,7 @@ impl Default for SystemBuilder {
             api_env: Vec::new(),
             worker_env: Vec::new(),
             sim_env: Vec::new(),
+            fallbacks: Vec::new(),
             s3: false,
             hub: false,
             edges: 0,
@@ -87,9 +95,22 @@ impl SystemBuilder {
         self
     }
 
-    /// A variable for the simulator (e.g. `VERSUS_SIM_TTFT_MS`).
+    /// A variable for the simulator (e.g. `VERSUS_SIM_TTFT_MS`), and for the fallback one.
     pub fn sim_env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.sim_env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Starts a second simulator ([`System::fallback`], with the same `sim_env`) and names it
+    /// in the workers' `VERSUS_FALLBACKS`, after the primary, for each of `kinds` in that order
+    /// (each with its own model, [`Fallback::model`], and a key of its own). A later `env` or
+    /// `worker_env` of `VERSUS_FALLBACKS` overrides the list.
+    pub fn fallback_sim(mut self, kinds: &[Fallback]) -> Self {
+        assert!(
+            !kinds.is_empty(),
+            "a fallback simulator stands in for some kind"
+        );
+        self.fallbacks = kinds.to_vec();
         self
     }
 
@@ -127,7 +148,7 @@ impl SystemBuilder {
     }
 
     /// Starts nats-server, the database (migrated as the superuser, as an operator migrates
-    /// as the owner) and the simulator, then the first worker alone, the other workers
+    /// as the owner) and the simulator (and the fallback one, if any), then the first worker alone, the other workers
     /// together, and finally the API. The API connects to Postgres as the role `versus_api`
     /// and the workers as `versus_worker` (unless a test sets `DATABASE_URL`).
     pub async fn start(self) -> System {
@@ -157,8 +178,15 @@ impl SystemBuilder {
             db.migrate().await;
             db
         };
-        let ((nats, hub_peers, edge_servers), db, sim) =
-            tokio::join!(servers, db, Sim::start(&sim_env));
+        let fallback_sim = async {
+            if self.fallbacks.is_empty() {
+                None
+            } else {
+                Some(Sim::start(&sim_env).await)
+            }
+        };
+        let ((nats, hub_peers, edge_servers), db, sim, fallback_sim) =
+            tokio::join!(servers, db, Sim::start(&sim_env), fallback_sim);
         // Every server of the hub, or the one server, as the programs' NATS_URL.
         let url_as = |user: NatsUser| {
             std::iter::once(&nats)
@@ -223,6 +251,13 @@ impl SystemBuilder {
             ("VERSUS_LEASE_SECS".to_owned(), "3".to_owned()),
             unbudgeted,
         ];
+        if let Some(fallback) = &fallback_sim {
+            worker_envs.push((
+                "VERSUS_FALLBACKS".to_owned(),
+                fallback.fallbacks(&self.fallbacks),
+            ));
+            worker_envs.push((FALLBACK_API_KEY_ENV.to_owned(), "fallback-key".to_owned()));
+        }
         worker_envs.extend(store_envs);
         worker_envs.extend(self.env);
         worker_envs.extend(self.worker_env);
@@ -262,6 +297,7 @@ impl SystemBuilder {
             hub_peers,
             db,
             sim,
+            fallback_sim,
             api,
             edges,
             workers,
@@ -281,6 +317,14 @@ impl System {
     /// The API's base URL, `http://127.0.0.1:PORT`.
     pub fn api_url(&self) -> &str {
         &self.api.url
+    }
+
+    /// The fallback simulator; panics unless the system was built with
+    /// [`SystemBuilder::fallback_sim`].
+    pub fn fallback(&self) -> &Sim {
+        self.fallback_sim
+            .as_ref()
+            .expect("the system has no fallback simulator: build it with .fallback_sim(..)")
     }
 
     /// The hub's server `name` (`hub1`..`hub3`; `hub1` is [`System::nats`]).

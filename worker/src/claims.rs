@@ -86,7 +86,7 @@ pub enum Claim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lost {
     /// The answer is already complete.
-    Done(Stored),
+    Done(Box<Stored>),
     /// Another worker holds a live lease for `remaining`.
     Busy { remaining: Duration },
     /// Moderation refused the matchup; `attempt` is the refused one.
@@ -147,6 +147,8 @@ pub struct Stored {
     pub b: String,
     pub model: String,
     pub attempt: i32,
+    /// Until when a fallback's answer is served (Unix ms; None for the primary's).
+    pub degraded_until_ms: Option<i64>,
     pub text: Option<String>,
     pub image_path: Option<String>,
     pub image_size: Option<i64>,
@@ -158,7 +160,7 @@ pub struct Stored {
 /// per batch (the claims, then why the lost ones were lost) rather than one or two per job.
 #[derive(Clone)]
 pub struct Claimer {
-    batcher: Batcher<Job, Result<Claim, ClaimError>>,
+    batcher: Batcher<(Job, bool), Result<Claim, ClaimError>>,
 }
 
 impl Claimer {
@@ -166,7 +168,7 @@ impl Claimer {
     /// dropped, so that the claims of jobs still draining at shutdown are answered.
     pub fn start(db: PgPool, lease: Duration, worker: String, tasks: &Tasks) -> Claimer {
         let worker: Arc<str> = worker.into();
-        let batcher = Batcher::start(tasks, move |jobs: Vec<Job>| {
+        let batcher = Batcher::start(tasks, move |jobs: Vec<(Job, bool)>| {
             let (db, worker) = (db.clone(), worker.clone());
             async move { claim_batch(&db, &jobs, lease, &worker).await }
         });
@@ -174,11 +176,12 @@ impl Claimer {
     }
 
     /// Claims the job's row: succeeds when the row is new, failed, purged, or its lease has
-    /// expired.
+    /// expired, or when it holds a fallback's answer that is no longer served or that the
+    /// primary is to make again (`upgrade.rs` queued it).
     /// Its span (`claim`) says what the claim found.
     #[tracing::instrument(name = "claim", skip_all, fields(versus.claim = tracing::field::Empty))]
-    pub async fn claim(&self, job: &Job) -> Result<Claim, ClaimError> {
-        let claim = self.batcher.call(job.clone()).await??;
+    pub async fn claim(&self, job: &Job, upgrade: bool) -> Result<Claim, ClaimError> {
+        let claim = self.batcher.call((job.clone(), upgrade)).await??;
         tracing::Span::current().record("versus.claim", claim.name());
         Ok(claim)
     }
@@ -188,19 +191,20 @@ impl Claimer {
 /// claim, or the error of the statement that carried it.
 async fn claim_batch(
     db: &PgPool,
-    jobs: &[Job],
+    claims: &[(Job, bool)],
     lease: Duration,
     worker: &str,
 ) -> Vec<Result<Claim, ClaimError>> {
-    let won = match claim_all(db, jobs, lease, worker).await {
+    let won = match claim_all(db, claims, lease, worker).await {
         Ok(won) => won,
-        Err(e) => return vec![Err(ClaimError::from(e)); jobs.len()],
+        Err(e) => return vec![Err(ClaimError::from(e)); claims.len()],
     };
+    let jobs: Vec<&Job> = claims.iter().map(|(job, _)| job).collect();
     let lost: Vec<&Job> = jobs
         .iter()
         .zip(&won)
         .filter(|(_, won)| won.is_none())
-        .map(|(job, _)| job)
+        .map(|(job, _)| *job)
         .collect();
     let why = if lost.is_empty() {
         HashMap::new()
@@ -242,19 +246,19 @@ fn row_of(job: &Job) -> (String, String) {
 /// One statement for every job: the attempt of each row claimed, None for the others (a
 /// second job for the same key in the batch loses to the first). A row claimed again (after a
 /// failure, or past a lapsed lease) takes the winning job's display names, which its new
-/// attempt answers under.
+/// attempt answers under. An upgrade (the `bool`) may also claim a degraded answer's row.
 async fn claim_all(
     db: &PgPool,
-    jobs: &[Job],
+    claims: &[(Job, bool)],
     lease: Duration,
     worker: &str,
 ) -> sqlx::Result<Vec<Option<i32>>> {
     let mut seen = HashSet::new();
-    let unique: Vec<&Job> = jobs
+    let unique: Vec<&(Job, bool)> = claims
         .iter()
-        .filter(|j| seen.insert((j.kind, &j.key)))
+        .filter(|(j, _)| seen.insert((j.kind, &j.key)))
         .collect();
-    let column = |f: fn(&Job) -> &str| unique.iter().map(|j| f(j)).collect::<Vec<&str>>();
+    let column = |f: fn(&Job) -> &str| unique.iter().map(|(j, _)| f(j)).collect::<Vec<&str>>();
     #[derive(sqlx::FromRow)]
     struct Won {
         kind: String,
@@ -264,18 +268,23 @@ async fn claim_all(
     let mut won: Vec<Won> = bounded(
         sqlx::query_as(
             "INSERT INTO generations AS g
-                 (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker)
+                 (kind, key, a, b, model, prompt_version, status, attempt, lease_until, worker,
+                  upgrade_queued_at)
              SELECT kind, key, a, b, model, prompt_version, 'running', 1,
-                    now() + make_interval(secs => $7), $8
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[])
-                  AS j(kind, key, a, b, model, prompt_version)
+                    now() + make_interval(secs => $7), $8,
+                    CASE WHEN upgrade THEN now() END
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[],
+                         $9::bool[])
+                  AS j(kind, key, a, b, model, prompt_version, upgrade)
              ON CONFLICT (kind, key) DO UPDATE
                  SET status = 'running', attempt = g.attempt + 1, a = EXCLUDED.a, b = EXCLUDED.b,
                      lease_until = EXCLUDED.lease_until, worker = EXCLUDED.worker, error = NULL,
-                     retry_at = NULL, updated_at = now()
+                     retry_at = NULL, upgrade_queued_at = NULL, updated_at = now()
                  WHERE (g.status = 'failed' AND (g.retry_at IS NULL OR g.retry_at <= now()))
                     OR (g.status = 'running' AND g.lease_until < now())
                     OR g.status = 'purged'
+                    OR (g.status = 'done' AND g.degraded_until IS NOT NULL
+                        AND (g.degraded_until <= now() OR EXCLUDED.upgrade_queued_at IS NOT NULL))
              RETURNING kind, key, attempt",
         )
         .bind(column(|j| j.kind.as_str()))
@@ -286,17 +295,23 @@ async fn claim_all(
         .bind(
             unique
                 .iter()
-                .map(|j| j.prompt_version as i32)
+                .map(|(j, _)| j.prompt_version as i32)
                 .collect::<Vec<i32>>(),
         )
         .bind(lease.as_secs_f64())
         .bind(worker)
+        .bind(
+            unique
+                .iter()
+                .map(|(_, upgrade)| *upgrade)
+                .collect::<Vec<bool>>(),
+        )
         .fetch_all(db),
     )
     .await?;
-    Ok(jobs
+    Ok(claims
         .iter()
-        .map(|job| {
+        .map(|(job, _)| {
             let i = won
                 .iter()
                 .position(|w| w.kind == job.kind.as_str() && w.key == job.key.as_str())?;
@@ -331,7 +346,8 @@ async fn why_lost(db: &PgPool, jobs: &[&Job]) -> sqlx::Result<HashMap<(String, S
                     EXTRACT(EPOCH FROM lease_until - now())::float8 AS remaining,
                     (EXTRACT(EPOCH FROM retry_at) * 1000)::float8 AS retry_at_ms,
                     error_code, error_message,
-                    a, b, model, attempt, text, image_path, image_size, image_sha256, content_type
+                    a, b, model, attempt, text, image_path, image_size, image_sha256, content_type,
+                    (EXTRACT(EPOCH FROM degraded_until) * 1000)::int8 AS degraded_until_ms
              FROM generations
              WHERE (kind, key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
         )
@@ -356,7 +372,7 @@ async fn why_lost(db: &PgPool, jobs: &[&Job]) -> sqlx::Result<HashMap<(String, S
                         .unwrap_or_else(|| "This matchup could not be answered.".to_owned()),
                 },
                 (Status::Refused, _) => Lost::Refused { attempt },
-                (Status::Done, _) => Lost::Done(f.stored),
+                (Status::Done, _) => Lost::Done(Box::new(f.stored)),
                 (Status::Running | Status::Failed | Status::Purged, _) => Lost::Busy {
                     remaining: Duration::from_secs_f64(f.remaining.unwrap_or(0.0).max(0.0)),
                 },
@@ -370,7 +386,8 @@ async fn why_lost(db: &PgPool, jobs: &[&Job]) -> sqlx::Result<HashMap<(String, S
 pub async fn stored(db: &PgPool, job: &Job) -> sqlx::Result<Option<Stored>> {
     bounded(
         sqlx::query_as(
-            "SELECT a, b, model, attempt, text, image_path, image_size, image_sha256, content_type
+            "SELECT a, b, model, attempt, text, image_path, image_size, image_sha256, content_type,
+                    (EXTRACT(EPOCH FROM degraded_until) * 1000)::int8 AS degraded_until_ms
              FROM generations
              WHERE kind = $1 AND key = $2 AND status = 'done'",
         )
@@ -434,14 +451,16 @@ pub async fn complete_text(
     db: &PgPool,
     job: &Job,
     attempt: i32,
-    text: &str,
-    usage: Usage,
+    (text, usage): (&str, Usage),
+    by: &MadeBy,
 ) -> sqlx::Result<bool> {
     let done: i64 = bounded(
         sqlx::query_scalar(
             "WITH done AS (
                  UPDATE generations
                  SET status = 'done', text = $4, prompt_tokens = $5, completion_tokens = $6,
+                     model = $7, degraded_until = to_timestamp($8::float8 / 1000),
+                     upgrade_queued_at = NULL,
                      lease_until = NULL, error = NULL, error_code = NULL, error_message = NULL,
                      failures = 0, completed_at = now(), updated_at = now()
                  WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
@@ -457,10 +476,78 @@ pub async fn complete_text(
         .bind(text)
         .bind(usage.prompt_tokens)
         .bind(usage.completion_tokens)
+        .bind(&by.model)
+        .bind(by.degraded_until_ms.map(|ms| ms as f64))
         .fetch_one(db),
     )
     .await?;
     Ok(done == 1)
+}
+
+/// Which model made an answer, and until when it is served when it is a fallback's
+/// (`wire::Degraded`; Unix ms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MadeBy {
+    pub model: String,
+    pub degraded_until_ms: Option<u64>,
+}
+
+/// Puts back a degraded answer whose upgrade (`attempt`) failed, fenced: the row is `done`
+/// again with the fallback's answer it kept, and stays queued (`upgrade_queued_at`: queued
+/// again once another open time passed). The row as stored, or None when the attempt is no
+/// longer ours or the row holds no degraded answer.
+pub async fn restore_degraded(
+    db: &PgPool,
+    job: &Job,
+    attempt: i32,
+) -> sqlx::Result<Option<Stored>> {
+    bounded(
+        sqlx::query_as(
+            "UPDATE generations
+             SET status = 'done', lease_until = NULL, upgrade_queued_at = now(),
+                 updated_at = now()
+             WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
+               AND degraded_until IS NOT NULL
+               AND (text IS NOT NULL OR image_path IS NOT NULL)
+             RETURNING a, b, model, attempt, text, image_path, image_size, image_sha256,
+                       content_type,
+                       (EXTRACT(EPOCH FROM degraded_until) * 1000)::int8 AS degraded_until_ms",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(attempt)
+        .fetch_optional(db),
+    )
+    .await
+}
+
+/// Copies the done row of `job` (a fallback's answer, made by `model`) to the row of the key
+/// that model's recipe makes (`own`), unless that row exists: the fallback's answer under its
+/// own key, as the primary's is under the job's. False when nothing was copied.
+pub async fn copy_to_own_key(
+    db: &PgPool,
+    job: &Job,
+    own: &versus_shared::key::Key,
+) -> sqlx::Result<bool> {
+    let copied = bounded(
+        sqlx::query(
+            "INSERT INTO generations AS g
+                 (kind, key, a, b, model, prompt_version, status, attempt, text, prompt_tokens,
+                  completion_tokens, image_path, image_size, image_sha256, content_type,
+                  completed_at)
+             SELECT kind, $3, a, b, model, prompt_version, 'done', 1, text, prompt_tokens,
+                    completion_tokens, image_path, image_size, image_sha256, content_type, now()
+             FROM generations
+             WHERE kind = $1 AND key = $2 AND status = 'done' AND degraded_until IS NOT NULL
+             ON CONFLICT (kind, key) DO NOTHING",
+        )
+        .bind(job.kind.as_str())
+        .bind(job.key.as_str())
+        .bind(own.as_str())
+        .execute(db),
+    )
+    .await?;
+    Ok(copied.rows_affected() == 1)
 }
 
 /// What a stored picture is.
@@ -479,13 +566,16 @@ pub async fn complete_image(
     job: &Job,
     attempt: i32,
     picture: &Picture,
+    by: &MadeBy,
 ) -> sqlx::Result<bool> {
     let done: i64 = bounded(
         sqlx::query_scalar(
             "WITH done AS (
                  UPDATE generations
                  SET status = 'done', image_path = $4, image_size = $5, image_sha256 = $6,
-                     content_type = $7, lease_until = NULL, error = NULL, error_code = NULL,
+                     content_type = $7, model = $8,
+                     degraded_until = to_timestamp($9::float8 / 1000), upgrade_queued_at = NULL,
+                     lease_until = NULL, error = NULL, error_code = NULL,
                      error_message = NULL, failures = 0, completed_at = now(),
                      updated_at = now()
                  WHERE kind = $1 AND key = $2 AND attempt = $3 AND status = 'running'
@@ -503,6 +593,8 @@ pub async fn complete_image(
         .bind(picture.size)
         .bind(&picture.sha256)
         .bind(&picture.content_type)
+        .bind(&by.model)
+        .bind(by.degraded_until_ms.map(|ms| ms as f64))
         .fetch_one(db),
     )
     .await?;

@@ -1,17 +1,23 @@
-//! What every job handler needs: the bus, Postgres and the claimer, the upstream client, the
+//! What every job handler needs: the bus, Postgres and the claimer, the upstream providers, the
 //! object store, the lease, the models, and the daily budget.
 
 use std::{sync::Arc, time::Duration};
 
-use versus_shared::{aliases::Aliases, budget::Budget, bus::Bus, config::ModelSettings};
+use versus_shared::{aliases::Aliases, budget::Budget, bus::Bus, config::ModelSettings, wire::Job};
 
-use crate::{claims, moderation, openai, spend};
+use crate::{
+    claims::{self, MadeBy},
+    moderation,
+    providers::Providers,
+    spend,
+};
 
 /// What every job handler needs.
 pub struct Ctx {
     pub bus: Bus,
     pub db: sqlx::PgPool,
-    pub openai: openai::Client,
+    /// The upstream providers of text, pictures and moderation, the primary first.
+    pub providers: Providers,
     pub objects: Arc<dyn object_store::ObjectStore>,
     pub lease: Duration,
     /// An interactive job that waited longer than this in the queue is dropped, not started.
@@ -33,4 +39,21 @@ pub struct Ctx {
     pub aliases: Arc<Aliases>,
     /// Where what each upstream call cost is written.
     pub ledger: spend::Ledger,
+}
+
+impl Ctx {
+    /// Which model made an answer of `job` (`model`), and, when it is not the job's own (a
+    /// fallback's), until when it is served as degraded.
+    pub fn made_by(&self, job: &Job, model: &str) -> MadeBy {
+        let degraded_until_ms = (model != job.model).then(|| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (now + self.providers.degraded_ttl).as_millis() as u64
+        });
+        MadeBy {
+            model: model.to_owned(),
+            degraded_until_ms,
+        }
+    }
 }

@@ -16,8 +16,11 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
-    budget, history, retry,
-    wire::{self, ErrorCode, Event, Job},
+    budget, history,
+    key::Matchup,
+    recipe::Recipe,
+    retry,
+    wire::{self, Degraded, ErrorCode, Event, Job},
 };
 
 use crate::{
@@ -58,14 +61,16 @@ pub trait Generation: Sync + Sized {
     const SPECULATE: bool;
 
     /// The generation of `job`'s answer, under its display names.
-    fn new(job: &Job) -> Self;
+    /// `upgrade`: the job makes a degraded answer again with the primary (`upgrade.rs`), which
+    /// alone it calls.
+    fn new(job: &Job, upgrade: bool) -> Self;
 
     /// What the first upstream call gives.
     type Opened: Send;
     /// What the work makes: the answer before it is stored.
     type Made: Send;
     /// The finished answer as the edge KV bucket holds it.
-    type Answer: Serialize + Send + Sync;
+    type Answer: Serialize + Send + Sync + Degraded;
 
     /// What one upstream call for `job` is, for its reservation of the day's budget.
     fn paid<'a>(&self, job: &'a Job) -> Paid<'a>;
@@ -111,6 +116,9 @@ pub trait Generation: Sync + Sized {
     /// (A text's answer is read by its own work, which generates it once more when it is
     /// flagged: [`crate::text`].)
     fn screened(&self) -> Vec<&str>;
+
+    /// Whether this is an upgrade of a degraded answer.
+    fn upgrade(&self) -> bool;
 }
 
 /// Why a generation gave up: what clients are told, and what operators see.
@@ -222,7 +230,7 @@ pub async fn opening<G: Generation>(ctx: &Ctx, job: &Job, generation: &G) -> Ope
     let screened = moderation::names_stage(job, &generation.screened());
     let screened: Vec<&str> = screened.iter().map(String::as_str).collect();
     let (verdict, reserved) = tokio::join!(
-        ctx.moderator.check(&ctx.openai, "names", &screened),
+        ctx.moderator.check(&ctx.providers, "names", &screened),
         ctx.ledger.reserve(generation.paid(job)),
     );
     match verdict {
@@ -282,7 +290,22 @@ pub async fn run<G: Generation>(
                 tracing::warn!(key = %job.key, attempt, "lost the claim before completing");
                 return Ok(Outcome::Ack);
             };
+            if answer.degraded() {
+                metrics::counter!("versus_answers_degraded_total", "kind" => job.kind.as_str())
+                    .increment(1);
+                if let Err(e) = store_under_own_key(ctx, job, &answer).await {
+                    tracing::warn!(key = %job.key, error = format!("{e:#}"), "storing a fallback's answer under its own key failed");
+                }
+            }
             announce(ctx, job, attempt, &answer, &mut publisher).await
+        }
+        // The primary failed the upgrade: the degraded answer stays, served as it was.
+        Ended::GaveUp(failure) if generation.upgrade() => {
+            tracing::info!(key = %job.key, detail = %failure.detail, "the primary failed an upgrade; the answer stays degraded");
+            if let Some(row) = claims::restore_degraded(&ctx.db, job, attempt).await? {
+                announce_stored_answer::<G>(ctx, job, row).await?;
+            }
+            Ok(Outcome::Ack)
         }
         Ended::GaveUp(failure) => give_up(ctx, job, attempt, &failure, &mut publisher).await,
         Ended::Refused(refusal) => refuse(ctx, job, attempt, &refusal, &mut publisher).await,
@@ -290,6 +313,42 @@ pub async fn run<G: Generation>(
         Ended::HandedOver => Ok(Outcome::Handover),
         Ended::OverBudget => over_budget(ctx, msg, job, attempt, &mut publisher).await,
     }
+}
+
+/// Stores a fallback's `answer` (degraded under the job's key) under the key its own model's
+/// recipe makes as well, not degraded there: what that model made for these names, kept
+/// exactly as the primary's answers are (a row of its own, then its bucket entry), unless that
+/// key has an answer or a generation already. Not on the answer's path: readers have it
+/// already, under the job's key.
+async fn store_under_own_key<A: Serialize>(ctx: &Ctx, job: &Job, answer: &A) -> anyhow::Result<()> {
+    let mut value = serde_json::to_value(answer)?;
+    let model = value["model"].as_str().unwrap_or_default().to_owned();
+    let matchup = Matchup::parse(Some(&job.a), Some(&job.b))?;
+    let own = Recipe {
+        kind: job.kind,
+        model: &model,
+        prompt_version: job.prompt_version,
+        size: job.size.as_deref(),
+    }
+    .key(&matchup);
+    if !claims::copy_to_own_key(&ctx.db, job, &own).await? {
+        return Ok(());
+    }
+    value["key"] = serde_json::json!(own);
+    value["attempt"] = serde_json::json!(1);
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("degraded_until_ms");
+    }
+    let entry = wire::kv_key(job.kind, &own);
+    let bytes = Bytes::from(serde_json::to_vec(&value)?);
+    let answers = &ctx.bus.answers;
+    events::through_election(
+        "writing a fallback's answer under its own key",
+        |_| true,
+        || answers.put(&entry, bytes.clone()),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Records what was made in Postgres, fenced on `attempt`; None when the attempt is no longer
@@ -615,7 +674,7 @@ async fn announce(
     ctx: &Ctx,
     job: &Job,
     attempt: i32,
-    answer: &impl Serialize,
+    answer: &(impl Serialize + Degraded),
     publisher: &mut Publisher<'_>,
 ) -> anyhow::Result<Outcome> {
     if !put_answer(ctx, job, attempt, answer).await? {
@@ -623,7 +682,7 @@ async fn announce(
         tracing::info!(key = %job.key, kind = %job.kind, attempt, "purged as it was stored");
         return Ok(Outcome::Ack);
     }
-    publisher.done(attempt, &job.model).await?;
+    publisher.done(attempt, answer.model()).await?;
     metrics::counter!("versus_generations_total", "kind" => job.kind.as_str(), "result" => "done")
         .increment(1);
     tracing::info!(key = %job.key, kind = %job.kind, attempt, "answer stored");
@@ -661,7 +720,7 @@ pub async fn announce_stored_answer<G: Generation>(
     if let Some(text) = G::replayed_text(&answer) {
         publisher.chunk(attempt, 0, text.to_owned()).await?;
     }
-    publisher.done(attempt, &job.model).await
+    publisher.done(attempt, answer.model()).await
 }
 
 /// Records the outcome for the pre-warm batches waiting on this key. Best effort: progress

@@ -5,7 +5,10 @@
 //! from the bytes in hand, never drawn again. The skeleton around it (claim, lease, KV, `done`,
 //! failures) is [`crate::generation`].
 
-use std::{sync::atomic::AtomicI32, time::Instant};
+use std::{
+    sync::atomic::{AtomicI32, AtomicUsize, Ordering},
+    time::Instant,
+};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -23,6 +26,7 @@ use crate::{
     events::Publisher,
     generation::{Ended, Failure, Generation},
     openai::{ImageFailure, UpstreamError},
+    providers::{self, Outcome, Use},
     spend::{Call, Paid, Reservation},
 };
 
@@ -32,47 +36,75 @@ pub struct Image {
     a: String,
     b: String,
     prompt: String,
+    /// The image provider calls go to (`providers`), as a text's.
+    at: AtomicUsize,
+    /// An upgrade of a degraded answer (`upgrade.rs`): the primary only.
+    upgrade: bool,
 }
 
 impl Image {
-    /// One picture call, of the configured size, within `reservation`: what the upstream
-    /// billed is recorded, a picture it answered with or one it may have drawn before the call
-    /// timed out; a call it refused releases the reservation.
+    /// The providers calls may go to: the primary only for an upgrade.
+    fn upto(&self) -> usize {
+        if self.upgrade { 1 } else { usize::MAX }
+    }
+
+    /// One picture call, of the configured size, within `reservation`, to the first image
+    /// provider from the current one whose circuit lets it through: what the upstream billed
+    /// is recorded, a picture it answered with or one it may have drawn before the call timed
+    /// out; a call it refused (or that no circuit let through) releases the reservation. The
+    /// picture's bytes and the model that drew them.
     async fn draw(
         &self,
         ctx: &Ctx,
-        job: &Job,
         mut reservation: Reservation,
-    ) -> Result<Bytes, UpstreamError> {
-        let model = &job.model;
+    ) -> Result<(Bytes, String), UpstreamError> {
+        let Some(at) = ctx
+            .providers
+            .pick(Use::Image, self.at.load(Ordering::SeqCst), self.upto())
+        else {
+            reservation.released().await;
+            return Err(providers::all_open(Use::Image));
+        };
+        self.at.store(at, Ordering::SeqCst);
+        let provider = &ctx.providers.of(Use::Image)[at];
+        let model = &provider.model;
         reservation.calling();
         let size = &ctx.models.image_size;
-        let drawn = ctx.openai.image(model, &self.prompt, size).await;
+        let drawn = provider.client.image(model, &self.prompt, size).await;
+        provider.record(match &drawn {
+            Ok(_) => Outcome::Answered,
+            Err(failure) => Outcome::of(&failure.error),
+        });
         match &drawn {
             Ok(_) | Err(ImageFailure { billed: true, .. }) => {
                 reservation.spent(Call::Image { model }).await;
             }
             Err(_) => reservation.released().await,
         }
-        drawn.map_err(|failure| failure.error)
+        drawn
+            .map(|bytes| (bytes, model.clone()))
+            .map_err(|failure| failure.error)
     }
 }
 
 impl Generation for Image {
     const SPECULATE: bool = false;
 
-    fn new(job: &Job) -> Image {
+    fn new(job: &Job, upgrade: bool) -> Image {
         let prompt = prompt::image_prompt(&job.a, &job.b);
         Image {
             a: job.a.clone(),
             b: job.b.clone(),
             prompt,
+            at: AtomicUsize::new(0),
+            upgrade,
         }
     }
 
-    /// The bytes of the first try.
-    type Opened = Result<Bytes, UpstreamError>;
-    type Made = Picture;
+    /// The bytes of the first try, and the model that drew them.
+    type Opened = Result<(Bytes, String), UpstreamError>;
+    /// The stored picture and the model that drew it.
+    type Made = (Picture, String);
     type Answer = ImageAnswer;
 
     /// Asks for a picture of the configured size: the one the job names, since
@@ -81,12 +113,12 @@ impl Generation for Image {
         Paid::Image { model: &job.model }
     }
 
-    async fn open(&self, ctx: &Ctx, job: &Job, reservation: Reservation) -> Self::Opened {
-        self.draw(ctx, job, reservation).await
+    async fn open(&self, ctx: &Ctx, _job: &Job, reservation: Reservation) -> Self::Opened {
+        self.draw(ctx, reservation).await
     }
 
-    /// Calls the image API again within the retry budget until the bytes are a picture, then
-    /// uploads them.
+    /// Calls the image API again within the retry budget until the bytes are a picture (the
+    /// next provider once a provider's retries ran out), then uploads them.
     async fn work(
         &self,
         ctx: &Ctx,
@@ -94,32 +126,45 @@ impl Generation for Image {
         mut result: Self::Opened,
         _attempt: &AtomicI32,
         _publisher: &mut Publisher<'_>,
-    ) -> anyhow::Result<Ended<Picture>> {
-        let mut backoff = ctx.openai.backoff();
-        let (bytes, format) = loop {
+    ) -> anyhow::Result<Ended<Self::Made>> {
+        let images = ctx.providers.of(Use::Image);
+        let mut backoff = images[self.at.load(Ordering::SeqCst)].client.backoff();
+        let (bytes, format, model) = loop {
             // Bytes that are not a picture say something about the matchup (they count
             // towards its cool-down); an upstream that fails does not.
             let (error, not_a_picture) = match result {
-                Ok(bytes) => match sniff(&bytes) {
-                    Ok(format) => break (bytes, format),
+                Ok((bytes, model)) => match sniff(&bytes) {
+                    Ok(format) => break (bytes, format, model),
                     Err(error) => (error, true),
                 },
                 Err(error) => (error, false),
             };
             metrics::counter!("versus_upstream_errors_total", "kind" => "image").increment(1);
-            let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
-                let failure = Failure::from(error);
-                return Ok(Ended::GaveUp(Failure {
-                    counts: failure.counts || not_a_picture,
-                    ..failure
-                }));
-            };
-            tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
-            tokio::time::sleep(delay).await;
+            let at = self.at.load(Ordering::SeqCst);
+            let delay = images[at].client.next_delay(&mut backoff, &error);
+            if !not_a_picture
+                && !self.upgrade
+                && ctx.providers.move_on(Use::Image, at, &error, delay)
+            {
+                // The next provider, with retries of its own.
+                tracing::warn!(key = %job.key, %error, provider = images[at + 1].name, "image upstream failed; falling back");
+                self.at.store(at + 1, Ordering::SeqCst);
+                backoff = images[at + 1].client.backoff();
+            } else {
+                let Some(delay) = delay else {
+                    let failure = Failure::from(error);
+                    return Ok(Ended::GaveUp(Failure {
+                        counts: failure.counts || not_a_picture,
+                        ..failure
+                    }));
+                };
+                tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
             let Some(next) = ctx.ledger.reserve(self.paid(job)).await? else {
                 return Ok(Ended::OverBudget);
             };
-            result = self.draw(ctx, job, next).await;
+            result = self.draw(ctx, next).await;
         };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let path = objects::picture_path(&job.key, &sha256, format.extension);
@@ -143,12 +188,13 @@ impl Generation for Image {
                 counts: false,
             }));
         }
-        Ok(Ended::Finished(Picture {
+        let picture = Picture {
             path: path.to_string(),
             size: bytes.len() as i64,
             sha256,
             content_type: format.mime.to_owned(),
-        }))
+        };
+        Ok(Ended::Finished((picture, model)))
     }
 
     async fn complete(
@@ -156,10 +202,11 @@ impl Generation for Image {
         ctx: &Ctx,
         job: &Job,
         attempt: i32,
-        picture: &Picture,
+        (picture, model): &Self::Made,
     ) -> anyhow::Result<Option<ImageAnswer>> {
         let picture = picture.clone();
-        if !claims::complete_image(&ctx.db, job, attempt, &picture).await? {
+        let by = ctx.made_by(job, model);
+        if !claims::complete_image(&ctx.db, job, attempt, &picture, &by).await? {
             return Ok(None);
         }
         Ok(Some(ImageAnswer {
@@ -170,8 +217,9 @@ impl Generation for Image {
             size: picture.size as u64,
             sha256: picture.sha256,
             content_type: picture.content_type,
-            model: job.model.clone(),
+            model: by.model,
             attempt,
+            degraded_until_ms: by.degraded_until_ms,
         }))
     }
 
@@ -186,11 +234,16 @@ impl Generation for Image {
             content_type: row.content_type.unwrap_or_else(|| "image/png".to_owned()),
             model: row.model,
             attempt: row.attempt,
+            degraded_until_ms: row.degraded_until_ms.map(|ms| ms as u64),
         })
     }
 
     fn replayed_text(_answer: &ImageAnswer) -> Option<&str> {
         None
+    }
+
+    fn upgrade(&self) -> bool {
+        self.upgrade
     }
 
     fn screened(&self) -> Vec<&str> {

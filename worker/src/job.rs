@@ -46,9 +46,15 @@ pub async fn handle(
     job: &Job,
     abandon: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
+    // An upgrade of a degraded answer, which only a worker publishes, on the pre-warm lane.
+    let upgrade = Lane::of(&msg.subject) == Lane::Prewarm
+        && msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(wire::UPGRADE_HEADER).is_some());
     match job.kind {
-        Kind::Text => handle_as(ctx, msg, job, abandon, Text::new(job)).await,
-        Kind::Image => handle_as(ctx, msg, job, abandon, Image::new(job)).await,
+        Kind::Text => handle_as(ctx, msg, job, abandon, Text::new(job, upgrade)).await,
+        Kind::Image => handle_as(ctx, msg, job, abandon, Image::new(job, upgrade)).await,
     }
 }
 
@@ -60,7 +66,7 @@ async fn handle_as<G: Generation>(
     generation: G,
 ) -> anyhow::Result<Outcome> {
     let claiming = Instant::now();
-    let claim = Box::pin(ctx.claimer.claim(job));
+    let claim = Box::pin(ctx.claimer.claim(job, generation.upgrade()));
     let opening = Box::pin(generation::opening(ctx, job, &generation));
     let speculated = G::SPECULATE
         && msg.info().is_ok_and(|info| info.delivered == 1)
@@ -101,7 +107,7 @@ async fn handle_as<G: Generation>(
     }
     match lost? {
         Lost::Done(row) => {
-            generation::announce_stored_answer::<G>(ctx, job, row).await?;
+            generation::announce_stored_answer::<G>(ctx, job, *row).await?;
             Ok(Outcome::Ack)
         }
         // The owner is alive, with a job of its own. A client's job delivered for the first

@@ -21,6 +21,9 @@
 //! - [`image`]: pictures, uploaded to object storage;
 //! - [`events`]: publishing a generation's events;
 //! - [`openai`]: the OpenAI client (streaming chat completions, retry classification);
+//! - [`providers`]: the upstream providers of each use, the primary first, then the fallbacks;
+//! - [`circuit`]: a circuit breaker per provider;
+//! - [`upgrade`]: degraded answers made again by the primary once it is back;
 //! - [`moderation`]: checking names, pictures' prompts and answers before anything is paid
 //!   for or stored;
 //! - [`spend`]: recording what each upstream call cost, for the daily budget;
@@ -30,6 +33,7 @@
 pub mod aliases;
 pub mod backlog;
 pub mod batch;
+pub mod circuit;
 pub mod claims;
 pub mod consumer;
 pub mod ctx;
@@ -43,11 +47,13 @@ pub mod memory;
 pub mod moderation;
 pub mod openai;
 pub mod popularity;
+pub mod providers;
 pub mod purge;
 pub mod reports;
 pub mod responder;
 pub mod spend;
 pub mod text;
+pub mod upgrade;
 
 use std::{sync::Arc, time::Duration};
 
@@ -91,6 +97,8 @@ pub struct Settings {
     pub moderation: moderation::ModerationSettings,
     #[command(flatten)]
     pub reports: reports::ReportSettings,
+    #[command(flatten)]
+    pub fallbacks: providers::FallbackSettings,
     /// The models (and picture size) this worker generates with: the API's, since jobs are
     /// checked against them.
     #[command(flatten)]
@@ -200,7 +208,13 @@ pub async fn run(
         ledger,
         claimer: claims::Claimer::start(db.clone(), settings.lease(), worker_id, tasks),
         db,
-        openai: openai::Client::new(&settings.openai, settings.models.max_answer_tokens)?,
+        providers: providers::Providers::new(
+            &settings.openai,
+            &settings.models,
+            &settings.moderation.moderation_model,
+            &settings.fallbacks,
+        )?
+        .serving_degraded_at_least(settings.nats.events_max_age()),
         objects: settings.objects.open()?,
         lease: settings.lease(),
         job_max_wait: Duration::from_secs(settings.job_max_wait_secs.max(1)),
@@ -214,6 +228,11 @@ pub async fn run(
             base: Duration::from_secs(settings.cooldown_secs.max(1)),
         },
     });
+    tasks.spawn(upgrade::run(
+        ctx.clone(),
+        settings.fallbacks.upgrade_per_minute,
+        shutdown.clone(),
+    ));
     let interactive = consumer::LaneConsumer {
         lane: lane::Lane::Interactive,
         name: versus_shared::wire::WORKERS_CONSUMER,

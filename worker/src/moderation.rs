@@ -7,7 +7,10 @@
 
 use versus_shared::{key::Matchup, wire::Job};
 
-use crate::openai::{self, UpstreamError};
+use crate::{
+    openai::UpstreamError,
+    providers::{self, Outcome, Providers, Use},
+};
 
 /// What the `names` stage reads for `job`: the canonical names and the match keys its key is
 /// made of, then `screened` (the names as written, and a picture's prompt), each once. The
@@ -60,6 +63,17 @@ pub struct ModerationSettings {
         default_value = "hate,harassment,sexual,self-harm"
     )]
     pub moderation_block: String,
+    /// What a check does when no moderation provider answers (the primary and every
+    /// `moderation` fallback failed): `closed` generates nothing (the generation fails,
+    /// retryable), `open` lets it through unchecked (logged at start, and each time in
+    /// `versus_moderation_skipped_total`).
+    #[arg(
+        long,
+        env = "VERSUS_MODERATION_ON_ERROR",
+        default_value = "closed",
+        value_parser = ["closed", "open"]
+    )]
+    pub moderation_on_error: String,
 }
 
 /// What a moderation check refused, for operators (clients get a neutral message).
@@ -92,7 +106,8 @@ impl Refusal {
 
 pub struct Moderator {
     enabled: bool,
-    model: String,
+    /// Lets a check through when no provider answers (`VERSUS_MODERATION_ON_ERROR=open`).
+    open_on_error: bool,
     block: Vec<String>,
     /// Names that passed, so that a name seen before costs no call: most new matchups pair a
     /// name people ask about often with another. Only passing names are kept (a refusal is
@@ -106,9 +121,15 @@ const PASSED_NAMES: usize = 100_000;
 
 impl Moderator {
     pub fn new(settings: &ModerationSettings) -> Moderator {
+        let open_on_error = settings.moderation_on_error == "open";
+        if open_on_error && settings.moderation == "on" {
+            tracing::warn!(
+                "VERSUS_MODERATION_ON_ERROR=open: when no moderation provider answers, names, prompts and answers go through unchecked"
+            );
+        }
         Moderator {
             enabled: settings.moderation == "on",
-            model: settings.moderation_model.clone(),
+            open_on_error,
             block: settings
                 .moderation_block
                 .split(',')
@@ -119,8 +140,10 @@ impl Moderator {
         }
     }
 
-    /// The moderation endpoint's flagged categories for each of `inputs`, retried within the
-    /// upstream's retry budget; the span (`moderation`) covers every try.
+    /// The moderation endpoint's flagged categories for each of `inputs`, from the first
+    /// moderation provider that answers: each is tried within the upstream's retry budget
+    /// (while its circuit lets calls through), then the next. The span (`moderation`) covers
+    /// every try.
     #[tracing::instrument(
         name = "moderation",
         skip_all,
@@ -133,25 +156,45 @@ impl Moderator {
     )]
     async fn ask(
         &self,
-        openai: &openai::Client,
+        providers: &Providers,
         stage: &'static str,
         inputs: &[&str],
     ) -> Result<Vec<Vec<String>>, UpstreamError> {
-        let mut backoff = openai.backoff();
-        loop {
-            match openai.moderate(&self.model, inputs).await {
-                Ok(flagged) => return Ok(flagged),
-                Err(error) => {
-                    metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
-                        .increment(1);
-                    let Some(delay) = openai.next_delay(&mut backoff, &error) else {
+        let list = providers.of(Use::Moderation);
+        let mut from = 0;
+        let mut last = providers::all_open(Use::Moderation);
+        while let Some(at) = providers.pick(Use::Moderation, from, usize::MAX) {
+            let provider = &list[at];
+            let mut backoff = provider.client.backoff();
+            loop {
+                let asked = provider.client.moderate(&provider.model, inputs).await;
+                provider.record(match &asked {
+                    Ok(_) => Outcome::Answered,
+                    Err(error) => Outcome::of(error),
+                });
+                let error = match asked {
+                    Ok(flagged) => return Ok(flagged),
+                    Err(error) => error,
+                };
+                metrics::counter!("versus_upstream_errors_total", "kind" => "moderation")
+                    .increment(1);
+                let delay = provider.client.next_delay(&mut backoff, &error);
+                let retryable = matches!(error, UpstreamError::Retryable { .. });
+                last = error;
+                match delay {
+                    Some(delay) => tokio::time::sleep(delay).await,
+                    _ if retryable => break,
+                    _ => {
                         tracing::Span::current().record("otel.status_code", "ERROR");
-                        return Err(error);
-                    };
-                    tokio::time::sleep(delay).await;
+                        return Err(last);
+                    }
                 }
             }
+            tracing::warn!(stage, provider = provider.name, error = %last, "moderation failed; trying the next provider");
+            from = at + 1;
         }
+        tracing::Span::current().record("otel.status_code", "ERROR");
+        Err(last)
     }
 
     /// Whether `category` (`hate/threatening`, say) is blocked.
@@ -164,12 +207,12 @@ impl Moderator {
         })
     }
 
-    /// Checks `inputs` in one call to `openai`'s moderation endpoint (retried within the
+    /// Checks `inputs` in one call to a moderation provider's endpoint (retried within the
     /// upstream's retry budget), and says whether anything in them is refused. At the `names`
     /// stage, names that passed before are not sent again (and no call is made when all did).
     pub async fn check(
         &self,
-        openai: &openai::Client,
+        providers: &Providers,
         stage: &'static str,
         inputs: &[&str],
     ) -> Result<Option<Refusal>, UpstreamError> {
@@ -182,7 +225,15 @@ impl Moderator {
         if !self.enabled || inputs.is_empty() {
             return Ok(None);
         }
-        let flagged = self.ask(openai, stage, &inputs).await?;
+        let flagged = match self.ask(providers, stage, &inputs).await {
+            Ok(flagged) => flagged,
+            Err(error) if self.open_on_error => {
+                metrics::counter!("versus_moderation_skipped_total", "stage" => stage).increment(1);
+                tracing::warn!(stage, %error, "no moderation provider answered; let through unchecked (VERSUS_MODERATION_ON_ERROR=open)");
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
+        };
         let mut categories = Vec::new();
         for (input, flagged) in inputs.iter().zip(flagged) {
             let blocked: Vec<String> = flagged.into_iter().filter(|c| self.blocks(c)).collect();
@@ -238,6 +289,7 @@ mod tests {
             moderation: "on".into(),
             moderation_model: "m".into(),
             moderation_block: "hate,harassment,sexual,self-harm".into(),
+            moderation_on_error: "closed".into(),
         });
         assert!(m.blocks("hate"));
         assert!(m.blocks("hate/threatening"));

@@ -4,7 +4,7 @@
 //! [`crate::generation`].
 
 use std::{
-    sync::atomic::{AtomicI32, Ordering},
+    sync::atomic::{AtomicI32, AtomicUsize, Ordering},
     time::Instant,
 };
 
@@ -22,6 +22,7 @@ use crate::{
     generation::{Ended, Failure, Generation},
     links::Unlinked,
     openai::{ChatStream, Piece, UpstreamError},
+    providers::{self, Outcome, Use},
     spend::{Call, Paid, Reservation},
 };
 
@@ -31,40 +32,70 @@ pub struct Text {
     a: String,
     b: String,
     messages: [(&'static str, String); 2],
+    /// The text provider calls go to (`providers`): the primary, until its retries for this
+    /// generation ran out or while its circuit is open.
+    at: AtomicUsize,
+    /// An upgrade of a degraded answer (`upgrade.rs`): the primary only.
+    upgrade: bool,
 }
 
 impl Text {
-    /// One chat call within `reservation`: settled when the call ends.
-    async fn ask(
-        &self,
-        ctx: &Ctx,
-        job: &Job,
-        mut reservation: Reservation,
-    ) -> <Text as Generation>::Opened {
-        reservation.calling();
+    /// The providers calls may go to: the primary only for an upgrade.
+    fn upto(&self) -> usize {
+        if self.upgrade { 1 } else { usize::MAX }
+    }
+
+    /// One chat call within `reservation` (settled when the call ends), to the first provider
+    /// from the current one whose circuit lets it through: which one (None when none did, and
+    /// no call was made), and what it answered.
+    async fn ask(&self, ctx: &Ctx, mut reservation: Reservation) -> <Text as Generation>::Opened {
         let asked = Instant::now();
-        let opened = ctx.openai.chat_stream(&job.model, &self.messages).await;
-        (asked, reservation, opened)
+        let Some(at) = ctx
+            .providers
+            .pick(Use::Text, self.at.load(Ordering::SeqCst), self.upto())
+        else {
+            return (
+                asked,
+                reservation,
+                None,
+                Err(providers::all_open(Use::Text)),
+            );
+        };
+        self.at.store(at, Ordering::SeqCst);
+        reservation.calling();
+        let provider = &ctx.providers.of(Use::Text)[at];
+        let opened = provider
+            .client
+            .chat_stream(&provider.model, &self.messages)
+            .await;
+        (asked, reservation, Some(at), opened)
     }
 }
 
 impl Generation for Text {
     const SPECULATE: bool = true;
 
-    fn new(job: &Job) -> Text {
+    fn new(job: &Job, upgrade: bool) -> Text {
         let messages = prompt::text_messages(&job.a, &job.b);
         Text {
             a: job.a.clone(),
             b: job.b.clone(),
             messages,
+            at: AtomicUsize::new(0),
+            upgrade,
         }
     }
 
-    /// When the upstream was asked (for the first-token metric), the call's reservation, and
-    /// what the upstream answered.
-    type Opened = (Instant, Reservation, Result<ChatStream, UpstreamError>);
-    /// The text and what it cost.
-    type Made = (String, Usage);
+    /// When the upstream was asked (for the first-token metric), the call's reservation, the
+    /// provider asked (None: every circuit was open), and what it answered.
+    type Opened = (
+        Instant,
+        Reservation,
+        Option<usize>,
+        Result<ChatStream, UpstreamError>,
+    );
+    /// The text, what it cost, and which model wrote it.
+    type Made = (String, Usage, String);
     type Answer = Answer;
 
     fn paid<'a>(&self, job: &'a Job) -> Paid<'a> {
@@ -74,8 +105,8 @@ impl Generation for Text {
         }
     }
 
-    async fn open(&self, ctx: &Ctx, job: &Job, reservation: Reservation) -> Self::Opened {
-        self.ask(ctx, job, reservation).await
+    async fn open(&self, ctx: &Ctx, _job: &Job, reservation: Reservation) -> Self::Opened {
+        self.ask(ctx, reservation).await
     }
 
     /// Streams the answer into events, links taken out ([`Unlinked`]), and keeps it only when
@@ -91,16 +122,19 @@ impl Generation for Text {
     ///   probabilistic, and a refusal is stored for everyone and for good, so it takes two.
     ///
     /// A try that starts over after publishing text moves to a new attempt, so readers get
-    /// `reset`.
+    /// `reset`. Once a provider's retries ran out, the next try goes to the next provider (a
+    /// fallback, `VERSUS_FALLBACKS`), with retries of its own: a try starts from nothing, so no
+    /// answer is ever made of two providers' text.
     async fn work(
         &self,
         ctx: &Ctx,
         job: &Job,
-        (mut asked, mut reservation, mut opened): Self::Opened,
+        (mut asked, mut reservation, mut called, mut opened): Self::Opened,
         attempt: &AtomicI32,
         publisher: &mut Publisher<'_>,
     ) -> anyhow::Result<Ended<Self::Made>> {
-        let mut backoff = ctx.openai.backoff();
+        let texts = ctx.providers.of(Use::Text);
+        let mut backoff = texts[self.at.load(Ordering::SeqCst)].client.backoff();
         // Why the answer before was not whole, if one was not.
         let mut not_whole: Option<String> = None;
         let mut flagged = false;
@@ -145,9 +179,17 @@ impl Generation for Text {
                 },
                 Err(e) => Err(e),
             };
+            // The provider of this try, when one was called.
+            let provider = called.map(|at| &texts[at]);
+            if let Some(provider) = provider {
+                provider.record(match &result {
+                    Ok(_) => Outcome::Answered,
+                    Err(error) => Outcome::of(error),
+                });
+            }
+            let model = provider.map_or(job.model.as_str(), |p| p.model.as_str());
             match result {
                 Ok((usage, reason)) => {
-                    let model = &job.model;
                     reservation.spent(Call::Chat { model, usage }).await;
                     metrics::counter!("versus_upstream_tokens_total", "type" => "prompt")
                         .increment(usage.prompt_tokens.max(0) as u64);
@@ -174,8 +216,14 @@ impl Generation for Text {
                         if links.removed() {
                             tracing::info!(key = %job.key, "took links out of the answer");
                         }
-                        match ctx.moderator.check(&ctx.openai, "answer", &[&text]).await {
-                            Ok(None) => return Ok(Ended::Finished((text, usage))),
+                        match ctx
+                            .moderator
+                            .check(&ctx.providers, "answer", &[&text])
+                            .await
+                        {
+                            Ok(None) => {
+                                return Ok(Ended::Finished((text, usage, model.to_owned())));
+                            }
                             Ok(Some(refusal)) if flagged => return Ok(Ended::Refused(refusal)),
                             Ok(Some(refusal)) => {
                                 flagged = true;
@@ -193,7 +241,7 @@ impl Generation for Text {
                     } else {
                         // Cut mid-way: what was streamed is paid for, and no usage came with it.
                         let call = Call::ChatCut {
-                            model: &job.model,
+                            model,
                             prompt_chars: self.messages.iter().map(|(_, m)| m.len()).sum(),
                             text_chars: received,
                         };
@@ -201,11 +249,20 @@ impl Generation for Text {
                     }
                     metrics::counter!("versus_upstream_errors_total", "kind" => "chat")
                         .increment(1);
-                    let Some(delay) = ctx.openai.next_delay(&mut backoff, &error) else {
-                        return Ok(Ended::GaveUp(error.into()));
-                    };
-                    tracing::info!(key = %job.key, %error, ?delay, "upstream failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    let at = self.at.load(Ordering::SeqCst);
+                    let delay = texts[at].client.next_delay(&mut backoff, &error);
+                    if !self.upgrade && ctx.providers.move_on(Use::Text, at, &error, delay) {
+                        // The next provider, with retries of its own.
+                        tracing::warn!(key = %job.key, %error, provider = texts[at + 1].name, "upstream failed; falling back");
+                        self.at.store(at + 1, Ordering::SeqCst);
+                        backoff = texts[at + 1].client.backoff();
+                    } else {
+                        let Some(delay) = delay else {
+                            return Ok(Ended::GaveUp(error.into()));
+                        };
+                        tracing::info!(key = %job.key, %error, ?delay, "upstream failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
                 }
             }
             if !text.is_empty() {
@@ -220,7 +277,7 @@ impl Generation for Text {
             let Some(next) = ctx.ledger.reserve(self.paid(job)).await? else {
                 return Ok(Ended::OverBudget);
             };
-            (asked, reservation, opened) = self.ask(ctx, job, next).await;
+            (asked, reservation, called, opened) = self.ask(ctx, next).await;
         }
     }
 
@@ -229,9 +286,10 @@ impl Generation for Text {
         ctx: &Ctx,
         job: &Job,
         attempt: i32,
-        (text, usage): &Self::Made,
+        (text, usage, model): &Self::Made,
     ) -> anyhow::Result<Option<Answer>> {
-        if !claims::complete_text(&ctx.db, job, attempt, text, *usage).await? {
+        let by = ctx.made_by(job, model);
+        if !claims::complete_text(&ctx.db, job, attempt, (text, *usage), &by).await? {
             return Ok(None);
         }
         Ok(Some(Answer {
@@ -239,8 +297,9 @@ impl Generation for Text {
             a: self.a.clone(),
             b: self.b.clone(),
             text: text.clone(),
-            model: job.model.clone(),
+            model: by.model,
             attempt,
+            degraded_until_ms: by.degraded_until_ms,
         }))
     }
 
@@ -252,11 +311,16 @@ impl Generation for Text {
             b: row.b,
             model: row.model,
             attempt: row.attempt,
+            degraded_until_ms: row.degraded_until_ms.map(|ms| ms as u64),
         })
     }
 
     fn replayed_text(answer: &Answer) -> Option<&str> {
         Some(&answer.text)
+    }
+
+    fn upgrade(&self) -> bool {
+        self.upgrade
     }
 
     fn screened(&self) -> Vec<&str> {

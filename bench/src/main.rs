@@ -14,7 +14,7 @@
 //! - [`stats`]: percentiles; [`report`]: sections, tables, the machine, `BENCHMARKS.md`;
 //! - one module per scenario: [`hits`] (P1), [`miss`] (P2, P3), [`coalesce`] (P4),
 //!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1), [`suggest`] (S1),
-//!   [`edge`] (P7 to P9, on the cluster of `scripts/cluster`).
+//!   [`edge`] (P7 to P9, on the cluster of `scripts/cluster`), [`fallback`] (P12).
 
 // The load generators join every task they spawn; the ban on a bare spawn is for the services.
 #![allow(clippy::disallowed_methods)]
@@ -23,6 +23,7 @@ mod bare;
 mod capacity;
 mod coalesce;
 mod edge;
+mod fallback;
 mod hits;
 mod hops;
 mod load;
@@ -82,6 +83,9 @@ enum Command {
     Edge(edge::Args),
     /// P9: the jobs stream's leader killed under load.
     Failover(edge::FailoverArgs),
+    /// P12: a miss while the primary provider is down (its circuit open), served by the
+    /// fallback, beside a miss on a healthy primary.
+    Fallback(fallback::Args),
     /// Sends GETs at a fixed rate and prints the latency percentiles (P1's method, alone).
     Rate(load::Args),
     /// Sets the simulator's pace (after a reset).
@@ -110,6 +114,7 @@ fn main() -> anyhow::Result<()> {
             Command::Suggest(args) => suggest::run(args).await,
             Command::Edge(args) => edge::run(args).await,
             Command::Failover(args) => edge::run_failover(args).await,
+            Command::Fallback(args) => fallback::run(args).await,
             Command::Rate(args) => load::run_cli(args).await,
             Command::Sim(args) => sim::run(args).await,
             Command::Report(args) => report::run(args),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 
-use crate::{capacity, coalesce, edge, hits, memory, miss, prewarm, refuse, suggest};
+use crate::{capacity, coalesce, edge, fallback, hits, memory, miss, prewarm, refuse, suggest};
 
 pub const START: &str = "<!-- results:start -->";
 pub const END: &str = "<!-- results:end -->";
@@ -114,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     sections.extend(refuse::sections(dir)?);
     sections.extend(suggest::sections(dir)?);
     sections.extend(edge::sections(dir)?);
+    sections.extend(fallback::sections(dir)?);
     let text = render(&args, &sections);
     if args.dry_run {
         print!("{text}");

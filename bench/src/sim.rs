@@ -1,4 +1,5 @@
-//! The simulator's control routes (`/_sim/reset`, `/_sim/config`, `/_sim/stats`).
+//! The simulator's control routes (`/_sim/reset`, `/_sim/config`, `/_sim/stats`,
+//! `/_sim/faults`).
 
 use anyhow::Context;
 use serde_json::{Value, json};
@@ -50,6 +51,27 @@ impl Sim {
             json!({"ttft_ms": ttft_ms, "tokens_per_sec": tokens_per_sec}),
         )
         .await?;
+        Ok(())
+    }
+
+    /// Every chat call from now on answers `status` (an OpenAI error body), until the faults
+    /// are cleared; moderation and pictures are spared.
+    pub async fn fail_every_chat(&self, status: u16) -> anyhow::Result<()> {
+        self.post(
+            "/_sim/faults",
+            json!({"kind": "chat", "fault": {"type": "status", "status": status}, "times": null}),
+        )
+        .await
+    }
+
+    /// Removes every injected fault (and nothing else: counters and pace stay).
+    pub async fn clear_faults(&self) -> anyhow::Result<()> {
+        self.http
+            .delete(format!("{}/_sim/faults", self.base))
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .context("DELETE /_sim/faults to the simulator")?;
         Ok(())
     }
 

@@ -27,6 +27,10 @@ pub struct Timeline {
     /// From the API's `meta`.
     pub key: Option<String>,
     pub cached: Option<bool>,
+    /// From the API's `done`: the model that wrote the answer, and whether it is degraded (a
+    /// fallback provider's).
+    pub model: Option<String>,
+    pub degraded: Option<bool>,
     /// Why the answer is incomplete, if it is.
     pub error: Option<String>,
     /// The longest the client waited for an event of the API's (from the request to the
@@ -135,6 +139,10 @@ async fn read_api(
                 t.done = Some(start.elapsed());
                 t.text_bytes = text.len();
                 t.text_hash = hash(&text);
+                if let Ok(done) = serde_json::from_str::<Value>(&event.data) {
+                    t.model = done["model"].as_str().map(str::to_owned);
+                    t.degraded = Some(done["degraded"].as_bool().unwrap_or(false));
+                }
                 return Ok(());
             }
             "error" => bail!("error event: {}", event.data),
@@ -151,9 +159,20 @@ pub async fn straight_to_sim(
     a: &str,
     b: &str,
 ) -> Timeline {
+    straight_to_sim_as(client, openai_base, "gpt-4o-mini", a, b).await
+}
+
+/// [`straight_to_sim`] naming `model` (a fallback provider's, say).
+pub async fn straight_to_sim_as(
+    client: &reqwest::Client,
+    openai_base: &str,
+    model: &str,
+    a: &str,
+    b: &str,
+) -> Timeline {
     let start = Instant::now();
     let mut timeline = Timeline::default();
-    if let Err(e) = read_sim(client, openai_base, a, b, start, &mut timeline).await {
+    if let Err(e) = read_sim(client, openai_base, model, a, b, start, &mut timeline).await {
         timeline.error = Some(format!("{e:#}"));
     }
     timeline
@@ -162,6 +181,7 @@ pub async fn straight_to_sim(
 async fn read_sim(
     client: &reqwest::Client,
     openai_base: &str,
+    model: &str,
     a: &str,
     b: &str,
     start: Instant,
@@ -172,7 +192,7 @@ async fn read_sim(
         .map(|(role, content)| json!({"role": role, "content": content}))
         .collect();
     let body = json!({
-        "model": "gpt-4o-mini",
+        "model": model,
         "messages": messages,
         "stream": true,
         "stream_options": {"include_usage": true},

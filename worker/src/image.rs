@@ -147,7 +147,7 @@ impl Generation for Image {
                 && ctx.providers.move_on(Use::Image, at, &error, delay)
             {
                 // The next provider, with retries of its own.
-                tracing::warn!(key = %job.key, %error, provider = images[at + 1].name, "image upstream failed; falling back");
+                tracing::warn!(key = %job.key, %error, from = images[at].name, to = images[at + 1].name, "image upstream failed; falling back");
                 self.at.store(at + 1, Ordering::SeqCst);
                 backoff = images[at + 1].client.backoff();
             } else {

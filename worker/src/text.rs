@@ -253,7 +253,7 @@ impl Generation for Text {
                     let delay = texts[at].client.next_delay(&mut backoff, &error);
                     if !self.upgrade && ctx.providers.move_on(Use::Text, at, &error, delay) {
                         // The next provider, with retries of its own.
-                        tracing::warn!(key = %job.key, %error, provider = texts[at + 1].name, "upstream failed; falling back");
+                        tracing::warn!(key = %job.key, %error, from = texts[at].name, to = texts[at + 1].name, "upstream failed; falling back");
                         self.at.store(at + 1, Ordering::SeqCst);
                         backoff = texts[at + 1].client.backoff();
                     } else {

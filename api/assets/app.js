@@ -15,6 +15,10 @@
 // fallback model made while the usual one could not (`degraded`) says "Answered by MODEL", and
 // such a picture "Drawn by MODEL" under it.
 //
+// While a picture is drawn, the stream sends its partial images (`partial` {index, url}): each
+// is shown in the picture's frame as it arrives, blurred less with each one, until the final
+// picture takes its place. A partial is never the picture: it is not kept, reported or shared.
+//
 // A finished answer and a drawn picture each have a Report control (POST
 // /v1/fights/{key}/report, /v1/images/{key}/report): it never calls the AI, and what the
 // visitor reported stays on their screen (the API hides an answer once enough people report
@@ -403,16 +407,54 @@
 
   // --- the picture -----------------------------------------------------------------------
 
-  function setPicture(state, note) {
+  /** The fight whose partial image the frame shows (while its picture is drawn), if any. */
+  let partialOf = null;
+
+  /**
+   * Puts the picture in `state`, with `note` in its frame. Anything but 'ready' takes the
+   * picture out of the frame, and the partial image too unless `keepPartial` (the final
+   * picture then takes its place once loaded).
+   */
+  function setPicture(state, note, keepPartial = false) {
     picture.dataset.state = state;
     pictureNote.textContent = note || '';
     pictureNote.hidden = !note;
     if (state !== 'ready') {
-      pictureFrame.querySelector('img')?.remove();
+      for (const img of pictureFrame.querySelectorAll('img')) {
+        if (!(keepPartial && img.classList.contains('partial'))) img.remove();
+      }
+      if (!keepPartial) clearPartial();
       pictureBy.hidden = true;
       reportPicture(null);
     }
     picture.setAttribute('aria-busy', String(state === 'drawing' || state === 'loading'));
+  }
+
+  /** Takes the partial image out of the frame. */
+  function clearPartial() {
+    pictureFrame.querySelector('img.partial')?.remove();
+    delete picture.dataset.partial;
+    partialOf = null;
+  }
+
+  /**
+   * Shows partial image `index` of the picture of `fight` being drawn, already loaded from
+   * `url`, in the frame, in place of the one before: the same box as the picture, so nothing
+   * moves. It is blurred less with each partial (app.css); the live region says nothing.
+   */
+  function showPartial(fight, url, index) {
+    let img = pictureFrame.querySelector('img.partial');
+    if (!img || partialOf !== fight) {
+      img?.remove();
+      img = document.createElement('img');
+      img.className = 'partial';
+      img.alt = `The picture of ${fight.a} fighting ${fight.b}, being drawn`;
+      pictureFrame.prepend(img);
+    }
+    partialOf = fight;
+    img.dataset.step = String(Math.min(index, 3));
+    img.src = url;
+    picture.dataset.partial = 'shown';
   }
 
   function pictureUnavailable(fight, message, retryable) {
@@ -430,15 +472,19 @@
     drawButton.hidden = false;
   }
 
-  /** Shows the stored picture `{url, key, model, degraded}`. */
+  /**
+   * Shows the stored picture `{url, key, model, degraded}`: the partial image of its drawing, if
+   * shown, stays until the picture has loaded and takes its place.
+   */
   function showPicture(fight, { url, key, model, degraded }) {
     drawButton.hidden = true;
-    setPicture('loading', 'Loading the picture…');
+    setPicture('loading', 'Loading the picture…', partialOf === fight);
     const img = new Image();
     img.alt = `An AI-drawn picture of ${fight.a} fighting ${fight.b}`;
     img.decoding = 'async';
     img.addEventListener('load', () => {
       if (current !== fight) return;
+      clearPartial();
       setPicture('ready');
       pictureFrame.append(img);
       // Shown with the picture and its Report control, below the frame: nothing above moves.
@@ -457,9 +503,42 @@
     const source = new EventSource(streamUrl('/v1/images/stream', fight.a, fight.b));
     fight.picture = source;
     let failures = 0;
+    // The newest partial image shown: each is loaded before it is shown, and one that loads
+    // after a newer one is not.
+    let shown = -1;
+    // Bumped by `reset`: a partial of the attempt before that loads late is not shown.
+    let drawing = 0;
 
     source.addEventListener('meta', () => {
       failures = 0;
+    });
+    source.addEventListener('partial', (event) => {
+      failures = 0;
+      const { index, url } = JSON.parse(event.data);
+      if (typeof url !== 'string' || !Number.isInteger(index)) return;
+      const of = drawing;
+      const next = new Image();
+      next.src = url;
+      // Loaded and decoded before it is shown, so the one before stays until it can be
+      // replaced; a partial that cannot be loaded (removed already) is skipped.
+      next.decode().then(
+        () => {
+          if (current !== fight || fight.picture !== source || of !== drawing) return;
+          if (index <= shown || picture.dataset.state !== 'drawing') return;
+          shown = index;
+          showPartial(fight, url, index);
+        },
+        () => {},
+      );
+    });
+    // The picture is being drawn again: its partials start afresh.
+    source.addEventListener('reset', () => {
+      shown = -1;
+      drawing += 1;
+      if (current === fight && partialOf === fight) {
+        clearPartial();
+        setPicture('drawing', 'Drawing the fight…');
+      }
     });
     source.addEventListener('done', (event) => {
       source.close();

@@ -7,6 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use versus_shared::{
     key::Key,
+    objects,
     wire::{Answer, Degraded, ImageAnswer},
 };
 
@@ -99,4 +100,19 @@ pub fn image_url(public_base: Option<&str>, answer: &ImageAnswer) -> String {
             format!("/v1/images/{file}")
         }
     }
+}
+
+/// Where clients fetch the partial image stored at `path` (`objects::partial_path`) while its
+/// picture is drawn: under the public base when set, as pictures are, else this API's
+/// `/v1/images/partials/{file}`. None for a path that route would not serve.
+pub fn partial_url(public_base: Option<&str>, path: &str) -> Option<String> {
+    let file = objects::partial_file_name(path)?;
+    let (_, stored) = objects::partial_file(&file)?;
+    if stored.as_ref() != path {
+        return None;
+    }
+    Some(match public_base {
+        Some(base) => format!("{}/{path}", base.trim_end_matches('/')),
+        None => format!("/v1/images/partials/{file}"),
+    })
 }

@@ -210,7 +210,8 @@ pub(crate) async fn create_fight(
                     text.push_str(delta);
                 }
             }
-            Event::Started { .. } => {}
+            // A text has no partial image (its flight's log never holds one).
+            Event::Started { .. } | Event::Partial { .. } => {}
             Event::Chunk { delta, .. } => text.push_str(delta),
             Event::Done { model, .. } => {
                 // The stored answer is authoritative (its display names are the first

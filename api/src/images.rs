@@ -1,7 +1,8 @@
-//! The picture routes: `GET /v1/images/stream`, `POST /v1/images`, and the URL that serves a
-//! stored picture from our object store, immutable and CDN-ready.
+//! The picture routes: `GET /v1/images/stream`, `POST /v1/images`, the URL that serves a
+//! stored picture from our object store, immutable and CDN-ready, and the one that serves a
+//! partial image while its picture is drawn, briefly cached.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc};
 
 use axum::{
     Json,
@@ -10,7 +11,7 @@ use axum::{
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response, sse::Event as SseEvent},
 };
-use futures::{StreamExt, stream};
+use futures::stream;
 use object_store::ObjectStoreExt;
 use versus_shared::{
     key::Key,
@@ -42,7 +43,7 @@ impl App {
     ) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
         while let Some(event) = self.unless_stopping(waiter.next()).await? {
             match &*event {
-                Event::Started { .. } | Event::Chunk { .. } => {}
+                Event::Started { .. } | Event::Chunk { .. } | Event::Partial { .. } => {}
                 // Done is published after the KV write, so the bucket has it (unless purged).
                 Event::Done { .. } => {
                     drop(waiter);
@@ -60,7 +61,7 @@ impl App {
     }
 }
 
-/// The picture of a matchup: `meta`, then where it is served once drawn.
+/// The picture of a matchup: `meta`, partial images as it is drawn, then where it is served.
 #[utoipa::path(
     get,
     path = "/v1/images/stream",
@@ -68,10 +69,11 @@ impl App {
     params(
         ("a" = Name, Query, description = "The first opponent.", example = "Batman"),
         ("b" = Name, Query, description = "The second opponent.", example = "Superman"),
+        ("Last-Event-ID" = Option<String>, Header, description = "The `id` of the last partial image received: the stream resumes with the next one (or says `reset` and starts over if the picture is being drawn again)."),
     ),
     responses(
-        (status = 200, description = "`meta`, then `done` with the picture's URL, or `error`.",
-            content_type = "text/event-stream", body = String),
+        (status = 200, description = "`meta` first; while the picture is drawn, `partial` events (each with an `id`) and perhaps `reset`; last `done` with the picture's URL, or `error`. A stored picture is `meta` and `done` alone. Comment lines keep an idle stream open.",
+            content_type = "text/event-stream", body = String, headers(("X-Accel-Buffering" = String, description = "`no`: proxies must not buffer the stream."))),
         Refusals,
     ),
 )]
@@ -83,6 +85,10 @@ pub(crate) async fn stream_image(
 ) -> Result<Response, ApiError> {
     let ask = app.ask(&request, Kind::Image)?;
     let key = ask.key.clone();
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(sse::Resume::parse);
     let miss = match app
         .find(&app.inner.images, &key, || app.client(peer, &headers))
         .await?
@@ -105,25 +111,69 @@ pub(crate) async fn stream_image(
     let job = app.job(ask);
     let meta: SseEvent = sse::meta(&key, &job.a, &job.b).into();
     let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
-    let waiting = app.clone();
-    let events =
-        stream::once(async { Ok::<_, Infallible>(meta) }).chain(stream::once(async move {
-            let end = match waiting.drawn(key.clone(), waiter).await {
-                Ok(cached) => {
-                    let v = &cached.value;
-                    sse::image_done(&key, &waiting.url_of(v), &v.model, v.degraded()).into()
-                }
-                Err(ApiError::Generation {
-                    code,
-                    message,
-                    retryable,
-                    retry_after_secs,
-                }) => sse::error_until(&code, &message, retryable, retry_after_secs),
-                Err(other) => sse::error(ErrorCode::Unavailable, &other.to_string()),
+    let settings = &app.inner.settings;
+    let translator = sse::Translator::of_picture(
+        key.clone(),
+        settings.models.image_model.clone(),
+        resume,
+        settings.public_image_base_url.clone(),
+    );
+    let drawing = Drawing {
+        app: app.clone(),
+        key,
+        waiter: Some(waiter),
+        translator,
+        queue: VecDeque::from([meta]),
+    };
+    Ok(app.sse(slot, stream::unfold(drawing, Drawing::next_event)))
+}
+
+/// One client's stream of a picture being drawn: its partial images, then the stored picture.
+struct Drawing {
+    app: App,
+    key: Key,
+    /// None once the stream's last event is queued.
+    waiter: Option<Waiter>,
+    translator: sse::Translator,
+    queue: VecDeque<SseEvent>,
+}
+
+impl Drawing {
+    async fn next_event(mut self) -> Option<(Result<SseEvent, Infallible>, Drawing)> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some((Ok(event), self));
+            }
+            let waiter = self.waiter.as_mut()?;
+            let Some(event) = waiter.next().await else {
+                self.waiter = None;
+                self.queue.push_back(sse::error(
+                    ErrorCode::Unavailable,
+                    "The picture stream was interrupted. Please try again.",
+                ));
+                continue;
             };
-            Ok(end)
-        }));
-    Ok(app.sse(slot, events))
+            if let Event::Done { .. } = &*event {
+                // Done is published after the KV write, so the bucket has it (unless purged).
+                self.waiter = None;
+                let end = match self.app.inner.images.finished(&self.key).await {
+                    Some(cached) => {
+                        let v = &cached.value;
+                        let url = self.app.url_of(v);
+                        sse::image_done(&self.key, &url, &v.model, v.degraded()).into()
+                    }
+                    None => sse::error(ErrorCode::Unavailable, &ApiError::Unavailable.to_string()),
+                };
+                self.queue.push_back(end);
+                continue;
+            }
+            let mut out = Vec::new();
+            if self.translator.translate(&event, &mut out) {
+                self.waiter = None;
+            }
+            self.queue.extend(out);
+        }
+    }
 }
 
 /// The picture of a matchup, once it is stored.
@@ -235,4 +285,155 @@ pub(crate) async fn serve_image(
         Body::from_stream(object.into_stream()),
     )
         .into_response())
+}
+
+/// Partial images are removed once their picture is done: browsers and CDNs keep one briefly,
+/// and never take it for the picture (which has a URL of its own).
+const PARTIAL_CACHE_CONTROL: &str = "public, max-age=60";
+
+/// The store path of the partial image a URL's file name names: only the name a `partial`
+/// event gives (no leading zeros: one URL per partial), and only under `partials/`.
+fn partial_named(file: &str) -> Option<(Key, object_store::path::Path)> {
+    objects::partial_file(file)
+        .filter(|(_, path)| objects::partial_file_name(path.as_ref()).as_deref() == Some(file))
+}
+
+/// The content type of a partial image, by the extension its name was checked to have.
+fn partial_content_type(file: &str) -> &'static str {
+    match file.rsplit_once('.').map(|(_, extension)| extension) {
+        Some("jpg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        _ => "image/png",
+    }
+}
+
+/// `GET|HEAD /v1/images/partials/{key}-{attempt}-{index}.{ext}`: a partial image of a picture
+/// being drawn, as a `partial` event names it. Only paths under `partials/` that the name
+/// rebuilds are read; a partial is never served at a picture's URL, nor a picture here.
+#[utoipa::path(
+    get,
+    path = "/v1/images/partials/{file}",
+    tag = "images",
+    params(
+        ("file" = String, Path, description = "`<key>-<attempt>-<index>.png`, as a `partial` event's `url` names it.", pattern = "^[0-9a-f]{32}-(0|[1-9][0-9]{0,8})-(0|[1-9][0-9]{0,8})\\.(png|jpg|webp)$"),
+    ),
+    responses(
+        (status = 200, description = "The partial image, while its picture is drawn.", content_type = "image/png", body = Vec<u8>, headers(
+            ("Cache-Control" = String, description = "`public, max-age=60`: partial images are removed once the picture is done."),
+        )),
+        (status = 404, description = "No partial image has this name (any more: they are removed once the picture is done).", body = ErrorBody),
+        (status = 429, description = "This client looked up more than it may past the API's memory (`VERSUS_CLIENT_LOOKUPS_PER_SECOND`).", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
+        (status = 503, description = "The object store is unreachable.", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn serve_partial(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (key, path) = partial_named(&file).ok_or(ApiError::NotFound)?;
+    // Every partial is read from the store: it counts as a look-up past memory.
+    app.look_up(app.client(peer, &headers))?;
+    let object = match app.inner.objects.get(&path).await {
+        Ok(object) => object,
+        Err(object_store::Error::NotFound { .. }) => return Err(ApiError::NotFound),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "reading a partial image failed");
+            return Err(ApiError::Unavailable);
+        }
+    };
+    let length = object.meta.size;
+    Ok((
+        [
+            (header::CACHE_CONTROL, PARTIAL_CACHE_CONTROL.to_owned()),
+            (header::CONTENT_TYPE, partial_content_type(&file).to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        Body::from_stream(object.into_stream()),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use versus_shared::objects;
+
+    use super::{partial_content_type, partial_named};
+    use crate::body::partial_url;
+
+    const KEY: &str = "9a8b7c6d5e4f30211a2b3c4d5e6f7081";
+
+    #[test]
+    fn a_partial_is_served_only_under_the_name_its_event_gives() {
+        let (key, path) = partial_named(&format!("{KEY}-3-0.png")).unwrap();
+        assert_eq!(key.as_str(), KEY);
+        assert_eq!(path.as_ref(), format!("partials/{KEY}/3/0.png"));
+        assert!(partial_named(&format!("{KEY}-12-2.webp")).is_some());
+        for file in [
+            // Another spelling of the same partial.
+            format!("{KEY}-03-0.png"),
+            format!("{KEY}-3-00.png"),
+            // Not a partial's name.
+            format!("{KEY}-3.png"),
+            format!("{KEY}-3-0-1.png"),
+            format!("{KEY}-3-0.gif"),
+            format!("{KEY}-3-0"),
+            format!("{KEY}--0.png"),
+            format!("{KEY}-x-0.png"),
+            format!("{KEY}-3-0.png.png"),
+            "..-3-0.png".to_owned(),
+            format!("{}-3-0.png", KEY.to_uppercase()),
+            // A picture's name.
+            format!("{KEY}-0123456789abcdef.png"),
+            format!("{KEY}.png"),
+        ] {
+            assert!(partial_named(&file).is_none(), "{file}");
+        }
+    }
+
+    #[test]
+    fn a_partial_is_never_served_at_a_pictures_url() {
+        // `/v1/images/{file}` reads only under `images/`: a partial's name is not a picture's.
+        for file in [format!("{KEY}-3-0.png"), format!("{KEY}-1-2.webp")] {
+            assert!(objects::picture_file(&file).is_none(), "{file}");
+        }
+        // And every partial URL an event gives is this route's, or the bucket's `partials/`.
+        let path = format!("partials/{KEY}/1/2.jpg");
+        assert_eq!(
+            partial_url(None, &path).unwrap(),
+            format!("/v1/images/partials/{KEY}-1-2.jpg")
+        );
+        assert_eq!(
+            partial_url(Some("https://cdn.example/"), &path).unwrap(),
+            format!("https://cdn.example/partials/{KEY}/1/2.jpg")
+        );
+        for path in [
+            format!("images/{KEY}-0123456789abcdef.png"),
+            format!("partials/{KEY}/1/2.gif"),
+            format!("partials/{KEY}/1/2/3.png"),
+            format!("partials/{KEY}/01/2.png"),
+            "partials/nokey/1/2.png".to_owned(),
+        ] {
+            assert_eq!(partial_url(None, &path), None, "{path}");
+            assert_eq!(
+                partial_url(Some("https://cdn.example"), &path),
+                None,
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partial_has_its_extensions_content_type() {
+        assert_eq!(partial_content_type(&format!("{KEY}-1-0.png")), "image/png");
+        assert_eq!(
+            partial_content_type(&format!("{KEY}-1-0.jpg")),
+            "image/jpeg"
+        );
+        assert_eq!(
+            partial_content_type(&format!("{KEY}-1-0.webp")),
+            "image/webp"
+        );
+    }
 }

@@ -89,6 +89,7 @@ pub fn routers(app: &App) -> (Router, Option<Router>) {
         .route("/v1/images/stream", get(images::stream_image))
         .route("/v1/images", post(images::create_image))
         .route("/v1/images/{file}", get(images::serve_image))
+        .route("/v1/images/partials/{file}", get(images::serve_partial))
         .route("/v1/names/suggest", get(suggest::suggest))
         .route("/v1/fights/{key}/report", post(reports::report_fight))
         .route("/v1/images/{key}/report", post(reports::report_image))

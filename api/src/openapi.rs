@@ -40,6 +40,7 @@ use crate::{admin, fights, images, preview, ready, reports, sse::data, suggest};
         images::stream_image,
         images::create_image,
         images::serve_image,
+        images::serve_partial,
         reports::report_fight,
         reports::report_image,
         suggest::suggest,
@@ -59,6 +60,7 @@ use crate::{admin, fights, images, preview, ready, reports, sse::data, suggest};
     components(schemas(
         data::MetaData,
         data::ChunkData,
+        data::PartialData,
         data::ResetData,
         data::DoneData,
         data::ImageDoneData,
@@ -118,19 +120,21 @@ impl Modify for Additions {
         components.schemas.insert(
             "FightEvent".to_owned(),
             events(&[
-                ("meta", "MetaData", false),
-                ("chunk", "ChunkData", true),
-                ("reset", "ResetData", false),
-                ("done", "DoneData", false),
-                ("error", "ErrorData", false),
+                ("meta", "MetaData", None),
+                ("chunk", "ChunkData", Some(CHUNK_ID)),
+                ("reset", "ResetData", None),
+                ("done", "DoneData", None),
+                ("error", "ErrorData", None),
             ]),
         );
         components.schemas.insert(
             "ImageEvent".to_owned(),
             events(&[
-                ("meta", "MetaData", false),
-                ("done", "ImageDoneData", false),
-                ("error", "ErrorData", false),
+                ("meta", "MetaData", None),
+                ("partial", "PartialData", Some(PARTIAL_ID)),
+                ("reset", "ResetData", None),
+                ("done", "ImageDoneData", None),
+                ("error", "ErrorData", None),
             ]),
         );
         for (path, summary, content_type, description) in [
@@ -164,8 +168,15 @@ impl Modify for Additions {
     }
 }
 
-/// One event of a stream whose events are `(name, data schema, has an id)`.
-fn events(kinds: &[(&str, &str, bool)]) -> RefOr<Schema> {
+/// What a chunk's `id` is.
+const CHUNK_ID: &str =
+    "`<attempt>:<end offset>`: send it back as `Last-Event-ID` to resume after this chunk.";
+/// What a partial image's `id` is.
+const PARTIAL_ID: &str = "`<attempt>:<index + 1>` (the partial images then held): send it back \
+    as `Last-Event-ID` to resume after this partial image.";
+
+/// One event of a stream whose events are `(name, data schema, what its id is if it has one)`.
+fn events(kinds: &[(&str, &str, Option<&str>)]) -> RefOr<Schema> {
     let one_of = kinds
         .iter()
         .fold(OneOfBuilder::new(), |one_of, (name, data, id)| {
@@ -185,17 +196,14 @@ fn events(kinds: &[(&str, &str, bool)]) -> RefOr<Schema> {
                         .content_schema(Some(openapi::Ref::from_schema_name(*data))),
                 )
                 .required("data");
-            if *id {
+            if let Some(id) = id {
                 event = event
                     .property(
                         "id",
                         ObjectBuilder::new()
                             .schema_type(Type::String)
                             .pattern(Some("^[0-9]+:[0-9]+$"))
-                            .description(Some(
-                                "`<attempt>:<end offset>`: send it back as `Last-Event-ID` to \
-                             resume after this chunk.",
-                            )),
+                            .description(Some(*id)),
                     )
                     .required("id");
             }

@@ -6,6 +6,10 @@
 //! from another attempt, it receives `reset` and the whole text. That is also how a replica
 //! that stops hands its streams over: it ends them with a `retry:` hint, and EventSource
 //! clients reconnect (to another replica) with `Last-Event-ID`.
+//!
+//! A picture's partial images take the place chunks take in a text: a partial's id is
+//! `<attempt>:<index + 1>`, the count of partials the client then holds, and resumes the same
+//! way.
 
 use std::{convert::Infallible, time::Duration};
 
@@ -88,6 +92,11 @@ pub fn chunk_id(attempt: i32, end: usize) -> String {
     format!("{attempt}:{end}")
 }
 
+/// The id of partial image `index` of `attempt`: `<attempt>:<index + 1>`.
+pub fn partial_id(attempt: i32, index: u32) -> String {
+    chunk_id(attempt, index as usize + 1)
+}
+
 /// The data of each event, as the contract (and `/openapi.json`) names it.
 pub mod data {
     use serde::Serialize;
@@ -121,7 +130,22 @@ pub mod data {
         pub delta: &'a str,
     }
 
-    /// `reset`: the generation restarted; drop the text received so far.
+    /// `partial` (pictures only): partial image `index` (from 0) of the picture being drawn,
+    /// shown until the next one or the picture; never the answer. Its SSE `id:` is
+    /// `<attempt>:<index + 1>` (the count of partials then held): reconnecting with it as
+    /// `Last-Event-ID` resumes with the next partial.
+    #[derive(Serialize, ToSchema)]
+    pub struct PartialData<'a> {
+        /// Its place among the attempt's partials, from 0.
+        pub index: u32,
+        /// Where it is served while the picture is drawn: this API's
+        /// `/v1/images/partials/{file}`, or under `VERSUS_PUBLIC_IMAGE_BASE_URL` when set.
+        /// Short-lived: removed once the picture is done.
+        #[schema(example = "/v1/images/partials/9a8b7c6d5e4f30211a2b3c4d5e6f7081-1-0.png")]
+        pub url: &'a str,
+    }
+
+    /// `reset`: the generation restarted; drop the text (the partial image) received so far.
     #[derive(Serialize, ToSchema)]
     pub struct ResetData<'a> {
         pub reason: &'a str,
@@ -246,6 +270,14 @@ pub fn chunk(attempt: i32, end: usize, delta: &str) -> Frame {
     }
 }
 
+/// Partial image `index` of `attempt`, served at `url`.
+pub fn partial(attempt: i32, index: u32, url: &str) -> Frame {
+    Frame {
+        id: Some(partial_id(attempt, index)),
+        ..Frame::new("partial", &data::PartialData { index, url })
+    }
+}
+
 /// The end of a text answer's stream, written by `model`, a fallback's when `degraded`.
 pub fn done(key: &Key, model: &str, degraded: bool) -> Frame {
     Frame::new(
@@ -311,25 +343,52 @@ pub fn render(frames: &[Frame]) -> bytes::Bytes {
     out.into()
 }
 
-/// Translates one client's view of a generation: which chunks it still needs, and when it
-/// must drop what it holds.
+/// Translates one client's view of a generation: which chunks (partial images) it still
+/// needs, and when it must drop what it holds.
 pub struct Translator {
     key: Key,
     /// The model the key was made with (the recipe's): a `done` naming another was written by
     /// a fallback provider, and is degraded.
     primary: String,
-    /// Where the client's text ends, when it holds some.
+    /// Where the client's text ends (for a picture, how many partials it holds), when it holds
+    /// some.
     holds: Option<Resume>,
     attempt: Option<i32>,
+    partials: Partials,
+}
+
+/// What becomes of partial images.
+enum Partials {
+    /// A text's stream: there are none.
+    Ignored,
+    /// A picture's: each becomes a `partial`, its URL under `public_base` when set.
+    Forwarded { public_base: Option<String> },
 }
 
 impl Translator {
+    /// A text's translator.
     pub fn new(key: Key, primary: String, resume: Option<Resume>) -> Translator {
         Translator {
             key,
             primary,
             holds: resume,
             attempt: None,
+            partials: Partials::Ignored,
+        }
+    }
+
+    /// A picture's translator: partial images become `partial` events whose URLs are under
+    /// `public_base` (`VERSUS_PUBLIC_IMAGE_BASE_URL`) when set, else this API's. The caller
+    /// answers `done` itself, with the stored picture.
+    pub fn of_picture(
+        key: Key,
+        primary: String,
+        resume: Option<Resume>,
+        public_base: Option<String>,
+    ) -> Translator {
+        Translator {
+            partials: Partials::Forwarded { public_base },
+            ..Translator::new(key, primary, resume)
         }
     }
 
@@ -344,6 +403,21 @@ impl Translator {
             } => {
                 self.enter(*attempt, out);
                 self.chunk(*attempt, *offset, delta, out);
+            }
+            Event::Partial {
+                attempt,
+                index,
+                path,
+            } => {
+                let Partials::Forwarded { public_base } = &self.partials else {
+                    return false;
+                };
+                let url = crate::body::partial_url(public_base.as_deref(), path);
+                if url.is_none() {
+                    tracing::debug!(%path, "a partial image stored under a name it may not have");
+                }
+                self.enter(*attempt, out);
+                self.partial(*attempt, *index, url.as_deref(), out);
             }
             Event::Done { model, .. } => {
                 out.push(done(&self.key, model, *model != self.primary).into());
@@ -384,6 +458,19 @@ impl Translator {
             out.push(reset());
             self.holds = None;
         }
+    }
+
+    /// Partial image `index` (served at `url`) unless the client holds it already.
+    fn partial(&mut self, attempt: i32, index: u32, url: Option<&str>, out: &mut Vec<SseEvent>) {
+        let end = index as usize + 1;
+        let held = self.holds.map_or(0, |h| h.offset);
+        if let Some(url) = url.filter(|_| end > held) {
+            out.push(partial(attempt, index, url).into());
+        }
+        self.holds = Some(Resume {
+            attempt,
+            offset: end.max(held),
+        });
     }
 
     fn chunk(&mut self, attempt: i32, offset: usize, delta: &str, out: &mut Vec<SseEvent>) {
@@ -543,6 +630,135 @@ mod tests {
             format!(
                 "event: meta\ndata: {{\"key\":\"{k}\",\"a\":\"Batman\",\"b\":\"Superman\",\"cached\":true,\"model\":\"fallback-chat\",\"degraded\":true}}\n\n"
             )
+        );
+    }
+
+    fn picture(resume: Option<Resume>, public_base: Option<&str>) -> Translator {
+        Translator::of_picture(
+            key(),
+            "gpt-image-1".to_owned(),
+            resume,
+            public_base.map(str::to_owned),
+        )
+    }
+
+    fn partial_event(attempt: i32, index: u32) -> Event {
+        Event::Partial {
+            attempt,
+            index,
+            path: format!("partials/{}/{attempt}/{index}.png", "a".repeat(32)),
+        }
+    }
+
+    /// What a picture's translator makes of `events`, as the wire has it.
+    fn drawn(translator: &mut Translator, events: &[Event]) -> Vec<String> {
+        let mut out = Vec::new();
+        for event in events {
+            assert!(!translator.translate(event, &mut out));
+        }
+        wire(&out)
+    }
+
+    fn partial_wire(attempt: i32, index: u32) -> String {
+        let k = "a".repeat(32);
+        format!(
+            r#"partial {{"index":{index},"url":"/v1/images/partials/{k}-{attempt}-{index}.png"}} {attempt}:{}"#,
+            index + 1
+        )
+    }
+
+    #[test]
+    fn a_partials_id_counts_the_partials_the_client_then_holds() {
+        let events = [
+            Event::Started { attempt: 3 },
+            partial_event(3, 0),
+            partial_event(3, 1),
+            partial_event(3, 2),
+        ];
+        assert_eq!(
+            drawn(&mut picture(None, None), &events),
+            [partial_wire(3, 0), partial_wire(3, 1), partial_wire(3, 2)]
+        );
+        // Under a public base, the URL is the bucket's path.
+        let k = "a".repeat(32);
+        assert_eq!(
+            drawn(
+                &mut picture(None, Some("https://cdn.example/")),
+                &events[..2]
+            ),
+            [format!(
+                r#"partial {{"index":0,"url":"https://cdn.example/partials/{k}/3/0.png"}} 3:1"#
+            )]
+        );
+    }
+
+    #[test]
+    fn a_resume_gets_exactly_the_partials_after_the_one_it_names() {
+        let events = [
+            Event::Started { attempt: 3 },
+            partial_event(3, 0),
+            partial_event(3, 1),
+            partial_event(3, 2),
+        ];
+        // A late viewer replays the log from its start: the resume skips what it holds.
+        assert_eq!(
+            drawn(&mut picture(Resume::parse("3:2"), None), &events),
+            [partial_wire(3, 2)]
+        );
+        assert!(drawn(&mut picture(Resume::parse("3:3"), None), &events).is_empty());
+        // A copy of a partial already sent is not sent again.
+        let mut translator = picture(None, None);
+        drawn(&mut translator, &events[..2]);
+        assert!(drawn(&mut translator, &events[1..2]).is_empty());
+        assert_eq!(drawn(&mut translator, &events[2..3]), [partial_wire(3, 1)]);
+    }
+
+    #[test]
+    fn a_resume_of_another_attempt_gets_reset_and_all_the_new_partials() {
+        let reset = r#"reset {"reason":"the answer is being generated again"}"#;
+        let events = [
+            Event::Started { attempt: 2 },
+            partial_event(2, 0),
+            partial_event(2, 1),
+        ];
+        assert_eq!(
+            drawn(&mut picture(Resume::parse("1:2"), None), &events),
+            [reset.to_owned(), partial_wire(2, 0), partial_wire(2, 1)]
+        );
+        // Live: a viewer of attempt 1 sees `reset` when attempt 2 begins, then its partials.
+        let mut translator = picture(None, None);
+        drawn(
+            &mut translator,
+            &[Event::Started { attempt: 1 }, partial_event(1, 0)],
+        );
+        assert_eq!(
+            drawn(&mut translator, &events),
+            [reset.to_owned(), partial_wire(2, 0), partial_wire(2, 1)]
+        );
+    }
+
+    #[test]
+    fn a_texts_translator_sends_no_partial() {
+        let mut translator = translator(None);
+        assert!(
+            drawn(
+                &mut translator,
+                &[Event::Started { attempt: 1 }, partial_event(1, 0)]
+            )
+            .is_empty()
+        );
+        // Nor one stored under a name the partials route would not serve.
+        let mut translator = picture(None, None);
+        let stray = Event::Partial {
+            attempt: 1,
+            index: 0,
+            path: format!("images/{}.png", "a".repeat(32)),
+        };
+        assert!(drawn(&mut translator, &[stray]).is_empty());
+        // Its place is taken all the same: the next one follows it.
+        assert_eq!(
+            drawn(&mut translator, &[partial_event(1, 1)]),
+            [partial_wire(1, 1)]
         );
     }
 }

@@ -30,8 +30,9 @@ pub struct BudgetSettings {
     #[arg(long, env = "VERSUS_DAILY_BUDGET_USD", default_value_t = 10.0)]
     pub daily_budget_usd: f64,
     /// Prices replacing or adding to the built-in table, as JSON:
-    /// `{"model": {"input_per_mtok": x, "output_per_mtok": y, "per_image": z}}` (US dollars
-    /// per million tokens, per picture).
+    /// `{"model": {"input_per_mtok": x, "output_per_mtok": y, "per_image": z,
+    /// "image_output_per_mtok": w}}` (US dollars per million tokens, per picture, and per
+    /// million image output tokens: what a picture's partial images cost).
     #[arg(long, env = "VERSUS_PRICES", default_value = "")]
     pub prices: String,
     /// The most of the day's budget pictures may use (0 to 1); once it is spent, new pictures
@@ -50,6 +51,10 @@ pub struct Price {
     pub output_per_mtok: f64,
     #[serde(default)]
     pub per_image: f64,
+    /// Per million image output tokens: a streamed picture's partial images cost
+    /// [`PARTIAL_IMAGE_TOKENS`] each.
+    #[serde(default)]
+    pub image_output_per_mtok: f64,
 }
 
 /// OpenAI's published list prices (US dollars per million tokens, standard tier, as of 2025;
@@ -66,10 +71,10 @@ const BUILT_IN: &[(&str, Price)] = &[
     ("gpt-5-mini", chat(0.25, 2.00)),
     ("gpt-5-nano", chat(0.05, 0.40)),
     ("o4-mini", chat(1.10, 4.40)),
-    ("gpt-image-1", image(0.167)),
-    ("gpt-image-1-mini", image(0.036)),
-    ("dall-e-3", image(0.04)),
-    ("dall-e-2", image(0.02)),
+    ("gpt-image-1", image(0.167, 40.00)),
+    ("gpt-image-1-mini", image(0.036, 8.00)),
+    ("dall-e-3", image(0.04, 0.0)),
+    ("dall-e-2", image(0.02, 0.0)),
 ];
 
 const fn chat(input_per_mtok: f64, output_per_mtok: f64) -> Price {
@@ -77,16 +82,25 @@ const fn chat(input_per_mtok: f64, output_per_mtok: f64) -> Price {
         input_per_mtok,
         output_per_mtok,
         per_image: 0.0,
+        image_output_per_mtok: 0.0,
     }
 }
 
-const fn image(per_image: f64) -> Price {
+/// A picture model: its price per picture, and per million image output tokens (what its
+/// partial images cost: [`PARTIAL_IMAGE_TOKENS`] each).
+const fn image(per_image: f64, image_output_per_mtok: f64) -> Price {
     Price {
         input_per_mtok: 0.0,
         output_per_mtok: 0.0,
         per_image,
+        image_output_per_mtok,
     }
 }
+
+/// Image output tokens one partial image of a streamed picture costs (OpenAI's figure).
+pub const PARTIAL_IMAGE_TOKENS: u64 = 100;
+/// The most partial images a picture is streamed with (`VERSUS_PARTIAL_IMAGES`, 0 to 3).
+pub const MAX_PARTIAL_IMAGES: u32 = 3;
 
 /// The price table: the built-in prices with the operator's on top.
 #[derive(Debug, Clone)]
@@ -125,6 +139,7 @@ impl Prices {
                 input_per_mtok: dearest(|p| p.input_per_mtok),
                 output_per_mtok: dearest(|p| p.output_per_mtok),
                 per_image: dearest(|p| p.per_image),
+                image_output_per_mtok: dearest(|p| p.image_output_per_mtok),
             }
         })
     }
@@ -138,6 +153,12 @@ impl Price {
     /// What a chat call with this usage costs.
     pub fn tokens(&self, input: u64, output: u64) -> f64 {
         (input as f64 * self.input_per_mtok + output as f64 * self.output_per_mtok) / 1e6
+    }
+
+    /// What a picture streamed with `partials` partial images costs.
+    pub fn picture(&self, partials: u32) -> f64 {
+        let tokens = u64::from(partials) * PARTIAL_IMAGE_TOKENS;
+        self.per_image + tokens as f64 * self.image_output_per_mtok / 1e6
     }
 }
 
@@ -288,7 +309,11 @@ impl Budget {
                 .prices
                 .of(&self.models.chat_model)
                 .tokens(PROMPT_TOKENS_MAX, u64::from(self.models.max_answer_tokens)),
-            Kind::Image => self.prices.of(&self.models.image_model).per_image,
+            // With the most partial images it may be streamed with.
+            Kind::Image => self
+                .prices
+                .of(&self.models.image_model)
+                .picture(MAX_PARTIAL_IMAGES),
         }
     }
 

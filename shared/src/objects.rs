@@ -60,6 +60,62 @@ pub fn picture_file(file: &str) -> Option<(Key, Path)> {
     Some((key, path))
 }
 
+/// Where a picture's partial images live: never under `images/`, so that none is ever taken
+/// for a finished picture, and removed once the picture is done (or left to the store's
+/// lifecycle rule for this prefix: `docs/deploy.md`).
+pub const PARTIALS_PREFIX: &str = "partials";
+
+/// Where partial image `index` of attempt `attempt` of the picture `key` is stored:
+/// `partials/<key>/<attempt>/<index>.<ext>`.
+pub fn partial_path(key: &Key, attempt: i32, index: u32, extension: &str) -> Path {
+    Path::from(format!(
+        "{PARTIALS_PREFIX}/{key}/{attempt}/{index}.{extension}"
+    ))
+}
+
+/// The `Cache-Control` of a partial image: short, since it is removed once its picture is
+/// stored, and never the answer.
+pub const PARTIAL_CACHE_CONTROL: &str = "public, max-age=60";
+
+/// Every partial image of the picture `key`, of any attempt (to remove them).
+pub fn partials_of_picture(key: &Key) -> Path {
+    Path::from(format!("{PARTIALS_PREFIX}/{key}"))
+}
+
+/// The partials of one attempt of the picture `key` (to remove them).
+pub fn partials_of(key: &Key, attempt: i32) -> Path {
+    Path::from(format!("{PARTIALS_PREFIX}/{key}/{attempt}"))
+}
+
+/// The store path a partial's URL file name names: `<key>-<attempt>-<index>.<ext>` with an
+/// extension of a picture we serve; None for any other name.
+pub fn partial_file(file: &str) -> Option<(Key, Path)> {
+    let (name, extension) = file.split_once('.')?;
+    if !matches!(extension, "png" | "jpg" | "webp") {
+        return None;
+    }
+    let mut parts = name.split('-');
+    let (key, attempt, index) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let key = Key::parse(key)?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(attempt) || !digits(index) {
+        return None;
+    }
+    let path = partial_path(&key, attempt.parse().ok()?, index.parse().ok()?, extension);
+    Some((key, path))
+}
+
+/// The URL file name of the partial stored at `path` (`partial_path`'s), for `partial_file`.
+pub fn partial_file_name(path: &str) -> Option<String> {
+    let rest = path.strip_prefix(PARTIALS_PREFIX)?.strip_prefix('/')?;
+    let mut parts = rest.split('/');
+    let (key, attempt, file) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(format!("{key}-{attempt}-{file}"))
+}
+
 /// Opens the store named by `url`.
 pub fn open(url: &str) -> anyhow::Result<Arc<dyn ObjectStore>> {
     crate::tls::install();

@@ -178,12 +178,22 @@ pub enum Event {
         offset: usize,
         delta: String,
     },
+    /// A picture's partial image `index` (from 0, in order) of attempt `attempt`, as the
+    /// upstream draws it: stored at `path` in the object store
+    /// (`objects::partial_path`), shown while the picture is drawn, never the answer. For a
+    /// reader it takes the place a chunk takes in a text: the `index`-th of the attempt.
+    Partial {
+        attempt: i32,
+        index: u32,
+        path: String,
+    },
     /// The answer is complete and stored.
     Done {
         attempt: i32,
         model: String,
-        /// Bytes of text the attempt published (0 for a picture): a reader that holds fewer
-        /// lost a chunk and must read the stream's history before it ends.
+        /// Bytes of text the attempt published (for a picture, the partial images it
+        /// published): a reader that holds fewer lost a chunk (a partial) and must read the
+        /// stream's history before it ends.
         #[serde(default)]
         length: usize,
     },
@@ -209,6 +219,7 @@ impl Event {
         match self {
             Event::Started { .. } => "started",
             Event::Chunk { .. } => "chunk",
+            Event::Partial { .. } => "partial",
             Event::Done { .. } => "done",
             Event::Error { .. } => "error",
             Event::Purged => "purged",

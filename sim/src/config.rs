@@ -35,6 +35,19 @@ pub enum ImageMode {
     Url,
 }
 
+/// How `/v1/images/generations` treats `"stream": true`, because upstreams differ: GPT image
+/// models stream partial images, others refuse the parameter or ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageStream {
+    /// Server-sent events: `partial_images` partial images, then the completed one.
+    On,
+    /// A 400 `unknown_parameter` error naming `stream` (the same request without it works).
+    Refuse,
+    /// The plain JSON answer, as if `stream` had not been asked.
+    Ignore,
+}
+
 /// The behaviour knobs; changed live through `POST /_sim/config`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 pub struct Knobs {
@@ -56,6 +69,9 @@ pub struct Knobs {
     /// Side of the square image when a request names no size, in pixels.
     #[arg(long, env = "VERSUS_SIM_IMAGE_SIZE", default_value_t = 256)]
     pub image_size: u32,
+    /// What an image request asking `"stream": true` gets: `on`, `refuse` or `ignore`.
+    #[arg(long, env = "VERSUS_SIM_IMAGE_STREAM", value_enum, default_value_t = ImageStream::On)]
+    pub image_stream: ImageStream,
 }
 
 impl Default for Knobs {
@@ -68,6 +84,7 @@ impl Default for Knobs {
             image_latency_ms: 1500,
             image_mode: ImageMode::B64Json,
             image_size: 256,
+            image_stream: ImageStream::On,
         }
     }
 }
@@ -82,6 +99,7 @@ pub struct KnobsPatch {
     pub image_latency_ms: Option<u64>,
     pub image_mode: Option<ImageMode>,
     pub image_size: Option<u32>,
+    pub image_stream: Option<ImageStream>,
 }
 
 impl Knobs {
@@ -104,6 +122,9 @@ impl Knobs {
         if let Some(v) = patch.image_size {
             self.image_size = v;
         }
+        if let Some(v) = patch.image_stream {
+            self.image_stream = v;
+        }
     }
 }
 
@@ -125,5 +146,16 @@ mod tests {
         let patch: KnobsPatch =
             serde_json::from_str(r#"{"image_mode":"b64_json"}"#).expect("a valid patch");
         assert_eq!(patch.image_mode, Some(ImageMode::B64Json));
+    }
+
+    #[test]
+    fn image_stream_reads_on_refuse_and_ignore() {
+        assert_eq!(Knobs::default().image_stream, ImageStream::On);
+        let args = Args::parse_from(["versus-sim", "--image-stream", "refuse"]);
+        assert_eq!(args.knobs.image_stream, ImageStream::Refuse);
+        let patch: KnobsPatch =
+            serde_json::from_str(r#"{"image_stream":"ignore"}"#).expect("a valid patch");
+        assert_eq!(patch.image_stream, Some(ImageStream::Ignore));
+        assert!(serde_json::from_str::<KnobsPatch>(r#"{"image_stream":"yes"}"#).is_err());
     }
 }

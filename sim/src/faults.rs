@@ -25,6 +25,14 @@ impl Target {
 }
 
 /// What goes wrong with one request.
+///
+/// On an image request: `status` and `hang` act as on chat; `cut` answers a 200 whose body
+/// breaks once the picture would be ready, and `stall` never answers; `finish` and `say` draw
+/// as usual. On a streamed image request (`"stream": true`), `cut` and `stall` count partial
+/// images instead of tokens (`after_partials` is accepted as another name for `after_tokens`):
+/// the stream sends that many `image_generation.partial_image` events (at most the
+/// `partial_images` asked), then `cut` drops the connection when the next event was due and
+/// `stall` goes silent; neither sends `image_generation.completed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Fault {
@@ -34,14 +42,15 @@ pub enum Fault {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_secs: Option<u64>,
     },
-    /// Send this many tokens, then drop the connection.
+    /// Send this many tokens (partial images on an image stream), then drop the connection.
     Cut {
-        #[serde(default)]
+        #[serde(default, alias = "after_partials")]
         after_tokens: u64,
     },
-    /// Send this many tokens, then go silent until the client gives up.
+    /// Send this many tokens (partial images on an image stream), then go silent until the
+    /// client gives up.
     Stall {
-        #[serde(default)]
+        #[serde(default, alias = "after_partials")]
         after_tokens: u64,
     },
     /// Take the request and never answer, not even with response headers.
@@ -162,6 +171,18 @@ mod tests {
             );
         }
         assert_eq!(q.list().len(), 1);
+    }
+
+    #[test]
+    fn after_partials_is_another_name_for_after_tokens() {
+        assert_eq!(
+            rule(r#"{"kind":"image","fault":{"type":"cut","after_partials":1}}"#).fault,
+            Fault::Cut { after_tokens: 1 }
+        );
+        assert_eq!(
+            rule(r#"{"kind":"image","fault":{"type":"stall","after_partials":2}}"#).fault,
+            Fault::Stall { after_tokens: 2 }
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - `openai`: OpenAI wire conventions (auth, error bodies, hashing, clocks).
 //! - `answer`: deterministic fight-commentary text.
 //! - `chat`: `POST /v1/chat/completions`; `stream`: its server-sent-event body.
-//! - `picture`: seeded PNG drawing; `images`: `POST /v1/images/generations` and file downloads.
+//! - `picture`: seeded PNG drawing; `images`: `POST /v1/images/generations` and file downloads;
+//!   `image_stream`: its server-sent-event body (partial images, then the completed one).
 //! - [`moderation`]: `POST /v1/moderations`, flagging configured terms.
 //! - `control`: the `/_sim/*` endpoints and `GET /v1/models`.
 
@@ -21,6 +22,7 @@ pub mod stats;
 mod answer;
 mod chat;
 mod control;
+mod image_stream;
 mod images;
 mod openai;
 mod picture;
@@ -34,7 +36,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 
-pub use config::{Args, ImageMode, Knobs};
+pub use config::{Args, ImageMode, ImageStream, Knobs};
 pub use state::Sim;
 
 /// Deep enough for a thousand clients connecting at once.

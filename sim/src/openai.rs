@@ -31,6 +31,15 @@ pub fn error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) 
     (status, Json(body)).into_response()
 }
 
+/// A 400 `invalid_request_error` naming the parameter at fault, as OpenAI answers a parameter
+/// it refuses (`code` is e.g. `unknown_parameter` or `invalid_value`).
+pub fn invalid_param(param: &str, code: &str, message: &str) -> Response {
+    let body = json!({
+        "error": { "message": message, "type": "invalid_request_error", "param": param, "code": code }
+    });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
 pub fn unauthorized() -> Response {
     error(
         StatusCode::UNAUTHORIZED,

@@ -2,7 +2,36 @@
 
 /// Encodes a `width`×`height` RGB8 PNG drawn from `seed`; the same seed and size give the same bytes.
 pub fn render(seed: &[u8; 32], width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
-    let pixels = draw(seed, width, height);
+    encode(&draw(seed, width, height), width, height)
+}
+
+/// A draft of [`render`]'s picture, as a partial image shows it while it takes shape: the same
+/// drawing in square blocks, finer for each later `index` (0 is the coarsest).
+pub fn render_draft(
+    seed: &[u8; 32],
+    width: u32,
+    height: u32,
+    index: u32,
+) -> Result<Vec<u8>, png::EncodingError> {
+    let block = (width.max(height) >> (3 + index.min(16))).max(2);
+    let pixels = blocky(&draw(seed, width, height), width, height, block);
+    encode(&pixels, width, height)
+}
+
+/// Every `block`×`block` square takes the colour of its top-left pixel.
+fn blocky(pixels: &[u8], width: u32, height: u32, block: u32) -> Vec<u8> {
+    let at = |x: u32, y: u32| ((y * width + x) * 3) as usize;
+    let mut out = Vec::with_capacity(pixels.len());
+    for y in 0..height {
+        for x in 0..width {
+            let from = at(x - x % block, y - y % block);
+            out.extend_from_slice(&pixels[from..from + 3]);
+        }
+    }
+    out
+}
+
+fn encode(pixels: &[u8], width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
     let mut out = Vec::with_capacity(pixels.len() / 4);
     let mut encoder = png::Encoder::new(&mut out, width, height);
     encoder.set_color(png::ColorType::Rgb);
@@ -10,7 +39,7 @@ pub fn render(seed: &[u8; 32], width: u32, height: u32) -> Result<Vec<u8>, png::
     // Speed over size: benchmarks generate many of these.
     encoder.set_compression(png::Compression::Fast);
     let mut writer = encoder.write_header()?;
-    writer.write_image_data(&pixels)?;
+    writer.write_image_data(pixels)?;
     writer.finish()?;
     Ok(out)
 }
@@ -70,6 +99,24 @@ mod tests {
         let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
         let reader = decoder.read_info().expect("decodes");
         assert_eq!((reader.info().width, reader.info().height), (64, 32));
+    }
+
+    #[test]
+    fn a_draft_is_a_decodable_png_of_the_same_size_and_coarser_than_the_picture() {
+        let seed = [7; 32];
+        let picture = render(&seed, 64, 48).expect("renders");
+        for index in 0..3 {
+            let draft = render_draft(&seed, 64, 48, index).expect("renders a draft");
+            let reader = png::Decoder::new(std::io::Cursor::new(&draft))
+                .read_info()
+                .expect("decodes");
+            assert_eq!((reader.info().width, reader.info().height), (64, 48));
+            assert_ne!(draft, picture);
+        }
+        assert_ne!(
+            render_draft(&seed, 64, 48, 0).expect("renders a draft"),
+            render_draft(&seed, 64, 48, 1).expect("renders a draft")
+        );
     }
 
     #[test]

@@ -117,6 +117,11 @@ impl Sim {
         self.live().stats.chat_abandoned += 1;
     }
 
+    /// Counts a partial image sent on an image stream.
+    pub fn note_partial_sent(&self) {
+        self.live().stats.partials_sent += 1;
+    }
+
     pub fn stats(&self) -> Stats {
         self.live().stats.clone()
     }

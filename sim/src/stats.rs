@@ -9,6 +9,8 @@ const MAX_KEPT_CALLS: usize = 100_000;
 /// How many recent chat requests keep their messages: enough for a test to read what the
 /// upstream was sent, little enough for a benchmark of 100k calls.
 const MAX_KEPT_CHAT_REQUESTS: usize = 32;
+/// The same for image requests.
+const MAX_KEPT_IMAGE_REQUESTS: usize = 32;
 /// The most of one message's text kept, in bytes (cut at a character boundary).
 const MAX_KEPT_MESSAGE_BYTES: usize = 4096;
 
@@ -41,6 +43,9 @@ pub struct Call {
     /// so that the long list of calls keeps only the hash.
     #[serde(skip)]
     pub request: Option<ChatRequest>,
+    /// What an image request asked: moved to [`Stats::image_requests`] likewise.
+    #[serde(skip)]
+    pub image_request: Option<ImageRequest>,
 }
 
 /// A chat request as the simulator received it: its model and messages.
@@ -50,6 +55,24 @@ pub struct ChatRequest {
     pub at_ms: u64,
     pub model: String,
     pub messages: Vec<ChatMessage>,
+}
+
+/// An image request as the simulator received it: its fields as sent (`None` when absent),
+/// the prompt cut to at most [`MAX_KEPT_MESSAGE_BYTES`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageRequest {
+    /// Unix milliseconds when the request arrived.
+    pub at_ms: u64,
+    pub model: Option<String>,
+    pub prompt: String,
+    pub n: Option<u32>,
+    pub size: Option<String>,
+    pub quality: Option<String>,
+    pub background: Option<String>,
+    pub output_format: Option<String>,
+    /// Whether `"stream": true` was asked.
+    pub stream: bool,
+    pub partial_images: Option<u32>,
 }
 
 /// One message of a chat request; `content` is its text (the text parts of a content array,
@@ -62,15 +85,20 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> ChatMessage {
-        let mut end = content.len().min(MAX_KEPT_MESSAGE_BYTES);
-        while !content.is_char_boundary(end) {
-            end -= 1;
-        }
         ChatMessage {
             role: role.to_owned(),
-            content: content[..end].to_owned(),
+            content: kept(content).to_owned(),
         }
     }
+}
+
+/// At most [`MAX_KEPT_MESSAGE_BYTES`] of `text`, cut at a character boundary.
+pub fn kept(text: &str) -> &str {
+    let mut end = text.len().min(MAX_KEPT_MESSAGE_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Tokens as a chat answer's `usage` reports them.
@@ -92,6 +120,7 @@ impl Call {
             image_sha256: None,
             usage: None,
             request: None,
+            image_request: None,
         }
     }
 }
@@ -104,12 +133,18 @@ pub struct Stats {
     pub moderation_calls: u64,
     /// Chat streams their client dropped while tokens still flowed.
     pub chat_abandoned: u64,
+    /// Image requests that asked `"stream": true`, whatever they were answered.
+    pub image_stream_requests: u64,
+    /// `image_generation.partial_image` events sent, over all image streams.
+    pub partials_sent: u64,
     /// Every chat answer's reported usage, added up.
     pub usage: Usage,
     pub calls: VecDeque<Call>,
     /// The most recent chat requests with their messages (at most
     /// [`MAX_KEPT_CHAT_REQUESTS`]), oldest first.
     pub chat_requests: VecDeque<ChatRequest>,
+    /// The most recent image requests (at most [`MAX_KEPT_IMAGE_REQUESTS`]), oldest first.
+    pub image_requests: VecDeque<ImageRequest>,
 }
 
 impl Stats {
@@ -119,6 +154,15 @@ impl Stats {
                 self.chat_requests.pop_front();
             }
             self.chat_requests.push_back(request);
+        }
+        if let Some(request) = call.image_request.take() {
+            if request.stream {
+                self.image_stream_requests += 1;
+            }
+            if self.image_requests.len() == MAX_KEPT_IMAGE_REQUESTS {
+                self.image_requests.pop_front();
+            }
+            self.image_requests.push_back(request);
         }
         match call.kind {
             CallKind::Chat => self.chat_calls += 1,

@@ -537,6 +537,240 @@ async fn url_mode_serves_the_png_bytes() {
     );
 }
 
+/// The body of a streamed image answer: its (event, data) pairs, and whether it broke.
+async fn image_events(response: reqwest::Response) -> (Vec<(String, Value)>, bool) {
+    let mut body = Vec::new();
+    let mut broken = false;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(bytes) => body.extend_from_slice(&bytes),
+            Err(_) => broken = true,
+        }
+    }
+    let text = String::from_utf8(body).expect("UTF-8");
+    let events = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (event, data) = e.split_once('\n').expect("an event line and a data line");
+            let event = event.strip_prefix("event: ").expect("event line");
+            let data = data.strip_prefix("data: ").expect("data line");
+            let data: Value = serde_json::from_str(data).expect("event JSON");
+            assert_eq!(data["type"], event, "the data repeats the event type");
+            (event.to_owned(), data)
+        })
+        .collect();
+    (events, broken)
+}
+
+fn b64_png(event: &Value) -> Vec<u8> {
+    let b64 = event["b64_json"].as_str().expect("b64_json");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .expect("base64");
+    assert_eq!(decode_png(&bytes), (64, 64));
+    bytes
+}
+
+fn streamed_image(prompt: &str, partials: Option<u32>) -> Value {
+    let mut body =
+        json!({"model": "gpt-image-1", "prompt": prompt, "size": "64x64", "stream": true});
+    if let Some(n) = partials {
+        body["partial_images"] = json!(n);
+    }
+    body
+}
+
+#[tokio::test]
+async fn a_streamed_image_sends_its_partials_then_the_image_over_the_delay() {
+    let sim = start(Knobs {
+        image_latency_ms: 300,
+        ..quick()
+    })
+    .await;
+    let started = Instant::now();
+    let response = sim
+        .post(
+            "/v1/images/generations",
+            &streamed_image("a red fox", Some(2)),
+        )
+        .send()
+        .await
+        .expect("image call");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let (events, broken) = image_events(response).await;
+    let elapsed = started.elapsed();
+    assert!(!broken);
+    assert!(elapsed >= Duration::from_millis(290), "took {elapsed:?}");
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "image_generation.partial_image",
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]
+    );
+    for (i, (_, partial)) in events.iter().take(2).enumerate() {
+        assert_eq!(partial["partial_image_index"], i);
+        assert_eq!(partial["size"], "64x64");
+        assert_eq!(partial["quality"], "medium");
+        assert_eq!(partial["background"], "opaque");
+        assert_eq!(partial["output_format"], "png");
+        b64_png(partial);
+    }
+    let completed = &events[2].1;
+    let image = b64_png(completed);
+    assert_eq!(completed["usage"]["output_tokens"], 1056 + 200);
+    assert_eq!(completed["usage"]["input_tokens"], 3);
+    assert_eq!(
+        completed["usage"]["input_tokens_details"]["image_tokens"],
+        0
+    );
+
+    // The completed image is the one a whole answer gives for the same prompt.
+    let whole: Value = sim.image("a red fox").await.json().await.expect("JSON");
+    assert_eq!(b64_png(&whole["data"][0]), image);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["image_calls"], 2);
+    assert_eq!(stats["image_stream_requests"], 1);
+    assert_eq!(stats["partials_sent"], 2);
+    assert_eq!(
+        stats["calls"][0]["image_sha256"],
+        hex::encode(Sha256::digest(&image))
+    );
+    let requests = &stats["image_requests"];
+    assert_eq!(requests[0]["stream"], true);
+    assert_eq!(requests[0]["partial_images"], 2);
+    assert_eq!(requests[0]["prompt"], "a red fox");
+    assert_eq!(requests[1]["stream"], false);
+    assert_eq!(requests[1]["partial_images"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_stream_without_partial_images_sends_only_the_completed_image() {
+    let sim = start(quick()).await;
+    let response = sim
+        .post("/v1/images/generations", &streamed_image("an owl", None))
+        .send()
+        .await
+        .expect("image call");
+    let (events, broken) = image_events(response).await;
+    assert!(!broken);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "image_generation.completed");
+    assert_eq!(events[0].1["usage"]["output_tokens"], 1056);
+    assert_eq!(sim.stats().await["partials_sent"], 0);
+}
+
+#[tokio::test]
+async fn the_image_stream_knob_refuses_or_ignores_stream() {
+    let sim = start(quick()).await;
+    sim.control("/_sim/config", &json!({"image_stream": "refuse"}))
+        .await;
+    let refused = sim
+        .post("/v1/images/generations", &streamed_image("a bat", Some(1)))
+        .send()
+        .await
+        .expect("image call");
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.expect("error JSON");
+    assert_eq!(
+        body,
+        json!({"error": {
+            "message": "Unknown parameter: 'stream'.",
+            "type": "invalid_request_error",
+            "param": "stream",
+            "code": "unknown_parameter",
+        }})
+    );
+    assert_eq!(sim.image("a bat").await.status(), 200);
+
+    let config = sim
+        .control("/_sim/config", &json!({"image_stream": "ignore"}))
+        .await;
+    assert_eq!(config["image_stream"], "ignore");
+    let ignored = sim
+        .post("/v1/images/generations", &streamed_image("a bat", Some(1)))
+        .send()
+        .await
+        .expect("image call");
+    assert_eq!(ignored.status(), 200);
+    assert_eq!(ignored.headers()["content-type"], "application/json");
+    let body: Value = ignored.json().await.expect("JSON");
+    b64_png(&body["data"][0]);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["image_stream_requests"], 2);
+    assert_eq!(stats["partials_sent"], 0);
+    let statuses: Vec<&Value> = stats["calls"]
+        .as_array()
+        .expect("calls")
+        .iter()
+        .map(|c| &c["status"])
+        .collect();
+    assert_eq!(statuses, [&json!(400), &json!(200), &json!(200)]);
+}
+
+#[tokio::test]
+async fn a_cut_fault_on_an_image_stream_breaks_it_after_its_partials() {
+    let sim = start(quick()).await;
+    let fault = json!({"kind": "image", "fault": {"type": "cut", "after_partials": 1}, "times": 1});
+    sim.control("/_sim/faults", &fault).await;
+    let response = sim
+        .post("/v1/images/generations", &streamed_image("a cut", Some(3)))
+        .send()
+        .await
+        .expect("image call");
+    assert_eq!(response.status(), 200);
+    let (events, broken) = image_events(response).await;
+    assert!(broken, "the body must end with an error, not a clean EOF");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "image_generation.partial_image");
+    b64_png(&events[0].1);
+
+    // The next attempt runs to its end.
+    let response = sim
+        .post("/v1/images/generations", &streamed_image("a cut", Some(3)))
+        .send()
+        .await
+        .expect("image call");
+    let (events, broken) = image_events(response).await;
+    assert!(!broken);
+    assert_eq!(events.len(), 4);
+    let stats = sim.stats().await;
+    assert_eq!(stats["partials_sent"], 4);
+    assert_eq!(stats["calls"][0]["fault"], "cut");
+}
+
+#[tokio::test]
+async fn a_status_fault_applies_to_an_image_stream() {
+    let sim = start(quick()).await;
+    sim.control(
+        "/_sim/faults",
+        &json!({"kind": "image", "fault": {"type": "status", "status": 429, "retry_after_secs": 1}, "times": 1}),
+    )
+    .await;
+    let response = sim
+        .post("/v1/images/generations", &streamed_image("a hare", Some(2)))
+        .send()
+        .await
+        .expect("image call");
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let bad = sim
+        .post("/v1/images/generations", &streamed_image("a hare", Some(4)))
+        .send()
+        .await
+        .expect("image call");
+    assert_eq!(bad.status(), 400);
+    let body: Value = bad.json().await.expect("error JSON");
+    assert_eq!(body["error"]["param"], "partial_images");
+}
+
 #[tokio::test]
 async fn stats_count_every_call_and_reset_clears_them_and_the_knobs() {
     let sim = start(quick()).await;

@@ -60,6 +60,16 @@ pub use system::{System, SystemBuilder};
 
 /// The path of a tool that `scripts/test` installs and names in the variable `var`
 /// (`SCHEMATHESIS_BIN`, `AXE_CORE_JS`, ...); panics with that hint when it is not set.
+/// How many of the stored `objects` (an object store's files) are pictures: partial images,
+/// under `partials/` (removed 30 s after their picture is stored, or by the store's lifecycle
+/// rule), are left out.
+pub fn pictures_in(objects: Vec<PathBuf>) -> usize {
+    objects
+        .iter()
+        .filter(|path| !path.components().any(|c| c.as_os_str() == "partials"))
+        .count()
+}
+
 pub fn installed(var: &str) -> PathBuf {
     std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         panic!("{var} is not set: run the tests with scripts/test, which installs it and sets it")

@@ -3,7 +3,9 @@
 
 use std::{sync::Arc, time::Duration};
 
-use versus_shared::{aliases::Aliases, budget::Budget, bus::Bus, config::ModelSettings, wire::Job};
+use versus_shared::{
+    aliases::Aliases, budget::Budget, bus::Bus, config::ModelSettings, tasks::Tasks, wire::Job,
+};
 
 use crate::{
     claims::{self, MadeBy},
@@ -35,6 +37,8 @@ pub struct Ctx {
     pub cooldown: claims::Cooldown,
     /// The daily budget: no generation starts once today's spend reached it.
     pub budget: Arc<Budget>,
+    /// This process's tasks (waited for at shutdown).
+    pub tasks: Tasks,
     /// The aliases: a job naming one is ended before anything is paid for.
     pub aliases: Arc<Aliases>,
     /// Where what each upstream call cost is written.

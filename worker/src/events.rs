@@ -116,7 +116,7 @@ pub struct Publisher<'a> {
     /// part of this publisher's own.
     ids: String,
     pending: VecDeque<Sent>,
-    /// Where the text published in this attempt ends.
+    /// Where the text published in this attempt ends (a picture: its partials published).
     end: usize,
     /// The trace context `started` and the end carry (None when traces are off).
     trace: Option<async_nats::HeaderMap>,
@@ -174,6 +174,17 @@ impl<'a> Publisher<'a> {
         .await
     }
 
+    /// Publishes partial image `index` of `attempt`, stored at `path`: the attempt's next.
+    pub async fn partial(&mut self, attempt: i32, index: u32, path: String) -> anyhow::Result<()> {
+        self.end = index as usize + 1;
+        self.publish(&Event::Partial {
+            attempt,
+            index,
+            path,
+        })
+        .await
+    }
+
     /// Publishes a terminal event once every earlier event is stored.
     #[tracing::instrument(
         name = "events.finish",
@@ -186,7 +197,8 @@ impl<'a> Publisher<'a> {
         self.flush().await
     }
 
-    /// Publishes `done` for `attempt`, with the length of the text published before it.
+    /// Publishes `done` for `attempt`, with the length of the text (or the count of partial
+    /// images) published before it.
     pub async fn done(&mut self, attempt: i32, model: &str) -> anyhow::Result<()> {
         self.finish(Event::Done {
             attempt,
@@ -213,6 +225,7 @@ impl<'a> Publisher<'a> {
             Event::Chunk {
                 attempt, offset, ..
             } => format!("{ids}.{attempt}.{offset}"),
+            Event::Partial { attempt, index, .. } => format!("{ids}.{attempt}.partial-{index}"),
             Event::Started { attempt }
             | Event::Done { attempt, .. }
             | Event::Error { attempt, .. } => {

@@ -7,11 +7,12 @@
 
 use std::{
     sync::atomic::{AtomicI32, AtomicUsize, Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::{Attribute, Attributes, ObjectStoreExt, PutOptions, PutPayload, path::Path};
 use sha2::{Digest, Sha256};
 use versus_shared::{
@@ -25,7 +26,7 @@ use crate::{
     ctx::Ctx,
     events::Publisher,
     generation::{Ended, Failure, Generation},
-    openai::{ImageFailure, UpstreamError},
+    openai::{Drawing, ImageFailure, ImagePiece, UpstreamError},
     providers::{self, Outcome, Use},
     spend::{Call, Paid, Reservation},
 };
@@ -49,41 +50,67 @@ impl Image {
     }
 
     /// One picture call, of the configured size, within `reservation`, to the first image
-    /// provider from the current one whose circuit lets it through: what the upstream billed
-    /// is recorded, a picture it answered with or one it may have drawn before the call timed
-    /// out; a call it refused (or that no circuit let through) releases the reservation. The
-    /// picture's bytes and the model that drew them.
-    async fn draw(
-        &self,
-        ctx: &Ctx,
-        mut reservation: Reservation,
-    ) -> Result<(Bytes, String), UpstreamError> {
+    /// provider from the current one whose circuit lets it through, streamed with partial
+    /// images unless that provider refused streaming before: the reservation (settled once
+    /// the drawing is read), the provider (None when no circuit let a call through) and what
+    /// it answered.
+    async fn draw(&self, ctx: &Ctx, mut reservation: Reservation) -> <Image as Generation>::Opened {
         let Some(at) = ctx
             .providers
             .pick(Use::Image, self.at.load(Ordering::SeqCst), self.upto())
         else {
-            reservation.released().await;
-            return Err(providers::all_open(Use::Image));
+            let failure = ImageFailure {
+                error: providers::all_open(Use::Image),
+                billed: false,
+                stream_refused: false,
+            };
+            return (reservation, None, Err(failure));
         };
         self.at.store(at, Ordering::SeqCst);
         let provider = &ctx.providers.of(Use::Image)[at];
-        let model = &provider.model;
         reservation.calling();
+        let partials = if provider.streams_images.load(Ordering::Relaxed) {
+            provider.client.partial_images()
+        } else {
+            0
+        };
         let size = &ctx.models.image_size;
-        let drawn = provider.client.image(model, &self.prompt, size).await;
-        provider.record(match &drawn {
-            Ok(_) => Outcome::Answered,
-            Err(failure) => Outcome::of(&failure.error),
-        });
-        match &drawn {
-            Ok(_) | Err(ImageFailure { billed: true, .. }) => {
-                reservation.spent(Call::Image { model }).await;
+        let drawn = provider
+            .client
+            .draw(&provider.model, &self.prompt, size, partials)
+            .await;
+        (reservation, Some(at), drawn)
+    }
+
+    /// Reads `drawing` to its picture, publishing each partial image as the attempt's next
+    /// (`published` of them so far) once stored: the picture's bytes, and the partials the
+    /// upstream billed.
+    async fn read(
+        &self,
+        ctx: &Ctx,
+        job: &Job,
+        drawing: Drawing,
+        attempt: &AtomicI32,
+        published: &mut u32,
+        publisher: &mut Publisher<'_>,
+    ) -> anyhow::Result<(Result<Bytes, ImageFailure>, u32)> {
+        let mut stream = match drawing {
+            Drawing::Whole(bytes) => return Ok((Ok(bytes), 0)),
+            Drawing::Streamed(stream) => stream,
+        };
+        loop {
+            match stream.next().await {
+                Ok(ImagePiece::Partial(bytes)) => {
+                    let attempt = attempt.load(Ordering::SeqCst);
+                    if let Some(path) = store_partial(ctx, job, attempt, *published, bytes).await {
+                        publisher.partial(attempt, *published, path).await?;
+                        *published += 1;
+                    }
+                }
+                Ok(ImagePiece::Done(bytes)) => return Ok((Ok(bytes), stream.partials())),
+                Err(failure) => return Ok((Err(failure), stream.partials())),
             }
-            Err(_) => reservation.released().await,
         }
-        drawn
-            .map(|bytes| (bytes, model.clone()))
-            .map_err(|failure| failure.error)
     }
 }
 
@@ -101,8 +128,9 @@ impl Generation for Image {
         }
     }
 
-    /// The bytes of the first try, and the model that drew them.
-    type Opened = Result<(Bytes, String), UpstreamError>;
+    /// The first try's reservation, its provider (None: no circuit let a call through), and
+    /// what it answered.
+    type Opened = (Reservation, Option<usize>, Result<Drawing, ImageFailure>);
     /// The stored picture and the model that drew it.
     type Made = (Picture, String);
     type Answer = ImageAnswer;
@@ -118,26 +146,72 @@ impl Generation for Image {
     }
 
     /// Calls the image API again within the retry budget until the bytes are a picture (the
-    /// next provider once a provider's retries ran out), then uploads them.
+    /// next provider once a provider's retries ran out), then uploads them. Partial images are
+    /// published as they come; a try that fails after publishing some moves to a new attempt
+    /// (readers get `reset`), whose partials start afresh. An upstream that refuses streaming
+    /// is asked again at once without it, and never streamed to again.
     async fn work(
         &self,
         ctx: &Ctx,
         job: &Job,
-        mut result: Self::Opened,
-        _attempt: &AtomicI32,
-        _publisher: &mut Publisher<'_>,
+        (mut reservation, mut called, mut opened): Self::Opened,
+        attempt: &AtomicI32,
+        publisher: &mut Publisher<'_>,
     ) -> anyhow::Result<Ended<Self::Made>> {
         let images = ctx.providers.of(Use::Image);
         let mut backoff = images[self.at.load(Ordering::SeqCst)].client.backoff();
+        // Partial images of the current attempt published so far.
+        let mut published = 0;
         let (bytes, format, model) = loop {
+            let provider = called.map(|at| &images[at]);
+            let model = provider.map_or(job.model.as_str(), |p| p.model.as_str());
+            let (result, partials) = match opened {
+                Ok(drawing) => {
+                    self.read(ctx, job, drawing, attempt, &mut published, publisher)
+                        .await?
+                }
+                Err(failure) => (Err(failure), 0),
+            };
+            if let Some(provider) = provider {
+                provider.record(match &result {
+                    Ok(_) => Outcome::Answered,
+                    Err(failure) => Outcome::of(&failure.error),
+                });
+            }
+            match &result {
+                Ok(_) | Err(ImageFailure { billed: true, .. }) => {
+                    reservation.spent(Call::Image { model, partials }).await;
+                }
+                Err(_) => reservation.released().await,
+            }
+            if let (
+                Err(ImageFailure {
+                    stream_refused: true,
+                    ..
+                }),
+                Some(provider),
+            ) = (&result, provider)
+            {
+                // Not a try: the same call without streaming, at once.
+                tracing::info!(
+                    provider = provider.name,
+                    "the image upstream does not stream; drawing without partials from now on"
+                );
+                provider.streams_images.store(false, Ordering::Relaxed);
+                let Some(next) = ctx.ledger.reserve(self.paid(job)).await? else {
+                    return Ok(Ended::OverBudget);
+                };
+                (reservation, called, opened) = self.draw(ctx, next).await;
+                continue;
+            }
             // Bytes that are not a picture say something about the matchup (they count
             // towards its cool-down); an upstream that fails does not.
             let (error, not_a_picture) = match result {
-                Ok((bytes, model)) => match sniff(&bytes) {
-                    Ok(format) => break (bytes, format, model),
+                Ok(bytes) => match sniff(&bytes) {
+                    Ok(format) => break (bytes, format, model.to_owned()),
                     Err(error) => (error, true),
                 },
-                Err(error) => (error, false),
+                Err(failure) => (failure.error, false),
             };
             metrics::counter!("versus_upstream_errors_total", "kind" => "image").increment(1);
             let at = self.at.load(Ordering::SeqCst);
@@ -161,10 +235,22 @@ impl Generation for Image {
                 tracing::info!(key = %job.key, %error, ?delay, "image upstream failed; retrying");
                 tokio::time::sleep(delay).await;
             }
+            if published > 0 {
+                // Viewers saw this attempt's partials: the next try is a new attempt, so
+                // they get `reset` and its partials from the first.
+                let current = attempt.load(Ordering::SeqCst);
+                let Some(next) = claims::next_attempt(&ctx.db, job, current).await? else {
+                    return Ok(Ended::Lost);
+                };
+                attempt.store(next, Ordering::SeqCst);
+                publisher.start(next).await?;
+                remove_partials_later(ctx, objects::partials_of(&job.key, current));
+                published = 0;
+            }
             let Some(next) = ctx.ledger.reserve(self.paid(job)).await? else {
                 return Ok(Ended::OverBudget);
             };
-            result = self.draw(ctx, next).await;
+            (reservation, called, opened) = self.draw(ctx, next).await;
         };
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let path = objects::picture_path(&job.key, &sha256, format.extension);
@@ -172,7 +258,7 @@ impl Generation for Image {
         // up to VERSUS_STORE_RETRY_SECS, for as long as the skeleton's keep-alive holds the
         // lease. Named by its content, it cannot overwrite a picture another attempt stored.
         let began = Instant::now();
-        let upload = || upload(ctx, &path, bytes.clone(), format.mime);
+        let upload = || upload(ctx, &path, bytes.clone(), format.mime, IMAGE_CACHE_CONTROL);
         let stored = retry::picture_upload()
             .retry(upload)
             .when(|_| began.elapsed() < ctx.store_retry)
@@ -209,6 +295,9 @@ impl Generation for Image {
         if !claims::complete_image(&ctx.db, job, attempt, &picture, &by).await? {
             return Ok(None);
         }
+        // The picture is stored: its partials (this attempt's, and any an earlier one left)
+        // are no longer shown to anyone.
+        remove_partials_later(ctx, objects::partials_of_picture(&job.key));
         Ok(Some(ImageAnswer {
             key: job.key.clone(),
             a: self.a.clone(),
@@ -251,15 +340,69 @@ impl Generation for Image {
     }
 }
 
+/// How long partial images stay after their picture is stored or their attempt abandoned: a
+/// viewer loading one then still gets it.
+const PARTIALS_KEPT: Duration = Duration::from_secs(30);
+
+/// Stores partial image `index` of `attempt` under `partials/` with a short cache lifetime:
+/// its path, or None when the bytes are not a picture or the store failed (the partial is then
+/// skipped: viewers wait for the next, or the picture).
+async fn store_partial(
+    ctx: &Ctx,
+    job: &Job,
+    attempt: i32,
+    index: u32,
+    bytes: Bytes,
+) -> Option<String> {
+    let format = sniff(&bytes).ok()?;
+    let path = objects::partial_path(&job.key, attempt, index, format.extension);
+    match upload(
+        ctx,
+        &path,
+        bytes,
+        format.mime,
+        objects::PARTIAL_CACHE_CONTROL,
+    )
+    .await
+    {
+        Ok(()) => Some(path.to_string()),
+        Err(e) => {
+            tracing::warn!(key = %job.key, error = %e, "storing a partial image failed; skipped");
+            None
+        }
+    }
+}
+
+/// Removes what is stored under `prefix` (partial images) after [`PARTIALS_KEPT`] (at once
+/// when the process stops), in the background. Best effort: what a worker that dies leaves
+/// behind, the store's lifecycle rule for `partials/` removes (`docs/deploy.md`).
+fn remove_partials_later(ctx: &Ctx, prefix: Path) {
+    let objects = ctx.objects.clone();
+    let stopping = ctx.tasks.shutdown().clone();
+    ctx.tasks.spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(PARTIALS_KEPT) => {}
+            () = stopping.cancelled() => {}
+        }
+        let listed: Vec<_> = objects.list(Some(&prefix)).collect().await;
+        for meta in listed.into_iter().flatten() {
+            if let Err(e) = objects.delete(&meta.location).await {
+                tracing::debug!(error = %e, "removing a partial image failed");
+            }
+        }
+    });
+}
+
 async fn upload(
     ctx: &Ctx,
     path: &Path,
     bytes: Bytes,
     mime: &'static str,
+    cache_control: &'static str,
 ) -> object_store::Result<()> {
     let mut attributes = Attributes::new();
     attributes.insert(Attribute::ContentType, mime.into());
-    attributes.insert(Attribute::CacheControl, IMAGE_CACHE_CONTROL.into());
+    attributes.insert(Attribute::CacheControl, cache_control.into());
     let options = PutOptions {
         attributes,
         ..Default::default()

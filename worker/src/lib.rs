@@ -221,6 +221,7 @@ pub async fn run(
         store_retry: Duration::from_secs(settings.store_retry_secs),
         models: settings.models.clone(),
         budget: budget.clone(),
+        tasks: tasks.clone(),
         aliases,
         moderator: moderation::Moderator::new(&settings.moderation),
         cooldown: claims::Cooldown {

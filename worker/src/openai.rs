@@ -73,6 +73,16 @@ pub struct OpenAiSettings {
         default_value_t = 180
     )]
     pub image_timeout_secs: u64,
+    /// Partial images a picture is streamed with (0 to 3; 0: pictures are drawn in one
+    /// answer): each is shown to the picture's viewers as it arrives, and costs 100 image
+    /// output tokens. An upstream that refuses streaming is asked without it from then on.
+    #[arg(
+        long,
+        env = "VERSUS_PARTIAL_IMAGES",
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u32).range(0..=3)
+    )]
+    pub partial_images: u32,
 }
 
 /// Why an upstream call failed, and whether another try may help.
@@ -145,6 +155,11 @@ impl Client {
             settings: settings.clone(),
             max_answer_tokens,
         })
+    }
+
+    /// Partial images a picture is asked with (`VERSUS_PARTIAL_IMAGES`).
+    pub fn partial_images(&self) -> u32 {
+        self.settings.partial_images
     }
 
     /// The back-off schedule for one job (`versus_shared::retry::upstream`): its length is the
@@ -297,8 +312,12 @@ impl Client {
             .collect())
     }
 
-    /// Generates one picture and returns its bytes. When the server answers with a URL (which
-    /// expires), the bytes are downloaded at once: only our own copy is ever kept.
+    /// Draws one picture. With `partials` above zero it asks for a streamed answer
+    /// (`stream`, `partial_images`): partial images as the picture takes shape, then the
+    /// picture ([`Drawing::Streamed`]); an upstream that answers a plain JSON body anyway is
+    /// read as one ([`Drawing::Whole`]), and one that refuses the parameters fails with
+    /// [`ImageFailure::stream_refused`]. When the server answers with a URL (which expires),
+    /// the bytes are downloaded at once: only our own copy is ever kept.
     #[tracing::instrument(
         name = "upstream.image",
         skip_all,
@@ -307,17 +326,19 @@ impl Client {
             gen_ai.operation.name = "image",
             gen_ai.request.model = model,
             versus.size = size,
+            versus.partials = partials,
             otel.status_code = Empty,
             otel.status_description = Empty,
         )
     )]
-    pub async fn image(
+    pub async fn draw(
         &self,
         model: &str,
         prompt: &str,
         size: &str,
-    ) -> Result<Bytes, ImageFailure> {
-        self.make_image(model, prompt, size)
+        partials: u32,
+    ) -> Result<Drawing, ImageFailure> {
+        self.open_drawing(model, prompt, size, partials)
             .await
             .map_err(|failure| ImageFailure {
                 error: failed(&Span::current(), failure.error),
@@ -325,28 +346,25 @@ impl Client {
             })
     }
 
-    async fn make_image(
+    async fn open_drawing(
         &self,
         model: &str,
         prompt: &str,
         size: &str,
-    ) -> Result<Bytes, ImageFailure> {
-        #[derive(Deserialize)]
-        struct Body {
-            data: Vec<Item>,
-        }
-        #[derive(Deserialize)]
-        struct Item {
-            b64_json: Option<String>,
-            url: Option<String>,
-        }
+        partials: u32,
+    ) -> Result<Drawing, ImageFailure> {
         let mut body = json!({"model": model, "prompt": prompt, "n": 1, "size": size});
         // gpt-image-1 always answers base64 and refuses the parameter; DALL·E defaults to URLs.
         if model.starts_with("dall-e") {
             body["response_format"] = json!("b64_json");
         }
+        if partials > 0 {
+            body["stream"] = json!(true);
+            body["partial_images"] = json!(partials);
+        }
         metrics::counter!("versus_upstream_calls_total", "kind" => "image").increment(1);
         let timeout = Duration::from_secs(self.settings.image_timeout_secs.max(1));
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut request = self
             .http
             .post(format!("{}/images/generations", self.base_url))
@@ -358,15 +376,61 @@ impl Client {
         let sent = request.send().await;
         // No answer in time: the upstream may have drawn (and billed) the picture all the same.
         let timed_out = matches!(&sent, Err(e) if e.is_timeout());
+        if partials > 0
+            && let Ok(response) = &sent
+            && response.status() == StatusCode::BAD_REQUEST
+        {
+            // A 400 naming the streaming parameters: this upstream does not stream pictures.
+            let response = sent.expect("checked above");
+            let detail = error_detail(response).await;
+            let refused = ["stream", "partial_images"]
+                .iter()
+                .any(|p| detail.contains(p));
+            return Err(ImageFailure {
+                error: UpstreamError::Fatal {
+                    message: format!("upstream answered 400 Bad Request{detail}"),
+                },
+                billed: false,
+                stream_refused: refused,
+            });
+        }
         let response = checked(sent).await.map_err(|error| ImageFailure {
             error,
             billed: timed_out,
+            stream_refused: false,
         })?;
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if streamed {
+            return Ok(Drawing::Streamed(ImageStream {
+                events: Box::pin(sse_stream::SseByteStream::new(response.bytes_stream())),
+                deadline,
+                partials: 0,
+            }));
+        }
+        self.picture_of(response, timeout).await.map(Drawing::Whole)
+    }
+
+    /// The picture of a plain (not streamed) image answer.
+    async fn picture_of(
+        &self,
+        response: reqwest::Response,
+        timeout: Duration,
+    ) -> Result<Bytes, ImageFailure> {
+        #[derive(Deserialize)]
+        struct Body {
+            data: Vec<Item>,
+        }
+        #[derive(Deserialize)]
+        struct Item {
+            b64_json: Option<String>,
+            url: Option<String>,
+        }
         // From here on the upstream answered that it drew the picture: it is billed.
-        let billed = |error| ImageFailure {
-            error,
-            billed: true,
-        };
+        let billed = |error| ImageFailure::billed(error);
         let body: Body = response.json().await.map_err(|e| {
             billed(UpstreamError::retryable(format!(
                 "unreadable image answer: {}",
@@ -378,14 +442,7 @@ impl Client {
                 billed(UpstreamError::retryable("the image answer held no image"))
             })?;
         if let Some(b64) = item.b64_json {
-            return base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map(Bytes::from)
-                .map_err(|_| {
-                    billed(UpstreamError::retryable(
-                        "the image answer was not valid base64",
-                    ))
-                });
+            return decoded(&b64).map_err(billed);
         }
         let url = item.url.ok_or_else(|| {
             billed(UpstreamError::retryable(
@@ -404,12 +461,133 @@ impl Client {
     }
 }
 
+/// The bytes of a base64 image.
+fn decoded(b64: &str) -> Result<Bytes, UpstreamError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map(Bytes::from)
+        .map_err(|_| UpstreamError::retryable("the image answer was not valid base64"))
+}
+
+/// What a picture call answered.
+pub enum Drawing {
+    /// The picture, in one answer.
+    Whole(Bytes),
+    /// Partial images as the picture takes shape, then the picture.
+    Streamed(ImageStream),
+}
+
+/// A streamed image answer (OpenAI's `image_generation.partial_image` events, then
+/// `image_generation.completed`).
+pub struct ImageStream {
+    events: Events,
+    /// When the whole call must be over (`VERSUS_UPSTREAM_IMAGE_TIMEOUT_SECS`).
+    deadline: tokio::time::Instant,
+    /// Partial images received so far: each is billed (100 image output tokens).
+    partials: u32,
+}
+
+/// What an image stream gave next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ImagePiece {
+    /// A partial image.
+    Partial(Bytes),
+    /// The picture.
+    Done(Bytes),
+}
+
+impl ImageStream {
+    /// Partial images received so far.
+    pub fn partials(&self) -> u32 {
+        self.partials
+    }
+
+    /// The next partial image, or the picture. A stream that breaks, stalls past the call's
+    /// time, or ends without the picture is a retryable failure, billed once a partial came.
+    pub async fn next(&mut self) -> Result<ImagePiece, ImageFailure> {
+        #[derive(Deserialize)]
+        struct Data {
+            #[serde(rename = "type", default)]
+            kind: String,
+            #[serde(default)]
+            b64_json: Option<String>,
+        }
+        let failure = |partials: u32, message: String| ImageFailure {
+            error: UpstreamError::retryable(message),
+            billed: partials > 0,
+            stream_refused: false,
+        };
+        loop {
+            let event = tokio::time::timeout_at(self.deadline, self.events.next())
+                .await
+                .map_err(|_| {
+                    ImageFailure::billed(UpstreamError::retryable(
+                        "the upstream did not finish the picture in time",
+                    ))
+                })?;
+            let event = match event {
+                Some(Ok(event)) => event,
+                Some(Err(e)) => {
+                    let message = format!("the image stream broke: {}", describe_stream(&e));
+                    return Err(failure(self.partials, message));
+                }
+                None => {
+                    let message = "the image stream ended before the picture".to_owned();
+                    return Err(failure(self.partials, message));
+                }
+            };
+            let Some(data) = event.data else {
+                continue;
+            };
+            let Ok(data) = serde_json::from_str::<Data>(&data) else {
+                continue;
+            };
+            let kind = if data.kind.is_empty() {
+                event.event.unwrap_or_default()
+            } else {
+                data.kind
+            };
+            let Some(b64) = data.b64_json else {
+                continue;
+            };
+            match kind.as_str() {
+                "image_generation.partial_image" => {
+                    self.partials += 1;
+                    return decoded(&b64)
+                        .map(ImagePiece::Partial)
+                        .map_err(ImageFailure::billed);
+                }
+                "image_generation.completed" => {
+                    return decoded(&b64)
+                        .map(ImagePiece::Done)
+                        .map_err(ImageFailure::billed);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// A picture call that failed, and whether the upstream may bill it all the same: it answered
 /// that it drew the picture (which then could not be read), or gave no answer in time.
 #[derive(Debug)]
 pub struct ImageFailure {
     pub error: UpstreamError,
     pub billed: bool,
+    /// The upstream refused `stream` or `partial_images` (a 400 naming them): asked again
+    /// without them, it draws the picture.
+    pub stream_refused: bool,
+}
+
+impl ImageFailure {
+    /// A failure after the upstream drew (or may have drawn) the picture.
+    fn billed(error: UpstreamError) -> ImageFailure {
+        ImageFailure {
+            error,
+            billed: true,
+            stream_refused: false,
+        }
+    }
 }
 
 /// Marks `span` (an upstream call's) as failed with `error`, which holds no URL or key.
@@ -686,6 +864,57 @@ mod tests {
             usage: Usage::default(),
             span: Span::none(),
         }
+    }
+
+    /// An image stream whose body is `body`.
+    fn image_stream_of(body: &str) -> ImageStream {
+        let bytes = futures::stream::iter([Ok::<_, reqwest::Error>(Bytes::from(body.to_owned()))]);
+        ImageStream {
+            events: Box::pin(sse_stream::SseByteStream::new(bytes)),
+            deadline: tokio::time::Instant::now() + Duration::from_secs(5),
+            partials: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_image_stream_gives_its_partials_then_the_picture() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let partial = |i: u32| {
+            format!(
+                "event: image_generation.partial_image\ndata: {{\"type\":\"image_generation.partial_image\",\"b64_json\":\"{}\",\"partial_image_index\":{i}}}\n\n",
+                b64(&format!("partial {i}"))
+            )
+        };
+        let body = format!(
+            ": keep-alive\n\n{}{}event: image_generation.completed\ndata: {{\"type\":\"image_generation.completed\",\"b64_json\":\"{}\",\"usage\":{{\"output_tokens\":1256}}}}\n\n",
+            partial(0),
+            partial(1),
+            b64("picture")
+        );
+        let mut stream = image_stream_of(&body);
+        for i in 0..2 {
+            let piece = stream.next().await.unwrap();
+            assert_eq!(
+                piece,
+                ImagePiece::Partial(Bytes::from(format!("partial {i}")))
+            );
+        }
+        assert_eq!(
+            stream.next().await.unwrap(),
+            ImagePiece::Done(Bytes::from("picture"))
+        );
+        assert_eq!(stream.partials(), 2);
+
+        // Cut after a partial: retryable, and billed (the partial was).
+        let mut cut = image_stream_of(&partial(0));
+        assert!(matches!(cut.next().await, Ok(ImagePiece::Partial(_))));
+        let failure = cut.next().await.unwrap_err();
+        assert!(matches!(failure.error, UpstreamError::Retryable { .. }));
+        assert!(failure.billed);
+        // Cut before any: not billed.
+        let failure = image_stream_of("").next().await.unwrap_err();
+        assert!(!failure.billed);
     }
 
     #[tokio::test]

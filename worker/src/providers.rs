@@ -12,7 +12,7 @@
 //! Keys are read from the environment variables the JSON names, never from the JSON itself,
 //! so they appear neither in it, nor in logs, nor in `--help`.
 
-use std::time::Duration;
+use std::{sync::atomic::AtomicBool, time::Duration};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -87,6 +87,8 @@ pub struct Provider {
     pub model: String,
     pub client: openai::Client,
     pub circuit: Circuit,
+    /// Whether it streams pictures: false once it refused `stream` (a picture provider).
+    pub streams_images: AtomicBool,
 }
 
 /// How a call to a provider ended, for its circuit and `versus_upstream_provider_calls_total`.
@@ -170,6 +172,7 @@ impl Providers {
                 name,
                 model: model.to_owned(),
                 client: openai::Client::new(openai, models.max_answer_tokens)?,
+                streams_images: AtomicBool::new(true),
             })
         };
         let mut providers = Providers {

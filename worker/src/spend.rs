@@ -43,8 +43,9 @@ pub enum Call<'a> {
         prompt_chars: usize,
         text_chars: usize,
     },
-    /// A picture the image API returned.
-    Image { model: &'a str },
+    /// A picture the image API returned, with the partial images it streamed first (each 100
+    /// image output tokens).
+    Image { model: &'a str, partials: u32 },
 }
 
 /// Characters per token in an estimate: about four, in English, for OpenAI's tokenizers.
@@ -88,16 +89,20 @@ impl Call<'_> {
                 text_chars.div_ceil(CHARS_PER_TOKEN) as i64,
                 true,
             ),
-            Call::Image { model } => Cost {
-                kind: "image",
-                model,
-                sums: Sums {
-                    usd: prices.of(model).per_image,
-                    calls: 1,
-                    images: 1,
-                    ..Sums::default()
-                },
-            },
+            Call::Image { model, partials } => {
+                let tokens = u64::from(partials) * budget::PARTIAL_IMAGE_TOKENS;
+                Cost {
+                    kind: "image",
+                    model,
+                    sums: Sums {
+                        usd: prices.of(model).picture(partials),
+                        calls: 1,
+                        images: 1,
+                        output_tokens: tokens as i64,
+                        ..Sums::default()
+                    },
+                }
+            }
         }
     }
 }
@@ -198,7 +203,10 @@ impl<'a> Paid<'a> {
                 prompt_chars,
                 text_chars: 0,
             },
-            Paid::Image { model } => Call::Image { model },
+            Paid::Image { model } => Call::Image {
+                model,
+                partials: budget::MAX_PARTIAL_IMAGES,
+            },
         }
     }
 }

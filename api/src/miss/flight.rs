@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex, PoisonError, atomic::AtomicUsize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Span;
-use versus_shared::{traces, wire::Event};
+use versus_shared::{
+    traces,
+    wire::{Event, Kind},
+};
 
 use super::log::{Log, Offer};
 
@@ -23,11 +26,15 @@ pub(crate) struct Flight {
 }
 
 impl Flight {
-    /// A flight with an empty log, and `waiters` waiting on it.
-    pub(crate) fn new(waiters: usize, trace: traces::Link) -> Flight {
+    /// A flight of a generation of `kind` with an empty log, and `waiters` waiting on it.
+    pub(crate) fn new(kind: Kind, waiters: usize, trace: traces::Link) -> Flight {
         let (notify, _) = watch::channel(0);
+        let log = match kind {
+            Kind::Text => Log::default(),
+            Kind::Image => Log::of_picture(),
+        };
         Flight {
-            log: Mutex::new(Log::default()),
+            log: Mutex::new(log),
             notify,
             waiters: AtomicUsize::new(waiters),
             stop: CancellationToken::new(),

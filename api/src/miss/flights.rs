@@ -14,7 +14,7 @@ use versus_shared::{
     key::Key,
     tasks::Tasks,
     traces,
-    wire::{Event, Job},
+    wire::{Event, Job, Kind},
 };
 
 use super::{
@@ -82,7 +82,7 @@ impl Flights {
                     versus.key = %job.key,
                     versus.outcome = Empty,
                 );
-                let flight = Arc::new(Flight::new(0, traces::Link::of(&span)));
+                let flight = Arc::new(Flight::new(job.kind, 0, traces::Link::of(&span)));
                 live.insert(job.key.clone(), flight.clone());
                 (flight, Some(span))
             }
@@ -138,7 +138,7 @@ pub struct Waiter {
 impl Waiter {
     /// A waiter on no generation that gets `event` and ends: a miss refused before any job.
     pub fn ended(event: Event) -> Waiter {
-        let flight = Arc::new(Flight::new(1, traces::Link::default()));
+        let flight = Arc::new(Flight::new(Kind::Text, 1, traces::Link::default()));
         let rx = flight.notify.subscribe();
         flight.close(Some(event));
         Waiter {

@@ -2,7 +2,8 @@
 //! of stored history and live subscription they arrive from. Pure: no I/O, no clock.
 //!
 //! Architecture Invariant: the log holds `started` of an attempt newer than the one held,
-//! chunks contiguous from offset 0, and at most one terminal event, last.
+//! chunks contiguous from offset 0 (a picture's partials contiguous from index 0), and at most
+//! one terminal event, last.
 
 use std::sync::Arc;
 
@@ -14,9 +15,12 @@ pub(crate) struct Log {
     pub(crate) events: Vec<Arc<Event>>,
     /// No event follows (the generation ended, or the reader stopped).
     pub(crate) closed: bool,
-    /// The attempt the log follows, and where its text ends.
+    /// The attempt the log follows, and where its text ends (for a picture, how many of its
+    /// partial images the log holds: a partial takes the place a chunk takes in a text).
     pub(crate) attempt: Option<i32>,
     end: usize,
+    /// Whether the log follows a picture: only a picture's log takes partial images.
+    pictures: bool,
 }
 
 /// What the log made of an event.
@@ -31,6 +35,14 @@ pub(crate) enum Offer {
 }
 
 impl Log {
+    /// An empty log of a picture's generation (`Log::default()` is a text's).
+    pub(crate) fn of_picture() -> Log {
+        Log {
+            pictures: true,
+            ..Log::default()
+        }
+    }
+
     /// Takes `event` if it extends the generation. `stored` events come from the stream's
     /// history, in the stream's order: an operator's purge there ends the generation even if
     /// the log never saw it begin.
@@ -86,6 +98,31 @@ impl Log {
                     _ => return Offer::Gap,
                 }
             }
+            // A partial image is taken by its place as a chunk is: once, in order.
+            Event::Partial { attempt, index, .. } if self.pictures => {
+                let index = index as usize;
+                match self.attempt {
+                    Some(current) if attempt < current => return Offer::Stale,
+                    Some(current) if attempt == current => {
+                        if index < self.end {
+                            return Offer::Stale;
+                        }
+                        if index > self.end {
+                            return Offer::Gap;
+                        }
+                        self.end = index + 1;
+                        event
+                    }
+                    _ if index == 0 => {
+                        self.attempt = Some(attempt);
+                        self.end = 1;
+                        event
+                    }
+                    _ => return Offer::Gap,
+                }
+            }
+            // A text has no partial image: nothing to take, nothing missing.
+            Event::Partial { .. } => return Offer::Stale,
             Event::Done {
                 attempt, length, ..
             } => match self.attempt {
@@ -119,6 +156,25 @@ mod tests {
             offset,
             delta: delta.to_owned(),
         }
+    }
+
+    fn partial(attempt: i32, index: u32) -> Event {
+        Event::Partial {
+            attempt,
+            index,
+            path: format!("partials/k/{attempt}/{index}.png"),
+        }
+    }
+
+    /// The partials the log holds, as (attempt, index), in the order waiters replay them.
+    fn partials(log: &Log) -> Vec<(i32, u32)> {
+        log.events
+            .iter()
+            .filter_map(|event| match &**event {
+                Event::Partial { attempt, index, .. } => Some((*attempt, *index)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn done(attempt: i32, length: usize) -> Event {
@@ -229,5 +285,75 @@ mod tests {
         assert_eq!(log.offer(chunk(3, 0, "Odin"), false), TAKEN);
         assert_eq!(log.offer(error(3), false), Offer::Taken { ended: true });
         assert_eq!(text(&log), "Odin");
+    }
+
+    #[test]
+    fn a_pictures_partials_are_taken_once_and_in_order() {
+        let mut log = Log::of_picture();
+        assert_eq!(log.offer(Event::Started { attempt: 1 }, false), TAKEN);
+        assert_eq!(log.offer(partial(1, 0), false), TAKEN);
+        // The same partial from the history, and again live.
+        assert_eq!(log.offer(partial(1, 0), true), Offer::Stale);
+        assert_eq!(log.offer(partial(1, 0), false), Offer::Stale);
+        assert_eq!(log.offer(partial(1, 1), true), TAKEN);
+        assert_eq!(log.offer(partial(1, 1), false), Offer::Stale);
+        assert_eq!(log.offer(partial(1, 2), false), TAKEN);
+        assert_eq!(log.offer(done(1, 3), false), Offer::Taken { ended: true });
+        assert_eq!(partials(&log), [(1, 0), (1, 1), (1, 2)]);
+        assert_eq!(log.events.len(), 5);
+    }
+
+    #[test]
+    fn a_partial_after_a_hole_or_a_done_counting_more_sends_to_the_history() {
+        let mut log = Log::of_picture();
+        // Mid-drawing, with nothing held.
+        assert_eq!(log.offer(partial(1, 1), false), Offer::Gap);
+        log.offer(Event::Started { attempt: 1 }, false);
+        assert_eq!(log.offer(partial(1, 1), false), Offer::Gap);
+        assert_eq!(log.offer(partial(1, 0), false), TAKEN);
+        // Partial 1 was lost: 2 does not follow, nor does a done that counts 3.
+        assert_eq!(log.offer(partial(1, 2), false), Offer::Gap);
+        assert_eq!(log.offer(done(1, 3), false), Offer::Gap);
+        assert!(!log.closed);
+        // The history fills the hole; then what waited follows.
+        assert_eq!(log.offer(partial(1, 1), true), TAKEN);
+        assert_eq!(log.offer(partial(1, 2), false), TAKEN);
+        assert_eq!(log.offer(done(1, 3), false), Offer::Taken { ended: true });
+        assert_eq!(partials(&log), [(1, 0), (1, 1), (1, 2)]);
+        // A picture drawn without partials (or by a worker before them) counts none.
+        let mut log = Log::of_picture();
+        log.offer(Event::Started { attempt: 4 }, false);
+        assert_eq!(log.offer(done(4, 0), false), Offer::Taken { ended: true });
+    }
+
+    #[test]
+    fn a_new_attempt_starts_its_partials_afresh() {
+        let mut log = Log::of_picture();
+        log.offer(Event::Started { attempt: 1 }, false);
+        log.offer(partial(1, 0), false);
+        log.offer(partial(1, 1), false);
+        assert_eq!(log.offer(Event::Started { attempt: 2 }, false), TAKEN);
+        // The old attempt's partials and end are left behind.
+        assert_eq!(log.offer(partial(1, 2), false), Offer::Stale);
+        assert_eq!(log.offer(error(1), false), Offer::Stale);
+        // The new one counts from 0 again.
+        assert_eq!(log.offer(partial(2, 1), false), Offer::Gap);
+        assert_eq!(log.offer(partial(2, 0), false), TAKEN);
+        assert_eq!(log.offer(done(2, 2), false), Offer::Gap);
+        // A first partial of a newer attempt starts it even if `started` was missed.
+        assert_eq!(log.offer(partial(3, 0), false), TAKEN);
+        assert_eq!(log.offer(done(3, 1), false), Offer::Taken { ended: true });
+        assert_eq!(partials(&log), [(1, 0), (1, 1), (2, 0), (3, 0)]);
+    }
+
+    #[test]
+    fn a_text_takes_no_partial() {
+        let mut log = Log::default();
+        log.offer(Event::Started { attempt: 1 }, false);
+        assert_eq!(log.offer(partial(1, 0), false), Offer::Stale);
+        assert_eq!(log.offer(chunk(1, 0, "Thor"), false), TAKEN);
+        assert_eq!(log.offer(partial(1, 4), true), Offer::Stale);
+        assert_eq!(log.offer(done(1, 4), false), Offer::Taken { ended: true });
+        assert!(partials(&log).is_empty());
     }
 }

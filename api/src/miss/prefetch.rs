@@ -32,14 +32,15 @@ pub enum LastStored {
 }
 
 impl LastStored {
-    /// Whether it shows a generation under way (`started` or a chunk last); None when unread.
+    /// Whether it shows a generation under way (`started`, a chunk or a partial image last);
+    /// None when unread.
     pub fn under_way(&self) -> Option<bool> {
         match self {
             LastStored::Unread => None,
             LastStored::Nothing => Some(false),
             LastStored::Found(last) => Some(matches!(
                 last.event,
-                Some(Event::Started { .. } | Event::Chunk { .. })
+                Some(Event::Started { .. } | Event::Chunk { .. } | Event::Partial { .. })
             )),
         }
     }

@@ -327,10 +327,12 @@ async fn resume_point(
                 return Ok(None);
             }
             let ask = match event {
-                Some(Event::Started { .. } | Event::Chunk { .. }) => Ask::UnderWay {
-                    last: seq,
-                    at: time,
-                },
+                Some(Event::Started { .. } | Event::Chunk { .. } | Event::Partial { .. }) => {
+                    Ask::UnderWay {
+                        last: seq,
+                        at: time,
+                    }
+                }
                 _ => Ask::Repair { after: seq },
             };
             Resume { base: 0, ask }
@@ -463,6 +465,16 @@ async fn finish_from_store(
             (answer.attempt, Event::Started { attempt })
         }
     };
+    // The picture is whole in the store: the partial images shown while it was drawn, lost
+    // with the stream, are not needed any more.
+    let done = match (job.kind, done) {
+        (Kind::Image, Event::Done { attempt, model, .. }) => Event::Done {
+            attempt,
+            model,
+            length: 0,
+        },
+        (_, done) => done,
+    };
     if stored != attempt {
         return Ok(false);
     }
@@ -515,9 +527,9 @@ async fn replay(bus: &Bus, flight: &Flight, subject: &str, after: u64) -> anyhow
 }
 
 /// After a lease with no event: when the key's last stored event is a generation's
-/// (`started` or a chunk) older than the lease, its worker is presumably gone and its job may
-/// be too (acknowledged by a copy that found the claim busy, say): a job for the stall is
-/// published, named by it, so that every flight on every replica that finds the same stall
+/// (`started`, a chunk, a partial image) older than the lease, its worker is presumably gone
+/// and its job may be too (acknowledged by a copy that found the claim busy, say): a job for
+/// the stall is published, named by it, so that every flight on every replica that finds the same stall
 /// makes one job. A worker that finds the claim alive after all acknowledges it at once.
 /// Failures are logged; the next silent lease tries again.
 async fn restart_stalled(bus: &Bus, timing: Timing, job: &Job, subject: &str) {
@@ -531,7 +543,7 @@ async fn restart_stalled(bus: &Bus, timing: Timing, job: &Job, subject: &str) {
     };
     if !matches!(
         last.event,
-        Some(Event::Started { .. } | Event::Chunk { .. })
+        Some(Event::Started { .. } | Event::Chunk { .. } | Event::Partial { .. })
     ) {
         return;
     }

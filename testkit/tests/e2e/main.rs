@@ -36,6 +36,7 @@ mod ops;
 mod page;
 mod page_links;
 mod paid;
+mod partials;
 mod postgres;
 mod preview;
 mod prewarm;

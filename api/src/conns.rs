@@ -9,6 +9,9 @@
 //!   nothing for `VERSUS_SLOW_CLIENT_SECS` at most; then the connection is reset (and an event
 //!   stream it carried resumes elsewhere with `Last-Event-ID`).
 //! - [`TimedBody`]: a request body that must arrive within `VERSUS_BODY_TIMEOUT_SECS`.
+//! - [`raise_open_files`]: how many connections the process itself can hold: each is an open
+//!   file, and the soft limit most systems start a process with (1,024) would cap a replica at
+//!   about a thousand streams whatever `VERSUS_MAX_CONNECTIONS` says.
 
 use std::{
     collections::HashMap,
@@ -28,6 +31,37 @@ use tokio::{
     net::TcpStream,
     time::Sleep,
 };
+
+/// Files a replica keeps for what is not a client's connection: its listeners, NATS, Postgres
+/// (the admin routes), the object store, its logs and the runtime's own.
+const RESERVED_FILES: u64 = 256;
+
+/// The open-file limit as the process started, and as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFiles {
+    pub before: u64,
+    pub now: u64,
+}
+
+impl OpenFiles {
+    /// How many client connections the limit leaves room for.
+    pub fn connections(self) -> usize {
+        usize::try_from(self.now.saturating_sub(RESERVED_FILES)).unwrap_or(usize::MAX)
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit (a kernel that refuses
+/// leaves it as it was). None where the limit cannot be read.
+pub fn raise_open_files() -> Option<OpenFiles> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let now = if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    Some(OpenFiles { before: soft, now })
+}
 
 /// The connections each client holds open, and how many one may (0: no cap).
 pub struct Conns {

@@ -291,13 +291,6 @@ pub(crate) async fn serve_image(
 /// and never take it for the picture (which has a URL of its own).
 const PARTIAL_CACHE_CONTROL: &str = "public, max-age=60";
 
-/// The store path of the partial image a URL's file name names: only the name a `partial`
-/// event gives (no leading zeros: one URL per partial), and only under `partials/`.
-fn partial_named(file: &str) -> Option<(Key, object_store::path::Path)> {
-    objects::partial_file(file)
-        .filter(|(_, path)| objects::partial_file_name(path.as_ref()).as_deref() == Some(file))
-}
-
 /// The content type of a partial image, by the extension its name was checked to have.
 fn partial_content_type(file: &str) -> &'static str {
     match file.rsplit_once('.').map(|(_, extension)| extension) {
@@ -332,7 +325,7 @@ pub(crate) async fn serve_partial(
     Path(file): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (key, path) = partial_named(&file).ok_or(ApiError::NotFound)?;
+    let (key, path) = objects::partial_file(&file).ok_or(ApiError::NotFound)?;
     // Every partial is read from the store: it counts as a look-up past memory.
     app.look_up(app.client(peer, &headers))?;
     let object = match app.inner.objects.get(&path).await {
@@ -359,17 +352,17 @@ pub(crate) async fn serve_partial(
 mod tests {
     use versus_shared::objects;
 
-    use super::{partial_content_type, partial_named};
+    use super::partial_content_type;
     use crate::body::partial_url;
 
     const KEY: &str = "9a8b7c6d5e4f30211a2b3c4d5e6f7081";
 
     #[test]
     fn a_partial_is_served_only_under_the_name_its_event_gives() {
-        let (key, path) = partial_named(&format!("{KEY}-3-0.png")).unwrap();
+        let (key, path) = objects::partial_file(&format!("{KEY}-3-0.png")).unwrap();
         assert_eq!(key.as_str(), KEY);
         assert_eq!(path.as_ref(), format!("partials/{KEY}/3/0.png"));
-        assert!(partial_named(&format!("{KEY}-12-2.webp")).is_some());
+        assert!(objects::partial_file(&format!("{KEY}-12-2.webp")).is_some());
         for file in [
             // Another spelling of the same partial.
             format!("{KEY}-03-0.png"),
@@ -388,7 +381,7 @@ mod tests {
             format!("{KEY}-0123456789abcdef.png"),
             format!("{KEY}.png"),
         ] {
-            assert!(partial_named(&file).is_none(), "{file}");
+            assert!(objects::partial_file(&file).is_none(), "{file}");
         }
     }
 

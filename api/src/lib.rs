@@ -153,15 +153,16 @@ pub async fn run(
         }
         _ => None,
     };
+    let files = open_files(&app.inner.settings);
     telemetry::announce(addr);
     tracing::info!(%addr, "api ready");
     let serve_ops = async {
         if let Some((listener, routes)) = ops {
-            serve(listener, routes, &app.inner.settings, tasks).await;
+            serve(listener, routes, &app.inner.settings, files, tasks).await;
         }
     };
     tokio::join!(
-        serve(listener, public, &app.inner.settings, tasks),
+        serve(listener, public, &app.inner.settings, files, tasks),
         serve_ops,
         app.inner.bus.probe(shutdown.clone()),
         app.inner.popularity.run(shutdown.clone()),
@@ -173,7 +174,29 @@ pub async fn run(
     Ok(())
 }
 
+/// Raises the open-file limit (`conns::raise_open_files`) and says how many connections this
+/// replica can then hold: the most connections its files leave room for.
+fn open_files(settings: &Settings) -> usize {
+    let Some(files) = conns::raise_open_files() else {
+        return usize::MAX;
+    };
+    let room = files.connections();
+    let cap = match settings.max_connections {
+        0 => room,
+        n => n.min(room),
+    };
+    tracing::info!(
+        open_files_before = files.before,
+        open_files = files.now,
+        connections = cap,
+        max_connections = settings.max_connections,
+        "this replica holds up to {cap} connections at once"
+    );
+    room
+}
+
 /// Serves `router` on `listener` over HTTP/1.1 (with keep-alive) until `tasks` shut down.
+/// At most `files` connections are open at once, whatever the settings say: each is a file.
 ///
 /// Each connection is a task of `tasks`, so the process waits for it before it exits; at
 /// shutdown it answers the request in progress, if any, and closes (live SSE streams end
@@ -183,7 +206,13 @@ pub async fn run(
 /// most `settings.max_connections` are open at once (`settings.client_max_connections` of
 /// one client): at the cap, nothing more is accepted until one closes; past a client's own,
 /// its new connection is closed at once.
-async fn serve(listener: TcpListener, router: Router, settings: &Settings, tasks: &Tasks) {
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    settings: &Settings,
+    files: usize,
+    tasks: &Tasks,
+) {
     let shutdown = tasks.shutdown();
     // Finished once, as `into_make_service` does: served as is, axum would rebuild its route
     // table for every connection (about 14 KiB each, kept for the connection's life). Each
@@ -203,6 +232,9 @@ async fn serve(listener: TcpListener, router: Router, settings: &Settings, tasks
         0 => Semaphore::MAX_PERMITS,
         n => n.min(Semaphore::MAX_PERMITS),
     };
+    // Each connection is an open file: at the cap the process can hold, new ones wait in the
+    // listen backlog rather than fail to be accepted.
+    let cap = cap.min(files);
     let slots = Arc::new(Semaphore::new(cap));
     loop {
         if slots.available_permits() == 0 {

@@ -88,7 +88,8 @@ pub fn partials_of(key: &Key, attempt: i32) -> Path {
 }
 
 /// The store path a partial's URL file name names: `<key>-<attempt>-<index>.<ext>` with an
-/// extension of a picture we serve; None for any other name.
+/// extension of a picture we serve, numbers written as [`partial_file_name`] writes them (no
+/// leading zero: one partial, one name); None for any other name.
 pub fn partial_file(file: &str) -> Option<(Key, Path)> {
     let (name, extension) = file.split_once('.')?;
     if !matches!(extension, "png" | "jpg" | "webp") {
@@ -105,7 +106,7 @@ pub fn partial_file(file: &str) -> Option<(Key, Path)> {
         return None;
     }
     let path = partial_path(&key, attempt.parse().ok()?, index.parse().ok()?, extension);
-    Some((key, path))
+    (partial_file_name(path.as_ref()).as_deref() == Some(file)).then_some((key, path))
 }
 
 /// The URL file name of the partial stored at `path` (`partial_path`'s), for `partial_file`.

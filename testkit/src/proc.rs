@@ -7,6 +7,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -64,8 +65,41 @@ impl Proc {
     /// for its `listening on http://…` line. Panics with the tail of its stderr if it exits
     /// or stays silent instead.
     pub async fn spawn(name: &str, envs: &[(&str, String)]) -> Proc {
+        Proc::spawn_with_open_files(name, envs, None).await
+    }
+
+    /// Like [`Proc::spawn`], with the soft limit on open files (`RLIMIT_NOFILE`) set to
+    /// `open_files` in the child before the binary runs (the hard limit stays the test's).
+    /// Panics if `open_files` is above the test's hard limit.
+    pub async fn spawn_with_open_files(
+        name: &str,
+        envs: &[(&str, String)],
+        open_files: Option<u64>,
+    ) -> Proc {
         let bin = bin_path(name);
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match open_files {
+            None => Command::new(&bin),
+            Some(soft) => {
+                let (_, hard) =
+                    getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+                assert!(
+                    soft <= hard,
+                    "{name} cannot start with {soft} open files: the test's hard limit is {hard}"
+                );
+                // A shell sets the limit, then becomes the binary (same pid): setting it in
+                // the child before exec otherwise (`pre_exec`) takes unsafe code, which the
+                // workspace forbids.
+                let mut cmd = Command::new("/bin/sh");
+                cmd.args([
+                    "-c",
+                    r#"ulimit -S -n "$1" && shift && exec "$@""#,
+                    "versus-limit",
+                ])
+                .arg(soft.to_string())
+                .arg(&bin);
+                cmd
+            }
+        };
         for (key, _) in std::env::vars_os() {
             if key.to_str().is_some_and(is_setting) {
                 cmd.env_remove(&key);

@@ -54,7 +54,18 @@ pub async fn open_with(
     last_event_id: Option<&str>,
     headers: &[(&str, &str)],
 ) -> SseStream {
-    let mut request = http_client().get(url).header(ACCEPT, "text/event-stream");
+    open_on(&http_client(), url, last_event_id, headers).await
+}
+
+/// Like [`open_with`], on `client`: a test that opens a thousand streams builds one client
+/// for them all (each stream still has a connection of its own).
+pub async fn open_on(
+    client: &reqwest::Client,
+    url: &str,
+    last_event_id: Option<&str>,
+    headers: &[(&str, &str)],
+) -> SseStream {
+    let mut request = client.get(url).header(ACCEPT, "text/event-stream");
     if let Some(id) = last_event_id {
         request = request.header("Last-Event-ID", id);
     }

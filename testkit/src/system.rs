@@ -33,6 +33,8 @@ pub struct System {
     /// The S3-compatible store, when the system was built with [`SystemBuilder::s3`].
     pub s3: Option<S3>,
     api_envs: Vec<(String, String)>,
+    /// The APIs' soft limit on open files ([`SystemBuilder::api_open_files`]).
+    api_open_files: Option<u64>,
     worker_envs: Vec<(String, String)>,
     // Last: removed once the processes are gone.
     objects: TempDir,
@@ -51,6 +53,7 @@ pub struct SystemBuilder {
     hub: bool,
     edges: usize,
     own_postgres: bool,
+    api_open_files: Option<u64>,
 }
 
 impl Default for SystemBuilder {
@@ -66,6 +69,7 @@ impl Default for SystemBuilder {
             hub: false,
             edges: 0,
             own_postgres: false,
+            api_open_files: None,
         }
     }
 }
@@ -86,6 +90,15 @@ impl SystemBuilder {
     /// A variable for the API only.
     pub fn api_env(mut self, key: &str, value: impl Into<String>) -> Self {
         self.api_env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Starts every API process (the edges' and [`System::spawn_api`]'s too) with `soft` as
+    /// its soft limit on open files (`RLIMIT_NOFILE`; the hard limit stays the test's), as on
+    /// a host whose default is lower than the test's (commonly 1,024). Panics at start if
+    /// `soft` is above the test's hard limit.
+    pub fn api_open_files(mut self, soft: u64) -> Self {
+        self.api_open_files = Some(soft);
         self
     }
 
@@ -273,7 +286,9 @@ impl SystemBuilder {
             // no worker, declare them here, as a worker with these settings would.
             declare_streams(&nats, &worker_envs).await;
         }
-        let api = Proc::spawn("versus-api", &borrowed(&api_envs)).await;
+        let api =
+            Proc::spawn_with_open_files("versus-api", &borrowed(&api_envs), self.api_open_files)
+                .await;
         // The API serves at once, and misses once it has found the streams and buckets.
         api.until_ready().await;
         let mut edges = Vec::with_capacity(edge_servers.len());
@@ -281,7 +296,9 @@ impl SystemBuilder {
             let mut envs = api_envs.clone();
             envs.push(("NATS_URL".to_owned(), edge_nats.url_as(NatsUser::Api)));
             envs.push(("VERSUS_NATS_HUB_DOMAIN".to_owned(), "hub".to_owned()));
-            let api = Proc::spawn("versus-api", &borrowed(&envs)).await;
+            let api =
+                Proc::spawn_with_open_files("versus-api", &borrowed(&envs), self.api_open_files)
+                    .await;
             api.until_ready().await;
             edges.push(Edge {
                 name,
@@ -303,6 +320,7 @@ impl SystemBuilder {
             workers,
             s3,
             api_envs,
+            api_open_files: self.api_open_files,
             worker_envs,
             objects,
         }
@@ -387,7 +405,12 @@ impl System {
     /// Starts another API replica with the same environment as [`System::api`] (on its own
     /// port), and waits until it is ready (`/readyz`); the caller owns it.
     pub async fn spawn_api(&self) -> Proc {
-        let api = Proc::spawn("versus-api", &borrowed(&self.api_envs)).await;
+        let api = Proc::spawn_with_open_files(
+            "versus-api",
+            &borrowed(&self.api_envs),
+            self.api_open_files,
+        )
+        .await;
         api.until_ready().await;
         api
     }

@@ -343,10 +343,15 @@ impl Generation for Image {
 /// How long partial images stay after their picture is stored or their attempt abandoned: a
 /// viewer loading one then still gets it.
 const PARTIALS_KEPT: Duration = Duration::from_secs(30);
+/// How long a partial image's upload may take: a store that is slow or down (whose client
+/// retries for minutes) must not hold up the picture, which matters more; the partial is
+/// skipped.
+const PARTIAL_UPLOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Stores partial image `index` of `attempt` under `partials/` with a short cache lifetime:
-/// its path, or None when the bytes are not a picture or the store failed (the partial is then
-/// skipped: viewers wait for the next, or the picture).
+/// its path, or None when the bytes are not a picture or the store failed or took over
+/// [`PARTIAL_UPLOAD_TIMEOUT`] (the partial is then skipped: viewers wait for the next, or the
+/// picture).
 async fn store_partial(
     ctx: &Ctx,
     job: &Job,
@@ -356,18 +361,25 @@ async fn store_partial(
 ) -> Option<String> {
     let format = sniff(&bytes).ok()?;
     let path = objects::partial_path(&job.key, attempt, index, format.extension);
-    match upload(
-        ctx,
-        &path,
-        bytes,
-        format.mime,
-        objects::PARTIAL_CACHE_CONTROL,
+    let stored = tokio::time::timeout(
+        PARTIAL_UPLOAD_TIMEOUT,
+        upload(
+            ctx,
+            &path,
+            bytes,
+            format.mime,
+            objects::PARTIAL_CACHE_CONTROL,
+        ),
     )
-    .await
-    {
-        Ok(()) => Some(path.to_string()),
-        Err(e) => {
+    .await;
+    match stored {
+        Ok(Ok(())) => Some(path.to_string()),
+        Ok(Err(e)) => {
             tracing::warn!(key = %job.key, error = %e, "storing a partial image failed; skipped");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(key = %job.key, "storing a partial image took too long; skipped");
             None
         }
     }

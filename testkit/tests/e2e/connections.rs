@@ -1,19 +1,25 @@
 //! Safe on the open internet: what one client's connections may hold of a replica. A client
 //! holds at most `VERSUS_CLIENT_MAX_CONNECTIONS` connections, and one that stops reading is
-//! cut off after `VERSUS_SLOW_CLIENT_SECS`, free to resume with `Last-Event-ID`.
+//! cut off after `VERSUS_SLOW_CLIENT_SECS`, free to resume with `Last-Event-ID`. A replica
+//! raises its own open-file limit at start, so that it holds more streams than a host's usual
+//! default of 1,024 files allows.
 
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
 };
 use versus_testkit::{System, sse};
 
-use crate::{fight, http, metric, metrics_of, quick, run, shape, stream_url, text_of};
+use crate::{
+    fight, http, json_of, metric, metrics_of, quick, run, run_within, shape, stream_url, text_of,
+};
 
 /// The API's address.
 fn api_addr(sys: &System) -> SocketAddr {
@@ -373,5 +379,137 @@ fn a_post_waiting_for_a_whole_answer_takes_one_of_its_clients_stream_slots() {
         assert_eq!(waiting.await.unwrap(), 503);
         let stream = sse::open(&other_stream, None).await;
         drop(stream);
+    });
+}
+
+/// The usual default soft limit on open files (`ulimit -Sn`), which the API starts with below.
+const DEFAULT_OPEN_FILES: u64 = 1_024;
+/// Streams held at once below: more than [`DEFAULT_OPEN_FILES`].
+const MANY_STREAMS: usize = 1_100;
+/// The hard limit the test needs: the API's files for [`MANY_STREAMS`] connections and the 256
+/// it keeps for itself, and the test's own sockets with some room.
+const NEEDED_HARD_LIMIT: u64 = 1_400;
+
+/// The number after `name=` in a log line.
+fn field(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no field {name} in {line:?}"));
+    let value: String = line[at + name.len() + 2..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    value
+        .parse()
+        .unwrap_or_else(|e| panic!("field {name} of {line:?}: {e}"))
+}
+
+#[test]
+fn one_replica_started_with_the_default_open_file_limit_holds_more_streams_than_it_at_once() {
+    run_within(Duration::from_secs(120), async {
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert!(
+            hard >= NEEDED_HARD_LIMIT,
+            "the hard limit on open files is {hard}: this test holds {MANY_STREAMS} streams at \
+             once and needs at least {NEEDED_HARD_LIMIT} (raise it: `ulimit -Hn`, or LimitNOFILE \
+             of the service that runs the tests)"
+        );
+        // The first token comes long after every stream is open: each is open from its `meta`
+        // to its `done`, so if every `meta` arrived before the first token could, every
+        // stream was open at once.
+        const TTFT: Duration = Duration::from_secs(8);
+        let sys = quick()
+            .workers(1)
+            .sim_env("VERSUS_SIM_TTFT_MS", TTFT.as_millis().to_string())
+            // A lease longer than the wait for the first token: the generation never looks
+            // stalled, and no stream asks for it again.
+            .env("VERSUS_LEASE_SECS", "30")
+            // The kit turns the per-client limits off already (every stream is 127.0.0.1's);
+            // the replica's own cap on connections stays its default, 10,000.
+            .api_open_files(DEFAULT_OPEN_FILES)
+            .start()
+            .await;
+        // The API found 1,024 open files, raised them and says how many connections it holds.
+        let log = sys.api.stderr_tail();
+        let line = log
+            .lines()
+            .find(|line| line.contains("connections at once"))
+            .unwrap_or_else(|| panic!("the API did not say how many connections it holds:\n{log}"));
+        assert_eq!(
+            field(line, "open_files_before"),
+            DEFAULT_OPEN_FILES,
+            "{line}"
+        );
+        let open_files = field(line, "open_files");
+        assert!(
+            open_files > MANY_STREAMS as u64 && open_files <= hard,
+            "{line}"
+        );
+        assert!(field(line, "connections") >= MANY_STREAMS as u64, "{line}");
+        // The test's own sockets: its soft limit may be the usual default too (the API got
+        // its limit above, not from the test).
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .unwrap_or_else(|e| panic!("raise the test's soft limit on open files to {hard}: {e}"));
+
+        // One fight, asked by MANY_STREAMS streams at once: one miss, the rest join its flight.
+        let url = stream_url(&sys, "Lighthouse", "Moth");
+        let client = http();
+        let began = Instant::now();
+        let opened: Vec<_> = futures::stream::iter(0..MANY_STREAMS)
+            .map(|_| {
+                let (client, url) = (&client, url.as_str());
+                let open = async move {
+                    let mut stream = sse::open_on(client, url, None, &[]).await;
+                    let meta = stream
+                        .next()
+                        .await
+                        .expect("a stream that ended before its meta");
+                    assert_eq!(meta.event, "meta", "{meta:?}");
+                    (stream, meta.json())
+                };
+                async move {
+                    tokio::time::timeout(Duration::from_secs(10), open)
+                        .await
+                        .expect("a stream was not answered (with its meta) within 10 s")
+                }
+            })
+            // Opened 200 at a time: all at once would only overflow the listen backlog.
+            .buffer_unordered(200)
+            .collect()
+            .await;
+        let all_open = began.elapsed();
+        assert_eq!(opened.len(), MANY_STREAMS);
+        assert!(
+            all_open < TTFT,
+            "opening {MANY_STREAMS} streams took {all_open:?}, longer than the first token's \
+             {TTFT:?}: they may not all have been open at once"
+        );
+        let key = opened[0].1["key"].as_str().unwrap().to_owned();
+        assert!(opened.iter().all(|(_, meta)| meta["key"] == key.as_str()));
+
+        // Every stream gets the whole answer and its end.
+        let rests = futures::future::join_all(
+            opened
+                .into_iter()
+                .map(|(mut stream, _)| async move { stream.collect_all().await }),
+        )
+        .await;
+        let whole = text_of(&rests[0]);
+        assert!(!whole.is_empty(), "{:?}", rests[0]);
+        for rest in &rests {
+            assert_eq!(shape(rest), ["chunk*", "done"], "{rest:?}");
+            assert_eq!(text_of(rest), whole);
+        }
+        // It is the answer stored: one generation, one upstream call.
+        let answer = format!("{}/v1/fights/{key}", sys.api_url());
+        versus_testkit::eventually(
+            "the answer to be stored",
+            Duration::from_secs(10),
+            || async { http().get(&answer).send().await.unwrap().status() == 200 },
+        )
+        .await;
+        let stored = json_of(http().get(&answer)).await;
+        assert_eq!(stored["text"].as_str(), Some(whole.as_str()));
+        assert_eq!(sys.sim.chat_calls().await, 1);
     });
 }

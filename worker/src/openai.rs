@@ -527,6 +527,13 @@ impl ImageStream {
                 })?;
             let event = match event {
                 Some(Ok(event)) => event,
+                // Out of time (the request's own timeout): the upstream may have drawn, and
+                // billed, the picture all the same, as for a picture not streamed.
+                Some(Err(e)) if timed_out(&e) => {
+                    return Err(ImageFailure::billed(UpstreamError::retryable(
+                        "the upstream did not finish the picture in time",
+                    )));
+                }
                 Some(Err(e)) => {
                     let message = format!("the image stream broke: {}", describe_stream(&e));
                     return Err(failure(self.partials, message));
@@ -826,6 +833,16 @@ fn describe(e: &reqwest::Error) -> String {
         "connection failed".to_owned()
     } else {
         "request failed".to_owned()
+    }
+}
+
+/// Whether a stream's error is the request's timeout.
+fn timed_out(e: &sse_stream::Error) -> bool {
+    match e {
+        sse_stream::Error::Body(e) => e
+            .downcast_ref::<reqwest::Error>()
+            .is_some_and(reqwest::Error::is_timeout),
+        _ => false,
     }
 }
 

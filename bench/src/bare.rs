@@ -5,7 +5,11 @@
 //! - `/sse-events`: the SSE hit's events again, but through axum's `Sse` response with a
 //!   keep-alive, as the API builds it: what that machinery costs on its own;
 //! - `/idle`: an SSE stream that sends one event and then waits, with a keep-alive (M1's
-//!   baseline: what an idle stream costs in axum alone).
+//!   baseline: what an idle stream costs in axum alone);
+//! - `/viral` (with `--viral-subject`): every connection gets a `meta` event, then each
+//!   message of that NATS subject as it arrives, its bytes written as they are, through one
+//!   `tokio::sync::broadcast` channel, until one that begins `event: done` (P10's baseline: a
+//!   fan-out with no Versus code).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,14 @@ pub struct Args {
     /// Address to listen on; port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub addr: String,
+    /// Serve `/viral`, fed by this NATS subject (P10).
+    #[arg(long, requires_all = ["nats_url", "nats_password"])]
+    pub viral_subject: Option<String>,
+    /// NATS for `/viral`, logged in as `versus-admin`.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    #[arg(long)]
+    pub nats_password: Option<String>,
 }
 
 /// The API's heartbeat interval (VERSUS_SSE_HEARTBEAT_SECS default).
@@ -78,10 +90,72 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 sse_response(stream::once(async { Ok(first) }).chain(stream::pending()))
             }),
         );
+    let app = match &args.viral_subject {
+        Some(subject) => app.route("/viral", get(viral(&args, subject).await?)),
+        None => app,
+    };
     let listener = tokio::net::TcpListener::bind(&args.addr).await?;
     versus_shared::telemetry::announce(listener.local_addr()?);
     axum::serve(listener, app.into_make_service()).await?;
     Ok(())
+}
+
+/// The `/viral` handler: a broadcast channel fed by the subject's messages; each connection
+/// writes `meta`, then every message's bytes, until it closes.
+async fn viral(
+    args: &Args,
+    subject: &str,
+) -> anyhow::Result<impl Fn() -> std::future::Ready<Response> + Clone + Send + 'static> {
+    let (Some(url), Some(password)) = (&args.nats_url, &args.nats_password) else {
+        anyhow::bail!("--viral-subject needs --nats-url and --nats-password");
+    };
+    let nats = async_nats::ConnectOptions::with_user_and_password(
+        "versus-admin".to_owned(),
+        password.clone(),
+    )
+    .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
+    .await
+    .context("connecting to NATS as versus-admin")?;
+    let mut messages = nats.subscribe(subject.to_owned()).await?;
+    nats.flush().await?;
+    let (frames, _) = tokio::sync::broadcast::channel::<Bytes>(1024);
+    let feed = frames.clone();
+    tokio::spawn(async move {
+        // Kept alive by this task, which ends with the process.
+        let _nats = nats;
+        while let Some(message) = messages.next().await {
+            let _ = feed.send(message.payload);
+        }
+    });
+    Ok(move || {
+        let receiver = frames.subscribe();
+        let meta = Bytes::from_static(b"event: meta\ndata: {}\n\n");
+        // As the API's, the stream ends after `done`.
+        let body = stream::once(async move { Ok::<_, Infallible>(meta) }).chain(stream::unfold(
+            Some(receiver),
+            |receiver| async move {
+                let mut receiver = receiver?;
+                loop {
+                    match receiver.recv().await {
+                        Ok(frame) => {
+                            let more = !frame.starts_with(b"event: done");
+                            return Some((Ok(frame), more.then_some(receiver)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        ));
+        let mut response = axum::body::Body::from_stream(body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        std::future::ready(response)
+    })
 }
 
 /// An SSE response as the API makes one: keep-alive comments and the same headers.
@@ -122,14 +196,22 @@ pub async fn spawn(
     json: Option<&Path>,
     sse: Option<&Path>,
 ) -> anyhow::Result<(tokio::process::Child, String)> {
-    let mut command = tokio::process::Command::new(std::env::current_exe()?);
-    command.arg("bare");
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
     if let Some(json) = json {
-        command.arg("--json-file").arg(json);
+        args.extend(["--json-file".into(), json.into()]);
     }
     if let Some(sse) = sse {
-        command.arg("--sse-file").arg(sse);
+        args.extend(["--sse-file".into(), sse.into()]);
     }
+    spawn_with(args).await
+}
+
+/// Starts `versus-bench bare ARGS…` as a process of its own; its URL.
+pub async fn spawn_with(
+    args: Vec<std::ffi::OsString>,
+) -> anyhow::Result<(tokio::process::Child, String)> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.arg("bare").args(args);
     let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn()?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut line = String::new();

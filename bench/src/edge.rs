@@ -88,19 +88,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // P8: one miss at a time, in turn straight to the simulator, at the hub, at the edge.
     sim.reset_with(args.ttft_ms, 400).await?;
-    let (mut direct, mut hub, mut at_edge) = (Vec::new(), Vec::new(), Vec::new());
-    let base = sim.openai_base();
-    for i in 0..args.n {
-        let (a, b) = (format!("Miss {run} {i}"), "Its Rival".to_owned());
-        direct.push(sse::straight_to_sim(&client, &base, &a, &b).await);
-        for (api, out, side) in [
-            (&args.hub_api, &mut hub, "hub"),
-            (&args.edge_api, &mut at_edge, "edge"),
-        ] {
-            let url = sse::stream_url(api, &format!("{a} {side}"), &b)?;
-            out.push(sse::within(sse::ANSWER_LIMIT, sse::through_api(&client, url)).await);
-        }
-    }
+    let (direct, sides) = misses_in_turn(
+        &client,
+        &sim,
+        &format!("Miss {run}"),
+        &[("hub", &args.hub_api), ("edge", &args.edge_api)],
+        args.n,
+    )
+    .await?;
+    let [hub, at_edge] = <[Vec<Timeline>; 2]>::try_from(sides).expect("two sides");
     let mut errors = Vec::new();
     for t in direct.iter().chain(&hub).chain(&at_edge) {
         if let Some(e) = &t.error {
@@ -124,9 +120,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     crate::write_json(&args.out_dir.join(FILE), &raw)
 }
 
+/// P8's method: `n` unique misses one at a time (`{prefix} {i}` against "Its Rival"), each in
+/// turn straight to the simulator, then at each of `sides` (`(name, API)`, the name added to
+/// the first name so that every side's miss is new). The simulator's timelines, and each
+/// side's, in the order of `sides`.
+pub async fn misses_in_turn(
+    client: &reqwest::Client,
+    sim: &Sim,
+    prefix: &str,
+    sides: &[(&str, &str)],
+    n: usize,
+) -> anyhow::Result<(Vec<Timeline>, Vec<Vec<Timeline>>)> {
+    let base = sim.openai_base();
+    let mut direct = Vec::new();
+    let mut out: Vec<Vec<Timeline>> = sides.iter().map(|_| Vec::new()).collect();
+    for i in 0..n {
+        let (a, b) = (format!("{prefix} {i}"), "Its Rival".to_owned());
+        direct.push(sse::straight_to_sim(client, &base, &a, &b).await);
+        for ((side, api), out) in sides.iter().zip(&mut out) {
+            let url = sse::stream_url(api, &format!("{a} {side}"), &b)?;
+            out.push(sse::within(sse::ANSWER_LIMIT, sse::through_api(client, url)).await);
+        }
+    }
+    Ok((direct, out))
+}
+
 /// Makes an answer at `api` and waits until asking for it there is a hit; its stream and JSON
 /// URLs.
-async fn hit_urls(
+pub async fn hit_urls(
     client: &reqwest::Client,
     api: &str,
     a: &str,

@@ -8,13 +8,16 @@
 //! - [`bare`]: the baseline server, a bare axum handler returning fixed bytes;
 //! - [`wrk`]: running Debian's `wrk` and reading its output;
 //! - [`load`]: a fixed-rate, open-loop HTTP/1.1 load generator with HDR histograms;
-//! - [`sse`]: timed SSE clients, of the API and straight of the simulator;
+//! - [`sse`]: timed SSE clients, of the API and straight of the simulator; [`many`]: tens of
+//!   thousands of SSE streams from one process;
 //! - [`sim`]: the simulator's control routes; [`procs`]: RSS and CPU time from `/proc`;
-//!   [`profile`]: `perf record` of running processes;
+//!   [`profile`]: `perf record` of running processes; [`proxy`]: a TCP proxy that delays
+//!   every byte (`delay-proxy`, P11's distance);
 //! - [`stats`]: percentiles; [`report`]: sections, tables, the machine, `BENCHMARKS.md`;
 //! - one module per scenario: [`hits`] (P1), [`miss`] (P2, P3), [`coalesce`] (P4),
-//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`refuse`] (R1), [`suggest`] (S1),
-//!   [`edge`] (P7 to P9, on the cluster of `scripts/cluster`), [`fallback`] (P12).
+//!   [`capacity`] (P5), [`prewarm`] (P6), [`memory`] (M1), [`streams`] (M2), [`refuse`] (R1), [`suggest`] (S1),
+//!   [`edge`] (P7 to P9, on the cluster of `scripts/cluster`), [`far`] (P11, the same with
+//!   the hub far away), [`viral`] (P10), [`fallback`] (P12).
 
 // The load generators join every task they spawn; the ban on a bare spawn is for the services.
 #![allow(clippy::disallowed_methods)]
@@ -24,20 +27,25 @@ mod capacity;
 mod coalesce;
 mod edge;
 mod fallback;
+mod far;
 mod hits;
 mod hops;
 mod load;
+mod many;
 mod memory;
 mod miss;
 mod prewarm;
 mod procs;
 mod profile;
+mod proxy;
 mod refuse;
 mod report;
 mod sim;
 mod sse;
 mod stats;
+mod streams;
 mod suggest;
+mod viral;
 mod wrk;
 
 use std::path::PathBuf;
@@ -73,6 +81,10 @@ enum Command {
     Streams(memory::StreamsArgs),
     /// M1: a worker's memory with its full concurrency in flight.
     WorkerRss(memory::WorkerArgs),
+    /// M2: thousands of streams held open at one replica, and a hit's latency meanwhile.
+    OpenStreams(streams::Args),
+    /// M2: records the sizes this machine cannot hold, for the report.
+    OpenStreamsSkipped(streams::SkippedArgs),
     /// R1: how fast a miss over a client's limit, the daily budget or a client's daily quota
     /// is refused.
     Refuse(refuse::Args),
@@ -83,6 +95,17 @@ enum Command {
     Edge(edge::Args),
     /// P9: the jobs stream's leader killed under load.
     Failover(edge::FailoverArgs),
+    /// P11: hits, misses and purges at an edge whose hub is far away (behind delay proxies),
+    /// beside the same at the hub.
+    Far(far::Args),
+    /// Forwards TCP with a fixed delay each way (P11's distance between the edges and the
+    /// hub); runs until killed.
+    DelayProxy(proxy::Args),
+    /// P10: thousands of viewers of one generation at one replica, beside a bare broadcast
+    /// SSE server writing the same frames to as many sockets.
+    Viral(viral::Args),
+    /// P10: records the sizes this machine cannot hold, for the report.
+    ViralSkipped(streams::SkippedArgs),
     /// P12: a miss while the primary provider is down (its circuit open), served by the
     /// fallback, beside a miss on a healthy primary.
     Fallback(fallback::Args),
@@ -110,10 +133,16 @@ fn main() -> anyhow::Result<()> {
             Command::Prewarm(args) => prewarm::run(args).await,
             Command::Streams(args) => memory::run_streams(args).await,
             Command::WorkerRss(args) => memory::run_worker(args).await,
+            Command::OpenStreams(args) => streams::run(args).await,
+            Command::OpenStreamsSkipped(args) => streams::record_skipped(args),
             Command::Refuse(args) => refuse::run(args).await,
             Command::Suggest(args) => suggest::run(args).await,
             Command::Edge(args) => edge::run(args).await,
             Command::Failover(args) => edge::run_failover(args).await,
+            Command::Far(args) => far::run(args).await,
+            Command::DelayProxy(args) => proxy::run(args).await,
+            Command::Viral(args) => viral::run(args).await,
+            Command::ViralSkipped(args) => viral::record_skipped(args),
             Command::Fallback(args) => fallback::run(args).await,
             Command::Rate(args) => load::run_cli(args).await,
             Command::Sim(args) => sim::run(args).await,

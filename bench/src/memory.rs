@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use crate::procs::rss_kib;
 use crate::report::{Row, Section};
 use crate::sim::Sim;
-use crate::sse;
 use crate::stats::fmt_count;
+use crate::{many, sse};
 
 const STREAMS_FILE: &str = "memory-streams.json";
 const SHARED_FILE: &str = "memory-streams-shared.json";
@@ -106,7 +106,7 @@ pub struct WorkerRaw {
 }
 
 /// Open streams, held until `stop` turns true.
-struct Held {
+pub struct Held {
     tasks: Vec<JoinHandle<()>>,
     opened: Arc<AtomicUsize>,
     /// Streams that the server ended (an `error` event, say) before we closed them.
@@ -116,10 +116,10 @@ struct Held {
 }
 
 impl Held {
-    /// Opens a stream for each URL, `concurrency` at a time; a stream counts as open once its
-    /// `meta` event has arrived.
-    fn open(urls: Vec<reqwest::Url>, concurrency: usize) -> anyhow::Result<Held> {
-        let client = sse::client()?;
+    /// Opens a stream for each URL, `concurrency` at a time, each on a connection of its own
+    /// ([`many`]); a stream counts as open once its `meta` event has arrived.
+    pub fn open(urls: Vec<reqwest::Url>, concurrency: usize) -> anyhow::Result<Held> {
+        let sources = Arc::new(many::Sources::for_connections(urls.len()));
         let gate = Arc::new(Semaphore::new(concurrency));
         let opened = Arc::new(AtomicUsize::new(0));
         let ended = Arc::new(AtomicUsize::new(0));
@@ -128,8 +128,9 @@ impl Held {
         let tasks = urls
             .into_iter()
             .map(|url| {
-                let (client, gate, opened, ended, errors) = (
-                    client.clone(),
+                let target = many::Target::of(&url);
+                let (sources, gate, opened, ended, errors) = (
+                    sources.clone(),
                     gate.clone(),
                     opened.clone(),
                     ended.clone(),
@@ -139,7 +140,7 @@ impl Held {
                 tokio::spawn(async move {
                     let events = async {
                         let _permit = gate.acquire().await?;
-                        let mut events = sse::open(client.get(url)).await?;
+                        let mut events = many::open(&target?, &sources).await?;
                         match events.next().await {
                             Some(Ok(e)) if e.event == "meta" => Ok(events),
                             other => bail!("expected meta first, got {other:?}"),
@@ -197,7 +198,7 @@ impl Held {
     }
 
     /// Waits until every stream is open or failed; false after `timeout`.
-    async fn wait_open(&self, timeout: Duration) -> bool {
+    pub async fn wait_open(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while self.opened.load(Ordering::Relaxed) + self.error_count() < self.tasks.len() {
             if Instant::now() > deadline {
@@ -209,7 +210,7 @@ impl Held {
     }
 
     /// Streams open right now.
-    fn alive(&self) -> usize {
+    pub fn alive(&self) -> usize {
         self.opened.load(Ordering::Relaxed) - self.ended.load(Ordering::Relaxed)
     }
 
@@ -217,7 +218,7 @@ impl Held {
         self.errors.lock().map_or(0, |e| e.len())
     }
 
-    async fn close(self) -> (usize, Vec<String>) {
+    pub async fn close(self) -> (usize, Vec<String>) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = task.await;
@@ -227,7 +228,7 @@ impl Held {
     }
 }
 
-fn urls(api: &str, tag: &str, n: usize) -> anyhow::Result<Vec<reqwest::Url>> {
+pub fn urls(api: &str, tag: &str, n: usize) -> anyhow::Result<Vec<reqwest::Url>> {
     let run = crate::run_id();
     (0..n)
         .map(|i| sse::stream_url(api, &format!("{tag} {run} {i}"), "Rival"))

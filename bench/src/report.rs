@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 
-use crate::{capacity, coalesce, edge, fallback, hits, memory, miss, prewarm, refuse, suggest};
+use crate::{
+    capacity, coalesce, edge, fallback, far, hits, memory, miss, prewarm, refuse, streams, suggest,
+    viral,
+};
 
 pub const START: &str = "<!-- results:start -->";
 pub const END: &str = "<!-- results:end -->";
@@ -111,9 +114,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     sections.extend(capacity::sections(dir)?);
     sections.extend(prewarm::sections(dir)?);
     sections.extend(memory::sections(dir)?);
+    sections.extend(streams::sections(dir)?);
     sections.extend(refuse::sections(dir)?);
     sections.extend(suggest::sections(dir)?);
     sections.extend(edge::sections(dir)?);
+    sections.extend(far::sections(dir)?);
+    sections.extend(viral::sections(dir)?);
     sections.extend(fallback::sections(dir)?);
     let text = render(&args, &sections);
     if args.dry_run {

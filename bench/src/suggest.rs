@@ -84,20 +84,28 @@ fn name(i: usize) -> String {
     format!("{first}{}", chars.as_str())
 }
 
+/// The answers bucket, logged in to NATS (`NATS_URL`'s form) as `versus-admin`.
+pub async fn answers_bucket(
+    nats_url: &str,
+    password: &str,
+) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+    let nats = async_nats::ConnectOptions::with_user_and_password(
+        "versus-admin".to_owned(),
+        password.to_owned(),
+    )
+    .connect(nats_url.split(',').map(str::trim).collect::<Vec<_>>())
+    .await
+    .context("connecting to NATS as versus-admin")?;
+    async_nats::jetstream::new(nats)
+        .get_key_value(wire::ANSWERS_BUCKET)
+        .await
+        .context("finding the answers bucket")
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let rss_before_kib = crate::procs::rss_kib(args.api_pid)?;
-    let nats = async_nats::ConnectOptions::with_user_and_password(
-        "versus-admin".to_owned(),
-        args.nats_password.clone(),
-    )
-    .connect(args.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
-    .await
-    .context("connecting to NATS as versus-admin")?;
-    let answers = async_nats::jetstream::new(nats)
-        .get_key_value(wire::ANSWERS_BUCKET)
-        .await
-        .context("finding the answers bucket")?;
+    let answers = answers_bucket(&args.nats_url, &args.nats_password).await?;
     let run = crate::run_id();
     let pairs = args.names / 2;
     let started = Instant::now();

@@ -1,18 +1,15 @@
 //! The state every request handler shares: the settings, the bus, the caches, the flights, and
 //! the shutdown token that ends waits and hands streams over.
 
+use bytes::Bytes;
 use std::{
-    convert::Infallible,
     future::Future,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use axum::{
-    http::HeaderMap,
-    response::{Response, sse::Event as SseEvent},
-};
+use axum::{http::HeaderMap, response::Response};
 use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use versus_shared::{
@@ -376,7 +373,7 @@ impl App {
     pub(crate) fn sse(
         &self,
         slot: StreamSlot,
-        events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+        events: impl Stream<Item = Bytes> + Send + 'static,
     ) -> Response {
         let events = events.map(move |event| {
             let _held = &slot;

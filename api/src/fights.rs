@@ -1,13 +1,14 @@
 //! The text routes of the public contract: `GET /v1/fights/stream`, `POST /v1/fights`,
 //! `GET /v1/fights/{key}`.
 
-use std::{collections::VecDeque, convert::Infallible, net::SocketAddr};
+use bytes::Bytes;
+use std::{collections::VecDeque, net::SocketAddr};
 
 use axum::{
     Json,
     extract::{ConnectInfo, Path, State},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response, sse::Event as SseEvent},
+    response::{IntoResponse, Response},
 };
 use futures::stream;
 use versus_shared::{
@@ -106,7 +107,7 @@ pub(crate) async fn stream_fight(
             translator.finished_text(answer.attempt, &answer.text, &mut out);
             out.push(sse::done(&key, model, degraded).into());
             let slot = app.stream_slot(client())?;
-            return Ok(app.sse(slot, stream::iter(out.into_iter().map(Ok))));
+            return Ok(app.sse(slot, stream::iter(out)));
         }
     };
     let client = client();
@@ -129,15 +130,15 @@ pub(crate) async fn stream_fight(
 struct InProgress {
     waiter: Waiter,
     translator: Translator,
-    queue: VecDeque<SseEvent>,
+    queue: VecDeque<Bytes>,
     ended: bool,
 }
 
 impl InProgress {
-    async fn next_event(mut self) -> Option<(Result<SseEvent, Infallible>, InProgress)> {
+    async fn next_event(mut self) -> Option<(Bytes, InProgress)> {
         loop {
             if let Some(event) = self.queue.pop_front() {
-                return Some((Ok(event), self));
+                return Some((event, self));
             }
             if self.ended {
                 return None;
@@ -200,13 +201,13 @@ pub(crate) async fn create_fight(
     let mut attempt = None;
     let mut text = String::new();
     while let Some(event) = app.unless_stopping(waiter.next()).await? {
-        match &*event {
+        match &**event {
             Event::Started { attempt: a } | Event::Chunk { attempt: a, .. }
                 if attempt != Some(*a) =>
             {
                 attempt = Some(*a);
                 text.clear();
-                if let Event::Chunk { delta, .. } = &*event {
+                if let Event::Chunk { delta, .. } = &**event {
                     text.push_str(delta);
                 }
             }

@@ -2,14 +2,15 @@
 //! stored picture from our object store, immutable and CDN-ready, and the one that serves a
 //! partial image while its picture is drawn, briefly cached.
 
-use std::{collections::VecDeque, convert::Infallible, net::SocketAddr, sync::Arc};
+use bytes::Bytes;
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
 use axum::{
     Json,
     body::Body,
     extract::{ConnectInfo, Path, State},
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response, sse::Event as SseEvent},
+    response::{IntoResponse, Response},
 };
 use futures::stream;
 use object_store::ObjectStoreExt;
@@ -42,7 +43,7 @@ impl App {
         mut waiter: Waiter,
     ) -> Result<Arc<Cached<ImageAnswer>>, ApiError> {
         while let Some(event) = self.unless_stopping(waiter.next()).await? {
-            match &*event {
+            match &**event {
                 Event::Started { .. } | Event::Chunk { .. } | Event::Partial { .. } => {}
                 // Done is published after the KV write, so the bucket has it (unless purged).
                 Event::Done { .. } => {
@@ -109,7 +110,7 @@ pub(crate) async fn stream_image(
     let client = app.client(peer, &headers);
     let slot = app.stream_slot(client)?;
     let job = app.job(ask);
-    let meta: SseEvent = sse::meta(&key, &job.a, &job.b).into();
+    let meta: Bytes = sse::meta(&key, &job.a, &job.b).into();
     let waiter = app.misses().wait_on(job, miss, &headers, client).await?;
     let settings = &app.inner.settings;
     let translator = sse::Translator::of_picture(
@@ -135,14 +136,14 @@ struct Drawing {
     /// None once the stream's last event is queued.
     waiter: Option<Waiter>,
     translator: sse::Translator,
-    queue: VecDeque<SseEvent>,
+    queue: VecDeque<Bytes>,
 }
 
 impl Drawing {
-    async fn next_event(mut self) -> Option<(Result<SseEvent, Infallible>, Drawing)> {
+    async fn next_event(mut self) -> Option<(Bytes, Drawing)> {
         loop {
             if let Some(event) = self.queue.pop_front() {
-                return Some((Ok(event), self));
+                return Some((event, self));
             }
             let waiter = self.waiter.as_mut()?;
             let Some(event) = waiter.next().await else {
@@ -153,7 +154,7 @@ impl Drawing {
                 ));
                 continue;
             };
-            if let Event::Done { .. } = &*event {
+            if let Event::Done { .. } = &**event {
                 // Done is published after the KV write, so the bucket has it (unless purged).
                 self.waiter = None;
                 let end = match self.app.inner.images.finished(&self.key).await {

@@ -11,14 +11,18 @@
 //! `<attempt>:<index + 1>`, the count of partials the client then holds, and resumes the same
 //! way.
 
-use std::{convert::Infallible, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
-    http::{HeaderName, HeaderValue, header},
-    response::{
-        IntoResponse, Response,
-        sse::{Event as SseEvent, KeepAlive, Sse},
-    },
+    body::Body,
+    http::{HeaderName, header},
+    response::{IntoResponse, Response},
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
@@ -27,6 +31,8 @@ use versus_shared::{
     key::Key,
     wire::{ErrorCode, Event},
 };
+
+use crate::miss::Logged;
 
 /// How soon a client whose stream this replica ended at shutdown should reconnect.
 pub const HANDOVER_RETRY: Duration = Duration::from_millis(500);
@@ -44,31 +50,75 @@ pub fn body(body: Bytes) -> Response {
         .into_response()
 }
 
-/// A live event stream: a comment every `heartbeat` while idle, and when `shutdown` fires,
-/// a `retry:` hint and the end, so that the client reconnects and resumes elsewhere.
+/// A live event stream of rendered frames: a comment every `heartbeat` while idle, and when
+/// `shutdown` fires, a `retry:` hint and the end, so that the client reconnects and resumes
+/// elsewhere. Frames go out as they are, so the bytes of a flight's chunk, rendered once, are
+/// written to every viewer without a copy.
 pub fn live(
-    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+    events: impl Stream<Item = Bytes> + Send + 'static,
     heartbeat: Duration,
     shutdown: CancellationToken,
 ) -> Response {
     let stopped = shutdown.clone();
-    let handover = stream::once(async move { stopped.is_cancelled() }).filter_map(|stopped| {
-        std::future::ready(stopped.then(|| {
-            Ok(SseEvent::default()
-                .retry(HANDOVER_RETRY)
-                .comment("this server is stopping: reconnect with Last-Event-ID"))
-        }))
-    });
+    let handover = stream::once(async move { stopped.is_cancelled() })
+        .filter_map(|stopped| std::future::ready(stopped.then_some(Bytes::from_static(HANDOVER))));
     let events = events
         .take_until(shutdown.cancelled_owned())
         .chain(handover);
-    let mut response = Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(heartbeat))
-        .into_response();
-    let headers = response.headers_mut();
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    let body = Heartbeats::new(events, heartbeat).map(Ok::<_, Infallible>);
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// What a stream ends with when this replica stops: reconnect in [`HANDOVER_RETRY`].
+const HANDOVER: &[u8] = b"retry: 500\n: this server is stopping: reconnect with Last-Event-ID\n\n";
+
+/// What an idle stream sends every heartbeat: an empty comment.
+const HEARTBEAT: &[u8] = b":\n\n";
+
+pin_project_lite::pin_project! {
+    /// A stream of frames with [`HEARTBEAT`] whenever `every` passes without one.
+    struct Heartbeats<S> {
+        #[pin]
+        events: S,
+        #[pin]
+        timer: tokio::time::Sleep,
+        every: Duration,
+    }
+}
+
+impl<S> Heartbeats<S> {
+    fn new(events: S, every: Duration) -> Heartbeats<S> {
+        Heartbeats {
+            events,
+            timer: tokio::time::sleep(every),
+            every,
+        }
+    }
+}
+
+impl<S: Stream<Item = Bytes>> Stream for Heartbeats<S> {
+    type Item = Bytes;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut this = self.project();
+        let next = match this.events.poll_next(cx) {
+            Poll::Ready(next) => next,
+            Poll::Pending => {
+                std::task::ready!(this.timer.as_mut().poll(cx));
+                Some(Bytes::from_static(HEARTBEAT))
+            }
+        };
+        this.timer.reset(tokio::time::Instant::now() + *this.every);
+        Poll::Ready(next)
+    }
 }
 
 /// A resume point parsed from `Last-Event-ID`.
@@ -227,13 +277,11 @@ impl Frame {
     }
 }
 
-impl From<Frame> for SseEvent {
-    fn from(frame: Frame) -> SseEvent {
-        let event = SseEvent::default().event(frame.name).data(frame.data);
-        match frame.id {
-            Some(id) => event.id(id),
-            None => event,
-        }
+impl From<Frame> for Bytes {
+    fn from(frame: Frame) -> Bytes {
+        let mut out = String::with_capacity(frame.name.len() + frame.data.len() + 32);
+        frame.write(&mut out);
+        out.into()
     }
 }
 
@@ -303,7 +351,7 @@ pub fn image_done(key: &Key, url: &str, model: &str, degraded: bool) -> Frame {
     )
 }
 
-pub fn reset() -> SseEvent {
+pub fn reset() -> Bytes {
     Frame::new(
         "reset",
         &data::ResetData {
@@ -314,17 +362,12 @@ pub fn reset() -> SseEvent {
 }
 
 /// An `error` event of this process's own, as retryable as `code` is.
-pub fn error(code: ErrorCode, message: &str) -> SseEvent {
+pub fn error(code: ErrorCode, message: &str) -> Bytes {
     error_until(code.as_str(), message, code.retryable(), None)
 }
 
 /// An `error` event that also says in how many seconds asking again may succeed.
-pub fn error_until(
-    code: &str,
-    message: &str,
-    retryable: bool,
-    retry_after: Option<u64>,
-) -> SseEvent {
+pub fn error_until(code: &str, message: &str, retryable: bool, retry_after: Option<u64>) -> Bytes {
     let data = data::ErrorData {
         code,
         message,
@@ -393,8 +436,8 @@ impl Translator {
     }
 
     /// The SSE events for one generation event, appended to `out`; true when the stream ends.
-    pub fn translate(&mut self, event: &Event, out: &mut Vec<SseEvent>) -> bool {
-        match event {
+    pub fn translate(&mut self, event: &Logged, out: &mut Vec<Bytes>) -> bool {
+        match &**event {
             Event::Started { attempt } => self.enter(*attempt, out),
             Event::Chunk {
                 attempt,
@@ -402,7 +445,7 @@ impl Translator {
                 delta,
             } => {
                 self.enter(*attempt, out);
-                self.chunk(*attempt, *offset, delta, out);
+                self.chunk(*attempt, *offset, delta, Some(event), out);
             }
             Event::Partial {
                 attempt,
@@ -417,7 +460,7 @@ impl Translator {
                     tracing::debug!(%path, "a partial image stored under a name it may not have");
                 }
                 self.enter(*attempt, out);
-                self.partial(*attempt, *index, url.as_deref(), out);
+                self.partial(*attempt, *index, url.as_deref(), event, out);
             }
             Event::Done { model, .. } => {
                 out.push(done(&self.key, model, *model != self.primary).into());
@@ -442,12 +485,12 @@ impl Translator {
     }
 
     /// The whole finished text of `attempt`, minus what the client already holds.
-    pub fn finished_text(&mut self, attempt: i32, text: &str, out: &mut Vec<SseEvent>) {
+    pub fn finished_text(&mut self, attempt: i32, text: &str, out: &mut Vec<Bytes>) {
         self.enter(attempt, out);
-        self.chunk(attempt, 0, text, out);
+        self.chunk(attempt, 0, text, None, out);
     }
 
-    fn enter(&mut self, attempt: i32, out: &mut Vec<SseEvent>) {
+    fn enter(&mut self, attempt: i32, out: &mut Vec<Bytes>) {
         if self.attempt == Some(attempt) {
             return;
         }
@@ -461,11 +504,19 @@ impl Translator {
     }
 
     /// Partial image `index` (served at `url`) unless the client holds it already.
-    fn partial(&mut self, attempt: i32, index: u32, url: Option<&str>, out: &mut Vec<SseEvent>) {
+    /// The frame is the same for every stream of this replica: `logged` renders it once.
+    fn partial(
+        &mut self,
+        attempt: i32,
+        index: u32,
+        url: Option<&str>,
+        logged: &Logged,
+        out: &mut Vec<Bytes>,
+    ) {
         let end = index as usize + 1;
         let held = self.holds.map_or(0, |h| h.offset);
         if let Some(url) = url.filter(|_| end > held) {
-            out.push(partial(attempt, index, url).into());
+            out.push(logged.frame(|_| partial(attempt, index, url).into()));
         }
         self.holds = Some(Resume {
             attempt,
@@ -473,7 +524,16 @@ impl Translator {
         });
     }
 
-    fn chunk(&mut self, attempt: i32, offset: usize, delta: &str, out: &mut Vec<SseEvent>) {
+    /// A chunk sent whole is the same for every stream: `logged`, when the chunk is one of a
+    /// flight's, renders it once.
+    fn chunk(
+        &mut self,
+        attempt: i32,
+        offset: usize,
+        delta: &str,
+        logged: Option<&Logged>,
+        out: &mut Vec<Bytes>,
+    ) {
         let end = offset + delta.len();
         let held = self.holds.map_or(0, |h| h.offset);
         let rest = if held <= offset {
@@ -484,7 +544,11 @@ impl Translator {
             delta.get(held - offset..).unwrap_or(delta)
         };
         if !rest.is_empty() {
-            out.push(chunk(attempt, end, rest).into());
+            let render = || chunk(attempt, end, rest).into();
+            out.push(match logged.filter(|_| rest.len() == delta.len()) {
+                Some(logged) => logged.frame(|_| render()),
+                None => render(),
+            });
         }
         self.holds = Some(Resume {
             attempt,
@@ -497,20 +561,17 @@ impl Translator {
 mod tests {
     use super::*;
 
-    /// The events as the wire has them: `name data` per event (axum's events only show their
-    /// bytes through `Debug`).
-    fn wire(events: &[SseEvent]) -> Vec<String> {
-        events
+    /// The events as the wire has them: `name data id` per event.
+    fn wire(frames: &[Bytes]) -> Vec<String> {
+        frames
             .iter()
-            .map(|e| {
-                let debug = format!("{e:?}");
+            .map(|frame| {
+                let text = std::str::from_utf8(frame).unwrap();
                 let field = |name: &str| {
-                    debug
-                        .split(&format!("{name}: "))
-                        .nth(1)
-                        .and_then(|rest| rest.split("\\n").next())
+                    text.lines()
+                        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
                         .unwrap_or_default()
-                        .replace("\\\"", "\"")
+                        .to_owned()
                 };
                 format!("{} {} {}", field("event"), field("data"), field("id"))
                     .trim_end()
@@ -568,7 +629,7 @@ mod tests {
                 delta: ", world".to_owned(),
             },
         ] {
-            assert!(!translator.translate(&event, &mut out));
+            assert!(!translator.translate(&Logged::new(event), &mut out));
         }
         assert_eq!(
             wire(&out),
@@ -585,11 +646,11 @@ mod tests {
         let done = |model: &str| {
             let mut out = Vec::new();
             let ended = translator(None).translate(
-                &Event::Done {
+                &Logged::new(Event::Done {
                     attempt: 1,
                     model: model.to_owned(),
                     length: 0,
-                },
+                }),
                 &mut out,
             );
             assert!(ended);
@@ -654,7 +715,7 @@ mod tests {
     fn drawn(translator: &mut Translator, events: &[Event]) -> Vec<String> {
         let mut out = Vec::new();
         for event in events {
-            assert!(!translator.translate(event, &mut out));
+            assert!(!translator.translate(&Logged::new(event.clone()), &mut out));
         }
         wire(&out)
     }
@@ -759,6 +820,64 @@ mod tests {
         assert_eq!(
             drawn(&mut translator, &[partial_event(1, 1)]),
             [partial_wire(1, 1)]
+        );
+    }
+
+    #[test]
+    fn every_viewer_of_a_flight_writes_one_rendering_of_a_whole_chunk_and_a_resume_its_own_rest() {
+        let logged = Logged::new(Event::Chunk {
+            attempt: 1,
+            offset: 0,
+            delta: "Hello, world".to_owned(),
+        });
+        let frames: Vec<Bytes> = [None, None, Resume::parse("1:5")]
+            .into_iter()
+            .map(|resume| {
+                let mut out = Vec::new();
+                translator(resume).translate(&logged, &mut out);
+                out.pop().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            wire(&frames),
+            [
+                r#"chunk {"delta":"Hello, world"} 1:12"#,
+                r#"chunk {"delta":"Hello, world"} 1:12"#,
+                r#"chunk {"delta":", world"} 1:12"#,
+            ]
+        );
+        // The same bytes, not a copy.
+        assert_eq!(frames[0].as_ptr(), frames[1].as_ptr());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_stream_gets_a_comment_each_heartbeat_and_an_event_puts_it_off() {
+        use tokio::time::{Duration, Instant, sleep};
+        // One event 10 s in, then nothing until the end, 45 s in.
+        let events = stream::unfold(0, |step| async move {
+            match step {
+                0 => {
+                    sleep(Duration::from_secs(10)).await;
+                    Some((Bytes::from_static(b"event: chunk\n\n"), 1))
+                }
+                _ => {
+                    sleep(Duration::from_secs(35)).await;
+                    None
+                }
+            }
+        });
+        let start = Instant::now();
+        let seen: Vec<(u64, Bytes)> = Heartbeats::new(events, Duration::from_secs(15))
+            .map(|frame| (start.elapsed().as_secs(), frame))
+            .collect()
+            .await;
+        assert_eq!(
+            seen,
+            [
+                (10, Bytes::from_static(b"event: chunk\n\n")),
+                (25, Bytes::from_static(HEARTBEAT)),
+                (40, Bytes::from_static(HEARTBEAT)),
+            ]
         );
     }
 }

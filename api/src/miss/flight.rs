@@ -11,7 +11,7 @@ use versus_shared::{
     wire::{Event, Kind},
 };
 
-use super::log::{Log, Offer};
+use super::log::{Log, Logged, Offer};
 
 pub(crate) struct Flight {
     pub(crate) log: Mutex<Log>,
@@ -64,7 +64,7 @@ impl Flight {
         let len = {
             let mut log = self.log();
             if let Some(event) = event.filter(|_| !log.closed) {
-                log.events.push(Arc::new(event));
+                log.events.push(Arc::new(Logged::new(event)));
             }
             log.closed = true;
             log.events.len()

@@ -19,6 +19,7 @@ use versus_shared::{
 
 use super::{
     flight::{Flight, lock},
+    log::Logged,
     prefetch::Prefetch,
     reader,
 };
@@ -156,7 +157,7 @@ impl Waiter {
     }
 
     /// The next event, or None once the log closed and every event in it was returned.
-    pub async fn next(&mut self) -> Option<Arc<Event>> {
+    pub async fn next(&mut self) -> Option<Arc<Logged>> {
         loop {
             {
                 let log = self.flight.log();

@@ -5,14 +5,18 @@
 //! chunks contiguous from offset 0 (a picture's partials contiguous from index 0), and at most
 //! one terminal event, last.
 
-use std::sync::Arc;
+use std::{
+    ops::Deref,
+    sync::{Arc, OnceLock},
+};
 
+use bytes::Bytes;
 use versus_shared::wire::Event;
 
 #[derive(Default)]
 pub(crate) struct Log {
     /// What waiters replay, in order.
-    pub(crate) events: Vec<Arc<Event>>,
+    pub(crate) events: Vec<Arc<Logged>>,
     /// No event follows (the generation ended, or the reader stopped).
     pub(crate) closed: bool,
     /// The attempt the log follows, and where its text ends (for a picture, how many of its
@@ -32,6 +36,36 @@ pub(crate) enum Offer {
     Stale,
     /// It does not follow what the log holds: something before it is missing.
     Gap,
+}
+
+/// An event of a log, and the bytes every stream of the flight writes for it whole: rendered
+/// by the first stream that needs them, shared by the rest (a viral fight's thousands of
+/// viewers cost one rendering per chunk, not one each).
+pub struct Logged {
+    event: Event,
+    frame: OnceLock<Bytes>,
+}
+
+impl Logged {
+    pub(crate) fn new(event: Event) -> Logged {
+        Logged {
+            event,
+            frame: OnceLock::new(),
+        }
+    }
+
+    /// The event's frame as a stream writes it whole, `render`ed once for every stream.
+    pub fn frame(&self, render: impl FnOnce(&Event) -> Bytes) -> Bytes {
+        self.frame.get_or_init(|| render(&self.event)).clone()
+    }
+}
+
+impl Deref for Logged {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.event
+    }
 }
 
 impl Log {
@@ -139,7 +173,7 @@ impl Log {
             Event::Purged => return Offer::Gap,
         };
         let ended = event.is_terminal();
-        self.events.push(Arc::new(event));
+        self.events.push(Arc::new(Logged::new(event)));
         self.closed = ended;
         Offer::Taken { ended }
     }
@@ -170,7 +204,7 @@ mod tests {
     fn partials(log: &Log) -> Vec<(i32, u32)> {
         log.events
             .iter()
-            .filter_map(|event| match &**event {
+            .filter_map(|event| match &***event {
                 Event::Partial { attempt, index, .. } => Some((*attempt, *index)),
                 _ => None,
             })
@@ -198,7 +232,7 @@ mod tests {
     fn text(log: &Log) -> String {
         let (mut text, mut current) = (String::new(), None);
         for event in &log.events {
-            match &**event {
+            match &***event {
                 Event::Started { attempt } | Event::Chunk { attempt, .. }
                     if current != Some(*attempt) =>
                 {
@@ -207,7 +241,7 @@ mod tests {
                 }
                 _ => {}
             }
-            if let Event::Chunk { offset, delta, .. } = &**event {
+            if let Event::Chunk { offset, delta, .. } = &***event {
                 assert_eq!(*offset, text.len(), "chunks follow each other");
                 text.push_str(delta);
             }

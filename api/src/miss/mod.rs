@@ -25,4 +25,5 @@ mod prefetch;
 mod reader;
 
 pub use flights::{Flights, Waiter, zero_counters};
+pub use log::Logged;
 pub(crate) use path::{Found, Path};

@@ -90,7 +90,7 @@ pub(crate) async fn run(
     };
     flight.close(ending);
     if traces::enabled() {
-        let outcome = match flight.log().events.last().map(|e| &**e) {
+        let outcome = match flight.log().events.last().map(|e| &***e) {
             Some(Event::Done { .. }) => "done".to_owned(),
             Some(Event::Error { code, .. }) => code.clone(),
             Some(Event::Purged) => "purged".to_owned(),

@@ -585,7 +585,7 @@ build_binaries() {
     else
         say "running the binaries in $BIN_DIR (VERSUS_BIN_DIR: no build)"
     fi
-    for bin in versus-api versus-worker versus-sim; do
+    for bin in versus-api versus-worker versus-sim versus-xtask; do
         [ -x "$BIN_DIR/$bin" ] || die "$BIN_DIR/$bin is missing (build it, or point VERSUS_BIN_DIR elsewhere)"
     done
 }

@@ -23,6 +23,15 @@ pub const HUB_DOMAIN: &str = "hub";
 /// Replicas of every stream and bucket on the hub.
 pub const HUB_REPLICAS: u8 = 3;
 
+/// Settings whose value is the same in every deployment of the topology (here, in the tests and
+/// in compose.yaml, which `testkit/tests/compose/topology.rs` compares); the others are
+/// addresses, ports, paths and secrets, which each place makes its own.
+pub const SAME_EVERYWHERE: [&str; 3] = [
+    "VERSUS_NATS_REPLICAS",
+    "VERSUS_NATS_HUB_DOMAIN",
+    "VERSUS_NATS_DOMAIN",
+];
+
 /// Variables and their values, in the order given (a later one wins).
 pub type Env = Vec<(String, String)>;
 

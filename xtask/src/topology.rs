@@ -158,6 +158,46 @@ pub fn password_env(passwords: &[(String, String)], users: &[&str]) -> Env {
         .collect()
 }
 
+/// The leaf login of the edge `edge` on the hub (`versus-leaf-edge1`); its password is in
+/// `password_var("leaf_<edge>")`.
+pub fn leaf_user(edge: &str) -> String {
+    format!("versus-leaf-{edge}")
+}
+
+/// The hub's leaf-node URLs on 127.0.0.1 at `ports`, with the login `user`, as an edge's
+/// server takes them in `VERSUS_NATS_HUB_LEAF_URLS`: a list in nats config syntax (a secret).
+pub fn leaf_urls(user: &str, password: &str, ports: &[u16]) -> String {
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|port| format!("\"nats-leaf://{user}:{password}@127.0.0.1:{port}\""))
+        .collect();
+    format!("[{}]", urls.join(","))
+}
+
+/// The hub's configuration, as nats-hub.conf says a deployment writes it (`hub.conf`, beside
+/// links to nats-hub.conf and nats.conf, which it includes): nats.conf's users and one leaf
+/// login per edge of `edges`, each with the edges' permissions (the users' default there) and
+/// a password read from the environment (`password_var("leaf_<edge>")`).
+pub fn hub_conf(edges: &[&str]) -> String {
+    let users: Vec<String> = edges
+        .iter()
+        .map(|edge| {
+            format!(
+                "    {{ user: {}, password: ${}, allowed_connection_types: [\"LEAFNODE\"] }}",
+                leaf_user(edge),
+                password_var(&format!("leaf_{edge}"))
+            )
+        })
+        .collect();
+    format!(
+        "# The hub with its edges' leaf logins (nats-hub.conf), from xtask/src/topology.rs.\n\
+         include ./nats-hub.conf\n\
+         authorization {{\n  default_permissions: $VERSUS_LEAF_PERMISSIONS\n  users = [\n\
+         \x20   $VERSUS_ADMIN_USER, $VERSUS_API_USER, $VERSUS_WORKER_USER,\n{}\n  ]\n}}\n",
+        users.join(",\n")
+    )
+}
+
 // --- scripts/dev -------------------------------------------------------------------------
 
 /// `dev`: Postgres, one nats-server with JetStream, the simulator (without an upstream), the
@@ -406,26 +446,9 @@ impl Cluster {
             .collect()
     }
 
-    /// The hub's configuration, as nats-hub.conf says a deployment writes it (`hub.conf`,
-    /// beside links to nats-hub.conf and nats.conf): nats.conf's users and one leaf login per
-    /// edge, whose password it reads from the environment.
+    /// The hub's configuration for its two edges (see [`hub_conf`]).
     pub fn hub_conf() -> String {
-        let users: Vec<String> = EDGES
-            .iter()
-            .map(|edge| {
-                format!(
-                    "    {{ user: versus-leaf-{edge}, password: ${}, allowed_connection_types: [\"LEAFNODE\"] }}",
-                    password_var(&format!("leaf_{edge}"))
-                )
-            })
-            .collect();
-        format!(
-            "# Written by scripts/cluster: the hub with its edges' leaf logins (nats-hub.conf).\n\
-             include ./nats-hub.conf\n\
-             authorization {{\n  default_permissions: $VERSUS_LEAF_PERMISSIONS\n  users = [\n\
-             \x20   $VERSUS_ADMIN_USER, $VERSUS_API_USER, $VERSUS_WORKER_USER,\n{}\n  ]\n}}\n",
-            users.join(",\n")
-        )
+        hub_conf(&EDGES)
     }
 
     /// Hub server `i` (from 0): routes to the other two; its configuration reads the users'
@@ -482,12 +505,7 @@ impl Cluster {
     /// syntax, with its own leaf login (a secret).
     pub fn leaf_urls(&self, edge: &str, passwords: &[(String, String)]) -> String {
         let password = lookup(passwords, &format!("leaf_{edge}"));
-        let urls: Vec<String> = self
-            .edge_leaf_ports
-            .iter()
-            .map(|port| format!("\"nats-leaf://versus-leaf-{edge}:{password}@127.0.0.1:{port}\""))
-            .collect();
-        format!("[{}]", urls.join(","))
+        leaf_urls(&leaf_user(edge), password, &self.edge_leaf_ports)
     }
 
     /// Edge server `i` (from 0): its own users (the admin and the API; the workers never log

@@ -109,12 +109,14 @@ pub struct Layout {
 
 impl Layout {
     fn new(system: System) -> Result<Layout> {
-        // The launcher is built from the repository it runs: its configuration files are there.
-        let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let repo = if built_from.join("nats.conf").exists() {
-            built_from
+        // The repository the entry point runs from (scripts/dev execs the launcher there), else
+        // the one it was built from (`cargo xtask` from a folder below): its configuration
+        // files are there.
+        let here = std::env::current_dir()?;
+        let repo = if here.join("nats.conf").exists() {
+            here
         } else {
-            std::env::current_dir()?
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
         };
         let repo = repo.canonicalize()?;
         std::env::set_current_dir(&repo)?;

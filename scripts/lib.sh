@@ -533,22 +533,11 @@ ensure_axe_core() {
     export AXE_CORE_JS
 }
 
-# --- a whole system on this machine: scripts/dev and scripts/cluster ---------------------
+# --- building: scripts/dev and scripts/cluster ----------------------------------------
 #
-# Both run the programs through `start` and keep them running (`supervise`); both stop them in
-# order on exit (`stop_supervised`). They define two functions of their own:
-#   launch NAME [--append]   starts the program NAME stands for with `start` (--append: again,
-#                            after it exited; its log goes on)
-#   is_infra NAME            whether NAME is something the others depend on (NATS, the
-#                            simulator), stopped after them
-# and set LOGS and RUN (the pid files' folder).
-
-# need_bash_5_1: dies unless this is bash 5.1 or later (`wait -n -p`, in the supervisor).
-need_bash_5_1() {
-    if [ "${BASH_VERSINFO[0]}" -lt 5 ] || { [ "${BASH_VERSINFO[0]}" -eq 5 ] && [ "${BASH_VERSINFO[1]}" -lt 1 ]; }; then
-        die "scripts/$(basename "$0") needs bash 5.1 or later (this is $BASH_VERSION)"
-    fi
-}
+# Both install what is missing, build (these), then exec the launcher they built,
+# `versus-xtask dev|cluster` (xtask/), which runs the programs, keeps them running and stops
+# them in order: the topology and its supervisor are Rust, written once.
 
 # binaries_settings: BIN_DIR, the folder of the binaries to run, and BUILD_ARGS (cargo's) from
 # VERSUS_BIN_DIR (run those as they are) or else PROFILE (release or debug: build, then run
@@ -575,8 +564,8 @@ need_cargo() {
     fi
 }
 
-# build_binaries: builds the binaries (unless VERSUS_BIN_DIR) and checks that the three are in
-# BIN_DIR.
+# build_binaries: builds the binaries (unless VERSUS_BIN_DIR) and checks that the programs and
+# the launcher (versus-xtask) are in BIN_DIR.
 build_binaries() {
     local bin
     if [ -z "${VERSUS_BIN_DIR:-}" ]; then
@@ -585,208 +574,12 @@ build_binaries() {
     else
         say "running the binaries in $BIN_DIR (VERSUS_BIN_DIR: no build)"
     fi
-    for bin in versus-api versus-worker versus-sim; do
+    for bin in versus-api versus-worker versus-sim versus-xtask; do
         [ -x "$BIN_DIR/$bin" ] || die "$BIN_DIR/$bin is missing (build it, or point VERSUS_BIN_DIR elsewhere)"
     done
 }
 
-# supervisor_init: the supervisor's state, DRAIN_SECS (how long the programs that are not
-# infrastructure may take to stop), and `track` as ON_START. By name (nats, sim, worker-1, ...,
-# api): the pid while it runs (empty while it waits to be started again), when it started and
-# when it is due to start again (ms since the epoch), and the delay before its next start (s).
-supervisor_init() {
-    local grace
-    declare -gA PID=() STARTED_MS=() DUE_MS=() DELAY=()
-    NAMES=()     # in the order of their first start
-    PG_DIR=""    # set once Postgres is ours to stop
-    TICKER=""    # the supervisor's timer (a sleep)
-    STOPPING=0
-    RESTART_MAX_SECS=30   # the longest delay before a program is started again
-    RESTART_RESET_SECS=30 # a program that ran this long is started again after 1 s once more
-    # The workers finish what they generate within VERSUS_SHUTDOWN_GRACE_SECS of a SIGTERM.
-    grace=${VERSUS_SHUTDOWN_GRACE_SECS:-30}
-    [[ "$grace" =~ ^[0-9]+$ ]] || grace=30
-    DRAIN_SECS=$((grace + 5))
-    ON_START=track
-}
-
-now_ms() {
-    local us=${EPOCHREALTIME//[!0-9]/}
-    NOW_MS=$((us / 1000))
-}
-
-# `start` calls this after every start: remember the pid, and write it to $RUN/NAME.pid as
-# "PID PROGRAM" for stop_leftovers.
-track() {
-    local name=$1 pid=$2 program=$3
-    [ -n "${PID[$name]+set}" ] || NAMES+=("$name")
-    PID[$name]=$pid
-    now_ms
-    STARTED_MS[$name]=$NOW_MS
-    echo "$pid $program" >"$RUN/$name.pid"
-}
-
-# schedule_restart NAME STATUS: NAME exited with STATUS; it starts again after its delay.
-schedule_restart() {
-    local name=$1 status=$2 delay=${DELAY[$1]:-1}
-    now_ms
-    PID[$name]=""
-    if [ $((NOW_MS - ${STARTED_MS[$name]})) -ge $((RESTART_RESET_SECS * 1000)) ]; then
-        delay=1
-    fi
-    DUE_MS[$name]=$((NOW_MS + delay * 1000))
-    DELAY[$name]=$((delay * 2 < RESTART_MAX_SECS ? delay * 2 : RESTART_MAX_SECS))
-    warn "$name exited (status $status); starting it again in $delay s (log: $LOGS/$name.log)"
-}
-
-restart() {
-    local name=$1
-    printf '\n--- scripts/%s: %s exited; started again at %(%F %T)T ---\n\n' "$(basename "$0")" \
-        "$name" -1 >>"$LOGS/$name.log"
-    launch "$name" --append
-    say "$name started again (pid ${PID[$name]})"
-}
-
-# Keeps every program running, until a signal ends the script (its trap runs stop_supervised).
-supervise() {
-    local name pid status next ms frac exited live
-    while :; do
-        # Exits that the wait below did not report (it reports one at a time).
-        for name in "${NAMES[@]}"; do
-            pid=${PID[$name]}
-            if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-                status=0
-                wait "$pid" 2>/dev/null || status=$?
-                schedule_restart "$name" "$status"
-            fi
-        done
-        # Start what is due; wake up for the next one due, or in a second at the latest.
-        now_ms
-        next=$((NOW_MS + 1000))
-        live=()
-        for name in "${NAMES[@]}"; do
-            if [ -z "${PID[$name]}" ] && [ "${DUE_MS[$name]}" -le "$NOW_MS" ]; then
-                restart "$name"
-            fi
-            if [ -n "${PID[$name]}" ]; then
-                live+=("${PID[$name]}")
-            elif [ "${DUE_MS[$name]}" -lt "$next" ]; then
-                next=${DUE_MS[$name]}
-            fi
-        done
-        ms=$((next - NOW_MS))
-        [ "$ms" -ge 10 ] || ms=10
-        printf -v frac '%03d' $((ms % 1000))
-        sleep "$((ms / 1000)).$frac" &
-        TICKER=$!
-        # Until a program exits or the timer ends. (2>/dev/null: bash would also print its
-        # own line, with the command, for a program killed by a signal.)
-        exited=""
-        status=0
-        wait -n -p exited "$TICKER" "${live[@]}" 2>/dev/null || status=$?
-        if [ "${exited:-}" != "$TICKER" ]; then kill "$TICKER" 2>/dev/null || true; fi
-        wait "$TICKER" 2>/dev/null || true
-        TICKER=""
-        for name in "${NAMES[@]}"; do
-            if [ -n "${exited:-}" ] && [ "${PID[$name]}" = "$exited" ]; then
-                schedule_restart "$name" "$status"
-            fi
-        done
-    done
-}
-
-# Stops everything (`on_exit stop_supervised`): the programs that depend on the others first,
-# while NATS is still there for them to drain against, then the rest, then Postgres.
-stop_supervised() {
-    local name app=() infra=()
-    [ "$STOPPING" -eq 0 ] || return 0
-    STOPPING=1
-    # Every step, whatever the one before did (a second Ctrl-C fails the `sleep` it hits).
-    set +e
-    trap hurry INT TERM HUP
-    if [ -n "$TICKER" ]; then kill "$TICKER" 2>/dev/null || true; fi
-    for name in "${NAMES[@]}"; do
-        [ -n "${PID[$name]}" ] || continue
-        if is_infra "$name"; then infra+=("${PID[$name]}"); else app+=("${PID[$name]}"); fi
-    done
-    if [ "${#NAMES[@]}" -gt 0 ] || [ -n "$PG_DIR" ]; then
-        say "stopping Versus (Ctrl-C again to stop it at once)"
-    fi
-    stop_pids "$DRAIN_SECS" "${app[@]}"
-    stop_pids 5 "${infra[@]}"
-    wait 2>/dev/null || true
-    if [ -n "$PG_DIR" ]; then pg_stop "$PG_DIR" fast; fi
-    rm -f "$RUN"/*.pid
-}
-
-# A second Ctrl-C while stopping: SIGKILL for what still runs (stop_pids then goes on).
-hurry() {
-    local name
-    warn "stopping at once"
-    for name in "${NAMES[@]}"; do
-        if [ -n "${PID[$name]}" ]; then kill -KILL "${PID[$name]}" 2>/dev/null || true; fi
-    done
-}
-
-# Processes that an earlier run left behind (killed with -9, a closed terminal): each pid file
-# holds "PID PATH"; the process is ours if its command line still starts with PATH.
-# They are stopped in the same order as at Ctrl-C.
-stop_leftovers() {
-    local file name pid path app=() infra=()
-    for file in "$RUN"/*.pid; do
-        [ -e "$file" ] || continue
-        name=$(basename "$file" .pid)
-        read -r pid path <"$file" || true
-        if [ -n "${pid:-}" ] && [ -r "/proc/$pid/cmdline" ] &&
-            [ "$(tr '\0' '\n' <"/proc/$pid/cmdline" | head -n 1)" = "$path" ]; then
-            echo "stopping $name (pid $pid) left by an earlier run" >&2
-            if is_infra "$name"; then infra+=("$pid"); else app+=("$pid"); fi
-        fi
-        rm -f "$file"
-    done
-    stop_pids "$DRAIN_SECS" "${app[@]}"
-    stop_pids 5 "${infra[@]}"
-}
-
-# start_dev_postgres DATA PORT: starts the Postgres cluster kept in DATA/pg (made on the first
-# run) on PORT, creates the database `versus` unless it is there, and sets PG_DIR (for
-# stop_supervised) and DATABASE_URL.
-#
-# The cluster must be reachable by the postgres user; a data folder under a folder only root
-# may enter is not, and then the cluster lives under /var/tmp instead (still kept across runs;
-# named after the repo for scripts/dev's default data folder, as it always was, else after the
-# data folder).
-# shellcheck disable=SC2034  # it sets variables for the caller
-start_dev_postgres() {
-    local data=$1 port=$2 pg_dir pg_owner
-    pg_dir="$data/pg"
-    if ! pg_dir_usable "$data"; then
-        pg_owner=$data
-        [ "$data" = "$ROOT/.data" ] && pg_owner=$ROOT
-        pg_dir="/var/tmp/versus-dev-$(echo "$pg_owner" | md5sum | cut -c1-8)/pg"
-        mkdir -p "$(dirname "$pg_dir")"
-        chmod 755 "$(dirname "$pg_dir")"
-        warn "the postgres user cannot enter $data: keeping the dev database in $pg_dir"
-    fi
-    if [ ! -f "$pg_dir/PG_VERSION" ]; then
-        say "creating the Postgres cluster in $pg_dir"
-        rm -rf "$pg_dir"
-        pg_init "$pg_dir"
-    fi
-    # A server left running by an earlier run may be on another port: restart it on ours.
-    pg_stop "$pg_dir" fast
-    port_in_use "$port" && die "port $port is taken: set VERSUS_PG_PORT to another port"
-    say "starting Postgres on 127.0.0.1:$port"
-    if ! pg_start "$pg_dir" "$port" "$LOGS/postgres.log"; then
-        tail -n 20 "$LOGS/postgres.log" >&2
-        die "Postgres did not start (log: $LOGS/postgres.log)"
-    fi
-    PG_DIR=$pg_dir
-    if [ -z "$(psql_at "$port" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'versus'")" ]; then
-        psql_at "$port" -d postgres -c 'CREATE DATABASE versus'
-    fi
-    DATABASE_URL="postgres://postgres@127.0.0.1:$port/versus"
-}
+# --- helpers scripts/bench still uses (it starts its own processes) ---------------------
 
 # migrate_as_owner WORKER_BIN PORT LOG: runs the migrations on the database `versus` at PORT
 # as its owner (the superuser, DATABASE_URL) with `versus-worker --migrate-only`, its output
@@ -806,72 +599,7 @@ migrate_as_owner() {
     WORKER_DATABASE_URL="postgres://versus_worker@127.0.0.1:$port/versus"
 }
 
-# start_sim_unless_upstream: with neither OPENAI_API_KEY nor OPENAI_BASE_URL set, starts the
-# simulator (`launch sim`, at SIM_ADDR) and points the workers at it (exports OPENAI_*). Sets
-# USING_SIM to 1 if it did, else 0.
-# shellcheck disable=SC2034  # it sets variables for the caller
-start_sim_unless_upstream() {
-    local sim_url
-    USING_SIM=0
-    if [ -z "${OPENAI_API_KEY:-}" ] && [ -z "${OPENAI_BASE_URL:-}" ]; then
-        USING_SIM=1
-        say "starting versus-sim on $SIM_ADDR"
-        launch sim
-        sim_url=$(wait_listening sim "$LAST_PID")
-        # A restart binds the same port (which matters when VERSUS_SIM_ADDR asked for any).
-        SIM_ADDR=${sim_url#http://}
-        export OPENAI_BASE_URL="$sim_url/v1" OPENAI_API_KEY=sim
-    fi
-}
-
 # random_hex N: N random bytes from /dev/urandom, as 2N hex digits.
 random_hex() {
     od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'
-}
-
-# admin_token DATA: the admin routes (pre-warm, popular, purge) need a token of at least 32
-# characters: keep one per data folder (DATA/admin-token, 64 hex digits) unless the caller brings
-# their own VERSUS_ADMIN_TOKEN. Exports VERSUS_ADMIN_TOKEN and sets ADMIN_NOTE, a line that says
-# where it is.
-# shellcheck disable=SC2034  # it sets variables for the caller
-admin_token() {
-    local data=$1
-    ADMIN_NOTE="VERSUS_ADMIN_TOKEN as you set it"
-    if [ -z "${VERSUS_ADMIN_TOKEN:-}" ]; then
-        ADMIN_NOTE="export VERSUS_ADMIN_TOKEN=\$(cat $data/admin-token)   (for the versus CLI)"
-        [ -s "$data/admin-token" ] || (umask 077 && random_hex 32 >"$data/admin-token")
-        VERSUS_ADMIN_TOKEN=$(cat "$data/admin-token")
-    fi
-    export VERSUS_ADMIN_TOKEN
-}
-
-# wait_api_ready NAME PID URL [WHAT]: waits up to 30 s for the API started as NAME to answer 200
-# on URL/readyz (warns if it does not; dies if it exits). WHAT names it in messages.
-wait_api_ready() {
-    local name=$1 pid=$2 url=$3 what=${4:-$1} deadline=$((SECONDS + 30))
-    until [ "$(http_status "$url/readyz")" = 200 ]; do
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            warn "$what listens, but /readyz has not answered 200 within 30 s (log: $LOGS/$name.log)"
-            break
-        fi
-        kill -0 "$pid" 2>/dev/null || die "$what exited (log: $LOGS/$name.log)"
-        sleep 0.2
-    done
-}
-
-# sim_banner: says loudly that answers come from the simulator.
-sim_banner() {
-    local real
-    real="For real answers:  OPENAI_API_KEY=sk-... scripts/$(basename "$0")"
-    cat >&2 <<EOT
-
-  +-----------------------------------------------------------------------+
-  |                                                                       |
-  |   NO OPENAI_API_KEY: ANSWERS COME FROM THE SIMULATOR (versus-sim),    |
-  |   NOT FROM A REAL MODEL: every fight is simulated filler text.        |
-  |                                                                       |
-  |   $(printf '%-69s' "$real")|
-  |                                                                       |
-  +-----------------------------------------------------------------------+
-EOT
 }

@@ -8,6 +8,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use versus_xtask::topology;
+
 use crate::{Nats, NatsUser, TempDir, free_port, nats::Launch};
 
 /// How long the cluster may take to elect its JetStream meta leader.
@@ -201,51 +203,36 @@ pub async fn move_leader(client: &async_nats::Client, stream: &str, to: &str) ->
 
 /// `["nats-leaf://USER:PASSWORD@127.0.0.1:P", …]` for the leaf-node `ports`.
 pub(crate) fn leaf_urls(user: &str, password: &str, ports: &[u16]) -> String {
-    let urls: Vec<String> = ports
-        .iter()
-        .map(|port| format!("\"nats-leaf://{user}:{password}@127.0.0.1:{port}\""))
-        .collect();
-    format!("[{}]", urls.join(", "))
+    topology::leaf_urls(user, password, ports)
+}
+
+/// `edge1`, `edge2`, …: the `i`th edge (from 1).
+fn edge_name(i: usize) -> String {
+    format!("edge{i}")
 }
 
 /// The leaf login of the `i`th edge (from 1).
 fn leaf_user(i: usize) -> String {
-    format!("versus-leaf-edge{i}")
+    topology::leaf_user(&edge_name(i))
 }
 
 /// The variable the hub's configuration reads the `i`th edge's leaf password from.
 fn leaf_password_var(i: usize) -> String {
-    format!("VERSUS_NATS_LEAF_EDGE{i}_PASSWORD")
+    topology::password_var(&format!("leaf_{}", edge_name(i)))
 }
 
-/// The hub's configuration, as `nats-hub.conf` says a deployment writes it: a `hub.conf` in a
-/// folder of its own, beside links to the repository's `nats-hub.conf` and `nats.conf` (which
-/// it includes), listing `nats.conf`'s users and one leaf login per edge, which gets the
-/// edges' permissions (the users' default there).
+/// The hub's configuration, as `nats-hub.conf` says a deployment writes it, for `MAX_EDGES`
+/// edges (`topology::hub_conf`, as scripts/cluster writes it): a `hub.conf` in a folder of its
+/// own, beside links to the repository's `nats-hub.conf` and `nats.conf`.
 fn hub_conf() -> TempDir {
     let dir = TempDir::new("versus-hub-conf");
     for file in ["nats.conf", "nats-hub.conf"] {
         std::os::unix::fs::symlink(crate::nats::repo_file(file), dir.path().join(file))
             .unwrap_or_else(|e| panic!("linking {file} into {}: {e}", dir.path().display()));
     }
-    let edges: Vec<String> = (1..=MAX_EDGES)
-        .map(|i| {
-            format!(
-                "    {{ user: {}, password: ${}, allowed_connection_types: [\"LEAFNODE\"] }}",
-                leaf_user(i),
-                leaf_password_var(i)
-            )
-        })
-        .collect();
-    let conf = format!(
-        "include ./nats-hub.conf\n\
-         authorization {{\n  \
-           default_permissions: $VERSUS_LEAF_PERMISSIONS\n  \
-           users = [\n    \
-             $VERSUS_ADMIN_USER, $VERSUS_API_USER, $VERSUS_WORKER_USER,\n{}\n  ]\n}}\n",
-        edges.join(",\n")
-    );
-    std::fs::write(dir.path().join("hub.conf"), conf)
+    let edges: Vec<String> = (1..=MAX_EDGES).map(edge_name).collect();
+    let edges: Vec<&str> = edges.iter().map(String::as_str).collect();
+    std::fs::write(dir.path().join("hub.conf"), topology::hub_conf(&edges))
         .unwrap_or_else(|e| panic!("writing the hub's configuration: {e}"));
     dir
 }

@@ -8,6 +8,8 @@ use futures::future::join_all;
 
 use std::path::PathBuf;
 
+use versus_xtask::topology::{self, ApiWiring, WorkerWiring};
+
 use crate::{
     Database, Edge, FALLBACK_API_KEY_ENV, Fallback, Hub, Nats, NatsUser, Proc, S3, Sim, TempDir,
 };
@@ -138,8 +140,13 @@ impl SystemBuilder {
     /// and `VERSUS_NATS_REPLICAS=3` (a later `env` overrides it).
     pub fn hub(mut self) -> Self {
         self.hub = true;
-        self.env
-            .insert(0, ("VERSUS_NATS_REPLICAS".to_owned(), "3".to_owned()));
+        self.env.insert(
+            0,
+            (
+                "VERSUS_NATS_REPLICAS".to_owned(),
+                topology::HUB_REPLICAS.to_string(),
+            ),
+        );
         self
     }
 
@@ -216,18 +223,30 @@ impl SystemBuilder {
         } else {
             None
         };
-        let store_envs = match &s3 {
-            Some(s3) => s3.envs(),
-            None => vec![("VERSUS_OBJECT_STORE".to_owned(), object_store)],
+        // With S3, its object store and the AWS_* settings object_store reads.
+        let (object_store, store_envs) = match &s3 {
+            Some(s3) => {
+                let (store, rest): (Vec<_>, Vec<_>) = s3
+                    .envs()
+                    .into_iter()
+                    .partition(|(key, _)| key == "VERSUS_OBJECT_STORE");
+                let store = store.into_iter().next().map(|(_, v)| v).unwrap_or_default();
+                (store, rest)
+            }
+            None => (object_store, Vec::new()),
         };
 
-        // Each program logs in as its own user of nats.conf.
-        let mut api_envs = vec![
-            ("NATS_URL".to_owned(), url_as(NatsUser::Api)),
-            ("VERSUS_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        // What every API and worker gets wherever it runs (the launcher's description, shared
+        // with scripts/dev and scripts/cluster): each logs in as its own user of nats.conf.
+        let mut api_envs = topology::api_env(&ApiWiring {
+            nats_url: &url_as(NatsUser::Api),
             // Only the admin routes use it; answers never touch Postgres.
-            ("DATABASE_URL".to_owned(), db.url_as("versus_api")),
-        ];
+            database_url: &db.url_as("versus_api"),
+            object_store: &object_store,
+            http_addr: "127.0.0.1:0",
+            admin_token: None,
+            hub_domain: None,
+        });
         // Every test client is 127.0.0.1: the per-client limits (new generations, open
         // streams and connections, the daily quota) are off unless a test of them sets them.
         for limit in [
@@ -251,9 +270,13 @@ impl SystemBuilder {
         api_envs.extend(self.env.iter().cloned());
         api_envs.extend(self.api_env);
 
-        let mut worker_envs = vec![
-            ("NATS_URL".to_owned(), url_as(NatsUser::Worker)),
-            ("DATABASE_URL".to_owned(), db.url_as("versus_worker")),
+        let mut worker_envs = topology::worker_env(&WorkerWiring {
+            nats_url: &url_as(NatsUser::Worker),
+            database_url: &db.url_as("versus_worker"),
+            object_store: &object_store,
+            hub: self.hub,
+        });
+        worker_envs.extend([
             ("OPENAI_BASE_URL".to_owned(), sim.openai_base_url()),
             ("OPENAI_API_KEY".to_owned(), "test-key".to_owned()),
             (
@@ -263,7 +286,7 @@ impl SystemBuilder {
             // Short, so that tests of a crashed worker do not wait long for its lease.
             ("VERSUS_LEASE_SECS".to_owned(), "3".to_owned()),
             unbudgeted,
-        ];
+        ]);
         if let Some(fallback) = &fallback_sim {
             worker_envs.push((
                 "VERSUS_FALLBACKS".to_owned(),
@@ -295,7 +318,10 @@ impl SystemBuilder {
         for (name, edge_nats, link, leaf_login) in edge_servers {
             let mut envs = api_envs.clone();
             envs.push(("NATS_URL".to_owned(), edge_nats.url_as(NatsUser::Api)));
-            envs.push(("VERSUS_NATS_HUB_DOMAIN".to_owned(), "hub".to_owned()));
+            envs.push((
+                "VERSUS_NATS_HUB_DOMAIN".to_owned(),
+                topology::HUB_DOMAIN.to_owned(),
+            ));
             let api =
                 Proc::spawn_with_open_files("versus-api", &borrowed(&envs), self.api_open_files)
                     .await;

@@ -15,4 +15,5 @@ mod images;
 mod postgres;
 mod programs;
 mod spec;
+mod topology;
 mod upstream;

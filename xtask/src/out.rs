@@ -1,0 +1,17 @@
+//! The launcher's own lines on stderr, as scripts/lib.sh prints them: `==> step` in bold,
+//! `warning:` in yellow, `error:` in red.
+
+/// A step (`say`).
+pub fn say(text: &str) {
+    eprintln!("\x1b[1m==> {text}\x1b[0m");
+}
+
+/// Something that goes on anyway (`warn`).
+pub fn warn(text: &str) {
+    eprintln!("\x1b[33mwarning:\x1b[0m {text}");
+}
+
+/// What stopped the launcher (`die`, without the exit: the caller stops what it started).
+pub fn error(text: &str) {
+    eprintln!("\x1b[31merror:\x1b[0m {text}");
+}

@@ -1,7 +1,7 @@
 //! Tens of thousands of SSE streams from one process: each its own TCP connection with
 //! nothing more than hyper's HTTP/1.1 client on it (no pool, no redirects, no timeouts), so
 //! that the load generator's memory and CPU stay small beside the server's; spread over
-//! loopback source addresses (127.0.0.1, 127.0.0.2, …: Linux routes all of 127/8 to
+//! loopback source addresses (127.B.0.1, 127.B.0.2, …: Linux routes all of 127/8 to
 //! loopback), since one source address has about 28,000 ephemeral ports towards one server
 //! port.
 
@@ -28,19 +28,15 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Enough loopback addresses for `connections`, `PER_SOURCE` each.
-    pub fn for_connections(connections: usize) -> Sources {
-        Sources::for_connections_from(1, connections)
-    }
-
-    /// The same from 127.0.0.`first` on: runs one after the other on addresses of their own
-    /// do not find the ephemeral ports taken by the previous one's closed connections (in
-    /// TIME_WAIT for a minute on the side that closed first, this one).
-    pub fn for_connections_from(first: u8, connections: usize) -> Sources {
-        let first = usize::from(first.max(1));
-        let n = connections.div_ceil(PER_SOURCE).clamp(1, 255 - first);
-        let addrs = (first..first + n)
-            .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
+    /// Enough loopback addresses for `connections`, `PER_SOURCE` each, in a block of 127/8
+    /// picked at random (127.B.0.1, 127.B.0.2, …): runs one after the other, in this process or
+    /// another, do not find the ephemeral ports taken by an earlier run's closed connections
+    /// (in TIME_WAIT for a minute on the side that closed first, this one).
+    pub fn fresh(connections: usize) -> Sources {
+        let block = 2 + (uuid::Uuid::new_v4().as_u128() % 253) as u8;
+        let n = connections.div_ceil(PER_SOURCE).clamp(1, 254);
+        let addrs = (1..=n)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(127, block, 0, i as u8)))
             .collect();
         Sources {
             addrs,

@@ -119,7 +119,7 @@ impl Held {
     /// Opens a stream for each URL, `concurrency` at a time, each on a connection of its own
     /// ([`many`]); a stream counts as open once its `meta` event has arrived.
     pub fn open(urls: Vec<reqwest::Url>, concurrency: usize) -> anyhow::Result<Held> {
-        let sources = Arc::new(many::Sources::for_connections(urls.len()));
+        let sources = Arc::new(many::Sources::fresh(urls.len()));
         let gate = Arc::new(Semaphore::new(concurrency));
         let opened = Arc::new(AtomicUsize::new(0));
         let ended = Arc::new(AtomicUsize::new(0));

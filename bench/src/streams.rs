@@ -12,7 +12,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use versus_shared::{key::Key, wire};
 
-use crate::load::{self, RateResult};
+use crate::load::RateResult;
 use crate::memory::{Held, urls};
 use crate::procs::rss_kib;
 use crate::report::{Row, Section};
@@ -114,7 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     reqwest::get(&hit).await?.error_for_status()?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before_kib = rss_kib(args.pid)?;
-    let idle = load::run(&hit, args.rps, secs, args.connections).await?;
+    let idle = rate_apart(&hit, args.rps, secs, args.connections).await?;
     let streams = match args.kind {
         Kind::Flights => urls(&args.api, "Held", args.n)?,
         Kind::Joins => {
@@ -131,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let rss_with_kib = rss_kib(args.pid)?;
     let alive = held_streams.alive();
-    let held = load::run(&hit, args.rps, secs, args.connections).await?;
+    let held = rate_apart(&hit, args.rps, secs, args.connections).await?;
     let alive_after_hits = held_streams.alive();
     let (_, errors) = held_streams.close().await;
     let errors = crate::stats::count_distinct(errors);
@@ -158,6 +158,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         held,
     };
     crate::write_json(&args.out_dir.join(file(args.kind, args.n)), &raw)
+}
+
+/// A fixed-rate run of `versus-bench rate` (P1's open-loop generator) in a process of its own,
+/// so that the thousands of streams this one holds do not share the generator's runtime.
+async fn rate_apart(
+    url: &str,
+    rps: f64,
+    secs: Duration,
+    connections: usize,
+) -> anyhow::Result<RateResult> {
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["rate", "--url", url])
+        .args(["--rps", &rps.to_string()])
+        .args(["--secs", &secs.as_secs().to_string()])
+        .args(["--connections", &connections.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("running versus-bench rate")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "versus-bench rate failed: {}",
+        output.status
+    );
+    serde_json::from_slice(&output.stdout).context("reading versus-bench rate's result")
 }
 
 /// `GET /v1/fights/{key}` of an answer written into the bucket for this run.
@@ -286,7 +311,8 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
                  Resident memory (VmRSS) is read before any and 5 s after the last opened; \
                  per stream = the difference ÷ streams open. A hit (`GET /v1/fights/{key}`, \
                  from memory) is measured at a fixed rate with P1's open-loop generator on 16 \
-                 connections before the streams open and again while they are held; the \
+                 connections, in a process of its own, before the streams open and again \
+                 while they are held; the \
                  heartbeats of the held streams (every 15 s) are part of the load."
             .to_owned(),
         rows,

@@ -38,9 +38,6 @@ const GOAL_RATIO: f64 = 1.5;
 const SKIPPED_FILE: &str = "viral-skipped.json";
 /// Milliseconds to the first token, once the worker calls.
 const TTFT_MS: u64 = 200;
-/// Each run's viewers come from loopback addresses of their own (see [`many::Sources`]).
-const API_SOURCES: u8 = 101;
-const BARE_SOURCES: u8 = 151;
 /// The longest any phase may take.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
 
@@ -152,7 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "The Crowd",
     )?;
     let started = Instant::now();
-    let viewers = Viewers::open(url, args.n, args.open_concurrency, API_SOURCES);
+    let viewers = Viewers::open(url, args.n, args.open_concurrency);
     let meta = viewers.wait_joined().await?;
     let open_secs = started.elapsed().as_secs_f64();
     let key = serde_json::from_str::<serde_json::Value>(&meta)?["key"]
@@ -204,7 +201,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         reqwest::Url::parse(&format!("{bare_url}/viral"))?,
         args.n,
         args.open_concurrency,
-        BARE_SOURCES,
     );
     viewers.wait_joined().await?;
     let open_secs = started.elapsed().as_secs_f64();
@@ -338,8 +334,8 @@ struct Viewers {
 }
 
 impl Viewers {
-    fn open(url: reqwest::Url, n: usize, concurrency: usize, sources: u8) -> Viewers {
-        let sources = Arc::new(many::Sources::for_connections_from(sources, n));
+    fn open(url: reqwest::Url, n: usize, concurrency: usize) -> Viewers {
+        let sources = Arc::new(many::Sources::fresh(n));
         let target = many::Target::of(&url).map_err(|e| format!("{e:#}"));
         let gate = Arc::new(Semaphore::new(concurrency));
         let joined = Arc::new(AtomicUsize::new(0));

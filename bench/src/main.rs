@@ -83,8 +83,6 @@ enum Command {
     WorkerRss(memory::WorkerArgs),
     /// M2: thousands of streams held open at one replica, and a hit's latency meanwhile.
     OpenStreams(streams::Args),
-    /// M2: records the sizes this machine cannot hold, for the report.
-    OpenStreamsSkipped(streams::SkippedArgs),
     /// R1: how fast a miss over a client's limit, the daily budget or a client's daily quota
     /// is refused.
     Refuse(refuse::Args),
@@ -104,8 +102,6 @@ enum Command {
     /// P10: thousands of viewers of one generation at one replica, beside a bare broadcast
     /// SSE server writing the same frames to as many sockets.
     Viral(viral::Args),
-    /// P10: records the sizes this machine cannot hold, for the report.
-    ViralSkipped(streams::SkippedArgs),
     /// P12: a miss while the primary provider is down (its circuit open), served by the
     /// fallback, beside a miss on a healthy primary.
     Fallback(fallback::Args),
@@ -113,6 +109,8 @@ enum Command {
     Rate(load::Args),
     /// Sets the simulator's pace (after a reset).
     Sim(sim::Args),
+    /// Records the sizes a scenario (M2, P10) could not run at here, for the report.
+    Skipped(report::SkippedArgs),
     /// Renders the raw results of a folder into BENCHMARKS.md.
     Report(report::Args),
 }
@@ -134,7 +132,6 @@ fn main() -> anyhow::Result<()> {
             Command::Streams(args) => memory::run_streams(args).await,
             Command::WorkerRss(args) => memory::run_worker(args).await,
             Command::OpenStreams(args) => streams::run(args).await,
-            Command::OpenStreamsSkipped(args) => streams::record_skipped(args),
             Command::Refuse(args) => refuse::run(args).await,
             Command::Suggest(args) => suggest::run(args).await,
             Command::Edge(args) => edge::run(args).await,
@@ -142,10 +139,10 @@ fn main() -> anyhow::Result<()> {
             Command::Far(args) => far::run(args).await,
             Command::DelayProxy(args) => proxy::run(args).await,
             Command::Viral(args) => viral::run(args).await,
-            Command::ViralSkipped(args) => viral::record_skipped(args),
             Command::Fallback(args) => fallback::run(args).await,
             Command::Rate(args) => load::run_cli(args).await,
             Command::Sim(args) => sim::run(args).await,
+            Command::Skipped(args) => report::record_skipped(args),
             Command::Report(args) => report::run(args),
         }
     })

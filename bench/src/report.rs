@@ -93,6 +93,74 @@ impl Row {
     }
 }
 
+/// Sizes of a scenario this machine could not hold, and why (`versus-bench skipped`).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Skipped {
+    pub sizes: Vec<usize>,
+    pub why: String,
+}
+
+impl Skipped {
+    /// A row per size, `N UNIT: not measured: why`.
+    pub fn rows(&self, unit: &str) -> Vec<Row> {
+        self.sizes
+            .iter()
+            .map(|n| {
+                Row::info(
+                    format!("{} {unit}", crate::stats::fmt_count(*n as f64)),
+                    format!("not measured: {}", self.why),
+                )
+            })
+            .collect()
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SkippedArgs {
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// The scenario's file prefix (`m2`, `viral`).
+    #[arg(long)]
+    pub scenario: String,
+    /// Sizes not measured, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Vec<usize>,
+    #[arg(long)]
+    pub why: String,
+}
+
+fn skipped_file(scenario: &str) -> String {
+    format!("{scenario}-skipped.json")
+}
+
+/// `versus-bench skipped`: records the sizes a scenario could not run at.
+pub fn record_skipped(args: SkippedArgs) -> anyhow::Result<()> {
+    crate::write_json(
+        &args.out_dir.join(skipped_file(&args.scenario)),
+        &Skipped {
+            sizes: args.sizes,
+            why: args.why,
+        },
+    )
+}
+
+/// Every run of a scenario that writes a file per size (`SCENARIO-*.json`), and the sizes it
+/// could not run at.
+pub fn load_runs<T: DeserializeOwned>(
+    dir: &Path,
+    scenario: &str,
+) -> anyhow::Result<(Vec<T>, Option<Skipped>)> {
+    let skipped = skipped_file(scenario);
+    let mut runs = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!("{scenario}-")) && name.ends_with(".json") && name != skipped {
+            runs.extend(load::<T>(dir, &name)?);
+        }
+    }
+    Ok((runs, load(dir, &skipped)?))
+}
+
 /// Reads `dir/name`, or None if this run did not write it.
 pub fn load<T: DeserializeOwned>(dir: &Path, name: &str) -> anyhow::Result<Option<T>> {
     let path = dir.join(name);

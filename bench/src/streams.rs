@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use versus_shared::{key::Key, wire};
+use versus_shared::key::Key;
 
 use crate::load::RateResult;
 use crate::memory::{Held, urls};
@@ -189,19 +189,8 @@ async fn rate_apart(
 async fn hit_url(args: &Args) -> anyhow::Result<String> {
     let answers = crate::suggest::answers_bucket(&args.nats_url, &args.nats_password).await?;
     let key = Key::parse(&format!("{}{:024x}", crate::run_id(), 0)).context("a key")?;
-    let answer = wire::Answer {
-        a: "Held Hit".to_owned(),
-        b: "Its Rival".to_owned(),
-        text: "A bench answer.".to_owned(),
-        model: "bench".to_owned(),
-        attempt: 1,
-        key: key.clone(),
-        degraded_until_ms: None,
-    };
-    answers
-        .put(format!("text.{key}"), serde_json::to_vec(&answer)?.into())
-        .await
-        .context("putting the hit's answer")?;
+    crate::suggest::put_answer(&answers, key.clone(), "Held Hit".into(), "Its Rival".into())
+        .await?;
     Ok(format!(
         "{}/v1/fights/{key}",
         args.api.trim_end_matches('/')
@@ -209,14 +198,7 @@ async fn hit_url(args: &Args) -> anyhow::Result<String> {
 }
 
 pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
-    let mut runs: Vec<Raw> = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name.starts_with("m2-") && name.ends_with(".json") && name != SKIPPED_FILE {
-            runs.extend(crate::report::load::<Raw>(dir, &name)?);
-        }
-    }
-    let skipped: Option<Skipped> = crate::report::load(dir, SKIPPED_FILE)?;
+    let (mut runs, skipped) = crate::report::load_runs::<Raw>(dir, "m2")?;
     if runs.is_empty() && skipped.is_none() {
         return Ok(vec![Section::skipped(
             "M2",
@@ -292,12 +274,7 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         );
     }
     if let Some(s) = skipped {
-        for n in &s.sizes {
-            rows.push(Row::info(
-                format!("{} streams", fmt_count(*n as f64)),
-                format!("not measured: {}", s.why),
-            ));
-        }
+        rows.extend(s.rows("streams"));
     }
     Ok(vec![Section {
         id: "M2",
@@ -320,34 +297,4 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         skipped: None,
         appendix: String::new(),
     }])
-}
-
-const SKIPPED_FILE: &str = "m2-skipped.json";
-
-/// Sizes the machine could not hold, and why (written by `versus-bench streams-skipped`).
-#[derive(Serialize, Deserialize)]
-pub struct Skipped {
-    pub sizes: Vec<usize>,
-    pub why: String,
-}
-
-#[derive(clap::Args)]
-pub struct SkippedArgs {
-    #[arg(long)]
-    pub out_dir: PathBuf,
-    /// Sizes not measured, comma-separated.
-    #[arg(long, value_delimiter = ',')]
-    pub sizes: Vec<usize>,
-    #[arg(long)]
-    pub why: String,
-}
-
-pub fn record_skipped(args: SkippedArgs) -> anyhow::Result<()> {
-    crate::write_json(
-        &args.out_dir.join(SKIPPED_FILE),
-        &Skipped {
-            sizes: args.sizes,
-            why: args.why,
-        },
-    )
 }

@@ -102,6 +102,31 @@ pub async fn answers_bucket(
         .context("finding the answers bucket")
 }
 
+/// Writes a text answer of `a` and `b` under `key` straight into the answers bucket, as a
+/// worker would.
+pub async fn put_answer(
+    answers: &async_nats::jetstream::kv::Store,
+    key: Key,
+    a: String,
+    b: String,
+) -> anyhow::Result<()> {
+    let subject = format!("text.{key}");
+    let answer = wire::Answer {
+        a,
+        b,
+        text: "A bench answer.".to_owned(),
+        model: "bench".to_owned(),
+        attempt: 1,
+        key,
+        degraded_until_ms: None,
+    };
+    answers
+        .put(subject, serde_json::to_vec(&answer)?.into())
+        .await
+        .context("putting an answer")?;
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let rss_before_kib = crate::procs::rss_kib(args.api_pid)?;
@@ -115,20 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let run = run.clone();
             async move {
                 let key = Key::parse(&format!("{run}{i:024x}")).context("a key")?;
-                let answer = wire::Answer {
-                    a: name(2 * i),
-                    b: name(2 * i + 1),
-                    text: "A bench answer.".to_owned(),
-                    model: "bench".to_owned(),
-                    attempt: 1,
-                    key: key.clone(),
-                    degraded_until_ms: None,
-                };
-                answers
-                    .put(format!("text.{key}"), serde_json::to_vec(&answer)?.into())
-                    .await
-                    .context("putting an answer")?;
-                anyhow::Ok(())
+                put_answer(&answers, key, name(2 * i), name(2 * i + 1)).await
             }
         })
         .buffer_unordered(256)

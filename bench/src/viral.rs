@@ -30,12 +30,10 @@ use crate::many;
 use crate::report::{Row, Section};
 use crate::sim::Sim;
 use crate::stats::{Summary, fmt_count, fmt_ms};
-use crate::streams::{Skipped, SkippedArgs};
 
 /// Goal: the last viewer's delay and the CPU per event within this many times the bare
 /// server's.
 const GOAL_RATIO: f64 = 1.5;
-const SKIPPED_FILE: &str = "viral-skipped.json";
 /// Milliseconds to the first token, once the worker calls.
 const TTFT_MS: u64 = 200;
 /// The longest any phase may take.
@@ -715,26 +713,8 @@ fn side(
     }
 }
 
-/// Records the sizes this machine cannot hold (`versus-bench viral-skipped`).
-pub fn record_skipped(args: SkippedArgs) -> anyhow::Result<()> {
-    crate::write_json(
-        &args.out_dir.join(SKIPPED_FILE),
-        &Skipped {
-            sizes: args.sizes,
-            why: args.why,
-        },
-    )
-}
-
 pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
-    let mut runs: Vec<Raw> = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if name.starts_with("viral-") && name.ends_with(".json") && name != SKIPPED_FILE {
-            runs.extend(crate::report::load::<Raw>(dir, &name)?);
-        }
-    }
-    let skipped: Option<Skipped> = crate::report::load(dir, SKIPPED_FILE)?;
+    let (mut runs, skipped) = crate::report::load_runs::<Raw>(dir, "viral")?;
     if runs.is_empty() && skipped.is_none() {
         return Ok(vec![Section::skipped(
             "P10",
@@ -819,12 +799,7 @@ pub fn sections(dir: &Path) -> anyhow::Result<Vec<Section>> {
         }
     }
     if let Some(s) = skipped {
-        for n in &s.sizes {
-            rows.push(Row::info(
-                format!("{} viewers", fmt_count(*n as f64)),
-                format!("not measured: {}", s.why),
-            ));
-        }
+        rows.extend(s.rows("viewers"));
     }
     Ok(vec![Section {
         id: "P10",

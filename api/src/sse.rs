@@ -34,9 +34,6 @@ use versus_shared::{
 
 use crate::miss::Logged;
 
-/// How soon a client whose stream this replica ended at shutdown should reconnect.
-pub const HANDOVER_RETRY: Duration = Duration::from_millis(500);
-
 /// A whole event stream known in advance (a hit), as one body.
 pub fn body(body: Bytes) -> Response {
     (
@@ -77,7 +74,7 @@ pub fn live(
         .into_response()
 }
 
-/// What a stream ends with when this replica stops: reconnect in [`HANDOVER_RETRY`].
+/// What a stream ends with when this replica stops: reconnect in 500 ms, with `Last-Event-ID`.
 const HANDOVER: &[u8] = b"retry: 500\n: this server is stopping: reconnect with Last-Event-ID\n\n";
 
 /// What an idle stream sends every heartbeat: an empty comment.

@@ -109,13 +109,7 @@ async fn viral(
     let (Some(url), Some(password)) = (&args.nats_url, &args.nats_password) else {
         anyhow::bail!("--viral-subject needs --nats-url and --nats-password");
     };
-    let nats = async_nats::ConnectOptions::with_user_and_password(
-        "versus-admin".to_owned(),
-        password.clone(),
-    )
-    .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
-    .await
-    .context("connecting to NATS as versus-admin")?;
+    let nats = crate::nats_as_admin(url, password).await?;
     let mut messages = nats.subscribe(subject.to_owned()).await?;
     nats.flush().await?;
     let (frames, _) = tokio::sync::broadcast::channel::<Bytes>(1024);

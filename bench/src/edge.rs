@@ -228,13 +228,7 @@ pub async fn run_failover(args: FailoverArgs) -> anyhow::Result<()> {
     // Every answer takes a few seconds: the first wave is streaming when the leader dies.
     sim.reset_with(200, 20).await?;
     let client = sse::client()?;
-    let nats = async_nats::ConnectOptions::with_user_and_password(
-        "versus-admin".into(),
-        args.nats_password.clone(),
-    )
-    .connect(args.nats_url.split(',').map(str::trim).collect::<Vec<_>>())
-    .await
-    .context("connecting to the hub")?;
+    let nats = crate::nats_as_admin(&args.nats_url, &args.nats_password).await?;
     let run = crate::run_id();
     let miss = |i: usize| {
         let api = &args.edge_apis[i % args.edge_apis.len()];

@@ -57,15 +57,8 @@ pub async fn measure(
     openai_base: &str,
     rounds: usize,
 ) -> anyhow::Result<Hops> {
-    let connect = || {
-        async_nats::ConnectOptions::with_user_and_password(
-            "versus-admin".into(),
-            admin_password.to_owned(),
-        )
-        .connect(nats_url)
-    };
-    let publisher = connect().await.context("connecting to NATS")?;
-    let receiver = connect().await.context("connecting to NATS")?;
+    let publisher = crate::nats_as_admin(nats_url, admin_password).await?;
+    let receiver = crate::nats_as_admin(nats_url, admin_password).await?;
     let js = jetstream::new(publisher.clone());
     let stream = js
         .get_or_create_stream(stream::Config {

@@ -157,6 +157,18 @@ pub fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Resu
     Ok(())
 }
 
+/// NATS (`NATS_URL`'s form: URLs separated by commas), logged in as `versus-admin`.
+pub async fn nats_as_admin(urls: &str, password: &str) -> anyhow::Result<async_nats::Client> {
+    use anyhow::Context;
+    async_nats::ConnectOptions::with_user_and_password(
+        "versus-admin".to_owned(),
+        password.to_owned(),
+    )
+    .connect(urls.split(',').map(str::trim).collect::<Vec<_>>())
+    .await
+    .context("connecting to NATS as versus-admin")
+}
+
 /// A short id that makes this run's matchup names new to every cache.
 pub fn run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()

@@ -89,13 +89,7 @@ pub async fn answers_bucket(
     nats_url: &str,
     password: &str,
 ) -> anyhow::Result<async_nats::jetstream::kv::Store> {
-    let nats = async_nats::ConnectOptions::with_user_and_password(
-        "versus-admin".to_owned(),
-        password.to_owned(),
-    )
-    .connect(nats_url.split(',').map(str::trim).collect::<Vec<_>>())
-    .await
-    .context("connecting to NATS as versus-admin")?;
+    let nats = crate::nats_as_admin(nats_url, password).await?;
     async_nats::jetstream::new(nats)
         .get_key_value(wire::ANSWERS_BUCKET)
         .await

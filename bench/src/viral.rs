@@ -500,7 +500,7 @@ impl Follower {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let nats = connect(&url, &password).await?;
+                let nats = crate::nats_as_admin(&url, &password).await?;
                 let mut messages = nats.subscribe(subject).await?;
                 nats.flush().await?;
                 let _ = ready_tx.send(());
@@ -533,16 +533,6 @@ impl Follower {
             .join()
             .map_err(|_| anyhow::anyhow!("the follower panicked"))?
     }
-}
-
-async fn connect(url: &str, password: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::with_user_and_password(
-        "versus-admin".to_owned(),
-        password.to_owned(),
-    )
-    .connect(url.split(',').map(str::trim).collect::<Vec<_>>())
-    .await
-    .context("connecting to NATS as versus-admin")
 }
 
 fn api_end(payload: &[u8]) -> bool {
@@ -632,7 +622,7 @@ fn publish(
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let nats = connect(&url, &password).await?;
+            let nats = crate::nats_as_admin(&url, &password).await?;
             let start = tokio::time::Instant::now() + Duration::from_millis(TTFT_MS);
             for (offset, frame) in frames {
                 tokio::time::sleep_until(start + offset).await;

@@ -8,8 +8,6 @@
 use std::io;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -90,14 +88,7 @@ pub fn respond(
     // At shutdown the body just ends, so graceful shutdown never waits on a stall.
     let frames =
         futures::stream::unfold(events, Events::next_frame).take_until(stop.cancelled_owned());
-    let mut response = Response::new(Body::from_stream(frames));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    crate::stream::event_stream(frames)
 }
 
 struct Events {

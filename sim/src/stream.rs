@@ -93,6 +93,13 @@ pub fn respond(
     // At shutdown the body just ends, so graceful shutdown never waits on a stall.
     let frames =
         futures::stream::unfold(chunks, Chunks::next_frame).take_until(stop.cancelled_owned());
+    event_stream(frames)
+}
+
+/// An SSE response (`text/event-stream`, not cached) whose body is `frames`.
+pub(crate) fn event_stream(
+    frames: impl futures::Stream<Item = Result<Bytes, io::Error>> + Send + 'static,
+) -> Response {
     let mut response = Response::new(Body::from_stream(frames));
     let headers = response.headers_mut();
     headers.insert(

@@ -20,15 +20,13 @@ pub async fn up(sup: &mut Supervisor, layout: &Layout) -> Result<Infallible> {
     let bins = crate::binaries()?;
 
     // Postgres.
-    let started = pg::start_dev(data, &layout.repo, dev.pg_port, &layout.logs, |dir| {
-        sup.own_postgres(dir)
-    })
-    .await?;
-    let (api_database_url, worker_database_url) = pg::migrate_as_owner(
-        &bins.versus("versus-worker"),
-        &started.database_url,
+    let started = pg::start_dev(
+        data,
+        &layout.repo,
         dev.pg_port,
-        &layout.logs.join("migrate.log"),
+        &layout.logs,
+        &bins.versus("versus-worker"),
+        |dir| sup.own_postgres(dir),
     )
     .await?;
 
@@ -63,8 +61,8 @@ pub async fn up(sup: &mut Supervisor, layout: &Layout) -> Result<Infallible> {
     let (admin_token, admin_note) = crate::admin_token(data)?;
     let wiring = Wiring {
         passwords,
-        worker_database_url,
-        api_database_url,
+        worker_database_url: started.worker_database_url,
+        api_database_url: started.api_database_url,
         object_store: crate::object_store(data),
         admin_token,
     };

@@ -201,19 +201,23 @@ async fn dir_of(data: &Path, repo: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A running cluster: the superuser's URL.
+/// A running cluster, migrated: the superuser's URL, and the roles' the programs connect as.
 pub struct Started {
     pub database_url: String,
+    pub api_database_url: String,
+    pub worker_database_url: String,
 }
 
-/// Starts the cluster of `data` (made on the first run) on `port`, and creates the database
-/// `versus` unless it is there. `started` is called with the folder once the server runs, so
-/// that it is stopped even if what follows fails.
+/// Starts the cluster of `data` (made on the first run) on `port`, creates the database
+/// `versus` unless it is there, and migrates it with `worker` ([`migrate_as_owner`], its
+/// output in `logs/migrate.log`). `started` is called with the folder once the server runs,
+/// so that it is stopped even if what follows fails.
 pub async fn start_dev(
     data: &Path,
     repo: &Path,
     port: u16,
     logs: &Path,
+    worker: &Path,
     started: impl FnOnce(PathBuf),
 ) -> Result<Started> {
     let dir = dir_of(data, repo).await?;
@@ -250,8 +254,13 @@ pub async fn start_dev(
     if exists.trim().is_empty() {
         psql(port, &["-d", "postgres", "-c", "CREATE DATABASE versus"]).await?;
     }
+    let database_url = format!("postgres://postgres@127.0.0.1:{port}/versus");
+    let (api_database_url, worker_database_url) =
+        migrate_as_owner(worker, &database_url, port, &logs.join("migrate.log")).await?;
     Ok(Started {
-        database_url: format!("postgres://postgres@127.0.0.1:{port}/versus"),
+        database_url,
+        api_database_url,
+        worker_database_url,
     })
 }
 
@@ -259,7 +268,7 @@ pub async fn start_dev(
 /// superuser) with `versus-worker --migrate-only`, its output in `log`; returns the URLs of the
 /// roles the migrations make, which the programs connect as (the API's, the workers'). The
 /// cluster trusts logins from 127.0.0.1, so the roles need no password.
-pub async fn migrate_as_owner(
+async fn migrate_as_owner(
     worker: &Path,
     database_url: &str,
     port: u16,

@@ -1,8 +1,10 @@
-//! The data folder's Postgres cluster: made on the first run (superuser `postgres`, trust
-//! authentication, TCP on 127.0.0.1 only), started on its port, stopped last. Run as the
-//! cluster owner: the `postgres` user when the launcher runs as root (Postgres refuses to run
-//! as root), else the developer themself. The Postgres server itself comes from
-//! scripts/lib.sh's installer (`ensure_postgres_server`).
+//! Postgres clusters of our own, on 127.0.0.1: the data folder's for `dev` and `cluster` (made
+//! on the first run, kept), the benchmark's and the tests' (thrown away). Every cluster has
+//! superuser `postgres`, trust authentication and TCP on 127.0.0.1 only, and runs as the
+//! cluster owner: the `postgres` user when we run as root (Postgres refuses to run as root),
+//! else the developer themself. The launcher, `scripts/test`'s run and the test kit's own
+//! servers all start and stop clusters through this module. The Postgres server itself comes
+//! from scripts/lib.sh's installer (`ensure_postgres_server`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -15,14 +17,42 @@ use tokio::process::Command;
 use crate::out::{say, warn};
 use crate::probe::{port_in_use, tail};
 
-/// The server's programs: `/usr/lib/postgresql/$VERSUS_PG_MAJOR/bin` (15 unless told).
+/// Settings a throwaway cluster adds to its postgresql.conf: its data is thrown away, so
+/// durability is off, for speed.
+pub const THROWAWAY_CONF: &str = "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n";
+
+/// The server's programs: `/usr/lib/postgresql/$VERSUS_PG_MAJOR/bin` when it is set (as
+/// `scripts/lib.sh` reads it), else the newest `/usr/lib/postgresql/*/bin`, else the folder of
+/// `pg_ctl` on `PATH` (or 15's, which the installer puts there).
 pub fn bin_dir() -> PathBuf {
-    let major = std::env::var("VERSUS_PG_MAJOR").unwrap_or_else(|_| "15".to_owned());
-    PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"))
+    let root = Path::new("/usr/lib/postgresql");
+    if let Some(major) = std::env::var("VERSUS_PG_MAJOR")
+        .ok()
+        .filter(|m| !m.is_empty())
+    {
+        return root.join(major).join("bin");
+    }
+    let newest = std::fs::read_dir(root).ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let major: u32 = e.file_name().to_str()?.parse().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("pg_ctl").is_file().then_some((major, bin))
+            })
+            .max_by_key(|(major, _)| *major)
+            .map(|(_, bin)| bin)
+    });
+    newest
+        .or_else(|| {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path).find(|dir| dir.join("pg_ctl").is_file())
+        })
+        .unwrap_or_else(|| root.join("15").join("bin"))
 }
 
-/// Whether the launcher runs as root (the owner of its own /proc entry).
-fn is_root() -> bool {
+/// Whether we run as root (the owner of our own /proc entry).
+pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
@@ -48,7 +78,7 @@ async fn quiet(mut cmd: Command) -> bool {
 
 /// Whether the cluster owner can reach `dir` (every folder above it must be searchable by
 /// that user; a data folder under a root-only folder is not).
-async fn usable(dir: &Path) -> bool {
+pub async fn usable(dir: &Path) -> bool {
     let mut cmd = as_pg("test");
     cmd.arg("-x").arg(dir);
     quiet(cmd).await
@@ -65,8 +95,9 @@ async fn chown_to_owner(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A new cluster in `dir`.
-async fn init(dir: &Path) -> Result<()> {
+/// A new cluster in `dir`, with `conf` (lines of settings, or nothing) added to its
+/// postgresql.conf.
+pub async fn init(dir: &Path, conf: &str) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     chown_to_owner(dir).await?;
@@ -97,7 +128,10 @@ async fn init(dir: &Path) -> Result<()> {
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(
-                b"\n# Added by the launcher (xtask/src/pg.rs).\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n",
+                format!(
+                    "\n# Added by xtask/src/pg.rs.\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n{conf}"
+                )
+                .as_bytes(),
             )
             .await?;
     }
@@ -107,8 +141,14 @@ async fn init(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Starts the cluster in `dir` on `port` and waits until it accepts queries.
-async fn start(dir: &Path, port: u16, log: &Path) -> bool {
+/// Each worker's pool holds up to VERSUS_WORKER_CONCURRENCY + 4 connections (132 by default)
+/// and each API 4: Postgres' default of 100 would turn a busy pair of workers' waits into
+/// "too many clients" and failed jobs.
+pub const MAX_CONNECTIONS: u32 = 600;
+
+/// Starts the cluster in `dir` on `port`, its log in `log`, and waits until it accepts queries
+/// (whether it did: the reason it did not is in `log`).
+pub async fn start(dir: &Path, port: u16, log: &Path, max_connections: u32) -> bool {
     let _ = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -116,16 +156,13 @@ async fn start(dir: &Path, port: u16, log: &Path) -> bool {
     if chown_to_owner(log).await.is_err() {
         return false;
     }
-    // Each worker's pool holds up to VERSUS_WORKER_CONCURRENCY + 4 connections (132 by
-    // default) and each API 4: the default of 100 would turn a busy pair of workers' waits
-    // into "too many clients" and failed jobs.
     let mut cmd = as_pg(bin_dir().join("pg_ctl"));
     cmd.arg("-D")
         .arg(dir)
         .arg("-l")
         .arg(log)
         .args(["-w", "-t", "60", "-o"])
-        .arg(format!("-p {port} -c max_connections=600"))
+        .arg(format!("-p {port} -c max_connections={max_connections}"))
         .arg("start");
     quiet(cmd).await
 }
@@ -139,7 +176,46 @@ pub async fn stop(dir: &Path, mode: &str) {
     }
 }
 
-async fn psql(port: u16, args: &[&str]) -> Result<String> {
+/// Stops the cluster in `dir` at once (`-m immediate`), blocking: for a `Drop`.
+pub fn stop_now(dir: &Path) {
+    let pg_ctl = bin_dir().join("pg_ctl");
+    let mut cmd = if is_root() {
+        let mut cmd = std::process::Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(pg_ctl);
+        cmd
+    } else {
+        std::process::Command::new(pg_ctl)
+    };
+    let _ = cmd
+        .arg("-D")
+        .arg(dir)
+        .args(["-m", "immediate", "-w", "stop"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Starts the cluster in `dir` on a free port, trying another if one is taken in between (by
+/// another program); returns the port.
+pub async fn start_on_free_port(dir: &Path, log: &Path, max_connections: u32) -> Result<u16> {
+    const ATTEMPTS: usize = 3;
+    for _ in 0..ATTEMPTS {
+        let port = crate::probe::free_port()?;
+        if start(dir, port, log, max_connections).await {
+            return Ok(port);
+        }
+    }
+    eprintln!("{}", tail(log, 20));
+    bail!(
+        "Postgres did not start in {} (log: {})",
+        dir.display(),
+        log.display()
+    )
+}
+
+/// psql as the superuser `postgres` at `port`, with `args`; its output.
+pub async fn psql(port: u16, args: &[&str]) -> Result<String> {
     let out = Command::new(bin_dir().join("psql"))
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
         .arg(port.to_string())
@@ -227,7 +303,7 @@ pub async fn start_dev(
             dir.display()
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        init(&dir).await?;
+        init(&dir, "").await?;
     }
     // A server left running by an earlier run may be on another port: restart it on ours.
     stop(&dir, "fast").await;
@@ -236,11 +312,33 @@ pub async fn start_dev(
     }
     say(&format!("starting Postgres on 127.0.0.1:{port}"));
     let log = logs.join("postgres.log");
-    if !start(&dir, port, &log).await {
+    if !start(&dir, port, &log, MAX_CONNECTIONS).await {
         eprintln!("{}", tail(&log, 20));
         bail!("Postgres did not start (log: {})", log.display());
     }
     started(dir);
+    create_and_migrate(port, logs, worker).await
+}
+
+/// A throwaway cluster in `dir` (whatever was there is removed first), with Postgres' own
+/// durable defaults, on a free port, its database `versus` migrated as [`start_dev`] does.
+pub async fn start_fresh(
+    dir: &Path,
+    logs: &Path,
+    worker: &Path,
+    started: impl FnOnce(PathBuf),
+) -> Result<Started> {
+    stop(dir, "immediate").await;
+    let _ = std::fs::remove_dir_all(dir);
+    init(dir, "").await?;
+    let port = start_on_free_port(dir, &logs.join("postgres.log"), MAX_CONNECTIONS).await?;
+    started(dir.to_owned());
+    create_and_migrate(port, logs, worker).await
+}
+
+/// Creates the database `versus` at `port` unless it is there, and migrates it with `worker`
+/// ([`migrate_as_owner`], its output in `logs/migrate.log`).
+async fn create_and_migrate(port: u16, logs: &Path, worker: &Path) -> Result<Started> {
     let exists = psql(
         port,
         &[

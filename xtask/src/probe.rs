@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -16,6 +17,21 @@ pub async fn port_in_use(port: u16) -> bool {
         tokio::time::timeout(PROBE_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await,
         Ok(Ok(_))
     )
+}
+
+/// A TCP port on 127.0.0.1 that is free right now (another program may take it before it is
+/// bound: callers that can, try again).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("bind 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A TCP port free on every address, as a listener on 0.0.0.0 needs it (a hub's leaf-node
+/// port): one free on 127.0.0.1 may still be held on another loopback address (a client bound
+/// to 127.0.0.151, say, in TIME_WAIT, as tests of many clients leave them).
+pub fn free_wildcard_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind(("0.0.0.0", 0)).context("bind 0.0.0.0:0")?;
+    Ok(listener.local_addr()?.port())
 }
 
 /// GET `url` (plain `http://HOST:PORT/PATH`): its status and body, or None if the connection

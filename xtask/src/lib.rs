@@ -6,7 +6,9 @@
 //! - `supervisor`: runs the processes, starts again what exits, stops them in order;
 //! - `secrets`: the NATS passwords and the admin token, made once per data folder;
 //! - `pg`: the data folder's Postgres cluster;
-//! - `dev`, `cluster`: the order in which each system starts, and what it prints.
+//! - `dev`, `cluster`: the order in which each system starts, and what it prints;
+//! - `bench`: the benchmarks' processes (scripts/bench): the single node as `dev` describes
+//!   it and `cluster` beside it, started and stopped around versus-bench's scenarios.
 //!
 //! The shell entry points keep what is not about processes: installing what is missing
 //! (`scripts/lib.sh`) and building.
@@ -18,6 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::time::Instant;
 
+pub mod bench;
 pub mod cluster;
 pub mod dev;
 mod out;
@@ -109,17 +112,7 @@ pub struct Layout {
 
 impl Layout {
     fn new(system: System) -> Result<Layout> {
-        // The repository the entry point runs from (scripts/dev execs the launcher there), else
-        // the one it was built from (`cargo xtask` from a folder below): its configuration
-        // files are there.
-        let here = std::env::current_dir()?;
-        let repo = if here.join("nats.conf").exists() {
-            here
-        } else {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-        };
-        let repo = repo.canonicalize()?;
-        std::env::set_current_dir(&repo)?;
+        let repo = repo()?;
         let data = match non_empty("VERSUS_DATA_DIR") {
             Some(dir) => PathBuf::from(dir),
             None => match system {
@@ -145,6 +138,21 @@ impl Layout {
         }
         Ok(layout)
     }
+}
+
+/// The repository the entry point runs from (scripts/dev execs the launcher there), else the
+/// one the launcher was built from (`cargo xtask` from a folder below), made the current
+/// folder: its configuration files (nats.conf, ...) are there.
+pub fn repo() -> Result<PathBuf> {
+    let here = std::env::current_dir()?;
+    let repo = if here.join("nats.conf").exists() {
+        here
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    };
+    let repo = repo.canonicalize()?;
+    std::env::set_current_dir(&repo)?;
+    Ok(repo)
 }
 
 /// A variable of the launcher's environment, unless unset or empty.

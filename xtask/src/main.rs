@@ -1,18 +1,32 @@
-//! `versus-xtask dev|cluster` (`cargo xtask dev`): runs a Versus system on this machine until
-//! Ctrl-C. See `lib.rs`.
+//! `versus-xtask dev|cluster|bench` (`cargo xtask dev`): runs a Versus system on this machine
+//! until Ctrl-C, or the benchmarks against one. See `lib.rs`.
 
 use std::process::ExitCode;
 
 use versus_xtask::System;
 
-const USAGE: &str = "usage: versus-xtask dev|cluster   (scripts/dev and scripts/cluster run it after building; see README.md)";
+const USAGE: &str =
+    "usage: versus-xtask dev | cluster | bench [--quick] [--only P1,P4] [--no-write]
+  (scripts/dev, scripts/cluster and scripts/bench run it after building; see README.md)";
+
+enum Task {
+    Run(System),
+    Bench(versus_xtask::bench::Args),
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let system = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["dev"] => System::Dev,
-        ["cluster"] => System::Cluster,
-        ["-h" | "--help"] => {
+    let task = match args.first().map(String::as_str) {
+        Some("dev") if args.len() == 1 => Task::Run(System::Dev),
+        Some("cluster") if args.len() == 1 => Task::Run(System::Cluster),
+        Some("bench") => match versus_xtask::bench::Args::parse(&args[1..]) {
+            Ok(args) => Task::Bench(args),
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
@@ -31,6 +45,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let status = runtime.block_on(versus_xtask::run(system));
+    let status = runtime.block_on(async {
+        match task {
+            Task::Run(system) => versus_xtask::run(system).await,
+            Task::Bench(args) => match versus_xtask::repo() {
+                Ok(repo) => versus_xtask::bench::run(args, &repo).await,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    1
+                }
+            },
+        }
+    });
     ExitCode::from(u8::try_from(status).unwrap_or(1))
 }

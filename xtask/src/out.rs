@@ -15,3 +15,8 @@ pub fn warn(text: &str) {
 pub fn error(text: &str) {
     eprintln!("\x1b[31merror:\x1b[0m {text}");
 }
+
+/// A part of a longer run (`section`), in bold cyan after a blank line.
+pub fn section(text: &str) {
+    eprintln!("\n\x1b[1;36m=== {text}\x1b[0m");
+}

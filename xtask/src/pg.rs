@@ -277,8 +277,10 @@ async fn dir_of(data: &Path, repo: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A running cluster, migrated: the superuser's URL, and the roles' the programs connect as.
+/// A running cluster, migrated: its port, the superuser's URL, and the roles' the programs
+/// connect as.
 pub struct Started {
+    pub port: u16,
     pub database_url: String,
     pub api_database_url: String,
     pub worker_database_url: String,
@@ -356,6 +358,7 @@ async fn create_and_migrate(port: u16, logs: &Path, worker: &Path) -> Result<Sta
     let (api_database_url, worker_database_url) =
         migrate_as_owner(worker, &database_url, port, &logs.join("migrate.log")).await?;
     Ok(Started {
+        port,
         database_url,
         api_database_url,
         worker_database_url,

@@ -185,6 +185,12 @@ impl Supervisor {
         self.common.push((key.to_owned(), value.to_owned()));
     }
 
+    /// How long the programs that are not infrastructure may take to stop (at most; they
+    /// usually take less), in place of `VERSUS_SHUTDOWN_GRACE_SECS` + 5 s.
+    pub fn set_drain(&mut self, drain: Duration) {
+        self.drain = drain;
+    }
+
     /// The Postgres cluster in `dir` is ours: it is stopped after everything else.
     pub fn own_postgres(&mut self, dir: PathBuf) {
         self.pg_dir = Some(dir);
@@ -365,6 +371,26 @@ impl Supervisor {
         program.started = Instant::now();
         say(&format!("{name} started again (pid {pid})"));
         Ok(())
+    }
+
+    /// Stops the program `name` (SIGTERM, up to `time` to exit, then SIGKILL) and forgets it,
+    /// so that its name may be used again.
+    pub async fn stop_one(&mut self, name: &str, time: Duration) {
+        let Some(i) = self.programs.iter().position(|p| p.spec.name == name) else {
+            return;
+        };
+        if let Some(pid) = self.programs[i].pid() {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + time;
+        while self.programs[i].poll() && Instant::now() < deadline {
+            tokio::time::sleep(POLL).await;
+        }
+        if let State::Running { child, .. } = &mut self.programs[i].state {
+            let _ = child.kill().await;
+        }
+        self.programs.remove(i);
+        let _ = fs::remove_file(self.run.join(format!("{name}.pid")));
     }
 
     /// Stops everything: the programs that depend on the others first, while NATS is still

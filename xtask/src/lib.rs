@@ -5,8 +5,9 @@
 //!   them, the settings each program gets (`worker_env`, `api_env`, shared with the test kit);
 //! - `supervisor`: runs the processes, starts again what exits, stops them in order;
 //! - `secrets`: the NATS passwords and the admin token, made once per data folder;
-//! - `pg`: the data folder's Postgres cluster;
-//! - `dev`, `cluster`: the order in which each system starts, and what it prints.
+//! - `pg`: Postgres clusters of our own: the data folder's, the tests' and the benchmark's;
+//! - `dev`, `cluster`: the order in which each system starts, and what it prints;
+//! - `test` (scripts/test): the checks, against a throwaway Postgres cluster of the run's own.
 //!
 //! The shell entry points keep what is not about processes: installing what is missing
 //! (`scripts/lib.sh`) and building.
@@ -25,6 +26,7 @@ pub mod pg;
 pub mod probe;
 pub mod secrets;
 pub mod supervisor;
+pub mod test;
 pub mod topology;
 
 use out::{error, say, warn};

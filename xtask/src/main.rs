@@ -5,13 +5,14 @@ use std::process::ExitCode;
 
 use versus_xtask::System;
 
-const USAGE: &str = "usage: versus-xtask dev|cluster   (scripts/dev and scripts/cluster run it after building; see README.md)";
+const USAGE: &str = "usage: versus-xtask dev|cluster|test [CARGO TEST ARGS...]   (scripts/dev, scripts/cluster and scripts/test run it after building; see README.md)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let system = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["dev"] => System::Dev,
         ["cluster"] => System::Cluster,
+        ["test", ..] => return versus_xtask::test::main(args[1..].to_vec()),
         ["-h" | "--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

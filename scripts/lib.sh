@@ -1,6 +1,8 @@
 # shellcheck shell=bash
-# Helpers shared by scripts/dev, scripts/cluster, scripts/test and scripts/bench. Sourced, not
-# run: it sets no shell options of its own (the callers use `set -euo pipefail`).
+# The installers and build helpers of the entry points (scripts/dev, scripts/cluster,
+# scripts/test, scripts/bench, scripts/chaos). Sourced, not run: it sets no shell options of its
+# own (the callers use `set -euo pipefail`). What runs, starts and stops processes is the
+# launcher's (xtask/), in Rust, written once.
 #
 # Everything a fresh Debian machine with Rust lacks is installed here, from Debian's
 # packages and PyPI only:
@@ -33,16 +35,6 @@ as_root() {
         sudo "$@"
     else
         die "needs root (or sudo) to run: $*"
-    fi
-}
-
-# Runs a command as the owner of the Postgres clusters: the `postgres` user when we are root
-# (Postgres refuses to run as root), else the developer themself.
-as_pg() {
-    if is_root; then
-        runuser -u postgres -- "$@"
-    else
-        "$@"
     fi
 }
 
@@ -108,8 +100,10 @@ ensure_nats_server() {
     export NATS_SERVER_BIN PATH
 }
 
-# Installs the PostgreSQL server (initdb, pg_ctl, postgres, psql) if $PG_BIN lacks it.
+# Installs the PostgreSQL server (initdb, pg_ctl, postgres, psql) if $PG_BIN lacks it, and
+# exports VERSUS_PG_MAJOR, so that the launcher and the tests run that version.
 ensure_postgres_server() {
+    export VERSUS_PG_MAJOR=$PG_MAJOR
     if [ -x "$PG_BIN/pg_ctl" ] && [ -x "$PG_BIN/psql" ]; then
         return
     fi
@@ -133,287 +127,6 @@ ensure_rust_components() {
         say "installing Rust components: ${missing[*]}"
         rustup component add "${missing[@]}"
     fi
-}
-
-# --- ports and processes -----------------------------------------------------------------
-
-# Whether something accepts TCP connections on 127.0.0.1:$1.
-port_in_use() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# Prints a TCP port on 127.0.0.1 that is free right now.
-free_port() {
-    if command -v python3 >/dev/null 2>&1; then
-        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-        return
-    fi
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 20000))
-        port_in_use "$port" || break
-    done
-    echo "$port"
-}
-
-# wait_for_port PORT SECONDS: waits until 127.0.0.1:PORT accepts connections.
-wait_for_port() {
-    local port=$1 deadline=$((SECONDS + $2))
-    until port_in_use "$port"; do
-        [ "$SECONDS" -lt "$deadline" ] || return 1
-        sleep 0.1
-    done
-}
-
-# _http_get URL: opens fd 3 to URL's host and sends it GET of URL's path (plain
-# http://HOST:PORT/PATH only; bash's /dev/tcp, so that curl is not needed). For a subshell of
-# http_status and http_body, which read the answer from fd 3; fails if the connection does.
-_http_get() {
-    local rest=${1#http://} hostport path
-    hostport=${rest%%/*}
-    path=/${rest#*/}
-    [ "$hostport" = "$rest" ] && path=/
-    exec 3<>"/dev/tcp/${hostport%:*}/${hostport##*:}" || return 1
-    printf 'GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n' "$path" "$hostport" >&3
-}
-
-# http_status URL: prints the HTTP status code of GET URL, or nothing if the connection fails.
-http_status() {
-    local line
-    (
-        _http_get "$1" || exit 0
-        IFS= read -r -t 5 line <&3 || exit 0
-        line=${line%$'\r'}
-        echo "$line" | awk '{print $2}'
-    ) 2>/dev/null || true
-}
-
-# http_body URL: prints the body of GET URL (whatever its status), or nothing if the
-# connection fails.
-http_body() {
-    local response=""
-    (
-        _http_get "$1" || exit 0
-        # Up to the end of the answer (the server closes the connection), 5 s at most.
-        IFS= read -r -d '' -t 5 response <&3 || true
-        printf '%s' "${response#*$'\r\n\r\n'}"
-    ) 2>/dev/null || true
-}
-
-# --- running the programs ----------------------------------------------------------------
-#
-# The callers set LOGS, the folder for the programs' output, and may set ON_START to the name
-# of a function that `start` calls as `$ON_START NAME PID PROGRAM` after each start (to record
-# the pid; PROGRAM is the path that was run, after any `env VAR=value`).
-
-# start [--append] NAME [env VAR=value...] PROGRAM [ARGS...]: runs PROGRAM in the background,
-# stdout to $LOGS/NAME.out and stderr to $LOGS/NAME.log (with --append, added to what the log
-# holds, for a program started again), and sets LAST_PID.
-#
-# PROGRAM gets a session of its own: a Ctrl-C at the terminal then reaches the script alone,
-# which stops the programs in order (the API and workers while NATS is still there to drain
-# against) instead of all of them at once. (setsid execs PROGRAM in the same process, so
-# LAST_PID is PROGRAM's: a background job of a script without job control, unlike one of an
-# interactive shell, is not a process group leader, which setsid would fork for.)
-start() {
-    local append=0 name arg program=""
-    if [ "$1" = --append ]; then
-        append=1
-        shift
-    fi
-    name=$1
-    shift
-    [ "$append" -eq 1 ] || : >"$LOGS/$name.log"
-    setsid "$@" >"$LOGS/$name.out" 2>>"$LOGS/$name.log" </dev/null &
-    LAST_PID=$!
-    # `env VAR=value PROGRAM` execs PROGRAM in the same process: that is the program.
-    for arg in "$@"; do
-        case "$arg" in
-        env | *=*) ;;
-        *) program=$arg && break ;;
-        esac
-    done
-    if [ -n "${ON_START:-}" ]; then "$ON_START" "$name" "$LAST_PID" "$program"; fi
-}
-
-# stop_pids SECONDS PID...: SIGTERM to each, up to SECONDS for all to exit, then SIGKILL to
-# those left; reaps the ones that are this shell's children.
-stop_pids() {
-    local seconds=$1 pid alive
-    shift
-    [ "$#" -gt 0 ] || return 0
-    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq $((seconds * 10))); do
-        alive=0
-        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [ "$alive" -eq 0 ] && break
-        sleep 0.1
-    done
-    for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
-    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
-}
-
-# wait_listening NAME PID [SECONDS]: waits (60 s unless told) for the `listening on http://…`
-# line every Versus binary prints on stdout, and prints the URL. Dies, with the tail of the
-# log, if the program exits or stays silent.
-wait_listening() {
-    local name=$1 pid=$2 seconds=${3:-60} line
-    local deadline=$((SECONDS + seconds))
-    while :; do
-        line=$(grep -m 1 '^listening on http://' "$LOGS/$name.out" 2>/dev/null || true)
-        if [ -n "$line" ]; then
-            echo "${line#listening on }"
-            return
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            tail -n 30 "$LOGS/$name.log" >&2 || true
-            die "$name exited before it was ready (log: $LOGS/$name.log)"
-        fi
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            tail -n 30 "$LOGS/$name.log" >&2 || true
-            die "$name did not say it was listening within $seconds s (log: $LOGS/$name.log)"
-        fi
-        sleep 0.1
-    done
-}
-
-# wait_nats_ready NAME PID PORT: waits up to 30 s for the nats-server started as NAME to log
-# that it is ready (it logs to stderr: $LOGS/NAME.log) and to accept connections on PORT.
-wait_nats_ready() {
-    local name=$1 pid=$2 port=$3 deadline=$((SECONDS + 30))
-    until grep -q 'Server is ready' "$LOGS/$name.log" 2>/dev/null && port_in_use "$port"; do
-        if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
-            tail -n 20 "$LOGS/$name.log" >&2 || true
-            die "nats-server did not start (log: $LOGS/$name.log)"
-        fi
-        sleep 0.1
-    done
-}
-
-# --- NATS users --------------------------------------------------------------------------
-#
-# nats.conf has three users, each with a password that nats-server reads from its environment:
-# versus-admin (everything: operators, tools), versus-api and versus-worker (what those may do
-# on the bus, nothing more). Nobody connects without one.
-
-NATS_USERS=(admin api worker)
-
-# nats_passwords FILE [USER...]: reads the passwords of USERs (default: the three above; the
-# hub's `leaf` too, for scripts/cluster) from FILE (lines VERSUS_NATS_<USER>_PASSWORD=…, at
-# least 8 of A-Z a-z 0-9 . _ ~ -, which a URL carries as they are), first making it (mode 600,
-# 32 random hex digits each) unless it holds them all. Sets them as variables of this shell,
-# not exported: pass them to nats-server alone (`with_nats_passwords`).
-nats_passwords() {
-    local file=$1 user var incomplete=0
-    local users=("${@:2}")
-    [ "${#users[@]}" -gt 0 ] || users=("${NATS_USERS[@]}")
-    for user in "${users[@]}"; do
-        var="VERSUS_NATS_${user^^}_PASSWORD"
-        grep -q "^$var=[A-Za-z0-9._~-]\{8,\}\$" "$file" 2>/dev/null || incomplete=1
-    done
-    if [ "$incomplete" -eq 1 ]; then
-        (
-            umask 077
-            for user in "${users[@]}"; do
-                echo "VERSUS_NATS_${user^^}_PASSWORD=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')"
-            done >"$file.new"
-            mv "$file.new" "$file"
-        )
-    fi
-    chmod 600 "$file"
-    for user in "${users[@]}"; do
-        var="VERSUS_NATS_${user^^}_PASSWORD"
-        printf -v "$var" '%s' "$(sed -n "s/^$var=//p" "$file")"
-    done
-}
-
-# with_nats_passwords COMMAND...: runs COMMAND (a function such as `start` too) with the three
-# passwords in its environment, as nats-server reads them; nothing else gets them.
-with_nats_passwords() {
-    VERSUS_NATS_ADMIN_PASSWORD=$VERSUS_NATS_ADMIN_PASSWORD \
-        VERSUS_NATS_API_PASSWORD=$VERSUS_NATS_API_PASSWORD \
-        VERSUS_NATS_WORKER_PASSWORD=$VERSUS_NATS_WORKER_PASSWORD \
-        "$@"
-}
-
-# nats_url USER PORT...: the URL that logs in as versus-USER on 127.0.0.1:PORT, or with several
-# ports, one such URL per port separated by commas, as the programs take several servers (a
-# secret: pass it in NATS_URL, never print it).
-nats_url() {
-    local user=$1 var="VERSUS_NATS_${1^^}_PASSWORD" port urls=()
-    shift
-    for port in "$@"; do urls+=("nats://versus-$user:${!var}@127.0.0.1:$port"); done
-    (
-        IFS=,
-        echo "${urls[*]}"
-    )
-}
-
-# on_exit FUNC [STATUS]: runs FUNC when the script exits, and turns Ctrl-C, SIGTERM and SIGHUP
-# into an exit so that it runs then too: with status 130, 143, 129, or STATUS for all three
-# when given (a script for which a signal is the normal way to stop says 0).
-on_exit() {
-    # shellcheck disable=SC2064  # FUNC and STATUS are meant to be expanded now
-    trap "$1" EXIT
-    if [ -n "${2:-}" ]; then
-        # shellcheck disable=SC2064
-        trap "exit $2" INT TERM HUP
-    else
-        trap 'exit 130' INT
-        trap 'exit 143' TERM
-        trap 'exit 129' HUP
-    fi
-}
-
-# --- Postgres clusters -------------------------------------------------------------------
-
-# pg_dir_usable DIR: whether the cluster owner can reach DIR (every folder above it must be
-# searchable by that user; a repo under a root-only folder is not).
-pg_dir_usable() { as_pg test -x "$1" 2>/dev/null; }
-
-# pg_init DIR: a new cluster in DIR, owned by the cluster owner, superuser `postgres`, trust
-# authentication, TCP on 127.0.0.1 only (no Unix socket, whose directory may not exist and
-# whose path length is limited).
-pg_init() {
-    local dir=$1
-    mkdir -p "$dir"
-    is_root && chown postgres: "$dir"
-    chmod 700 "$dir"
-    as_pg "$PG_BIN/initdb" -D "$dir" -U postgres --auth=trust --encoding=UTF8 --no-locale \
-        --no-instructions >/dev/null
-    as_pg tee -a "$dir/postgresql.conf" >/dev/null <<'EOF'
-
-# Added by scripts/lib.sh (pg_init).
-listen_addresses = '127.0.0.1'
-unix_socket_directories = ''
-EOF
-}
-
-# pg_start DIR PORT LOGFILE: starts the cluster on PORT and waits until it accepts queries.
-# Fails (status 1) if it does not; the reason is in LOGFILE.
-pg_start() {
-    local dir=$1 port=$2 log=$3
-    # The server writes its log as the cluster owner.
-    touch "$log"
-    is_root && chown postgres: "$log"
-    # Each worker's pool holds up to VERSUS_WORKER_CONCURRENCY + 4 connections (132 by
-    # default) and each API 4: the default of 100 would turn a busy pair of workers' waits into
-    # "too many clients" and failed jobs.
-    as_pg "$PG_BIN/pg_ctl" -D "$dir" -l "$log" -w -t 60 -o "-p $port -c max_connections=600" \
-        start >/dev/null 2>&1
-}
-
-# pg_stop DIR [MODE]: stops the cluster if it runs (MODE: fast, or immediate for throwaways).
-pg_stop() {
-    local dir=$1 mode=${2:-fast}
-    if [ -f "$dir/postmaster.pid" ]; then
-        as_pg "$PG_BIN/pg_ctl" -D "$dir" -m "$mode" -w stop >/dev/null 2>&1 || true
-    fi
-}
-
-# psql_at PORT ARGS...: psql as superuser postgres over TCP.
-psql_at() {
-    local port=$1
-    shift
-    "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"
 }
 
 # Installs Debian's chromium and chromedriver for the page's browser tests, if missing.
@@ -577,29 +290,4 @@ build_binaries() {
     for bin in versus-api versus-worker versus-sim versus-xtask; do
         [ -x "$BIN_DIR/$bin" ] || die "$BIN_DIR/$bin is missing (build it, or point VERSUS_BIN_DIR elsewhere)"
     done
-}
-
-# --- helpers scripts/bench still uses (it starts its own processes) ---------------------
-
-# migrate_as_owner WORKER_BIN PORT LOG: runs the migrations on the database `versus` at PORT
-# as its owner (the superuser, DATABASE_URL) with `versus-worker --migrate-only`, its output
-# in LOG, and sets API_DATABASE_URL and WORKER_DATABASE_URL: the same database as the roles the
-# migrations make, which the programs connect as (the API may not change or delete answers;
-# neither may change the schema). The cluster trusts logins from 127.0.0.1 (pg_init), so the
-# roles need no password.
-# shellcheck disable=SC2034  # it sets variables for the caller
-migrate_as_owner() {
-    local bin=$1 port=$2 log=$3
-    say "running the migrations as the owner (versus-worker --migrate-only)"
-    if ! DATABASE_URL=$DATABASE_URL "$bin" --migrate-only >>"$log" 2>&1; then
-        tail -n 20 "$log" >&2
-        die "the migrations failed (log: $log)"
-    fi
-    API_DATABASE_URL="postgres://versus_api@127.0.0.1:$port/versus"
-    WORKER_DATABASE_URL="postgres://versus_worker@127.0.0.1:$port/versus"
-}
-
-# random_hex N: N random bytes from /dev/urandom, as 2N hex digits.
-random_hex() {
-    od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'
 }

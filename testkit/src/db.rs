@@ -8,8 +8,9 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection};
 use tokio::process::Command;
 use tokio::sync::OnceCell;
+use versus_xtask::pg;
 
-use crate::{TempDir, free_port};
+use crate::TempDir;
 
 /// The variable that names the test Postgres server (a superuser URL); `scripts/test` sets it.
 pub const DATABASE_URL_VAR: &str = "VERSUS_TEST_DATABASE_URL";
@@ -145,12 +146,16 @@ impl Database {
     }
 }
 
-/// How long `pg_ctl` waits for the server to start or stop.
-const PG_CTL_WAIT_SECS: &str = "60";
-/// Attempts at finding a port that stays free until the server binds it.
+/// The connections a server of a database's own takes (Postgres' default: a test on it runs
+/// one system, not the many that share `scripts/test`'s cluster).
+const MAX_CONNECTIONS: u32 = 100;
+/// Attempts at starting the server again on its port (the old server's may take a moment to be
+/// released).
 const PORT_ATTEMPTS: usize = 3;
 
-/// A throwaway Postgres cluster: `initdb` in a temporary folder, `pg_ctl` to start and stop.
+/// A throwaway Postgres cluster in a temporary folder, made, started and stopped by the
+/// launcher's `pg` module (`versus_xtask::pg`, as `scripts/test`'s cluster is): as the
+/// cluster owner, the `postgres` user when the tests run as root.
 struct Server {
     port: u16,
     data: PathBuf,
@@ -161,57 +166,35 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        if !pg::bin_dir().join("pg_ctl").is_file() {
+            panic!(
+                "the PostgreSQL server programs (initdb, pg_ctl) were not found in {}: run \
+                 scripts/test, which installs them, or set VERSUS_PG_MAJOR",
+                pg::bin_dir().display()
+            );
+        }
         let dir = TempDir::new("versus-pg");
         let data = dir.path().join("data");
         let log = dir.path().join("server.log");
-        if is_root() {
-            // The server refuses to run as root: the folder goes to the postgres user.
+        if pg::is_root() {
+            // The server refuses to run as root: the folder goes to the postgres user, who
+            // must enter it (whatever the umask made of it) to reach the data and the log.
             run(Command::new("chown").arg("postgres:").arg(dir.path())).await;
         }
-        run(as_cluster_owner(&pg_bin_dir().join("initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-locale",
-            ])
-            .args(["--no-instructions", "--no-sync"]))
-        .await;
-        // TCP on 127.0.0.1 only (no Unix socket, whose folder may not exist), and durability
-        // off: the data is thrown away.
-        let conf = "\n# Added by versus-testkit.\nlisten_addresses = '127.0.0.1'\n\
-                    unix_socket_directories = ''\nfsync = off\nsynchronous_commit = off\n\
-                    full_page_writes = off\nmax_connections = 100\n";
-        let conf_path = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf_path)
-            .unwrap_or_else(|e| panic!("read {}: {e}", conf_path.display()));
-        text.push_str(conf);
-        std::fs::write(&conf_path, text)
-            .unwrap_or_else(|e| panic!("write {}: {e}", conf_path.display()));
-        let mut server = Server {
-            port: 0,
+        // Durability off: the data is thrown away.
+        pg::init(&data, pg::THROWAWAY_CONF)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#} (in {})", dir.path().display()));
+        let port = match pg::start_on_free_port(&data, &log, MAX_CONNECTIONS).await {
+            Ok(port) => port,
+            Err(e) => panic!("{e:#}:\n{}", log_tail(&log)),
+        };
+        Server {
+            port,
             data,
             log,
             dir,
-        };
-        for attempt in 1..=PORT_ATTEMPTS {
-            server.port = free_port();
-            if server.pg_ctl_start().await {
-                return server;
-            }
-            // Most likely another test took the port in between.
-            if attempt == PORT_ATTEMPTS {
-                panic!(
-                    "Postgres did not start in {}:\n{}",
-                    server.dir.path().display(),
-                    server.log_tail()
-                );
-            }
         }
-        unreachable!("the loop returns or panics")
     }
 
     fn url(&self, database: &str) -> String {
@@ -219,52 +202,24 @@ impl Server {
     }
 
     async fn stop(&self) {
-        let status = as_cluster_owner(&pg_bin_dir().join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "-t", PG_CTL_WAIT_SECS, "stop"])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await
-            .expect("run pg_ctl stop");
-        assert!(status.success(), "pg_ctl stop failed:\n{}", self.log_tail());
+        if let Err(e) = pg::stop_checked(&self.data, "fast").await {
+            panic!("{e:#}; the server's log:\n{}", self.log_tail());
+        }
     }
 
     async fn start_again(&self) {
-        // The old server's port may take a moment to be released.
         for _ in 0..PORT_ATTEMPTS {
-            if self.pg_ctl_start().await {
+            if pg::start(&self.data, self.port, &self.log, MAX_CONNECTIONS).await {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!(
-            "Postgres did not start again on port {}:\n{}",
+            "Postgres did not start again on port {} (in {}):\n{}",
             self.port,
+            self.dir.path().display(),
             self.log_tail()
         );
-    }
-
-    /// `pg_ctl start` on `self.port`, waiting until the server accepts connections.
-    async fn pg_ctl_start(&self) -> bool {
-        as_cluster_owner(&pg_bin_dir().join("pg_ctl"))
-            .arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(&self.log)
-            .args([
-                "-w",
-                "-t",
-                PG_CTL_WAIT_SECS,
-                "-o",
-                &format!("-p {}", self.port),
-            ])
-            .arg("start")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .await
-            .is_ok_and(|status| status.success())
     }
 
     /// Sends `signal` to the postmaster (its pid is the first line of `postmaster.pid`), then
@@ -301,81 +256,21 @@ impl Server {
 
     /// The last lines of the server's log.
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        log_tail(&self.log)
     }
+}
+
+/// The last lines of the server's log `log`.
+fn log_tail(log: &Path) -> String {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         // Synchronously, before the folder goes; an immediate stop is quick.
-        let pg_ctl = pg_bin_dir().join("pg_ctl");
-        let mut stop = if is_root() {
-            let mut command = std::process::Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(pg_ctl);
-            command
-        } else {
-            std::process::Command::new(pg_ctl)
-        };
-        let _ = stop
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
-/// The folder of the PostgreSQL server programs: `/usr/lib/postgresql/$VERSUS_PG_MAJOR/bin`
-/// when `VERSUS_PG_MAJOR` is set (as `scripts/lib.sh` reads it), else the newest
-/// `/usr/lib/postgresql/*/bin`, else the folder of `pg_ctl` on `PATH`.
-fn pg_bin_dir() -> PathBuf {
-    let root = Path::new("/usr/lib/postgresql");
-    if let Ok(major) = std::env::var("VERSUS_PG_MAJOR") {
-        return root.join(major).join("bin");
-    }
-    let newest = std::fs::read_dir(root).ok().and_then(|entries| {
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let major: u32 = e.file_name().to_str()?.parse().ok()?;
-                let bin = e.path().join("bin");
-                bin.join("pg_ctl").is_file().then_some((major, bin))
-            })
-            .max_by_key(|(major, _)| *major)
-            .map(|(_, bin)| bin)
-    });
-    if let Some(bin) = newest {
-        return bin;
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .find(|dir| dir.join("pg_ctl").is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "the PostgreSQL server programs (initdb, pg_ctl) were not found: run \
-                 scripts/test, which installs them, or set VERSUS_PG_MAJOR"
-            )
-        })
-}
-
-/// Whether the tests run as root (`/proc/self` belongs to the effective user).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// A command that runs `program` as the owner of the cluster: the `postgres` user when the
-/// tests run as root (Postgres refuses to run as root), else the current user.
-fn as_cluster_owner(program: &Path) -> Command {
-    if is_root() {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    } else {
-        Command::new(program)
+        pg::stop_now(&self.data);
     }
 }
 

@@ -143,10 +143,13 @@ pub async fn run(args: Args, repo: &Path) -> i32 {
         }
     };
     let out = non_empty("BENCH_OUT_DIR").map_or_else(|| repo.join("target/bench"), PathBuf::from);
-    let tmp = std::env::temp_dir().join(format!(
-        "versus-bench.{}",
-        secrets::random_hex(6).unwrap_or_default()
-    ));
+    let tmp = match crate::temp_dir("versus-bench") {
+        Ok(tmp) => tmp,
+        Err(e) => {
+            error(&format!("{e:#}"));
+            return 1;
+        }
+    };
     let mut bench = match Bench::new(args, repo, &out, &tmp) {
         Ok(bench) => bench,
         Err(e) => {
@@ -257,10 +260,6 @@ impl Bench {
         }
         std::fs::create_dir_all(tmp.join("run"))?;
         std::fs::create_dir_all(tmp.join("objects"))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))?;
-        }
         let mut sup = Supervisor::new("scripts/bench", &logs, &tmp.join("run"));
         // The workers here drain within 2 s; `cluster` takes up to a minute.
         sup.set_drain(CLUSTER_STOP);

@@ -5,9 +5,10 @@
 //!   them, the settings each program gets (`worker_env`, `api_env`, shared with the test kit);
 //! - `supervisor`: runs the processes, starts again what exits, stops them in order;
 //! - `secrets`: the NATS passwords and the admin token, made once per data folder;
-//! - `pg`: the data folder's Postgres cluster;
+//! - `pg`: Postgres clusters of our own: the data folder's, the tests' and the benchmark's;
 //! - `dev`, `cluster`: the order in which each system starts, and what it prints;
-//! - `bench`: the benchmarks' processes (scripts/bench): the single node as `dev` describes
+//! - `test` (scripts/test): the checks, against a throwaway Postgres cluster of the run's own.
+//! - `bench` (scripts/bench): the benchmarks' processes, the single node as `dev` describes
 //!   it and `cluster` beside it, started and stopped around versus-bench's scenarios.
 //!
 //! The shell entry points keep what is not about processes: installing what is missing
@@ -28,6 +29,7 @@ pub mod pg;
 pub mod probe;
 pub mod secrets;
 pub mod supervisor;
+pub mod test;
 pub mod topology;
 
 use out::{error, say, warn};
@@ -153,6 +155,16 @@ pub fn repo() -> Result<PathBuf> {
     let repo = repo.canonicalize()?;
     std::env::set_current_dir(&repo)?;
     Ok(repo)
+}
+
+/// A new folder /tmp/`prefix`.XXXXXXXXXXXX, mode 755 (so that the Postgres cluster's owner,
+/// when it is not us, may enter it).
+pub fn temp_dir(prefix: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("{prefix}.{}", secrets::random_hex(6)?));
+    std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
 }
 
 /// A variable of the launcher's environment, unless unset or empty.

@@ -1,4 +1,4 @@
-//! `versus-xtask dev|cluster|bench` (`cargo xtask dev`): runs a Versus system on this machine
+//! `versus-xtask dev|cluster|bench|test` (`cargo xtask dev`): runs a Versus system on this machine
 //! until Ctrl-C, or the benchmarks against one. See `lib.rs`.
 
 use std::process::ExitCode;
@@ -7,11 +7,14 @@ use versus_xtask::System;
 
 const USAGE: &str =
     "usage: versus-xtask dev | cluster | bench [--quick] [--only P1,P4] [--no-write]
-  (scripts/dev, scripts/cluster and scripts/bench run it after building; see README.md)";
+       | test [CARGO TEST ARGS...]
+  (scripts/dev, scripts/cluster, scripts/bench and scripts/test run it after building; see
+  README.md)";
 
 enum Task {
     Run(System),
     Bench(versus_xtask::bench::Args),
+    Test(Vec<String>),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        Some("test") => Task::Test(args[1..].to_vec()),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
     let status = runtime.block_on(async {
         match task {
             Task::Run(system) => versus_xtask::run(system).await,
+            Task::Test(args) => versus_xtask::test::run(args).await,
             Task::Bench(args) => match versus_xtask::repo() {
                 Ok(repo) => versus_xtask::bench::run(args, &repo).await,
                 Err(e) => {

@@ -1,9 +1,14 @@
 //! The launcher's own lines on stderr, as scripts/lib.sh prints them: `==> step` in bold,
-//! `warning:` in yellow, `error:` in red.
+//! `=== section` in cyan after a blank line, `warning:` in yellow, `error:` in red.
 
 /// A step (`say`).
 pub fn say(text: &str) {
     eprintln!("\x1b[1m==> {text}\x1b[0m");
+}
+
+/// The start of a stage of a long run (`section`).
+pub fn section(text: &str) {
+    eprintln!("\n\x1b[1;36m=== {text}\x1b[0m");
 }
 
 /// Something that goes on anyway (`warn`).
@@ -14,9 +19,4 @@ pub fn warn(text: &str) {
 /// What stopped the launcher (`die`, without the exit: the caller stops what it started).
 pub fn error(text: &str) {
     eprintln!("\x1b[31merror:\x1b[0m {text}");
-}
-
-/// A part of a longer run (`section`), in bold cyan after a blank line.
-pub fn section(text: &str) {
-    eprintln!("\n\x1b[1;36m=== {text}\x1b[0m");
 }

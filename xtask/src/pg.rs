@@ -170,10 +170,30 @@ pub async fn start(dir: &Path, port: u16, log: &Path, max_connections: u32) -> b
 /// Stops the cluster in `dir` if it runs (`mode`: fast, or immediate).
 pub async fn stop(dir: &Path, mode: &str) {
     if dir.join("postmaster.pid").exists() {
-        let mut cmd = as_pg(bin_dir().join("pg_ctl"));
-        cmd.arg("-D").arg(dir).args(["-m", mode, "-w", "stop"]);
-        quiet(cmd).await;
+        let _ = stop_checked(dir, mode).await;
     }
+}
+
+/// Stops the cluster in `dir` (`mode`: fast, or immediate) and waits until it has; fails, with
+/// what `pg_ctl` said, if it did not (a server that was not running included).
+pub async fn stop_checked(dir: &Path, mode: &str) -> Result<()> {
+    let mut cmd = as_pg(bin_dir().join("pg_ctl"));
+    let out = cmd
+        .arg("-D")
+        .arg(dir)
+        .args(["-m", mode, "-w", "stop"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("run pg_ctl stop")?;
+    if !out.status.success() {
+        bail!(
+            "pg_ctl stop {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Stops the cluster in `dir` at once (`-m immediate`), blocking: for a `Drop`.

@@ -137,7 +137,7 @@ impl Program {
 }
 
 /// The status a shell reports: the exit code, or 128 + the signal that ended it.
-fn status_code(status: ExitStatus) -> i32 {
+pub(crate) fn status_code(status: ExitStatus) -> i32 {
     status
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))

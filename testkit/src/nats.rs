@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use versus_xtask::topology;
 
 use crate::{TempDir, free_port};
 
@@ -376,14 +377,13 @@ async fn spawn_server(
     let bin = nats_server_bin();
     let mut command = Command::new(&bin);
     command
-        .arg("-c")
-        .arg(&launch.conf)
-        .args(&launch.args)
-        .args(["-a", "127.0.0.1"])
-        .args(["-p", &port.to_string()])
-        .args(["-m", &monitor_port.to_string()])
-        .arg("-sd")
-        .arg(store);
+        .args(topology::nats_server_args(
+            &launch.conf,
+            port,
+            monitor_port,
+            store,
+        ))
+        .args(&launch.args);
     for (user, password) in NatsUser::ALL.iter().zip(passwords) {
         command.env(user.password_var(), password);
     }

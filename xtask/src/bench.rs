@@ -927,8 +927,8 @@ impl Bench {
         if self.args.wanted("P10") {
             section("P10 a viral fight");
             // Before M1 and M2, which leave thousands of jobs queued. No worker may run: the
-            // viewers' flight queues its job, and versus-bench starts one worker (logged in as
-            // the workers are) once every viewer has joined, and stops it after. The load
+            // viewers' flight queues its job, and versus-bench starts one worker once every
+            // viewer has joined, and stops it after. The load
             // generator and the API each hold one socket per viewer, so the sizes stop at the
             // hard open-file limit less a margin.
             self.stop_workers().await;
@@ -942,8 +942,14 @@ impl Bench {
             // An API of its own: tens of thousands of viewers grow its heap, which M1 would
             // then reuse.
             let viral = self.start_api("api-viral", &[]).await?;
-            let worker_url = nats_url("worker", &self.password("worker")?, &[self.dev.nats_port]);
-            let worker_db = self.wiring()?.worker_database_url.clone();
+            // The worker versus-bench starts gets a worker's settings, as the topology gives
+            // them (its own name aside).
+            let worker = self.dev.worker(0, &self.bins, self.wiring()?);
+            let worker_env: Vec<(&str, &str)> = worker
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             for n in sizes {
                 let mut args = strings(&[
                     "viral",
@@ -967,11 +973,7 @@ impl Bench {
                     &results,
                 ]);
                 args.extend(self.nats_admin_args()?);
-                self.measure(
-                    &args,
-                    &[("NATS_URL", &worker_url), ("DATABASE_URL", &worker_db)],
-                )
-                .await?;
+                self.measure(&args, &worker_env).await?;
             }
             self.stop_api(&viral).await;
             self.nats_snapshot("P10").await;

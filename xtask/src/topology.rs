@@ -49,6 +49,24 @@ pub struct Process {
     pub infra: bool,
 }
 
+/// nats-server's command line here (before any flags of one server's own): the configuration
+/// `conf`, clients on 127.0.0.1 at `port`, monitoring at `monitor_port`, the JetStream store
+/// in `store`.
+pub fn nats_server_args(conf: &Path, port: u16, monitor_port: u16, store: &Path) -> Vec<String> {
+    vec![
+        "-c".to_owned(),
+        conf.display().to_string(),
+        "-a".to_owned(),
+        "127.0.0.1".to_owned(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-m".to_owned(),
+        monitor_port.to_string(),
+        "-sd".to_owned(),
+        store.display().to_string(),
+    ]
+}
+
 /// The variable that holds the NATS password of `user` (`admin`, `leaf_edge1`, ...).
 pub fn password_var(user: &str) -> String {
     format!("VERSUS_NATS_{}_PASSWORD", user.to_uppercase())
@@ -256,20 +274,12 @@ impl Dev {
         Process {
             name: "nats".to_owned(),
             program: bins.nats_server.clone(),
-            args: [
-                "-c",
-                "nats.conf",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.nats_port.to_string(),
-                "-m",
-                &self.nats_monitor_port.to_string(),
-                "-sd",
-                &data.join("nats").display().to_string(),
-            ]
-            .map(str::to_owned)
-            .to_vec(),
+            args: nats_server_args(
+                Path::new("nats.conf"),
+                self.nats_port,
+                self.nats_monitor_port,
+                &data.join("nats"),
+            ),
             env: password_env(passwords, &NATS_USERS),
             infra: true,
         }
@@ -476,26 +486,25 @@ impl Cluster {
         Process {
             name: name.to_owned(),
             program: bins.nats_server.clone(),
-            args: vec![
-                "-c".to_owned(),
-                conf.display().to_string(),
-                "-n".to_owned(),
-                name.to_owned(),
-                "-a".to_owned(),
-                "127.0.0.1".to_owned(),
-                "-p".to_owned(),
-                self.hub_ports[i].to_string(),
-                "-m".to_owned(),
-                self.hub_monitor_ports[i].to_string(),
-                "-sd".to_owned(),
-                data.join("nats").join(name).display().to_string(),
-                "--cluster_name".to_owned(),
-                HUB_DOMAIN.to_owned(),
-                "--cluster".to_owned(),
-                format!("nats://127.0.0.1:{}", self.hub_cluster_ports[i]),
-                "--routes".to_owned(),
-                routes.join(","),
-            ],
+            args: [
+                nats_server_args(
+                    conf,
+                    self.hub_ports[i],
+                    self.hub_monitor_ports[i],
+                    &data.join("nats").join(name),
+                ),
+                vec![
+                    "-n".to_owned(),
+                    name.to_owned(),
+                    "--cluster_name".to_owned(),
+                    HUB_DOMAIN.to_owned(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{}", self.hub_cluster_ports[i]),
+                    "--routes".to_owned(),
+                    routes.join(","),
+                ],
+            ]
+            .concat(),
             env,
             infra: true,
         }
@@ -527,20 +536,16 @@ impl Cluster {
         Process {
             name: name.to_owned(),
             program: bins.nats_server.clone(),
-            args: vec![
-                "-c".to_owned(),
-                "nats-edge.conf".to_owned(),
-                "-n".to_owned(),
-                name.to_owned(),
-                "-a".to_owned(),
-                "127.0.0.1".to_owned(),
-                "-p".to_owned(),
-                self.edge_ports[i].to_string(),
-                "-m".to_owned(),
-                self.edge_monitor_ports[i].to_string(),
-                "-sd".to_owned(),
-                data.join("nats").join(name).display().to_string(),
-            ],
+            args: [
+                nats_server_args(
+                    Path::new("nats-edge.conf"),
+                    self.edge_ports[i],
+                    self.edge_monitor_ports[i],
+                    &data.join("nats").join(name),
+                ),
+                vec!["-n".to_owned(), name.to_owned()],
+            ]
+            .concat(),
             env,
             infra: true,
         }

@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use crate::out::{error, say, section, warn};
 use crate::probe::{free_port, free_wildcard_port, http_get, line_starting};
 use crate::supervisor::{Signals, Supervisor};
-use crate::topology::{Binaries, Cluster, Dev, Env, NATS_USERS, Process, Wiring, nats_url};
+use crate::topology::{
+    Binaries, Cluster, Dev, Env, NATS_USERS, Process, Wiring, nats_url, password_of,
+};
 use crate::{non_empty, pg, secrets};
 
 /// How long a worker, an API or a helper may take to stop when the bench stops it.
@@ -221,6 +223,8 @@ struct Bench {
     wiring: Option<Wiring>,
     /// Given to every program and every versus-bench run (which starts a worker in P10).
     env: Env,
+    /// The workers' `VERSUS_WORKER_CONCURRENCY`.
+    concurrency: String,
     sim: String,
     sim_pid: i32,
     nats_pid: i32,
@@ -292,6 +296,8 @@ impl Bench {
             dev,
             wiring: None,
             env: Vec::new(),
+            concurrency: non_empty("BENCH_WORKER_CONCURRENCY")
+                .unwrap_or_else(|| DEFAULT_WORKER_CONCURRENCY.to_string()),
             sim: String::new(),
             sim_pid: 0,
             nats_pid: 0,
@@ -372,14 +378,12 @@ impl Bench {
 
         let admin_token = format!("bench-{}", secrets::random_hex(32)?);
         let object_store = format!("file://{}", self.tmp.join("objects").display());
-        let concurrency = non_empty("BENCH_WORKER_CONCURRENCY")
-            .unwrap_or_else(|| DEFAULT_WORKER_CONCURRENCY.to_string());
         let env = [
             ("OPENAI_BASE_URL", format!("{}/v1", self.sim)),
             ("OPENAI_API_KEY", "bench".to_owned()),
             ("VERSUS_OBJECT_STORE", object_store.clone()),
             ("VERSUS_ADMIN_TOKEN", admin_token.clone()),
-            ("VERSUS_WORKER_CONCURRENCY", concurrency),
+            ("VERSUS_WORKER_CONCURRENCY", self.concurrency.clone()),
             ("VERSUS_MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string()),
             // A worker SIGTERMed with calls held by the simulator should not wait out its
             // grace; and M1 holds calls before their first token for longer than the default
@@ -452,14 +456,6 @@ impl Bench {
             .collect()
     }
 
-    /// `--metrics URL` for each worker.
-    fn worker_metrics_args(&self) -> Vec<String> {
-        self.worker_metrics
-            .iter()
-            .flat_map(|url| ["--metrics".to_owned(), url.clone()])
-            .collect()
-    }
-
     /// Starts an API (logs/`name`.*) with `extra` on top of its settings (a later setting
     /// wins), and waits until it is ready.
     async fn start_api(&mut self, name: &str, extra: &[(&str, &str)]) -> Result<Api> {
@@ -492,11 +488,11 @@ impl Bench {
         self.sup.stop_one(&api.name, STOP).await;
     }
 
-    /// Runs `versus-bench ARGS` (with the bench's settings and `extra` in its environment);
+    /// Runs `versus-bench ARGV` (with the bench's settings and `extra` in its environment);
     /// fails unless it succeeds.
-    async fn measure(&self, args: &[String], extra: &[(&str, &str)]) -> Result<()> {
+    async fn measure(&self, argv: &Argv, extra: &[(&str, &str)]) -> Result<()> {
         let status = Command::new(&self.measure)
-            .args(args)
+            .args(&argv.0)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .envs(extra.iter().copied())
             .stdin(Stdio::null())
@@ -506,7 +502,7 @@ impl Bench {
         if !status.success() {
             bail!(
                 "versus-bench {} failed ({status})",
-                args.first().map_or("", String::as_str)
+                argv.0.first().map_or("", String::as_str)
             );
         }
         Ok(())
@@ -525,75 +521,49 @@ impl Bench {
 
     /// `--nats-url` and `--nats-password` for versus-bench to log in to the single node as
     /// versus-admin.
-    fn nats_admin_args(&self) -> Result<Vec<String>> {
-        Ok(vec![
-            "--nats-url".to_owned(),
-            format!("nats://127.0.0.1:{}", self.dev.nats_port),
-            "--nats-password".to_owned(),
-            self.password("admin")?,
-        ])
-    }
-
-    fn password(&self, user: &str) -> Result<String> {
-        let var = crate::topology::password_var(user);
-        self.wiring()?
-            .passwords
-            .iter()
-            .find(|(v, _)| *v == var)
-            .map(|(_, p)| p.clone())
-            .with_context(|| format!("{var} is made"))
+    fn as_admin(&self, argv: Argv) -> Result<Argv> {
+        Ok(argv
+            .opt(
+                "--nats-url",
+                format!("nats://127.0.0.1:{}", self.dev.nats_port),
+            )
+            .opt("--nats-password", self.wiring()?.password("admin")))
     }
 
     /// `--proc NAME=PID` for the API, NATS, Postgres, the simulator and each worker.
-    fn procs(&self) -> Result<Vec<String>> {
-        let mut procs = vec![
-            format!("api={}", self.api()?.pid),
-            format!("nats-server={}", self.nats_pid),
-            format!("postgres={}", self.pg_pid),
-            format!("simulator={}", self.sim_pid),
-        ];
-        procs.extend(self.worker_pids().iter().map(|pid| format!("worker={pid}")));
-        Ok(procs
-            .into_iter()
-            .flat_map(|p| ["--proc".to_owned(), p])
-            .collect())
+    fn with_procs(&self, argv: Argv) -> Result<Argv> {
+        Ok(argv
+            .opt("--proc", format!("api={}", self.api()?.pid))
+            .opt("--proc", format!("nats-server={}", self.nats_pid))
+            .opt("--proc", format!("postgres={}", self.pg_pid))
+            .opt("--proc", format!("simulator={}", self.sim_pid))
+            .each(
+                "--proc",
+                self.worker_pids().iter().map(|pid| format!("worker={pid}")),
+            ))
     }
 
     async fn scenarios(&mut self) -> Result<()> {
-        let s = &self.sizes;
-        let (wrk_secs, rate_secs, capacity_secs) = (
-            s.wrk_secs.to_string(),
-            s.rate_secs.to_string(),
-            s.capacity_secs.to_string(),
-        );
         let results = self.results.display().to_string();
         let api = self.api()?.clone();
         let sim = self.sim.clone();
-        let base = |sub: &str| -> Vec<String> {
-            [sub, "--api", &api.url, "--sim", &sim]
-                .map(str::to_owned)
-                .to_vec()
-        };
+        // A scenario of the single node: `--api`, `--sim`, then its own options.
+        let on_node = |sub: &str| Argv::new(sub).opt("--api", &api.url).opt("--sim", &sim);
+        let s = &self.sizes;
+        let (wrk_secs, rate_secs, capacity_secs) = (s.wrk_secs, s.rate_secs, s.capacity_secs);
 
         if self.args.wanted("P1") {
             section("P1 cache hits");
-            let mut args = base("hits");
-            args.extend(strings(&[
-                "--out-dir",
-                &results,
-                "--secs",
-                &wrk_secs,
-                "--rate-secs",
-                &rate_secs,
-                "--fractions",
-                self.sizes.fractions,
-                "--api-pid",
-                &api.pid.to_string(),
-            ]));
+            let mut argv = on_node("hits")
+                .opt("--out-dir", &results)
+                .opt("--secs", wrk_secs)
+                .opt("--rate-secs", rate_secs)
+                .opt("--fractions", self.sizes.fractions)
+                .opt("--api-pid", api.pid);
             if self.profile {
-                args.extend(strings(&["--profile-pid", &api.pid.to_string()]));
+                argv = argv.opt("--profile-pid", api.pid);
             }
-            self.measure(&args, &[]).await?;
+            self.measure(&argv, &[]).await?;
             self.nats_snapshot("P1").await;
         }
 
@@ -601,101 +571,67 @@ impl Bench {
             section("P2 miss overhead, one miss at a time");
             // A faster stream than the concurrent run's: what is timed is the first token, and
             // the rounds add up.
-            let metrics = self.worker_metrics_args();
-            let mut args = base("miss");
-            args.extend(strings(&[
-                "--out-dir",
-                &results,
-                "--n",
-                "1",
-                "--rounds",
-                &self.sizes.miss_one_rounds.to_string(),
-                "--tokens-per-sec",
-                "600",
-                "--file",
-                "miss-1.json",
-                "--metrics",
-                &format!("{}/metrics", api.url),
-            ]));
-            args.extend(self.nats_admin_args()?);
-            args.extend(metrics.iter().cloned());
-            args.extend(self.procs()?);
-            self.measure(&args, &[]).await?;
+            let miss = |n: &str, rounds: u32| {
+                on_node("miss")
+                    .opt("--out-dir", &results)
+                    .opt("--n", n)
+                    .opt("--rounds", rounds)
+                    .opt("--metrics", format!("{}/metrics", api.url))
+                    .each("--metrics", &self.worker_metrics)
+            };
+            let argv = miss("1", self.sizes.miss_one_rounds)
+                .opt("--tokens-per-sec", 600)
+                .opt("--file", "miss-1.json");
+            let argv = self.with_procs(self.as_admin(argv)?)?;
+            self.measure(&argv, &[]).await?;
             let miss_n = non_empty("BENCH_MISS_N").unwrap_or_else(|| "200".to_owned());
             section(&format!(
                 "P2 miss overhead ({miss_n} at once), P3 cache value"
             ));
-            let mut args = base("miss");
-            args.extend(strings(&[
-                "--out-dir",
-                &results,
-                "--n",
-                &miss_n,
-                "--rounds",
-                &self.sizes.miss_rounds.to_string(),
-                "--metrics",
-                &format!("{}/metrics", api.url),
-            ]));
-            args.extend(metrics);
-            args.extend(self.procs()?);
-            self.measure(&args, &[]).await?;
+            let argv = self.with_procs(miss(&miss_n, self.sizes.miss_rounds))?;
+            self.measure(&argv, &[]).await?;
             self.nats_snapshot("P2").await;
         }
 
         if self.args.wanted("P4") {
             section("P4 coalescing");
-            let mut args = base("coalesce");
-            args.extend(strings(&[
-                "--out-dir",
-                &results,
-                "--n",
-                &COALESCE_N.to_string(),
-            ]));
-            self.measure(&args, &[]).await?;
+            let argv = on_node("coalesce")
+                .opt("--out-dir", &results)
+                .opt("--n", COALESCE_N);
+            self.measure(&argv, &[]).await?;
             self.nats_snapshot("P4").await;
         }
 
         if self.args.wanted("P6") {
             section("P6 pre-warm");
-            let mut args = base("prewarm");
-            args.extend(strings(&[
-                "--out-dir",
-                &results,
-                "--n",
-                &self.sizes.prewarm_n.to_string(),
-                "--workers",
-                &self.workers.len().to_string(),
-                "--worker-bin",
-                &self.bins.versus("versus-worker").display().to_string(),
-            ]));
-            self.measure(&args, &[]).await?;
+            let argv = on_node("prewarm")
+                .opt("--out-dir", &results)
+                .opt("--n", self.sizes.prewarm_n)
+                .opt("--workers", self.workers.len())
+                .opt("--worker-bin", self.bins.versus("versus-worker").display());
+            self.measure(&argv, &[]).await?;
             self.nats_snapshot("P6").await;
         }
 
         if self.args.wanted("P5") {
             section("P5 pipeline capacity");
+            let capacity = |workers: usize| {
+                on_node("capacity")
+                    .opt("--workers", workers)
+                    .opt("--secs", capacity_secs)
+            };
             for n in [1, 2] {
                 self.stop_workers().await;
                 self.start_workers(n, &[]).await?;
-                let mut args = base("capacity");
-                args.extend(strings(&[
-                    "--out",
-                    &format!("{results}/capacity-{n}.json"),
-                    "--workers",
-                    &n.to_string(),
-                    "--secs",
-                    &capacity_secs,
-                ]));
-                args.extend(self.procs()?);
+                let mut argv = capacity(n).opt("--out", format!("{results}/capacity-{n}.json"));
                 if n == 1 {
-                    args.push("--baseline".to_owned());
+                    argv = argv.flag("--baseline");
                 }
-                self.measure(&args, &[]).await?;
+                self.measure(&self.with_procs(argv)?, &[]).await?;
                 self.nats_snapshot(&format!("P5-{n}")).await;
             }
             if self.profile {
-                self.profile_pipeline(&base("capacity"), &capacity_secs)
-                    .await?;
+                self.profile_pipeline(capacity(2), capacity_secs).await?;
             }
         }
 
@@ -719,22 +655,14 @@ impl Bench {
             let budget = self
                 .start_api("api-budget", &[("VERSUS_DAILY_BUDGET_USD", "0.000001")])
                 .await?;
-            let args = strings(&[
-                "refuse",
-                "--api",
-                &api.url,
-                "--limited-api",
-                &limited.url,
-                "--budget-api",
-                &budget.url,
-                "--quota-api",
-                &quota.url,
-                "--out-dir",
-                &results,
-                "--n",
-                &self.sizes.refuse_n.to_string(),
-            ]);
-            self.measure(&args, &[]).await?;
+            let argv = Argv::new("refuse")
+                .opt("--api", &api.url)
+                .opt("--limited-api", &limited.url)
+                .opt("--budget-api", &budget.url)
+                .opt("--quota-api", &quota.url)
+                .opt("--out-dir", &results)
+                .opt("--n", self.sizes.refuse_n);
+            self.measure(&argv, &[]).await?;
             for other in [limited, quota, budget] {
                 self.stop_api(&other).await;
             }
@@ -748,21 +676,13 @@ impl Bench {
             let suggest = self
                 .start_api("api-suggest", &[("VERSUS_CLIENT_LOOKUPS_PER_SECOND", "0")])
                 .await?;
-            let mut args = strings(&[
-                "suggest",
-                "--api",
-                &suggest.url,
-                "--api-pid",
-                &suggest.pid.to_string(),
-                "--out-dir",
-                &results,
-                "--names",
-                &self.sizes.suggest_names.to_string(),
-                "--secs",
-                &rate_secs,
-            ]);
-            args.extend(self.nats_admin_args()?);
-            self.measure(&args, &[]).await?;
+            let argv = Argv::new("suggest")
+                .opt("--api", &suggest.url)
+                .opt("--api-pid", suggest.pid)
+                .opt("--out-dir", &results)
+                .opt("--names", self.sizes.suggest_names)
+                .opt("--secs", rate_secs);
+            self.measure(&self.as_admin(argv)?, &[]).await?;
             self.stop_api(&suggest).await;
             self.nats_snapshot("S1").await;
         }
@@ -772,81 +692,48 @@ impl Bench {
             // Before M1, which stops the single node's workers (P7 makes an answer there).
             let cluster = self.start_cluster("cluster", "api-hub", &[]).await?;
             if self.args.wanted("P7") || self.args.wanted("P8") {
-                let args = strings(&[
-                    "edge",
-                    "--single-api",
-                    &api.url,
-                    "--hub-api",
-                    &cluster.hub_api.url,
-                    "--edge-api",
-                    &cluster.edge_apis[0],
-                    "--sim",
-                    &sim,
-                    "--out-dir",
-                    &results,
-                    "--secs",
-                    &wrk_secs,
-                    "--n",
-                    &self.sizes.edge_miss_n.to_string(),
-                ]);
-                self.measure(&args, &[]).await?;
+                let argv = Argv::new("edge")
+                    .opt("--single-api", &api.url)
+                    .opt("--hub-api", &cluster.hub_api.url)
+                    .opt("--edge-api", &cluster.edge_apis[0])
+                    .opt("--sim", &sim)
+                    .opt("--out-dir", &results)
+                    .opt("--secs", wrk_secs)
+                    .opt("--n", self.sizes.edge_miss_n);
+                self.measure(&argv, &[]).await?;
             }
             if self.args.wanted("P5") {
-                let mut args = strings(&[
-                    "capacity",
-                    "--api",
-                    &cluster.hub_api.url,
-                    "--sim",
-                    &sim,
-                    "--out",
-                    &format!("{results}/capacity-hub.json"),
-                    "--workers",
-                    "2",
-                    "--secs",
-                    &capacity_secs,
-                    "--proc",
-                    &format!("api={}", cluster.hub_api.pid),
-                ]);
+                let mut argv = Argv::new("capacity")
+                    .opt("--api", &cluster.hub_api.url)
+                    .opt("--sim", &sim)
+                    .opt("--out", format!("{results}/capacity-hub.json"))
+                    .opt("--workers", 2)
+                    .opt("--secs", capacity_secs)
+                    .opt("--proc", format!("api={}", cluster.hub_api.pid));
                 for name in ["hub1", "hub2", "hub3", "worker1", "worker2"] {
                     let label = name.trim_end_matches(|c: char| c.is_ascii_digit());
-                    args.push("--proc".to_owned());
-                    args.push(format!("{label}={}", cluster.pid_of(name)?));
+                    argv = argv.opt("--proc", format!("{label}={}", cluster.pid_of(name)?));
                 }
-                self.measure(&args, &[]).await?;
+                self.measure(&argv, &[]).await?;
             }
             if self.args.wanted("P9") {
-                let mut args: Vec<String> = cluster
-                    .edge_apis
-                    .iter()
-                    .map(|url| format!("--edge-api={url}"))
-                    .collect();
-                args.insert(0, "failover".to_owned());
                 let hub_urls: Vec<String> = cluster
                     .hub_ports
                     .iter()
                     .map(|port| format!("nats://127.0.0.1:{port}"))
                     .collect();
-                args.extend(strings(&[
-                    "--hub-api",
-                    &cluster.hub_api.url,
-                    "--sim",
-                    &sim,
-                    "--nats-url",
-                    &hub_urls.join(","),
-                    "--nats-password",
-                    &cluster.admin_password,
-                ]));
+                let mut argv = Argv::new("failover")
+                    .each("--edge-api", &cluster.edge_apis)
+                    .opt("--hub-api", &cluster.hub_api.url)
+                    .opt("--sim", &sim)
+                    .opt("--nats-url", hub_urls.join(","))
+                    .opt("--nats-password", &cluster.admin_password)
+                    .opt("--out", format!("{results}/failover.json"))
+                    .opt("--n", self.sizes.failover_n);
                 for name in ["hub1", "hub2", "hub3"] {
-                    args.push("--node".to_owned());
-                    args.push(format!("{name}={}", cluster.pid_of(name)?));
+                    argv = argv.opt("--node", format!("{name}={}", cluster.pid_of(name)?));
                 }
-                args.extend(strings(&[
-                    "--out",
-                    &format!("{results}/failover.json"),
-                    "--n",
-                    &self.sizes.failover_n.to_string(),
-                ]));
-                self.measure(&args, &[]).await?;
+                self.measure(&argv, &[]).await?;
             }
             self.stop_cluster(&cluster).await;
         }
@@ -864,58 +751,47 @@ impl Bench {
             }
             let mut leaf_ports = Vec::new();
             let mut proxy_ports = Vec::new();
-            let mut proxy_args = strings(&["delay-proxy", "--delay-ms", &delay_ms]);
+            let mut proxy = Argv::new("delay-proxy").opt("--delay-ms", &delay_ms);
             for _ in 0..3 {
-                let (leaf, proxy) = (free_wildcard_port()?, free_port()?);
-                proxy_args.push("--pair".to_owned());
-                proxy_args.push(format!("127.0.0.1:{proxy}=127.0.0.1:{leaf}"));
-                leaf_ports.push(leaf.to_string());
-                proxy_ports.push(proxy.to_string());
+                let (leaf, port) = (free_wildcard_port()?, free_port()?);
+                proxy = proxy.opt("--pair", format!("127.0.0.1:{port}=127.0.0.1:{leaf}"));
+                leaf_ports.push(leaf);
+                proxy_ports.push(port);
             }
             self.sup.start(Process {
                 name: "delay-proxy".to_owned(),
                 program: self.measure.clone(),
-                args: proxy_args,
+                args: proxy.0,
                 env: Vec::new(),
                 infra: true,
             })?;
             self.wait_for_line("delay-proxy", "delay-proxy listening", 10)
                 .await?;
-            let (leaf_ports, proxy_ports) = (leaf_ports.join(" "), proxy_ports.join(" "));
             let cluster = self
                 .start_cluster(
                     "cluster-far",
                     "api-hub-far",
                     &[
-                        ("VERSUS_HUB_LEAF_PORTS", &leaf_ports),
-                        ("VERSUS_EDGE_LEAF_PORTS", &proxy_ports),
+                        ("VERSUS_HUB_LEAF_PORTS", &words(&leaf_ports)),
+                        ("VERSUS_EDGE_LEAF_PORTS", &words(&proxy_ports)),
                     ],
                 )
                 .await?;
-            let args = strings(&[
-                "far",
-                "--hub-api",
-                &cluster.hub_api.url,
-                "--edge-api",
-                &cluster.edge_apis[0],
-                "--sim",
-                &sim,
-                "--out-dir",
-                &results,
-                "--delay-ms",
-                &delay_ms,
-                "--secs",
-                &rate_secs,
-                "--n",
-                &self.sizes.edge_miss_n.to_string(),
-                "--purges",
-                &self.sizes.purges.to_string(),
-                "--edge-nats-url",
-                &format!("nats://127.0.0.1:{}", cluster.edge_ports[0]),
-                "--nats-password",
-                &cluster.admin_password,
-            ]);
-            self.measure(&args, &[]).await?;
+            let argv = Argv::new("far")
+                .opt("--hub-api", &cluster.hub_api.url)
+                .opt("--edge-api", &cluster.edge_apis[0])
+                .opt("--sim", &sim)
+                .opt("--out-dir", &results)
+                .opt("--delay-ms", &delay_ms)
+                .opt("--secs", rate_secs)
+                .opt("--n", self.sizes.edge_miss_n)
+                .opt("--purges", self.sizes.purges)
+                .opt(
+                    "--edge-nats-url",
+                    format!("nats://127.0.0.1:{}", cluster.edge_ports[0]),
+                )
+                .opt("--nats-password", &cluster.admin_password);
+            self.measure(&argv, &[]).await?;
             self.stop_cluster(&cluster).await;
             self.sup.stop_one("delay-proxy", STOP).await;
         }
@@ -928,9 +804,9 @@ impl Bench {
             section("P10 a viral fight");
             // Before M1 and M2, which leave thousands of jobs queued. No worker may run: the
             // viewers' flight queues its job, and versus-bench starts one worker once every
-            // viewer has joined, and stops it after. The load
-            // generator and the API each hold one socket per viewer, so the sizes stop at the
-            // hard open-file limit less a margin.
+            // viewer has joined, and stops it after. The load generator and the API each hold
+            // one socket per viewer, so the sizes stop at the hard open-file limit less a
+            // margin.
             self.stop_workers().await;
             let sizes = self
                 .sizes_that_fit(
@@ -951,29 +827,18 @@ impl Bench {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             for n in sizes {
-                let mut args = strings(&[
-                    "viral",
-                    "--api",
-                    &viral.url,
-                    "--api-pid",
-                    &viral.pid.to_string(),
-                    "--sim",
-                    &sim,
-                    "--n",
-                    &n.to_string(),
-                    "--worker-bin",
-                    &self.bins.versus("versus-worker").display().to_string(),
-                    "--worker-log",
-                    &self
-                        .logs
-                        .join(format!("worker-viral-{n}.log"))
-                        .display()
-                        .to_string(),
-                    "--out-dir",
-                    &results,
-                ]);
-                args.extend(self.nats_admin_args()?);
-                self.measure(&args, &worker_env).await?;
+                let argv = Argv::new("viral")
+                    .opt("--api", &viral.url)
+                    .opt("--api-pid", viral.pid)
+                    .opt("--sim", &sim)
+                    .opt("--n", n)
+                    .opt("--worker-bin", worker.program.display())
+                    .opt(
+                        "--worker-log",
+                        self.logs.join(format!("worker-viral-{n}.log")).display(),
+                    )
+                    .opt("--out-dir", &results);
+                self.measure(&self.as_admin(argv)?, &worker_env).await?;
             }
             self.stop_api(&viral).await;
             self.nats_snapshot("P10").await;
@@ -985,58 +850,30 @@ impl Bench {
             self.stop_workers().await;
             // A fresh worker, its concurrency filled with calls the simulator holds.
             self.start_workers(1, &[]).await?;
-            let mut args = base("worker-rss");
             let worker_pid = self.worker_pids().first().copied().unwrap_or_default();
-            let concurrency = self
-                .env
-                .iter()
-                .find(|(k, _)| k == "VERSUS_WORKER_CONCURRENCY")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default();
-            args.extend(strings(&[
-                "--pid",
-                &worker_pid.to_string(),
-                "--concurrency",
-                &concurrency,
-                "--out-dir",
-                &results,
-            ]));
-            self.measure(&args, &[]).await?;
+            let argv = on_node("worker-rss")
+                .opt("--pid", worker_pid)
+                .opt("--concurrency", &self.concurrency)
+                .opt("--out-dir", &results);
+            self.measure(&argv, &[]).await?;
             // No workers at all: every stream below waits for a generation that does not come.
             self.stop_workers().await;
-            let streams_n = self.sizes.streams_n.to_string();
-            let streams = |api: &Api| {
-                strings(&[
-                    "streams",
-                    "--api",
-                    &api.url,
-                    "--pid",
-                    &api.pid.to_string(),
-                    "--out-dir",
-                    &results,
-                    "--n",
-                    &streams_n,
-                ])
+            let streams_n = self.sizes.streams_n;
+            let streams = || {
+                Argv::new("streams")
+                    .opt("--out-dir", &results)
+                    .opt("--n", streams_n)
             };
-            self.measure(&streams(&api), &[]).await?;
+            let on = |api: &Api| streams().opt("--api", &api.url).opt("--pid", api.pid);
+            self.measure(&on(&api), &[]).await?;
             self.nats_snapshot("M1").await;
             // The same number of streams on one matchup, on a fresh API: the connection alone.
             self.stop_api(&api).await;
             let fresh = self.start_api("api-2", &[]).await?;
-            let mut args = streams(&fresh);
-            args.push("--shared".to_owned());
-            self.measure(&args, &[]).await?;
+            self.measure(&on(&fresh).flag("--shared"), &[]).await?;
             self.api = Some(fresh);
             // And on a bare axum server: what an idle stream costs without any Versus code.
-            let args = strings(&[
-                "streams",
-                "--bare",
-                "--out-dir",
-                &results,
-                "--n",
-                &streams_n,
-            ]);
-            self.measure(&args, &[]).await?;
+            self.measure(&streams().flag("--bare"), &[]).await?;
         }
 
         if self.args.wanted("M2") {
@@ -1054,23 +891,14 @@ impl Bench {
             for kind in ["flights", "joins"] {
                 for n in &sizes {
                     let api = self.start_api(&format!("api-m2-{kind}-{n}"), &[]).await?;
-                    let mut args = strings(&[
-                        "open-streams",
-                        "--api",
-                        &api.url,
-                        "--pid",
-                        &api.pid.to_string(),
-                        "--kind",
-                        kind,
-                        "--n",
-                        &n.to_string(),
-                        "--rate-secs",
-                        &rate_secs,
-                        "--out-dir",
-                        &results,
-                    ]);
-                    args.extend(self.nats_admin_args()?);
-                    self.measure(&args, &[]).await?;
+                    let argv = Argv::new("open-streams")
+                        .opt("--api", &api.url)
+                        .opt("--pid", api.pid)
+                        .opt("--kind", kind)
+                        .opt("--n", n)
+                        .opt("--rate-secs", rate_secs)
+                        .opt("--out-dir", &results);
+                    self.measure(&self.as_admin(argv)?, &[]).await?;
                     self.stop_api(&api).await;
                 }
             }
@@ -1109,25 +937,16 @@ impl Bench {
             ],
         )
         .await?;
-        let mut args = strings(&[
-            "fallback",
-            "--api",
-            &api.url,
-            "--sim",
-            &self.sim,
-            "--fallback-sim",
-            &fallback_sim,
-            "--fallback-model",
-            "fallback-chat",
-            "--out-dir",
-            results,
-            "--rounds",
-            &self.sizes.fallback_rounds.to_string(),
-            "--tokens-per-sec",
-            "600",
-        ]);
-        args.extend(self.worker_metrics_args());
-        self.measure(&args, &[]).await?;
+        let argv = Argv::new("fallback")
+            .opt("--api", &api.url)
+            .opt("--sim", &self.sim)
+            .opt("--fallback-sim", &fallback_sim)
+            .opt("--fallback-model", "fallback-chat")
+            .opt("--out-dir", results)
+            .opt("--rounds", self.sizes.fallback_rounds)
+            .opt("--tokens-per-sec", 600)
+            .each("--metrics", &self.worker_metrics);
+        self.measure(&argv, &[]).await?;
         self.nats_snapshot("P12").await;
         // Back to the usual workers. The degraded answers made here are marked queued for an
         // upgrade a day from now, so that the primary does not make them again (its calls,
@@ -1148,39 +967,27 @@ impl Bench {
         self.start_workers(WORKERS, &[]).await
     }
 
-    /// A profile of a third run of P5 with 2 workers, so that sampling does not slow the
-    /// measured ones: `perf record -e cpu-clock` on the API, the workers and nats-server.
-    async fn profile_pipeline(&self, capacity: &[String], secs: &str) -> Result<()> {
+    /// A profile of a third run of P5 (`capacity`, with 2 workers), so that sampling does not
+    /// slow the measured ones: `perf record -e cpu-clock` on the API, the workers and
+    /// nats-server, for `secs` and 2 more.
+    async fn profile_pipeline(&self, capacity: Argv, secs: u32) -> Result<()> {
         say("profiling the pipeline (perf, cpu-clock) with 2 workers");
         let mut pids = vec![self.api()?.pid, self.nats_pid];
         pids.extend(self.worker_pids());
         let pids: Vec<String> = pids.iter().map(i32::to_string).collect();
         let data = self.tmp.join("perf.data");
-        let sample_secs = secs.parse::<u32>().unwrap_or(10) + 2;
         let mut perf = Command::new("perf")
             .args(["record", "-q", "-e", "cpu-clock", "-F", "499", "-p"])
             .arg(pids.join(","))
             .arg("-o")
             .arg(&data)
-            .args(["--", "sleep", &sample_secs.to_string()])
+            .args(["--", "sleep", &(secs + 2).to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("run perf record")?;
-        let mut args = capacity.to_vec();
-        args.extend(strings(&[
-            "--out",
-            &self
-                .tmp
-                .join("capacity-profiled.json")
-                .display()
-                .to_string(),
-            "--workers",
-            "2",
-            "--secs",
-            secs,
-        ]));
-        self.measure(&args, &[]).await?;
+        let argv = capacity.opt("--out", self.tmp.join("capacity-profiled.json").display());
+        self.measure(&argv, &[]).await?;
         let _ = perf.wait().await;
         let report = Command::new("perf")
             .args(["report", "-i"])
@@ -1231,13 +1038,6 @@ impl Bench {
         let _ = std::fs::remove_dir_all(&data);
         let ports = |n: usize, free: fn() -> Result<u16>| -> Result<Vec<u16>> {
             (0..n).map(|_| free()).collect()
-        };
-        let words = |ports: &[u16]| -> String {
-            ports
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(" ")
         };
         let hub_ports = ports(3, free_port)?;
         let edge_ports = ports(2, free_port)?;
@@ -1303,15 +1103,7 @@ impl Bench {
         // An API beside the hub, logged in with the cluster's own passwords.
         let passwords =
             secrets::nats_passwords(&data.join("nats-auth.env"), &Cluster::nats_users())?;
-        let find = |user: &str| {
-            let var = crate::topology::password_var(user);
-            passwords
-                .iter()
-                .find(|(v, _)| *v == var)
-                .map(|(_, p)| p.clone())
-                .unwrap_or_default()
-        };
-        let hub_nats = nats_url("api", &find("api"), &hub_ports);
+        let hub_nats = nats_url("api", password_of(&passwords, "api"), &hub_ports);
         let hub_api = self.start_api(api_name, &[("NATS_URL", &hub_nats)]).await?;
         eprintln!("edges {} · hub api {}", edge_apis.join(" "), hub_api.url);
         Ok(ClusterRun {
@@ -1321,7 +1113,7 @@ impl Bench {
             hub_ports,
             edge_ports,
             hub_api,
-            admin_password: find("admin"),
+            admin_password: password_of(&passwords, "admin").to_owned(),
         })
     }
 
@@ -1365,22 +1157,19 @@ impl Bench {
         if !too_big.is_empty() {
             fit.push(most);
             let too_big: Vec<String> = too_big.iter().map(usize::to_string).collect();
-            let args = strings(&[
-                "skipped",
-                "--out-dir",
-                &self.results.display().to_string(),
-                "--scenario",
-                scenario,
-                "--sizes",
-                &too_big.join(","),
-                "--why",
-                &format!(
-                    "a process may hold {hard} open files here (the hard limit, which only a \
-                     privileged process raises){why}; the largest that fits, {most}, is \
-                     measured instead"
-                ),
-            ]);
-            self.measure(&args, &[]).await?;
+            let argv = Argv::new("skipped")
+                .opt("--out-dir", self.results.display())
+                .opt("--scenario", scenario)
+                .opt("--sizes", too_big.join(","))
+                .opt(
+                    "--why",
+                    format!(
+                        "a process may hold {hard} open files here (the hard limit, which only \
+                         a privileged process raises){why}; the largest that fits, {most}, is \
+                         measured instead"
+                    ),
+                );
+            self.measure(&argv, &[]).await?;
         }
         Ok(fit)
     }
@@ -1414,11 +1203,7 @@ impl Bench {
             two_words(first_line(Path::new("wrk"), &["-v"])),
             two_words(first_line(Path::new("rustc"), &["--version"])),
         );
-        let concurrency = self
-            .env
-            .iter()
-            .find(|(k, _)| k == "VERSUS_WORKER_CONCURRENCY")
-            .map_or("", |(_, v)| v.as_str());
+        let concurrency = &self.concurrency;
         let mut settings = format!(
             "release build; {WORKERS} workers (1 and 2 in P5) with \
              VERSUS_WORKER_CONCURRENCY={concurrency} and VERSUS_MAX_IN_FLIGHT={MAX_IN_FLIGHT}; \
@@ -1431,27 +1216,18 @@ impl Bench {
         if let Some(conf) = non_empty("BENCH_NATS_CONF") {
             settings.push_str(&format!("; nats-server config {conf} instead of nats.conf"));
         }
-        let mut args = strings(&[
-            "report",
-            "--results",
-            &self.results.display().to_string(),
-            "--file",
-            &self.repo.join("BENCHMARKS.md").display().to_string(),
-            "--mode",
-            if self.args.quick { "quick" } else { "full" },
-            "--tools",
-            &tools,
-            "--load-at-start",
-            &self.load_at_start,
-            "--settings",
-            &settings,
-        ]);
+        let argv = Argv::new("report")
+            .opt("--results", self.results.display())
+            .opt("--file", self.repo.join("BENCHMARKS.md").display())
+            .opt("--mode", if self.args.quick { "quick" } else { "full" })
+            .opt("--tools", tools)
+            .opt("--load-at-start", &self.load_at_start)
+            .opt("--settings", settings);
         if self.args.write {
-            self.measure(&args, &[]).await?;
+            self.measure(&argv, &[]).await?;
         } else {
-            args.push("--dry-run".to_owned());
             let out = Command::new(&self.measure)
-                .args(&args)
+                .args(&argv.flag("--dry-run").0)
                 .stdin(Stdio::null())
                 .stderr(Stdio::inherit())
                 .output()
@@ -1468,8 +1244,39 @@ impl Bench {
     }
 }
 
-fn strings(words: &[&str]) -> Vec<String> {
-    words.iter().map(|w| (*w).to_owned()).collect()
+/// A versus-bench command line: a subcommand, then its options.
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn new(subcommand: &str) -> Argv {
+        Argv(vec![subcommand.to_owned()])
+    }
+
+    /// `flag value`.
+    fn opt(mut self, flag: &str, value: impl std::fmt::Display) -> Argv {
+        self.0.push(flag.to_owned());
+        self.0.push(value.to_string());
+        self
+    }
+
+    /// `flag value` for each of `values`.
+    fn each<T: std::fmt::Display>(self, flag: &str, values: impl IntoIterator<Item = T>) -> Argv {
+        values
+            .into_iter()
+            .fold(self, |argv, value| argv.opt(flag, value))
+    }
+
+    /// `flag` alone.
+    fn flag(mut self, flag: &str) -> Argv {
+        self.0.push(flag.to_owned());
+        self
+    }
+}
+
+/// `ports` as a list of words, as the launcher's `VERSUS_*_PORTS` take them.
+fn words(ports: &[u16]) -> String {
+    let words: Vec<String> = ports.iter().map(u16::to_string).collect();
+    words.join(" ")
 }
 
 /// `extra` on top of `process`'s settings (a later setting wins).

@@ -513,7 +513,7 @@ impl Cluster {
     /// The hub's leaf-node URLs as the edge server `edge` takes them: a list in nats config
     /// syntax, with its own leaf login (a secret).
     pub fn leaf_urls(&self, edge: &str, passwords: &[(String, String)]) -> String {
-        let password = lookup(passwords, &format!("leaf_{edge}"));
+        let password = password_of(passwords, &format!("leaf_{edge}"));
         leaf_urls(&leaf_user(edge), password, &self.edge_leaf_ports)
     }
 
@@ -588,12 +588,14 @@ pub struct Wiring {
 }
 
 impl Wiring {
-    fn password(&self, user: &str) -> &str {
-        lookup(&self.passwords, user)
+    pub fn password(&self, user: &str) -> &str {
+        password_of(&self.passwords, user)
     }
 }
 
-fn lookup<'a>(passwords: &'a [(String, String)], user: &str) -> &'a str {
+/// The password of `user` (`admin`, `leaf_edge1`, ...) among `passwords` (by variable), or
+/// nothing.
+pub fn password_of<'a>(passwords: &'a [(String, String)], user: &str) -> &'a str {
     let var = password_var(user);
     passwords
         .iter()

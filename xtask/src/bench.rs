@@ -156,6 +156,7 @@ pub async fn run(args: Args, repo: &Path) -> i32 {
         Ok(bench) => bench,
         Err(e) => {
             error(&format!("{e:#}"));
+            let _ = std::fs::remove_dir_all(&tmp);
             return 1;
         }
     };

@@ -167,8 +167,14 @@ pub struct TempDir {
 }
 
 impl TempDir {
+    /// A new folder `prefix-<uuid>` in the run's scratch folder (`VERSUS_TEST_SCRATCH`, which
+    /// `scripts/test` sets and sweeps at the end, stopping any Postgres server a killed test
+    /// left there), or else the system's temporary folder.
     pub fn new(prefix: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        let parent = std::env::var_os(versus_xtask::test::SCRATCH_VAR)
+            .filter(|dir| !dir.is_empty())
+            .map_or_else(std::env::temp_dir, PathBuf::from);
+        let path = parent.join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("create temp dir {}: {e}", path.display()));
         TempDir { path }

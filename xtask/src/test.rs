@@ -49,17 +49,27 @@ pub async fn run(args: Vec<String>) -> i32 {
     status
 }
 
-/// The run's Postgres cluster, once it may be running, and the temporary folder that holds it
-/// when it is not under the repo's `target`.
+/// The variable that names the run's scratch folder, where the test kit makes its temporary
+/// folders (its own Postgres servers' among them), so that what a test leaves behind when it
+/// is killed (a signal runs no `Drop`) is found and stopped at the run's end.
+pub const SCRATCH_VAR: &str = "VERSUS_TEST_SCRATCH";
+
+/// The run's Postgres cluster, once it may be running, the scratch folder the tests are given,
+/// and the temporary folder that holds both when they are not under the repo's `target`.
 #[derive(Default)]
 struct Cluster {
     dir: Option<PathBuf>,
+    scratch: Option<PathBuf>,
     tmp: Option<PathBuf>,
 }
 
 impl Cluster {
-    /// Stops the server (at once: its data is thrown away) and removes the temporary folder.
+    /// Stops the server (at once: its data is thrown away) and whatever Postgres server a test
+    /// left in the scratch folder, and removes the scratch and temporary folders.
     async fn remove(&mut self) {
+        if let Some(scratch) = self.scratch.take() {
+            sweep(&scratch).await;
+        }
         if let Some(dir) = self.dir.take() {
             pg::stop(&dir, "immediate").await;
         }
@@ -67,6 +77,24 @@ impl Cluster {
             let _ = std::fs::remove_dir_all(tmp);
         }
     }
+}
+
+/// Stops every Postgres server whose data folder is two levels under `scratch` (a test kit
+/// folder, then the cluster's: `versus-pg-…/data`), then removes `scratch`.
+async fn sweep(scratch: &Path) {
+    let folders = std::fs::read_dir(scratch).into_iter().flatten().flatten();
+    for folder in folders {
+        let inner = std::fs::read_dir(folder.path())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for data in inner {
+            if data.path().join("postmaster.pid").exists() {
+                pg::stop(&data.path(), "immediate").await;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(scratch);
 }
 
 /// The cluster, then the cargo steps; the exit status.
@@ -114,6 +142,9 @@ async fn checks(
         section(&format!("cargo {}", step.join(" ")));
         let mut cargo = Command::new("cargo");
         cargo.args(&step).env(DATABASE_URL_VAR, &url);
+        if let Some(scratch) = &cluster.scratch {
+            cargo.env(SCRATCH_VAR, scratch);
+        }
         let status = run_child(cargo, signals).await?;
         if status != 0 {
             return Ok(status);
@@ -175,6 +206,17 @@ async fn start_postgres(repo: &Path, cluster: &mut Cluster) -> Result<String> {
     let log = PathBuf::from(log);
     let _ = std::fs::remove_file(&log);
     cluster.dir = Some(dir.clone());
+    // Beside the cluster, where its owner may enter too; emptied of what a killed run left.
+    let mut scratch = dir.clone().into_os_string();
+    scratch.push("-scratch");
+    let scratch = PathBuf::from(scratch);
+    sweep(&scratch).await;
+    std::fs::create_dir_all(&scratch).with_context(|| format!("mkdir {}", scratch.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o755))?;
+    }
+    cluster.scratch = Some(scratch);
 
     // Durability off for speed (the data is thrown away); pg::MAX_CONNECTIONS, since every
     // test starts workers with pools of their own.

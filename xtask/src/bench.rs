@@ -429,17 +429,17 @@ impl Bench {
 
     /// Starts `n` workers (`worker-1`, ...) with `extra` on top of their settings.
     async fn start_workers(&mut self, n: usize, extra: &[(&str, &str)]) -> Result<()> {
+        let mut workers = Vec::with_capacity(n);
         for _ in 0..n {
             self.worker_seq += 1;
             let mut worker = self.dev.worker(self.worker_seq, &self.bins, self.wiring()?);
             add_env(&mut worker, extra);
-            let name = worker.name.clone();
-            self.sup.start(worker)?;
-            // The first worker ever declares the streams: let it finish alone.
-            let url = self.sup.wait_listening(&name, 60).await?;
-            self.worker_metrics.push(format!("{url}/metrics"));
-            self.workers.push(name);
+            self.workers.push(worker.name.clone());
+            workers.push(worker);
         }
+        let urls = crate::start_workers(&mut self.sup, workers).await?;
+        self.worker_metrics
+            .extend(urls.iter().map(|url| format!("{url}/metrics")));
         Ok(())
     }
 

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::out::say;
 use crate::probe::{http_get, port_in_use, tail};
 use crate::supervisor::Supervisor;
-use crate::topology::{Cluster, EDGES, HUBS, Wiring};
+use crate::topology::{Cluster, EDGES, HUBS};
 use crate::{Layout, pg, secrets};
 
 /// Brings the system up, then supervises it until the caller's signal.
@@ -102,20 +102,12 @@ pub async fn up(sup: &mut Supervisor, layout: &Layout) -> Result<Infallible> {
     let sim_url = crate::start_sim_unless_upstream(sup, cluster.sim(&bins)).await?;
 
     // The workers and the edges' APIs.
-    let (admin_token, admin_note) = crate::admin_token(data)?;
-    let wiring = Wiring {
-        passwords,
-        worker_database_url: started.worker_database_url,
-        api_database_url: started.api_database_url,
-        object_store: crate::object_store(data),
-        admin_token,
-    };
-    // The first worker declares the streams (three replicas): start it alone, then the others.
+    let (wiring, admin_note) = crate::wiring(data, passwords, &started)?;
     say(&format!("starting {} worker(s)", cluster.workers));
-    for n in 1..=cluster.workers {
-        sup.start(cluster.worker(n, &bins, &wiring))?;
-        sup.wait_listening(&Cluster::worker_name(n), 60).await?;
-    }
+    let workers = (1..=cluster.workers)
+        .map(|n| cluster.worker(n, &bins, &wiring))
+        .collect();
+    crate::start_workers(sup, workers).await?;
     say("starting the edges' APIs");
     for i in 0..EDGES.len() {
         sup.start(cluster.api(i, &bins, &wiring))?;

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use crate::out::{say, warn};
 use crate::probe::port_in_use;
 use crate::supervisor::Supervisor;
-use crate::topology::{Dev, NATS_USERS, Wiring};
+use crate::topology::{Dev, NATS_USERS};
 use crate::{Layout, pg, secrets};
 
 /// Brings the system up, then supervises it until the caller's signal.
@@ -58,25 +58,13 @@ pub async fn up(sup: &mut Supervisor, layout: &Layout) -> Result<Infallible> {
     let sim_url = crate::start_sim_unless_upstream(sup, dev.sim(&bins)).await?;
 
     // The workers and the API.
-    let (admin_token, admin_note) = crate::admin_token(data)?;
-    let wiring = Wiring {
-        passwords,
-        worker_database_url: started.worker_database_url,
-        api_database_url: started.api_database_url,
-        object_store: crate::object_store(data),
-        admin_token,
-    };
+    let (wiring, admin_note) = crate::wiring(data, passwords, &started)?;
     if dev.workers > 0 {
-        // The first worker declares the streams: start it alone, then the others together.
         say(&format!("starting {} worker(s)", dev.workers));
-        sup.start(dev.worker(1, &bins, &wiring))?;
-        sup.wait_listening(&Dev::worker_name(1), 60).await?;
-        for n in 2..=dev.workers {
-            sup.start(dev.worker(n, &bins, &wiring))?;
-        }
-        for n in 2..=dev.workers {
-            sup.wait_listening(&Dev::worker_name(n), 60).await?;
-        }
+        let workers = (1..=dev.workers)
+            .map(|n| dev.worker(n, &bins, &wiring))
+            .collect();
+        crate::start_workers(sup, workers).await?;
     } else {
         warn("VERSUS_WORKERS=0: nothing will generate answers");
     }

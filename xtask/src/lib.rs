@@ -34,7 +34,7 @@ pub mod topology;
 
 use out::{error, say, warn};
 use supervisor::{Signals, Stop, Supervisor};
-use topology::{Binaries, Process};
+use topology::{Binaries, Process, Wiring};
 
 /// The systems the launcher runs.
 #[derive(Clone, Copy, Debug)]
@@ -255,6 +255,42 @@ fn admin_token(data: &Path) -> Result<(String, String)> {
         data.display()
     );
     Ok((token, note))
+}
+
+/// What the workers and the APIs of the data folder `data` are wired with: the NATS
+/// `passwords`, the Postgres roles of `started`, the folder's picture store and admin token;
+/// and a line saying where that token is.
+fn wiring(
+    data: &Path,
+    passwords: Vec<(String, String)>,
+    started: &pg::Started,
+) -> Result<(Wiring, String)> {
+    let (admin_token, admin_note) = admin_token(data)?;
+    let wiring = Wiring {
+        passwords,
+        worker_database_url: started.worker_database_url.clone(),
+        api_database_url: started.api_database_url.clone(),
+        object_store: object_store(data),
+        admin_token,
+    };
+    Ok((wiring, admin_note))
+}
+
+/// Starts `workers`: the first alone, since the first worker of a system declares its streams
+/// and buckets, then the others together. Their URLs, in order.
+async fn start_workers(sup: &mut Supervisor, workers: Vec<Process>) -> Result<Vec<String>> {
+    let names: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
+    let mut urls = Vec::with_capacity(names.len());
+    for (i, worker) in workers.into_iter().enumerate() {
+        sup.start(worker)?;
+        if i == 0 {
+            urls.push(sup.wait_listening(&names[0], 60).await?);
+        }
+    }
+    for name in names.iter().skip(1) {
+        urls.push(sup.wait_listening(name, 60).await?);
+    }
+    Ok(urls)
 }
 
 /// Where the programs store and serve the pictures.
